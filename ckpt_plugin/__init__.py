@@ -1,0 +1,40 @@
+"""ckpt_plugin: trustworthy, pickle-free checkpoints for PyTorch training.
+
+``CheckpointManager`` saves safetensors weights plus JSON metadata with atomic commits, keeps the
+last N and the best, and loads the latest, a given epoch or the best by any metric. The Lightning
+and Hugging Face callbacks live in ``ckpt_plugin.lightning`` and ``ckpt_plugin.hf``.
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import CheckpointInfo
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    EncodingError,
+    ForeignFileError,
+    IncompatibleCheckpointError,
+    PromotionError,
+    StorageError,
+)
+from .manager import CheckpointManager
+from .rng import capture_rng_state, restore_rng_state
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "ConfigurationError",
+    "CorruptCheckpointError",
+    "EncodingError",
+    "ForeignFileError",
+    "IncompatibleCheckpointError",
+    "PromotionError",
+    "StorageError",
+    "__version__",
+    "capture_rng_state",
+    "restore_rng_state",
+]

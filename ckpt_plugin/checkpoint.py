@@ -1,0 +1,138 @@
+"""What a checkpoint is on disk: its name, its files, and its ``metadata.json``. No I/O.
+
+Format version 1, one directory per checkpoint::
+
+    epoch_100/                  or epoch_100_step_2000/ when a step was given
+      model.safetensors         the model's tensors (tied weights once), plain safetensors
+      optimizer.safetensors     the optimizer's tensors, when it has any
+      state.safetensors         tensors of the scheduler, RNG states and ``extra``, when any
+      state.json                the non-tensor skeleton of every item
+      metadata.json             epoch, step, metrics, config, provenance, and every file's size
+                                and checksum; written last
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import codec
+from .errors import IncompatibleCheckpointError
+from .storage import FileRecord
+
+FORMAT_NAME = "ckpt_plugin.checkpoint"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+STATE_FILE = "state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+EXTRA_TENSORS_FILE = "state.safetensors"
+ITEM_FILES = {"model": MODEL_FILE, "optimizer": OPTIMIZER_FILE}
+NAME_PATTERN = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
+
+
+def checkpoint_name(epoch: int, step: int | None) -> str:
+    """The directory name of the checkpoint for ``epoch`` (and ``step``)."""
+    return f"epoch_{epoch}" if step is None else f"epoch_{epoch}_step_{step}"
+
+
+def looks_like_checkpoint(name: str) -> bool:
+    """Whether ``name`` is one a manager would give a checkpoint directory."""
+    return NAME_PATTERN.match(name) is not None
+
+
+def item_file(item: str) -> str:
+    """The safetensors file that holds the tensors of ``item``."""
+    return ITEM_FILES.get(item, EXTRA_TENSORS_FILE)
+
+
+def item_prefix(item: str) -> str:
+    """The prefix of ``item``'s tensor names inside its file (items sharing a file are namespaced)."""
+    return "" if item in ITEM_FILES else f"{item}/"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint, as listed by :meth:`CheckpointManager.checkpoints`.
+
+    ``path``, ``epoch``, ``step`` and ``metrics`` describe what was saved; ``metric_for_best`` and
+    ``mode`` are the manager's settings when it was saved, so tools can find the best one
+    without being told; ``files`` maps every file to its recorded size and checksum.
+    """
+
+    path: Path
+    epoch: int
+    step: int | None
+    metrics: dict[str, Any]
+    metric_for_best: str | None = None
+    mode: str = "min"
+    timestamp: str | None = None
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    items: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the checkpoint's files."""
+        return sum(record.size for record in self.files.values())
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.epoch, -1 if self.step is None else self.step)
+
+
+def build_metadata(
+    *,
+    epoch: int,
+    step: int | None,
+    metrics: Mapping[str, Any],
+    metric_for_best: str | None,
+    mode: str,
+    config: Any,
+    provenance: Mapping[str, Any],
+    items: list[str],
+    files: Mapping[str, FileRecord],
+) -> dict[str, Any]:
+    """The content of ``metadata.json``; ``config`` and ``metrics`` must already be JSON-encoded."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+        "metric_for_best": metric_for_best,
+        "mode": mode,
+        "config": config,
+        "metadata": dict(provenance),
+        "items": items,
+        "files": {name: record.to_json() for name, record in files.items()},
+    }
+
+
+def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
+    """Turn a parsed ``metadata.json`` into a :class:`CheckpointInfo`; reject other formats."""
+    if data.get("format") != FORMAT_NAME:
+        raise IncompatibleCheckpointError(f"{path / METADATA_FILE} was not written by ckpt_plugin")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"{path} uses checkpoint format version {version}, but this release reads version "
+            f"{FORMAT_VERSION}; upgrade ckpt_plugin to load it"
+        )
+    return CheckpointInfo(
+        path=path,
+        epoch=int(data["epoch"]),
+        step=None if data.get("step") is None else int(data["step"]),
+        metrics=codec.from_json(data.get("metrics") or {}),
+        metric_for_best=data.get("metric_for_best"),
+        mode=data.get("mode", "min"),
+        timestamp=(data.get("metadata") or {}).get("timestamp"),
+        files={name: FileRecord.from_json(record) for name, record in data.get("files", {}).items()},
+        items=tuple(data.get("items", ())),
+    )

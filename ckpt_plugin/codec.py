@@ -1,0 +1,255 @@
+"""Split a state tree into tensors and a JSON skeleton, and join them again. No pickle, no I/O.
+
+``encode(tree)`` walks dicts, lists and tuples. Every tensor is replaced by a reference
+``{"__tensor__": name}`` and collected under that name; everything else becomes JSON. Values that
+plain JSON would lose are wrapped in one-key marker objects so that they come back exactly:
+
+=====================  =========================================
+``(1, 2)``              ``{"__tuple__": [1, 2]}``
+``{0: "a"}``            ``{"__dict__": [[0, "a"]]}`` (any non-str key, or a key that is a marker)
+``float("nan")``        ``{"__float__": "nan"}`` (also ``"inf"``, ``"-inf"``)
+``torch.float16``       ``{"__dtype__": "float16"}``
+``torch.device("cpu")`` ``{"__device__": "cpu"}``
+``b"raw"``              ``{"__bytes__": "<base64>"}``
+``{1, 2}``              ``{"__set__": [1, 2]}``
+``Path("a/b")``         ``{"__path__": "a/b"}``
+``np.float32(1.5)``     ``{"__numpy__": "float32", "value": 1.5}``
+``np.array(...)``       ``{"__ndarray__": name}`` (stored as a tensor)
+=====================  =========================================
+
+Tensors that are the same view of the same memory (tied weights) are stored once: every later
+occurrence refers to the first one's name, and ``decode`` hands back one shared tensor object.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import EncodingError
+
+try:  # numpy is optional; RNG capture and user trees may hold its arrays and scalars.
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy ships with every supported torch
+    _np = None
+
+TENSOR = "__tensor__"
+NDARRAY = "__ndarray__"
+TUPLE = "__tuple__"
+DICT = "__dict__"
+FLOAT = "__float__"
+DTYPE = "__dtype__"
+DEVICE = "__device__"
+BYTES = "__bytes__"
+SET = "__set__"
+PATH = "__path__"
+NUMPY = "__numpy__"
+MARKERS = frozenset({TENSOR, NDARRAY, TUPLE, DICT, FLOAT, DTYPE, DEVICE, BYTES, SET, PATH, NUMPY})
+
+_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def format_path(path: tuple[Any, ...]) -> str:
+    """Render a key path as Python subscripts, e.g. ``optimizer["state"][0]["exp_avg"]``."""
+    if not path:
+        return "<root>"
+    head, *rest = path
+    return str(head) + "".join(f"[{key!r}]" for key in rest)
+
+
+def tensor_identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """A key equal for two tensors exactly when they are the same view of the same memory."""
+    if tensor.device.type == "meta" or tensor.is_sparse:
+        return ("unique", id(tensor))
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+class _Encoder:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._names_by_identity: dict[tuple[Any, ...], str] = {}
+        self._active: set[int] = set()
+
+    def tensor_name(self, path: tuple[Any, ...]) -> str:
+        base = ".".join(str(key) for key in path[1:]) or self.root
+        name, counter = base, 1
+        while name in self.tensors:
+            name, counter = f"{base}~{counter}", counter + 1
+        return name
+
+    def add_tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> str:
+        if tensor.is_sparse or tensor.layout != torch.strided:
+            raise EncodingError(
+                f"cannot store the {tensor.layout} tensor at {format_path(path)}: only dense "
+                "tensors are supported; convert it with .to_dense() first"
+            )
+        if tensor.device.type == "meta":
+            raise EncodingError(
+                f"the tensor at {format_path(path)} is on the meta device and holds no data; "
+                "materialize the model before saving it"
+            )
+        identity = tensor_identity(tensor)
+        existing = self._names_by_identity.get(identity)
+        if existing is not None:
+            return existing
+        name = self.tensor_name(path)
+        self.tensors[name] = tensor.detach()
+        self._names_by_identity[identity] = name
+        return name
+
+    def encode(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return float(value)
+            return {FLOAT: "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+        if isinstance(value, torch.Tensor):
+            return {TENSOR: self.add_tensor(value, path)}
+        if isinstance(value, (torch.dtype, torch.device)):
+            return {DTYPE: str(value).removeprefix("torch.")} if isinstance(value, torch.dtype) else {DEVICE: str(value)}
+        if isinstance(value, (bytes, bytearray)):
+            return {BYTES: base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, pathlib.PurePath):
+            return {PATH: str(value)}
+        if _np is not None and isinstance(value, _np.ndarray):
+            return self.encode_ndarray(value, path)
+        if _np is not None and isinstance(value, _np.generic):
+            return {NUMPY: value.dtype.name, "value": self.encode(value.item(), path)}
+        if isinstance(value, (dict, list, tuple, set, frozenset)) or isinstance(value, Mapping):
+            return self.encode_container(value, path)
+        raise EncodingError(
+            f"cannot store a value of type {type(value).__module__}.{type(value).__qualname__} at "
+            f"{format_path(path)} without pickle: convert it to tensors, numbers, strings, lists "
+            "or dicts first (for example with its state_dict() or to a plain dict)"
+        )
+
+    def encode_ndarray(self, array: Any, path: tuple[Any, ...]) -> dict[str, str]:
+        try:
+            tensor = torch.from_numpy(_np.ascontiguousarray(array))
+        except TypeError as exc:
+            raise EncodingError(
+                f"cannot store the numpy array of dtype {array.dtype} at {format_path(path)}: "
+                "convert it to a numeric dtype first"
+            ) from exc
+        return {NDARRAY: self.add_tensor(tensor, path)}
+
+    def encode_container(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if id(value) in self._active:
+            raise EncodingError(f"the value at {format_path(path)} contains itself; break the cycle before saving")
+        self._active.add(id(value))
+        try:
+            if isinstance(value, tuple):
+                if hasattr(value, "_fields"):
+                    raise EncodingError(
+                        f"cannot store the namedtuple {type(value).__qualname__} at {format_path(path)}: "
+                        "its type would be lost; store value._asdict() instead"
+                    )
+                return {TUPLE: [self.encode(item, path + (index,)) for index, item in enumerate(value)]}
+            if isinstance(value, list):
+                return [self.encode(item, path + (index,)) for index, item in enumerate(value)]
+            if isinstance(value, (set, frozenset)):
+                items = sorted(value, key=repr)
+                return {SET: [self.encode(item, path + (index,)) for index, item in enumerate(items)]}
+            keys = list(value.keys())
+            if all(isinstance(key, str) for key in keys) and not MARKERS.intersection(keys):
+                return {key: self.encode(value[key], path + (key,)) for key in keys}
+            return {DICT: [[self.encode(key, path + ("<key>",)), self.encode(value[key], path + (key,))] for key in keys]}
+        finally:
+            self._active.discard(id(value))
+
+
+def encode(tree: Any, root: str = "state") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``tree`` into a JSON-ready skeleton and a flat ``{name: tensor}`` dict.
+
+    ``root`` names the tree in error messages. Tensor names are the key path joined by dots,
+    so a flat ``state_dict`` keeps its own keys as names. Raises :class:`EncodingError`, naming
+    the key path, for any value that cannot be stored without pickle.
+    """
+    encoder = _Encoder(root)
+    skeleton = encoder.encode(tree, (root,))
+    return skeleton, encoder.tensors
+
+
+def decode(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Rebuild the tree that :func:`encode` split, taking tensors from ``tensors`` by name."""
+    if isinstance(skeleton, list):
+        return [decode(item, tensors) for item in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if len(skeleton) >= 1 and MARKERS.intersection(skeleton):
+        return _decode_marker(skeleton, tensors)
+    return {key: decode(value, tensors) for key, value in skeleton.items()}
+
+
+def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+    if TENSOR in node or NDARRAY in node:
+        name = node.get(TENSOR, node.get(NDARRAY))
+        try:
+            tensor = tensors[name]
+        except KeyError:
+            raise KeyError(f"the skeleton refers to tensor {name!r}, which is not among the stored tensors") from None
+        return tensor.numpy() if NDARRAY in node else tensor
+    if TUPLE in node:
+        return tuple(decode(item, tensors) for item in node[TUPLE])
+    if DICT in node:
+        return {decode(key, tensors): decode(value, tensors) for key, value in node[DICT]}
+    if FLOAT in node:
+        return _SPECIAL_FLOATS[node[FLOAT]]
+    if DTYPE in node:
+        return getattr(torch, node[DTYPE])
+    if DEVICE in node:
+        return torch.device(node[DEVICE])
+    if BYTES in node:
+        return base64.b64decode(node[BYTES])
+    if SET in node:
+        return {decode(item, tensors) for item in node[SET]}
+    if PATH in node:
+        return pathlib.Path(node[PATH])
+    if NUMPY in node:
+        if _np is None:  # pragma: no cover
+            raise ImportError("this checkpoint holds numpy scalars; install numpy to load it")
+        return _np.dtype(node[NUMPY]).type(decode(node["value"], tensors))
+    raise ValueError(f"unknown marker object {node!r}")  # pragma: no cover
+
+
+def dumps(skeleton: Any) -> bytes:
+    """Serialize a skeleton (or any encoded value) as strict, UTF-8 JSON bytes."""
+    return json.dumps(skeleton, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON written by :func:`dumps`."""
+    return json.loads(data)
+
+
+def to_json(value: Any, root: str = "value") -> Any:
+    """Encode a tree that must hold no tensors (config, metrics) as a JSON-ready value."""
+    skeleton, tensors = encode(value, root)
+    if tensors:
+        first = next(iter(tensors))
+        raise EncodingError(
+            f"{root} must not hold tensors, but {root}.{first} is one; convert it with .tolist() or .item()"
+        )
+    return skeleton
+
+
+def from_json(skeleton: Any) -> Any:
+    """Decode a value encoded by :func:`to_json`."""
+    return decode(skeleton, {})

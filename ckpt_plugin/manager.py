@@ -1,0 +1,381 @@
+"""``CheckpointManager``: save, list, load and prune the checkpoints of one training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import retention
+from .checkpoint import METADATA_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    EncodingError,
+    ForeignFileError,
+)
+from .metadata import provenance
+from .reader import Device, read_checkpoint, read_json
+from .rng import capture_rng_state, restore_rng_state
+from .storage import LocalStore
+from .writer import take_snapshot, write_snapshot
+
+
+class CheckpointManager:
+    """Owns the checkpoints of a run in ``checkpoint_dir``.
+
+    Args:
+        checkpoint_dir: the directory holding one sub-directory per checkpoint. Created if missing.
+        max_checkpoints: keep this many most recent checkpoints (by epoch, then step); ``None`` keeps all.
+        keep_best: never delete the best checkpoint by ``metric_for_best``, even when it is old.
+        metric_for_best: the metric that ranks checkpoints for ``keep_best`` and :meth:`load_best`.
+        mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is.
+        save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
+            resumed run continues bitwise identically.
+
+    Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
+    readers see the old checkpoint or the new one, never a mix.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] = "checkpoints",
+        max_checkpoints: int | None = 5,
+        keep_best: bool = True,
+        metric_for_best: str | None = "loss",
+        mode: str = "min",
+        *,
+        save_rng: bool = True,
+    ) -> None:
+        if mode not in retention.MODES:
+            raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
+        if max_checkpoints is not None and (
+            isinstance(max_checkpoints, bool) or not isinstance(max_checkpoints, int) or max_checkpoints < 1
+        ):
+            raise ConfigurationError(
+                f"max_checkpoints must be a whole number of at least 1, or None to keep every checkpoint; got {max_checkpoints!r}"
+            )
+        if keep_best and metric_for_best is not None and not isinstance(metric_for_best, str):
+            raise ConfigurationError(f"metric_for_best must be a metric name, not {metric_for_best!r}")
+        self.checkpoint_dir = Path(checkpoint_dir).expanduser()
+        self.max_checkpoints = max_checkpoints
+        self.keep_best = keep_best
+        self.metric_for_best = metric_for_best
+        self.mode = mode
+        self.save_rng = save_rng
+        self._store = LocalStore(self.checkpoint_dir)
+        self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
+        self._lock = threading.RLock()
+        self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
+        self._warned_missing_metric = False
+        self._warned_foreign: set[str] = set()
+        if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
+            raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
+        if self.checkpoint_dir.is_dir():
+            self._store.recover()
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager({str(self.checkpoint_dir)!r}, max_checkpoints={self.max_checkpoints}, "
+            f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r})"
+        )
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        model: torch.nn.Module | Mapping[str, Any],
+        optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
+        epoch: int = 0,
+        metrics: Mapping[str, Any] | None = None,
+        config: Any = None,
+        *,
+        step: int | None = None,
+        scheduler: Any = None,
+        extra: Any = None,
+    ) -> CheckpointInfo:
+        """Save one checkpoint and apply retention; return what was saved (path, epoch, step, metrics).
+
+        ``model``, ``optimizer`` and ``scheduler`` may be live objects or their state dicts.
+        ``config`` is any JSON-able tree (a dict, a dataclass, or an object with ``to_dict()``).
+        ``extra`` is any tree of dicts, lists, tuples, scalars, strings and tensors.
+        """
+        epoch = _whole_number(epoch, "epoch")
+        step = None if step is None else _whole_number(step, "step")
+        metrics = normalize_metrics(metrics)
+        self._check_best_metric(metrics)
+        states = {
+            "model": _state_of(model, "model"),
+            "optimizer": _state_of(optimizer, "optimizer"),
+            "scheduler": _state_of(scheduler, "scheduler"),
+            "extra": extra,
+            "rng": capture_rng_state() if self.save_rng else None,
+        }
+        snapshot = take_snapshot(
+            states,
+            epoch=epoch,
+            step=step,
+            metrics=metrics,
+            config=config_to_dict(config),
+            metric_for_best=self.metric_for_best,
+            mode=self.mode,
+            provenance=provenance(),
+        )
+        with self._lock:
+            self._store.ensure_writable()
+            self._refuse_foreign(snapshot.name)
+            info = write_snapshot(self._store, snapshot)
+            self._remember(info)
+            self._apply_retention()
+        return info
+
+    def _check_best_metric(self, metrics: Mapping[str, Any]) -> None:
+        if not self.keep_best or self.metric_for_best is None or self._warned_missing_metric:
+            return
+        value = metrics.get(self.metric_for_best)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            return
+        self._warned_missing_metric = True
+        recorded = ", ".join(sorted(metrics)) or "none"
+        warnings.warn(
+            f"keep_best ranks checkpoints by {self.metric_for_best!r}, but this save's metrics do not "
+            f"hold a number for it (recorded: {recorded}); such checkpoints are never the best. "
+            "Log the metric or pass another metric_for_best. (This warning is shown once.)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _refuse_foreign(self, name: str) -> None:
+        target = self.checkpoint_dir / name
+        if target.exists() and not (target / METADATA_FILE).is_file():
+            raise ForeignFileError(
+                f"{target} exists but is not a ckpt_plugin checkpoint; it will not be overwritten. "
+                "Move it away or choose another checkpoint_dir"
+            )
+
+    def _apply_retention(self) -> None:
+        for entry in retention.to_delete(self.checkpoints(), self._policies):
+            self._store.remove(entry.name)  # type: ignore[attr-defined]
+            self._listing.pop(entry.name, None)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ listing
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
+        found: dict[str, tuple[int, CheckpointInfo]] = {}
+        for entry in self._store.visible():
+            if not looks_like_checkpoint(entry.name):
+                continue
+            cached = self._listing.get(entry.name)
+            if cached is not None and cached[0] == entry.inode():
+                found[entry.name] = cached
+                continue
+            info = self._read_info(Path(entry.path))
+            if info is not None:
+                found[entry.name] = (entry.inode(), info)
+        self._listing = found
+        return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
+
+    def _read_info(self, path: Path) -> CheckpointInfo | None:
+        try:
+            return parse_metadata(path, read_json(path / METADATA_FILE))
+        except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
+            if path.name not in self._warned_foreign:
+                self._warned_foreign.add(path.name)
+                warnings.warn(
+                    f"ignoring {path}: it is named like a checkpoint but is not a readable ckpt_plugin "
+                    f"checkpoint ({exc}). It is never deleted; move it away to silence this warning.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return None
+
+    def _remember(self, info: CheckpointInfo) -> None:
+        try:
+            self._listing[info.name] = (os.stat(info.path).st_ino, info)
+        except FileNotFoundError:  # pragma: no cover - removed by another process
+            self._listing.pop(info.name, None)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The most recent checkpoint, or None when there is none."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
+        """The best checkpoint by ``metric`` (default ``metric_for_best``) in ``mode`` (default ``mode``).
+
+        Checkpoints without the metric, or with NaN for it, never win. Returns None when the
+        directory holds no checkpoint; raises :class:`CheckpointNotFoundError` when checkpoints
+        exist but none recorded the metric.
+        """
+        metric = metric if metric is not None else self.metric_for_best
+        mode = mode if mode is not None else self.mode
+        if metric is None:
+            raise ConfigurationError("no metric given and the manager has no metric_for_best")
+        if mode not in retention.MODES:
+            raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
+        found = self.checkpoints()
+        if not found:
+            return None
+        index = retention.best_index(found, metric, mode)
+        if index is None:
+            recorded = sorted({name for info in found for name in info.metrics})
+            raise CheckpointNotFoundError(
+                f"no checkpoint in {self.checkpoint_dir} records a number for metric {metric!r}; "
+                f"recorded metrics: {', '.join(recorded) or 'none'}"
+            )
+        return found[index]
+
+    def find(self, epoch: int, step: int | None = None) -> CheckpointInfo:
+        """The checkpoint of ``epoch`` (the last step of it, unless ``step`` is given)."""
+        found = self.checkpoints()
+        matches = [info for info in found if info.epoch == epoch and (step is None or info.step == step)]
+        if not matches:
+            existing = ", ".join(info.name.removeprefix("epoch_") for info in found) or "none"
+            wanted = f"epoch {epoch}" + ("" if step is None else f" step {step}")
+            raise CheckpointNotFoundError(
+                f"no checkpoint for {wanted} in {self.checkpoint_dir}; existing epochs: {existing}"
+            )
+        return matches[-1]
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
+        """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
+        naming the epochs that exist."""
+        return read_checkpoint(self.find(epoch, step), map_location=map_location, verify=verify)
+
+    def load_latest(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
+        """Load the most recent checkpoint, or return None when the directory holds none."""
+        info = self.latest()
+        return None if info is None else read_checkpoint(info, map_location=map_location, verify=verify)
+
+    def load_best(
+        self, metric: str | None = None, mode: str | None = None, *, map_location: Device = None, verify: bool = True
+    ) -> dict[str, Any] | None:
+        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
+        info = self.best(metric, mode)
+        return None if info is None else read_checkpoint(info, map_location=map_location, verify=verify)
+
+    def restore(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        which: str | int = "latest",
+        *,
+        strict: bool = True,
+        restore_rng: bool = True,
+    ) -> CheckpointInfo | None:
+        """Load a checkpoint straight into live objects and return which one it was.
+
+        ``which`` is ``"latest"``, ``"best"`` or an epoch. Returns None (and changes nothing) when
+        ``"latest"`` is asked of an empty directory. RNG states are restored too unless
+        ``restore_rng`` is False.
+        """
+        info = self.resolve(which)
+        if info is None:
+            return None
+        wanted = ("model", "rng") + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
+        checkpoint = read_checkpoint(info, items=wanted)
+        model.load_state_dict(checkpoint["model"], strict=strict)
+        if optimizer is not None:
+            _require(checkpoint, "optimizer", info)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            _require(checkpoint, "scheduler", info)
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if restore_rng and checkpoint.get("rng") is not None:
+            restore_rng_state(checkpoint["rng"])
+        return info
+
+    def resolve(self, which: str | int) -> CheckpointInfo | None:
+        """The checkpoint ``"latest"``, ``"best"`` or an epoch number refers to."""
+        if which == "latest":
+            return self.latest()
+        if which == "best":
+            return self.best()
+        if isinstance(which, int) and not isinstance(which, bool):
+            return self.find(which)
+        raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
+
+
+def _require(checkpoint: Mapping[str, Any], item: str, info: CheckpointInfo) -> None:
+    if checkpoint.get(item) is None:
+        raise CheckpointNotFoundError(f"{info.path} holds no {item} state; pass {item}=None to restore without it")
+
+
+def _whole_number(value: Any, name: str) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be a whole number of at least 0, not {value!r}")
+    return int(value)
+
+
+def _state_of(obj: Any, label: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj
+    state_dict = getattr(obj, "state_dict", None)
+    if callable(state_dict):
+        return state_dict()
+    raise ConfigurationError(f"{label} must be an object with state_dict() or a state dict, not {type(obj).__name__}")
+
+
+def normalize_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Metrics as plain numbers: one-element tensors and numpy scalars become floats (ints stay ints).
+
+    Raises :class:`EncodingError` for a metric that is not a single number.
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise EncodingError(f"metrics must be a dict of metric name to number, not {type(metrics).__name__}")
+    normalized: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise EncodingError(f"metric names must be strings, not {name!r}")
+        normalized[name] = _scalar(name, value)
+    return normalized
+
+
+def _scalar(name: str, value: Any) -> Any:
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise EncodingError(f"metric {name!r} is a tensor of shape {tuple(value.shape)}; log one number per metric")
+        return float(value.detach().cpu().item())
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "size", 1) == 1:
+        result = item()
+        if isinstance(result, (bool, int, float)):
+            return float(result) if isinstance(result, float) else result
+    raise EncodingError(f"metric {name!r} is {value!r}, not a number; log one number per metric")
+
+
+def config_to_dict(config: Any) -> Any:
+    """Plain data for ``config``: objects with ``to_dict()``, dataclasses and namespaces are converted."""
+    if config is None or isinstance(config, (Mapping, list, tuple, str, int, float, bool)):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if hasattr(config, "__dict__"):
+        return {key: value for key, value in vars(config).items() if not key.startswith("_")}
+    return config
+
+
+__all__ = ["CheckpointManager", "normalize_metrics", "config_to_dict"]

@@ -1,0 +1,69 @@
+"""Provenance recorded with every checkpoint: when, from which code, on which machine."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import platform
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str | None]:
+    from importlib import metadata as importlib_metadata
+
+    from . import __version__
+
+    try:
+        safetensors_version: str | None = importlib_metadata.version("safetensors")
+    except importlib_metadata.PackageNotFoundError:  # pragma: no cover - a core dependency
+        safetensors_version = None
+    return {
+        "torch_version": torch.__version__,
+        "safetensors_version": safetensors_version,
+        "ckpt_plugin_version": __version__,
+    }
+
+
+def git_state(cwd: str | None = None) -> tuple[str | None, bool | None]:
+    """The commit hash of the repository holding ``cwd`` and whether its tree is dirty.
+
+    Returns ``(None, None)`` outside a repository or where git is not installed.
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(("git", *args), cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return head.strip(), (bool(status.strip()) if status is not None else None)
+
+
+def utc_timestamp() -> str:
+    """The current time in ISO 8601, UTC, e.g. ``2026-11-26T10:30:00.123456+00:00``."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def provenance() -> dict[str, Any]:
+    """Everything needed to trace a checkpoint back to the run that wrote it."""
+    git_hash, git_dirty = git_state()
+    return {
+        "timestamp": utc_timestamp(),
+        "git_hash": git_hash,
+        "git_dirty": git_dirty,
+        "python_version": platform.python_version(),
+        **_library_versions(),
+        "hostname": socket.gethostname(),
+        "command": list(sys.argv),
+    }

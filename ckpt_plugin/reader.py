@@ -1,0 +1,82 @@
+"""Read a committed checkpoint back into a dict of state trees, checking every checksum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import codec
+from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo
+from .errors import CorruptCheckpointError
+from .storage import open_tensor_file, read_bytes_file
+
+Device = str | torch.device | None
+
+
+def read_json(path: Any, record: Any = None) -> Any:
+    """Parse a JSON file of a checkpoint, turning damage into :class:`CorruptCheckpointError`."""
+    data = read_bytes_file(path, record)
+    try:
+        return codec.loads(data)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); restore it or delete this checkpoint") from None
+
+
+def read_checkpoint(
+    info: CheckpointInfo,
+    *,
+    map_location: Device = None,
+    verify: bool = True,
+    items: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Load ``info`` as the dict described in the README (``model``, ``optimizer``, ``epoch``, ...).
+
+    Tensors view the files through a private memory map until moved to ``map_location``. With
+    ``verify`` every file is checked against its recorded size and checksum first. ``items``
+    restricts which state trees are read (for example ``("model",)`` for inference).
+    """
+    metadata = read_json(info.path / METADATA_FILE)
+    state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE) if verify else None)
+    opened: dict[str, dict[str, torch.Tensor]] = {}
+
+    def tensors_of(filename: str, prefix: str) -> dict[str, torch.Tensor]:
+        if filename not in opened:
+            record = info.files.get(filename)
+            if verify and record is None:
+                raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in {METADATA_FILE}")
+            tensors = open_tensor_file(info.path / filename, record, verify=verify)
+            if map_location is not None:
+                device = torch.device(map_location)
+                tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+            opened[filename] = tensors
+        tensors = opened[filename]
+        if not prefix:
+            return tensors
+        return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+
+    result: dict[str, Any] = {
+        "model": None,
+        "optimizer": None,
+        "epoch": info.epoch,
+        "metrics": dict(info.metrics),
+        "config": codec.from_json(metadata.get("config")),
+        "metadata": {
+            **codec.from_json(metadata.get("metadata") or {}),
+            "metric_for_best": info.metric_for_best,
+            "mode": info.mode,
+            "format_version": metadata.get("format_version"),
+            "path": str(info.path),
+        },
+    }
+    if info.step is not None:
+        result["step"] = info.step
+    for item, entry in state["items"].items():
+        if items is not None and item not in items:
+            continue
+        tensors = tensors_of(entry["file"], entry.get("prefix", "")) if entry.get("file") else {}
+        try:
+            result[item] = codec.decode(entry["tree"], tensors)
+        except KeyError as exc:
+            raise CorruptCheckpointError(f"{info.path}: item {item!r} is inconsistent with its files: {exc}") from None
+    return result

@@ -1,0 +1,105 @@
+"""Which checkpoints to keep: small policies that each mark what they preserve. No I/O.
+
+A policy is any object with ``should_preserve(checkpoints) -> list[bool]``, given the checkpoints
+oldest first. A checkpoint is deleted only when no policy preserves it, and the newest one is
+always preserved, so retention can never delete the only loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+MODES = ("min", "max")
+
+
+class RetentionEntry(Protocol):
+    """What retention needs to know of a checkpoint."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def step(self) -> int | None: ...
+
+    @property
+    def metrics(self) -> Mapping[str, Any]: ...
+
+
+class RetentionPolicy(Protocol):
+    def should_preserve(self, checkpoints: Sequence[RetentionEntry]) -> list[bool]: ...
+
+
+def order_key(epoch: int, step: int | None) -> tuple[int, int]:
+    """Checkpoints sort by epoch, then step; a checkpoint without a step sorts first in its epoch."""
+    return (epoch, -1 if step is None else step)
+
+
+def metric_value(entry: RetentionEntry, metric: str) -> float | None:
+    """The entry's value for ``metric`` as a float, or None if it is missing, non-numeric or NaN."""
+    value = entry.metrics.get(metric)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def best_index(checkpoints: Sequence[RetentionEntry], metric: str, mode: str) -> int | None:
+    """The index of the best checkpoint by ``metric`` (the earliest on ties), or None if none has it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+    best: int | None = None
+    best_value = 0.0
+    for index, entry in enumerate(checkpoints):
+        value = metric_value(entry, metric)
+        if value is None:
+            continue
+        if best is None or (value < best_value if mode == "min" else value > best_value):
+            best, best_value = index, value
+    return best
+
+
+@dataclass(frozen=True)
+class KeepLatest:
+    """Preserve the ``count`` most recent checkpoints."""
+
+    count: int
+
+    def should_preserve(self, checkpoints: Sequence[RetentionEntry]) -> list[bool]:
+        cutoff = len(checkpoints) - self.count
+        return [index >= cutoff for index in range(len(checkpoints))]
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Preserve the best checkpoint by ``metric`` in ``mode`` ("min" or "max")."""
+
+    metric: str
+    mode: str = "min"
+
+    def should_preserve(self, checkpoints: Sequence[RetentionEntry]) -> list[bool]:
+        best = best_index(checkpoints, self.metric, self.mode)
+        return [index == best for index in range(len(checkpoints))]
+
+
+def policies_for(max_checkpoints: int | None, keep_best: bool, metric: str | None, mode: str) -> list[RetentionPolicy]:
+    """The policies a manager's options describe. An empty list keeps everything."""
+    if max_checkpoints is None:
+        return []
+    policies: list[RetentionPolicy] = [KeepLatest(max_checkpoints)]
+    if keep_best and metric is not None:
+        policies.append(KeepBest(metric, mode))
+    return policies
+
+
+def to_delete(checkpoints: Sequence[RetentionEntry], policies: Sequence[RetentionPolicy]) -> list[RetentionEntry]:
+    """The checkpoints no policy preserves. ``checkpoints`` must be ordered oldest first."""
+    if not policies or not checkpoints:
+        return []
+    keep = [False] * len(checkpoints)
+    for policy in policies:
+        keep = [kept or preserved for kept, preserved in zip(keep, policy.should_preserve(checkpoints), strict=True)]
+    keep[-1] = True
+    return [entry for entry, kept in zip(checkpoints, keep) if not kept]

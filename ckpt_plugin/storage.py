@@ -1,0 +1,340 @@
+"""Everything that touches the file system: atomic commits, listing, checksums, deletion.
+
+A checkpoint is a directory. It is written under a hidden staging name in the same parent, every
+file is fsynced, and the directory is renamed into place, then the parent is fsynced. Readers
+list only visible names, so they see whole checkpoints or nothing. Replacing an existing
+checkpoint swaps the two directories in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it;
+elsewhere the old one is first renamed aside and put back by :meth:`LocalStore.recover` if the
+process dies in between. Deletion renames the directory aside before removing its files, so a
+half-deleted checkpoint is never visible either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import shutil
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from . import tensorformat
+from .errors import CorruptCheckpointError, StorageError
+
+CHECKSUM_ALGORITHM = "xxh3_64"
+CHUNK_BYTES = 16 * 1024 * 1024
+STAGING_PREFIX = ".tmp."
+TRASH_PREFIX = ".trash."
+REPLACED_PREFIX = ".replaced."
+STALE_STAGING_SECONDS = 6 * 3600
+_HOST_TAG = format(zlib.crc32(socket.gethostname().encode()), "08x")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """The size and checksum of one file of a checkpoint, as recorded in ``metadata.json``."""
+
+    size: int
+    checksum: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"size": self.size, "checksum": self.checksum}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> FileRecord:
+        return cls(int(data["size"]), str(data["checksum"]))  # type: ignore[arg-type]
+
+
+def new_hasher() -> xxhash.xxh3_64:
+    return xxhash.xxh3_64()
+
+
+def format_checksum(hasher: xxhash.xxh3_64) -> str:
+    return f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
+
+
+def checksum_bytes(data: bytes | memoryview) -> str:
+    """The recorded checksum string of ``data``."""
+    return format_checksum(xxhash.xxh3_64(data))
+
+
+def _storage_error(exc: OSError, action: str, path: Path | str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "the disk is full (or a size quota was hit); free space or choose another checkpoint_dir"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "the directory is not writable; fix its permissions or choose another checkpoint_dir"
+    else:
+        hint = "check that the path exists, is a directory and is writable"
+    error = StorageError(exc.errno, f"could not {action} {path}: {exc.strerror or exc}; {hint}")
+    error.filename = str(path)
+    return error
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of ``tensor`` in CPU memory; copies only when it is not already one."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> FileRecord:
+    """Stream ``tensors`` into a new safetensors file at ``path``, hashing as it goes, and fsync it."""
+    header, specs = tensorformat.plan(tensors, metadata)
+    hasher = new_hasher()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            hasher.update(header)
+            _write_all(fd, memoryview(header))
+            for spec in specs:
+                data = tensor_bytes(tensors[spec.name])
+                for begin in range(0, len(data), CHUNK_BYTES):
+                    chunk = data[begin : begin + CHUNK_BYTES]
+                    hasher.update(chunk)
+                    _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _storage_error(exc, "write", path) from exc
+    size = specs[-1].end if specs else len(header)
+    return FileRecord(size, format_checksum(hasher))
+
+
+def write_bytes_file(path: Path, data: bytes) -> FileRecord:
+    """Write ``data`` to a new file at ``path`` and fsync it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, memoryview(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _storage_error(exc, "write", path) from exc
+    return FileRecord(len(data), checksum_bytes(data))
+
+
+def _check(path: Path, record: FileRecord | None, size: int, checksum: str | None) -> None:
+    if record is None:
+        return
+    if size != record.size:
+        raise CorruptCheckpointError(
+            f"{path} has {size} bytes but {record.size} were recorded when it was saved; the file is "
+            "truncated or damaged: restore it from a copy or delete this checkpoint"
+        )
+    if checksum is not None and checksum != record.checksum:
+        raise CorruptCheckpointError(
+            f"{path} does not match its recorded checksum ({checksum} != {record.checksum}); the file is "
+            "damaged: restore it from a copy or delete this checkpoint"
+        )
+
+
+def read_bytes_file(path: Path, record: FileRecord | None = None) -> bytes:
+    """Read a small file whole, checking it against ``record`` when one is given."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    _check(path, record, len(data), checksum_bytes(data) if record else None)
+    return data
+
+
+def open_tensor_file(path: Path, record: FileRecord | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Map a safetensors file and return its tensors, viewing the file's pages without copying them.
+
+    The map is private (copy-on-write), so writing to a returned tensor never changes the file.
+    With ``verify`` and a ``record``, the whole file is checked against the recorded checksum first.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if record is not None and size != record.size:
+                _check(path, record, size, None)
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    view = memoryview(mapped)
+    if verify and record is not None:
+        _check(path, record, size, format_checksum(xxhash.xxh3_64(view)))
+    specs, _ = tensorformat.parse(view, size, str(path))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        if spec.nbytes == 0:
+            tensors[name] = torch.empty(spec.shape, dtype=spec.dtype)
+        else:
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=spec.nbytes, offset=spec.start)
+            tensors[name] = flat.view(spec.dtype).reshape(spec.shape)
+    return tensors
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two directory entries (Linux ``renameat2``); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(first))
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalStore:
+    """A directory of checkpoint directories on a local (POSIX) file system."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser()
+
+    def ensure_writable(self) -> None:
+        """Create the root if needed and prove it is writable, or raise :class:`StorageError`."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{STAGING_PREFIX}probe.{os.getpid()}.{uuid.uuid4().hex}"
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as exc:
+            raise _storage_error(exc, "create checkpoints in", self.root) from exc
+
+    def staging_dir(self, name: str) -> Path:
+        """Create and return a hidden directory in which to write checkpoint ``name``."""
+        path = self.root / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{name}"
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise _storage_error(exc, "create a staging directory in", self.root) from exc
+        return path
+
+    def commit(self, staging: Path, name: str) -> Path:
+        """Make ``staging`` visible as ``name``, atomically replacing any checkpoint of that name."""
+        final = self.root / name
+        try:
+            fsync_dir(staging)
+            if final.exists():
+                if _exchange(staging, final):
+                    fsync_dir(self.root)
+                    self._remove_hidden(staging)
+                    return final
+                aside = self.root / f"{REPLACED_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
+                os.rename(final, aside)
+                os.rename(staging, final)
+                fsync_dir(self.root)
+                self._remove_hidden(aside)
+                return final
+            os.rename(staging, final)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise _storage_error(exc, f"commit checkpoint {name} in", self.root) from exc
+        return final
+
+    def discard(self, staging: Path) -> None:
+        """Remove a staging directory after a failed write."""
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def remove(self, name: str) -> None:
+        """Delete checkpoint ``name``: hide it with one rename, then remove its files."""
+        trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
+        try:
+            os.rename(self.root / name, trash)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise _storage_error(exc, f"delete checkpoint {name} from", self.root) from exc
+        self._remove_hidden(trash)
+
+    def _remove_hidden(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def visible(self) -> Iterator[os.DirEntry[str]]:
+        """The visible entries of the root (hidden staging and trash names are skipped)."""
+        try:
+            with os.scandir(self.root) as entries:
+                yield from (entry for entry in entries if not entry.name.startswith("."))
+        except FileNotFoundError:
+            return
+
+    def recover(self) -> None:
+        """Finish what dead writers left: restore a checkpoint set aside by an interrupted
+        replacement, and remove stale staging and trash directories. Live writers are left alone."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for entry in entries:
+            name = entry.name
+            if name.startswith(REPLACED_PREFIX):
+                original = self.root / name.split(".", 3)[3]
+                if not original.exists():
+                    os.rename(entry.path, original)
+                    fsync_dir(self.root)
+                else:
+                    self._remove_hidden(Path(entry.path))
+            elif name.startswith(TRASH_PREFIX):
+                self._remove_hidden(Path(entry.path))
+            elif name.startswith(STAGING_PREFIX) and self._staging_is_dead(name, entry, now):
+                self._remove_hidden(Path(entry.path))
+
+    @staticmethod
+    def _staging_is_dead(name: str, entry: os.DirEntry[str], now: float) -> bool:
+        parts = name.split(".", 5)
+        try:
+            host, pid = parts[2], int(parts[3])
+        except (IndexError, ValueError):
+            host, pid = "", -1
+        if host == _HOST_TAG and pid > 0:
+            return pid != os.getpid() and not _pid_alive(pid)
+        try:
+            return now - entry.stat().st_mtime > STALE_STAGING_SECONDS
+        except FileNotFoundError:
+            return False

@@ -1,0 +1,148 @@
+"""The safetensors byte layout: plan a file's header, and parse and check one. No I/O.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
+name to its dtype, shape and ``[begin, end)`` byte range, then the raw tensor bytes with no holes.
+The writer in :mod:`ckpt_plugin.storage` streams tensors into that layout without first copying
+the whole state into one buffer, which is what keeps a save's extra memory small.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CorruptCheckpointError, EncodingError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+for _name, _attr in (
+    ("U64", "uint64"),
+    ("U32", "uint32"),
+    ("U16", "uint16"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+HEADER_LIMIT = 100 * 1024 * 1024
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lies in a safetensors file (offsets are absolute, from the file start)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def dtype_code(dtype: torch.dtype, name: str) -> str:
+    """The safetensors code of ``dtype``, or an :class:`EncodingError` naming the tensor."""
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise EncodingError(
+            f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; supported: "
+            f"{', '.join(sorted(str(d).removeprefix('torch.') for d in _CODES))}"
+        ) from None
+
+
+def plan(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
+    """Lay ``tensors`` out as safetensors: return the header bytes and each tensor's place.
+
+    Tensors are ordered by element size, largest first, then by name, so that every tensor
+    starts at an offset aligned to its element size and a memory map can view it directly.
+    """
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    entries: dict[str, object] = {}
+    if metadata:
+        entries[METADATA_KEY] = {str(key): str(value) for key, value in metadata.items()}
+    offset = 0
+    relative: list[tuple[str, torch.Tensor, int, int]] = []
+    for name in order:
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": dtype_code(tensor.dtype, name), "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        relative.append((name, tensor, offset, offset + nbytes))
+        offset += nbytes
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-(8 + len(header)) % 8)
+    data_start = 8 + len(header)
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape), data_start + b, data_start + e) for name, t, b, e in relative]
+    return struct.pack("<Q", len(header)) + header, specs
+
+
+def parse(buffer: memoryview | bytes, file_size: int, filename: str) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Read and check the header at the start of ``buffer``; return the tensor specs and metadata.
+
+    Raises :class:`CorruptCheckpointError`, naming ``filename``, if the header is malformed or the
+    byte ranges do not tile the data section exactly.
+    """
+
+    def corrupt(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{filename} is not a valid safetensors file: {why}; restore it or delete this checkpoint")
+
+    if file_size < 8:
+        raise corrupt("it is shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", bytes(buffer[:8]))
+    if header_len > HEADER_LIMIT or 8 + header_len > file_size:
+        raise corrupt(f"its header length {header_len} does not fit the file's {file_size} bytes")
+    try:
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise corrupt(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    metadata = header.pop(METADATA_KEY, None) or {}
+    data_start = 8 + header_len
+    specs: dict[str, TensorSpec] = {}
+    try:
+        for name, entry in header.items():
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(dim) for dim in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            specs[name] = TensorSpec(name, dtype, shape, data_start + begin, data_start + end)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise corrupt(f"its header entry {name!r} is malformed ({exc!r})") from None
+    cursor = data_start
+    for spec in sorted(specs.values(), key=lambda s: (s.start, s.end)):
+        numel = 1
+        for dim in spec.shape:
+            numel *= dim
+        if spec.start != cursor or spec.nbytes != numel * _element_size(spec.dtype):
+            raise corrupt(f"the byte range of tensor {spec.name!r} does not match its shape and position")
+        cursor = spec.end
+    if cursor != file_size:
+        raise corrupt(f"its tensors end at byte {cursor}, but the file has {file_size} bytes")
+    return specs, metadata
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

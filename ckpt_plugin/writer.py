@@ -1,0 +1,136 @@
+"""The save pipeline: snapshot the state, write its files, commit them as one checkpoint.
+
+``take_snapshot`` is the only step that must hold training: it splits each state tree into a
+JSON skeleton and the tensors it references. ``write_snapshot`` streams those tensors to a hidden
+staging directory, writes the JSON, and commits the directory atomically. Keeping the two apart
+lets an asynchronous save run the second on a background worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import codec
+from .checkpoint import (
+    METADATA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointInfo,
+    build_metadata,
+    checkpoint_name,
+    item_file,
+    item_prefix,
+)
+from .storage import FileRecord, LocalStore, write_bytes_file, write_tensor_file
+
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
+@dataclass
+class Snapshot:
+    """Everything one checkpoint will hold, split into JSON skeletons and tensors."""
+
+    epoch: int
+    step: int | None
+    metrics: dict[str, Any]
+    config: Any
+    metric_for_best: str | None
+    mode: str
+    provenance: dict[str, Any]
+    items: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(self.epoch, self.step)
+
+    def tensors_by_file(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors to write, grouped by file; ``model.safetensors`` is always present."""
+        files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}}
+        for item, (_, tensors) in self.items.items():
+            if not tensors:
+                continue
+            group = files.setdefault(item_file(item), {})
+            prefix = item_prefix(item)
+            group.update({prefix + name: tensor for name, tensor in tensors.items()})
+        return files
+
+    def state_document(self) -> dict[str, Any]:
+        """The content of ``state.json``: each item's skeleton and where its tensors are."""
+        return {
+            "items": {
+                item: {"file": item_file(item) if tensors else None, "prefix": item_prefix(item), "tree": skeleton}
+                for item, (skeleton, tensors) in self.items.items()
+            }
+        }
+
+
+def take_snapshot(
+    states: Mapping[str, Any],
+    *,
+    epoch: int,
+    step: int | None,
+    metrics: dict[str, Any],
+    config: Any,
+    metric_for_best: str | None,
+    mode: str,
+    provenance: dict[str, Any],
+) -> Snapshot:
+    """Encode every state tree in ``states`` (``model``, ``optimizer``, ...; None values skipped).
+
+    Raises :class:`~ckpt_plugin.errors.EncodingError` naming the key path of any value that
+    cannot be stored; nothing has touched the disk by then.
+    """
+    snapshot = Snapshot(
+        epoch=epoch,
+        step=step,
+        metrics=codec.to_json(metrics, "metrics"),
+        config=codec.to_json(config, "config"),
+        metric_for_best=metric_for_best,
+        mode=mode,
+        provenance=codec.to_json(provenance, "metadata"),
+    )
+    for item, tree in states.items():
+        if tree is not None:
+            snapshot.items[item] = codec.encode(tree, item)
+    return snapshot
+
+
+def write_snapshot(store: LocalStore, snapshot: Snapshot) -> CheckpointInfo:
+    """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind."""
+    staging = store.staging_dir(snapshot.name)
+    try:
+        files: dict[str, FileRecord] = {}
+        for filename, tensors in snapshot.tensors_by_file().items():
+            files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
+        files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(snapshot.state_document()))
+        metadata = build_metadata(
+            epoch=snapshot.epoch,
+            step=snapshot.step,
+            metrics=snapshot.metrics,
+            metric_for_best=snapshot.metric_for_best,
+            mode=snapshot.mode,
+            config=snapshot.config,
+            provenance=snapshot.provenance,
+            items=list(snapshot.items),
+            files=files,
+        )
+        write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
+        path = store.commit(staging, snapshot.name)
+    except BaseException:
+        store.discard(staging)
+        raise
+    return CheckpointInfo(
+        path=path,
+        epoch=snapshot.epoch,
+        step=snapshot.step,
+        metrics=codec.from_json(snapshot.metrics),
+        metric_for_best=snapshot.metric_for_best,
+        mode=snapshot.mode,
+        timestamp=snapshot.provenance.get("timestamp"),
+        files=files,
+        items=tuple(snapshot.items),
+    )
