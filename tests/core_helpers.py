@@ -1,0 +1,102 @@
+"""Shared helpers of the core tests: exact tree comparison and a tiny training setup."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors have the same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    a_bytes = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    b_bytes = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(a_bytes, b_bytes)
+
+
+def assert_same_tree(expected: Any, actual: Any, path: str = "<root>") -> None:
+    """Assert two trees are equal exactly: same container and scalar types, same keys, same bits."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{path}: expected a tensor, got {type(actual).__name__}"
+        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
+        assert tuple(actual.shape) == tuple(expected.shape), f"{path}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert same_bits(expected, actual), f"{path}: tensor contents differ"
+        return
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        pass  # an OrderedDict state_dict comes back as a plain dict, with the same order
+    else:
+        assert type(actual) is type(expected), f"{path}: type {type(actual).__name__} != {type(expected).__name__}"
+    if isinstance(expected, dict):
+        typed_keys = sorted((type(key).__name__, repr(key)) for key in expected)
+        assert sorted((type(key).__name__, repr(key)) for key in actual) == typed_keys, (
+            f"{path}: keys {list(actual)!r} != {list(expected)!r}"
+        )
+        for key in expected:
+            assert_same_tree(expected[key], actual[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
+        for index, (e, a) in enumerate(zip(expected, actual)):
+            assert_same_tree(e, a, f"{path}[{index}]")
+    elif isinstance(expected, float):
+        if math.isnan(expected):
+            assert math.isnan(actual), f"{path}: {actual!r} is not NaN"
+        else:
+            assert actual == expected and math.copysign(1, actual) == math.copysign(1, expected), (
+                f"{path}: {actual!r} != {expected!r}"
+            )
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+class TinyNet(nn.Module):
+    """A small network with dropout, so that training draws from the torch generator."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def tiny_training(width: int = 8, lr: float = 0.1) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = TinyNet(width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return model, optimizer
+
+
+def train_one_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    x = torch.randn(16, 4)
+    y = torch.randn(16, 2)
+    optimizer.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def visible_names(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if not name.startswith("."))
+
+
+def hidden_names(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("."))
+
+
+def snapshot_tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes), to prove nothing changed."""
+    files: dict[str, bytes] = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
