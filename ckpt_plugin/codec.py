@@ -205,7 +205,9 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) ->
             tensor = tensors[name]
         except KeyError:
             raise KeyError(f"the skeleton refers to tensor {name!r}, which is not among the stored tensors") from None
-        return tensor.numpy() if NDARRAY in node else tensor
+        if NDARRAY in node:
+            return (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
+        return tensor
     if TUPLE in node:
         return tuple(decode(item, tensors) for item in node[TUPLE])
     if DICT in node:

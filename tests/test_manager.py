@@ -233,7 +233,7 @@ def test_load_best_without_any_checkpoint_recording_the_metric_is_an_error(tmp_p
         manager.load_best(mode="sideways")
 
 
-@pytest.mark.parametrize("location", ["cpu", torch.device("cpu")])
+@pytest.mark.parametrize("location", ["cpu", torch.device("cpu"), "meta"])
 def test_every_load_method_takes_a_map_location(tmp_path, location):
     manager = make_manager(tmp_path)
     model, optimizer = tiny_training()
