@@ -19,6 +19,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
+    CorruptCheckpointError,
     EncodingError,
     ForeignFileError,
 )
@@ -248,22 +249,41 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ loading
 
+    def _read(self, info: CheckpointInfo, **options: Any) -> dict[str, Any]:
+        """Read ``info``; when another writer replaces it mid-read, read the replacement instead.
+
+        A re-save swaps the whole directory, so a reader can open some files of the old checkpoint
+        and some of the new one. The recorded checksums catch that; then the checkpoint is listed
+        again, and only a mismatch against an unchanged listing is real damage.
+        """
+        for _ in range(4):
+            try:
+                return read_checkpoint(info, **options)
+            except CorruptCheckpointError:
+                current = next((c for c in self.checkpoints() if c.name == info.name), None)
+                if current is None:
+                    raise CheckpointNotFoundError(f"{info.path} was deleted while it was being read") from None
+                if current.files == info.files:
+                    raise
+                info = current
+        return read_checkpoint(info, **options)
+
     def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
         naming the epochs that exist."""
-        return read_checkpoint(self.find(epoch, step), map_location=map_location, verify=verify)
+        return self._read(self.find(epoch, step), map_location=map_location, verify=verify)
 
     def load_latest(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
         """Load the most recent checkpoint, or return None when the directory holds none."""
         info = self.latest()
-        return None if info is None else read_checkpoint(info, map_location=map_location, verify=verify)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify)
 
     def load_best(
         self, metric: str | None = None, mode: str | None = None, *, map_location: Device = None, verify: bool = True
     ) -> dict[str, Any] | None:
         """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
         info = self.best(metric, mode)
-        return None if info is None else read_checkpoint(info, map_location=map_location, verify=verify)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify)
 
     def restore(
         self,
@@ -285,7 +305,7 @@ class CheckpointManager:
         if info is None:
             return None
         wanted = ("model", "rng") + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
-        checkpoint = read_checkpoint(info, items=wanted)
+        checkpoint = self._read(info, items=wanted)
         model.load_state_dict(checkpoint["model"], strict=strict)
         if optimizer is not None:
             _require(checkpoint, "optimizer", info)

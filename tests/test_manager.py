@@ -344,6 +344,44 @@ def test_resaving_an_epoch_replaces_it(tmp_path):
     ) or (tmp_path / "epoch_1" / "model.safetensors").is_file()
 
 
+def test_a_reader_never_sees_a_torn_mix_while_an_epoch_is_resaved(tmp_path):
+    """Readers racing a re-save of the same epoch get the old or the new checkpoint, whole."""
+    writer = make_manager(tmp_path, save_rng=False)
+    reader = make_manager(tmp_path, save_rng=False)
+
+    def content(version: int) -> dict:
+        return {"a": torch.full((2000,), float(version)), "b": torch.full((3,), version, dtype=torch.int64)}
+
+    writer.save(content(0), epoch=1, metrics={"loss": 0.0}, extra={"version": 0})
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def resave() -> None:
+        try:
+            for version in range(1, 60):
+                writer.save(content(version), epoch=1, metrics={"loss": float(version)}, extra={"version": version})
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=resave)
+    thread.start()
+    reads, last = 0, 0
+    try:
+        while not done.is_set() or reads < 5:
+            loaded = reader.load(epoch=1)
+            version = loaded["extra"]["version"]
+            assert version >= last, "a reader went back to an older version"
+            assert loaded["metrics"] == {"loss": float(version)}
+            assert_same_tree(content(version), loaded["model"])
+            last, reads = version, reads + 1
+    finally:
+        thread.join()
+    assert not failures, failures
+    assert reader.load(epoch=1)["extra"]["version"] == 59
+
+
 def test_step_named_checkpoints(tmp_path):
     manager = make_manager(tmp_path)
     model, _ = tiny_training()
