@@ -1,0 +1,168 @@
+"""Property tests for retention: on the pure policies, and on a real manager's directory.
+
+Whatever the sequence of saves, metrics (missing and NaN included), ``max_checkpoints`` and
+``keep_best``: the best is never deleted, the newest and the ``max_checkpoints`` most recent are
+always kept, ``None`` keeps everything, and nothing else survives.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckpt_plugin import CheckpointManager, retention
+
+
+@dataclass(frozen=True)
+class Entry:
+    epoch: int
+    step: int | None
+    metrics: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.epoch, -1 if self.step is None else self.step)
+
+
+METRIC = "loss"
+
+metric_values = st.one_of(
+    st.none(),  # the metric is missing
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.integers(min_value=-3, max_value=3),
+    st.sampled_from([float("nan"), 0.0, -0.0, 1.0]),
+)
+saves = st.lists(
+    st.tuples(st.integers(0, 12), st.one_of(st.none(), st.integers(0, 3)), metric_values),
+    min_size=1,
+    max_size=25,
+)
+max_values = st.one_of(st.none(), st.integers(1, 5))
+
+
+def usable(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def best_value(entries, mode: str) -> float | None:
+    values = [v for v in (usable(e.metrics.get(METRIC)) for e in entries) if v is not None]
+    if not values:
+        return None
+    return min(values) if mode == "min" else max(values)
+
+
+def check_invariants(before, after, max_checkpoints, keep_best, mode) -> None:
+    """``before``: every checkpoint right after a save committed; ``after``: those retention kept."""
+    before_keys = sorted(e.key for e in before)
+    after_keys = sorted(e.key for e in after)
+    assert set(after_keys) <= set(before_keys), "retention invented a checkpoint"
+    if max_checkpoints is None:
+        assert after_keys == before_keys, "max_checkpoints=None must keep every checkpoint"
+        return
+    assert before_keys[-1] in after_keys, "the newest checkpoint was deleted"
+    recent = set(before_keys[-max_checkpoints:])
+    assert recent <= set(after_keys), "one of the max_checkpoints most recent was deleted"
+    extra = [e for e in after if e.key not in recent]
+    best = best_value(before, mode) if keep_best else None
+    if best is not None:
+        assert any(usable(e.metrics.get(METRIC)) == best for e in after), "the best checkpoint was deleted"
+        assert len(extra) <= 1
+        if extra:
+            assert usable(extra[0].metrics.get(METRIC)) == best, "a checkpoint neither recent nor best survived"
+    else:
+        assert not extra, "a checkpoint neither recent nor best survived"
+    assert len(after) <= max_checkpoints + (1 if keep_best else 0)
+
+
+def simulate(history, max_checkpoints, keep_best, mode):
+    """Apply the pure retention policies to a sequence of saves, checking invariants each time."""
+    policies = retention.policies_for(max_checkpoints, keep_best, METRIC, mode)
+    current: list[Entry] = []
+    every_save: list[Entry] = []
+    for epoch, step, value in history:
+        metrics = {} if value is None else {METRIC: value}
+        entry = Entry(epoch, step, metrics)
+        every_save.append(entry)
+        current = sorted([e for e in current if e.key != entry.key] + [entry], key=lambda e: e.key)
+        doomed = retention.to_delete(current, policies)
+        after = [e for e in current if all(e is not d for d in doomed)]
+        check_invariants(current, after, max_checkpoints, keep_best, mode)
+        current = after
+    return current, every_save
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(history=saves, max_checkpoints=max_values, keep_best=st.booleans(), mode=st.sampled_from(["min", "max"]))
+def test_pure_retention_invariants(history, max_checkpoints, keep_best, mode):
+    final, every_save = simulate(history, max_checkpoints, keep_best, mode)
+    names = [e.key for e in every_save]
+    if keep_best and max_checkpoints is not None and len(set(names)) == len(names):
+        # Without re-saves, the best of the whole run is never lost.
+        best = best_value(every_save, mode)
+        if best is not None:
+            assert any(usable(e.metrics.get(METRIC)) == best for e in final)
+
+
+@settings(derandomize=True)
+@given(entries=st.lists(metric_values, max_size=12), mode=st.sampled_from(["min", "max"]))
+def test_best_index_ignores_missing_and_nan(entries, mode):
+    checkpoints = [Entry(i, None, {} if v is None else {METRIC: v}) for i, v in enumerate(entries)]
+    index = retention.best_index(checkpoints, METRIC, mode)
+    best = best_value(checkpoints, mode)
+    if best is None:
+        assert index is None
+    else:
+        assert usable(checkpoints[index].metrics[METRIC]) == best
+
+
+def test_retention_never_deletes_the_only_checkpoint():
+    policies = retention.policies_for(1, True, METRIC, "min")
+    assert retention.to_delete([Entry(0, None, {})], policies) == []
+    assert retention.to_delete([], policies) == []
+    assert retention.policies_for(None, True, METRIC, "min") == []
+
+
+# ------------------------------------------------------------------ the same on a real directory
+
+
+def listed(manager: CheckpointManager) -> list[Entry]:
+    return [Entry(info.epoch, info.step, dict(info.metrics)) for info in manager.checkpoints()]
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    history=st.lists(st.tuples(st.integers(0, 6), st.one_of(st.none(), st.integers(0, 1)), metric_values),
+                     min_size=1, max_size=8),
+    max_checkpoints=max_values,
+    keep_best=st.booleans(),
+    mode=st.sampled_from(["min", "max"]),
+)
+def test_manager_directory_obeys_retention(history, max_checkpoints, keep_best, mode):
+    state = {"w": torch.zeros(2)}
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = CheckpointManager(directory, max_checkpoints=max_checkpoints, keep_best=keep_best,
+                                    metric_for_best=METRIC, mode=mode, save_rng=False)
+        for epoch, step, value in history:
+            before = listed(manager)
+            metrics = {} if value is None else {METRIC: value}
+            manager.save(model=state, epoch=epoch, step=step, metrics=metrics)
+            entry = Entry(epoch, step, metrics)
+            committed = sorted([e for e in before if e.key != entry.key] + [entry], key=lambda e: e.key)
+            after = listed(manager)
+            check_invariants(committed, after, max_checkpoints, keep_best, mode)
+            # A second manager over the same directory agrees, and every listed checkpoint loads.
+            other = CheckpointManager(directory, max_checkpoints=None, keep_best=False, save_rng=False)
+            assert [e.key for e in listed(other)] == [e.key for e in after]
+        for info in manager.checkpoints():
+            assert torch.equal(manager.load(epoch=info.epoch, step=info.step)["model"]["w"], state["w"])
