@@ -53,6 +53,8 @@ NUMPY = "__numpy__"
 MARKERS = frozenset({TENSOR, NDARRAY, TUPLE, DICT, FLOAT, DTYPE, DEVICE, BYTES, SET, PATH, NUMPY})
 
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# safetensors keeps its header metadata under this key, so no tensor may take the name.
+_RESERVED_TENSOR_NAMES = frozenset({"__metadata__"})
 
 
 def format_path(path: tuple[Any, ...]) -> str:
@@ -87,7 +89,7 @@ class _Encoder:
     def tensor_name(self, path: tuple[Any, ...]) -> str:
         base = ".".join(str(key) for key in path[1:]) or self.root
         name, counter = base, 1
-        while name in self.tensors:
+        while name in self.tensors or name in _RESERVED_TENSOR_NAMES:
             name, counter = f"{base}~{counter}", counter + 1
         return name
 

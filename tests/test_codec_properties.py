@@ -19,7 +19,7 @@ from core_helpers import assert_same_tree
 
 # Strings a user might well have as keys that look like the codec's own markers.
 MARKER_LIKE = ["__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__dtype__", "__device__",
-               "__bytes__", "__set__", "__path__", "__numpy__", "value", "__tensor", "__", ""]
+               "__bytes__", "__set__", "__path__", "__numpy__", "value", "__metadata__", "__tensor", "__", ""]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool, torch.float8_e4m3fn]
 
@@ -196,3 +196,9 @@ def test_self_referencing_tree_is_an_encoding_error():
     with pytest.raises(EncodingError, match="itself"):
         codec.encode(tree, "extra")
 
+
+def test_a_model_key_named_like_the_safetensors_metadata_entry_round_trips(tmp_path):
+    manager = CheckpointManager(tmp_path, max_checkpoints=None, keep_best=False)
+    state = {"__metadata__": torch.arange(3.0), "weight": torch.ones(2)}
+    manager.save(model=state, epoch=0, metrics={})
+    assert_same_tree(state, manager.load(epoch=0)["model"])
