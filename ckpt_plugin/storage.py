@@ -241,7 +241,8 @@ class LocalStore:
         """Create the root if needed and prove it is writable, or raise :class:`StorageError`."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f"{STAGING_PREFIX}probe.{os.getpid()}.{uuid.uuid4().hex}"
+            # Named like a staging directory, so that recover() removes it if the process dies here.
+            probe = self.root / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.probe"
             probe.mkdir()
             probe.rmdir()
         except OSError as exc:
