@@ -301,7 +301,7 @@ class LocalStore:
         try:
             with os.scandir(self.root) as entries:
                 yield from (entry for entry in entries if not entry.name.startswith("."))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no directory there: no checkpoints
             return
 
     def recover(self) -> None:

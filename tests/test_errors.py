@@ -161,6 +161,7 @@ def test_directory_under_a_regular_file_is_a_storage_error(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file")
     manager = manager_at(blocker / "checkpoints")
+    assert manager.load_latest() is None
     with pytest.raises(StorageError) as caught:
         manager.save({"w": torch.zeros(1)}, epoch=0, metrics={})
     message = str(caught.value)
