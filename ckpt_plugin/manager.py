@@ -155,12 +155,19 @@ class CheckpointManager:
         )
 
     def _refuse_foreign(self, name: str) -> None:
+        """Refuse to replace anything at ``name`` but a checkpoint this release can read."""
         target = self.checkpoint_dir / name
-        if target.exists() and not (target / METADATA_FILE).is_file():
+        if not os.path.lexists(target):
+            return
+        try:
+            if not (target / METADATA_FILE).is_file():
+                raise ForeignFileError("it is not a ckpt_plugin checkpoint")
+            parse_metadata(target, read_json(target / METADATA_FILE))
+        except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
             raise ForeignFileError(
-                f"{target} exists but is not a ckpt_plugin checkpoint; it will not be overwritten. "
-                "Move it away or choose another checkpoint_dir"
-            )
+                f"{target} exists but is not a checkpoint this release can read ({exc}); it will not be "
+                "overwritten. Move it away or choose another checkpoint_dir"
+            ) from None
 
     def _apply_retention(self) -> None:
         for entry in retention.to_delete(self.checkpoints(), self._policies):

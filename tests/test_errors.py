@@ -304,6 +304,22 @@ def test_foreign_directory_with_a_checkpoint_name_is_never_overwritten(tmp_path)
     assert hidden_names(tmp_path) == []
 
 
+def test_foreign_directory_with_its_own_metadata_json_is_never_overwritten(tmp_path):
+    target = tmp_path / "epoch_7"
+    target.mkdir()
+    (target / "metadata.json").write_text(json.dumps({"author": "another tool", "epoch": 7}))
+    (target / "precious.bin").write_bytes(b"\x01\x02\x03")
+    before = snapshot_tree(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manager = manager_at(tmp_path)
+        with pytest.raises(ForeignFileError, match="epoch_7"):
+            manager.save({"w": torch.zeros(1)}, epoch=7, metrics={})
+        assert manager.checkpoints() == []
+    assert snapshot_tree(tmp_path) == before
+    assert hidden_names(tmp_path) == []
+
+
 # ------------------------------------------------------------------ damaged checkpoints
 
 
