@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
-from .errors import IncompatibleCheckpointError
-from .storage import FileRecord
+from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from .storage import FileRecord, checksum_bytes
 
 FORMAT_NAME = "ckpt_plugin.checkpoint"
 FORMAT_VERSION = 1
@@ -32,6 +32,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 EXTRA_TENSORS_FILE = "state.safetensors"
 ITEM_FILES = {"model": MODEL_FILE, "optimizer": OPTIMIZER_FILE}
 NAME_PATTERN = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
+METADATA_CHECKSUM_KEY = "metadata_checksum"
 
 
 def checkpoint_name(epoch: int, step: int | None) -> str:
@@ -99,8 +100,12 @@ def build_metadata(
     items: list[str],
     files: Mapping[str, FileRecord],
 ) -> dict[str, Any]:
-    """The content of ``metadata.json``; ``config`` and ``metrics`` must already be JSON-encoded."""
-    return {
+    """The content of ``metadata.json``; ``config`` and ``metrics`` must already be JSON-encoded.
+
+    The last key, ``metadata_checksum``, is the checksum of the compact JSON of all the others,
+    so that damage to ``metadata.json`` itself is detected too.
+    """
+    document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
@@ -113,10 +118,27 @@ def build_metadata(
         "items": items,
         "files": {name: record.to_json() for name, record in files.items()},
     }
+    document[METADATA_CHECKSUM_KEY] = _metadata_checksum(document)
+    return document
+
+
+def _metadata_checksum(document: Mapping[str, Any]) -> str:
+    return checksum_bytes(codec.dumps({key: value for key, value in document.items() if key != METADATA_CHECKSUM_KEY}))
 
 
 def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
-    """Turn a parsed ``metadata.json`` into a :class:`CheckpointInfo`; reject other formats."""
+    """Turn a parsed ``metadata.json`` into a :class:`CheckpointInfo`; reject other formats.
+
+    Raises :class:`CorruptCheckpointError` when the document does not match its own checksum.
+    """
+    if not isinstance(data, Mapping):
+        raise CorruptCheckpointError(f"{path / METADATA_FILE} does not hold a JSON object; restore it or delete this checkpoint")
+    recorded = data.get(METADATA_CHECKSUM_KEY)
+    if recorded is not None and recorded != _metadata_checksum(data):
+        raise CorruptCheckpointError(
+            f"{path / METADATA_FILE} does not match its recorded checksum; the file is damaged: restore it from "
+            "a copy or delete this checkpoint"
+        )
     if data.get("format") != FORMAT_NAME:
         raise IncompatibleCheckpointError(f"{path / METADATA_FILE} was not written by ckpt_plugin")
     version = data.get("format_version")
@@ -124,6 +146,11 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
         raise IncompatibleCheckpointError(
             f"{path} uses checkpoint format version {version}, but this release reads version "
             f"{FORMAT_VERSION}; upgrade ckpt_plugin to load it"
+        )
+    if recorded is None:
+        raise CorruptCheckpointError(
+            f"{path / METADATA_FILE} has no {METADATA_CHECKSUM_KEY}; the file is damaged: restore it from a copy "
+            "or delete this checkpoint"
         )
     return CheckpointInfo(
         path=path,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import retention
-from .checkpoint import METADATA_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
+from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -76,6 +76,7 @@ class CheckpointManager:
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
+        self._unreadable: dict[str, Exception] = {}
         self._warned_missing_metric = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
@@ -179,6 +180,7 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
         found: dict[str, tuple[int, CheckpointInfo]] = {}
+        self._unreadable = {}
         for entry in self._store.visible():
             if not looks_like_checkpoint(entry.name):
                 continue
@@ -196,6 +198,7 @@ class CheckpointManager:
         try:
             return parse_metadata(path, read_json(path / METADATA_FILE))
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
+            self._unreadable[path.name] = exc
             if path.name not in self._warned_foreign:
                 self._warned_foreign.add(path.name)
                 warnings.warn(
@@ -249,10 +252,23 @@ class CheckpointManager:
         if not matches:
             existing = ", ".join(info.name.removeprefix("epoch_") for info in found) or "none"
             wanted = f"epoch {epoch}" + ("" if step is None else f" step {step}")
+            self._raise_if_unreadable(epoch, step, wanted)
             raise CheckpointNotFoundError(
                 f"no checkpoint for {wanted} in {self.checkpoint_dir}; existing epochs: {existing}"
             )
         return matches[-1]
+
+    def _raise_if_unreadable(self, epoch: int, step: int | None, wanted: str) -> None:
+        """Say why a checkpoint that exists on disk for ``epoch`` (and ``step``) cannot be listed."""
+        for name, exc in sorted(self._unreadable.items()):
+            match = NAME_PATTERN.match(name)
+            if match is None or int(match.group(1)) != epoch:
+                continue
+            if step is not None and (match.group(2) is None or int(match.group(2)) != step):
+                continue
+            if isinstance(exc, CheckpointError):
+                raise exc
+            raise CorruptCheckpointError(f"the checkpoint for {wanted}, {self.checkpoint_dir / name}, cannot be read: {exc}") from exc
 
     # ------------------------------------------------------------------ loading
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import codec
-from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo
+from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import CorruptCheckpointError
 from .storage import open_tensor_file, read_bytes_file
 
@@ -37,6 +37,8 @@ def read_checkpoint(
     restricts which state trees are read (for example ``("model",)`` for inference).
     """
     metadata = read_json(info.path / METADATA_FILE)
+    if verify:
+        parse_metadata(info.path, metadata)
     state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE) if verify else None)
     opened: dict[str, dict[str, torch.Tensor]] = {}
 

@@ -343,7 +343,7 @@ def files_of(path: Path, which: str) -> list[str]:
     return ["metadata.json"] if which == "metadata.json" else [name for name in names if name != "metadata.json"]
 
 
-FILE_KINDS = ["data files"]
+FILE_KINDS = ["data files", "metadata.json"]
 
 
 @pytest.mark.parametrize("which", FILE_KINDS)
