@@ -76,7 +76,6 @@ class CheckpointManager:
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
-        self._unreadable: dict[str, Exception] = {}
         self._warned_missing_metric = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
@@ -180,7 +179,6 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
         found: dict[str, tuple[int, CheckpointInfo]] = {}
-        self._unreadable = {}
         for entry in self._store.visible():
             if not looks_like_checkpoint(entry.name):
                 continue
@@ -198,7 +196,6 @@ class CheckpointManager:
         try:
             return parse_metadata(path, read_json(path / METADATA_FILE))
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
-            self._unreadable[path.name] = exc
             if path.name not in self._warned_foreign:
                 self._warned_foreign.add(path.name)
                 warnings.warn(
@@ -259,16 +256,20 @@ class CheckpointManager:
         return matches[-1]
 
     def _raise_if_unreadable(self, epoch: int, step: int | None, wanted: str) -> None:
-        """Say why a checkpoint that exists on disk for ``epoch`` (and ``step``) cannot be listed."""
-        for name, exc in sorted(self._unreadable.items()):
-            match = NAME_PATTERN.match(name)
+        """Say why a directory on disk for ``epoch`` (and ``step``) is not listed as a checkpoint."""
+        for entry in self._store.visible():
+            match = NAME_PATTERN.match(entry.name)
             if match is None or int(match.group(1)) != epoch:
                 continue
             if step is not None and (match.group(2) is None or int(match.group(2)) != step):
                 continue
-            if isinstance(exc, CheckpointError):
-                raise exc
-            raise CorruptCheckpointError(f"the checkpoint for {wanted}, {self.checkpoint_dir / name}, cannot be read: {exc}") from exc
+            path = Path(entry.path)
+            try:
+                parse_metadata(path, read_json(path / METADATA_FILE))
+            except CheckpointError:
+                raise
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                raise CorruptCheckpointError(f"the checkpoint for {wanted}, {path}, cannot be read: {exc}") from exc
 
     # ------------------------------------------------------------------ loading
 
@@ -328,7 +329,7 @@ class CheckpointManager:
         if info is None:
             return None
         wanted = ("model", "rng") + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
-        checkpoint = self._read(info, items=wanted)
+        checkpoint = read_checkpoint(info, items=wanted)
         model.load_state_dict(checkpoint["model"], strict=strict)
         if optimizer is not None:
             _require(checkpoint, "optimizer", info)

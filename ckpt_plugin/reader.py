@@ -42,18 +42,20 @@ def read_checkpoint(
     state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE) if verify else None)
     opened: dict[str, dict[str, torch.Tensor]] = {}
 
-    def tensors_of(filename: str, prefix: str, device: Device) -> dict[str, torch.Tensor]:
+    def tensors_of(filename: str, prefix: str) -> dict[str, torch.Tensor]:
         if filename not in opened:
             record = info.files.get(filename)
             if verify and record is None:
                 raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in {METADATA_FILE}")
-            opened[filename] = open_tensor_file(info.path / filename, record, verify=verify)
+            tensors = open_tensor_file(info.path / filename, record, verify=verify)
+            if map_location is not None:
+                device = torch.device(map_location)
+                tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+            opened[filename] = tensors
         tensors = opened[filename]
-        if prefix:
-            tensors = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
-        if device is not None:
-            tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return tensors
+        if not prefix:
+            return tensors
+        return {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
 
     result: dict[str, Any] = {
         "model": None,
@@ -74,9 +76,7 @@ def read_checkpoint(
     for item, entry in state["items"].items():
         if items is not None and item not in items:
             continue
-        # RNG states are host state: torch.set_rng_state and numpy need them in CPU memory.
-        device = None if item == "rng" else map_location
-        tensors = tensors_of(entry["file"], entry.get("prefix", ""), device) if entry.get("file") else {}
+        tensors = tensors_of(entry["file"], entry.get("prefix", "")) if entry.get("file") else {}
         try:
             result[item] = codec.decode(entry["tree"], tensors)
         except KeyError as exc:
