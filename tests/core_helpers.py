@@ -88,14 +88,22 @@ def visible_names(directory: Path) -> list[str]:
     return sorted(name for name in os.listdir(directory) if not name.startswith("."))
 
 
-def hidden_names(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.startswith("."))
+def hidden_dirs(directory: Path) -> list[str]:
+    """Hidden directories: where writers stage and delete checkpoints. Hidden files (caches) are not counted."""
+    return sorted(name for name in os.listdir(directory) if name.startswith(".") and (directory / name).is_dir())
 
 
 def snapshot_tree(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` (relative path -> bytes), to prove nothing changed."""
+    """Every visible file under ``directory`` (relative path -> bytes), to prove nothing changed.
+
+    Hidden entries at the top (staging directories, caches) are left out; check them with
+    :func:`hidden_dirs`.
+    """
     files: dict[str, bytes] = {}
-    for root, _, names in os.walk(directory):
+    for root, dirs, names in os.walk(directory):
+        if Path(root) == directory:
+            dirs[:] = [name for name in dirs if not name.startswith(".")]
+            names = [name for name in names if not name.startswith(".")]
         for name in names:
             path = Path(root) / name
             files[str(path.relative_to(directory))] = path.read_bytes()

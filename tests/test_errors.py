@@ -31,7 +31,7 @@ from ckpt_plugin import (
     StorageError,
 )
 
-from core_helpers import hidden_names, snapshot_tree, tiny_training, train_one_step, visible_names
+from core_helpers import hidden_dirs, snapshot_tree, tiny_training, train_one_step, visible_names
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
 
@@ -61,7 +61,7 @@ def save_full(manager: CheckpointManager, epoch: int, **kwargs):
 
 def assert_intact(directory: Path, before: dict[str, bytes]) -> None:
     """Nothing was added, removed or changed, and every checkpoint still loads."""
-    assert hidden_names(directory) == [], f"partial leftovers: {hidden_names(directory)}"
+    assert hidden_dirs(directory) == [], f"partial leftovers: {hidden_dirs(directory)}"
     assert snapshot_tree(directory) == before
     manager = manager_at(directory)
     for info in manager.checkpoints():
@@ -290,6 +290,7 @@ def test_foreign_files_are_ignored_and_never_deleted(tmp_path):
     for name, content in foreign.items():
         assert after.get(name) == content, f"foreign file {name} was changed or deleted"
     assert (tmp_path / "epoch_x").is_dir()
+    assert (tmp_path / ".DS_Store").read_bytes() == b"finder"
     assert [info.epoch for info in again.checkpoints()] == [3]
 
 
@@ -301,7 +302,7 @@ def test_foreign_directory_with_a_checkpoint_name_is_never_overwritten(tmp_path)
     with pytest.raises(ForeignFileError, match="epoch_5"):
         manager.save({"w": torch.zeros(1)}, epoch=5, metrics={})
     assert snapshot_tree(tmp_path) == before
-    assert hidden_names(tmp_path) == []
+    assert hidden_dirs(tmp_path) == []
 
 
 def test_foreign_directory_with_its_own_metadata_json_is_never_overwritten(tmp_path):
@@ -317,7 +318,7 @@ def test_foreign_directory_with_its_own_metadata_json_is_never_overwritten(tmp_p
             manager.save({"w": torch.zeros(1)}, epoch=7, metrics={})
         assert manager.checkpoints() == []
     assert snapshot_tree(tmp_path) == before
-    assert hidden_names(tmp_path) == []
+    assert hidden_dirs(tmp_path) == []
 
 
 # ------------------------------------------------------------------ damaged checkpoints

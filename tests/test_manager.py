@@ -23,7 +23,7 @@ from torch import nn
 import ckpt_plugin
 from ckpt_plugin import CheckpointInfo, CheckpointManager, CheckpointNotFoundError
 
-from core_helpers import assert_same_tree, hidden_names, tiny_training, train_one_step, visible_names
+from core_helpers import assert_same_tree, hidden_dirs, tiny_training, train_one_step, visible_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,7 +336,7 @@ def test_resaving_an_epoch_replaces_it(tmp_path):
     assert_same_tree({"w": torch.ones(4)}, loaded["model"])
     assert loaded["metrics"] == {"loss": 1.0} and loaded["extra"] == {"version": "new"}
     assert visible_names(tmp_path) == ["epoch_1"]
-    assert hidden_names(tmp_path) == []
+    assert hidden_dirs(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "epoch_1").iterdir()) == sorted(
         ["model.safetensors", "metadata.json", "state.json", "state.safetensors"]
     ) or (tmp_path / "epoch_1" / "model.safetensors").is_file()
