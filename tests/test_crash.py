@@ -47,8 +47,8 @@ WORKER = textwrap.dedent(
 
     def state(version):
         value = float(version)
-        model = {"w": torch.full((128, 1024), value), "b": torch.full((7,), value, dtype=torch.float64)}
-        optimizer = {"state": {0: {"m": torch.full((64, 1024), value), "step": torch.tensor(value)}},
+        model = {"w": torch.full((512, 1024), value), "b": torch.full((7,), value, dtype=torch.float64)}
+        optimizer = {"state": {0: {"m": torch.full((512, 1024), value), "step": torch.tensor(value)}},
                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}
         return model, optimizer
 
@@ -133,7 +133,9 @@ def kill_at_random(saver: SaverParent, mode: str, directory: Path, rng: random.R
     else:
         wanted = rng.randint(1, 3)
         while len(saved) < wanted:
-            saved.append(int(saver.next_line().split()[1]))
+            line = saver.next_line()
+            assert line.startswith("saved "), f"the worker stopped on its own: {line}"
+            saved.append(int(line.split()[1]))
         time.sleep(rng.uniform(0.0, 0.04))
     os.kill(pid, signal.SIGKILL)
     while True:
@@ -141,6 +143,7 @@ def kill_at_random(saver: SaverParent, mode: str, directory: Path, rng: random.R
         if line.startswith("exit"):
             assert os.WIFSIGNALED(int(line.split()[1])), f"the worker was not killed: {line}"
             return saved
+        assert line.startswith("saved "), line
         saved.append(int(line.split()[1]))
 
 
@@ -154,9 +157,9 @@ def assert_consistent(checkpoint: dict, version: int) -> None:
     """Every part of the checkpoint comes from the same save (never a torn mix)."""
     assert checkpoint["extra"]["version"] == version
     assert checkpoint["metrics"] == {"loss": 1.0 / (version + 1)}
-    assert torch.equal(checkpoint["model"]["w"], torch.full((128, 1024), float(version)))
+    assert torch.equal(checkpoint["model"]["w"], torch.full((512, 1024), float(version)))
     assert torch.equal(checkpoint["model"]["b"], torch.full((7,), float(version), dtype=torch.float64))
-    assert torch.equal(checkpoint["optimizer"]["state"][0]["m"], torch.full((64, 1024), float(version)))
+    assert torch.equal(checkpoint["optimizer"]["state"][0]["m"], torch.full((512, 1024), float(version)))
 
 
 def assert_no_leftovers(directory: Path) -> None:
@@ -169,14 +172,16 @@ def test_random_kill_9_while_saving_new_epochs(saver, tmp_path):
     directory = tmp_path / "run"
     rng = random.Random(20261126)
     last_returned = -1
-    kills = 0
+    kills = interrupted = 0
     while kills < 24:
         saved = kill_at_random(saver, "append", directory, rng)
         kills += 1
         if saved:
             assert saved == list(range(saved[0], saved[-1] + 1))
-            assert saved[0] == last_returned + 1, "the worker did not resume after the last returned save"
+            # A save can commit and be killed before it reports, so the next run may start later.
+            assert saved[0] > last_returned, "the worker did not resume after the last returned save"
             last_returned = saved[-1]
+        interrupted += bool(directory.exists() and any(n.startswith(".") for n in os.listdir(directory)))
         manager = fresh_manager(directory)
         listed = manager.checkpoints()
         if last_returned >= 0:
@@ -188,6 +193,7 @@ def test_random_kill_9_while_saving_new_epochs(saver, tmp_path):
             assert_consistent(manager.load(epoch=info.epoch), info.epoch)
         assert len(listed) <= 5
         assert_no_leftovers(directory)
+    print(f"{kills} kills, {interrupted} in the middle of a save, last returned epoch {last_returned}")
     assert kills >= 20 and last_returned >= 10, "the kills did not interrupt enough saves"
 
 
