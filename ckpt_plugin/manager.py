@@ -75,7 +75,7 @@ class CheckpointManager:
         self._store = LocalStore(self.checkpoint_dir)
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
-        self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
+        self._listing: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
         self._warned_missing_metric = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
@@ -178,17 +178,18 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
-        found: dict[str, tuple[int, CheckpointInfo]] = {}
+        found: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
         for entry in self._store.visible():
             if not looks_like_checkpoint(entry.name):
                 continue
             cached = self._listing.get(entry.name)
-            if cached is not None and cached[0] == entry.inode():
+            key = _identity(entry.path)
+            if key and cached is not None and cached[0] == key:
                 found[entry.name] = cached
                 continue
             info = self._read_info(Path(entry.path))
             if info is not None:
-                found[entry.name] = (entry.inode(), info)
+                found[entry.name] = (key, info)
         self._listing = found
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
 
@@ -208,7 +209,7 @@ class CheckpointManager:
 
     def _remember(self, info: CheckpointInfo) -> None:
         try:
-            self._listing[info.name] = (os.stat(info.path).st_ino, info)
+            self._listing[info.name] = (_identity(info.path, strict=True), info)
         except FileNotFoundError:  # pragma: no cover - removed by another process
             self._listing.pop(info.name, None)
 
@@ -350,6 +351,26 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
+
+
+def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, ...]:
+    """What tells one written checkpoint from another at the same path.
+
+    The directory's inode alone is not enough: inodes are reused once a replaced checkpoint is
+    deleted, and files can be copied into a directory in place. ``metadata.json`` is rewritten
+    by every save, so its inode, size and change times complete the key. An empty key (never
+    equal to a cached one) when ``metadata.json`` cannot be read, unless ``strict``.
+    """
+    try:
+        directory = os.stat(path)
+        metadata = os.stat(os.path.join(path, METADATA_FILE))
+    except FileNotFoundError:
+        if strict:
+            raise
+        return ()
+    except OSError:
+        return ()
+    return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
 
 
 def _require(checkpoint: Mapping[str, Any], item: str, info: CheckpointInfo) -> None:

@@ -410,3 +410,33 @@ def test_restore_loads_straight_into_live_objects(tmp_path):
     assert_same_tree(optimizer.state_dict(), fresh_optimizer.state_dict())
     assert_same_tree(scheduler.state_dict(), fresh_scheduler.state_dict())
     assert make_manager(tmp_path / "none").restore(nn.Linear(1, 1)) is None
+
+
+def test_a_second_manager_sees_every_resave_of_an_epoch(tmp_path):
+    """Directory inodes are reused once a replaced checkpoint is deleted; listing must not be fooled."""
+    writer = make_manager(tmp_path, save_rng=False)
+    reader = make_manager(tmp_path, save_rng=False)
+    version = 0
+    for round_ in range(24):
+        for _ in range(1 + round_ % 3):
+            version += 1
+            writer.save({"w": torch.full((10,), float(version))}, epoch=2, metrics={"loss": float(version)})
+        loaded = reader.load(epoch=2)
+        assert loaded["metrics"] == {"loss": float(version)}
+        assert torch.equal(loaded["model"]["w"], torch.full((10,), float(version)))
+        assert [info.metrics for info in reader.checkpoints()] == [{"loss": float(version)}]
+
+
+def test_a_checkpoint_restored_from_a_copy_in_place_is_read_afresh(tmp_path):
+    """Files copied into an existing checkpoint directory (as the corruption errors advise) are seen."""
+    manager = make_manager(tmp_path / "run", save_rng=False)
+    manager.save({"w": torch.zeros(3)}, epoch=1, metrics={"loss": 1.0})
+    assert manager.load(epoch=1)["metrics"] == {"loss": 1.0}
+    backup = make_manager(tmp_path / "backup", save_rng=False)
+    backup.save({"w": torch.ones(3)}, epoch=1, metrics={"loss": 0.5})
+    for source in sorted((tmp_path / "backup" / "epoch_1").iterdir()):
+        shutil.copyfile(source, tmp_path / "run" / "epoch_1" / source.name)
+    loaded = manager.load(epoch=1)
+    assert loaded["metrics"] == {"loss": 0.5}
+    assert torch.equal(loaded["model"]["w"], torch.ones(3))
+    assert [info.metrics for info in manager.checkpoints()] == [{"loss": 0.5}]
