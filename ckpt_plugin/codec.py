@@ -234,8 +234,12 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) ->
 
 
 def dumps(skeleton: Any) -> bytes:
-    """Serialize a skeleton (or any encoded value) as strict, UTF-8 JSON bytes."""
-    return json.dumps(skeleton, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Serialize a skeleton (or any encoded value) as strict JSON bytes.
+
+    Non-ASCII characters are escaped, so that strings holding lone surrogates (file names and
+    command lines that are not valid UTF-8, as Python decodes them) are stored and come back exactly.
+    """
+    return json.dumps(skeleton, allow_nan=False, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def loads(data: bytes | str) -> Any:

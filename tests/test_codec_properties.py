@@ -43,6 +43,10 @@ def tensors(draw) -> torch.Tensor:
 
 
 text = st.one_of(st.sampled_from(MARKER_LIKE), st.text(max_size=8))
+# Any code point, lone surrogates included: Python decodes file names that are not UTF-8 that way.
+any_text = st.one_of(text, st.text(st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF), max_size=4),
+                     st.lists(st.one_of(st.characters(exclude_categories=[]), st.characters(min_codepoint=0xDC80,
+                              max_codepoint=0xDCFF)), max_size=6).map("".join))
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -73,7 +77,7 @@ def trees(leaves) -> st.SearchStrategy[Any]:
     )
 
 
-json_trees = trees(scalars)
+json_trees = trees(st.one_of(scalars, any_text))
 tensor_trees = trees(st.one_of(scalars, tensors()))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -151,6 +152,16 @@ def test_metadata_records_provenance_inside_a_git_repository(tmp_path, monkeypat
     manager.save(model, epoch=2, metrics={"loss": 1.0})
     meta = manager.load(epoch=2)["metadata"]
     assert meta["git_hash"] == head and meta["git_dirty"] is True
+
+
+def test_a_command_line_that_is_not_utf8_is_recorded_exactly(tmp_path, monkeypatch):
+    odd_path = os.fsdecode(b"/data/caf\xe9-\xff")  # a Latin-1 file name, as Python decodes it
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", odd_path, "--name", "caf\u00e9 \u2603"])
+    manager = make_manager(tmp_path, keep_best=False)
+    manager.save({"w": torch.zeros(1)}, epoch=0, metrics={}, config={"data": odd_path})
+    loaded = make_manager(tmp_path).load(epoch=0)
+    assert loaded["metadata"]["command"] == ["train.py", "--data", odd_path, "--name", "caf\u00e9 \u2603"]
+    assert loaded["config"] == {"data": odd_path}
 
 
 def test_metadata_git_fields_are_null_outside_a_repository(tmp_path, monkeypatch):
