@@ -318,3 +318,23 @@ def test_a_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, ho
         train_epoch(model, optimizer, scheduler)
     resumed = (model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), draw_everything())
     assert_same_tree(uninterrupted, resumed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_and_rng_state_round_trip(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Linear(4, 4).cuda()
+    torch.rand(3, device="cuda")  # the CUDA generator is in use, so its state is captured
+    manager = manager_at(tmp_path)
+    manager.save(model=model, epoch=0, metrics={})
+    expected = (torch.rand(3, device="cuda").cpu(), torch.rand(3))
+
+    torch.manual_seed(99)
+    torch.cuda.manual_seed_all(99)
+    loaded = manager.load(epoch=0, map_location="cuda")
+    assert all(tensor.device.type == "cuda" for tensor in loaded["model"].values())
+    assert_same_tree({k: v.cpu() for k, v in model.state_dict().items()},
+                     {k: v.cpu() for k, v in loaded["model"].items()})
+    assert "cuda" in loaded["rng"]
+    restore_rng_state(loaded["rng"])
+    assert_same_tree(expected, (torch.rand(3, device="cuda").cpu(), torch.rand(3)))
