@@ -118,6 +118,8 @@ class _Encoder:
             return value
         if isinstance(value, int):
             return int(value)
+        if type(value) is not float and _np is not None and isinstance(value, _np.floating):
+            return {NUMPY: value.dtype.name, "value": self.encode(float(value), path)}  # np.float64 is a float
         if isinstance(value, float):
             if math.isfinite(value):
                 return float(value)

@@ -415,8 +415,10 @@ def normalize_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _scalar(name: str, value: Any) -> Any:
-    if isinstance(value, (bool, int, float)):
+    if isinstance(value, bool):
         return value
+    if isinstance(value, (int, float)):  # subclasses such as np.float64 become plain numbers
+        return float(value) if isinstance(value, float) else int(value)
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise EncodingError(f"metric {name!r} is a tensor of shape {tuple(value.shape)}; log one number per metric")

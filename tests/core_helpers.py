@@ -52,6 +52,8 @@ def assert_same_tree(expected: Any, actual: Any, path: str = "<root>") -> None:
             assert actual == expected and math.copysign(1, actual) == math.copysign(1, expected), (
                 f"{path}: {actual!r} != {expected!r}"
             )
+    elif expected != expected:  # NaN of another float type, such as numpy's
+        assert actual != actual, f"{path}: {actual!r} is not NaN"
     else:
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 

@@ -4,10 +4,12 @@ values that cannot be stored without pickle raise ``EncodingError`` naming their
 from __future__ import annotations
 
 import json
+import pathlib
 import tempfile
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -78,6 +80,20 @@ def trees(leaves) -> st.SearchStrategy[Any]:
 
 
 json_trees = trees(st.one_of(scalars, any_text))
+# Values the codec documents beyond plain JSON.
+documented_values = st.one_of(
+    st.sampled_from(DTYPES + [torch.complex64, torch.int16]),
+    st.sampled_from([torch.device("cpu"), torch.device("cuda", 1), torch.device("meta")]),
+    st.builds(pathlib.PurePosixPath, st.text(st.characters(exclude_characters="\x00"), max_size=8)).map(lambda p: pathlib.Path(p)),
+    st.sets(st.one_of(st.integers(), st.text(max_size=4), st.booleans()), max_size=4),
+    st.builds(np.float32, st.floats(width=32, allow_nan=False)),
+    st.builds(np.float64, st.floats()),
+    st.builds(np.float16, st.floats(width=16)),
+    st.builds(np.int64, st.integers(-(2**63), 2**63 - 1)),
+    st.builds(np.bool_, st.booleans()),
+    st.builds(np.uint8, st.integers(0, 255)),
+)
+documented_trees = trees(st.one_of(scalars, documented_values))
 tensor_trees = trees(st.one_of(scalars, tensors()))
 
 
@@ -96,6 +112,12 @@ def test_json_trees_round_trip_exactly(tree):
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(tree=tensor_trees)
 def test_trees_with_tensors_round_trip_exactly(tree):
+    assert_same_tree(tree, through_json(tree))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(tree=documented_trees)
+def test_documented_extra_values_round_trip_exactly(tree):
     assert_same_tree(tree, through_json(tree))
 
 

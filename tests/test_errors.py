@@ -122,6 +122,7 @@ def test_one_element_tensor_metrics_become_floats(tmp_path):
     manager = manager_at(tmp_path)
     info = manager.save({"w": torch.zeros(1)}, epoch=0, metrics={
         "loss": torch.tensor([0.25]), "acc": torch.tensor(0.5, requires_grad=True), "np": np.float32(0.75),
+        "np64": np.float64(0.125), "npint": np.int64(7),
         "count": 3, "nested": torch.tensor([[2.0]]),
     })
     loaded = manager.load(epoch=0)["metrics"]
@@ -131,6 +132,10 @@ def test_one_element_tensor_metrics_become_floats(tmp_path):
         assert metrics["np"] == 0.75 and type(metrics["np"]) is float
         assert metrics["nested"] == 2.0 and type(metrics["nested"]) is float
         assert metrics["count"] == 3
+        assert metrics["np64"] == 0.125 and type(metrics["np64"]) is float
+        assert metrics["npint"] == 7 and type(metrics["npint"]) is int
+    raw = json.loads((tmp_path / "epoch_0" / "metadata.json").read_text())
+    assert all(type(value) in (int, float) for value in raw["metrics"].values()), raw["metrics"]
 
 
 @pytest.mark.parametrize("value", [torch.tensor([0.1, 0.2]), torch.zeros(0), [0.5], "0.5", {"a": 1}, np.zeros(3), None])
