@@ -173,6 +173,7 @@ def test_random_kill_9_while_saving_new_epochs(saver, tmp_path):
     rng = random.Random(20261126)
     last_returned = -1
     kills = interrupted = 0
+    observer = fresh_manager(directory)
     while kills < 24:
         saved = kill_at_random(saver, "append", directory, rng)
         kills += 1
@@ -182,6 +183,9 @@ def test_random_kill_9_while_saving_new_epochs(saver, tmp_path):
             assert saved[0] > last_returned, "the worker did not resume after the last returned save"
             last_returned = saved[-1]
         interrupted += bool(directory.exists() and any(n.startswith(".") for n in os.listdir(directory)))
+        # A manager that was already open (so did not clean up) ignores what the killed writer left.
+        for info in observer.checkpoints():
+            assert_consistent(observer.load(epoch=info.epoch, step=info.step), info.epoch)
         manager = fresh_manager(directory)
         listed = manager.checkpoints()
         if last_returned >= 0:

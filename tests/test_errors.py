@@ -290,13 +290,13 @@ def test_foreign_files_are_ignored_and_never_deleted(tmp_path):
             manager.save({"w": torch.full((2,), float(epoch))}, epoch=epoch, metrics={})
         listed = [info.epoch for info in manager.checkpoints()]
         again = CheckpointManager(tmp_path, max_checkpoints=1, keep_best=False)
-    assert listed == [3]
+        listed_again = [info.epoch for info in again.checkpoints()]
+    assert listed == [3] and listed_again == [3]
     after = snapshot_tree(tmp_path)
     for name, content in foreign.items():
         assert after.get(name) == content, f"foreign file {name} was changed or deleted"
     assert (tmp_path / "epoch_x").is_dir()
     assert (tmp_path / ".DS_Store").read_bytes() == b"finder"
-    assert [info.epoch for info in again.checkpoints()] == [3]
 
 
 def test_foreign_directory_with_a_checkpoint_name_is_never_overwritten(tmp_path):
