@@ -185,8 +185,9 @@ def test_checkpoint_dir_that_is_a_file_is_rejected(tmp_path):
 class DiskFills:
     """Stand-ins for the os write calls that fail with ENOSPC once ``budget`` bytes were written."""
 
-    def __init__(self, monkeypatch, budget: int) -> None:
+    def __init__(self, monkeypatch, budget: int, error: BaseException | None = None) -> None:
         self.budget = budget
+        failure = error if error is not None else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.triggered = False
         real_write, real_pwrite, real_writev = os.write, os.pwrite, os.writev
 
@@ -195,7 +196,7 @@ class DiskFills:
                 return wanted
             if self.budget <= 0:
                 self.triggered = True
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise failure
             allowed = min(wanted, self.budget)
             self.budget -= allowed
             return allowed
@@ -235,6 +236,19 @@ def test_full_disk_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, mon
     assert_intact(tmp_path, before)
     save_full(manager, 3)  # once there is room again, saving works
     assert manager.latest().epoch == 3
+
+
+@pytest.mark.parametrize("budget", [0, 12_000])
+def test_an_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, budget):
+    manager = manager_at(tmp_path, max_checkpoints=2, keep_best=True)
+    for epoch in range(3):
+        save_full(manager, epoch)
+    before = snapshot_tree(tmp_path)
+    DiskFills(monkeypatch, budget, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        save_full(manager, 3)
+    monkeypatch.undo()
+    assert_intact(tmp_path, before)
 
 
 @pytest.mark.parametrize("limit", [0, 1_000, 5_000])
