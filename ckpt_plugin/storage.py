@@ -289,6 +289,8 @@ class LocalStore:
         try:
             os.rename(self.root / name, trash)
             fsync_dir(self.root)
+        except FileNotFoundError:
+            return  # another manager over the same directory deleted it first
         except OSError as exc:
             raise _storage_error(exc, f"delete checkpoint {name} from", self.root) from exc
         self._remove_hidden(trash)

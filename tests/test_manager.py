@@ -451,3 +451,32 @@ def test_a_checkpoint_restored_from_a_copy_in_place_is_read_afresh(tmp_path):
     assert loaded["metrics"] == {"loss": 0.5}
     assert torch.equal(loaded["model"]["w"], torch.ones(3))
     assert [info.metrics for info in manager.checkpoints()] == [{"loss": 0.5}]
+
+
+def test_two_managers_pruning_one_directory_at_once_never_fail_a_committed_save(tmp_path):
+    """Retention runs after the commit: a checkpoint another manager already deleted is no error."""
+    failures: list[BaseException] = []
+    returned: dict[int, list[int]] = {0: [], 1: []}
+
+    def run(offset: int) -> None:
+        manager = make_manager(tmp_path, max_checkpoints=1, keep_best=False, save_rng=False)
+        for index in range(60):
+            epoch = 2 * index + offset
+            try:
+                manager.save({"w": torch.full((4,), float(epoch))}, epoch=epoch, metrics={})
+                returned[offset].append(epoch)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(offset,)) for offset in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, [str(exc) for exc in failures[:3]]
+    assert len(returned[0]) == len(returned[1]) == 60
+    reader = make_manager(tmp_path)
+    listed = reader.checkpoints()
+    assert listed and listed[-1].epoch == 119
+    for info in listed:
+        assert torch.equal(reader.load(epoch=info.epoch)["model"]["w"], torch.full((4,), float(info.epoch)))
