@@ -197,6 +197,8 @@ class CheckpointManager:
         try:
             return parse_metadata(path, read_json(path / METADATA_FILE))
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
+            if not path.exists():
+                return None  # deleted or replaced by another manager while being listed
             if path.name not in self._warned_foreign:
                 self._warned_foreign.add(path.name)
                 warnings.warn(
