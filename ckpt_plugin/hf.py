@@ -206,13 +206,20 @@ class CheckpointCallback(TrainerCallback):
     # ------------------------------------------------------------------ set-up and resume
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._attach(args)
+
+    def _attach(self, args: TrainingArguments) -> Settings:
+        """Resolve the settings against ``args`` and build the manager (validating both once)."""
         self.settings = Settings.resolve(args, **self._overrides)
         s = self.settings
         self._manager = CheckpointManager(s.checkpoint_dir, s.max_checkpoints, s.keep_best, s.metric_for_best, s.mode)
+        return self.settings
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self._manager is None:  # added with trainer.add_callback() after the Trainer was built
+            self._attach(args)
         self._pending = False
         self._saved_step = None
         self._rng = None
@@ -283,12 +290,12 @@ class CheckpointCallback(TrainerCallback):
     # ------------------------------------------------------------------ saving
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
-        assert self.settings is not None
-        return self._request(args, state, control, self.settings.save_due_at_step(state), **kwargs)
+        settings = self.settings or self._attach(args)
+        return self._request(args, state, control, settings.save_due_at_step(state), **kwargs)
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
-        assert self.settings is not None
-        return self._request(args, state, control, self.settings.save_strategy == "epoch", **kwargs)
+        settings = self.settings or self._attach(args)
+        return self._request(args, state, control, settings.save_strategy == "epoch", **kwargs)
 
     def _request(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any) -> TrainerControl:
         if control.should_save or due:
@@ -315,8 +322,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._flush(args, state, **kwargs)
-        assert self.settings is not None
-        if self.settings.load_best_at_end:
+        if self.settings is not None and self.settings.load_best_at_end:
             self._load_best(state, kwargs["model"])
 
     def _flush(self, args: TrainingArguments, state: TrainerState, **kwargs: Any) -> None:

@@ -247,6 +247,16 @@ def test_manager_is_exposed_once_attached_to_a_trainer(tmp_path):
     assert (manager.metric_for_best, manager.mode) == ("eval_loss", "min")
 
 
+def test_a_callback_added_after_construction_takes_its_settings_at_train_time(tmp_path):
+    trainer, first = make_trainer(tmp_path, load_best_model_at_end=False, stop_at=5)
+    trainer.remove_callback(first)
+    late = CheckpointCallback(max_checkpoints=None)
+    trainer.add_callback(late)
+    trainer.train()
+    assert [info.name for info in late.manager.checkpoints()] == ["epoch_1_step_5"]
+    assert late.manager.max_checkpoints is None
+
+
 # ---------------------------------------------------------------------- saving
 
 
