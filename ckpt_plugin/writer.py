@@ -154,9 +154,13 @@ def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     checked: dict[str, bytes] = {}
     for name, data in (files or {}).items():
         if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
-            raise ConfigurationError(f"extra file name {name!r} must be a plain file name, without a directory or leading dot")
+            raise ConfigurationError(
+                f"extra file name {name!r} must be a plain file name, without a directory or leading dot"
+            )
         if name in RESERVED_FILES or name.endswith(".safetensors"):
-            raise ConfigurationError(f"extra file name {name!r} is reserved for the checkpoint's own files; choose another name")
+            raise ConfigurationError(
+                f"extra file name {name!r} is reserved for the checkpoint's own files; choose another name"
+            )
         if isinstance(data, str):
             data = data.encode("utf-8")
         if not isinstance(data, (bytes, bytearray, memoryview)):
