@@ -64,7 +64,9 @@ class Tokens(torch.utils.data.Dataset):
 
 def build(output_dir: Path, options: argparse.Namespace, with_callback: bool) -> Trainer:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=options.layers, n_embd=options.width, n_head=4, vocab_size=options.vocab, n_positions=64)
+    config = GPT2Config(
+        n_layer=options.layers, n_embd=options.width, n_head=4, vocab_size=options.vocab, n_positions=64
+    )
     args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=options.epochs,
@@ -93,7 +95,9 @@ def disk_bytes(root: Path) -> int:
 
 
 def checkpoint_count(root: Path) -> int:
-    return sum(1 for path in root.iterdir() if path.is_dir() and not path.is_symlink() and not path.name.startswith("."))
+    return sum(
+        1 for path in root.iterdir() if path.is_dir() and not path.is_symlink() and not path.name.startswith(".")
+    )
 
 
 def one_round(workdir: Path, options: argparse.Namespace, with_callback: bool) -> tuple[float, float, int, float, int]:
@@ -138,8 +142,11 @@ def main() -> None:
     workdir = options.dir or Path(tempfile.mkdtemp(prefix="ckpt_hf_bench_"))
 
     params = sum(p.numel() for p in build(workdir / "probe", options, False).model.parameters())
-    print(f"GPT-2 with {params / 1e6:.2f}M parameters, {options.epochs} epochs, a save and an evaluation every epoch, "
-          f"save_total_limit=2, load_best_model_at_end; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(
+        f"GPT-2 with {params / 1e6:.2f}M parameters, {options.epochs} epochs, a save and an evaluation every "
+        f"epoch, save_total_limit=2, load_best_model_at_end; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     one_round(workdir, options, False)  # warm-up
     one_round(workdir, options, True)
     results: dict[bool, list[tuple[float, float, int, float, int]]] = {False: [], True: []}
@@ -151,15 +158,19 @@ def main() -> None:
         return statistics.median(result[index] for result in results[side])
 
     for side, label in ((False, "Trainer's own checkpoints"), (True, "CheckpointCallback")):
-        kept = int(median(side, 4))
-        print(f"{label:<26} train {median(side, 0):7.3f} s (saves {median(side, 3):6.3f} s)   resume {median(side, 1):6.3f} s   "
-              f"on disk {int(median(side, 2)):>11,} bytes in {kept} checkpoints ({int(median(side, 2)) // max(kept, 1):,} per checkpoint)"
-              f"   [train rounds: {', '.join(f'{r[0]:.3f}' for r in results[side])}]")
+        kept, size = int(median(side, 4)), int(median(side, 2))
+        rounds = ", ".join(f"{result[0]:.3f}" for result in results[side])
+        print(
+            f"{label:<26} train {median(side, 0):7.3f} s (saves {median(side, 3):6.3f} s)   "
+            f"resume {median(side, 1):6.3f} s   on disk {size:>11,} bytes in {kept} checkpoints "
+            f"({size // max(kept, 1):,} per checkpoint)   [train rounds: {rounds}]"
+        )
     print(f"wall-time ratio, train (callback / Trainer): {median(True, 0) / median(False, 0):.3f}   (target <= 1.0)")
     print(f"time inside saves, ratio (manager / Trainer): {median(True, 3) / median(False, 3):.3f}")
     print(f"wall-time ratio, resume (callback / Trainer): {median(True, 1) / median(False, 1):.3f}")
     per_checkpoint = (median(True, 2) / max(median(True, 4), 1)) / (median(False, 2) / max(median(False, 4), 1))
-    print(f"disk ratio (callback / Trainer): {median(True, 2) / median(False, 2):.3f} in all, {per_checkpoint:.3f} per checkpoint")
+    total = median(True, 2) / median(False, 2)
+    print(f"disk ratio (callback / Trainer): {total:.3f} in all, {per_checkpoint:.3f} per checkpoint")
     if options.dir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -115,7 +115,9 @@ class Settings:
             mode = "min" if metric_for_best is None or metric_for_best.endswith("loss") else "max"
         load_best = args.load_best_model_at_end if load_best_model_at_end is None else load_best_model_at_end
         if load_best and metric_for_best is None:
-            raise ConfigurationError("load_best_model_at_end needs a metric: set metric_for_best_model or pass metric_for_best")
+            raise ConfigurationError(
+                "load_best_model_at_end needs a metric: set metric_for_best_model or pass metric_for_best"
+            )
         return cls(
             checkpoint_dir=Path(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
             max_checkpoints=max_checkpoints,
@@ -171,7 +173,9 @@ class CheckpointCallback(TrainerCallback):
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
         if save_strategy not in (None, *SAVE_STRATEGIES):
-            raise ConfigurationError(f"save_strategy must be one of {', '.join(SAVE_STRATEGIES)}, not {save_strategy!r}")
+            raise ConfigurationError(
+                f"save_strategy must be one of {', '.join(SAVE_STRATEGIES)}, not {save_strategy!r}"
+            )
         if save_steps is not None and not (isinstance(save_steps, (int, float)) and save_steps > 0):
             raise ConfigurationError(f"save_steps must be a positive number, not {save_steps!r}")
         self._overrides = {
@@ -263,7 +267,11 @@ class CheckpointCallback(TrainerCallback):
             if target is None:
                 continue
             if checkpoint.get(name) is None:
-                warnings.warn(f"{info.path} holds no {name} state (save_only_model?); the {name} starts afresh", UserWarning, stacklevel=3)
+                warnings.warn(
+                    f"{info.path} holds no {name} state (save_only_model?); the {name} starts afresh",
+                    UserWarning,
+                    stacklevel=3,
+                )
                 continue
             target.load_state_dict(checkpoint[name])
         _replay_metric_scheduler(args, lr_scheduler, info)
@@ -275,13 +283,17 @@ class CheckpointCallback(TrainerCallback):
         matches = [info for info in self.manager.checkpoints() if info.step == step]
         return matches[-1] if matches else None
 
-    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush(args, state, **kwargs)
         if self._rng is not None and not self._rng_mid_epoch:
             restore_rng_state(self._rng)
             self._rng = None
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush(args, state, **kwargs)
         if self._rng is not None and self._rng_mid_epoch:
             restore_rng_state(self._rng)
@@ -289,15 +301,21 @@ class CheckpointCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ saving
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         settings = self.settings or self._attach(args)
         return self._request(args, state, control, settings.save_due_at_step(state), **kwargs)
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         settings = self.settings or self._attach(args)
         return self._request(args, state, control, settings.save_strategy == "epoch", **kwargs)
 
-    def _request(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any) -> TrainerControl:
+    def _request(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any
+    ) -> TrainerControl:
         if control.should_save or due:
             control.should_save = False
             self._pending = self._pending or self._saved_step != state.global_step
@@ -306,13 +324,27 @@ class CheckpointCallback(TrainerCallback):
             self._save(args, state, None, **kwargs)
         return control
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs and "loss" in logs and "learning_rate" in logs:
             self._last_train_log = state.global_step
         if self._pending and not control.should_evaluate:
             self._save(args, state, None, **kwargs)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: dict[str, Any] | None = None, **kwargs: Any) -> TrainerControl:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
         if control.should_save:
             control.should_save = False
             self._pending = self._pending or self._saved_step != state.global_step
@@ -320,7 +352,9 @@ class CheckpointCallback(TrainerCallback):
             self._save(args, state, metrics, **kwargs)
         return control
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._flush(args, state, **kwargs)
         if self.settings is not None and self.settings.load_best_at_end:
             self._load_best(state, kwargs["model"])
@@ -380,7 +414,9 @@ class CheckpointCallback(TrainerCallback):
         try:
             best = self.manager.best()
         except CheckpointNotFoundError as exc:
-            warnings.warn(f"load_best_model_at_end: {exc}; the model keeps its final weights", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"load_best_model_at_end: {exc}; the model keeps its final weights", UserWarning, stacklevel=3
+            )
             return
         if best is None:
             return
@@ -419,7 +455,10 @@ def run_config(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any
 
 def _replay_metric_scheduler(args: TrainingArguments, scheduler: Any, info: CheckpointInfo) -> None:
     """Redo the metric-driven scheduler step the Trainer took right after the checkpoint was saved."""
-    if not isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)) or args.metric_for_best_model is None:
+    if (
+        not isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))
+        or args.metric_for_best_model is None
+    ):
         return
     value = info.metrics.get(eval_metric_name(args.metric_for_best_model))
     if value is not None:

@@ -59,7 +59,9 @@ class KillAtEpoch(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build_trainer(output_dir: Path, epochs: int, seed: int = 0, interrupt_after: int | None = None) -> tuple[Trainer, CheckpointCallback]:
+def build_trainer(
+    output_dir: Path, epochs: int, seed: int = 0, interrupt_after: int | None = None
+) -> tuple[Trainer, CheckpointCallback]:
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64))
     args = TrainingArguments(
@@ -96,7 +98,12 @@ def pickles_under(root: Path) -> list[Path]:
     return [
         path
         for path in root.rglob("*")
-        if path.is_file() and (path.suffix in {".pt", ".pth", ".bin"} or path.read_bytes()[:4] in (b"PK\x03\x04",) or path.read_bytes()[:1] == b"\x80")
+        if path.is_file()
+        and (
+            path.suffix in {".pt", ".pth", ".bin"}
+            or path.read_bytes()[:4] in (b"PK\x03\x04",)
+            or path.read_bytes()[:1] == b"\x80"
+        )
     ]
 
 
@@ -116,8 +123,17 @@ def main() -> None:
 
     print(f"== 1. training in a child process that is killed after epoch {options.interrupt_after}")
     child = subprocess.run(
-        [sys.executable, __file__, "--child", "--dir", str(output_dir), "--epochs", str(options.epochs),
-         "--interrupt-after", str(options.interrupt_after)],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--dir",
+            str(output_dir),
+            "--epochs",
+            str(options.epochs),
+            "--interrupt-after",
+            str(options.interrupt_after),
+        ],
         check=False,
     )
     print(f"child exited with status {child.returncode}; on disk: {', '.join(sorted(os.listdir(output_dir)))}")
@@ -136,9 +152,10 @@ def main() -> None:
     holds_best = all(torch.equal(weights[name], tensor) for name, tensor in best_weights.items())
     reference = reference_trainer.model.state_dict()
     identical = all(torch.equal(weights[name], reference[name]) for name in reference)
-    print(f"best checkpoint: {best.name} (eval_loss {best.metrics['eval_loss']:.4f}); the model holds its weights: {holds_best}")
+    print(f"best checkpoint: {best.name} (eval_loss {best.metrics['eval_loss']:.4f}); the model holds it: {holds_best}")
     print(f"bitwise identical to an uninterrupted run: {identical}")
-    print(f"lm_head still tied to the token embedding: {trainer.model.lm_head.weight is trainer.model.transformer.wte.weight}")
+    tied = trainer.model.lm_head.weight is trainer.model.transformer.wte.weight
+    print(f"lm_head still tied to the token embedding: {tied}")
     pickles = pickles_under(output_dir)
     print(f"pickle files in {output_dir}: {len(pickles)}")
     print(f"== on disk in {output_dir}")
@@ -147,7 +164,8 @@ def main() -> None:
         if path.is_symlink():
             print(f"  {name:<18} -> {os.readlink(path)}   (what resume_from_checkpoint=True finds)")
     for info in manager.checkpoints():
-        print(f"  {info.name:<18} eval_loss={info.metrics['eval_loss']:.4f}  {info.size / 1024:7.1f} KiB  {', '.join(sorted(info.files))}")
+        files = ", ".join(sorted(info.files))
+        print(f"  {info.name:<18} eval_loss={info.metrics['eval_loss']:.4f}  {info.size / 1024:7.1f} KiB  {files}")
     if not (holds_best and identical and not pickles):
         sys.exit("the run did not end as expected")
 

@@ -17,14 +17,18 @@ def test_extra_files_are_committed_and_checksummed(tmp_path):
     listed = manager.latest()
     assert (listed.path / "trainer_state.json").read_text() == '{"global_step": 4}'
     assert listed.files["trainer_state.json"] == info.files["trainer_state.json"]
-    assert read_bytes_file(listed.path / "trainer_state.json", listed.files["trainer_state.json"]) == b'{"global_step": 4}'
+    assert (
+        read_bytes_file(listed.path / "trainer_state.json", listed.files["trainer_state.json"]) == b'{"global_step": 4}'
+    )
     (listed.path / "trainer_state.json").write_text('{"global_step": 5}')
     with pytest.raises(CorruptCheckpointError, match="trainer_state.json"):
         read_bytes_file(listed.path / "trainer_state.json", listed.files["trainer_state.json"])
     assert manager.load_latest()["epoch"] == 1
 
 
-@pytest.mark.parametrize("name", ["metadata.json", "state.json", "model.safetensors", "x.safetensors", "../x", "a/b", ".hidden", ""])
+@pytest.mark.parametrize(
+    "name", ["metadata.json", "state.json", "model.safetensors", "x.safetensors", "../x", "a/b", ".hidden", ""]
+)
 def test_bad_extra_file_names_are_refused_before_writing(tmp_path, name):
     manager = CheckpointManager(tmp_path / "run", keep_best=False)
     with pytest.raises(ConfigurationError):

@@ -86,7 +86,9 @@ def training_args(output_dir: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def make_trainer(output_dir: Path, *, seed: int = 0, stop_at: int | None = None, callback=None, compute_metrics=None, **overrides):
+def make_trainer(
+    output_dir: Path, *, seed: int = 0, stop_at: int | None = None, callback=None, compute_metrics=None, **overrides
+):
     callback = callback if callback is not None else CheckpointCallback()
     callbacks = [callback] + ([StopAt(stop_at)] if stop_at else [])
     trainer = Trainer(
@@ -118,7 +120,12 @@ def final_state(trainer: Trainer) -> dict:
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.lr_scheduler.state_dict(),
-        "state": (trainer.state.global_step, trainer.state.epoch, trainer.state.best_metric, trainer.state.best_global_step),
+        "state": (
+            trainer.state.global_step,
+            trainer.state.epoch,
+            trainer.state.best_metric,
+            trainer.state.best_global_step,
+        ),
         "log_history": history,
     }
 
@@ -133,7 +140,7 @@ def assert_identical(actual, expected, path="state"):
             assert_identical(actual[key], expected[key], f"{path}[{key!r}]")
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), path
-        for index, (a, e) in enumerate(zip(actual, expected)):
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_identical(a, e, f"{path}[{index}]")
     else:
         assert actual == expected, f"{path}: {actual!r} != {expected!r}"
@@ -145,7 +152,11 @@ def pickled_files(root: Path) -> list[Path]:
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             head = path.read_bytes()[:4]
-            if path.suffix in {".pt", ".pth", ".bin", ".pkl", ".pickle"} or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            if (
+                path.suffix in {".pt", ".pth", ".bin", ".pkl", ".pickle"}
+                or head.startswith(b"PK\x03\x04")
+                or head[:1] == b"\x80"
+            ):
                 found.append(path)
     return found
 
@@ -176,8 +187,17 @@ def uninterrupted(tmp_path_factory):
 
 SCHEDULES = {
     "epoch": {},
-    "steps": dict(eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=3, logging_strategy="steps", logging_steps=3),
-    "plateau": dict(lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"patience": 0, "factor": 0.5}, learning_rate=3e-3),
+    "steps": dict(
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=3,
+        save_steps=3,
+        logging_strategy="steps",
+        logging_steps=3,
+    ),
+    "plateau": dict(
+        lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"patience": 0, "factor": 0.5}, learning_rate=3e-3
+    ),
 }
 
 
@@ -195,13 +215,32 @@ def test_settings_default_to_the_training_arguments(tmp_path):
 
 
 def test_settings_follow_the_trainers_rules_for_limits_prefixes_and_modes(tmp_path):
-    unlimited = training_args(tmp_path, save_total_limit=None, load_best_model_at_end=False, metric_for_best_model=None, greater_is_better=None)
+    unlimited = training_args(
+        tmp_path,
+        save_total_limit=None,
+        load_best_model_at_end=False,
+        metric_for_best_model=None,
+        greater_is_better=None,
+    )
     settings = Settings.resolve(unlimited)
     assert settings.max_checkpoints is None and settings.keep_best is False and settings.metric_for_best is None
     assert Settings.resolve(training_args(tmp_path, save_total_limit=0)).max_checkpoints is None
-    steps = training_args(tmp_path, eval_strategy="steps", save_strategy="steps", save_steps=7, eval_steps=7, metric_for_best_model="eval_f1", greater_is_better=None)
+    steps = training_args(
+        tmp_path,
+        eval_strategy="steps",
+        save_strategy="steps",
+        save_steps=7,
+        eval_steps=7,
+        metric_for_best_model="eval_f1",
+        greater_is_better=None,
+    )
     settings = Settings.resolve(steps)
-    assert (settings.save_strategy, settings.save_steps, settings.metric_for_best, settings.mode) == ("steps", 7, "eval_f1", "max")
+    assert (settings.save_strategy, settings.save_steps, settings.metric_for_best, settings.mode) == (
+        "steps",
+        7,
+        "eval_f1",
+        "max",
+    )
     assert eval_metric_name("loss") == "eval_loss" and eval_metric_name("eval_loss") == "eval_loss"
 
 
@@ -239,7 +278,7 @@ def test_save_strategy_best_is_refused_with_the_fix(tmp_path):
 def test_manager_is_exposed_once_attached_to_a_trainer(tmp_path):
     callback = CheckpointCallback()
     with pytest.raises(ConfigurationError, match="given to a Trainer"):
-        callback.manager
+        _ = callback.manager
     make_trainer(tmp_path / "out", callback=callback, save_total_limit=3)
     manager = callback.manager
     assert isinstance(manager, CheckpointManager)
@@ -267,7 +306,9 @@ def test_the_managers_checkpoints_replace_the_trainers_own(tmp_path, monkeypatch
     monkeypatch.setattr(Trainer, "_save_checkpoint", trainer_save)
     saves = []
     original_save = CheckpointManager.save
-    monkeypatch.setattr(CheckpointManager, "save", lambda self, *a, **k: saves.append(k["step"]) or original_save(self, *a, **k))
+    monkeypatch.setattr(
+        CheckpointManager, "save", lambda self, *a, **k: saves.append(k["step"]) or original_save(self, *a, **k)
+    )
     trainer, callback = make_trainer(tmp_path, save_total_limit=None)
     trainer.train()
 
@@ -278,12 +319,19 @@ def test_the_managers_checkpoints_replace_the_trainers_own(tmp_path, monkeypatch
     assert pickled_files(tmp_path) == []
     for info in callback.manager.checkpoints():
         assert sorted(path.name for path in info.path.iterdir()) == [
-            "metadata.json", "model.safetensors", "optimizer.safetensors", "state.json", "state.safetensors", "trainer_state.json",
+            "metadata.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+            "state.json",
+            "state.safetensors",
+            "trainer_state.json",
         ]
         assert set(info.metrics) >= {"eval_loss", "eval_runtime", "epoch"}
         assert info.metrics["epoch"] == info.epoch
     checkpoint = callback.manager.load(epoch=2)
-    assert checkpoint["metrics"]["eval_loss"] == next(e["eval_loss"] for e in trainer.state.log_history if e.get("step") == 10 and "eval_loss" in e)
+    assert checkpoint["metrics"]["eval_loss"] == next(
+        e["eval_loss"] for e in trainer.state.log_history if e.get("step") == 10 and "eval_loss" in e
+    )
     assert checkpoint["config"]["model"]["n_embd"] == 32 and checkpoint["config"]["model"]["model_type"] == "gpt2"
     assert checkpoint["config"]["training_args"]["output_dir"] == str(tmp_path)
     assert checkpoint["config"]["training_args"]["save_strategy"] == "epoch"
@@ -295,26 +343,43 @@ def test_the_managers_checkpoints_replace_the_trainers_own(tmp_path, monkeypatch
 
 def test_step_saves_without_evaluation_follow_save_steps(tmp_path):
     trainer, callback = make_trainer(
-        tmp_path, eval_strategy="no", save_strategy="steps", save_steps=3, logging_strategy="steps", logging_steps=3,
-        load_best_model_at_end=False, save_total_limit=None,
+        tmp_path,
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=3,
+        logging_strategy="steps",
+        logging_steps=3,
+        load_best_model_at_end=False,
+        save_total_limit=None,
     )
     trainer.train()
     assert [info.step for info in callback.manager.checkpoints()] == [3, 6, 9, 12, 15, 18, 20]
     assert all(info.metrics == {} for info in callback.manager.checkpoints())
     state = json.loads((callback.manager.find(1, 9).path / "trainer_state.json").read_text())
-    assert state["log_history"][-1]["step"] == 9 and "loss" in state["log_history"][-1], "the step's log is in its state"
+    assert state["log_history"][-1]["step"] == 9 and "loss" in state["log_history"][-1], (
+        "the step's log is in its state"
+    )
     assert pickled_files(tmp_path) == []
 
 
 def test_explicit_directory_and_schedule_work_when_the_trainer_saves_nothing(tmp_path):
     callback = CheckpointCallback(checkpoint_dir=tmp_path / "ckpts", max_checkpoints=1, save_strategy="epoch")
-    trainer, _ = make_trainer(tmp_path / "out", callback=callback, save_strategy="no", load_best_model_at_end=False, stop_at=10)
+    trainer, _ = make_trainer(
+        tmp_path / "out", callback=callback, save_strategy="no", load_best_model_at_end=False, stop_at=10
+    )
     trainer.train()
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_10"]
     assert get_last_checkpoint(str(tmp_path / "out")) == str(tmp_path / "out" / "checkpoint-10")
-    assert Path(get_last_checkpoint(str(tmp_path / "out"))).resolve() == (tmp_path / "ckpts" / "epoch_2_step_10").resolve()
-    resumed, _ = make_trainer(tmp_path / "out", callback=CheckpointCallback(checkpoint_dir=tmp_path / "ckpts", save_strategy="epoch"),
-                              save_strategy="no", load_best_model_at_end=False, seed=3)
+    assert (
+        Path(get_last_checkpoint(str(tmp_path / "out"))).resolve() == (tmp_path / "ckpts" / "epoch_2_step_10").resolve()
+    )
+    resumed, _ = make_trainer(
+        tmp_path / "out",
+        callback=CheckpointCallback(checkpoint_dir=tmp_path / "ckpts", save_strategy="epoch"),
+        save_strategy="no",
+        load_best_model_at_end=False,
+        seed=3,
+    )
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 20
 
@@ -322,17 +387,27 @@ def test_explicit_directory_and_schedule_work_when_the_trainer_saves_nothing(tmp
 # ---------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("schedule, stop_at, resume_from", [
-    ("epoch", 10, "latest"), ("epoch", 10, "path"), ("steps", 9, "latest"), ("plateau", 10, "latest"),
-])
-def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, uninterrupted, schedule, stop_at, resume_from):
+@pytest.mark.parametrize(
+    "schedule, stop_at, resume_from",
+    [
+        ("epoch", 10, "latest"),
+        ("epoch", 10, "path"),
+        ("steps", 9, "latest"),
+        ("plateau", 10, "latest"),
+    ],
+)
+def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
+    tmp_path, uninterrupted, schedule, stop_at, resume_from
+):
     expected, _ = uninterrupted(schedule)
     first, callback = make_trainer(tmp_path, stop_at=stop_at, **SCHEDULES[schedule])
     first.train()
     assert callback.manager.latest().step == stop_at
     del first
 
-    resumed, callback = make_trainer(tmp_path, seed=1, **SCHEDULES[schedule])  # other initial weights: all must come from the checkpoint
+    resumed, callback = make_trainer(
+        tmp_path, seed=1, **SCHEDULES[schedule]
+    )  # other initial weights: all must come from the checkpoint
     target = True if resume_from == "latest" else str(callback.manager.latest().path)
     resumed.train(resume_from_checkpoint=target)
 
@@ -372,7 +447,10 @@ def test_resuming_from_a_damaged_checkpoint_raises_instead_of_training_on(tmp_pa
 
 def test_load_best_model_at_end_leaves_the_managers_best_weights(tmp_path):
     trainer, callback = make_trainer(
-        tmp_path, metric_for_best_model="score", greater_is_better=True, compute_metrics=scripted_metric([0.2, 0.9, 0.5, 0.1]),
+        tmp_path,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        compute_metrics=scripted_metric([0.2, 0.9, 0.5, 0.1]),
     )
     trainer.train()
     best = callback.manager.best()
@@ -389,14 +467,24 @@ def test_load_best_model_at_end_leaves_the_managers_best_weights(tmp_path):
 def test_trap_save_total_limit_1_with_load_best_keeps_the_run_resumable(tmp_path):
     """The Trainer deletes its latest checkpoint here; the manager keeps the best and the latest."""
     trainer, callback = make_trainer(
-        tmp_path, save_total_limit=1, metric_for_best_model="score", greater_is_better=True,
+        tmp_path,
+        save_total_limit=1,
+        metric_for_best_model="score",
+        greater_is_better=True,
         compute_metrics=scripted_metric([0.2, 0.9, 0.5, 0.1]),
     )
     trainer.train()
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_10", "epoch_4_step_20"]
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-20")
-    resumed, _ = make_trainer(tmp_path, seed=1, save_total_limit=1, metric_for_best_model="score", greater_is_better=True,
-                              compute_metrics=scripted_metric([0.3]), num_train_epochs=5)
+    resumed, _ = make_trainer(
+        tmp_path,
+        seed=1,
+        save_total_limit=1,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        compute_metrics=scripted_metric([0.3]),
+        num_train_epochs=5,
+    )
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 25
 
@@ -406,10 +494,19 @@ def test_trap_the_trainers_rotation_never_deletes_the_managers_checkpoints(tmp_p
     trainer.train()
     before = [info.name for info in callback.manager.checkpoints()]
     rotate_checkpoints(str(tmp_path), save_total_limit=1, use_mtime=False)
-    rotate_checkpoints(str(tmp_path), save_total_limit=1, best_model_checkpoint=str(tmp_path / "checkpoint-20"), use_mtime=False)
-    assert [info.name for info in callback.manager.checkpoints()] == before == [
-        "epoch_1_step_5", "epoch_2_step_10", "epoch_3_step_15", "epoch_4_step_20",
-    ]
+    rotate_checkpoints(
+        str(tmp_path), save_total_limit=1, best_model_checkpoint=str(tmp_path / "checkpoint-20"), use_mtime=False
+    )
+    assert (
+        [info.name for info in callback.manager.checkpoints()]
+        == before
+        == [
+            "epoch_1_step_5",
+            "epoch_2_step_10",
+            "epoch_3_step_15",
+            "epoch_4_step_20",
+        ]
+    )
 
 
 def test_trap_moving_output_dir_keeps_resume_and_best_working(tmp_path, uninterrupted):
@@ -451,7 +548,9 @@ CRASHING_RUN = textwrap.dedent(
 def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninterrupted):
     expected, _ = uninterrupted("epoch")
     script = CRASHING_RUN.format(root=str(ROOT), tests=str(TESTS), output=str(tmp_path))
-    child = subprocess.run([sys.executable, "-c", script], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=300
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
     assert any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), "the save died half-way"
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
@@ -459,4 +558,6 @@ def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninter
     resumed, callback = make_trainer(tmp_path, seed=1)
     resumed.train(resume_from_checkpoint=True)
     assert_identical(final_state(resumed), expected)
-    assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), "the dead save's leftovers are cleaned up"
+    assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), (
+        "the dead save's leftovers are cleaned up"
+    )
