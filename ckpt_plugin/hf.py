@@ -105,12 +105,11 @@ class Settings:
         if max_checkpoints is FROM_ARGS:
             limit = args.save_total_limit
             max_checkpoints = limit if limit is not None and limit > 0 else None
-        if metric_for_best is None:
-            metric_for_best = args.metric_for_best_model
-            if mode is None and metric_for_best is not None and args.greater_is_better is not None:
-                mode = "max" if args.greater_is_better else "min"
-        if metric_for_best is not None:
-            metric_for_best = eval_metric_name(metric_for_best)
+        args_metric = None if args.metric_for_best_model is None else eval_metric_name(args.metric_for_best_model)
+        metric_for_best = args_metric if metric_for_best is None else eval_metric_name(metric_for_best)
+        same_metric = args_metric is not None and metric_for_best == args_metric
+        if mode is None and same_metric and args.greater_is_better is not None:
+            mode = "max" if args.greater_is_better else "min"
         if mode is None:
             mode = "min" if metric_for_best is None or metric_for_best.endswith("loss") else "max"
         load_best = args.load_best_model_at_end if load_best_model_at_end is None else load_best_model_at_end

@@ -259,6 +259,8 @@ def test_explicit_parameters_override_the_training_arguments(tmp_path):
     assert settings == Settings(tmp_path / "elsewhere", None, False, "eval_accuracy", "max", "steps", 4, False)
     assert Settings.resolve(training_args(tmp_path), metric_for_best="perplexity").mode == "max"
     assert Settings.resolve(training_args(tmp_path), metric_for_best="eval_loss").mode == "min"
+    odd = training_args(tmp_path, metric_for_best_model="accuracy", greater_is_better=False)
+    assert Settings.resolve(odd, metric_for_best="eval_accuracy").mode == "min", "the args' direction for their metric"
 
 
 @pytest.mark.parametrize(
