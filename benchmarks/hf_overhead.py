@@ -7,8 +7,9 @@ Both sides run the same ``TrainingArguments`` (save and evaluate every epoch, ``
 ``checkpoint-N`` directories (safetensors weights plus pickled optimizer, scheduler, RNG and args);
 the other side adds ``CheckpointCallback``, so the manager writes every checkpoint instead. After one
 warm-up run of each, the rounds alternate between the two; the script prints the median wall time of
-``trainer.train()`` for each, their ratio (callback / Trainer, target <= 1.0), the median time of a
-resume (``train(resume_from_checkpoint=True)`` from the last epoch's checkpoint, which trains no more
+``trainer.train()`` for each, their ratio (callback / Trainer, target <= 1.0), the same ratio in
+CPU time of the process (steadier than wall time on a shared machine), the median time of a resume
+(``train(resume_from_checkpoint=True)`` from the last epoch's checkpoint, which trains no more
 steps), the median time spent inside the saves themselves (``Trainer._save_checkpoint`` against
 ``CheckpointManager.save``), and the bytes left on disk. With ``load_best_model_at_end`` the manager
 keeps the ``save_total_limit`` most recent checkpoints plus the best, where the Trainer counts the
@@ -100,18 +101,21 @@ def checkpoint_count(root: Path) -> int:
     )
 
 
-def one_round(workdir: Path, options: argparse.Namespace, with_callback: bool) -> tuple[float, float, int, float, int]:
+def one_round(
+    workdir: Path, options: argparse.Namespace, with_callback: bool
+) -> tuple[float, float, int, float, int, float]:
     """Train from scratch, then resume from the end.
 
-    Returns (train seconds, resume seconds, bytes on disk, seconds inside saves, checkpoints kept).
+    Returns (train seconds, resume seconds, bytes on disk, seconds inside saves, checkpoints kept,
+    CPU seconds of the training process during train).
     """
     output_dir = workdir / ("callback" if with_callback else "trainer")
     shutil.rmtree(output_dir, ignore_errors=True)
     trainer = build(output_dir, options, with_callback)
     SAVE_SECONDS[0] = 0.0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
-    trained = time.perf_counter() - start
+    trained, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     saving = SAVE_SECONDS[0]
     size = disk_bytes(output_dir)
     kept = checkpoint_count(output_dir)
@@ -119,7 +123,7 @@ def one_round(workdir: Path, options: argparse.Namespace, with_callback: bool) -
     start = time.perf_counter()
     resumer.train(resume_from_checkpoint=True)
     resumed = time.perf_counter() - start
-    return trained, resumed, size, saving, kept
+    return trained, resumed, size, saving, kept, cpu
 
 
 def main() -> None:
@@ -149,7 +153,7 @@ def main() -> None:
     )
     one_round(workdir, options, False)  # warm-up
     one_round(workdir, options, True)
-    results: dict[bool, list[tuple[float, float, int, float, int]]] = {False: [], True: []}
+    results: dict[bool, list[tuple[float, float, int, float, int, float]]] = {False: [], True: []}
     for _ in range(options.rounds):
         for with_callback in (False, True):
             results[with_callback].append(one_round(workdir, options, with_callback))
@@ -166,6 +170,9 @@ def main() -> None:
             f"({size // max(kept, 1):,} per checkpoint)   [train rounds: {rounds}]"
         )
     print(f"wall-time ratio, train (callback / Trainer): {median(True, 0) / median(False, 0):.3f}   (target <= 1.0)")
+    print(
+        f"CPU-time ratio, train (callback / Trainer): {median(True, 5) / median(False, 5):.3f}   (steadier when busy)"
+    )
     print(f"time inside saves, ratio (manager / Trainer): {median(True, 3) / median(False, 3):.3f}")
     print(f"wall-time ratio, resume (callback / Trainer): {median(True, 1) / median(False, 1):.3f}")
     per_checkpoint = (median(True, 2) / max(median(True, 4), 1)) / (median(False, 2) / max(median(False, 4), 1))
