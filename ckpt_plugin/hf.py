@@ -40,7 +40,13 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.optimization import GreedyLR
+
+try:
+    from transformers.optimization import GreedyLR
+
+    METRIC_SCHEDULERS: tuple[type, ...] = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
+except ImportError:  # transformers releases before GreedyLR
+    METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
@@ -454,10 +460,7 @@ def run_config(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any
 
 def _replay_metric_scheduler(args: TrainingArguments, scheduler: Any, info: CheckpointInfo) -> None:
     """Redo the metric-driven scheduler step the Trainer took right after the checkpoint was saved."""
-    if (
-        not isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))
-        or args.metric_for_best_model is None
-    ):
+    if not isinstance(scheduler, METRIC_SCHEDULERS) or args.metric_for_best_model is None:
         return
     value = info.metrics.get(eval_metric_name(args.metric_for_best_model))
     if value is not None:
