@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +168,80 @@ def read_bytes_file(path: Path, record: FileRecord | None = None) -> bytes:
     return data
 
 
+def verify_file(path: Path, record: FileRecord, progress: Callable[[int], None] | None = None) -> None:
+    """Check ``path`` against its recorded size and checksum, streaming it in chunks.
+
+    ``progress`` is called with the byte count of every chunk read, for progress bars.
+    Raises :class:`CorruptCheckpointError` naming the file on any mismatch or when it is missing.
+    """
+    hasher = new_hasher()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            _check(path, record, os.fstat(handle.fileno()).st_size, None)
+            while chunk := handle.read(CHUNK_BYTES):
+                hasher.update(chunk)
+                size += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    _check(path, record, size, format_checksum(hasher))
+
+
+def link_or_copy(source: Path, target: Path, record: FileRecord, progress: Callable[[int], None] | None = None) -> None:
+    """Give ``target`` the content of ``source``, verified against ``record``.
+
+    A hard link is made where the file system allows one (committed checkpoint files are never
+    written in place, so sharing the inode is safe and deleting ``source`` later leaves ``target``
+    intact); otherwise the file is copied and fsynced. Either way the result is checked against
+    ``record``, and nothing is left at ``target`` when that fails.
+    """
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    except OSError:
+        _copy_file(source, target)
+    try:
+        verify_file(target, record, progress)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    try:
+        with open(source, "rb") as reader:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                while chunk := reader.read(CHUNK_BYTES):
+                    _write_all(fd, memoryview(chunk))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except FileNotFoundError:
+        target.unlink(missing_ok=True)
+        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise _storage_error(exc, "copy a file to", target) from exc
+
+
+def append_line(path: Path, data: bytes) -> None:
+    """Append one line to a log file (created if missing) in a single write, and fsync it."""
+    line = data.rstrip(b"\n") + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _write_all(fd, memoryview(line))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _storage_error(exc, "append to", path) from exc
+
+
 def open_tensor_file(path: Path, record: FileRecord | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
     """Map a safetensors file and return its tensors, viewing the file's pages without copying them.
 
@@ -303,9 +377,13 @@ class LocalStore:
         except FileNotFoundError:
             return
 
-    def recover(self) -> None:
+    def recover(self, only: str | None = None) -> None:
         """Finish what dead writers left: restore a checkpoint set aside by an interrupted
-        replacement, and remove stale staging and trash directories. Live writers are left alone."""
+        replacement, and remove stale staging and trash directories. Live writers are left alone.
+
+        With ``only``, just the leftovers of entry ``only`` are handled, for a root that also holds
+        files ckpt_plugin does not own.
+        """
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -313,6 +391,8 @@ class LocalStore:
         now = time.time()
         for entry in entries:
             name = entry.name
+            if only is not None and not name.endswith(f".{only}"):
+                continue
             if name.startswith(REPLACED_PREFIX):
                 original = self.root / name.split(".", 3)[3]
                 if not original.exists():
