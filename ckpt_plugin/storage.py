@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import xxhash
@@ -174,11 +175,17 @@ def verify_file(path: Path, record: FileRecord, progress: Callable[[int], None] 
     ``progress`` is called with the byte count of every chunk read, for progress bars.
     Raises :class:`CorruptCheckpointError` naming the file on any mismatch or when it is missing.
     """
+    _check(path, record, *_hash_file(path, record, progress))
+
+
+def _hash_file(path: Path, record: FileRecord, progress: Callable[[int], None] | None) -> tuple[int, str | None]:
+    """The size and checksum of ``path``; the checksum is None when the size already disagrees."""
     hasher = new_hasher()
     size = 0
     try:
         with open(path, "rb") as handle:
-            _check(path, record, os.fstat(handle.fileno()).st_size, None)
+            if os.fstat(handle.fileno()).st_size != record.size:
+                return os.fstat(handle.fileno()).st_size, None
             while chunk := handle.read(CHUNK_BYTES):
                 hasher.update(chunk)
                 size += len(chunk)
@@ -186,25 +193,35 @@ def verify_file(path: Path, record: FileRecord, progress: Callable[[int], None] 
                     progress(len(chunk))
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    _check(path, record, size, format_checksum(hasher))
+    return size, format_checksum(hasher)
 
 
-def link_or_copy(source: Path, target: Path, record: FileRecord, progress: Callable[[int], None] | None = None) -> None:
+def link_or_copy(
+    source: Path,
+    target: Path,
+    record: FileRecord,
+    progress: Callable[[int], None] | None = None,
+    *,
+    link: bool = True,
+) -> None:
     """Give ``target`` the content of ``source``, verified against ``record``.
 
-    A hard link is made where the file system allows one (committed checkpoint files are never
-    written in place, so sharing the inode is safe and deleting ``source`` later leaves ``target``
-    intact); otherwise the file is copied and fsynced. Either way the result is checked against
-    ``record``, and nothing is left at ``target`` when that fails.
+    With ``link``, a hard link is made where the file system allows one (committed checkpoint
+    files are never written in place, so sharing the inode is safe and deleting ``source`` later
+    leaves ``target`` intact); otherwise, or without ``link``, the file is copied and fsynced.
+    Either way the result is checked against ``record``, and nothing is left at ``target`` when
+    that fails.
     """
     try:
+        if not link:
+            raise OSError(errno.EPERM, "copy requested")
         os.link(source, target)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
     except OSError:
         _copy_file(source, target)
     try:
-        verify_file(target, record, progress)
+        _check(source, record, *_hash_file(target, record, progress))
     except BaseException:
         target.unlink(missing_ok=True)
         raise
@@ -240,6 +257,35 @@ def append_line(path: Path, data: bytes) -> None:
             os.close(fd)
     except OSError as exc:
         raise _storage_error(exc, "append to", path) from exc
+
+
+def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Create the file ``path`` atomically from what ``write`` writes to a hidden temporary file.
+
+    The temporary file is fsynced and then linked into place, so ``path`` appears whole or not at
+    all, and an existing file at ``path`` is never replaced (:class:`StorageError` instead).
+    """
+    temporary = path.parent / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
+    try:
+        with open(temporary, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+            os.rename(temporary, path)
+        fsync_dir(path.parent)
+    except FileExistsError as exc:
+        raise StorageError(errno.EEXIST, f"{path} already exists and is never overwritten; remove it or choose another path") from exc
+    except OSError as exc:
+        raise _storage_error(exc, "write", path) from exc
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def open_tensor_file(path: Path, record: FileRecord | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
