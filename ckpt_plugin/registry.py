@@ -442,7 +442,7 @@ class ArtifactRegistry:
         if (self.validated_dir / _directory_name(version)).exists():
             raise PromotionError(
                 f"version {version} is already validated in {self.validated_dir} and validated versions are "
-                "immutable; choose a new version or pass bump="
+                "immutable; choose a new version, or bump the highest one"
             )
 
     def _validation_document(self, version: Version) -> dict[str, Any]:
