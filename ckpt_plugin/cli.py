@@ -21,6 +21,7 @@ import json
 import math
 import operator
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -188,7 +189,9 @@ def _read(info: CheckpointInfo, items: tuple[str, ...] | None) -> dict[str, Any]
 
 def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
     """The checkpoints of the directory, and a problem for each one named like a checkpoint that cannot be read."""
-    infos = registry.manager.checkpoints()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # each unreadable one is reported as a problem below
+        infos = registry.manager.checkpoints()
     listed = {info.name for info in infos}
     unreadable = []
     for entry in LocalStore(registry.checkpoint_dir).visible():
