@@ -22,8 +22,7 @@ import math
 import operator
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Optional
 
@@ -139,27 +138,40 @@ def _age(timestamp: str | None) -> str:
     return f"{max(seconds, 0):.0f}s ago"
 
 
-@contextmanager
-def _progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr for reads of at least ``PROGRESS_MIN_BYTES``; yields its advance callback."""
-    if total < PROGRESS_MIN_BYTES:
-        yield None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda nbytes: progress.advance(task, nbytes)
+class Bars:
+    """Progress bars on stderr for reads of at least ``PROGRESS_MIN_BYTES``; use it as a context
+    manager and pass it wherever a :data:`~ckpt_plugin.registry.ProgressFactory` is taken."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+
+    def __call__(self, label: str, total: int) -> Callable[[int], None] | None:
+        if total < PROGRESS_MIN_BYTES:
+            return None
+        if self._progress is None:
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            self._progress = Progress(*columns, console=err, transient=True)
+            self._progress.start()
+        progress, task = self._progress, self._progress.add_task(label, total=total)
+        return lambda nbytes: progress.advance(task, nbytes)
+
+    def __enter__(self) -> Bars:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
-def _verify_all(files: list[tuple[Path, FileRecord]], label: str) -> list[dict[str, str]]:
+def _verify_all(files: list[tuple[Path, FileRecord]], label: str, bars: Bars) -> list[dict[str, str]]:
     """Check every file against its record; return one problem per damaged or missing file."""
     problems = []
-    with _progress(sum(record.size for _, record in files), label) as advance:
-        for path, record in files:
-            try:
-                verify_file(path, record, advance)
-            except CorruptCheckpointError as exc:
-                problems.append({"path": str(path), "error": str(exc)})
+    advance = bars(label, sum(record.size for _, record in files))
+    for path, record in files:
+        try:
+            verify_file(path, record, advance)
+        except CorruptCheckpointError as exc:
+            problems.append({"path": str(path), "error": str(exc)})
     return problems
 
 
@@ -178,10 +190,10 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
     return registry.checkpoint_info(version), str(version)
 
 
-def _read(info: CheckpointInfo, items: tuple[str, ...] | None) -> dict[str, Any]:
+def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
     """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
     needed = {MODEL_FILE, STATE_FILE} if items == ("model",) else set(info.files)
-    problems = _verify_all([(info.path / name, info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}")
+    problems = _verify_all([(info.path / name, info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars)
     if problems:
         raise CorruptCheckpointError(problems[0]["error"])
     return read_checkpoint(info, verify=False, items=items)
@@ -302,7 +314,12 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
     files = [(info.path / name, record) for info in infos for name, record in info.files.items()]
     for version in registry.versions():
         folder = registry.version_dir(version)
-        files += [(folder / name, FileRecord.from_json(record)) for name, record in registry.validation(version)["files"].items()]
+        try:
+            records = registry.validation(version)["files"]
+        except CorruptCheckpointError as exc:
+            problems.append({"path": str(folder), "error": str(exc)})
+            continue
+        files += [(folder / name, FileRecord.from_json(record)) for name, record in records.items()]
     try:
         production = registry.production()
     except CorruptCheckpointError as exc:
@@ -310,7 +327,8 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
     if production is not None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
         files.append((registry.production_dir / PRODUCTION_MODEL_FILE, record))
-    problems += _verify_all(files, "verifying")
+    with Bars() as bars:
+        problems += _verify_all(files, "verifying", bars)
     report = {"ok": not problems, "files": len(files), "bytes": sum(record.size for _, record in files), "problems": problems}
     if as_json:
         _print_json(report)
@@ -335,8 +353,9 @@ def diff(
     """Compare two checkpoints: their metrics, which model tensors changed, and by how much."""
     registry = _registry(_existing(directory))
     (info_a, _), (info_b, _) = _target(registry, a), _target(registry, b)
-    model_a = _read(info_a, ("model",))["model"]
-    model_b = _read(info_b, ("model",))["model"]
+    with Bars() as bars:
+        model_a = _read(info_a, ("model",), bars)["model"]
+        model_b = _read(info_b, ("model",), bars)["model"]
     tensors = compare_tensors(model_a, model_b)
     metrics = {
         name: {"a": info_a.metrics.get(name), "b": info_b.metrics.get(name)}
@@ -425,7 +444,8 @@ def validate(
         _version(version)
     checks = dict(metric_check(expression) for expression in require or [])
     which: int | str = int(epoch) if epoch.isdigit() else epoch
-    record = registry.validate(which, version, bump=bump, checks=checks, metric=metric, mode=mode)
+    with Bars() as bars:
+        record = registry.validate(which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars)
     if as_json:
         _print_json(record)
         return
@@ -477,7 +497,8 @@ def promote(
 ) -> None:
     """Make a validated version the production model, atomically."""
     registry = _registry(directory, validated_dir, production_dir)
-    record = registry.promote(_version(version))
+    with Bars() as bars:
+        record = registry.promote(_version(version), progress=bars)
     if as_json:
         _print_json(record)
     else:
@@ -494,7 +515,8 @@ def rollback(
 ) -> None:
     """Put the previously promoted version back into production."""
     registry = _registry(directory, validated_dir, production_dir)
-    record = registry.rollback()
+    with Bars() as bars:
+        record = registry.rollback(progress=bars)
     if as_json:
         _print_json(record)
     else:
@@ -567,7 +589,8 @@ def export(
     target = output or Path(f"{stem}-hf" if to is ExportFormat.hf else f"{stem}.pt")
     if target.exists():
         raise ConfigurationError(f"{target} already exists; choose another --output or remove it")
-    notes = export_hf(info, target, config) if to is ExportFormat.hf else export_pt(info, target, weights_only)
+    with Bars() as bars:
+        notes = export_hf(info, target, config, bars) if to is ExportFormat.hf else export_pt(info, target, weights_only, bars)
     if as_json:
         _print_json({"source": info.name, "format": to.value, "output": str(target), "notes": notes})
         return
@@ -576,7 +599,7 @@ def export(
         err.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
 
 
-def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None) -> list[str]:
+def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:
     """Write ``target/`` with ``model.safetensors`` and ``config.json``, as ``save_pretrained`` lays it out."""
     notes = []
     if config_file is not None:
@@ -594,8 +617,8 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None) -> l
     store.ensure_writable()
     staging = store.staging_dir(target.name)
     try:
-        with _progress(info.files[MODEL_FILE].size, f"exporting {info.name}") as advance:
-            link_or_copy(info.path / MODEL_FILE, staging / "model.safetensors", info.files[MODEL_FILE], advance, link=False)
+        advance = bars(f"exporting {info.name}", info.files[MODEL_FILE].size)
+        link_or_copy(info.path / MODEL_FILE, staging / "model.safetensors", info.files[MODEL_FILE], advance, link=False)
         write_bytes_file(staging / "config.json", config_bytes)
         store.commit(staging, target.name)
     except BaseException:
@@ -604,10 +627,10 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None) -> l
     return notes
 
 
-def export_pt(info: CheckpointInfo, target: Path, weights_only: bool) -> list[str]:
+def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars) -> list[str]:
     """Write a torch ``.pt`` file for tools that only read those: the model state dict, or the
     checkpoint dict (model, optimizer, scheduler, epoch, step, metrics, config, extra)."""
-    checkpoint = _read(info, ("model",) if weights_only else None)
+    checkpoint = _read(info, ("model",) if weights_only else None, bars)
     if weights_only:
         payload: Any = checkpoint["model"]
     else:
@@ -619,7 +642,7 @@ def export_pt(info: CheckpointInfo, target: Path, weights_only: bool) -> list[st
 
     target.parent.mkdir(parents=True, exist_ok=True)
     publish_file(target, write)
-    return ["a .pt file is a pickle: only load it with torch.load(..., weights_only=True)"]
+    return ["a .pt file is a pickle: load it only with weights_only=True, and only from sources you trust"]
 
 
 def main() -> None:

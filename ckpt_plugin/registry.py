@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import filelock
 import torch
@@ -49,6 +49,7 @@ from .storage import (
     link_or_copy,
     open_tensor_file,
     read_bytes_file,
+    verify_file,
     write_bytes_file,
 )
 
@@ -64,6 +65,8 @@ BUMPS = ("major", "minor", "patch")
 _LOAD_ATTEMPTS = 5
 
 Check = Callable[[dict[str, Any]], Any]
+ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]
+"""Called with a label and a byte count before a long read; returns a callback taking each chunk's size, or None."""
 
 
 def parse_version(version: str | Version) -> Version:
@@ -228,6 +231,7 @@ class ArtifactRegistry:
         checks: Sequence[Check] | Mapping[str, Check] = (),
         metric: str | None = None,
         mode: str | None = None,
+        progress: ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Run ``checks`` on a raw checkpoint and, if all pass, store it as an immutable version.
 
@@ -236,6 +240,7 @@ class ArtifactRegistry:
         checkpoint dict (or a mapping of name to callable); a false result or an exception fails
         the gate, which raises :class:`PromotionError` and writes nothing. Returns the validation
         record: version, source checkpoint and its checksum, metrics, and each check's result.
+        ``progress`` reports the bytes read, for progress bars.
         """
         if (version is None) == (bump is None):
             raise ConfigurationError("pass exactly one of version= (such as '1.0.0') or bump= ('major', 'minor' or 'patch')")
@@ -249,7 +254,10 @@ class ArtifactRegistry:
         source = self.resolve(epoch, metric, mode)
         metadata_bytes = read_bytes_file(source.path / METADATA_FILE)
         info = parse_metadata(source.path, codec.loads(metadata_bytes))
-        results = run_checks(named, read_checkpoint(info))
+        advance = progress(f"validating {info.name}", 2 * info.size) if progress is not None else None
+        for filename, file in info.files.items():
+            verify_file(info.path / filename, file, advance)
+        results = run_checks(named, read_checkpoint(info, verify=False))
         failed = [result for result in results if not result["passed"]]
         if failed:
             reasons = "; ".join(f"{r['name']}" + (f" ({r['detail']})" if r["detail"] else "") for r in failed)
@@ -279,7 +287,7 @@ class ArtifactRegistry:
             staging = self._validated.staging_dir(name)
             try:
                 for filename, file in info.files.items():
-                    link_or_copy(info.path / filename, staging / filename, file)
+                    link_or_copy(info.path / filename, staging / filename, file, advance)
                 write_bytes_file(staging / METADATA_FILE, metadata_bytes)
                 write_bytes_file(staging / VALIDATION_FILE, codec.dumps(record))
                 self._validated.commit(staging, name)
@@ -321,10 +329,11 @@ class ArtifactRegistry:
 
     # ------------------------------------------------------------------ production
 
-    def promote(self, version: str | Version) -> dict[str, Any]:
+    def promote(self, version: str | Version, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
         """Make validated ``version`` what :meth:`load_production` returns, atomically.
 
         Promoting the version already in production changes nothing. Returns :meth:`production`.
+        ``progress`` reports the bytes read, for progress bars.
         """
         parsed = parse_version(version)
         with self._locked():
@@ -332,11 +341,11 @@ class ArtifactRegistry:
             if current is not None and current["version"] == str(parsed):
                 return _public(current)
             stack = [*current["previous_versions"], current["version"]] if current is not None else []
-            document = self._switch(parsed, stack)
+            document = self._switch(parsed, stack, progress)
             self._log("promote", parsed, source=document["source"], previous=current["version"] if current else None)
         return _public(document)
 
-    def rollback(self) -> dict[str, Any]:
+    def rollback(self, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
         """Put the previously promoted version back into production; returns :meth:`production`."""
         with self._locked():
             current = self._production_document()
@@ -348,7 +357,7 @@ class ArtifactRegistry:
                     "there is nothing to roll back to"
                 )
             *stack, target = current["previous_versions"]
-            document = self._switch(parse_version(target), stack)
+            document = self._switch(parse_version(target), stack, progress)
             self._log("rollback", target, source=document["source"], previous=current["version"])
         return _public(document)
 
@@ -476,7 +485,7 @@ class ArtifactRegistry:
         data = self._production_bytes()
         return None if data is None else codec.loads(data)
 
-    def _switch(self, version: Version, previous_versions: list[str]) -> dict[str, Any]:
+    def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
         """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""
         validation = self._validation_document(version)
         directory = self.validated_dir / _directory_name(version)
@@ -506,7 +515,8 @@ class ArtifactRegistry:
         self._production_parent.ensure_writable()
         staging = self._production_parent.staging_dir(self.production_dir.name)
         try:
-            link_or_copy(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE])
+            advance = progress(f"promoting {version}", files[MODEL_FILE].size) if progress is not None else None
+            link_or_copy(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE], advance)
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
             self._production_parent.commit(staging, self.production_dir.name)
         except BaseException:
@@ -546,4 +556,4 @@ def _public(document: Mapping[str, Any]) -> dict[str, Any]:
     return _decoded({key: value for key, value in document.items() if key != "model"})
 
 
-__all__ = ["ArtifactRegistry", "next_version", "parse_version", "run_checks"]
+__all__ = ["ArtifactRegistry", "ProgressFactory", "next_version", "parse_version", "run_checks"]

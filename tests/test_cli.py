@@ -185,6 +185,10 @@ def test_progress_bar_only_for_big_reads(run: Path, monkeypatch) -> None:
     monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 1)
     assert ckpt_json("verify", run)["ok"] is True
     assert callbacks and all(callable(callback) for callback in callbacks)
+    with cli.Bars() as bars:
+        advance = bars("reading", 1000)
+        advance(400)
+        assert bars._progress.tasks[0].completed == 400 and bars._progress.tasks[0].total == 1000
 
 
 # ---------------------------------------------------------------------- diff

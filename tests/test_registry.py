@@ -540,3 +540,19 @@ def _in_another_thread(function):
     thread.join()
     if failure:
         raise failure[0]
+
+
+def test_progress_reports_every_byte_read(run: Path) -> None:
+    reads: dict[str, list[int]] = {}
+
+    def progress(label: str, total: int):
+        reads[label] = [total]
+        return reads[label].append
+
+    registry = registry_of(run)
+    size = CheckpointManager(run).find(1).size
+    registry.validate(1, "1.0.0", progress=progress)
+    registry.promote("1.0.0", progress=progress)
+    model_size = registry.validation("1.0.0")["files"]["model.safetensors"]["size"]
+    assert reads["validating epoch_1"][0] == 2 * size == sum(reads["validating epoch_1"][1:])
+    assert reads["promoting 1.0.0"][0] == model_size == sum(reads["promoting 1.0.0"][1:])
