@@ -96,7 +96,13 @@ def _handled(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _registry(directory: Path, validated_dir: Path | None = None, production_dir: Path | None = None) -> ArtifactRegistry:
-    return ArtifactRegistry(directory, validated_dir, production_dir)
+    registry = ArtifactRegistry(directory, validated_dir, production_dir)
+    if not directory.is_dir() and not registry.validated_dir.is_dir():
+        raise CheckpointNotFoundError(
+            f"{directory} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
+            "directory (what CheckpointManager saved into), or --validated-dir"
+        )
+    return registry
 
 
 def _existing(directory: Path) -> Path:

@@ -85,7 +85,8 @@ def test_list_of_an_empty_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["list"], ["show", "?", "1"], ["verify"], ["diff", "?", "0", "1"], ["validate", "?", "1", "--version", "1.0.0"],
-                                     ["export", "?", "1", "--to", "pt"]])
+                                     ["export", "?", "1", "--to", "pt"], ["promote", "?", "1.0.0"], ["rollback"], ["versions"],
+                                     ["history"]])
 def test_a_missing_directory_exits_2_and_says_so(tmp_path: Path, command: list[str]) -> None:
     missing = tmp_path / "nowhere"
     args = [missing if part == "?" else part for part in command]
