@@ -30,6 +30,7 @@ try:
     import typer
     from rich.console import Console
     from rich.filesize import decimal as format_size
+    from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.table import Table
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -89,7 +90,7 @@ def _handled(command: Callable[..., None]) -> Callable[..., None]:
             bad_input = isinstance(exc, (CheckpointNotFoundError, ConfigurationError))
             if kwargs.get("as_json"):
                 _print_json({"error": str(exc), "type": type(exc).__name__})
-            err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED) from None
 
     return run
@@ -255,9 +256,9 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False) -> None:
         _print_json(summary)
         return
     if not rows:
-        out.print(f"no checkpoints in {directory}")
+        out.print(f"no checkpoints in {escape(str(directory))}")
     else:
-        table = Table("", "epoch", "step", "metrics", "size", "age", title=str(directory))
+        table = Table("", "epoch", "step", "metrics", "size", "age", title=escape(str(directory)))
         for info, row in zip(infos, rows):
             marks = " ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on)
             table.add_row(marks, str(info.epoch), "" if info.step is None else str(info.step),
@@ -304,7 +305,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
             value = json.dumps(_plain(value), indent=1)
         elif key == "metrics":
             value = _format_metrics(value)
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     out.print(table)
 
 
@@ -340,7 +341,7 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
         _print_json(report)
     else:
         for problem in problems:
-            err.print(f"[red]corrupt:[/red] {problem['error']}", soft_wrap=True)
+            err.print(f"[red]corrupt:[/red] {escape(problem['error'])}", soft_wrap=True)
         status = "[green]ok[/green]" if not problems else f"[red]{len(problems)} problem(s)[/red]"
         out.print(f"{status}: checked {len(files)} files, {format_size(report['bytes'])}")
     if problems:
@@ -458,7 +459,7 @@ def validate(
     source = record["source"]
     out.print(f"validated {source['name']} as version {record['version']} ({_format_metrics(record['metrics'])})")
     for check in record["checks"]:
-        out.print(f"  [green]passed[/green] {check['name']}")
+        out.print(f"  [green]passed[/green] {escape(check['name'])}")
 
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
@@ -508,7 +509,7 @@ def promote(
     if as_json:
         _print_json(record)
     else:
-        out.print(f"production is now version {record['version']} ({record['source']['name']}) in {registry.production_dir}")
+        out.print(f"production is now version {record['version']} ({record['source']['name']}) in {escape(str(registry.production_dir))}")
 
 
 @app.command()
@@ -600,9 +601,9 @@ def export(
     if as_json:
         _print_json({"source": info.name, "format": to.value, "output": str(target), "notes": notes})
         return
-    out.print(f"exported {info.name} to {target}")
+    out.print(f"exported {info.name} to {escape(str(target))}")
     for note in notes:
-        err.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:

@@ -379,3 +379,9 @@ def test_module_entry_point_exit_statuses(run: Path) -> None:
     flip_byte(run / "epoch_3_step_30" / "model.safetensors")
     done = subprocess.run([*command, "verify", str(run)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and "epoch_3_step_30/model.safetensors" in done.stderr
+
+
+def test_messages_with_brackets_are_printed_verbatim(tmp_path: Path) -> None:
+    missing = tmp_path / "[bold]runs[/bold]"
+    code, _, stderr = ckpt("list", missing)
+    assert code == 2 and "[bold]runs[/bold]" in stderr
