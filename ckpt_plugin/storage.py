@@ -246,11 +246,18 @@ def _copy_file(source: Path, target: Path) -> None:
 
 
 def append_line(path: Path, data: bytes) -> None:
-    """Append one line to a log file (created if missing) in a single write, and fsync it."""
+    """Append one line to a log file (created if missing) in a single write, and fsync it.
+
+    A last line left unterminated by a writer that died is terminated first, so it never runs
+    into the new one. Callers that append concurrently must hold a lock.
+    """
     line = data.rstrip(b"\n") + b"\n"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
             _write_all(fd, memoryview(line))
             os.fsync(fd)
         finally:
