@@ -338,7 +338,11 @@ class ArtifactRegistry:
         """
         parsed = parse_version(version)
         with self._locked():
-            current = self._production_document()
+            try:
+                current = self._production_document()
+            except CorruptCheckpointError as exc:
+                warnings.warn(f"replacing a damaged production model: {exc}", UserWarning, stacklevel=2)
+                current = None
             if current is not None and current["version"] == str(parsed):
                 return _public(current)
             stack = [*current["previous_versions"], current["version"]] if current is not None else []
@@ -379,7 +383,7 @@ class ArtifactRegistry:
             before = self._production_bytes()
             if before is None:
                 return None
-            document = codec.loads(before)
+            document = self._production_document(before)
             record = FileRecord.from_json(document["files"][PRODUCTION_MODEL_FILE])
             try:
                 tensors = open_tensor_file(self.production_dir / PRODUCTION_MODEL_FILE, record, verify=verify)
@@ -479,9 +483,16 @@ class ArtifactRegistry:
                 raise
             return None
 
-    def _production_document(self) -> dict[str, Any] | None:
-        data = self._production_bytes()
-        return None if data is None else codec.loads(data)
+    def _production_document(self, data: bytes | None = None) -> dict[str, Any] | None:
+        data = self._production_bytes() if data is None else data
+        if data is None:
+            return None
+        try:
+            return codec.loads(data)
+        except ValueError:
+            raise CorruptCheckpointError(
+                f"{self.production_dir / PRODUCTION_RECORD_FILE} is not valid JSON; promote a version again to replace it"
+            ) from None
 
     def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
         """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""

@@ -560,3 +560,19 @@ def test_progress_reports_every_byte_read(run: Path) -> None:
     model_size = registry.validation("1.0.0")["files"]["model.safetensors"]["size"]
     assert reads["validating epoch_1"][0] == 2 * size == sum(reads["validating epoch_1"][1:])
     assert reads["promoting 1.0.0"][0] == model_size == sum(reads["promoting 1.0.0"][1:])
+
+
+def test_a_damaged_model_card_is_reported_and_replaced_by_the_next_promotion(run: Path) -> None:
+    registry = registry_of(run)
+    registry.validate(0, "1.0.0")
+    registry.validate(1, "1.1.0")
+    registry.promote("1.0.0")
+    (run.parent / "production" / "model.json").write_text('{"version": "1.0')
+    with pytest.raises(CorruptCheckpointError, match="model.json is not valid JSON"):
+        registry.production()
+    with pytest.raises(CorruptCheckpointError, match="model.json is not valid JSON"):
+        registry.rollback()
+    with pytest.warns(UserWarning, match="replacing a damaged production model"):
+        registry.promote("1.1.0")
+    assert registry.load_production()["version"] == "1.1.0"
+    assert registry.history()[-1]["previous"] is None
