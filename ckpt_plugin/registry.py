@@ -63,7 +63,7 @@ VALIDATED_FORMAT = "ckpt_plugin.validated"
 PRODUCTION_FORMAT = "ckpt_plugin.production"
 FORMAT_VERSION = 1
 BUMPS = ("major", "minor", "patch")
-_LOAD_ATTEMPTS = 5
+_LOAD_ATTEMPTS = 20
 
 Check = Callable[[dict[str, Any]], Any]
 ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]

@@ -445,11 +445,12 @@ def test_history_survives_a_torn_line(run: Path) -> None:
 
 PROMOTER = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     from ckpt_plugin import ArtifactRegistry
     root, go, versions = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     registry = ArtifactRegistry(root / "checkpoints")
+    (root / f"ready-{os.getpid()}").touch()
     while not go.exists():
         time.sleep(0.001)
     for version in versions:
@@ -464,6 +465,8 @@ READER = textwrap.dedent(
     from ckpt_plugin import ArtifactRegistry
     root, go, done = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     registry = ArtifactRegistry(root / "checkpoints")
+    registry.load_production()
+    (root / "ready-reader").touch()
     while not go.exists():
         time.sleep(0.001)
     loads = 0
@@ -494,8 +497,10 @@ def test_two_processes_promoting_at_once_leave_production_whole(run: Path) -> No
         _python(PROMOTER, run.parent, go, *(["1.3.0", "1.0.0"] * 4)),
     ]
     reader = _python(READER, run.parent, go, done)
-    time.sleep(0.5)
-    go.touch()
+    deadline = time.monotonic() + 120
+    while len(list(run.parent.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # all three are loaded and waiting: the promotions overlap
     for process in promoters:
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr
@@ -515,7 +520,7 @@ def test_two_processes_promoting_at_once_leave_production_whole(run: Path) -> No
     assert [event["previous"] for event in promotions[1:]] == chain[:-1]
     assert registry.production()["previous_versions"][-1] == chain[-2]
     assert sorted(os.listdir(run.parent / "production")) == ["model.json", "model.safetensors"]
-    assert not [name for name in os.listdir(run.parent) if name.startswith(".")]
+    assert not [name for name in os.listdir(run.parent) if name.startswith(".")]  # no staging left behind
 
 
 def test_a_held_lock_times_out_with_a_clear_error(run: Path) -> None:
