@@ -184,8 +184,9 @@ def _hash_file(path: Path, record: FileRecord, progress: Callable[[int], None] |
     size = 0
     try:
         with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size != record.size:
-                return os.fstat(handle.fileno()).st_size, None
+            on_disk = os.fstat(handle.fileno()).st_size
+            if on_disk != record.size:
+                return on_disk, None
             while chunk := handle.read(CHUNK_BYTES):
                 hasher.update(chunk)
                 size += len(chunk)
