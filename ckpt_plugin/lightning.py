@@ -34,11 +34,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
@@ -111,7 +112,8 @@ class SaveRequest:
     metrics: dict[str, Any]
     config: Any
     error: BaseException | None = None
-    outcome: dict[str, Any] | None = field(default=None)
+    info: CheckpointInfo | None = None
+    outcome: dict[str, Any] | None = None
 
 
 class ManagerCheckpointIO(CheckpointIO):
@@ -144,7 +146,8 @@ class ManagerCheckpointIO(CheckpointIO):
                 config=request.config,
                 **split_checkpoint(checkpoint),
             )
-            request.outcome = {"saved": info.name, **_listing(self.manager)}
+            request.info = info
+            request.outcome = {"saved": info.name, "checkpoints": [entry.name for entry in self.manager.checkpoints()]}
         except Exception as exc:  # raised on every rank by the callback once all ranks are past the barrier
             request.error = exc
 
@@ -153,7 +156,7 @@ class ManagerCheckpointIO(CheckpointIO):
         info = checkpoint_info(path)
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        device = map_location if isinstance(map_location, (str, type(None))) or hasattr(map_location, "type") else None
+        device = map_location if isinstance(map_location, (str, torch.device)) else None  # callables: stay on CPU
         return join_checkpoint(read_checkpoint(info, map_location=device))
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -332,7 +335,7 @@ class CheckpointCallback(OnExceptionCheckpoint):
                 raise request.error
             raise _error_type(outcome["error_type"])(f"global rank 0 could not save the checkpoint: {outcome['error']}")
         self.checkpoint_names = list(outcome["checkpoints"])
-        return self.manager.find(request.epoch, request.step) if trainer.is_global_zero else None
+        return request.info
 
     def _check_best_metric(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
         metric = self.manager.metric_for_best
@@ -352,10 +355,6 @@ def _config_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, 
     if datamodule is not None and datamodule.hparams:
         config["datamodule"] = dict(datamodule.hparams)
     return config
-
-
-def _listing(manager: CheckpointManager) -> dict[str, Any]:
-    return {"checkpoints": [info.name for info in manager.checkpoints()]}
 
 
 def _outcome_message(request: SaveRequest) -> str:

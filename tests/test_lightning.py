@@ -235,6 +235,17 @@ def test_hyperparameters_json_cannot_hold_are_named(tmp_path: Path) -> None:
         make_trainer(tmp_path, 1, [callback]).fit(WithObject(helper=Opaque()), RegressionData())
 
 
+def test_callback_state_json_cannot_hold_is_named(tmp_path: Path) -> None:
+    class HoldsObject(pl.Callback):
+        def state_dict(self) -> dict:  # type: ignore[type-arg]
+            return {"handle": Opaque()}
+
+    callback = CheckpointCallback(tmp_path / "ckpt")
+    with pytest.raises(EncodingError, match=r"extra\['lightning'\]\['callbacks'\]\['[^']*HoldsObject'\]\['handle'\]"):
+        make_trainer(tmp_path, 1, [callback, HoldsObject()]).fit(fresh_model(0), RegressionData())
+    assert callback.manager.checkpoints() == []
+
+
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path: Path) -> None:
     """Rank zero alone writes, both ranks list the same checkpoints, resume works and errors never hang."""
