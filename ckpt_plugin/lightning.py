@@ -42,6 +42,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.strategies import Strategy
 
 from . import codec, errors
 from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
@@ -257,6 +258,12 @@ class CheckpointCallback(OnExceptionCheckpoint):
         """Install :class:`ManagerCheckpointIO` on the strategy and check that the config can be stored."""
         self._stage = stage
         strategy = trainer.strategy
+        if type(strategy).save_checkpoint is not Strategy.save_checkpoint:
+            raise ConfigurationError(
+                f"the {type(strategy).__name__} strategy writes checkpoints itself instead of through its "
+                "CheckpointIO plugin, so CheckpointCallback cannot save through the manager; use a strategy "
+                "such as 'auto', 'ddp' or 'ddp_spawn'"
+            )
         current = strategy.checkpoint_io
         if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
             strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
@@ -324,9 +331,8 @@ class CheckpointCallback(OnExceptionCheckpoint):
         trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=False, storage_options=request)
         if trainer.is_global_zero and request.error is None and request.outcome is None:
             request.error = CheckpointError(
-                f"the {type(trainer.strategy).__name__} strategy saves checkpoints without its CheckpointIO "
-                "plugin, so CheckpointCallback cannot save through the manager; use a strategy such as "
-                "'ddp' or 'auto'"
+                f"the {type(trainer.strategy).__name__} strategy did not pass the checkpoint to its CheckpointIO "
+                "plugin, so nothing was saved"
             )
         outcome = json.loads(trainer.strategy.broadcast(_outcome_message(request), src=0))
         self._validated_since_save = False
