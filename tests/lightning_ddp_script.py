@@ -37,6 +37,7 @@ class Regressor(pl.LightningModule):
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         self.first_step: int | None = None
+        self.backend: str | None = None
 
     def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         inputs, targets = batch
@@ -48,6 +49,7 @@ class Regressor(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.first_step = self.trainer.global_step
+        self.backend = torch.distributed.get_backend()
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -91,6 +93,7 @@ def main(phase: str, checkpoint_dir: str, report_dir: str) -> None:
             broadcast_names=callback.checkpoint_names,
             listed_names=[info.name for info in manager.checkpoints()],
             first_step=model.first_step,
+            backend=model.backend,
             global_step=trainer.global_step,
         )
         Path(report_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

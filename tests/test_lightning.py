@@ -264,6 +264,7 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
 
     done, reports = run("train", tmp_path / "ckpt")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [report["backend"] for report in reports] == ["gloo", "gloo"]
     assert [report["saves"] for report in reports] == [3, 0]
     for report in reports:
         assert report["broadcast_names"] == report["listed_names"] == reports[0]["listed_names"]
