@@ -2,8 +2,9 @@
 
     python tests/lightning_ddp_script.py PHASE CHECKPOINT_DIR REPORT_DIR
 
-PHASE is ``train`` (3 epochs), ``resume`` (``ckpt_path="last"``, to 5 epochs) or ``bad-metric``
-(a ``metric_for_best`` nobody logs). Each rank writes what it saw to ``REPORT_DIR/rank{N}.json``.
+PHASE ``train`` fits 3 epochs, then fits again to 5 epochs with ``ckpt_path="last"`` (a new
+``Trainer`` in the same processes); ``bad-metric`` fits with a ``metric_for_best`` nobody logs.
+Each rank writes what it saw in each fit to ``REPORT_DIR/{fit}-rank{N}.json``.
 """
 
 from __future__ import annotations
@@ -56,18 +57,26 @@ class Regressor(pl.LightningModule):
 
 
 def main(phase: str, checkpoint_dir: str, report_dir: str) -> None:
+    if phase == "bad-metric":
+        fit("bad-metric", checkpoint_dir, report_dir, metric="never_logged", max_epochs=3)
+        return
+    fit("train", checkpoint_dir, report_dir, metric="val_loss", max_epochs=3)
+    fit("resume", checkpoint_dir, report_dir, metric="val_loss", max_epochs=5, ckpt_path="last")
+
+
+def fit(name: str, checkpoint_dir: str, report_dir: str, metric: str, max_epochs: int, ckpt_path: str | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(64, 4, generator=generator)
     targets = inputs.sum(1)
     data = TensorDataset(inputs, targets)
-    metric = "never_logged" if phase == "bad-metric" else "val_loss"
+    CountingManager.saves = 0
     manager = CountingManager(checkpoint_dir, max_checkpoints=2, keep_best=True, metric_for_best=metric, mode="min")
     callback = CheckpointCallback(manager=manager)
     trainer = pl.Trainer(
         accelerator="cpu",
         strategy="ddp",
         devices=2,
-        max_epochs=5 if phase == "resume" else 3,
+        max_epochs=max_epochs,
         callbacks=[callback],
         logger=False,
         enable_progress_bar=False,
@@ -81,7 +90,7 @@ def main(phase: str, checkpoint_dir: str, report_dir: str) -> None:
             model,
             DataLoader(data, batch_size=8),
             DataLoader(data, batch_size=8),
-            ckpt_path="last" if phase == "resume" else None,
+            ckpt_path=ckpt_path,
         )
     except Exception as exc:  # reported, then re-raised so the process fails
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -96,7 +105,7 @@ def main(phase: str, checkpoint_dir: str, report_dir: str) -> None:
             backend=model.backend,
             global_step=trainer.global_step,
         )
-        Path(report_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        Path(report_dir, f"{name}-rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

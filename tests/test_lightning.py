@@ -252,33 +252,32 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     script = REPO / "tests" / "lightning_ddp_script.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
 
-    def run(phase: str, checkpoint_dir: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:  # type: ignore[type-arg]
-        report_dir = tmp_path / phase
-        report_dir.mkdir()
-        done = subprocess.run(
-            [sys.executable, str(script), phase, str(checkpoint_dir), str(report_dir)],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    def run(phase: str, checkpoint_dir: Path) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+        return subprocess.run(
+            [sys.executable, str(script), phase, str(checkpoint_dir), str(tmp_path)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
         )
-        reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-        return done, reports
 
-    done, reports = run("train", tmp_path / "ckpt")
+    def reports(fit: str) -> list[dict]:  # type: ignore[type-arg]
+        return [json.loads((tmp_path / f"{fit}-rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    done = run("train", tmp_path / "ckpt")  # fits 3 epochs, then resumes from "last" to 5
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [report["backend"] for report in reports] == ["gloo", "gloo"]
-    assert [report["saves"] for report in reports] == [3, 0]
-    for report in reports:
-        assert report["broadcast_names"] == report["listed_names"] == reports[0]["listed_names"]
+    trained = reports("train")
+    assert [report["backend"] for report in trained] == ["gloo", "gloo"]
+    assert [report["saves"] for report in trained] == [3, 0]
+    for report in trained:
+        assert report["broadcast_names"] == report["listed_names"] == trained[0]["listed_names"]
         assert len(report["listed_names"]) == 2
+    resumed = reports("resume")
+    assert [report["saves"] for report in resumed] == [2, 0]
+    assert [report["first_step"] for report in resumed] == [12, 12]
+    for report in resumed:
+        assert report["broadcast_names"] == report["listed_names"] == ["epoch_3_step_16", "epoch_4_step_20"]
 
-    done, reports = run("resume", tmp_path / "ckpt")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [report["saves"] for report in reports] == [2, 0]
-    assert [report["first_step"] for report in reports] == [12, 12]
-    assert reports[0]["listed_names"] == reports[1]["listed_names"] == ["epoch_3_step_16", "epoch_4_step_20"]
-
-    done, reports = run("bad-metric", tmp_path / "bad")
+    done = run("bad-metric", tmp_path / "bad")  # rank zero refuses to save: every rank must fail, none may hang
     assert done.returncode != 0
-    for report in reports:
+    for report in reports("bad-metric"):
         assert "ConfigurationError" in report["error"] and "never_logged" in report["error"]
 
 
