@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from ckpt_plugin import CheckpointManager, ConfigurationError, EncodingError  # noqa: E402
-from ckpt_plugin.lightning import CheckpointCallback  # noqa: E402
+from ckpt_plugin import CheckpointManager, ConfigurationError, EncodingError, IncompatibleCheckpointError  # noqa: E402
+from ckpt_plugin.lightning import CheckpointCallback, ManagerCheckpointIO  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(
@@ -208,6 +208,45 @@ def test_checkpoint_contents(tmp_path: Path) -> None:
     lightning_state = checkpoint["extra"]["lightning"]
     assert lightning_state["hyper_parameters"]["hidden"] == 16
     assert "fit_loop" in lightning_state["loops"]
+
+
+def test_fit_without_ckpt_path_continues_from_the_latest(tmp_path: Path) -> None:
+    make_trainer(tmp_path, 2, [CheckpointCallback(tmp_path / "ckpt")]).fit(fresh_model(0), RegressionData())
+    trainer = make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "ckpt")])
+    trainer.fit(fresh_model(1), RegressionData())
+    assert trainer.global_step == 18  # 6 steps of epoch 2 on top of the 12 restored
+    assert [info.name for info in CheckpointManager(tmp_path / "ckpt").checkpoints()][-1] == "epoch_2_step_18"
+
+
+def test_io_plugin_defers_other_paths_and_protects_checkpoints(tmp_path: Path) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
+            self.calls.append(("save", str(path)))
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):  # type: ignore[no-untyped-def]
+            self.calls.append(("load", str(path)))
+            return {}
+
+        def remove_checkpoint(self, path):  # type: ignore[no-untyped-def]
+            self.calls.append(("remove", str(path)))
+
+    manager = CheckpointManager(tmp_path / "ckpt", metric_for_best=None)
+    info = manager.save(model={"w": torch.ones(2)}, epoch=0)
+    fallback = Recorder()
+    io = ManagerCheckpointIO(manager, fallback=fallback)  # type: ignore[arg-type]
+    io.save_checkpoint({"state_dict": {}}, tmp_path / "other.ckpt")
+    io.load_checkpoint(tmp_path / "other.ckpt")
+    io.remove_checkpoint(tmp_path / "other.ckpt")
+    other = str(tmp_path / "other.ckpt")
+    assert fallback.calls == [("save", other), ("load", other), ("remove", other)]
+    with pytest.raises(ConfigurationError, match="retention"):
+        io.remove_checkpoint(info.path)
+    with pytest.raises(IncompatibleCheckpointError, match="not written by ckpt_plugin.lightning"):
+        io.load_checkpoint(info.path)  # a plain manager checkpoint holds no trainer state
+    assert info.path.is_dir()
 
 
 def test_unknown_mode_is_a_clear_error(tmp_path: Path) -> None:
