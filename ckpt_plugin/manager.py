@@ -24,7 +24,8 @@ from .errors import (
 )
 from .metadata import provenance
 from .reader import Device, read_checkpoint, read_json
-from .rng import capture_rng_state, restore_rng_state
+from .restore import restore_checkpoint
+from .rng import capture_rng_state
 from .storage import LocalStore
 from .writer import take_snapshot, write_snapshot
 
@@ -274,27 +275,23 @@ class CheckpointManager:
         *,
         strict: bool = True,
         restore_rng: bool = True,
+        atomic: bool = False,
     ) -> CheckpointInfo | None:
         """Load a checkpoint straight into live objects and return which one it was.
 
         ``which`` is ``"latest"``, ``"best"`` or an epoch. Returns None (and changes nothing) when
         ``"latest"`` is asked of an empty directory. RNG states are restored too unless
-        ``restore_rng`` is False.
+        ``restore_rng`` is False. Tensors are read once, straight into the model's parameters and
+        the optimizer's state, with checksums verified in the same pass. If a file turns out to be
+        damaged, :class:`CorruptCheckpointError` names it and says which live objects were already
+        overwritten; ``atomic=True`` checks every file first so that nothing changes on damage.
         """
         info = self.resolve(which)
         if info is None:
             return None
-        wanted = ("model", "rng") + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
-        checkpoint = read_checkpoint(info, items=wanted)
-        model.load_state_dict(checkpoint["model"], strict=strict)
-        if optimizer is not None:
-            _require(checkpoint, "optimizer", info)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            _require(checkpoint, "scheduler", info)
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if restore_rng and checkpoint.get("rng") is not None:
-            restore_rng_state(checkpoint["rng"])
+        restore_checkpoint(
+            info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
+        )
         return info
 
     def resolve(self, which: str | int) -> CheckpointInfo | None:
@@ -306,11 +303,6 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
-
-
-def _require(checkpoint: Mapping[str, Any], item: str, info: CheckpointInfo) -> None:
-    if checkpoint.get(item) is None:
-        raise CheckpointNotFoundError(f"{info.path} holds no {item} state; pass {item}=None to restore without it")
 
 
 def _whole_number(value: Any, name: str) -> int:
