@@ -12,10 +12,12 @@ how an incremental checkpoint shares the shards that did not change.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -27,6 +29,8 @@ from .tensorformat import TensorSpec
 
 CHUNK_BYTES = 8 * 1024 * 1024
 SCRATCH_BYTES = CHUNK_BYTES
+READ_AHEAD = 2
+READERS = 2
 
 Destination = Callable[[TensorSpec], "torch.Tensor | None"]
 
@@ -36,7 +40,7 @@ _READER: ThreadPoolExecutor | None = None
 def _reader() -> ThreadPoolExecutor:
     global _READER
     if _READER is None:
-        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-read")
+        _READER = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="ckpt-read")
     return _READER
 
 
@@ -184,32 +188,36 @@ def _pipeline(fd: int, path: Path, chunks: list[tuple[memoryview, int]], hasher:
                 hasher.update(chunk)  # type: ignore[attr-defined]
         return
     pool = _reader()
-    pending = pool.submit(_read_exactly, fd, path, *chunks[0])
-    for index, (chunk, _) in enumerate(chunks):
-        try:
-            pending.result()
-        except BaseException:
-            raise
-        if index + 1 < len(chunks):
-            pending = pool.submit(_read_exactly, fd, path, *chunks[index + 1])
-        try:
+    pending = deque(pool.submit(_read_exactly, fd, path, *chunk) for chunk in chunks[:READ_AHEAD])
+    try:
+        for index, (chunk, _) in enumerate(chunks):
+            pending.popleft().result()
+            if index + READ_AHEAD < len(chunks):
+                pending.append(pool.submit(_read_exactly, fd, path, *chunks[index + READ_AHEAD]))
             hasher.update(chunk)  # type: ignore[attr-defined]
-        except BaseException:
-            pending.result()
-            raise
+    finally:
+        for future in pending:
+            future.cancel()
+        wait(pending)
 
 
-def link_file(source: Path, target: Path) -> bool:
-    """Hard-link ``source`` as ``target``; False (nothing created) where links are unsupported or
-    ``source`` is gone, so the caller writes the file instead."""
+def link_file(source: Path, target: Path, identity: tuple[int, int, int]) -> bool:
+    """Hard-link ``source`` as ``target`` if it is still the file ``identity`` describes.
+
+    Returns False, leaving nothing at ``target``, where the file is gone or was replaced, or the
+    file system has no hard links, so that the caller writes the file instead.
+    """
     try:
         os.link(source, target)
     except FileNotFoundError:
         return False
     except OSError as exc:
-        if exc.errno in (1, 18, 31, 38, 95):  # EPERM, EXDEV, EMLINK, ENOSYS, EOPNOTSUPP
+        if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP):
             return False
         raise StorageError(exc.errno, f"could not link {source} to {target}: {exc.strerror or exc}") from exc
+    if file_identity(target) != identity:
+        os.unlink(target)
+        return False
     return True
 
 
