@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, shards
 from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo
 from .errors import CorruptCheckpointError
 from .storage import open_tensor_file, read_bytes_file
@@ -45,7 +45,10 @@ def read_checkpoint(
             record = info.files.get(filename)
             if verify and record is None:
                 raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in {METADATA_FILE}")
-            tensors = open_tensor_file(info.path / filename, record, verify=verify)
+            if shards.is_index(filename):
+                tensors = _open_shards(info, filename, record if verify else None, verify)
+            else:
+                tensors = open_tensor_file(info.path / filename, record, verify=verify)
             if map_location is not None:
                 device = torch.device(map_location)
                 tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
@@ -80,3 +83,18 @@ def read_checkpoint(
         except KeyError as exc:
             raise CorruptCheckpointError(f"{info.path}: item {item!r} is inconsistent with its files: {exc}") from None
     return result
+
+
+def _open_shards(info: CheckpointInfo, index_file: str, record: Any, verify: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded item: every shard its index names, each checked like a single file."""
+    try:
+        names = shards.shard_files(read_json(info.path / index_file, record))
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{info.path / index_file} is not a valid index ({exc}); restore it or delete this checkpoint") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        shard_record = info.files.get(name)
+        if verify and shard_record is None:
+            raise CorruptCheckpointError(f"{info.path / name} has no recorded checksum in {METADATA_FILE}")
+        tensors.update(open_tensor_file(info.path / name, shard_record, verify=verify))
+    return tensors
