@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import incremental as incremental_saves
 from . import retention
 from .checkpoint import METADATA_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -41,6 +42,12 @@ class CheckpointManager:
         mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is.
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
+        incremental: store the model as Hugging Face-style shards and hard-link the shards that did
+            not change since the previous checkpoint instead of writing them again (frozen
+            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.incremental`.
+        change_detection: how ``incremental`` finds unchanged tensors: ``"checksum"`` hashes every
+            model tensor at each save; ``"version"`` trusts autograd version counters and hashes only
+            tensors that were written to (writes through ``.data`` go unseen).
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -55,6 +62,8 @@ class CheckpointManager:
         mode: str = "min",
         *,
         save_rng: bool = True,
+        incremental: bool = False,
+        change_detection: str = "checksum",
     ) -> None:
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -64,6 +73,8 @@ class CheckpointManager:
             raise ConfigurationError(
                 f"max_checkpoints must be a whole number of at least 1, or None to keep every checkpoint; got {max_checkpoints!r}"
             )
+        if change_detection not in incremental_saves.DETECTION_MODES:
+            raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         if keep_best and metric_for_best is not None and not isinstance(metric_for_best, str):
             raise ConfigurationError(f"metric_for_best must be a metric name, not {metric_for_best!r}")
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
@@ -73,6 +84,7 @@ class CheckpointManager:
         self.mode = mode
         self.save_rng = save_rng
         self._store = LocalStore(self.checkpoint_dir)
+        self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
@@ -120,6 +132,7 @@ class CheckpointManager:
             "extra": extra,
             "rng": capture_rng_state() if self.save_rng else None,
         }
+        seen = incremental_saves.observe(model, states["model"]) if self._incremental is not None else None
         snapshot = take_snapshot(
             states,
             epoch=epoch,
@@ -133,7 +146,13 @@ class CheckpointManager:
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
-            info = write_snapshot(self._store, snapshot)
+            if self._incremental is None:
+                info = write_snapshot(self._store, snapshot)
+            else:
+                if not self._incremental.has_base:
+                    self._incremental.adopt(self.latest())
+                assert seen is not None
+                info = self._incremental.write(self._store, snapshot, seen)
             self._remember(info)
             self._apply_retention()
         return info
