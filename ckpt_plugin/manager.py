@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import retention
+from . import listing, retention
 from .checkpoint import METADATA_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
@@ -88,6 +88,8 @@ class CheckpointManager:
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
+        self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
+        self._metadata_reads = 0
         self._warned_missing_metric = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
@@ -191,22 +193,39 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
         found: dict[str, tuple[int, CheckpointInfo]] = {}
-        for entry in self._store.visible():
-            if not looks_like_checkpoint(entry.name):
-                continue
-            cached = self._listing.get(entry.name)
-            if cached is not None and cached[0] == entry.inode():
-                found[entry.name] = cached
-                continue
-            info = self._read_info(Path(entry.path))
-            if info is not None:
-                found[entry.name] = (entry.inode(), info)
+        read_before = self._metadata_reads
+        with listing.gc_paused():
+            for entry in self._store.visible():
+                if not looks_like_checkpoint(entry.name):
+                    continue
+                cached = self._listing.get(entry.name)
+                if cached is not None and cached[0] == entry.inode():
+                    found[entry.name] = cached
+                    continue
+                info = self._read_info(Path(entry.path))
+                if info is not None:
+                    found[entry.name] = (entry.inode(), info)
         self._listing = found
+        if self._metadata_reads - read_before > listing.REWRITE_AFTER_READS and self._summaries is not None:
+            listing.save(self.checkpoint_dir, {name: self._summaries[name] for name in found if name in self._summaries})
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
 
     def _read_info(self, path: Path) -> CheckpointInfo | None:
+        if self._summaries is None:
+            self._summaries = listing.load(self.checkpoint_dir)
+        key = listing.identity(path / METADATA_FILE)
+        known = self._summaries.get(path.name)
+        if key is not None and known is not None and known[0] == key:
+            try:
+                return listing.info_from_summary(path, known[1])
+            except (KeyError, TypeError, ValueError):
+                pass
         try:
-            return parse_metadata(path, read_json(path / METADATA_FILE))
+            info = parse_metadata(path, read_json(path / METADATA_FILE))
+            self._metadata_reads += 1
+            if key is not None:
+                self._summaries[path.name] = (key, listing.summary(info))
+            return info
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
             if path.name not in self._warned_foreign:
                 self._warned_foreign.add(path.name)
