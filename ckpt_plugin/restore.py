@@ -92,15 +92,27 @@ class _Files:
         return tensors
 
 
+def _plain_loaders() -> frozenset[Any]:
+    """``_load_from_state_dict`` overrides in torch that only fill in or reject keys of checkpoints
+    from old torch releases; with the module's exact keys present they copy like the default."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    return frozenset(
+        {torch.nn.Module._load_from_state_dict, _NormBase._load_from_state_dict, _InstanceNorm._load_from_state_dict}
+    )
+
+
 def _fast_module(model: torch.nn.Module) -> bool:
     """Whether loading ``model`` is plain copying: no hooks or overrides that transform the state."""
     base = torch.nn.Module
     if type(model).load_state_dict is not base.load_state_dict or type(model).state_dict is not base.state_dict:
         return False
+    plain = _plain_loaders()
     for module in model.modules():
         kind = type(module)
         if (
-            kind._load_from_state_dict is not base._load_from_state_dict
+            kind._load_from_state_dict not in plain
             or kind._save_to_state_dict is not base._save_to_state_dict
             or kind.set_extra_state is not base.set_extra_state
             or kind.get_extra_state is not base.get_extra_state
