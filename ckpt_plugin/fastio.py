@@ -44,6 +44,15 @@ def _reader() -> ThreadPoolExecutor:
     return _READER
 
 
+def _forget_reader() -> None:
+    """A forked child (a data loader worker, say) has none of its parent's threads."""
+    global _READER
+    _READER = None
+
+
+os.register_at_fork(after_in_child=_forget_reader)
+
+
 def _missing(path: Path) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file")
 

@@ -155,6 +155,7 @@ class _ModelPlan:
                 f"{files.info.path} does not fit the model: missing keys {missing[:10]}, unexpected keys "
                 f"{unexpected[:10]}; pass strict=False to restore the keys both have"
             )
+        taken: set[tuple[Any, ...]] = set()
         for key, name in refs.items():
             target = live.get(key)
             if target is None:
@@ -168,8 +169,9 @@ class _ModelPlan:
                     f"{list(target.shape)} in the model; build the model with the configuration it was saved with"
                 )
             holder = self.destinations.get(name)
-            if holder is None and fastio.can_receive(target, spec):
+            if holder is None and fastio.can_receive(target, spec) and codec.tensor_identity(target) not in taken:
                 self.destinations[name] = target
+                taken.add(codec.tensor_identity(target))
             elif holder is None or not _same_memory(holder, target):
                 self.copies.append((target, name))
 
