@@ -202,7 +202,7 @@ class CheckpointManager:
                 if cached is not None and cached[0] == entry.inode():
                     found[entry.name] = cached
                     continue
-                info = self._read_info(Path(entry.path))
+                info = self._read_info(Path(entry.path), listing.identity(os.path.join(entry.path, METADATA_FILE)))
                 if info is not None:
                     found[entry.name] = (entry.inode(), info)
         self._listing = found
@@ -210,10 +210,9 @@ class CheckpointManager:
             listing.save(self.checkpoint_dir, {name: self._summaries[name] for name in found if name in self._summaries})
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
 
-    def _read_info(self, path: Path) -> CheckpointInfo | None:
+    def _read_info(self, path: Path, key: listing.Identity | None) -> CheckpointInfo | None:
         if self._summaries is None:
             self._summaries = listing.load(self.checkpoint_dir)
-        key = listing.identity(path / METADATA_FILE)
         known = self._summaries.get(path.name)
         if key is not None and known is not None and known[0] == key:
             try:
