@@ -11,12 +11,14 @@ the other (which also verifies an xxh3 checksum of every byte it reads). Two cas
 - ``live optimizer``: the optimizer already holds state tensors of the right shapes.
 
 Each case runs one warm-up round and then ``--rounds`` rounds, alternating the two sides, and
-prints the medians and their ratio.
+prints the medians of wall time and their ratio, then of CPU time (all threads, user and system),
+which a machine busy with other work inflates less than wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -55,7 +57,7 @@ def baseline(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     optimizer.load_state_dict(state["optimizer"])
 
 
-def measure(args: argparse.Namespace, root: Path, live_state: bool) -> tuple[float, float]:
+def measure(args: argparse.Namespace, root: Path, live_state: bool) -> dict[str, float]:
     source_model, source_optimizer = trained(args.mib)
     root.mkdir(parents=True)
     torch_file = root / "state.pt"
@@ -66,23 +68,24 @@ def measure(args: argparse.Namespace, root: Path, live_state: bool) -> tuple[flo
     del source_model, source_optimizer
 
     model, optimizer = trained(args.mib)
-    timings: dict[str, list[float]] = {"torch": [], "ckpt_plugin": []}
+    timings: dict[str, list[float]] = {"torch": [], "ckpt_plugin": [], "torch_cpu": [], "ckpt_plugin_cpu": []}
     for round_index in range(args.rounds + 1):
         order = ("torch", "ckpt_plugin") if round_index % 2 else ("ckpt_plugin", "torch")
         for side in order:
             if not live_state:
                 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             if side == "torch":
                 baseline(torch_file, model, optimizer)
             else:
                 manager.restore(model, optimizer, restore_rng=False)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             if round_index:
                 timings[side].append(elapsed)
+                timings[f"{side}_cpu"].append(cpu)
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    return statistics.median(timings["torch"]), statistics.median(timings["ckpt_plugin"])
+    return {key: statistics.median(values) for key, values in timings.items()}
 
 
 def main() -> None:
@@ -100,10 +103,14 @@ def main() -> None:
         del model, optimizer
         print(f"state: {size:.0f} MiB (model + Adam), torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"median of {args.rounds} rounds after a warm-up")
-        print(f"{'case':<18}{'torch.load+load_state_dict':>28}{'manager.restore':>18}{'ratio':>8}")
+        print(f"{'case':<17}{'torch.load+load_state_dict':>28}{'manager.restore':>17}{'ratio':>7}"
+              f"{'cpu: torch':>12}{'ours':>8}{'ratio':>7}")
         for label, live in (("fresh optimizer", False), ("live optimizer", True)):
-            torch_s, ours_s = measure(args, root / label.replace(" ", "_"), live)
-            print(f"{label:<18}{torch_s * 1000:>25.0f} ms{ours_s * 1000:>15.0f} ms{ours_s / torch_s:>8.2f}")
+            r = measure(args, root / label.replace(" ", "_"), live)
+            print(f"{label:<17}{r['torch'] * 1000:>25.0f} ms{r['ckpt_plugin'] * 1000:>14.0f} ms"
+                  f"{r['ckpt_plugin'] / r['torch']:>7.2f}{r['torch_cpu'] * 1000:>9.0f} ms"
+                  f"{r['ckpt_plugin_cpu'] * 1000:>5.0f} ms{r['ckpt_plugin_cpu'] / r['torch_cpu']:>7.2f}")
+        print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

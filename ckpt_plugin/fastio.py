@@ -28,9 +28,12 @@ from .storage import FileRecord, format_checksum, new_hasher
 from .tensorformat import TensorSpec
 
 CHUNK_BYTES = 8 * 1024 * 1024
+"""Bytes read and hashed at a time: small enough to be hashed from the CPU cache after it lands."""
 SCRATCH_BYTES = CHUNK_BYTES
 READ_AHEAD = 2
+"""Chunks being read ahead of the one being hashed."""
 READERS = 2
+"""Reader threads; 0 reads and hashes every chunk on the calling thread."""
 
 Destination = Callable[[TensorSpec], "torch.Tensor | None"]
 
@@ -190,7 +193,7 @@ def _read_exactly(fd: int, path: Path, buffer: memoryview, offset: int) -> None:
 
 
 def _pipeline(fd: int, path: Path, chunks: list[tuple[memoryview, int]], hasher: object | None) -> None:
-    if hasher is None or len(chunks) < 2:
+    if hasher is None or len(chunks) < 2 or READERS == 0:
         for chunk, offset in chunks:
             _read_exactly(fd, path, chunk, offset)
             if hasher is not None:
