@@ -114,6 +114,7 @@ def main() -> None:
                     f"{r['inc_bytes'] / r['full_bytes']:>7.3f}{r['full_s'] * 1000:>6.0f} ms{r['inc_s'] * 1000:>10.0f} ms"
                     f"{r['inc_s'] / r['full_s']:>7.3f}"
                 )
+    print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
