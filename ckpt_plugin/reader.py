@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ import torch
 from . import codec, shards
 from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo
 from .errors import CorruptCheckpointError
-from .storage import open_tensor_file, read_bytes_file
+from .storage import FileRecord, open_tensor_file, read_bytes_file
 
 Device = str | torch.device | None
 
@@ -45,10 +47,7 @@ def read_checkpoint(
             record = info.files.get(filename)
             if verify and record is None:
                 raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in {METADATA_FILE}")
-            if shards.is_index(filename):
-                tensors = _open_shards(info, filename, record if verify else None, verify)
-            else:
-                tensors = open_tensor_file(info.path / filename, record, verify=verify)
+            tensors = open_item_files(info.path, info.files, filename, verify=verify)
             if map_location is not None:
                 device = torch.device(map_location)
                 tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
@@ -85,16 +84,26 @@ def read_checkpoint(
     return result
 
 
-def _open_shards(info: CheckpointInfo, index_file: str, record: Any, verify: bool) -> dict[str, torch.Tensor]:
-    """The tensors of a sharded item: every shard its index names, each checked like a single file."""
+def open_item_files(
+    directory: Path, files: Mapping[str, FileRecord], filename: str, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of the item stored as ``filename`` in ``directory``: one safetensors file, or every
+    shard a Hugging Face index names. With ``verify`` each file is checked against its record in
+    ``files`` (a file without one is reported as damage)."""
+
+    def record_of(name: str) -> FileRecord | None:
+        record = files.get(name)
+        if verify and record is None:
+            raise CorruptCheckpointError(f"{directory / name} has no recorded checksum in {METADATA_FILE}")
+        return record
+
+    if not shards.is_index(filename):
+        return open_tensor_file(directory / filename, record_of(filename), verify=verify)
     try:
-        names = shards.shard_files(read_json(info.path / index_file, record))
+        names = shards.shard_files(read_json(directory / filename, record_of(filename) if verify else None))
     except ValueError as exc:
-        raise CorruptCheckpointError(f"{info.path / index_file} is not a valid index ({exc}); restore it or delete this checkpoint") from None
+        raise CorruptCheckpointError(f"{directory / filename} is not a valid index ({exc}); restore it or delete this checkpoint") from None
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
-        shard_record = info.files.get(name)
-        if verify and shard_record is None:
-            raise CorruptCheckpointError(f"{info.path / name} has no recorded checksum in {METADATA_FILE}")
-        tensors.update(open_tensor_file(info.path / name, shard_record, verify=verify))
+        tensors.update(open_tensor_file(directory / name, record_of(name), verify=verify))
     return tensors

@@ -8,7 +8,7 @@ A sharded item is stored as ``model-00001-of-00003.safetensors`` ... plus
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -50,3 +50,15 @@ def shard_files(index: Mapping[str, Any]) -> list[str]:
         if "/" in name or name.startswith("."):
             raise ValueError(f"the index refers to {name!r}, which is not a file of this checkpoint")
     return files
+
+
+def item_files(filenames: Iterable[str], filename: str) -> list[str]:
+    """The files of a checkpoint that hold the item stored as ``filename``: ``[filename]`` itself,
+    or its index followed by its shards, found by name among ``filenames``."""
+    names = set(filenames)
+    if filename in names:
+        return [filename]
+    index = index_name(filename)
+    stem = filename.removesuffix(".safetensors")
+    found = sorted(name for name in names if (match := _SHARD.match(name)) is not None and match["stem"] == stem)
+    return ([index] if index in names else []) + found
