@@ -197,3 +197,57 @@ def test_plain_manager_reads_incremental_checkpoints_and_vice_versa(tmp_path: Pa
 def test_change_detection_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="change_detection"):
         CheckpointManager("unused", incremental=True, change_detection="mtime")
+
+
+def incremental_run(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    model, optimizer = frozen_backbone()
+    directory = tmp_path / "checkpoints"
+    manager = CheckpointManager(directory, max_checkpoints=None, incremental=True)
+    for epoch in (1, 2):
+        step(model, optimizer)
+        manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0 / epoch}, config={"model_type": "mlp"})
+    return directory, snapshot(model)
+
+
+def test_promotion_joins_the_shards_into_one_production_file(tmp_path: Path) -> None:
+    from ckpt_plugin import ArtifactRegistry
+
+    directory, expected = incremental_run(tmp_path)
+    registry = ArtifactRegistry(checkpoint_dir=directory)
+    registry.validate(2, "1.0.0", checks=[lambda checkpoint: True])
+    registry.promote("1.0.0")
+    weights = load_file(tmp_path / "production" / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[key], value) for key, value in expected.items())
+    production = registry.load_production()
+    assert all(torch.equal(production["model"][key], value) for key, value in expected.items())
+
+
+def test_cli_verifies_shows_and_exports_incremental_checkpoints(tmp_path: Path) -> None:
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
+
+    directory, expected = incremental_run(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(cli.app, ["verify", str(directory)]).exit_code == 0
+    assert runner.invoke(cli.app, ["show", str(directory), "2", "--json"]).exit_code == 0
+    target = tmp_path / "exported"
+    result = runner.invoke(cli.app, ["export", str(directory), "2", "--to", "hf", "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    trainer_utils = pytest.importorskip("transformers.trainer_utils")
+    model, _ = frozen_backbone(seed=8)
+    trainer_utils.load_sharded_checkpoint(model, target)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in expected.items())
+
+    shared = shard_holding(directory / "epoch_2", "0.weight")
+    path = next(p for p in (directory / "epoch_1").iterdir() if p.stat().st_ino == shared.st_ino)
+    with open(path, "r+b") as handle:
+        handle.seek(shared.st_size - 2)
+        handle.write(b"\xff\xfe")
+    result = runner.invoke(cli.app, ["verify", str(directory)])
+    assert result.exit_code != 0
+    assert "epoch_1" in result.output + result.stderr and "epoch_2" in result.output + result.stderr
+    weights = runner.invoke(cli.app, ["export", str(directory), "2", "--to", "pt", "--weights-only", "-o", str(tmp_path / "w.pt")])
+    assert weights.exit_code != 0
