@@ -121,7 +121,7 @@ def stream_tensor_file(
     file, after the bytes have landed (the caller decides what that means for its destinations).
     ``header`` is the result of an earlier :func:`read_header` of the same file.
     """
-    header_bytes, specs, size = header if header is not None else read_header(path, record)
+    header_bytes, specs, _ = header if header is not None else read_header(path, record)
     hasher = new_hasher() if verify and record is not None else None
     if hasher is not None:
         hasher.update(header_bytes)
@@ -144,19 +144,15 @@ def stream_tensor_file(
         _pipeline(fd, path, chunks, hasher)
     finally:
         os.close(fd)
-    if hasher is not None and format_checksum(hasher) != record.checksum:  # type: ignore[union-attr]
-        raise CorruptCheckpointError(
-            f"{path} does not match its recorded checksum ({format_checksum(hasher)} != "
-            f"{record.checksum}); the file is damaged: restore it from a copy or delete this checkpoint"  # type: ignore[union-attr]
-        )
-    del size
+    if hasher is not None and record is not None:
+        _compare(path, format_checksum(hasher), record)
     return tensors
 
 
 def hash_tensor_file(path: Path, record: FileRecord) -> None:
     """Check the whole file against ``record`` without keeping its data (a scratch buffer is reused)."""
     scratch = torch.empty(min(SCRATCH_BYTES, max(record.size, 1)), dtype=torch.uint8)
-    header_bytes, specs, size = read_header(path, record)
+    header_bytes, _, size = read_header(path, record)
     hasher = new_hasher()
     hasher.update(header_bytes)
     view = _byte_view(scratch)
@@ -172,12 +168,15 @@ def hash_tensor_file(path: Path, record: FileRecord) -> None:
             hasher.update(chunk)
     finally:
         os.close(fd)
-    if format_checksum(hasher) != record.checksum:
+    _compare(path, format_checksum(hasher), record)
+
+
+def _compare(path: Path, checksum: str, record: FileRecord) -> None:
+    if checksum != record.checksum:
         raise CorruptCheckpointError(
-            f"{path} does not match its recorded checksum ({format_checksum(hasher)} != {record.checksum}); "
-            "the file is damaged: restore it from a copy or delete this checkpoint"
+            f"{path} does not match its recorded checksum ({checksum} != {record.checksum}); the file is "
+            "damaged: restore it from a copy or delete this checkpoint"
         )
-    del specs
 
 
 def _read_exactly(fd: int, path: Path, buffer: memoryview, offset: int) -> None:
