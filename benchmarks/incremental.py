@@ -55,7 +55,9 @@ def written_bytes(info: CheckpointInfo) -> int:
     return total
 
 
-def timed_save(manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int) -> tuple[float, CheckpointInfo]:
+def timed_save(
+    manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int
+) -> tuple[float, CheckpointInfo]:
     start = time.perf_counter()
     info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
     return time.perf_counter() - start, info
@@ -99,8 +101,10 @@ def main() -> None:
     model, _ = build(args.mib)
     total = sum(p.numel() for p in model.parameters())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    print(f"model: {total * 4 / 2**20:.0f} MiB, {frozen / total:.1%} of the parameters frozen; "
-          f"median of {args.rounds} rounds after a warm-up")
+    print(
+        f"model: {total * 4 / 2**20:.0f} MiB, {frozen / total:.1%} of the parameters frozen; "
+        f"median of {args.rounds} rounds after a warm-up"
+    )
     del model
     print(f"{'case':<26}{'full':>10}{'incremental':>13}{'bytes':>7}{'full':>9}{'incremental':>13}{'time':>7}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -111,7 +115,8 @@ def main() -> None:
                 r = measure(args, root, with_optimizer, detection)
                 print(
                     f"{label:<26}{r['full_bytes'] / 2**20:>6.1f} MiB{r['inc_bytes'] / 2**20:>9.1f} MiB"
-                    f"{r['inc_bytes'] / r['full_bytes']:>7.3f}{r['full_s'] * 1000:>6.0f} ms{r['inc_s'] * 1000:>10.0f} ms"
+                    f"{r['inc_bytes'] / r['full_bytes']:>7.3f}"
+                    f"{r['full_s'] * 1000:>6.0f} ms{r['inc_s'] * 1000:>10.0f} ms"
                     f"{r['inc_s'] / r['full_s']:>7.3f}"
                 )
     print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")

@@ -131,8 +131,10 @@ def main() -> None:
         for op in ("checkpoints", "best", "load_best", "retention"):
             cold_s, cold_cpu = fresh(run, op, args.count, args.rounds)
             warm_s = warm(run, op, args.count, args.rounds)
-            print(f"{op:<14}{cold_s * 1000:>11.1f} ms{cold_cpu * 1000:>8.1f} ms{cold_s * 1000 / BUDGET_MS:>11.2f}"
-                  f"{warm_s * 1000:>7.1f} ms{warm_s * 1000 / BUDGET_MS:>11.2f}")
+            print(
+                f"{op:<14}{cold_s * 1000:>11.1f} ms{cold_cpu * 1000:>8.1f} ms{cold_s * 1000 / BUDGET_MS:>11.2f}"
+                f"{warm_s * 1000:>7.1f} ms{warm_s * 1000 / BUDGET_MS:>11.2f}"
+            )
         print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
 
 

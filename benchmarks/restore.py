@@ -92,7 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=400, help="approximate size of model + Adam state")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temporary directory)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write the files (default: a temporary directory)"
+    )
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
@@ -101,15 +103,21 @@ def main() -> None:
         model, optimizer = trained(args.mib)
         size = state_mib(model, optimizer)
         del model, optimizer
-        print(f"state: {size:.0f} MiB (model + Adam), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"median of {args.rounds} rounds after a warm-up")
-        print(f"{'case':<17}{'torch.load+load_state_dict':>28}{'manager.restore':>17}{'ratio':>7}"
-              f"{'cpu: torch':>12}{'ours':>8}{'ratio':>7}")
+        print(
+            f"state: {size:.0f} MiB (model + Adam), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"median of {args.rounds} rounds after a warm-up"
+        )
+        print(
+            f"{'case':<17}{'torch.load+load_state_dict':>28}{'manager.restore':>17}{'ratio':>7}"
+            f"{'cpu: torch':>12}{'ours':>8}{'ratio':>7}"
+        )
         for label, live in (("fresh optimizer", False), ("live optimizer", True)):
             r = measure(args, root / label.replace(" ", "_"), live)
-            print(f"{label:<17}{r['torch'] * 1000:>25.0f} ms{r['ckpt_plugin'] * 1000:>14.0f} ms"
-                  f"{r['ckpt_plugin'] / r['torch']:>7.2f}{r['torch_cpu'] * 1000:>9.0f} ms"
-                  f"{r['ckpt_plugin_cpu'] * 1000:>5.0f} ms{r['ckpt_plugin_cpu'] / r['torch_cpu']:>7.2f}")
+            print(
+                f"{label:<17}{r['torch'] * 1000:>25.0f} ms{r['ckpt_plugin'] * 1000:>14.0f} ms"
+                f"{r['ckpt_plugin'] / r['torch']:>7.2f}{r['torch_cpu'] * 1000:>9.0f} ms"
+                f"{r['ckpt_plugin_cpu'] * 1000:>5.0f} ms{r['ckpt_plugin_cpu'] / r['torch_cpu']:>7.2f}"
+            )
         print(f"load average during the run: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
 
 

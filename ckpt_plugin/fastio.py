@@ -186,7 +186,9 @@ def _read_exactly(fd: int, path: Path, buffer: memoryview, offset: int) -> None:
         except OSError as exc:
             raise StorageError(exc.errno, f"could not read {path}: {exc.strerror or exc}") from exc
         if count == 0:
-            raise CorruptCheckpointError(f"{path} ended early while being read; it was truncated: restore it or delete this checkpoint")
+            raise CorruptCheckpointError(
+                f"{path} ended early while being read; it was truncated: restore it or delete this checkpoint"
+            )
         buffer = buffer[count:]
         offset += count
 

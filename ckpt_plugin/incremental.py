@@ -135,9 +135,13 @@ class IncrementalWriter:
             for shard, names in sorted(by_shard.items()):
                 header = fastio.read_header(info.path / shard, info.files[shard])[1]
                 specs.update(header)
-                shard_list.append(_Shard(shard, tuple(names), info.files[shard], fastio.file_identity(info.path / shard)))
+                shard_list.append(
+                    _Shard(shard, tuple(names), info.files[shard], fastio.file_identity(info.path / shard))
+                )
             tensors = {
-                name: _Tensor(digests[name], spec.dtype, spec.shape, None) for name, spec in specs.items() if name in digests
+                name: _Tensor(digests[name], spec.dtype, spec.shape, None)
+                for name, spec in specs.items()
+                if name in digests
             }
         except Exception:  # noqa: BLE001 - any doubt about the old checkpoint only costs a full write
             return
@@ -168,7 +172,9 @@ class IncrementalWriter:
                 weight_map.update(dict.fromkeys(names, filename))
             total = sum(t.numel() * t.element_size() for t in model.values())
             index_file = shards.index_name(MODEL_FILE)
-            files[index_file] = write_bytes_file(staging / index_file, codec.dumps(shards.build_index(weight_map, total)))
+            files[index_file] = write_bytes_file(
+                staging / index_file, codec.dumps(shards.build_index(weight_map, total))
+            )
             document = snapshot.state_document()
             entry = document["items"].get("model")
             if entry is not None:
@@ -192,7 +198,9 @@ class IncrementalWriter:
             store.discard(staging)
             raise
         self._base = _Base(
-            path, tensors_now, [_Shard(s.filename, s.names, s.record, fastio.file_identity(path / s.filename)) for s in new_shards]
+            path,
+            tensors_now,
+            [_Shard(s.filename, s.names, s.record, fastio.file_identity(path / s.filename)) for s in new_shards],
         )
         return CheckpointInfo(
             path=path,

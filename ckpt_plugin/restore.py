@@ -63,7 +63,9 @@ class _Files:
             try:
                 names = shards.shard_files(index)
             except ValueError as exc:
-                raise CorruptCheckpointError(f"{info.path / filename} is not a valid index ({exc}); restore it or delete this checkpoint") from None
+                raise CorruptCheckpointError(
+                    f"{info.path / filename} is not a valid index ({exc}); restore it or delete this checkpoint"
+                ) from None
         self.headers: dict[str, Header] = {}
         self.specs: dict[str, TensorSpec] = {}
         for name in names:
@@ -74,7 +76,9 @@ class _Files:
     def _record(self, filename: str) -> FileRecord:
         record = self.info.files.get(filename)
         if record is None:
-            raise CorruptCheckpointError(f"{self.info.path / filename} has no recorded checksum in metadata.json; the checkpoint is damaged")
+            raise CorruptCheckpointError(
+                f"{self.info.path / filename} has no recorded checksum in metadata.json; the checkpoint is damaged"
+            )
         return record
 
     def check(self) -> None:
@@ -162,7 +166,9 @@ class _ModelPlan:
                 continue
             spec = files.specs.get(name)
             if spec is None:
-                raise CorruptCheckpointError(f"{files.info.path}: tensor {name!r} of the model is in no file; the checkpoint is damaged")
+                raise CorruptCheckpointError(
+                    f"{files.info.path}: tensor {name!r} of the model is in no file; the checkpoint is damaged"
+                )
             if tuple(target.shape) != spec.shape:
                 raise IncompatibleCheckpointError(
                     f"{files.info.path}: {key} has shape {list(spec.shape)} in the checkpoint but "
@@ -203,7 +209,8 @@ class _OptimizerPlan:
             len(g["params"]) for g in optimizer.param_groups
         ]:
             raise IncompatibleCheckpointError(
-                f"the optimizer state in {files.info.path if files else 'the checkpoint'} has parameter groups of sizes "
+                f"the optimizer state in {files.info.path if files else 'the checkpoint'} has parameter "
+                f"groups of sizes "
                 f"{[len(g.get('params', ())) for g in saved_groups or []]}, but the optimizer has "
                 f"{[len(g['params']) for g in optimizer.param_groups]}; build the optimizer over the same parameters"
             )
@@ -278,7 +285,9 @@ def restore_checkpoint(
     small = tuple(item for item, wanted in (("scheduler", scheduler is not None), ("rng", restore_rng)) if wanted)
     others = read_checkpoint(info, items=small) if small else {}
     if scheduler is not None and others.get("scheduler") is None:
-        raise CheckpointNotFoundError(f"{info.path} holds no scheduler state; pass scheduler=None to restore without it")
+        raise CheckpointNotFoundError(
+            f"{info.path} holds no scheduler state; pass scheduler=None to restore without it"
+        )
 
     model_files = _Files(info, model_entry.get("file"))
     model_plan = _ModelPlan(model, model_entry["tree"], model_files, strict)
@@ -322,7 +331,11 @@ def _damaged(exc: CorruptCheckpointError, item: str, overwritten: bool, done: li
             + "; restore another checkpoint (for example an earlier epoch) before using it."
         )
     else:
-        state = f" No live {item} tensor was changed" + (f", but the {' and '.join(done)} state was restored" if done else "") + "."
+        state = (
+            f" No live {item} tensor was changed"
+            + (f", but the {' and '.join(done)} state was restored" if done else "")
+            + "."
+        )
     error = CorruptCheckpointError(f"{exc}.{state}" if not str(exc).endswith(".") else f"{exc}{state}")
     error.partially_restored = (item,) if overwritten else ()  # type: ignore[attr-defined]
     error.filename = getattr(exc, "filename", None)  # type: ignore[attr-defined]
@@ -332,7 +345,9 @@ def _damaged(exc: CorruptCheckpointError, item: str, overwritten: bool, done: li
 def _record(info: CheckpointInfo, filename: str) -> FileRecord:
     record = info.files.get(filename)
     if record is None:
-        raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in metadata.json; the checkpoint is damaged")
+        raise CorruptCheckpointError(
+            f"{info.path / filename} has no recorded checksum in metadata.json; the checkpoint is damaged"
+        )
     return record
 
 

@@ -142,7 +142,9 @@ def test_restore_from_an_incremental_chain(tmp_path: Path) -> None:
     manager.restore(target, target_optimizer)
     for key, value in model.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
-    assert torch.equal(target_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        target_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
 
 
 def test_damage_to_a_shared_shard_is_found_in_every_checkpoint(tmp_path: Path) -> None:
@@ -249,5 +251,7 @@ def test_cli_verifies_shows_and_exports_incremental_checkpoints(tmp_path: Path) 
     result = runner.invoke(cli.app, ["verify", str(directory)])
     assert result.exit_code != 0
     assert "epoch_1" in result.output + result.stderr and "epoch_2" in result.output + result.stderr
-    weights = runner.invoke(cli.app, ["export", str(directory), "2", "--to", "pt", "--weights-only", "-o", str(tmp_path / "w.pt")])
+    weights = runner.invoke(
+        cli.app, ["export", str(directory), "2", "--to", "pt", "--weights-only", "-o", str(tmp_path / "w.pt")]
+    )
     assert weights.exit_code != 0

@@ -42,7 +42,15 @@ def test_cached_infos_equal_parsed_ones(tmp_path: Path) -> None:
     parsed = CheckpointManager(tmp_path).checkpoints()
     cached = CheckpointManager(tmp_path).checkpoints()
     for a, b in zip(parsed, cached, strict=True):
-        assert (a.path, a.epoch, a.step, a.files, a.items, a.timestamp, a.mode) == (b.path, b.epoch, b.step, b.files, b.items, b.timestamp, b.mode)
+        assert (a.path, a.epoch, a.step, a.files, a.items, a.timestamp, a.mode) == (
+            b.path,
+            b.epoch,
+            b.step,
+            b.files,
+            b.items,
+            b.timestamp,
+            b.mode,
+        )
         assert a.metrics["loss"] == b.metrics["loss"] and b.metrics["odd"] != b.metrics["odd"]
 
 

@@ -44,14 +44,17 @@ def assert_same_tree(left, right) -> None:
     if isinstance(left, torch.Tensor):
         assert isinstance(right, torch.Tensor)
         assert left.dtype == right.dtype and left.shape == right.shape
-        assert torch.equal(left.view(torch.uint8) if left.dtype == torch.bool else left, right.view(torch.uint8) if right.dtype == torch.bool else right)
+        assert torch.equal(
+            left.view(torch.uint8) if left.dtype == torch.bool else left,
+            right.view(torch.uint8) if right.dtype == torch.bool else right,
+        )
     elif isinstance(left, dict):
         assert left.keys() == right.keys()
         for key in left:
             assert_same_tree(left[key], right[key])
     elif isinstance(left, (list, tuple)):
         assert type(left) is type(right) and len(left) == len(right)
-        for a, b in zip(left, right):
+        for a, b in zip(left, right, strict=True):
             assert_same_tree(a, b)
     else:
         assert left == right
@@ -99,7 +102,7 @@ def test_restore_writes_into_the_live_tensors(saved) -> None:
     manager.restore(model, optimizer)
     assert [p.data_ptr() for p in model.parameters()] == parameters
     assert {id(t) for s in optimizer.state.values() for t in s.values()} == state
-    assert all(p._version > v for p, v in zip(model.parameters(), versions))
+    assert all(p._version > v for p, v in zip(model.parameters(), versions, strict=True))
     assert_same_tree(model.state_dict(), source.state_dict())
     assert_same_tree(optimizer.state_dict(), source_optimizer.state_dict())
 
