@@ -116,12 +116,16 @@ class CheckpointManager:
         step: int | None = None,
         scheduler: Any = None,
         extra: Any = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> CheckpointInfo:
         """Save one checkpoint and apply retention; return what was saved (path, epoch, step, metrics).
 
         ``model``, ``optimizer`` and ``scheduler`` may be live objects or their state dicts.
         ``config`` is any JSON-able tree (a dict, a dataclass, or an object with ``to_dict()``).
         ``extra`` is any tree of dicts, lists, tuples, scalars, strings and tensors.
+        ``files`` maps plain file names to bytes written as they are into the checkpoint directory,
+        committed and checksummed with it, for tools that expect a file by name (such as the
+        ``trainer_state.json`` that Hugging Face ``Trainer.train`` reads when it resumes).
         """
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
@@ -144,6 +148,7 @@ class CheckpointManager:
             metric_for_best=self.metric_for_best,
             mode=self.mode,
             provenance=provenance(),
+            files=files,
         )
         with self._lock:
             self._store.ensure_writable()

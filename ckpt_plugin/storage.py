@@ -472,3 +472,49 @@ class LocalStore:
             return now - entry.stat().st_mtime > STALE_STAGING_SECONDS
         except FileNotFoundError:
             return False
+
+
+LINK_PREFIX = ".link."
+
+
+def set_link(link: Path, target: Path) -> None:
+    """Atomically make ``link`` a symbolic link to the directory ``target``.
+
+    The link is stored relative to its own directory, so it survives moving the whole tree. An
+    existing link of that name is replaced in one rename; a real file or directory is never replaced.
+    """
+    temporary = link.parent / f"{LINK_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    try:
+        if link.exists() and not link.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists and is not a link", str(link))
+        os.symlink(os.path.relpath(target, link.parent), temporary, target_is_directory=True)
+        os.replace(temporary, link)
+        fsync_dir(link.parent)
+    except OSError as exc:
+        if temporary.is_symlink():
+            os.unlink(temporary)
+        raise _storage_error(exc, "create the link", link) from exc
+
+
+def symlinks(directory: Path) -> dict[str, Path]:
+    """The visible symbolic links directly inside ``directory``, mapped to the paths they point to."""
+    found: dict[str, Path] = {}
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_symlink() and not entry.name.startswith("."):
+                    found[entry.name] = Path(directory, os.readlink(entry.path))
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def remove_link(link: Path) -> None:
+    """Remove the symbolic link ``link``, never what it points to; a missing link is not an error."""
+    try:
+        if link.is_symlink():
+            os.unlink(link)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _storage_error(exc, "remove the link", link) from exc
