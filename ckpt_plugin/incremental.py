@@ -36,6 +36,7 @@ import xxhash
 
 from . import codec, fastio, shards
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, build_metadata
+from .errors import ConfigurationError
 from .reader import read_json
 from .storage import FileRecord, LocalStore, tensor_bytes, write_bytes_file, write_tensor_file
 from .writer import SAFETENSORS_METADATA, Snapshot
@@ -156,6 +157,10 @@ class IncrementalWriter:
             files: dict[str, FileRecord] = {}
             for filename, tensors in files_by_name.items():
                 files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
+            for filename, data in snapshot.files.items():
+                if filename == shards.index_name(MODEL_FILE):
+                    raise ConfigurationError(f"extra file name {filename!r} is the index of the model's shards")
+                files[filename] = write_bytes_file(staging / filename, data)
             tensors_now, shard_plan = self._plan(model, seen)
             weight_map: dict[str, str] = {}
             count = len(shard_plan)

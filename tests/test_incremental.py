@@ -255,3 +255,14 @@ def test_cli_verifies_shows_and_exports_incremental_checkpoints(tmp_path: Path) 
         cli.app, ["export", str(directory), "2", "--to", "pt", "--weights-only", "-o", str(tmp_path / "w.pt")]
     )
     assert weights.exit_code != 0
+
+
+def test_extra_files_are_kept_in_incremental_checkpoints(tmp_path: Path) -> None:
+    model, optimizer = frozen_backbone()
+    manager = CheckpointManager(tmp_path, incremental=True)
+    info = manager.save(model, optimizer, epoch=1, metrics={"loss": 1.0}, files={"trainer_state.json": b"{}"})
+    assert (info.path / "trainer_state.json").read_bytes() == b"{}"
+    assert info.files["trainer_state.json"].size == 2
+    with pytest.raises(ConfigurationError, match="index"):
+        manager.save(model, optimizer, epoch=2, metrics={"loss": 1.0}, files={"model.safetensors.index.json": b"{}"})
+    assert [c.epoch for c in manager.checkpoints()] == [1]
