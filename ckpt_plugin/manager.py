@@ -22,11 +22,12 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
-from .metadata import provenance
+from .async_save import AsyncSaver, pending_info
+from .metadata import git_provenance, provenance
 from .reader import Device, read_checkpoint, read_json
 from .rng import capture_rng_state, restore_rng_state
 from .storage import LocalStore
-from .writer import take_snapshot, write_snapshot
+from .writer import Snapshot, take_snapshot, write_snapshot
 
 
 class CheckpointManager:
@@ -40,6 +41,10 @@ class CheckpointManager:
         mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is.
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
+        async_save: return from :meth:`save` once the state is copied into a reused host staging
+            buffer (about the size of the state), and write, commit and prune on a background
+            thread. At most one save is in flight; a failed background save is raised again by the
+            next :meth:`save`, :meth:`wait` or :meth:`close`. Loads wait for the save in flight.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -54,6 +59,7 @@ class CheckpointManager:
         mode: str = "min",
         *,
         save_rng: bool = True,
+        async_save: bool = False,
     ) -> None:
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -71,6 +77,8 @@ class CheckpointManager:
         self.metric_for_best = metric_for_best
         self.mode = mode
         self.save_rng = save_rng
+        self.async_save = bool(async_save)
+        self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
@@ -85,7 +93,8 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return (
             f"CheckpointManager({str(self.checkpoint_dir)!r}, max_checkpoints={self.max_checkpoints}, "
-            f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r})"
+            f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r}"
+            + (", async_save=True)" if self.async_save else ")")
         )
 
     # ------------------------------------------------------------------ saving
@@ -107,7 +116,27 @@ class CheckpointManager:
         ``model``, ``optimizer`` and ``scheduler`` may be live objects or their state dicts.
         ``config`` is any JSON-able tree (a dict, a dataclass, or an object with ``to_dict()``).
         ``extra`` is any tree of dicts, lists, tuples, scalars, strings and tensors.
+
+        With ``async_save`` this returns once the state is copied (the returned record has no
+        ``files`` yet); the checkpoint is listed once it has committed, which :meth:`wait` ensures.
         """
+
+        def take() -> Snapshot:
+            return self._take_snapshot(model, optimizer, epoch, metrics, config, step, scheduler, extra)
+
+        if self._saver is None:
+            return self._write(take())
+        cwd = _current_dir()
+
+        def write(snapshot: Snapshot) -> CheckpointInfo:
+            snapshot.provenance.update(git_provenance(cwd))
+            return self._write(snapshot)
+
+        return pending_info(self.checkpoint_dir, self._saver.save(take, write))
+
+    def _take_snapshot(
+        self, model: Any, optimizer: Any, epoch: Any, metrics: Any, config: Any, step: Any, scheduler: Any, extra: Any
+    ) -> Snapshot:
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
         metrics = normalize_metrics(metrics)
@@ -119,7 +148,7 @@ class CheckpointManager:
             "extra": extra,
             "rng": capture_rng_state() if self.save_rng else None,
         }
-        snapshot = take_snapshot(
+        return take_snapshot(
             states,
             epoch=epoch,
             step=step,
@@ -127,8 +156,11 @@ class CheckpointManager:
             config=config_to_dict(config),
             metric_for_best=self.metric_for_best,
             mode=self.mode,
-            provenance=provenance(),
+            provenance=provenance(git=self._saver is None),
         )
+
+    def _write(self, snapshot: Snapshot) -> CheckpointInfo:
+        """Write, commit and prune: the part of a save that an asynchronous save runs in the background."""
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
@@ -165,6 +197,36 @@ class CheckpointManager:
         for entry in retention.to_delete(self.checkpoints(), self._policies):
             self._store.remove(entry.name)  # type: ignore[attr-defined]
             self._listing.pop(entry.name, None)  # type: ignore[attr-defined]
+
+    def wait(self) -> None:
+        """Block until the asynchronous save in flight has committed, and raise its error if it failed.
+
+        Returns at once for a synchronous manager, or when nothing is in flight.
+        """
+        if self._saver is not None:
+            self._saver.wait()
+
+    def close(self) -> None:
+        """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
+        if self._saver is not None:
+            self._saver.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as error:  # do not hide the exception already on its way out
+            warnings.warn(f"a background save failed while another error was raised: {error}", UserWarning, stacklevel=2)
+
+    def _settle(self) -> None:
+        """Let the save in flight finish before reading, so a load sees this manager's own saves."""
+        if self._saver is not None:
+            self._saver.drain()
 
     # ------------------------------------------------------------------ listing
 
@@ -251,10 +313,12 @@ class CheckpointManager:
     def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
         naming the epochs that exist."""
+        self._settle()
         return read_checkpoint(self.find(epoch, step), map_location=map_location, verify=verify)
 
     def load_latest(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
         """Load the most recent checkpoint, or return None when the directory holds none."""
+        self._settle()
         info = self.latest()
         return None if info is None else read_checkpoint(info, map_location=map_location, verify=verify)
 
@@ -262,6 +326,7 @@ class CheckpointManager:
         self, metric: str | None = None, mode: str | None = None, *, map_location: Device = None, verify: bool = True
     ) -> dict[str, Any] | None:
         """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
+        self._settle()
         info = self.best(metric, mode)
         return None if info is None else read_checkpoint(info, map_location=map_location, verify=verify)
 
@@ -281,6 +346,7 @@ class CheckpointManager:
         ``"latest"`` is asked of an empty directory. RNG states are restored too unless
         ``restore_rng`` is False.
         """
+        self._settle()
         info = self.resolve(which)
         if info is None:
             return None
@@ -306,6 +372,13 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
+
+
+def _current_dir() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 def _require(checkpoint: Mapping[str, Any], item: str, info: CheckpointInfo) -> None:
