@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import retention
+from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
@@ -22,7 +23,6 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
-from .async_save import AsyncSaver, pending_info
 from .metadata import git_provenance, provenance
 from .reader import Device, read_checkpoint, read_json
 from .rng import capture_rng_state, restore_rng_state
@@ -120,6 +120,10 @@ class CheckpointManager:
         With ``async_save`` this returns once the state is copied (the returned record has no
         ``files`` yet); the checkpoint is listed once it has committed, which :meth:`wait` ensures.
         """
+        epoch = _whole_number(epoch, "epoch")
+        step = None if step is None else _whole_number(step, "step")
+        metrics = normalize_metrics(metrics)
+        self._check_best_metric(metrics)
 
         def take() -> Snapshot:
             return self._take_snapshot(model, optimizer, epoch, metrics, config, step, scheduler, extra)
@@ -135,12 +139,16 @@ class CheckpointManager:
         return pending_info(self.checkpoint_dir, self._saver.save(take, write))
 
     def _take_snapshot(
-        self, model: Any, optimizer: Any, epoch: Any, metrics: Any, config: Any, step: Any, scheduler: Any, extra: Any
+        self,
+        model: Any,
+        optimizer: Any,
+        epoch: int,
+        metrics: dict[str, Any],
+        config: Any,
+        step: int | None,
+        scheduler: Any,
+        extra: Any,
     ) -> Snapshot:
-        epoch = _whole_number(epoch, "epoch")
-        step = None if step is None else _whole_number(step, "step")
-        metrics = normalize_metrics(metrics)
-        self._check_best_metric(metrics)
         states = {
             "model": _state_of(model, "model"),
             "optimizer": _state_of(optimizer, "optimizer"),
