@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointInfo
 from .errors import (
+    AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
@@ -23,6 +24,7 @@ from .manager import CheckpointManager
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
+    "AsyncSaveError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",

@@ -25,17 +25,13 @@ from typing import TypeVar
 
 from . import codec
 from .checkpoint import CheckpointInfo
-from .errors import CheckpointError
+from .errors import AsyncSaveError, CheckpointError
 from .staging import Staged, StagingBuffer
 from .tensorformat import dtype_code
 from .writer import Snapshot
 
 T = TypeVar("T")
 _logger = logging.getLogger(__name__)
-
-
-class AsyncSaveError(CheckpointError):
-    """A background save failed; the checkpoint it was writing was not committed."""
 
 
 class AsyncSaver:

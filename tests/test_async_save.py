@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 import ckpt_plugin.manager as manager_module
-from ckpt_plugin import CheckpointManager, StorageError
-from ckpt_plugin.async_save import AsyncSaveError
+from ckpt_plugin import AsyncSaveError, CheckpointManager, StorageError
 from ckpt_plugin.staging import StagingBuffer
 
 ROOT = Path(__file__).resolve().parents[1]
