@@ -61,6 +61,24 @@ def median_time(fn: Callable[[], object], rounds: int, before: Callable[[], obje
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int, before: Callable[[], object] | None = None
+) -> dict[str, float]:
+    """Median wall time of each of ``fns``, run in turn within every round so that drifting load
+    on a shared machine hits them alike; the first round is an untimed warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for index in range(rounds + 1):
+        for name, fn in fns.items():
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if index:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def settle() -> None:
     """Flush dirty pages so that one measurement's writeback does not slow down the next."""
     os.sync()
