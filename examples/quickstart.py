@@ -84,7 +84,7 @@ def main() -> None:
         return
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="ckpt_quickstart_")) / "checkpoints"
-    print(f"== 1. training in a child process that dies after epoch {args.interrupt_after}")
+    print(f"== 1. training in a child process that dies after epoch {args.interrupt_after}", flush=True)
     child = subprocess.run([sys.executable, __file__, "--child", "--dir", str(directory), "--epochs", str(args.epochs),
                             "--interrupt-after", str(args.interrupt_after)], check=False)
     print(f"child exited with status {child.returncode}")
