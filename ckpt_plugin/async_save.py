@@ -38,10 +38,11 @@ class AsyncSaver:
     """Runs one background save at a time over a single reused staging buffer.
 
     Args:
-        threads: threads that copy CPU tensors into the staging buffer (1 or 2).
+        threads: threads that copy CPU tensors into the staging buffer (1 or 2; default: 2 where
+            there is more than one core).
     """
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.buffer = StagingBuffer(threads)
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -91,9 +92,9 @@ class AsyncSaver:
 
     def _stage(self, snapshot: Snapshot) -> Staged:
         names = list(snapshot.items)
-        for skeleton, tensors in snapshot.items.values():
+        for _, tensors in snapshot.items.values():
             for name, tensor in tensors.items():
-                dtype_code(tensor.dtype, name)
+                dtype_code(tensor.dtype, name)  # an unstorable dtype fails here, not in the background
         staged = self.buffer.stage([tensors for _, tensors in snapshot.items.values()])
         for item, copies in zip(names, staged.groups):
             snapshot.items[item] = (snapshot.items[item][0], copies)

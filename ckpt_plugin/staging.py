@@ -16,6 +16,7 @@ the copies have landed.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,11 +55,13 @@ class StagingBuffer:
     """One pre-allocated host buffer that holds a copy of the state between saves.
 
     Args:
-        threads: how many threads copy CPU tensors (1 or 2). Two beat a single ``copy_`` on most
-            machines; see ``benchmarks/async_save.py``.
+        threads: how many threads copy CPU tensors (1 or 2). The default is two where the machine
+            has more than one core: two beat a single ``copy_``; see ``benchmarks/async_save.py``.
     """
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self, threads: int | None = None) -> None:
+        if threads is None:
+            threads = 2 if (os.cpu_count() or 1) > 1 else 1
         if threads not in (1, 2):
             raise ValueError(f"threads must be 1 or 2, not {threads!r}")
         self.threads = threads
@@ -102,7 +105,7 @@ class StagingBuffer:
         return staged
 
     def _reserve(self, total: int, pinned: bool) -> None:
-        if self._buffer is not None and self._buffer.numel() >= total and (self.pinned or not pinned):
+        if self._buffer is not None and self._buffer.numel() >= total and (not pinned or self.pinned):
             return
         self._buffer = None  # free the old buffer before allocating its replacement
         self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pinned)
