@@ -20,6 +20,8 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,7 +47,8 @@ class AsyncSaver:
     def __init__(self, threads: int | None = None) -> None:
         self.buffer = StagingBuffer(threads)
         self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: Future[None] | None = None
         self._error: BaseException | None = None
         self._pid = os.getpid()
         _LIVE.add(self)
@@ -53,7 +56,7 @@ class AsyncSaver:
     @property
     def busy(self) -> bool:
         """Whether a background save is running now."""
-        return self._worker is not None and self._worker.is_alive()
+        return self._in_flight is not None and not self._in_flight.done()
 
     def save(self, take: Callable[[], Snapshot], write: Callable[[Snapshot], T]) -> Snapshot:
         """Wait for the previous save, run ``take`` and stage its tensors, then ``write`` in the background.
@@ -66,10 +69,9 @@ class AsyncSaver:
             self._raise_pending()
             snapshot = take()
             staged = self._stage(snapshot)
-            self._worker = threading.Thread(
-                target=self._run, args=(write, snapshot, staged), name=f"ckpt-save-{snapshot.name}", daemon=True
-            )
-            self._worker.start()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
+            self._in_flight = self._executor.submit(self._run, write, snapshot, staged)
             return snapshot
 
     def wait(self) -> None:
@@ -84,10 +86,16 @@ class AsyncSaver:
             self._join()
 
     def close(self) -> None:
-        """Flush like :meth:`wait`, then free the staging buffer (the next save allocates it again)."""
+        """Flush like :meth:`wait`, then free the staging buffer and stop the background thread.
+
+        The next save allocates and starts them again.
+        """
         with self._lock:
             self._join()
             self.buffer.release()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
             self._raise_pending()
 
     def _stage(self, snapshot: Snapshot) -> Staged:
@@ -108,10 +116,9 @@ class AsyncSaver:
             self._error = exc
 
     def _join(self) -> None:
-        worker = self._worker
-        if worker is not None:
-            worker.join()
-            self._worker = None
+        if self._in_flight is not None:
+            wait_for([self._in_flight])
+            self._in_flight = None
 
     def _raise_pending(self) -> None:
         error, self._error = self._error, None

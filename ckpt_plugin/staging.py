@@ -17,8 +17,8 @@ the copies have landed.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,7 @@ class StagingBuffer:
             raise ValueError(f"threads must be 1 or 2, not {threads!r}")
         self.threads = threads
         self._buffer: torch.Tensor | None = None
+        self._helper: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, Any] = {}
 
     @property
@@ -78,8 +79,11 @@ class StagingBuffer:
         return self._buffer is not None and self._buffer.is_pinned()
 
     def release(self) -> None:
-        """Free the buffer; the next :meth:`stage` allocates it again."""
+        """Free the buffer and stop the helper thread; the next :meth:`stage` starts them again."""
         self._buffer = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
 
     def stage(self, groups: list[Mapping[str, torch.Tensor]]) -> Staged:
         """Copy every tensor of ``groups`` into the buffer and return the copies, grouped alike.
@@ -143,15 +147,16 @@ class StagingBuffer:
             else:
                 copy.copy_(tensor)
         events = [self._copy_from_cuda(device, pairs) for device, pairs in on_cuda.items()]
-        helper = None
+        helped = None
         if halves[1]:
-            helper = threading.Thread(target=_copy_pairs, args=(halves[1],), name="ckpt-stage", daemon=True)
-            helper.start()
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-stage")
+            helped = self._helper.submit(_copy_pairs, halves[1])
         try:
             _copy_pairs(halves[0])
         finally:
-            if helper is not None:
-                helper.join()
+            if helped is not None:
+                helped.result()
         return events
 
     def _copy_from_cuda(self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
