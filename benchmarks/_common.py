@@ -129,9 +129,10 @@ def machine() -> str:
     except (ValueError, OSError):
         ram = float("nan")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
         f"{model}, nproc={os.cpu_count()}, RAM {ram:.1f} GiB, {gpu}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}; load average {load}"
     )
 
 
