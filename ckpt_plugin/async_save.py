@@ -53,11 +53,6 @@ class AsyncSaver:
         self._pid = os.getpid()
         _LIVE.add(self)
 
-    @property
-    def busy(self) -> bool:
-        """Whether a background save is running now."""
-        return self._in_flight is not None and not self._in_flight.done()
-
     def save(self, take: Callable[[], Snapshot], write: Callable[[Snapshot], T]) -> Snapshot:
         """Wait for the previous save, run ``take`` and stage its tensors, then ``write`` in the background.
 
