@@ -1,8 +1,9 @@
 """ckpt_plugin: trustworthy, pickle-free checkpoints for PyTorch training.
 
 ``CheckpointManager`` saves safetensors weights plus JSON metadata with atomic commits, keeps the
-last N and the best, and loads the latest, a given epoch or the best by any metric. The Lightning
-and Hugging Face callbacks live in ``ckpt_plugin.lightning`` and ``ckpt_plugin.hf``.
+last N and the best, and loads the latest, a given epoch or the best by any metric.
+``ArtifactRegistry`` promotes checkpoints to immutable validated versions and to production. The
+Lightning and Hugging Face callbacks live in ``ckpt_plugin.lightning`` and ``ckpt_plugin.hf``.
 """
 
 __version__ = "0.1.0"
@@ -21,9 +22,11 @@ from .errors import (
     StorageError,
 )
 from .manager import CheckpointManager
+from .registry import ArtifactRegistry
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
+    "ArtifactRegistry",
     "AsyncSaveError",
     "CheckpointError",
     "CheckpointInfo",

@@ -110,12 +110,16 @@ class CheckpointManager:
         step: int | None = None,
         scheduler: Any = None,
         extra: Any = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> CheckpointInfo:
         """Save one checkpoint and apply retention; return what was saved (path, epoch, step, metrics).
 
         ``model``, ``optimizer`` and ``scheduler`` may be live objects or their state dicts.
         ``config`` is any JSON-able tree (a dict, a dataclass, or an object with ``to_dict()``).
         ``extra`` is any tree of dicts, lists, tuples, scalars, strings and tensors.
+        ``files`` maps plain file names to bytes written as they are into the checkpoint directory,
+        committed and checksummed with it, for tools that expect a file by name (such as the
+        ``trainer_state.json`` that Hugging Face ``Trainer.train`` reads when it resumes).
 
         With ``async_save`` this returns once the state is copied (the returned record has no
         ``files`` yet); the checkpoint is listed once it has committed, which :meth:`wait` ensures.
@@ -126,7 +130,7 @@ class CheckpointManager:
         self._check_best_metric(metrics)
 
         def take() -> Snapshot:
-            return self._take_snapshot(model, optimizer, epoch, metrics, config, step, scheduler, extra)
+            return self._take_snapshot(model, optimizer, epoch, metrics, config, step, scheduler, extra, files)
 
         if self._saver is None:
             return self._write(take())
@@ -148,6 +152,7 @@ class CheckpointManager:
         step: int | None,
         scheduler: Any,
         extra: Any,
+        files: Mapping[str, bytes] | None,
     ) -> Snapshot:
         states = {
             "model": _state_of(model, "model"),
@@ -165,6 +170,7 @@ class CheckpointManager:
             metric_for_best=self.metric_for_best,
             mode=self.mode,
             provenance=provenance(git=self._saver is None),
+            files=files,
         )
 
     def _write(self, snapshot: Snapshot) -> CheckpointInfo:

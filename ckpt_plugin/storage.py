@@ -20,11 +20,11 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import xxhash
@@ -234,6 +234,133 @@ def read_bytes_file(path: Path, record: FileRecord | None = None) -> bytes:
     return data
 
 
+def verify_file(path: Path, record: FileRecord, progress: Callable[[int], None] | None = None) -> None:
+    """Check ``path`` against its recorded size and checksum, streaming it in chunks.
+
+    ``progress`` is called with the byte count of every chunk read, for progress bars.
+    Raises :class:`CorruptCheckpointError` naming the file on any mismatch or when it is missing.
+    """
+    _check(path, record, *_hash_file(path, record, progress))
+
+
+def _hash_file(path: Path, record: FileRecord, progress: Callable[[int], None] | None) -> tuple[int, str | None]:
+    """The size and checksum of ``path``; the checksum is None when the size already disagrees."""
+    hasher = new_hasher()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            on_disk = os.fstat(handle.fileno()).st_size
+            if on_disk != record.size:
+                return on_disk, None
+            while chunk := handle.read(CHUNK_BYTES):
+                hasher.update(chunk)
+                size += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    return size, format_checksum(hasher)
+
+
+def link_or_copy(
+    source: Path,
+    target: Path,
+    record: FileRecord,
+    progress: Callable[[int], None] | None = None,
+    *,
+    link: bool = True,
+) -> None:
+    """Give ``target`` the content of ``source``, verified against ``record``.
+
+    With ``link``, a hard link is made where the file system allows one (committed checkpoint
+    files are never written in place, so sharing the inode is safe and deleting ``source`` later
+    leaves ``target`` intact); otherwise, or without ``link``, the file is copied and fsynced.
+    Either way the result is checked against ``record``, and nothing is left at ``target`` when
+    that fails.
+    """
+    try:
+        if not link:
+            raise OSError(errno.EPERM, "copy requested")
+        os.link(source, target)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    except OSError:
+        _copy_file(source, target)
+    try:
+        _check(source, record, *_hash_file(target, record, progress))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    try:
+        with open(source, "rb") as reader:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                while chunk := reader.read(CHUNK_BYTES):
+                    _write_all(fd, memoryview(chunk))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except FileNotFoundError:
+        target.unlink(missing_ok=True)
+        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise _storage_error(exc, "copy a file to", target) from exc
+
+
+def append_line(path: Path, data: bytes) -> None:
+    """Append one line to a log file (created if missing) in a single write, and fsync it.
+
+    A last line left unterminated by a writer that died is terminated first, so it never runs
+    into the new one. Callers that append concurrently must hold a lock.
+    """
+    line = data.rstrip(b"\n") + b"\n"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            _write_all(fd, memoryview(line))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _storage_error(exc, "append to", path) from exc
+
+
+def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Create the file ``path`` atomically from what ``write`` writes to a hidden temporary file.
+
+    The temporary file is fsynced and then linked into place, so ``path`` appears whole or not at
+    all, and an existing file at ``path`` is never replaced (:class:`StorageError` instead).
+    """
+    temporary = path.parent / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
+    try:
+        with open(temporary, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+            os.rename(temporary, path)
+        fsync_dir(path.parent)
+    except FileExistsError as exc:
+        raise StorageError(errno.EEXIST, f"{path} already exists and is never overwritten; remove it or choose another path") from exc
+    except OSError as exc:
+        raise _storage_error(exc, "write", path) from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def open_tensor_file(path: Path, record: FileRecord | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
     """Map a safetensors file and return its tensors, viewing the file's pages without copying them.
 
@@ -369,9 +496,13 @@ class LocalStore:
         except FileNotFoundError:
             return
 
-    def recover(self) -> None:
+    def recover(self, only: str | None = None) -> None:
         """Finish what dead writers left: restore a checkpoint set aside by an interrupted
-        replacement, and remove stale staging and trash directories. Live writers are left alone."""
+        replacement, and remove stale staging and trash directories. Live writers are left alone.
+
+        With ``only``, just the leftovers of entry ``only`` are handled, for a root that also holds
+        files ckpt_plugin does not own.
+        """
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -379,6 +510,8 @@ class LocalStore:
         now = time.time()
         for entry in entries:
             name = entry.name
+            if only is not None and not name.endswith(f".{only}"):
+                continue
             if name.startswith(REPLACED_PREFIX):
                 original = self.root / name.split(".", 3)[3]
                 if not original.exists():
@@ -404,3 +537,49 @@ class LocalStore:
             return now - entry.stat().st_mtime > STALE_STAGING_SECONDS
         except FileNotFoundError:
             return False
+
+
+LINK_PREFIX = ".link."
+
+
+def set_link(link: Path, target: Path) -> None:
+    """Atomically make ``link`` a symbolic link to the directory ``target``.
+
+    The link is stored relative to its own directory, so it survives moving the whole tree. An
+    existing link of that name is replaced in one rename; a real file or directory is never replaced.
+    """
+    temporary = link.parent / f"{LINK_PREFIX}{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    try:
+        if link.exists() and not link.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists and is not a link", str(link))
+        os.symlink(os.path.relpath(target, link.parent), temporary, target_is_directory=True)
+        os.replace(temporary, link)
+        fsync_dir(link.parent)
+    except OSError as exc:
+        if temporary.is_symlink():
+            os.unlink(temporary)
+        raise _storage_error(exc, "create the link", link) from exc
+
+
+def symlinks(directory: Path) -> dict[str, Path]:
+    """The visible symbolic links directly inside ``directory``, mapped to the paths they point to."""
+    found: dict[str, Path] = {}
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_symlink() and not entry.name.startswith("."):
+                    found[entry.name] = Path(directory, os.readlink(entry.path))
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def remove_link(link: Path) -> None:
+    """Remove the symbolic link ``link``, never what it points to; a missing link is not an error."""
+    try:
+        if link.is_symlink():
+            os.unlink(link)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _storage_error(exc, "remove the link", link) from exc

@@ -16,8 +16,10 @@ import torch
 
 from . import codec
 from .checkpoint import (
+    EXTRA_TENSORS_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    OPTIMIZER_FILE,
     STATE_FILE,
     CheckpointInfo,
     build_metadata,
@@ -25,6 +27,7 @@ from .checkpoint import (
     item_file,
     item_prefix,
 )
+from .errors import ConfigurationError
 from .storage import FileRecord, LocalStore, write_bytes_file, write_tensor_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -42,6 +45,7 @@ class Snapshot:
     mode: str
     provenance: dict[str, Any]
     items: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -78,11 +82,14 @@ def take_snapshot(
     metric_for_best: str | None,
     mode: str,
     provenance: dict[str, Any],
+    files: Mapping[str, bytes] | None = None,
 ) -> Snapshot:
     """Encode every state tree in ``states`` (``model``, ``optimizer``, ...; None values skipped).
 
-    Raises :class:`~ckpt_plugin.errors.EncodingError` naming the key path of any value that
-    cannot be stored; nothing has touched the disk by then.
+    ``files`` are extra files to write as they are (name to bytes). Raises
+    :class:`~ckpt_plugin.errors.EncodingError` naming the key path of any value that cannot be
+    stored, or :class:`~ckpt_plugin.errors.ConfigurationError` for a bad extra file; nothing has
+    touched the disk by then.
     """
     snapshot = Snapshot(
         epoch=epoch,
@@ -92,6 +99,7 @@ def take_snapshot(
         metric_for_best=metric_for_best,
         mode=mode,
         provenance=codec.to_json(provenance, "metadata"),
+        files=_extra_files(files),
     )
     for item, tree in states.items():
         if tree is not None:
@@ -106,6 +114,8 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot) -> CheckpointInfo:
         files: dict[str, FileRecord] = {}
         for filename, tensors in snapshot.tensors_by_file().items():
             files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
+        for filename, data in snapshot.files.items():
+            files[filename] = write_bytes_file(staging / filename, data)
         files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(snapshot.state_document()))
         metadata = build_metadata(
             epoch=snapshot.epoch,
@@ -134,3 +144,26 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot) -> CheckpointInfo:
         files=files,
         items=tuple(snapshot.items),
     )
+
+
+RESERVED_FILES = frozenset({METADATA_FILE, STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE})
+
+
+def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
+    """Check the extra files of a save: plain, unreserved names and bytes (or str, as UTF-8)."""
+    checked: dict[str, bytes] = {}
+    for name, data in (files or {}).items():
+        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+            raise ConfigurationError(
+                f"extra file name {name!r} must be a plain file name, without a directory or leading dot"
+            )
+        if name in RESERVED_FILES or name.endswith(".safetensors"):
+            raise ConfigurationError(
+                f"extra file name {name!r} is reserved for the checkpoint's own files; choose another name"
+            )
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigurationError(f"extra file {name!r} must be bytes or str, not {type(data).__name__}")
+        checked[name] = bytes(data)
+    return checked

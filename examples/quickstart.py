@@ -8,6 +8,8 @@
    trains to ``--epochs``.
 3. It checks that the resumed weights are bitwise identical to an uninterrupted run, loads the best
    checkpoint, and prints what is on disk.
+4. It validates the best checkpoint behind two checks as the next minor version, promotes it to
+   production, loads the production model into a fresh network and makes a prediction.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ckpt_plugin import CheckpointManager
+from ckpt_plugin import ArtifactRegistry, CheckpointManager
 
 
 def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +109,40 @@ def main() -> None:
     for info in manager.checkpoints():
         print(f"  {info.name:<10} loss={info.metrics['loss']:.4f}  {info.size / 1024:7.1f} KiB  "
               f"{', '.join(sorted(info.files))}")
+
+    print("== 4. validating the best checkpoint and promoting it to production")
+    promote_and_predict(directory)
+
+
+def promote_and_predict(directory: Path) -> None:
+    """Gate the best checkpoint, give it the next minor version, promote it, and serve a prediction."""
+    inputs, targets = make_data()
+    baseline = float(((targets - targets.mean()) ** 2).mean())   # the loss of always predicting the mean
+    registry = ArtifactRegistry(checkpoint_dir=directory)   # validated/ and production/ sit beside it
+    record = registry.validate(
+        epoch="best",
+        bump="minor",
+        checks={
+            f"loss beats predicting the mean ({baseline:.2f})": lambda checkpoint: checkpoint["metrics"]["loss"] < baseline,
+            "weights are finite": lambda checkpoint: all(t.isfinite().all() for t in checkpoint["model"].values()),
+        },
+    )
+    print(f"validated {record['source']['name']} as version {record['version']}: "
+          + ", ".join(f"{check['name']} ({'passed' if check['passed'] else 'failed'})" for check in record["checks"]))
+    production = registry.promote(record["version"])
+    print(f"production is version {production['version']}, promoted by {production['promoted_by']['user']} "
+          f"at {production['promoted_at']}")
+
+    served = registry.load_production()
+    model, _, _ = make_training()
+    model.load_state_dict(served["model"])
+    model.eval()
+    with torch.no_grad():
+        predictions = model(inputs[:3]).squeeze(1)
+    for prediction, target in zip(predictions.tolist(), targets[:3].tolist()):
+        print(f"  prediction {prediction:+.3f}  target {target:+.3f}")
+    print(f"history: {', '.join(event['event'] + ' ' + event['version'] for event in registry.history())}")
+    print(f"inspect it all with: ckpt list {directory}; ckpt versions {directory}; ckpt history {directory}")
 
 
 if __name__ == "__main__":

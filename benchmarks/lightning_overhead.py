@@ -1,0 +1,112 @@
+"""Wall time of a 5-epoch Lightning fit: ckpt_plugin's CheckpointCallback against ModelCheckpoint.
+
+    python benchmarks/lightning_overhead.py [--rounds 5] [--epochs 5] [--dir DIR]
+
+The model holds about 100 MiB of state (fp32 weights plus AdamW's two moments). Both fits run in
+this process on the same data, saving after every epoch's validation: once with
+``CheckpointCallback(max_checkpoints=3, keep_best=True)`` (safetensors + JSON, fsynced atomic
+commits) and once with ``ModelCheckpoint(save_top_k=3, save_last=True)`` (``torch.save``, Lightning's
+default). A fit without any checkpointing is timed as well, to show each one's overhead. After one
+warm-up round the three fits are interleaved for ``--rounds`` rounds; the medians and the ratio
+CheckpointCallback / ModelCheckpoint are printed (lower is better; the target is <= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ckpt_plugin.lightning import CheckpointCallback
+
+warnings.filterwarnings("ignore")
+WIDTH = 2048  # two 2048x2048 layers: 8.4 M parameters, ~32 MiB of weights, ~96 MiB with AdamW state
+
+
+class Wide(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return nn.functional.mse_loss(self.net(batch[0]), batch[0])
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.log("val_loss", nn.functional.mse_loss(self.net(batch[0]), batch[0]))
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+def state_mib(model: nn.Module) -> float:
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * weights / 2**20  # weights + exp_avg + exp_avg_sq
+
+
+def timed_fit(kind: str, root: Path, epochs: int, data: TensorDataset) -> float:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    if kind == "ckpt_plugin":
+        callbacks = [CheckpointCallback(root / "checkpoints", max_checkpoints=3, keep_best=True, metric_for_best="val_loss")]
+    elif kind == "ModelCheckpoint":
+        callbacks = [ModelCheckpoint(root / "checkpoints", monitor="val_loss", save_top_k=3, save_last=True)]
+    else:
+        callbacks = []
+    torch.manual_seed(0)
+    model = Wide()
+    trainer = pl.Trainer(
+        default_root_dir=root,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        enable_checkpointing=bool(callbacks),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, DataLoader(data, batch_size=32), DataLoader(data, batch_size=64))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    args = parser.parse_args()
+    scratch = args.dir or Path(tempfile.mkdtemp(prefix="ckpt_lightning_bench_"))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = TensorDataset(torch.randn(64, WIDTH, generator=torch.Generator().manual_seed(0)))
+    kinds = ("none", "ModelCheckpoint", "ckpt_plugin")
+    print(f"model state: {state_mib(Wide()):.1f} MiB; {args.epochs} epochs, one save per epoch; scratch: {scratch}")
+
+    for kind in kinds:  # warm-up: imports, allocator, page cache
+        timed_fit(kind, scratch / kind, args.epochs, data)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for round_index in range(args.rounds):
+        for kind in kinds:
+            times[kind].append(timed_fit(kind, scratch / kind, args.epochs, data))
+        print(f"round {round_index + 1}: " + ", ".join(f"{kind} {times[kind][-1]:.2f}s" for kind in kinds), flush=True)
+
+    median = {kind: statistics.median(values) for kind, values in times.items()}
+    for kind in kinds:
+        overhead = median[kind] - median["none"]
+        print(f"{kind:>16}: median {median[kind]:.2f}s  (checkpointing overhead {overhead:+.2f}s)")
+    print(f"ratio CheckpointCallback / ModelCheckpoint (median wall time of the fit): {median['ckpt_plugin'] / median['ModelCheckpoint']:.3f}")
+    shutil.rmtree(scratch, ignore_errors=True) if args.dir is None else None
+
+
+if __name__ == "__main__":
+    main()

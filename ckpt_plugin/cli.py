@@ -1,0 +1,661 @@
+"""The ``ckpt`` command: inspect, verify, compare, validate, promote and export checkpoints.
+
+    ckpt list DIR                      epochs, steps, metrics, sizes and ages; best and latest marked
+    ckpt show DIR EPOCH                one checkpoint (EPOCH: a number, best, latest or a version v1.0.0)
+    ckpt verify DIR                    every checksum of DIR, and of validated/ and production/ beside it
+    ckpt diff DIR A B                  metrics, changed tensors, largest absolute difference
+    ckpt validate DIR EPOCH --version 1.0.0 --require "accuracy>=0.9"
+    ckpt promote DIR 1.0.0 | ckpt rollback DIR | ckpt versions DIR | ckpt history DIR
+    ckpt export DIR EPOCH --to hf|pt
+
+Every command takes ``--json`` for scripts. Exit status: 0 on success, 1 when a check fails or a
+file is corrupt, 2 on bad input (a missing directory, an unknown epoch or version).
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import functools
+import json
+import math
+import operator
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO, Optional
+
+try:
+    import typer
+    from rich.console import Console
+    from rich.filesize import decimal as format_size
+    from rich.markup import escape
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.table import Table
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise SystemExit("the ckpt command needs the cli extra: pip install 'ckpt-plugin[cli]'") from exc
+
+import torch
+
+from . import codec
+from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    PromotionError,
+)
+from .reader import read_checkpoint, read_json
+from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
+from .storage import FileRecord, LocalStore, link_or_copy, open_tensor_file, publish_file, verify_file, write_bytes_file
+
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+app = typer.Typer(
+    help="Inspect, verify, validate, promote and export ckpt_plugin checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+Directory = Annotated[Path, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into).")]
+Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', or a validated version such as v1.0.0.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+ValidatedDir = Annotated[Optional[Path], typer.Option(help="Validated versions (default: validated/ beside DIR).")]
+ProductionDir = Annotated[Optional[Path], typer.Option(help="The production model (default: production/ beside DIR).")]
+
+
+class ExportFormat(str, enum.Enum):
+    hf = "hf"
+    pt = "pt"
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+def _handled(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn ckpt_plugin errors into a one-line message and an exit status (JSON too with --json)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except CheckpointError as exc:
+            bad_input = isinstance(exc, (CheckpointNotFoundError, ConfigurationError))
+            if kwargs.get("as_json"):
+                _print_json({"error": str(exc), "type": type(exc).__name__})
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED) from None
+
+    return run
+
+
+def _registry(directory: Path, validated_dir: Path | None = None, production_dir: Path | None = None) -> ArtifactRegistry:
+    registry = ArtifactRegistry(directory, validated_dir, production_dir)
+    if not directory.is_dir() and not registry.validated_dir.is_dir():
+        raise CheckpointNotFoundError(
+            f"{directory} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
+            "directory (what CheckpointManager saved into), or --validated-dir"
+        )
+    return registry
+
+
+def _existing(directory: Path) -> Path:
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(
+            f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into)"
+        )
+    return directory
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as strict JSON data: tuples become lists, NaN and infinities become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(_plain(data), indent=2, allow_nan=False))
+
+
+def _format_metrics(metrics: Mapping[str, Any]) -> str:
+    return "  ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in metrics.items())
+
+
+def _age(timestamp: str | None) -> str:
+    if not timestamp:
+        return "?"
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(timestamp)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{max(seconds, 0):.0f}s ago"
+
+
+class Bars:
+    """Progress bars on stderr for reads of at least ``PROGRESS_MIN_BYTES``; use it as a context
+    manager and pass it wherever a :data:`~ckpt_plugin.registry.ProgressFactory` is taken."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+
+    def __call__(self, label: str, total: int) -> Callable[[int], None] | None:
+        if total < PROGRESS_MIN_BYTES:
+            return None
+        if self._progress is None:
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            self._progress = Progress(*columns, console=err, transient=True)
+            self._progress.start()
+        progress, task = self._progress, self._progress.add_task(label, total=total)
+        return lambda nbytes: progress.advance(task, nbytes)
+
+    def __enter__(self) -> Bars:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _verify_all(files: list[tuple[Path, FileRecord]], label: str, bars: Bars) -> list[dict[str, str]]:
+    """Check every file against its record; return one problem per damaged or missing file."""
+    problems = []
+    advance = bars(label, sum(record.size for _, record in files))
+    for path, record in files:
+        try:
+            verify_file(path, record, advance)
+        except CorruptCheckpointError as exc:
+            problems.append({"path": str(path), "error": str(exc)})
+    return problems
+
+
+def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str | None]:
+    """The checkpoint an EPOCH argument names, and its version when it is a validated one."""
+    if spec in ("best", "latest"):
+        return registry.resolve(spec), None
+    if spec.isdigit():
+        return registry.resolve(int(spec)), None
+    try:
+        version = parse_version(spec)
+    except PromotionError:
+        raise ConfigurationError(
+            f"{spec!r} is not an epoch number, 'best', 'latest' or a validated version such as v1.0.0"
+        ) from None
+    return registry.checkpoint_info(version), str(version)
+
+
+def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
+    """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
+    needed = {MODEL_FILE, STATE_FILE} if items == ("model",) else set(info.files)
+    problems = _verify_all([(info.path / name, info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars)
+    if problems:
+        raise CorruptCheckpointError(problems[0]["error"])
+    return read_checkpoint(info, verify=False, items=items)
+
+
+def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
+    """The checkpoints of the directory, and a problem for each one named like a checkpoint that cannot be read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # each unreadable one is reported as a problem below
+        infos = registry.manager.checkpoints()
+    listed = {info.name for info in infos}
+    unreadable = []
+    for entry in LocalStore(registry.checkpoint_dir).visible():
+        if looks_like_checkpoint(entry.name) and entry.name not in listed:
+            path = Path(entry.path)
+            try:
+                parse_metadata(path, read_json(path / METADATA_FILE))
+            except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+                unreadable.append({"path": str(path / METADATA_FILE), "error": str(exc)})
+    return infos, unreadable
+
+
+# ---------------------------------------------------------------------- inspecting
+
+
+@app.command("list")
+@_handled
+def list_checkpoints(directory: Directory, as_json: AsJson = False) -> None:
+    """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked."""
+    registry = _registry(_existing(directory))
+    infos = registry.manager.checkpoints()
+    try:
+        best = registry.resolve("best").name if infos else None
+    except (CheckpointNotFoundError, ConfigurationError):
+        best = None
+    latest = infos[-1].name if infos else None
+    production = registry.production()
+    rows = [
+        {
+            "name": info.name,
+            "epoch": info.epoch,
+            "step": info.step,
+            "metrics": info.metrics,
+            "size": info.size,
+            "saved_at": info.timestamp,
+            "best": info.name == best,
+            "latest": info.name == latest,
+        }
+        for info in infos
+    ]
+    summary = {"checkpoints": rows, "versions": registry.versions(), "production": production["version"] if production else None}
+    if as_json:
+        _print_json(summary)
+        return
+    if not rows:
+        out.print(f"no checkpoints in {escape(str(directory))}")
+    else:
+        table = Table("", "epoch", "step", "metrics", "size", "age", title=escape(str(directory)))
+        for info, row in zip(infos, rows):
+            marks = " ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on)
+            table.add_row(marks, str(info.epoch), "" if info.step is None else str(info.step),
+                          _format_metrics(info.metrics), format_size(info.size), _age(info.timestamp))
+        out.print(table)
+    if summary["versions"]:
+        out.print(f"validated: {', '.join(summary['versions'])}; production: {summary['production'] or 'none'}")
+
+
+@app.command()
+@_handled
+def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
+    """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
+    registry = _registry(_existing(directory))
+    info, version = _target(registry, epoch)
+    metadata = read_json(info.path / METADATA_FILE)
+    model = open_tensor_file(info.path / MODEL_FILE, info.files.get(MODEL_FILE), verify=False)
+    details: dict[str, Any] = {
+        "name": info.name,
+        "path": str(info.path),
+        "epoch": info.epoch,
+        "step": info.step,
+        "metrics": info.metrics,
+        "metric_for_best": info.metric_for_best,
+        "mode": info.mode,
+        "saved_at": info.timestamp,
+        "items": list(info.items),
+        "model_tensors": len(model),
+        "model_parameters": sum(tensor.numel() for tensor in model.values()),
+        "files": {name: record.to_json() for name, record in info.files.items()},
+        "config": codec.from_json(metadata.get("config")),
+        "provenance": codec.from_json(metadata.get("metadata") or {}),
+    }
+    if version is not None:
+        details["validation"] = registry.validation(version)
+    if as_json:
+        _print_json(details)
+        return
+    table = Table(show_header=False, title=f"{info.name}" + (f" (version {version})" if version else ""))
+    for key, value in details.items():
+        if key == "files":
+            value = "\n".join(f"{name}  {format_size(record['size'])}  {record['checksum']}" for name, record in value.items())
+        elif key in ("config", "provenance", "validation"):
+            value = json.dumps(_plain(value), indent=1)
+        elif key == "metrics":
+            value = _format_metrics(value)
+        table.add_row(key, escape(str(value)))
+    out.print(table)
+
+
+@app.command()
+@_handled
+def verify(directory: Directory, as_json: AsJson = False) -> None:
+    """Check every file's checksum: the checkpoints in DIR, the validated versions and production.
+
+    Exits with status 1 and names each damaged file when anything is corrupt.
+    """
+    registry = _registry(_existing(directory))
+    infos, problems = _raw_listing(registry)
+    files = [(info.path / name, record) for info in infos for name, record in info.files.items()]
+    for version in registry.versions():
+        folder = registry.version_dir(version)
+        try:
+            records = registry.validation(version)["files"]
+        except CorruptCheckpointError as exc:
+            problems.append({"path": str(folder), "error": str(exc)})
+            continue
+        files += [(folder / name, FileRecord.from_json(record)) for name, record in records.items()]
+    try:
+        production = registry.production()
+    except CorruptCheckpointError as exc:
+        production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
+    if production is not None:
+        record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
+        files.append((registry.production_dir / PRODUCTION_MODEL_FILE, record))
+    with Bars() as bars:
+        problems += _verify_all(files, "verifying", bars)
+    report = {"ok": not problems, "files": len(files), "bytes": sum(record.size for _, record in files), "problems": problems}
+    if as_json:
+        _print_json(report)
+    else:
+        for problem in problems:
+            err.print(f"[red]corrupt:[/red] {escape(problem['error'])}", soft_wrap=True)
+        status = "[green]ok[/green]" if not problems else f"[red]{len(problems)} problem(s)[/red]"
+        out.print(f"{status}: checked {len(files)} files, {format_size(report['bytes'])}")
+    if problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+@_handled
+def diff(
+    directory: Directory,
+    a: Target,
+    b: Target,
+    limit: Annotated[int, typer.Option(help="Show at most this many changed tensors in the table.")] = 20,
+    as_json: AsJson = False,
+) -> None:
+    """Compare two checkpoints: their metrics, which model tensors changed, and by how much."""
+    registry = _registry(_existing(directory))
+    (info_a, _), (info_b, _) = _target(registry, a), _target(registry, b)
+    with Bars() as bars:
+        model_a = _read(info_a, ("model",), bars)["model"]
+        model_b = _read(info_b, ("model",), bars)["model"]
+    tensors = compare_tensors(model_a, model_b)
+    metrics = {
+        name: {"a": info_a.metrics.get(name), "b": info_b.metrics.get(name)}
+        for name in dict.fromkeys([*info_a.metrics, *info_b.metrics])
+    }
+    changed = [row for row in tensors if row["status"] != "unchanged"]
+    largest = max((row for row in changed if row["max_abs_diff"] is not None), key=lambda row: row["max_abs_diff"], default=None)
+    report = {
+        "a": info_a.name,
+        "b": info_b.name,
+        "metrics": metrics,
+        "tensors": tensors,
+        "changed": len(changed),
+        "unchanged": len(tensors) - len(changed),
+        "largest_abs_diff": None if largest is None else {"tensor": largest["name"], "value": largest["max_abs_diff"]},
+    }
+    if as_json:
+        _print_json(report)
+        return
+    table = Table("metric", info_a.name, info_b.name, "b - a", title="metrics")
+    for name, pair in metrics.items():
+        delta = pair["b"] - pair["a"] if all(isinstance(v, (int, float)) for v in pair.values()) else ""
+        table.add_row(name, *(f"{v:.6g}" if isinstance(v, float) else str(v) for v in (pair["a"], pair["b"], delta)))
+    out.print(table)
+    table = Table("tensor", "change", "max |b - a|", title=f"{len(changed)} of {len(tensors)} model tensors changed")
+    for row in sorted(changed, key=lambda row: -(row["max_abs_diff"] or math.inf))[:limit]:
+        table.add_row(row["name"], row["status"], "" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.6g}")
+    out.print(table)
+    if largest is not None:
+        out.print(f"largest absolute difference: {largest['max_abs_diff']:.6g} in {largest['name']}")
+
+
+def compare_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per tensor name of two state dicts: ``status`` (unchanged, changed, added, removed,
+    or reshaped when the shape or dtype differs) and ``max_abs_diff`` where it can be computed."""
+    rows = []
+    for name in dict.fromkeys([*a, *b]):
+        x, y = a.get(name), b.get(name)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            status = "added" if x is None else "removed" if y is None else ("unchanged" if x == y else "changed")
+            rows.append({"name": name, "status": status, "max_abs_diff": None})
+        elif x.shape != y.shape or x.dtype != y.dtype:
+            rows.append({"name": name, "status": "reshaped", "max_abs_diff": None,
+                         "from": f"{x.dtype} {list(x.shape)}", "to": f"{y.dtype} {list(y.shape)}"})
+        elif torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+            rows.append({"name": name, "status": "unchanged", "max_abs_diff": 0.0})
+        else:
+            rows.append({"name": name, "status": "changed", "max_abs_diff": _max_abs_diff(x, y)})
+    return rows
+
+
+def _max_abs_diff(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """The largest ``|y - x|``, in chunks to bound memory; NaN in both places counts as equal."""
+    wide = torch.complex128 if x.is_complex() else torch.float64
+    x, y = x.reshape(-1), y.reshape(-1)
+    largest = 0.0
+    for begin in range(0, x.numel(), chunk):
+        p, q = x[begin : begin + chunk].to(wide), y[begin : begin + chunk].to(wide)
+        difference = (q - p).abs()
+        both_nan = torch.isnan(p) & torch.isnan(q)
+        difference = torch.where(both_nan, torch.zeros_like(difference), difference).nan_to_num(nan=math.inf)
+        largest = max(largest, float(difference.max()))
+    return largest
+
+
+# ---------------------------------------------------------------------- promotion
+
+
+@app.command()
+@_handled
+def validate(
+    directory: Directory,
+    epoch: Annotated[str, typer.Argument(help="An epoch number, 'best' or 'latest'.")] = "best",
+    version: Annotated[Optional[str], typer.Option(help="The version to give it, such as 1.0.0.")] = None,
+    bump: Annotated[Optional[str], typer.Option(help="Or: the next 'major', 'minor' or 'patch' version.")] = None,
+    require: Annotated[Optional[list[str]], typer.Option(help="A metric check such as 'accuracy>=0.9'; repeatable.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Rank 'best' by this metric instead of the recorded one.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="'min' or 'max', with --metric.")] = None,
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Check a checkpoint and store it as an immutable, semantically versioned artifact."""
+    registry = _registry(_existing(directory), validated_dir, production_dir)
+    if version is not None:
+        _version(version)
+    checks = dict(metric_check(expression) for expression in require or [])
+    which: int | str = int(epoch) if epoch.isdigit() else epoch
+    with Bars() as bars:
+        record = registry.validate(which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars)
+    if as_json:
+        _print_json(record)
+        return
+    source = record["source"]
+    out.print(f"validated {source['name']} as version {record['version']} ({_format_metrics(record['metrics'])})")
+    for check in record["checks"]:
+        out.print(f"  [green]passed[/green] {escape(check['name'])}")
+
+
+_OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+_EXPRESSION = re.compile(r"^\s*([^<>=!\s]+)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
+
+
+def metric_check(expression: str) -> tuple[str, Callable[[dict[str, Any]], bool]]:
+    """Parse ``"accuracy>=0.9"`` into a named check on a loaded checkpoint's metrics."""
+    match = _EXPRESSION.match(expression)
+    try:
+        name, symbol, threshold = match.group(1), match.group(2), float(match.group(3))  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise ConfigurationError(
+            f"--require {expression!r} is not METRIC OP NUMBER, such as 'accuracy>=0.9' (OP: >=, <=, >, <, ==, !=)"
+        ) from None
+    compare = _OPERATORS[symbol]
+
+    def check(checkpoint: dict[str, Any]) -> bool:
+        metrics = checkpoint["metrics"]
+        if name not in metrics:
+            raise KeyError(f"the checkpoint records no metric {name!r} (it has: {', '.join(metrics) or 'none'})")
+        return bool(compare(metrics[name], threshold))
+
+    return f"{name} {symbol} {match.group(3)}", check  # type: ignore[union-attr]
+
+
+def _version(text: str) -> str:
+    try:
+        return str(parse_version(text))
+    except PromotionError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+@app.command()
+@_handled
+def promote(
+    directory: Directory,
+    version: Annotated[str, typer.Argument(help="The validated version to put into production.")],
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Make a validated version the production model, atomically."""
+    registry = _registry(directory, validated_dir, production_dir)
+    with Bars() as bars:
+        record = registry.promote(_version(version), progress=bars)
+    if as_json:
+        _print_json(record)
+    else:
+        out.print(f"production is now version {record['version']} ({record['source']['name']}) in {escape(str(registry.production_dir))}")
+
+
+@app.command()
+@_handled
+def rollback(
+    directory: Directory,
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Put the previously promoted version back into production."""
+    registry = _registry(directory, validated_dir, production_dir)
+    with Bars() as bars:
+        record = registry.rollback(progress=bars)
+    if as_json:
+        _print_json(record)
+    else:
+        out.print(f"rolled back: production is now version {record['version']} ({record['source']['name']})")
+
+
+@app.command()
+@_handled
+def versions(
+    directory: Directory,
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """The validated versions, with the one in production marked."""
+    registry = _registry(directory, validated_dir, production_dir)
+    production = registry.production()
+    current = production["version"] if production else None
+    rows = [{**registry.validation(version), "production": version == current} for version in registry.versions()]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("", "version", "source", "metrics", "checks", "validated")
+    for row in rows:
+        passed = sum(check["passed"] for check in row["checks"])
+        table.add_row("production" if row["production"] else "", row["version"], row["source"]["name"],
+                      _format_metrics(row["metrics"]), f"{passed}/{len(row['checks'])}", _age(row["validated_at"]))
+    out.print(table)
+
+
+@app.command()
+@_handled
+def history(
+    directory: Directory,
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """The audit log: every validate, promote and rollback, with who, where and when."""
+    events = _registry(directory, validated_dir, production_dir).history()
+    if as_json:
+        _print_json(events)
+        return
+    table = Table("time", "event", "version", "source", "checksum", "user@host")
+    for event in events:
+        source = event.get("source") or {}
+        table.add_row(event["time"], event["event"], event["version"], str(source.get("name", "")),
+                      str(source.get("checksum", "")), f"{event['user']}@{event['host']}")
+    out.print(table)
+
+
+# ---------------------------------------------------------------------- export
+
+
+@app.command()
+@_handled
+def export(
+    directory: Directory,
+    epoch: Target,
+    to: Annotated[ExportFormat, typer.Option("--to", help="hf: a save_pretrained-style folder; pt: a torch .pt file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: NAME-hf/ or NAME.pt here).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="hf: a config.json to use instead of the checkpoint's config.")] = None,
+    weights_only: Annotated[bool, typer.Option(help="pt: save only the model's state dict.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Export a checkpoint for other tools; never overwrites an existing output."""
+    registry = _registry(_existing(directory))
+    info, version = _target(registry, epoch)
+    stem = f"v{version}" if version else info.name
+    target = output or Path(f"{stem}-hf" if to is ExportFormat.hf else f"{stem}.pt")
+    if target.exists():
+        raise ConfigurationError(f"{target} already exists; choose another --output or remove it")
+    with Bars() as bars:
+        notes = export_hf(info, target, config, bars) if to is ExportFormat.hf else export_pt(info, target, weights_only, bars)
+    if as_json:
+        _print_json({"source": info.name, "format": to.value, "output": str(target), "notes": notes})
+        return
+    out.print(f"exported {info.name} to {escape(str(target))}")
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+
+
+def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:
+    """Write ``target/`` with ``model.safetensors`` and ``config.json``, as ``save_pretrained`` lays it out."""
+    notes = []
+    if config_file is not None:
+        config_bytes = config_file.read_bytes()
+    else:
+        config = codec.from_json(read_json(info.path / METADATA_FILE).get("config"))
+        if not isinstance(config, Mapping):
+            raise ConfigurationError(
+                f"{info.path} records no config dict to write as config.json; pass --config with the model's config.json"
+            )
+        if "model_type" not in config:
+            notes.append("the config has no 'model_type'; from_pretrained needs the model's own config (pass --config)")
+        config_bytes = json.dumps(_plain(config), indent=2).encode()
+    store = LocalStore(target.parent)
+    store.ensure_writable()
+    staging = store.staging_dir(target.name)
+    try:
+        advance = bars(f"exporting {info.name}", info.files[MODEL_FILE].size)
+        link_or_copy(info.path / MODEL_FILE, staging / "model.safetensors", info.files[MODEL_FILE], advance, link=False)
+        write_bytes_file(staging / "config.json", config_bytes)
+        store.commit(staging, target.name)
+    except BaseException:
+        store.discard(staging)
+        raise
+    return notes
+
+
+def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars) -> list[str]:
+    """Write a torch ``.pt`` file for tools that only read those: the model state dict, or the
+    checkpoint dict (model, optimizer, scheduler, epoch, step, metrics, config, extra)."""
+    checkpoint = _read(info, ("model",) if weights_only else None, bars)
+    if weights_only:
+        payload: Any = checkpoint["model"]
+    else:
+        keep = ("model", "optimizer", "scheduler", "epoch", "step", "metrics", "config", "extra")
+        payload = {key: checkpoint[key] for key in keep if checkpoint.get(key) is not None}
+
+    def write(handle: BinaryIO) -> None:
+        torch.save(payload, handle)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    publish_file(target, write)
+    return ["a .pt file is a pickle: load it only with weights_only=True, and only from sources you trust"]
+
+
+def main() -> None:
+    """Entry point of the ``ckpt`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

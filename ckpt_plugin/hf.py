@@ -1,0 +1,494 @@
+"""Hugging Face ``Trainer`` integration: one callback hands the run's checkpoints to a manager.
+
+    trainer = Trainer(model=model, args=args, ..., callbacks=[CheckpointCallback()])
+    trainer.train()
+    trainer.train(resume_from_checkpoint=True)      # later: resumes from the manager's latest
+
+How a callback alone takes the checkpoints over from the Trainer:
+
+* **Saving.** ``DefaultFlowCallback`` raises ``control.should_save`` when the Trainer would save.
+  This callback runs after it, lowers the flag again, so ``Trainer._save_checkpoint`` never runs (no
+  pickle, no rotation of its own), and saves through the manager at the last callback event before
+  the point where the Trainer would have saved: ``on_evaluate`` when an evaluation runs there (so
+  the checkpoint holds its metrics), else ``on_log`` when that step is logged, else at once.
+* **What a checkpoint holds.** Model, optimizer, scheduler and RNG states (the manager's format), the
+  model config and ``TrainingArguments`` as JSON config, and ``trainer_state.json``: the one file
+  ``Trainer.train`` insists on reading from any directory it resumes from. A relative symbolic link
+  ``checkpoint-<step>`` in ``output_dir`` points at the newest checkpoint, so that the Trainer's
+  ``get_last_checkpoint`` (``resume_from_checkpoint=True``) finds it, also after ``output_dir`` moved.
+* **Resuming.** The Trainer loads ``model.safetensors`` and ``trainer_state.json`` itself and, finding
+  no ``optimizer.pt``, ``scheduler.pt`` or ``rng_state.pth``, skips the rest. ``on_train_begin`` then
+  restores the verified weights, the optimizer and the scheduler from the manager checkpoint of the
+  resumed step, and the RNG states are put back exactly where the Trainer would put back its own: at
+  the start of the epoch, or after the skipped batches when the run stopped mid-epoch.
+* **Best model.** The Trainer never learns a best checkpoint path (``state.best_model_checkpoint``
+  stays None while training), so neither its ``save_total_limit=1`` clean-up nor its path-based best
+  loading runs. ``on_train_end`` loads the manager's best weights instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    from transformers.optimization import GreedyLR
+
+    METRIC_SCHEDULERS: tuple[type, ...] = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
+except ImportError:  # transformers releases before GreedyLR
+    METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
+
+from .checkpoint import CheckpointInfo
+from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
+from .manager import CheckpointManager
+from .reader import read_checkpoint
+from .rng import restore_rng_state
+from .storage import read_bytes_file, remove_link, set_link, symlinks
+
+TRAINER_STATE_FILE = "trainer_state.json"
+LINK_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+SAVE_STRATEGIES = ("no", "steps", "epoch")
+
+
+class _FromArgs:
+    def __repr__(self) -> str:
+        return "FROM_ARGS"
+
+
+FROM_ARGS: Any = _FromArgs()
+"""Default of :class:`CheckpointCallback` parameters whose ``None`` has a meaning of its own."""
+
+
+def eval_metric_name(name: str) -> str:
+    """The key of metric ``name`` in the Trainer's evaluation metrics (``loss`` -> ``eval_loss``)."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a :class:`CheckpointCallback` does, resolved from its parameters and ``TrainingArguments``."""
+
+    checkpoint_dir: Path
+    max_checkpoints: int | None
+    keep_best: bool
+    metric_for_best: str | None
+    mode: str
+    save_strategy: str
+    save_steps: float
+    load_best_at_end: bool
+
+    @classmethod
+    def resolve(
+        cls,
+        args: TrainingArguments,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        max_checkpoints: int | None = FROM_ARGS,
+        keep_best: bool | None = None,
+        metric_for_best: str | None = None,
+        mode: str | None = None,
+        save_strategy: str | None = None,
+        save_steps: float | None = None,
+        load_best_model_at_end: bool | None = None,
+    ) -> Settings:
+        """Explicit values win; everything left out comes from ``args`` the way the Trainer reads it."""
+        args_strategy = _value(args.save_strategy)
+        if args_strategy not in SAVE_STRATEGIES:
+            raise ConfigurationError(
+                f"save_strategy={args_strategy!r} makes the Trainer write its own pickled checkpoints after every "
+                "callback has run, so CheckpointCallback cannot take them over. Use save_strategy='epoch' or 'steps' "
+                "with load_best_model_at_end=True: the manager never deletes the best checkpoint"
+            )
+        if max_checkpoints is FROM_ARGS:
+            limit = args.save_total_limit
+            max_checkpoints = limit if limit is not None and limit > 0 else None
+        args_metric = None if args.metric_for_best_model is None else eval_metric_name(args.metric_for_best_model)
+        metric_for_best = args_metric if metric_for_best is None else eval_metric_name(metric_for_best)
+        same_metric = args_metric is not None and metric_for_best == args_metric
+        if mode is None and same_metric and args.greater_is_better is not None:
+            mode = "max" if args.greater_is_better else "min"
+        if mode is None:
+            mode = "min" if metric_for_best is None or metric_for_best.endswith("loss") else "max"
+        load_best = args.load_best_model_at_end if load_best_model_at_end is None else load_best_model_at_end
+        if load_best and metric_for_best is None:
+            raise ConfigurationError(
+                "load_best_model_at_end needs a metric: set metric_for_best_model or pass metric_for_best"
+            )
+        return cls(
+            checkpoint_dir=Path(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
+            max_checkpoints=max_checkpoints,
+            keep_best=args.load_best_model_at_end if keep_best is None else keep_best,
+            metric_for_best=metric_for_best,
+            mode=mode,
+            save_strategy=args_strategy if save_strategy is None else save_strategy,
+            save_steps=args.save_steps if save_steps is None else save_steps,
+            load_best_at_end=bool(load_best),
+        )
+
+    def save_due_at_step(self, state: TrainerState) -> bool:
+        """Whether the Trainer would save at the end of this optimizer step (as ``DefaultFlowCallback``)."""
+        if self.save_strategy != "steps":
+            return False
+        every = math.ceil(state.max_steps * self.save_steps) if self.save_steps < 1 else int(self.save_steps)
+        return (every > 0 and state.global_step % every == 0) or state.global_step >= state.max_steps
+
+
+class CheckpointCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` whose :class:`~ckpt_plugin.CheckpointManager` replaces the
+    Trainer's own checkpoints: safetensors and JSON, atomic, never a pickle.
+
+    Every parameter left out is taken from the run's ``TrainingArguments`` when the ``Trainer`` is built:
+
+    Args:
+        checkpoint_dir: where the checkpoints go; default ``output_dir``.
+        max_checkpoints: keep this many most recent; default ``save_total_limit`` (None keeps all).
+        keep_best: never delete the best checkpoint; default ``load_best_model_at_end``.
+        metric_for_best: the metric ranking checkpoints; default ``metric_for_best_model``. An ``eval_``
+            prefix is added when missing, as the Trainer does.
+        mode: ``"min"`` or ``"max"``; default from ``greater_is_better`` (else ``"min"`` for names
+            ending in ``loss``, ``"max"`` otherwise).
+        save_strategy: ``"steps"``, ``"epoch"`` or ``"no"``; default ``save_strategy``.
+        save_steps: default ``save_steps`` (a number below 1 is a fraction of the training steps).
+        load_best_model_at_end: load the manager's best weights into the model when training ends;
+            default ``load_best_model_at_end``.
+
+    The manager is :attr:`manager`, available once the callback is given to a ``Trainer``.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        max_checkpoints: int | None = FROM_ARGS,
+        keep_best: bool | None = None,
+        metric_for_best: str | None = None,
+        mode: str | None = None,
+        save_strategy: str | None = None,
+        save_steps: float | None = None,
+        load_best_model_at_end: bool | None = None,
+    ) -> None:
+        if mode not in (None, "min", "max"):
+            raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
+        if save_strategy not in (None, *SAVE_STRATEGIES):
+            raise ConfigurationError(
+                f"save_strategy must be one of {', '.join(SAVE_STRATEGIES)}, not {save_strategy!r}"
+            )
+        if save_steps is not None and not (isinstance(save_steps, (int, float)) and save_steps > 0):
+            raise ConfigurationError(f"save_steps must be a positive number, not {save_steps!r}")
+        self._overrides = {
+            "checkpoint_dir": checkpoint_dir,
+            "max_checkpoints": max_checkpoints,
+            "keep_best": keep_best,
+            "metric_for_best": metric_for_best,
+            "mode": mode,
+            "save_strategy": save_strategy,
+            "save_steps": save_steps,
+            "load_best_model_at_end": load_best_model_at_end,
+        }
+        self.settings: Settings | None = None
+        self._manager: CheckpointManager | None = None
+        self._pending = False
+        self._saved_step: int | None = None
+        self._last_train_log = 0
+        self._rng: dict[str, Any] | None = None
+        self._rng_mid_epoch = False
+        self._warned_link = False
+
+    @property
+    def manager(self) -> CheckpointManager:
+        """The :class:`~ckpt_plugin.CheckpointManager` holding this run's checkpoints."""
+        if self._manager is None:
+            raise ConfigurationError(
+                "CheckpointCallback.manager exists once the callback is given to a Trainer, whose "
+                "TrainingArguments supply its settings: Trainer(..., callbacks=[callback])"
+            )
+        return self._manager
+
+    # ------------------------------------------------------------------ set-up and resume
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._attach(args)
+
+    def _attach(self, args: TrainingArguments) -> Settings:
+        """Resolve the settings against ``args`` and build the manager (validating both once)."""
+        self.settings = Settings.resolve(args, **self._overrides)
+        s = self.settings
+        self._manager = CheckpointManager(s.checkpoint_dir, s.max_checkpoints, s.keep_best, s.metric_for_best, s.mode)
+        return self.settings
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._manager is None:  # added with trainer.add_callback() after the Trainer was built
+            self._attach(args)
+        self._pending = False
+        self._saved_step = None
+        self._rng = None
+        self._last_train_log = state.global_step
+        if state.global_step > 0:
+            self._resume(args, state, **kwargs)
+        elif args.should_save and self.manager.checkpoints():
+            warnings.warn(
+                f"{self.manager.checkpoint_dir} already holds checkpoints of an earlier run (up to "
+                f"{self.manager.latest().name}); this run's checkpoints are ranked among them by epoch and step. "
+                "Pass resume_from_checkpoint=True to continue that run, or use a fresh output_dir",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _resume(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        train_dataloader: Any = None,
+        **_: Any,
+    ) -> None:
+        info = self._checkpoint_of_step(state.global_step)
+        if info is None:
+            warnings.warn(
+                f"the Trainer resumed at step {state.global_step}, but {self.manager.checkpoint_dir} holds no "
+                "checkpoint of that step written by CheckpointCallback; the optimizer, scheduler and RNG states "
+                "are whatever the Trainer restored itself",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        if TRAINER_STATE_FILE in info.files:
+            read_bytes_file(info.path / TRAINER_STATE_FILE, info.files[TRAINER_STATE_FILE])
+        checkpoint = read_checkpoint(info, items=("model", "optimizer", "scheduler", "rng"))
+        model.load_state_dict(checkpoint["model"])
+        for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
+            if target is None:
+                continue
+            if checkpoint.get(name) is None:
+                warnings.warn(
+                    f"{info.path} holds no {name} state (save_only_model?); the {name} starts afresh",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                continue
+            target.load_state_dict(checkpoint[name])
+        _replay_metric_scheduler(args, lr_scheduler, info)
+        self._rng = checkpoint.get("rng")
+        self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
+        self._saved_step = state.global_step
+
+    def _checkpoint_of_step(self, step: int) -> CheckpointInfo | None:
+        matches = [info for info in self.manager.checkpoints() if info.step == step]
+        return matches[-1] if matches else None
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._flush(args, state, **kwargs)
+        if self._rng is not None and not self._rng_mid_epoch:
+            restore_rng_state(self._rng)
+            self._rng = None
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._flush(args, state, **kwargs)
+        if self._rng is not None and self._rng_mid_epoch:
+            restore_rng_state(self._rng)
+            self._rng = None
+
+    # ------------------------------------------------------------------ saving
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        settings = self.settings or self._attach(args)
+        return self._request(args, state, control, settings.save_due_at_step(state), **kwargs)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        settings = self.settings or self._attach(args)
+        return self._request(args, state, control, settings.save_strategy == "epoch", **kwargs)
+
+    def _request(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any
+    ) -> TrainerControl:
+        if control.should_save or due:
+            control.should_save = False
+            self._pending = self._pending or self._saved_step != state.global_step
+        log_coming = control.should_log and state.global_step > self._last_train_log
+        if self._pending and not control.should_evaluate and not log_coming:
+            self._save(args, state, None, **kwargs)
+        return control
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs and "loss" in logs and "learning_rate" in logs:
+            self._last_train_log = state.global_step
+        if self._pending and not control.should_evaluate:
+            self._save(args, state, None, **kwargs)
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> TrainerControl:
+        if control.should_save:
+            control.should_save = False
+            self._pending = self._pending or self._saved_step != state.global_step
+        if self._pending:
+            self._save(args, state, metrics, **kwargs)
+        return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._flush(args, state, **kwargs)
+        if self.settings is not None and self.settings.load_best_at_end:
+            self._load_best(state, kwargs["model"])
+
+    def _flush(self, args: TrainingArguments, state: TrainerState, **kwargs: Any) -> None:
+        """Save a checkpoint still owed because the log or evaluation it waited for did not come."""
+        if self._pending:
+            self._save(args, state, None, **kwargs)
+
+    def _save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        metrics: dict[str, Any] | None,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **_: Any,
+    ) -> None:
+        self._pending = False
+        self._saved_step = state.global_step
+        if not args.should_save:
+            return
+        info = self.manager.save(
+            model=model,
+            optimizer=None if args.save_only_model else optimizer,
+            scheduler=None if args.save_only_model else lr_scheduler,
+            epoch=int(state.epoch or 0),
+            step=state.global_step,
+            metrics=metrics or {},
+            config=run_config(args, model),
+            files={TRAINER_STATE_FILE: trainer_state_json(args, state, metrics)},
+        )
+        self._link_latest(Path(args.output_dir), info)
+
+    def _link_latest(self, output_dir: Path, info: CheckpointInfo) -> None:
+        """Point ``output_dir/checkpoint-<step>`` at ``info`` for ``resume_from_checkpoint=True``."""
+        if not info.path.is_dir():  # an earlier run's later checkpoints outrank it and retention took it
+            return
+        link = f"checkpoint-{info.step}"
+        try:
+            set_link(output_dir / link, info.path)
+            for name, target in symlinks(output_dir).items():
+                if name != link and LINK_PATTERN.match(name) and _same_dir(target.parent, self.manager.checkpoint_dir):
+                    remove_link(output_dir / name)
+        except StorageError as exc:
+            if not self._warned_link:
+                self._warned_link = True
+                warnings.warn(
+                    f"could not link {output_dir / link} to the newest checkpoint ({exc}); resume_from_checkpoint=True "
+                    f"will not find it: pass the checkpoint's path instead ({info.path})",
+                    UserWarning,
+                    stacklevel=4,
+                )
+
+    def _load_best(self, state: TrainerState, model: torch.nn.Module) -> None:
+        try:
+            best = self.manager.best()
+        except CheckpointNotFoundError as exc:
+            warnings.warn(
+                f"load_best_model_at_end: {exc}; the model keeps its final weights", UserWarning, stacklevel=3
+            )
+            return
+        if best is None:
+            return
+        model.load_state_dict(read_checkpoint(best, items=("model",))["model"])
+        state.best_model_checkpoint = str(best.path)
+
+
+def trainer_state_json(args: TrainingArguments, state: TrainerState, metrics: dict[str, Any] | None) -> bytes:
+    """``trainer_state.json`` as the Trainer would write it at this save, without a best checkpoint path.
+
+    The callback saves inside ``on_evaluate``, just before the Trainer records a new best metric, so
+    that update is applied here by the Trainer's own rule.
+    """
+    data = dataclasses.asdict(state)
+    data["best_model_checkpoint"] = None
+    if metrics and args.metric_for_best_model is not None:
+        value = metrics.get(eval_metric_name(args.metric_for_best_model))
+        best = data["best_metric"]
+        if best is None:
+            best = -math.inf if args.greater_is_better else math.inf
+        if value is not None and (value > best if args.greater_is_better else value < best):
+            data["best_metric"] = value
+            if _value(args.save_strategy) in ("steps", "epoch"):
+                data["best_global_step"] = state.global_step
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def run_config(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any]:
+    """The JSON config of a checkpoint: the ``TrainingArguments`` and, when the model has one, its config."""
+    config: dict[str, Any] = {"training_args": json.loads(args.to_json_string())}
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "to_json_string"):
+        config["model"] = json.loads(model_config.to_json_string(use_diff=False))
+    return config
+
+
+def _replay_metric_scheduler(args: TrainingArguments, scheduler: Any, info: CheckpointInfo) -> None:
+    """Redo the metric-driven scheduler step the Trainer took right after the checkpoint was saved."""
+    if not isinstance(scheduler, METRIC_SCHEDULERS) or args.metric_for_best_model is None:
+        return
+    value = info.metrics.get(eval_metric_name(args.metric_for_best_model))
+    if value is not None:
+        scheduler.step(value)
+
+
+def _resumes_mid_epoch(args: TrainingArguments, state: TrainerState, train_dataloader: Any) -> bool:
+    """Whether the Trainer skips batches into the resumed epoch (and so restores RNG after them)."""
+    if args.ignore_data_skip:
+        return False
+    try:
+        batches = len(train_dataloader)
+    except TypeError:
+        return state.epoch is not None and state.epoch != int(state.epoch)
+    accumulation = args.gradient_accumulation_steps
+    updates_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return state.global_step % updates_per_epoch != 0
+
+
+def _same_dir(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def _value(strategy: Any) -> str:
+    return getattr(strategy, "value", strategy)
+
+
+__all__ = ["CheckpointCallback", "FROM_ARGS", "Settings", "eval_metric_name", "run_config", "trainer_state_json"]

@@ -1,0 +1,377 @@
+"""PyTorch Lightning integration: one callback that hands every checkpoint to a ``CheckpointManager``.
+
+    from ckpt_plugin.lightning import CheckpointCallback
+
+    trainer = pl.Trainer(callbacks=[CheckpointCallback("checkpoints", max_checkpoints=3,
+                                                       metric_for_best="val_loss", mode="min")])
+    trainer.fit(model, datamodule)
+    trainer.fit(model, datamodule, ckpt_path="last")   # resume: loops, optimizers, schedulers, RNG
+    trainer.test(model, datamodule, ckpt_path="best")
+
+How it fits into Lightning:
+
+* ``CheckpointCallback`` decides *when* to save: at the end of every ``every_n_epochs``-th training
+  epoch, which Lightning runs after that epoch's validation, so the metrics are known.
+* ``ManagerCheckpointIO``, a ``CheckpointIO`` plugin that the callback installs on the strategy,
+  decides *how*: Lightning's checkpoint dict is split into the manager's items (weights, optimizer,
+  scheduler, and the rest as ``extra``) and written without pickle. Loading a ckpt_plugin
+  checkpoint directory rebuilds the same dict; any other path goes to the plugin it wraps.
+* Lightning resolves ``ckpt_path="best"`` through ``best_model_path`` of the first checkpoint
+  callback and ``ckpt_path="last"`` only through ``ModelCheckpoint``'s private file scan or the
+  public ``ckpt_path`` of an ``OnExceptionCheckpoint``. The callback therefore derives from
+  ``OnExceptionCheckpoint`` (itself a ``Checkpoint``) and answers both from the manager. Like every
+  ``OnExceptionCheckpoint``, it makes ``fit()`` without ``ckpt_path`` continue from the latest
+  checkpoint in ``checkpoint_dir`` when there is one.
+
+Under DDP every rank takes the same decisions from replicated state (the epoch), every rank
+enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
+only global rank zero writes, and an error on rank zero is raised on every rank instead of
+leaving the others waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.strategies import Strategy
+
+from . import codec, errors
+from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
+from .errors import CheckpointError, ConfigurationError, EncodingError
+from .manager import CheckpointManager, config_to_dict, normalize_metrics
+from .reader import read_checkpoint, read_json
+from .rng import capture_rng_state, restore_rng_state
+
+_MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
+
+
+def split_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Split Lightning's checkpoint dict into the manager's ``save`` arguments.
+
+    The weights become ``model``; a single optimizer's and a single scheduler's state become
+    ``optimizer`` and ``scheduler``, so the files read like a plain PyTorch checkpoint. Everything
+    else (loops, callback states, hyper-parameters, precision state, ...) goes into ``extra``.
+    """
+    rest = dict(checkpoint)
+    if "state_dict" not in rest:
+        raise EncodingError("the Lightning checkpoint holds no 'state_dict'; nothing to save")
+    parts: dict[str, Any] = {"model": rest.pop("state_dict"), "optimizer": None, "scheduler": None}
+    layout: dict[str, str] = {}
+    for key, item in _MOVED_TO_ITEMS.items():
+        states = rest.get(key)
+        if isinstance(states, list) and len(states) == 1 and isinstance(states[0], Mapping):
+            parts[item] = rest.pop(key)[0]
+            layout[key] = item
+    parts["extra"] = {"lightning": rest, "layout": layout}
+    return parts
+
+
+def join_checkpoint(loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuild Lightning's checkpoint dict from a checkpoint loaded by the manager."""
+    extra = loaded.get("extra")
+    if not isinstance(extra, Mapping) or "lightning" not in extra:
+        path = loaded.get("metadata", {}).get("path", "this checkpoint")
+        raise errors.IncompatibleCheckpointError(
+            f"{path} was not written by ckpt_plugin.lightning.CheckpointCallback, so it holds no Lightning "
+            "trainer state; load its weights with CheckpointManager.load() and model.load_state_dict() instead"
+        )
+    checkpoint = dict(extra["lightning"])
+    checkpoint["state_dict"] = loaded["model"]
+    for key, item in extra.get("layout", {}).items():
+        checkpoint[key] = [loaded[item]]
+    return checkpoint
+
+
+def checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo | None:
+    """The :class:`CheckpointInfo` of ``path`` if it is a ckpt_plugin checkpoint directory, else None."""
+    path = Path(path)
+    if not (path / METADATA_FILE).is_file():
+        return None
+    return parse_metadata(path, read_json(path / METADATA_FILE))
+
+
+@dataclass
+class SaveRequest:
+    """What the callback asks ``ManagerCheckpointIO`` to save with Lightning's dict, and what came of it.
+
+    Travels as the ``storage_options`` of ``trainer.save_checkpoint``. The plugin fills ``outcome``
+    (or ``error``) instead of raising, so that a failure on rank zero never leaves the other ranks
+    waiting in Lightning's save barrier.
+    """
+
+    epoch: int
+    step: int
+    metrics: dict[str, Any]
+    config: Any
+    error: BaseException | None = None
+    info: CheckpointInfo | None = None
+    outcome: dict[str, Any] | None = None
+
+
+class ManagerCheckpointIO(CheckpointIO):
+    """A ``CheckpointIO`` that saves and loads Lightning checkpoints through a ``CheckpointManager``.
+
+    ``save_checkpoint`` writes through the manager when it gets a :class:`SaveRequest` as
+    ``storage_options`` (that is how :class:`CheckpointCallback` saves). ``load_checkpoint`` reads
+    any ckpt_plugin checkpoint directory, verifying checksums and executing no code. Every other
+    path and call goes to ``fallback`` (Lightning's own plugin), so tools that keep their own
+    temporary files, such as the tuner, keep working.
+    """
+
+    def __init__(self, manager: CheckpointManager, fallback: CheckpointIO | None = None) -> None:
+        self.manager = manager
+        self.fallback = fallback
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` through the manager (for a :class:`SaveRequest`) or the fallback."""
+        if not isinstance(storage_options, SaveRequest):
+            self._fallback("save", path).save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        request = storage_options
+        if request.error is not None:
+            return
+        try:
+            info = self.manager.save(
+                epoch=request.epoch,
+                step=request.step,
+                metrics=request.metrics,
+                config=request.config,
+                **split_checkpoint(checkpoint),
+            )
+            request.info = info
+            request.outcome = {"saved": info.name, "checkpoints": [entry.name for entry in self.manager.checkpoints()]}
+        except Exception as exc:  # raised on every rank by the callback once all ranks are past the barrier
+            request.error = exc
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a ckpt_plugin checkpoint directory as Lightning's dict, or defer to the fallback."""
+        info = checkpoint_info(path)
+        if info is None:
+            return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        device = map_location if isinstance(map_location, (str, torch.device)) else None  # callables: stay on CPU
+        return join_checkpoint(read_checkpoint(info, map_location=device))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove a file written through the fallback; the manager's checkpoints are pruned only by retention."""
+        if checkpoint_info(path) is not None:
+            raise ConfigurationError(
+                f"{path} is a ckpt_plugin checkpoint; it is deleted only by the manager's retention "
+                "(max_checkpoints, keep_best), never through Lightning"
+            )
+        self._fallback("remove", path).remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Tear down the fallback plugin."""
+        if self.fallback is not None:
+            self.fallback.teardown()
+
+    def _fallback(self, action: str, path: Any) -> CheckpointIO:
+        if self.fallback is None:
+            raise CheckpointError(
+                f"cannot {action} {path}: it is not a ckpt_plugin checkpoint directory and no other "
+                "CheckpointIO plugin is configured"
+            )
+        return self.fallback
+
+
+class CheckpointCallback(OnExceptionCheckpoint):
+    """Save a pickle-free checkpoint through a :class:`~ckpt_plugin.CheckpointManager` every epoch.
+
+    Args:
+        checkpoint_dir: the manager's directory, one sub-directory per checkpoint.
+        max_checkpoints: keep this many most recent checkpoints; ``None`` keeps all.
+        keep_best: never delete the best checkpoint by ``metric_for_best``.
+        metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``
+            and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
+        mode: ``"min"`` if a lower ``metric_for_best`` is better, ``"max"`` if a higher one is.
+        every_n_epochs: save at the end of every n-th training epoch (after its validation).
+        manager: a ready manager to use instead of the five parameters above.
+
+    Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
+    datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
+    Lightning checkpoints (loops, optimizers, schedulers, callback states) plus the global RNG
+    states, so a resumed run continues bitwise identically; ``ckpt_path="best"`` loads the best.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] = "checkpoints",
+        max_checkpoints: int | None = 5,
+        keep_best: bool = True,
+        metric_for_best: str | None = "val_loss",
+        mode: str = "min",
+        every_n_epochs: int = 1,
+        manager: CheckpointManager | None = None,
+    ) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ConfigurationError(f"every_n_epochs must be a whole number of at least 1, not {every_n_epochs!r}")
+        if manager is None:
+            manager = CheckpointManager(checkpoint_dir, max_checkpoints, keep_best, metric_for_best, mode, save_rng=False)
+        elif not isinstance(manager, CheckpointManager):
+            raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
+        super().__init__(dirpath=manager.checkpoint_dir, filename="last")
+        self.manager = manager
+        self.every_n_epochs = every_n_epochs
+        self.checkpoint_names: list[str] = []
+        self._stage: str | None = None
+        self._validated_since_save = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(manager={self.manager!r}, every_n_epochs={self.every_n_epochs})"
+
+    # ------------------------------------------------------------ what Lightning asks of a checkpoint callback
+
+    @property
+    def ckpt_path(self) -> str | None:  # type: ignore[override]
+        """The latest checkpoint, which Lightning loads for ``ckpt_path="last"``; None when there is none."""
+        latest = self.manager.latest()
+        return None if latest is None else str(latest.path)
+
+    @property
+    def last_model_path(self) -> str:
+        """The latest checkpoint's directory, or ``""`` when there is none."""
+        return self.ckpt_path or ""
+
+    @property
+    def best_model_path(self) -> str:
+        """The best checkpoint's directory by ``metric_for_best``, which Lightning loads for ``ckpt_path="best"``.
+
+        ``""`` when there is no checkpoint; the latest when the manager has no ``metric_for_best``.
+        """
+        if self.manager.metric_for_best is None:
+            return self.last_model_path
+        best = self.manager.best()
+        return "" if best is None else str(best.path)
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Install :class:`ManagerCheckpointIO` on the strategy and check that the config can be stored."""
+        self._stage = stage
+        strategy = trainer.strategy
+        if type(strategy).save_checkpoint is not Strategy.save_checkpoint:
+            raise ConfigurationError(
+                f"the {type(strategy).__name__} strategy writes checkpoints itself instead of through its "
+                "CheckpointIO plugin, so CheckpointCallback cannot save through the manager; use a strategy "
+                "such as 'auto', 'ddp' or 'ddp_spawn'"
+            )
+        current = strategy.checkpoint_io
+        if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
+            strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
+        if stage == "fit":
+            try:
+                codec.to_json(config_to_dict(_config_of(trainer, pl_module)), "config")
+            except EncodingError as exc:
+                raise EncodingError(
+                    f"{exc}. Checkpoints store the hyper-parameters as JSON; leave such values out with "
+                    "self.save_hyperparameters(ignore=[...])"
+                ) from None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_since_save = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save when this epoch is one of every ``every_n_epochs``; Lightning has validated it by now."""
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Write nothing: a run resumes from its last complete epoch, which is already on disk."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Keep every checkpoint (``OnExceptionCheckpoint`` would delete its file here)."""
+        self._stage = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global RNG states, so ``ckpt_path="last"`` continues the same random streams."""
+        return {"rng": capture_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Put the global RNG states back when resuming a fit.
+
+        Lightning restores callbacks before it creates the first training iterator (which draws
+        from the global generator), so the resumed run draws exactly what the uninterrupted one did.
+        """
+        if self._stage == "fit" and state_dict.get("rng") is not None:
+            restore_rng_state(state_dict["rng"])
+
+    # ------------------------------------------------------------------------------------------- saving
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CheckpointInfo | None:
+        """Save a checkpoint now; must be called on every rank. Returns what was saved (on rank zero).
+
+        Every rank takes part in Lightning's save barrier and in one broadcast of rank zero's
+        outcome, then records the same list of checkpoints in ``checkpoint_names``. A failure on
+        rank zero is raised on every rank.
+        """
+        request = SaveRequest(
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            metrics={},
+            config=_config_of(trainer, pl_module),
+        )
+        if trainer.is_global_zero:
+            try:
+                request.metrics = normalize_metrics(dict(trainer.callback_metrics))
+                self._check_best_metric(trainer, request.metrics)
+            except CheckpointError as exc:
+                request.error = exc
+        trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=False, storage_options=request)
+        if trainer.is_global_zero and request.error is None and request.outcome is None:
+            request.error = CheckpointError(
+                f"the {type(trainer.strategy).__name__} strategy did not pass the checkpoint to its CheckpointIO "
+                "plugin, so nothing was saved"
+            )
+        outcome = json.loads(trainer.strategy.broadcast(_outcome_message(request), src=0))
+        self._validated_since_save = False
+        if outcome.get("error") is not None:
+            if request.error is not None:
+                raise request.error
+            raise _error_type(outcome["error_type"])(f"global rank 0 could not save the checkpoint: {outcome['error']}")
+        self.checkpoint_names = list(outcome["checkpoints"])
+        return request.info
+
+    def _check_best_metric(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
+        metric = self.manager.metric_for_best
+        if metric is None or metric in metrics:
+            return
+        if self._validated_since_save or not trainer.enable_validation:
+            logged = ", ".join(sorted(metrics)) or "none"
+            raise ConfigurationError(
+                f"metric_for_best={metric!r} is not among the logged metrics ({logged}); log it with "
+                f"self.log({metric!r}, value) or pass one of these (or None) as metric_for_best"
+            )
+
+
+def _config_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    config: dict[str, Any] = dict(pl_module.hparams) if pl_module.hparams else {}
+    datamodule = trainer.datamodule
+    if datamodule is not None and datamodule.hparams:
+        config["datamodule"] = dict(datamodule.hparams)
+    return config
+
+
+def _outcome_message(request: SaveRequest) -> str:
+    if request.error is not None:
+        return json.dumps({"error": str(request.error), "error_type": type(request.error).__name__})
+    return json.dumps({"error": None, **(request.outcome or {"checkpoints": []})})
+
+
+def _error_type(name: str) -> type[CheckpointError]:
+    found = getattr(errors, name, None)
+    return found if isinstance(found, type) and issubclass(found, CheckpointError) else CheckpointError
+
+
+__all__ = ["CheckpointCallback", "ManagerCheckpointIO", "SaveRequest", "checkpoint_info", "join_checkpoint", "split_checkpoint"]

@@ -1,0 +1,565 @@
+"""ckpt_plugin.hf.CheckpointCallback with a real transformers.Trainer on a tiny GPT-2 (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import transformers  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints  # noqa: E402
+
+from ckpt_plugin import CheckpointManager, ConfigurationError  # noqa: E402
+from ckpt_plugin.hf import CheckpointCallback, Settings, eval_metric_name  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+EPOCHS = 4
+STEPS_PER_EPOCH = 5  # 40 sequences, batch 8
+TIMING_KEYS = ("runtime", "per_second")
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Synthetic token sequences; the labels are the inputs (causal LM)."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.ids = torch.randint(0, 128, (count, 16), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` optimizer steps, as an interrupted job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64)
+    assert config.resid_pdrop > 0 and config.embd_pdrop > 0 and config.attn_pdrop > 0  # dropout is on
+    return GPT2LMHeadModel(config)
+
+
+def training_args(output_dir: Path, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=EPOCHS,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        save_total_limit=2,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+        load_best_model_at_end=True,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=7,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def make_trainer(
+    output_dir: Path, *, seed: int = 0, stop_at: int | None = None, callback=None, compute_metrics=None, **overrides
+):
+    callback = callback if callback is not None else CheckpointCallback()
+    callbacks = [callback] + ([StopAt(stop_at)] if stop_at else [])
+    trainer = Trainer(
+        model=tiny_gpt2(seed),
+        args=training_args(output_dir, **overrides),
+        train_dataset=Tokens(40, 1),
+        eval_dataset=Tokens(16, 2),
+        callbacks=callbacks,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=(lambda logits, labels: logits.argmax(-1)) if compute_metrics else None,
+    )
+    return trainer, callback
+
+
+def scripted_metric(values):
+    """A compute_metrics that reports ``values`` in turn as metric ``score``."""
+    remaining = list(values)
+    return lambda prediction: {"score": remaining.pop(0)}
+
+
+def final_state(trainer: Trainer) -> dict:
+    """Everything a resumed run must reproduce: weights, optimizer, scheduler and trainer state."""
+    history = [
+        {key: value for key, value in entry.items() if not any(part in key for part in TIMING_KEYS)}
+        for entry in trainer.state.log_history
+        if "train_loss" not in entry  # this train() call's summary; the Trainer reports it per call
+    ]
+    return {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.lr_scheduler.state_dict(),
+        "state": (
+            trainer.state.global_step,
+            trainer.state.epoch,
+            trainer.state.best_metric,
+            trainer.state.best_global_step,
+        ),
+        "log_history": history,
+    }
+
+
+def assert_identical(actual, expected, path="state"):
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, path
+        assert torch.equal(actual, expected), f"{path} differs"
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_identical(actual[key], expected[key], f"{path}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), path
+        for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_identical(a, e, f"{path}[{index}]")
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def pickled_files(root: Path) -> list[Path]:
+    """Files under ``root`` that are, or look like, pickles or torch.save archives."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            head = path.read_bytes()[:4]
+            if (
+                path.suffix in {".pt", ".pth", ".bin", ".pkl", ".pickle"}
+                or head.startswith(b"PK\x03\x04")
+                or head[:1] == b"\x80"
+            ):
+                found.append(path)
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train much faster on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted 4-epoch run per save/eval schedule, shared by the resume tests."""
+    runs = {}
+
+    def run(schedule: str):
+        if schedule not in runs:
+            trainer, callback = make_trainer(tmp_path_factory.mktemp(schedule), **SCHEDULES[schedule])
+            trainer.train()
+            runs[schedule] = (final_state(trainer), callback)
+        return runs[schedule]
+
+    return run
+
+
+SCHEDULES = {
+    "epoch": {},
+    "steps": dict(
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=3,
+        save_steps=3,
+        logging_strategy="steps",
+        logging_steps=3,
+    ),
+    "plateau": dict(
+        lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"patience": 0, "factor": 0.5}, learning_rate=3e-3
+    ),
+}
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_settings_default_to_the_training_arguments(tmp_path):
+    args = training_args(tmp_path, save_total_limit=3, metric_for_best_model="accuracy", greater_is_better=True)
+    settings = Settings.resolve(args)
+    assert settings.checkpoint_dir == tmp_path
+    assert settings.max_checkpoints == 3
+    assert settings.keep_best is True and settings.load_best_at_end is True
+    assert settings.metric_for_best == "eval_accuracy" and settings.mode == "max"
+    assert settings.save_strategy == "epoch"
+
+
+def test_settings_follow_the_trainers_rules_for_limits_prefixes_and_modes(tmp_path):
+    unlimited = training_args(
+        tmp_path,
+        save_total_limit=None,
+        load_best_model_at_end=False,
+        metric_for_best_model=None,
+        greater_is_better=None,
+    )
+    settings = Settings.resolve(unlimited)
+    assert settings.max_checkpoints is None and settings.keep_best is False and settings.metric_for_best is None
+    assert Settings.resolve(training_args(tmp_path, save_total_limit=0)).max_checkpoints is None
+    steps = training_args(
+        tmp_path,
+        eval_strategy="steps",
+        save_strategy="steps",
+        save_steps=7,
+        eval_steps=7,
+        metric_for_best_model="eval_f1",
+        greater_is_better=None,
+    )
+    settings = Settings.resolve(steps)
+    assert (settings.save_strategy, settings.save_steps, settings.metric_for_best, settings.mode) == (
+        "steps",
+        7,
+        "eval_f1",
+        "max",
+    )
+    assert eval_metric_name("loss") == "eval_loss" and eval_metric_name("eval_loss") == "eval_loss"
+
+
+def test_explicit_parameters_override_the_training_arguments(tmp_path):
+    settings = Settings.resolve(
+        training_args(tmp_path),
+        checkpoint_dir=tmp_path / "elsewhere",
+        max_checkpoints=None,
+        keep_best=False,
+        metric_for_best="accuracy",
+        mode="max",
+        save_strategy="steps",
+        save_steps=4,
+        load_best_model_at_end=False,
+    )
+    assert settings == Settings(tmp_path / "elsewhere", None, False, "eval_accuracy", "max", "steps", 4, False)
+    assert Settings.resolve(training_args(tmp_path), metric_for_best="perplexity").mode == "max"
+    assert Settings.resolve(training_args(tmp_path), metric_for_best="eval_loss").mode == "min"
+    odd = training_args(tmp_path, metric_for_best_model="accuracy", greater_is_better=False)
+    assert Settings.resolve(odd, metric_for_best="eval_accuracy").mode == "min", "the args' direction for their metric"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(mode="best"), "mode"), (dict(save_strategy="best"), "save_strategy"), (dict(save_steps=0), "save_steps")],
+)
+def test_bad_parameters_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        CheckpointCallback(**kwargs)
+
+
+def test_save_strategy_best_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ConfigurationError, match="save_strategy='epoch' or 'steps'"):
+        make_trainer(tmp_path, save_strategy="best")
+
+
+def test_manager_is_exposed_once_attached_to_a_trainer(tmp_path):
+    callback = CheckpointCallback()
+    with pytest.raises(ConfigurationError, match="given to a Trainer"):
+        _ = callback.manager
+    make_trainer(tmp_path / "out", callback=callback, save_total_limit=3)
+    manager = callback.manager
+    assert isinstance(manager, CheckpointManager)
+    assert (manager.checkpoint_dir, manager.max_checkpoints, manager.keep_best) == (tmp_path / "out", 3, True)
+    assert (manager.metric_for_best, manager.mode) == ("eval_loss", "min")
+
+
+def test_a_callback_added_after_construction_takes_its_settings_at_train_time(tmp_path):
+    trainer, first = make_trainer(tmp_path, load_best_model_at_end=False, stop_at=5)
+    trainer.remove_callback(first)
+    late = CheckpointCallback(max_checkpoints=None)
+    trainer.add_callback(late)
+    trainer.train()
+    assert [info.name for info in late.manager.checkpoints()] == ["epoch_1_step_5"]
+    assert late.manager.max_checkpoints is None
+
+
+# ---------------------------------------------------------------------- saving
+
+
+def test_the_managers_checkpoints_replace_the_trainers_own(tmp_path, monkeypatch):
+    def trainer_save(*args, **kwargs):
+        raise AssertionError("Trainer._save_checkpoint must never run")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", trainer_save)
+    saves = []
+    original_save = CheckpointManager.save
+    monkeypatch.setattr(
+        CheckpointManager, "save", lambda self, *a, **k: saves.append(k["step"]) or original_save(self, *a, **k)
+    )
+    trainer, callback = make_trainer(tmp_path, save_total_limit=None)
+    trainer.train()
+
+    assert saves == [5, 10, 15, 20], "one save per epoch, each written once, when the Trainer would save"
+    names = sorted(entry.name for entry in tmp_path.iterdir())
+    assert names == ["checkpoint-20", "epoch_1_step_5", "epoch_2_step_10", "epoch_3_step_15", "epoch_4_step_20"]
+    assert (tmp_path / "checkpoint-20").is_symlink() and os.readlink(tmp_path / "checkpoint-20") == "epoch_4_step_20"
+    assert pickled_files(tmp_path) == []
+    for info in callback.manager.checkpoints():
+        assert sorted(path.name for path in info.path.iterdir()) == [
+            "metadata.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+            "state.json",
+            "state.safetensors",
+            "trainer_state.json",
+        ]
+        assert set(info.metrics) >= {"eval_loss", "eval_runtime", "epoch"}
+        assert info.metrics["epoch"] == info.epoch
+    checkpoint = callback.manager.load(epoch=2)
+    assert checkpoint["metrics"]["eval_loss"] == next(
+        e["eval_loss"] for e in trainer.state.log_history if e.get("step") == 10 and "eval_loss" in e
+    )
+    assert checkpoint["config"]["model"]["n_embd"] == 32 and checkpoint["config"]["model"]["model_type"] == "gpt2"
+    assert checkpoint["config"]["training_args"]["output_dir"] == str(tmp_path)
+    assert checkpoint["config"]["training_args"]["save_strategy"] == "epoch"
+    assert checkpoint["scheduler"]["last_epoch"] == 10
+    state = json.loads((callback.manager.find(2).path / "trainer_state.json").read_text())
+    assert state["global_step"] == 10 and state["best_model_checkpoint"] is None
+    assert state["log_history"][-1]["eval_loss"] == checkpoint["metrics"]["eval_loss"]
+
+
+def test_step_saves_without_evaluation_follow_save_steps(tmp_path):
+    trainer, callback = make_trainer(
+        tmp_path,
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=3,
+        logging_strategy="steps",
+        logging_steps=3,
+        load_best_model_at_end=False,
+        save_total_limit=None,
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [3, 6, 9, 12, 15, 18, 20]
+    assert all(info.metrics == {} for info in callback.manager.checkpoints())
+    state = json.loads((callback.manager.find(1, 9).path / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["step"] == 9 and "loss" in state["log_history"][-1], (
+        "the step's log is in its state"
+    )
+    assert pickled_files(tmp_path) == []
+
+
+def test_explicit_directory_and_schedule_work_when_the_trainer_saves_nothing(tmp_path):
+    callback = CheckpointCallback(checkpoint_dir=tmp_path / "ckpts", max_checkpoints=1, save_strategy="epoch")
+    trainer, _ = make_trainer(
+        tmp_path / "out", callback=callback, save_strategy="no", load_best_model_at_end=False, stop_at=10
+    )
+    trainer.train()
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_10"]
+    assert get_last_checkpoint(str(tmp_path / "out")) == str(tmp_path / "out" / "checkpoint-10")
+    assert (
+        Path(get_last_checkpoint(str(tmp_path / "out"))).resolve() == (tmp_path / "ckpts" / "epoch_2_step_10").resolve()
+    )
+    resumed, _ = make_trainer(
+        tmp_path / "out",
+        callback=CheckpointCallback(checkpoint_dir=tmp_path / "ckpts", save_strategy="epoch"),
+        save_strategy="no",
+        load_best_model_at_end=False,
+        seed=3,
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 20
+
+
+# ---------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize(
+    "schedule, stop_at, resume_from",
+    [
+        ("epoch", 10, "latest"),
+        ("epoch", 10, "path"),
+        ("steps", 9, "latest"),
+        ("plateau", 10, "latest"),
+    ],
+)
+def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
+    tmp_path, uninterrupted, schedule, stop_at, resume_from
+):
+    expected, _ = uninterrupted(schedule)
+    first, callback = make_trainer(tmp_path, stop_at=stop_at, **SCHEDULES[schedule])
+    first.train()
+    assert callback.manager.latest().step == stop_at
+    del first
+
+    resumed, callback = make_trainer(
+        tmp_path, seed=1, **SCHEDULES[schedule]
+    )  # other initial weights: all must come from the checkpoint
+    target = True if resume_from == "latest" else str(callback.manager.latest().path)
+    resumed.train(resume_from_checkpoint=target)
+
+    assert_identical(final_state(resumed), expected)
+    model = resumed.model
+    assert model.lm_head.weight is model.transformer.wte.weight, "GPT-2's lm_head stays tied"
+    assert pickled_files(tmp_path) == []
+
+
+def test_resume_restores_rng_so_dropout_masks_match(tmp_path, uninterrupted, monkeypatch):
+    """The same resume without the RNG restore diverges: the test above would notice a lost RNG state."""
+    expected, _ = uninterrupted("epoch")
+    first, _ = make_trainer(tmp_path, stop_at=10)
+    first.train()
+    monkeypatch.setattr("ckpt_plugin.hf.restore_rng_state", lambda state: None)
+    resumed, _ = make_trainer(tmp_path, seed=1)
+    resumed.train(resume_from_checkpoint=True)
+    actual = final_state(resumed)
+    assert actual["state"][0] == expected["state"][0]
+    assert not all(torch.equal(actual["model"][key], expected["model"][key]) for key in expected["model"])
+
+
+def test_resuming_from_a_damaged_checkpoint_raises_instead_of_training_on(tmp_path):
+    first, callback = make_trainer(tmp_path, stop_at=10)
+    first.train()
+    optimizer_file = callback.manager.latest().path / "optimizer.safetensors"
+    data = bytearray(optimizer_file.read_bytes())
+    data[-1] ^= 0xFF
+    optimizer_file.write_bytes(bytes(data))
+    resumed, _ = make_trainer(tmp_path, seed=1)
+    with pytest.raises(Exception, match="optimizer.safetensors"):
+        resumed.train(resume_from_checkpoint=True)
+
+
+# ---------------------------------------------------------------------- best model and the Trainer's traps
+
+
+def test_load_best_model_at_end_leaves_the_managers_best_weights(tmp_path):
+    trainer, callback = make_trainer(
+        tmp_path,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        compute_metrics=scripted_metric([0.2, 0.9, 0.5, 0.1]),
+    )
+    trainer.train()
+    best = callback.manager.best()
+    assert best.name == "epoch_2_step_10" and best.metrics["eval_score"] == 0.9
+    best_weights = callback.manager.load_best()["model"]
+    final_weights = callback.manager.load_latest()["model"]
+    model_weights = trainer.model.state_dict()
+    assert all(torch.equal(model_weights[key], best_weights[key]) for key in best_weights)
+    assert not all(torch.equal(model_weights[key], final_weights[key]) for key in final_weights)
+    assert trainer.model.lm_head.weight is trainer.model.transformer.wte.weight
+    assert trainer.state.best_metric == 0.9 and trainer.state.best_global_step == 10
+
+
+def test_trap_save_total_limit_1_with_load_best_keeps_the_run_resumable(tmp_path):
+    """The Trainer deletes its latest checkpoint here; the manager keeps the best and the latest."""
+    trainer, callback = make_trainer(
+        tmp_path,
+        save_total_limit=1,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        compute_metrics=scripted_metric([0.2, 0.9, 0.5, 0.1]),
+    )
+    trainer.train()
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_10", "epoch_4_step_20"]
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-20")
+    resumed, _ = make_trainer(
+        tmp_path,
+        seed=1,
+        save_total_limit=1,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        compute_metrics=scripted_metric([0.3]),
+        num_train_epochs=5,
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 25
+
+
+def test_trap_the_trainers_rotation_never_deletes_the_managers_checkpoints(tmp_path):
+    trainer, callback = make_trainer(tmp_path, save_total_limit=None, load_best_model_at_end=False)
+    trainer.train()
+    before = [info.name for info in callback.manager.checkpoints()]
+    rotate_checkpoints(str(tmp_path), save_total_limit=1, use_mtime=False)
+    rotate_checkpoints(
+        str(tmp_path), save_total_limit=1, best_model_checkpoint=str(tmp_path / "checkpoint-20"), use_mtime=False
+    )
+    assert (
+        [info.name for info in callback.manager.checkpoints()]
+        == before
+        == [
+            "epoch_1_step_5",
+            "epoch_2_step_10",
+            "epoch_3_step_15",
+            "epoch_4_step_20",
+        ]
+    )
+
+
+def test_trap_moving_output_dir_keeps_resume_and_best_working(tmp_path, uninterrupted):
+    expected, _ = uninterrupted("epoch")
+    first, _ = make_trainer(tmp_path / "before", stop_at=10)
+    first.train()
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    for path in (tmp_path / "after").rglob("trainer_state.json"):
+        assert str(tmp_path) not in path.read_text(), "no absolute path is recorded"
+
+    resumed, callback = make_trainer(tmp_path / "after", seed=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert_identical(final_state(resumed)["model"], expected["model"])  # the best weights, found in the new place
+    assert callback.manager.best().path.parent == tmp_path / "after"
+
+
+CRASHING_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import torch
+    torch.set_num_threads(1)
+    import ckpt_plugin.writer as writer
+    from test_hf import make_trainer
+    from pathlib import Path
+
+    real_write = writer.write_tensor_file
+    def write_then_die(path, tensors, metadata=None):
+        record = real_write(path, tensors, metadata)
+        if "epoch_3_step_15" in str(path.parent) and path.name == "optimizer.safetensors":
+            os.kill(os.getpid(), signal.SIGKILL)  # the job dies in the middle of a save
+        return record
+    writer.write_tensor_file = write_then_die
+    make_trainer(Path({output!r}))[0].train()
+    """
+)
+
+
+def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninterrupted):
+    expected, _ = uninterrupted("epoch")
+    script = CRASHING_RUN.format(root=str(ROOT), tests=str(TESTS), output=str(tmp_path))
+    child = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=300
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    assert any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), "the save died half-way"
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+
+    resumed, callback = make_trainer(tmp_path, seed=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert_identical(final_state(resumed), expected)
+    assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), (
+        "the dead save's leftovers are cleaned up"
+    )

@@ -1,0 +1,354 @@
+"""ckpt_plugin.lightning: saving, resuming, "best", retention, DDP and LightningCLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from ckpt_plugin import CheckpointManager, ConfigurationError, EncodingError, IncompatibleCheckpointError  # noqa: E402
+from ckpt_plugin.lightning import CheckpointCallback, ManagerCheckpointIO  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning.*", "ignore::DeprecationWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
+)
+
+
+class Regressor(pl.LightningModule):
+    """A tiny model with dropout and an epoch-wise LR schedule; ``val_scores`` scripts the validation metric."""
+
+    def __init__(self, hidden: int = 16, lr: float = 0.05, val_scores: list[float] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs).squeeze(1)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        inputs, targets = batch
+        loss = nn.functional.mse_loss(self(inputs), targets)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        inputs, targets = batch
+        self.log("val_loss", nn.functional.mse_loss(self(inputs), targets))
+        if self.hparams.val_scores is not None:
+            self.log("val_score", self.hparams.val_scores[self.current_epoch])
+
+    def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        inputs, targets = batch
+        self.log("test_loss", nn.functional.mse_loss(self(inputs), targets))
+
+    def predict_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return self(batch[0])
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)}
+
+
+class RegressionData(pl.LightningDataModule):
+    """Synthetic data; the training order is shuffled by the global generator, so resuming needs the RNG."""
+
+    def __init__(self, size: int = 192, batch_size: int = 32) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = torch.randn(size, 8, generator=generator)
+        self.targets = self.inputs @ torch.randn(8, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.inputs, self.targets), batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.inputs[:64], self.targets[:64]), batch_size=32)
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
+
+
+class Opaque:
+    """A hyper-parameter value that JSON cannot hold (but pickle could, so Lightning keeps it)."""
+
+
+class Interrupt(pl.Callback):
+    """Kills the run at the start of ``epoch``, the way a preempted job dies mid-training."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def make_trainer(root: Path, max_epochs: int, callbacks: list, **kwargs) -> pl.Trainer:  # type: ignore[type-arg]
+    return pl.Trainer(
+        default_root_dir=root,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def fresh_model(seed: int, **hparams) -> Regressor:  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    return Regressor(**hparams)
+
+
+def run_interrupted(checkpoint_dir: Path, root: Path, stop_at: int, **callback_args) -> None:  # type: ignore[no-untyped-def]
+    model = fresh_model(0, **callback_args.pop("hparams", {}))
+    trainer = make_trainer(root, 100, [CheckpointCallback(checkpoint_dir, **callback_args), Interrupt(stop_at)])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.fit(model, RegressionData())
+
+
+def test_resume_from_last_is_bitwise_identical(tmp_path: Path) -> None:
+    reference = fresh_model(0)
+    reference_trainer = make_trainer(tmp_path, 6, [CheckpointCallback(tmp_path / "reference", max_checkpoints=2)])
+    reference_trainer.fit(reference, RegressionData())
+
+    run_interrupted(tmp_path / "run", tmp_path, stop_at=4, max_checkpoints=2)
+    torch.manual_seed(1234)  # the interrupted process's generators are lost with it
+    resumed = fresh_model(99)  # different initial weights: everything must come from the checkpoint
+    trainer = make_trainer(tmp_path, 6, [CheckpointCallback(tmp_path / "run", max_checkpoints=2)])
+    trainer.fit(resumed, RegressionData(), ckpt_path="last")
+
+    assert trainer.global_step == reference_trainer.global_step
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    expected_optimizer = reference_trainer.optimizers[0].state_dict()
+    actual_optimizer = trainer.optimizers[0].state_dict()
+    assert actual_optimizer["param_groups"] == expected_optimizer["param_groups"]
+    for index, state in expected_optimizer["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, actual_optimizer["state"][index][key]), (index, key)
+    expected_scheduler = reference_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == expected_scheduler
+    assert [p.name for p in sorted((tmp_path / "run").iterdir())] == ["epoch_4_step_30", "epoch_5_step_36"]
+
+
+def test_best_is_loaded_for_validate_test_and_predict(tmp_path: Path) -> None:
+    scores = [0.5, 0.1, 0.4, 0.3, 0.35]
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=2, metric_for_best="val_score", mode="min")
+    make_trainer(tmp_path, 5, [callback]).fit(fresh_model(0, val_scores=scores), RegressionData())
+    assert callback.best_model_path.endswith("epoch_1_step_12")
+    best_weights = callback.manager.find(epoch=1).path / "model.safetensors"
+    expected = safetensors_torch.load_file(best_weights)
+
+    for run in ("validate", "test", "predict"):
+        model = fresh_model(7, val_scores=scores)
+        trainer = make_trainer(tmp_path, 5, [CheckpointCallback(tmp_path / "ckpt", metric_for_best="val_score", mode="min")])
+        getattr(trainer, run)(model, RegressionData(), ckpt_path="best")
+        for name, tensor in expected.items():
+            assert torch.equal(model.state_dict()[name], tensor), (run, name)
+
+
+def test_retention_counts_across_interrupted_and_resumed_run(tmp_path: Path) -> None:
+    scores = [0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.4]
+    settings = {"max_checkpoints": 2, "keep_best": True, "metric_for_best": "val_score", "mode": "min"}
+    run_interrupted(tmp_path / "ckpt", tmp_path, stop_at=4, hparams={"val_scores": scores}, **settings)
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["epoch_1_step_12", "epoch_2_step_18", "epoch_3_step_24"]
+
+    callback = CheckpointCallback(tmp_path / "ckpt", **settings)
+    make_trainer(tmp_path, 7, [callback]).fit(fresh_model(3, val_scores=scores), RegressionData(), ckpt_path="last")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["epoch_1_step_12", "epoch_5_step_36", "epoch_6_step_42"]
+    assert callback.checkpoint_names == names
+
+
+def test_nothing_on_disk_is_pickled(tmp_path: Path) -> None:
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=3)
+    make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert files and not [path for path in files if path.suffix in {".ckpt", ".pt", ".pth", ".pkl"}]
+    for path in files:
+        head = path.read_bytes()[:4]
+        assert not head.startswith(b"\x80") and head != b"PK\x03\x04", path  # pickle or torch.save zip
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            assert path.suffix == ".safetensors", path
+            safetensors_torch.load_file(path)
+
+
+def test_checkpoint_contents(tmp_path: Path) -> None:
+    model = fresh_model(0)
+    callback = CheckpointCallback(manager=CheckpointManager(tmp_path / "ckpt", max_checkpoints=None, metric_for_best="val_loss"), every_n_epochs=2)
+    trainer = make_trainer(tmp_path, 4, [callback])
+    trainer.fit(model, RegressionData(batch_size=64))
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_1_step_6", "epoch_3_step_12"]
+
+    checkpoint = callback.manager.load_latest()
+    assert checkpoint["config"] == {"hidden": 16, "lr": 0.05, "val_scores": None, "datamodule": {"size": 192, "batch_size": 64}}
+    assert set(checkpoint["metrics"]) == {"train_loss", "val_loss"}
+    assert checkpoint["metrics"]["val_loss"] == pytest.approx(trainer.callback_metrics["val_loss"].item())
+    plain = safetensors_torch.load_file(Path(checkpoint["metadata"]["path"]) / "model.safetensors")
+    assert plain.keys() == model.state_dict().keys()
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(checkpoint["optimizer"])  # a plain PyTorch optimizer state
+    lightning_state = checkpoint["extra"]["lightning"]
+    assert lightning_state["hyper_parameters"]["hidden"] == 16
+    assert "fit_loop" in lightning_state["loops"]
+
+
+def test_fit_without_ckpt_path_continues_from_the_latest(tmp_path: Path) -> None:
+    make_trainer(tmp_path, 2, [CheckpointCallback(tmp_path / "ckpt")]).fit(fresh_model(0), RegressionData())
+    trainer = make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "ckpt")])
+    trainer.fit(fresh_model(1), RegressionData())
+    assert trainer.global_step == 18  # 6 steps of epoch 2 on top of the 12 restored
+    assert [info.name for info in CheckpointManager(tmp_path / "ckpt").checkpoints()][-1] == "epoch_2_step_18"
+
+
+def test_io_plugin_defers_other_paths_and_protects_checkpoints(tmp_path: Path) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):  # type: ignore[no-untyped-def]
+            self.calls.append(("save", str(path)))
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None):  # type: ignore[no-untyped-def]
+            self.calls.append(("load", str(path)))
+            return {}
+
+        def remove_checkpoint(self, path):  # type: ignore[no-untyped-def]
+            self.calls.append(("remove", str(path)))
+
+    manager = CheckpointManager(tmp_path / "ckpt", metric_for_best=None)
+    info = manager.save(model={"w": torch.ones(2)}, epoch=0)
+    fallback = Recorder()
+    io = ManagerCheckpointIO(manager, fallback=fallback)  # type: ignore[arg-type]
+    io.save_checkpoint({"state_dict": {}}, tmp_path / "other.ckpt")
+    io.load_checkpoint(tmp_path / "other.ckpt")
+    io.remove_checkpoint(tmp_path / "other.ckpt")
+    other = str(tmp_path / "other.ckpt")
+    assert fallback.calls == [("save", other), ("load", other), ("remove", other)]
+    with pytest.raises(ConfigurationError, match="retention"):
+        io.remove_checkpoint(info.path)
+    with pytest.raises(IncompatibleCheckpointError, match="not written by ckpt_plugin.lightning"):
+        io.load_checkpoint(info.path)  # a plain manager checkpoint holds no trainer state
+    assert info.path.is_dir()
+
+
+def test_unknown_mode_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="mode must be 'min' or 'max'"):
+        CheckpointCallback(tmp_path, mode="lowest")
+    with pytest.raises(ConfigurationError, match="every_n_epochs"):
+        CheckpointCallback(tmp_path, every_n_epochs=0)
+
+
+def test_unknown_metric_is_a_clear_error(tmp_path: Path) -> None:
+    callback = CheckpointCallback(tmp_path / "ckpt", metric_for_best="val_acc", mode="max")
+    with pytest.raises(ConfigurationError, match=r"metric_for_best='val_acc' is not among the logged metrics \(train_loss, val_loss\)"):
+        make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+
+
+def test_hyperparameters_json_cannot_hold_are_named(tmp_path: Path) -> None:
+    class WithObject(Regressor):
+        def __init__(self, helper: object = None) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    callback = CheckpointCallback(tmp_path / "ckpt")
+    with pytest.raises(EncodingError, match=r"config\['helper'\].*save_hyperparameters\(ignore="):
+        make_trainer(tmp_path, 1, [callback]).fit(WithObject(helper=Opaque()), RegressionData())
+
+
+def test_callback_state_json_cannot_hold_is_named(tmp_path: Path) -> None:
+    class HoldsObject(pl.Callback):
+        def state_dict(self) -> dict:  # type: ignore[type-arg]
+            return {"handle": Opaque()}
+
+    callback = CheckpointCallback(tmp_path / "ckpt")
+    with pytest.raises(EncodingError, match=r"extra\['lightning'\]\['callbacks'\]\['[^']*HoldsObject'\]\['handle'\]"):
+        make_trainer(tmp_path, 1, [callback, HoldsObject()]).fit(fresh_model(0), RegressionData())
+    assert callback.manager.checkpoints() == []
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(tmp_path: Path) -> None:
+    """Rank zero alone writes, both ranks list the same checkpoints, resume works and errors never hang."""
+    script = REPO / "tests" / "lightning_ddp_script.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
+
+    def run(phase: str, checkpoint_dir: Path) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+        return subprocess.run(
+            [sys.executable, str(script), phase, str(checkpoint_dir), str(tmp_path)],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+
+    def reports(fit: str) -> list[dict]:  # type: ignore[type-arg]
+        return [json.loads((tmp_path / f"{fit}-rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    done = run("train", tmp_path / "ckpt")  # fits 3 epochs, then resumes from "last" to 5
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = reports("train")
+    assert [report["backend"] for report in trained] == ["gloo", "gloo"]
+    assert [report["saves"] for report in trained] == [3, 0]
+    for report in trained:
+        assert report["broadcast_names"] == report["listed_names"] == trained[0]["listed_names"]
+        assert len(report["listed_names"]) == 2
+    resumed = reports("resume")
+    assert [report["saves"] for report in resumed] == [2, 0]
+    assert [report["first_step"] for report in resumed] == [12, 12]
+    for report in resumed:
+        assert report["broadcast_names"] == report["listed_names"] == ["epoch_3_step_16", "epoch_4_step_20"]
+
+    done = run("bad-metric", tmp_path / "bad")  # rank zero refuses to save: every rank must fail, none may hang
+    assert done.returncode != 0
+    for report in reports("bad-metric"):
+        assert "ConfigurationError" in report["error"] and "never_logged" in report["error"]
+
+
+def test_lightning_cli_yaml(tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  default_root_dir: {tmp_path}
+  max_epochs: 2
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: ckpt_plugin.lightning.CheckpointCallback
+      init_args:
+        checkpoint_dir: {tmp_path / "ckpt"}
+        max_checkpoints: 1
+        keep_best: false
+        metric_for_best: val_loss
+        mode: min
+        every_n_epochs: 1
+model:
+  hidden: 8
+"""
+    )
+    cli = LightningCLI(Regressor, RegressionData, args=["fit", "--config", str(config)], save_config_kwargs={"overwrite": True})
+    callback = cli.trainer.checkpoint_callback
+    assert isinstance(callback, CheckpointCallback)
+    assert (callback.manager.max_checkpoints, callback.manager.keep_best, callback.manager.mode) == (1, False, "min")
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_1_step_12"]
+    assert callback.manager.load_latest()["config"]["hidden"] == 8
