@@ -127,6 +127,7 @@ def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
                     data = tensor_bytes(tensors[spec.name])
                     for begin in range(0, len(data), CHUNK_BYTES):
                         writer.write(data[begin : begin + CHUNK_BYTES])
+                    del data  # free a contiguous copy before the next tensor makes its own
             os.fsync(fd)
         finally:
             os.close(fd)
