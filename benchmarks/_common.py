@@ -113,6 +113,28 @@ def peak_extra_rss(fn: Callable[[], object]) -> int:
     return (_status_kib("VmHWM") - before) * 1024
 
 
+def peak_torch_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of torch CPU allocations live at once while ``fn`` runs, from the profiler.
+
+    Unlike the resident-set probe, this also sees allocations that reuse memory the allocator
+    already held. Frees of memory allocated before ``fn`` are not counted against its allocations.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted(
+        (event.time_range.start, event.self_cpu_memory_usage)
+        for event in prof.events()
+        if event.self_cpu_memory_usage
+    )
+    live = peak = 0
+    for _, change in changes:
+        live = max(0, live + change)
+        peak = max(peak, live)
+    return peak
+
+
 def machine() -> str:
     """One line naming the machine: CPU model, cores, RAM, torch threads, and Python/torch versions."""
     model = "unknown CPU"

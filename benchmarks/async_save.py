@@ -13,7 +13,8 @@ rounds after one warm-up round:
   includes waiting for the device-to-host copy, so it is an upper bound there;
 - the background write that follows it, and a bare ``torch.save`` of the same state;
 - how much a training-like workload slows down while a background write runs;
-- the staging buffer's size and the extra peak resident memory of a steady-state async save.
+- the staging buffer's size, and the extra memory of a steady-state async save (the rise of the
+  resident set's high-water mark, and the peak of torch allocations seen by the profiler).
 
 Target: blocked <= 1.2x the floor. Where CUDA is available the state lives on the GPU, the floor
 copies into pinned host buffers, and the figures are measured there too.
@@ -35,6 +36,7 @@ from _common import (
     median_time,
     nbytes,
     peak_extra_rss,
+    peak_torch_bytes,
     print_table,
     scratch_dir,
     settle,
@@ -158,6 +160,8 @@ def main() -> None:
     settle()
     extra = peak_extra_rss(async_save)
     manager.wait()
+    settle()
+    extra_torch = peak_torch_bytes(lambda: (async_save(), manager.wait()))
     buffer_bytes = manager._saver.buffer.nbytes if manager._saver is not None else 0
     manager.close()
 
@@ -179,6 +183,7 @@ def main() -> None:
             ("training step during a write / alone", f"{t_step_during / t_step:.2f}x", "reported"),
             ("staging buffer / state size", f"{buffer_bytes / state_bytes:.3f}x", "<= 1 buffer"),
             ("extra peak RSS of a steady-state save", f"{extra / MiB:.1f} MiB", "reported"),
+            ("peak torch allocations, save + write (profiler)", f"{extra_torch / MiB:.1f} MiB", "reported"),
         ],
     )
     shutil.rmtree(root, ignore_errors=True)
