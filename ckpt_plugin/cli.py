@@ -38,7 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 import torch
 
-from . import codec
+from . import codec, shards
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
@@ -47,9 +47,9 @@ from .errors import (
     CorruptCheckpointError,
     PromotionError,
 )
-from .reader import read_checkpoint, read_json
+from .reader import open_item_files, read_checkpoint, read_json
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
-from .storage import FileRecord, LocalStore, link_or_copy, open_tensor_file, publish_file, verify_file, write_bytes_file
+from .storage import FileRecord, LocalStore, link_or_copy, publish_file, verify_file, write_bytes_file
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 EXIT_FAILED = 1
@@ -199,7 +199,7 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
 
 def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
     """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
-    needed = {MODEL_FILE, STATE_FILE} if items == ("model",) else set(info.files)
+    needed = {*shards.item_files(info.files, MODEL_FILE), STATE_FILE} if items == ("model",) else set(info.files)
     problems = _verify_all([(info.path / name, info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars)
     if problems:
         raise CorruptCheckpointError(problems[0]["error"])
@@ -275,7 +275,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
     registry = _registry(_existing(directory))
     info, version = _target(registry, epoch)
     metadata = read_json(info.path / METADATA_FILE)
-    model = open_tensor_file(info.path / MODEL_FILE, info.files.get(MODEL_FILE), verify=False)
+    model = open_item_files(info.path, info.files, (shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE])[0], verify=False)
     details: dict[str, Any] = {
         "name": info.name,
         "path": str(info.path),
@@ -607,7 +607,7 @@ def export(
 
 
 def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:
-    """Write ``target/`` with ``model.safetensors`` and ``config.json``, as ``save_pretrained`` lays it out."""
+    """Write ``target/`` with ``model.safetensors`` (or its shards and index) and ``config.json``, as ``save_pretrained`` lays it out."""
     notes = []
     if config_file is not None:
         config_bytes = config_file.read_bytes()
@@ -624,8 +624,10 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
     store.ensure_writable()
     staging = store.staging_dir(target.name)
     try:
-        advance = bars(f"exporting {info.name}", info.files[MODEL_FILE].size)
-        link_or_copy(info.path / MODEL_FILE, staging / "model.safetensors", info.files[MODEL_FILE], advance, link=False)
+        model_files = shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
+        advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
+        for name in model_files:  # model.safetensors, or the shards and their index
+            link_or_copy(info.path / name, staging / name, info.files[name], advance, link=False)
         write_bytes_file(staging / "config.json", config_bytes)
         store.commit(staging, target.name)
     except BaseException:

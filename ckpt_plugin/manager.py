@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from . import retention
+from . import incremental as incremental_saves
+from . import listing, retention
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -25,7 +26,8 @@ from .errors import (
 )
 from .metadata import git_provenance, provenance
 from .reader import Device, read_checkpoint, read_json
-from .rng import capture_rng_state, restore_rng_state
+from .restore import restore_checkpoint
+from .rng import capture_rng_state
 from .storage import LocalStore
 from .writer import Snapshot, take_snapshot, write_snapshot
 
@@ -41,6 +43,12 @@ class CheckpointManager:
         mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is.
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
+        incremental: store the model as Hugging Face-style shards and hard-link the shards that did
+            not change since the previous checkpoint instead of writing them again (frozen
+            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.incremental`.
+        change_detection: how ``incremental`` finds unchanged tensors: ``"checksum"`` hashes every
+            model tensor at each save; ``"version"`` trusts autograd version counters and hashes only
+            tensors that were written to (writes through ``.data`` go unseen).
         async_save: return from :meth:`save` once the state is copied into a reused host staging
             buffer (about the size of the state), and write, commit and prune on a background
             thread. At most one save is in flight; a failed background save is raised again by the
@@ -59,6 +67,8 @@ class CheckpointManager:
         mode: str = "min",
         *,
         save_rng: bool = True,
+        incremental: bool = False,
+        change_detection: str = "checksum",
         async_save: bool = False,
     ) -> None:
         if mode not in retention.MODES:
@@ -69,6 +79,8 @@ class CheckpointManager:
             raise ConfigurationError(
                 f"max_checkpoints must be a whole number of at least 1, or None to keep every checkpoint; got {max_checkpoints!r}"
             )
+        if change_detection not in incremental_saves.DETECTION_MODES:
+            raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         if keep_best and metric_for_best is not None and not isinstance(metric_for_best, str):
             raise ConfigurationError(f"metric_for_best must be a metric name, not {metric_for_best!r}")
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
@@ -80,9 +92,12 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
+        self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[int, CheckpointInfo]] = {}
+        self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
+        self._metadata_reads = 0
         self._warned_missing_metric = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
@@ -128,17 +143,21 @@ class CheckpointManager:
         step = None if step is None else _whole_number(step, "step")
         metrics = normalize_metrics(metrics)
         self._check_best_metric(metrics)
+        seen: list[incremental_saves.Observation | None] = [None]
 
         def take() -> Snapshot:
-            return self._take_snapshot(model, optimizer, epoch, metrics, config, step, scheduler, extra, files)
+            snapshot, seen[0] = self._take_snapshot(
+                model, optimizer, epoch, metrics, config, step, scheduler, extra, files
+            )
+            return snapshot
 
         if self._saver is None:
-            return self._write(take())
+            return self._write(take(), seen[0])
         cwd = _current_dir()
 
         def write(snapshot: Snapshot) -> CheckpointInfo:
             snapshot.provenance.update(git_provenance(cwd))
-            return self._write(snapshot)
+            return self._write(snapshot, seen[0])
 
         return pending_info(self.checkpoint_dir, self._saver.save(take, write))
 
@@ -153,7 +172,7 @@ class CheckpointManager:
         scheduler: Any,
         extra: Any,
         files: Mapping[str, bytes] | None,
-    ) -> Snapshot:
+    ) -> tuple[Snapshot, incremental_saves.Observation | None]:
         states = {
             "model": _state_of(model, "model"),
             "optimizer": _state_of(optimizer, "optimizer"),
@@ -161,7 +180,8 @@ class CheckpointManager:
             "extra": extra,
             "rng": capture_rng_state() if self.save_rng else None,
         }
-        return take_snapshot(
+        seen = incremental_saves.observe(model, states["model"]) if self._incremental is not None else None
+        snapshot = take_snapshot(
             states,
             epoch=epoch,
             step=step,
@@ -172,13 +192,20 @@ class CheckpointManager:
             provenance=provenance(git=self._saver is None),
             files=files,
         )
+        return snapshot, seen
 
-    def _write(self, snapshot: Snapshot) -> CheckpointInfo:
+    def _write(self, snapshot: Snapshot, seen: incremental_saves.Observation | None) -> CheckpointInfo:
         """Write, commit and prune: the part of a save that an asynchronous save runs in the background."""
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
-            info = write_snapshot(self._store, snapshot)
+            if self._incremental is None:
+                info = write_snapshot(self._store, snapshot)
+            else:
+                if not self._incremental.has_base:
+                    self._incremental.adopt(self.latest())
+                assert seen is not None
+                info = self._incremental.write(self._store, snapshot, seen)
             self._remember(info)
             self._apply_retention()
         return info
@@ -247,22 +274,38 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
         found: dict[str, tuple[int, CheckpointInfo]] = {}
-        for entry in self._store.visible():
-            if not looks_like_checkpoint(entry.name):
-                continue
-            cached = self._listing.get(entry.name)
-            if cached is not None and cached[0] == entry.inode():
-                found[entry.name] = cached
-                continue
-            info = self._read_info(Path(entry.path))
-            if info is not None:
-                found[entry.name] = (entry.inode(), info)
+        read_before = self._metadata_reads
+        with listing.gc_paused():
+            for entry in self._store.visible():
+                if not looks_like_checkpoint(entry.name):
+                    continue
+                cached = self._listing.get(entry.name)
+                if cached is not None and cached[0] == entry.inode():
+                    found[entry.name] = cached
+                    continue
+                info = self._read_info(Path(entry.path), listing.identity(os.path.join(entry.path, METADATA_FILE)))
+                if info is not None:
+                    found[entry.name] = (entry.inode(), info)
         self._listing = found
+        if self._metadata_reads - read_before > listing.REWRITE_AFTER_READS and self._summaries is not None:
+            listing.save(self.checkpoint_dir, {name: self._summaries[name] for name in found if name in self._summaries})
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
 
-    def _read_info(self, path: Path) -> CheckpointInfo | None:
+    def _read_info(self, path: Path, key: listing.Identity | None) -> CheckpointInfo | None:
+        if self._summaries is None:
+            self._summaries = listing.load(self.checkpoint_dir)
+        known = self._summaries.get(path.name)
+        if key is not None and known is not None and known[0] == key:
+            try:
+                return listing.info_from_summary(path, known[1])
+            except (KeyError, TypeError, ValueError):
+                pass
         try:
-            return parse_metadata(path, read_json(path / METADATA_FILE))
+            info = parse_metadata(path, read_json(path / METADATA_FILE))
+            self._metadata_reads += 1
+            if key is not None:
+                self._summaries[path.name] = (key, listing.summary(info))
+            return info
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
             if path.name not in self._warned_foreign:
                 self._warned_foreign.add(path.name)
@@ -353,28 +396,24 @@ class CheckpointManager:
         *,
         strict: bool = True,
         restore_rng: bool = True,
+        atomic: bool = False,
     ) -> CheckpointInfo | None:
         """Load a checkpoint straight into live objects and return which one it was.
 
         ``which`` is ``"latest"``, ``"best"`` or an epoch. Returns None (and changes nothing) when
         ``"latest"`` is asked of an empty directory. RNG states are restored too unless
-        ``restore_rng`` is False.
+        ``restore_rng`` is False. Tensors are read once, straight into the model's parameters and
+        the optimizer's state, with checksums verified in the same pass. If a file turns out to be
+        damaged, :class:`CorruptCheckpointError` names it and says which live objects were already
+        overwritten; ``atomic=True`` checks every file first so that nothing changes on damage.
         """
         self._settle()
         info = self.resolve(which)
         if info is None:
             return None
-        wanted = ("model", "rng") + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
-        checkpoint = read_checkpoint(info, items=wanted)
-        model.load_state_dict(checkpoint["model"], strict=strict)
-        if optimizer is not None:
-            _require(checkpoint, "optimizer", info)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            _require(checkpoint, "scheduler", info)
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if restore_rng and checkpoint.get("rng") is not None:
-            restore_rng_state(checkpoint["rng"])
+        restore_checkpoint(
+            info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
+        )
         return info
 
     def resolve(self, which: str | int) -> CheckpointInfo | None:
@@ -393,11 +432,6 @@ def _current_dir() -> str | None:
         return os.getcwd()
     except OSError:
         return None
-
-
-def _require(checkpoint: Mapping[str, Any], item: str, info: CheckpointInfo) -> None:
-    if checkpoint.get(item) is None:
-        raise CheckpointNotFoundError(f"{info.path} holds no {item} state; pass {item}=None to restore without it")
 
 
 def _whole_number(value: Any, name: str) -> int:

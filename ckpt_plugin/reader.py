@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, shards
 from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo
 from .errors import CorruptCheckpointError
-from .storage import open_tensor_file, read_bytes_file
+from .storage import FileRecord, open_tensor_file, read_bytes_file
 
 Device = str | torch.device | None
 
@@ -45,7 +47,7 @@ def read_checkpoint(
             record = info.files.get(filename)
             if verify and record is None:
                 raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in {METADATA_FILE}")
-            tensors = open_tensor_file(info.path / filename, record, verify=verify)
+            tensors = open_item_files(info.path, info.files, filename, verify=verify)
             if map_location is not None:
                 device = torch.device(map_location)
                 tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
@@ -80,3 +82,28 @@ def read_checkpoint(
         except KeyError as exc:
             raise CorruptCheckpointError(f"{info.path}: item {item!r} is inconsistent with its files: {exc}") from None
     return result
+
+
+def open_item_files(
+    directory: Path, files: Mapping[str, FileRecord], filename: str, *, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The tensors of the item stored as ``filename`` in ``directory``: one safetensors file, or every
+    shard a Hugging Face index names. With ``verify`` each file is checked against its record in
+    ``files`` (a file without one is reported as damage)."""
+
+    def record_of(name: str) -> FileRecord | None:
+        record = files.get(name)
+        if verify and record is None:
+            raise CorruptCheckpointError(f"{directory / name} has no recorded checksum in {METADATA_FILE}")
+        return record
+
+    if not shards.is_index(filename):
+        return open_tensor_file(directory / filename, record_of(filename), verify=verify)
+    try:
+        names = shards.shard_files(read_json(directory / filename, record_of(filename) if verify else None))
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{directory / filename} is not a valid index ({exc}); restore it or delete this checkpoint") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for name in names:
+        tensors.update(open_tensor_file(directory / name, record_of(name), verify=verify))
+    return tensors

@@ -31,7 +31,7 @@ import filelock
 import torch
 from packaging.version import InvalidVersion, Version
 
-from . import codec
+from . import codec, shards
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import (
     CheckpointNotFoundError,
@@ -41,7 +41,7 @@ from .errors import (
 )
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
-from .reader import Device, read_checkpoint, read_json
+from .reader import Device, open_item_files, read_checkpoint, read_json
 from .storage import (
     FileRecord,
     LocalStore,
@@ -52,7 +52,9 @@ from .storage import (
     read_bytes_file,
     verify_file,
     write_bytes_file,
+    write_tensor_file,
 )
+from .writer import SAFETENSORS_METADATA
 
 VALIDATION_FILE = "validation.json"
 HISTORY_FILE = "history.jsonl"
@@ -511,7 +513,7 @@ class ArtifactRegistry:
             "metric_for_best": validation["metric_for_best"],
             "mode": validation["mode"],
             "checks": validation["checks"],
-            "files": {PRODUCTION_MODEL_FILE: files[MODEL_FILE].to_json()},
+            "files": {},
             "tied": _aliases(model_tree),
             "config": metadata.get("config"),
             "validated_at": validation["validated_at"],
@@ -524,8 +526,7 @@ class ArtifactRegistry:
         self._production_parent.ensure_writable()
         staging = self._production_parent.staging_dir(self.production_dir.name)
         try:
-            advance = progress(f"promoting {version}", files[MODEL_FILE].size) if progress is not None else None
-            link_or_copy(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE], advance)
+            document["files"][PRODUCTION_MODEL_FILE] = _publish_model(directory, files, staging, version, progress).to_json()
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
             self._production_parent.commit(staging, self.production_dir.name)
         except BaseException:
@@ -536,6 +537,22 @@ class ArtifactRegistry:
     def _log(self, event: str, version: Version | str, **fields: Any) -> None:
         entry = {"time": utc_timestamp(), "event": event, "version": str(version), **fields, **_actor()}
         append_line(self.validated_dir / HISTORY_FILE, codec.dumps(entry))
+
+
+def _publish_model(
+    directory: Path, files: Mapping[str, FileRecord], staging: Path, version: Version, progress: ProgressFactory | None
+) -> FileRecord:
+    """Give ``staging`` the production ``model.safetensors``: the version's own file, linked or
+    copied, or, for a model stored as shards (an incremental checkpoint), the shards joined into one."""
+    sources = shards.item_files(files, MODEL_FILE)
+    if sources == [MODEL_FILE]:
+        advance = progress(f"promoting {version}", files[MODEL_FILE].size) if progress is not None else None
+        link_or_copy(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE], advance)
+        return files[MODEL_FILE]
+    if not sources:
+        raise CorruptCheckpointError(f"{directory} holds no model weights; validate a complete checkpoint")
+    tensors = open_item_files(directory, files, sources[0])
+    return write_tensor_file(staging / PRODUCTION_MODEL_FILE, tensors, SAFETENSORS_METADATA)
 
 
 def _directory_name(version: Version) -> str:

@@ -1,0 +1,280 @@
+"""Incremental checkpoints: tensors that did not change since the previous checkpoint are not
+written again.
+
+With ``CheckpointManager(incremental=True)`` the model is stored as Hugging Face-style shards
+(``model-00001-of-00003.safetensors`` ... plus ``model.safetensors.index.json``). A shard whose
+tensors are all unchanged since the previous checkpoint written by the same manager is
+hard-linked from that checkpoint instead of being written; the other tensors go into new shards.
+
+Unchanged tensors are found in one of two ways (``change_detection``):
+
+- ``"checksum"`` (the default): every model tensor is hashed (xxh3) at each save and compared with
+  the digest recorded at the previous one. It cannot miss a change, and costs one read of the
+  model's memory, which is a fraction of writing it.
+- ``"version"``: a tensor whose storage, view and autograd version counter are what they were at
+  the previous save is taken as unchanged without reading it; only the others are hashed. In-place
+  operations on a parameter (optimizer steps, ``copy_`` under ``no_grad``, ``load_state_dict``) bump
+  its version counter, but writes through ``param.data`` or a numpy view do not: use this only
+  when nothing modifies weights that way.
+
+Tensors are grouped so that shards stay reusable: frozen parameters (``requires_grad=False``) and
+tensors found unchanged go into shards of their own, apart from the tensors that change. A shard
+shared between checkpoints is one file with several names, so deleting any checkpoint, in any
+order, never affects another one, and every checkpoint still records the size and checksum of
+each of its files, shared or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from . import codec, fastio, shards
+from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, build_metadata
+from .errors import ConfigurationError
+from .reader import read_json
+from .storage import FileRecord, LocalStore, tensor_bytes, write_bytes_file, write_tensor_file
+from .writer import SAFETENSORS_METADATA, Snapshot
+
+DETECTION_MODES = ("checksum", "version")
+SHARD_BYTES = 2 * 1024**3
+DIGESTS_KEY = "digests"
+
+Fingerprint = tuple[Any, ...]
+
+
+def fingerprint(tensor: torch.Tensor) -> Fingerprint:
+    """What identifies a tensor's current contents without reading them: where its memory is, how it
+    is viewed, and its autograd version counter (bumped by every tracked in-place write)."""
+    return (*codec.tensor_identity(tensor), tensor._version)
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """The xxh3 digest of a tensor's bytes."""
+    return f"xxh3_64:{xxhash.xxh3_64(tensor_bytes(tensor)).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a save sees of the live model before its state is handed to the writer."""
+
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    frozen: frozenset[str] = frozenset()
+
+
+def observe(model: Any, state: Any) -> Observation:
+    """Fingerprint the tensors of a model state dict and note the frozen parameters of ``model``."""
+    fingerprints: dict[str, Fingerprint] = {}
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and isinstance(key, str):
+                fingerprints.setdefault(key, fingerprint(value))
+    frozen: frozenset[str] = frozenset()
+    if isinstance(model, torch.nn.Module):
+        frozen = frozenset(name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+    return Observation(fingerprints, frozen)
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    digest: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    fingerprint: Fingerprint | None
+
+
+@dataclass(frozen=True)
+class _Shard:
+    filename: str
+    names: tuple[str, ...]
+    record: FileRecord
+    identity: tuple[int, int, int] | None
+
+
+@dataclass
+class _Base:
+    path: Path
+    tensors: dict[str, _Tensor]
+    shards: list[_Shard]
+
+
+class IncrementalWriter:
+    """Writes checkpoints whose model shards are shared with the previous checkpoint when unchanged."""
+
+    def __init__(self, change_detection: str = "checksum", shard_bytes: int = SHARD_BYTES) -> None:
+        if change_detection not in DETECTION_MODES:
+            raise ValueError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
+        self.change_detection = change_detection
+        self.shard_bytes = shard_bytes
+        self._base: _Base | None = None
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the next save has a previous checkpoint to share unchanged shards with."""
+        return self._base is not None
+
+    def adopt(self, info: CheckpointInfo | None) -> None:
+        """Use ``info`` (a sharded checkpoint with recorded digests) as the base of the next save, if
+        no save of this writer is known yet. Anything unexpected simply means no base."""
+        if self._base is not None or info is None:
+            return
+        try:
+            state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE))
+            entry = state["items"]["model"]
+            index = read_json(info.path / entry["file"], info.files[entry["file"]])
+            digests = entry[DIGESTS_KEY]
+            by_shard: dict[str, list[str]] = {}
+            for name, shard in index["weight_map"].items():
+                by_shard.setdefault(shard, []).append(name)
+            specs = {}
+            shard_list = []
+            for shard, names in sorted(by_shard.items()):
+                header = fastio.read_header(info.path / shard, info.files[shard])[1]
+                specs.update(header)
+                shard_list.append(
+                    _Shard(shard, tuple(names), info.files[shard], fastio.file_identity(info.path / shard))
+                )
+            tensors = {
+                name: _Tensor(digests[name], spec.dtype, spec.shape, None)
+                for name, spec in specs.items()
+                if name in digests
+            }
+        except Exception:  # noqa: BLE001 - any doubt about the old checkpoint only costs a full write
+            return
+        self._base = _Base(info.path, tensors, shard_list)
+
+    def write(self, store: LocalStore, snapshot: Snapshot, seen: Observation) -> CheckpointInfo:
+        """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind."""
+        files_by_name = snapshot.tensors_by_file()
+        model = files_by_name.pop(MODEL_FILE)
+        staging = store.staging_dir(snapshot.name)
+        try:
+            files: dict[str, FileRecord] = {}
+            for filename, tensors in files_by_name.items():
+                files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
+            for filename, data in snapshot.files.items():
+                if filename == shards.index_name(MODEL_FILE):
+                    raise ConfigurationError(f"extra file name {filename!r} is the index of the model's shards")
+                files[filename] = write_bytes_file(staging / filename, data)
+            tensors_now, shard_plan = self._plan(model, seen)
+            weight_map: dict[str, str] = {}
+            count = len(shard_plan)
+            new_shards: list[_Shard] = []
+            for number, (names, reused) in enumerate(shard_plan, start=1):
+                filename = shards.shard_name(MODEL_FILE, number, count)
+                record = None
+                if reused is not None and self._link(reused, staging / filename):
+                    record = reused.record
+                if record is None:
+                    record = write_tensor_file(staging / filename, {n: model[n] for n in names}, SAFETENSORS_METADATA)
+                files[filename] = record
+                new_shards.append(_Shard(filename, names, record, None))
+                weight_map.update(dict.fromkeys(names, filename))
+            total = sum(t.numel() * t.element_size() for t in model.values())
+            index_file = shards.index_name(MODEL_FILE)
+            files[index_file] = write_bytes_file(
+                staging / index_file, codec.dumps(shards.build_index(weight_map, total))
+            )
+            document = snapshot.state_document()
+            entry = document["items"].get("model")
+            if entry is not None:
+                entry["file"] = index_file
+                entry[DIGESTS_KEY] = {name: record.digest for name, record in tensors_now.items()}
+            files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(document))
+            metadata = build_metadata(
+                epoch=snapshot.epoch,
+                step=snapshot.step,
+                metrics=snapshot.metrics,
+                metric_for_best=snapshot.metric_for_best,
+                mode=snapshot.mode,
+                config=snapshot.config,
+                provenance=snapshot.provenance,
+                items=list(snapshot.items),
+                files=files,
+            )
+            write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
+            path = store.commit(staging, snapshot.name)
+        except BaseException:
+            store.discard(staging)
+            raise
+        self._base = _Base(
+            path,
+            tensors_now,
+            [_Shard(s.filename, s.names, s.record, fastio.file_identity(path / s.filename)) for s in new_shards],
+        )
+        return CheckpointInfo(
+            path=path,
+            epoch=snapshot.epoch,
+            step=snapshot.step,
+            metrics=codec.from_json(snapshot.metrics),
+            metric_for_best=snapshot.metric_for_best,
+            mode=snapshot.mode,
+            timestamp=snapshot.provenance.get("timestamp"),
+            files=files,
+            items=tuple(snapshot.items),
+        )
+
+    def _plan(
+        self, model: Mapping[str, torch.Tensor], seen: Observation
+    ) -> tuple[dict[str, _Tensor], list[tuple[tuple[str, ...], _Shard | None]]]:
+        """Each tensor's record now, and the shards to produce: (names, base shard to link or None)."""
+        base = self._base
+        previous = base.tensors if base is not None else {}
+        now: dict[str, _Tensor] = {}
+        unchanged: set[str] = set()
+        for name, tensor in model.items():
+            old = previous.get(name)
+            current = seen.fingerprints.get(name)
+            same_layout = old is not None and old.dtype == tensor.dtype and old.shape == tuple(tensor.shape)
+            if (
+                self.change_detection == "version"
+                and same_layout
+                and current is not None
+                and old is not None
+                and old.fingerprint == current
+            ):
+                value = old.digest
+            else:
+                value = digest(tensor)
+            now[name] = _Tensor(value, tensor.dtype, tuple(tensor.shape), current)
+            if same_layout and old is not None and old.digest == value:
+                unchanged.add(name)
+        plan: list[tuple[tuple[str, ...], _Shard | None]] = []
+        covered: set[str] = set()
+        for shard in base.shards if base is not None else ():
+            if shard.names and all(name in unchanged for name in shard.names):
+                plan.append((shard.names, shard))
+                covered.update(shard.names)
+        rest = [name for name in model if name not in covered]
+        stable = [name for name in rest if name in unchanged or name in seen.frozen]
+        moving = [name for name in rest if not (name in unchanged or name in seen.frozen)]
+        for group in (stable, moving):
+            plan.extend((names, None) for names in self._pack(group, model))
+        if not plan:
+            plan.append(((), None))
+        return now, plan
+
+    def _pack(self, names: list[str], model: Mapping[str, torch.Tensor]) -> list[tuple[str, ...]]:
+        groups: list[tuple[str, ...]] = []
+        current: list[str] = []
+        size = 0
+        for name in names:
+            nbytes = model[name].numel() * model[name].element_size()
+            if current and size + nbytes > self.shard_bytes:
+                groups.append(tuple(current))
+                current, size = [], 0
+            current.append(name)
+            size += nbytes
+        if current:
+            groups.append(tuple(current))
+        return groups
+
+    def _link(self, shard: _Shard, target: Path) -> bool:
+        """Link a base shard into the staging directory if it is still the very file that was written."""
+        assert self._base is not None
+        return shard.identity is not None and fastio.link_file(self._base.path / shard.filename, target, shard.identity)
