@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import signal
@@ -148,6 +149,51 @@ def test_tied_weights_are_staged_once_and_load_strictly(tmp_path):
     fresh["head"].weight = fresh["embedding"].weight
     assert manager.restore(fresh) is not None
     assert torch.equal(fresh["head"].weight, embedding.weight)
+
+
+@pytest.mark.parametrize("detection", ["checksum", "version"])
+def test_incremental_async_saves_link_frozen_shards_and_stay_isolated(tmp_path, monkeypatch, detection):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4))
+    model[:2].requires_grad_(False)
+    optimizer = torch.optim.Adam(model[2].parameters(), lr=0.05)
+    manager = CheckpointManager(
+        tmp_path, max_checkpoints=None, keep_best=False, incremental=True, change_detection=detection, async_save=True
+    )
+    train_step(model, optimizer)
+    manager.save(model=model, optimizer=optimizer, epoch=1)
+    manager.wait()
+    train_step(model, optimizer)
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(manager_module.incremental_saves.IncrementalWriter, "write", gated(gate, manager._incremental.write))
+    manager.save(model=model, optimizer=optimizer, epoch=2)
+    assert gate.entered.wait(30)
+    train_step(model, optimizer)  # the trained head changes while epoch 2 is being written
+    gate.release.set()
+    manager.wait()
+
+    def shard_inode(epoch: int, tensor: str) -> int:
+        directory = tmp_path / f"epoch_{epoch}"
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        return os.stat(directory / index["weight_map"][tensor]).st_ino
+
+    assert shard_inode(2, "0.weight") == shard_inode(1, "0.weight")  # frozen: linked, not written
+    assert shard_inode(2, "2.weight") != shard_inode(1, "2.weight")
+    loaded = manager.load(epoch=2)["model"]
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def gated(gate: Gate, write):
+    """Run an incremental writer's ``write`` behind ``gate``."""
+
+    def held(self, store, snapshot, seen):
+        gate.entered.set()
+        assert gate.release.wait(30)
+        return write(store, snapshot, seen)
+
+    return held
 
 
 def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
