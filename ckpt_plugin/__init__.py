@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointInfo
 from .errors import (
+    AsyncSaveError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
@@ -26,6 +27,7 @@ from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "ArtifactRegistry",
+    "AsyncSaveError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",

@@ -41,3 +41,7 @@ class ForeignFileError(CheckpointError):
 
 class PromotionError(CheckpointError):
     """A validation gate failed, or a promotion, rollback or version request is invalid."""
+
+
+class AsyncSaveError(CheckpointError):
+    """A background save failed; the checkpoint it was writing was not committed."""

@@ -15,6 +15,7 @@ import torch
 
 from . import incremental as incremental_saves
 from . import listing, retention
+from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
@@ -24,12 +25,12 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
-from .metadata import provenance
+from .metadata import git_provenance, provenance
 from .reader import Device, read_checkpoint, read_json
 from .restore import restore_checkpoint
 from .rng import capture_rng_state
 from .storage import LocalStore
-from .writer import take_snapshot, write_snapshot
+from .writer import Snapshot, take_snapshot, write_snapshot
 
 
 class CheckpointManager:
@@ -49,6 +50,10 @@ class CheckpointManager:
         change_detection: how ``incremental`` finds unchanged tensors: ``"checksum"`` hashes every
             model tensor at each save; ``"version"`` trusts autograd version counters and hashes only
             tensors that were written to (writes through ``.data`` go unseen).
+        async_save: return from :meth:`save` once the state is copied into a reused host staging
+            buffer (about the size of the state), and write, commit and prune on a background
+            thread. At most one save is in flight; a failed background save is raised again by the
+            next :meth:`save`, :meth:`wait` or :meth:`close`. Loads wait for the save in flight.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -65,6 +70,7 @@ class CheckpointManager:
         save_rng: bool = True,
         incremental: bool = False,
         change_detection: str = "checksum",
+        async_save: bool = False,
     ) -> None:
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -84,6 +90,8 @@ class CheckpointManager:
         self.metric_for_best = metric_for_best
         self.mode = mode
         self.save_rng = save_rng
+        self.async_save = bool(async_save)
+        self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
@@ -101,7 +109,8 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return (
             f"CheckpointManager({str(self.checkpoint_dir)!r}, max_checkpoints={self.max_checkpoints}, "
-            f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r})"
+            f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r}"
+            + (", async_save=True)" if self.async_save else ")")
         )
 
     # ------------------------------------------------------------------ saving
@@ -127,11 +136,44 @@ class CheckpointManager:
         ``files`` maps plain file names to bytes written as they are into the checkpoint directory,
         committed and checksummed with it, for tools that expect a file by name (such as the
         ``trainer_state.json`` that Hugging Face ``Trainer.train`` reads when it resumes).
+
+        With ``async_save`` this returns once the state is copied (the returned record has no
+        ``files`` yet); the checkpoint is listed once it has committed, which :meth:`wait` ensures.
         """
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
         metrics = normalize_metrics(metrics)
         self._check_best_metric(metrics)
+        seen: list[incremental_saves.Observation | None] = [None]
+
+        def take() -> Snapshot:
+            snapshot, seen[0] = self._take_snapshot(
+                model, optimizer, epoch, metrics, config, step, scheduler, extra, files
+            )
+            return snapshot
+
+        if self._saver is None:
+            return self._write(take(), seen[0])
+        cwd = _current_dir()
+
+        def write(snapshot: Snapshot) -> CheckpointInfo:
+            snapshot.provenance.update(git_provenance(cwd))
+            return self._write(snapshot, seen[0])
+
+        return pending_info(self.checkpoint_dir, self._saver.save(take, write))
+
+    def _take_snapshot(
+        self,
+        model: Any,
+        optimizer: Any,
+        epoch: int,
+        metrics: dict[str, Any],
+        config: Any,
+        step: int | None,
+        scheduler: Any,
+        extra: Any,
+        files: Mapping[str, bytes] | None,
+    ) -> tuple[Snapshot, incremental_saves.Observation | None]:
         states = {
             "model": _state_of(model, "model"),
             "optimizer": _state_of(optimizer, "optimizer"),
@@ -148,9 +190,13 @@ class CheckpointManager:
             config=config_to_dict(config),
             metric_for_best=self.metric_for_best,
             mode=self.mode,
-            provenance=provenance(),
+            provenance=provenance(git=self._saver is None),
             files=files,
         )
+        return snapshot, seen
+
+    def _write(self, snapshot: Snapshot, seen: incremental_saves.Observation | None) -> CheckpointInfo:
+        """Write, commit and prune: the part of a save that an asynchronous save runs in the background."""
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
@@ -200,6 +246,36 @@ class CheckpointManager:
         for entry in retention.to_delete(self.checkpoints(), self._policies):
             self._store.remove(entry.name)  # type: ignore[attr-defined]
             self._listing.pop(entry.name, None)  # type: ignore[attr-defined]
+
+    def wait(self) -> None:
+        """Block until the asynchronous save in flight has committed, and raise its error if it failed.
+
+        Returns at once for a synchronous manager, or when nothing is in flight.
+        """
+        if self._saver is not None:
+            self._saver.wait()
+
+    def close(self) -> None:
+        """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
+        if self._saver is not None:
+            self._saver.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as error:  # do not hide the exception already on its way out
+            warnings.warn(f"a background save failed while another error was raised: {error}", UserWarning, stacklevel=2)
+
+    def _settle(self) -> None:
+        """Let the save in flight finish before reading, so a load sees this manager's own saves."""
+        if self._saver is not None:
+            self._saver.drain()
 
     # ------------------------------------------------------------------ listing
 
@@ -341,10 +417,12 @@ class CheckpointManager:
     def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
         naming the epochs that exist."""
+        self._settle()
         return self._read(self.find(epoch, step), map_location=map_location, verify=verify)
 
     def load_latest(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
         """Load the most recent checkpoint, or return None when the directory holds none."""
+        self._settle()
         info = self.latest()
         return None if info is None else self._read(info, map_location=map_location, verify=verify)
 
@@ -352,6 +430,7 @@ class CheckpointManager:
         self, metric: str | None = None, mode: str | None = None, *, map_location: Device = None, verify: bool = True
     ) -> dict[str, Any] | None:
         """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
+        self._settle()
         info = self.best(metric, mode)
         return None if info is None else self._read(info, map_location=map_location, verify=verify)
 
@@ -375,6 +454,7 @@ class CheckpointManager:
         damaged, :class:`CorruptCheckpointError` names it and says which live objects were already
         overwritten; ``atomic=True`` checks every file first so that nothing changes on damage.
         """
+        self._settle()
         info = self.resolve(which)
         if info is None:
             return None
@@ -412,6 +492,13 @@ def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, 
     except OSError:
         return ()
     return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
+
+
+def _current_dir() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
 
 
 def _whole_number(value: Any, name: str) -> int:

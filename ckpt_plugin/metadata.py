@@ -55,13 +55,21 @@ def utc_timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
-def provenance() -> dict[str, Any]:
-    """Everything needed to trace a checkpoint back to the run that wrote it."""
-    git_hash, git_dirty = git_state()
+def git_provenance(cwd: str | None = None) -> dict[str, Any]:
+    """The ``git_hash`` and ``git_dirty`` entries of :func:`provenance`, for the repository holding ``cwd``."""
+    git_hash, git_dirty = git_state(cwd)
+    return {"git_hash": git_hash, "git_dirty": git_dirty}
+
+
+def provenance(*, git: bool = True) -> dict[str, Any]:
+    """Everything needed to trace a checkpoint back to the run that wrote it.
+
+    With ``git=False`` the git entries are left None, to be filled in later with
+    :func:`git_provenance` (an asynchronous save asks git on its background thread).
+    """
     return {
         "timestamp": utc_timestamp(),
-        "git_hash": git_hash,
-        "git_dirty": git_dirty,
+        **(git_provenance() if git else {"git_hash": None, "git_dirty": None}),
         "python_version": platform.python_version(),
         **_library_versions(),
         "hostname": socket.gethostname(),

@@ -1,0 +1,174 @@
+"""Shared pieces of the benchmarks: the ~400 MiB state, timing, and peak-memory probes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MiB = 1024 * 1024
+
+
+def build_state(hidden: int = 2090, layers: int = 8, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A stack of linear layers and an Adam optimizer that has taken one step.
+
+    With the defaults the model holds ~133 MiB of fp32 weights, and Adam's two moments bring the
+    state to ~400 MiB. The largest tensor is one weight matrix (~16.7 MiB).
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(*(nn.Linear(hidden, hidden) for _ in range(layers)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, hidden)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of the model and optimizer state, each once."""
+    found: dict[int, torch.Tensor] = {}
+    for tensor in model.state_dict().values():
+        found.setdefault(id(tensor), tensor)
+    for per_param in optimizer.state_dict()["state"].values():
+        for value in per_param.values():
+            if isinstance(value, torch.Tensor):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def median_time(fn: Callable[[], object], rounds: int, before: Callable[[], object] | None = None) -> float:
+    """The median wall time of ``fn`` over ``rounds`` runs after one untimed warm-up run."""
+    times = []
+    for index in range(rounds + 1):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if index:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int, before: Callable[[], object] | None = None
+) -> dict[str, float]:
+    """Median wall time of each of ``fns``, run in turn within every round so that drifting load
+    on a shared machine hits them alike; the first round is an untimed warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for index in range(rounds + 1):
+        for name, fn in fns.items():
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if index:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def settle() -> None:
+    """Flush dirty pages so that one measurement's writeback does not slow down the next."""
+    os.sync()
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        match = re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def peak_extra_rss(fn: Callable[[], object]) -> int:
+    """Bytes by which the resident set's high-water mark rose above its level before ``fn``.
+
+    Resets the kernel's peak counter (``/proc/self/clear_refs``), so it sees every allocation,
+    torch's included, without sampling.
+    """
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def peak_torch_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of torch CPU allocations live at once while ``fn`` runs, from the profiler.
+
+    Unlike the resident-set probe, this also sees allocations that reuse memory the allocator
+    already held. Frees of memory allocated before ``fn`` are not counted against its allocations.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted(
+        (event.time_range.start, event.self_cpu_memory_usage)
+        for event in prof.events()
+        if event.self_cpu_memory_usage
+    )
+    live = peak = 0
+    for _, change in changes:
+        live = max(0, live + change)
+        peak = max(peak, live)
+    return peak
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model, cores, RAM, torch threads, and Python/torch versions."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError):
+        ram = float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (
+        f"{model}, nproc={os.cpu_count()}, RAM {ram:.1f} GiB, {gpu}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}; load average {load}"
+    )
+
+
+def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    """Print ``(name, value, target)`` rows as a fixed-width table."""
+    width = max(len(row[0]) for row in rows)
+    print(f"\n{title}")
+    print(f"  {'measure'.ljust(width)}  {'value':>12}  target")
+    for name, value, target in rows:
+        print(f"  {name.ljust(width)}  {value:>12}  {target}")
+
+
+def scratch_dir(parent: str | None) -> Path:
+    """A fresh directory for the benchmark's files, on the disk the checkpoints would use."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent))
