@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class CheckpointManager:
         scheduler: Any = None,
         extra: Any = None,
         files: Mapping[str, bytes] | None = None,
+        on_commit: Callable[[CheckpointInfo], None] | None = None,
     ) -> CheckpointInfo:
         """Save one checkpoint and apply retention; return what was saved (path, epoch, step, metrics).
 
@@ -139,6 +140,11 @@ class CheckpointManager:
 
         With ``async_save`` this returns once the state is copied (the returned record has no
         ``files`` yet); the checkpoint is listed once it has committed, which :meth:`wait` ensures.
+
+        ``on_commit`` is called with the committed checkpoint's record once it is committed and
+        retention has run, before ``save`` returns or, with ``async_save``, on the background
+        thread. It is not called for a save that failed; an exception it raises is raised like a
+        failed save's, although the checkpoint stays committed.
         """
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
@@ -153,12 +159,12 @@ class CheckpointManager:
             return snapshot
 
         if self._saver is None:
-            return self._write(take(), seen[0])
+            return _notify(self._write(take(), seen[0]), on_commit)
         cwd = _current_dir()
 
         def write(snapshot: Snapshot) -> CheckpointInfo:
             snapshot.provenance.update(git_provenance(cwd))
-            return self._write(snapshot, seen[0])
+            return _notify(self._write(snapshot, seen[0]), on_commit)
 
         return pending_info(self.checkpoint_dir, self._saver.save(take, write))
 
@@ -492,6 +498,12 @@ def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, 
     except OSError:
         return ()
     return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
+
+
+def _notify(info: CheckpointInfo, on_commit: Callable[[CheckpointInfo], None] | None) -> CheckpointInfo:
+    if on_commit is not None:
+        on_commit(info)
+    return info
 
 
 def _current_dir() -> str | None:
