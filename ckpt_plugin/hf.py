@@ -16,6 +16,9 @@ How a callback alone takes the checkpoints over from the Trainer:
   ``Trainer.train`` insists on reading from any directory it resumes from. A relative symbolic link
   ``checkpoint-<step>`` in ``output_dir`` points at the newest checkpoint, so that the Trainer's
   ``get_last_checkpoint`` (``resume_from_checkpoint=True``) finds it, also after ``output_dir`` moved.
+  The link moves only once the checkpoint has committed (``save(on_commit=...)``): with
+  ``async_save=True`` that is on the manager's background thread, while training goes on, so the
+  link never names a checkpoint that a crash could still lose.
 * **Resuming.** The Trainer loads ``model.safetensors`` and ``trainer_state.json`` itself and, finding
   no ``optimizer.pt``, ``scheduler.pt`` or ``rng_state.pth``, skips the rest. ``on_train_begin`` then
   restores the verified weights, the optimizer and the scheduler from the manager checkpoint of the
@@ -23,7 +26,8 @@ How a callback alone takes the checkpoints over from the Trainer:
   the start of the epoch, or after the skipped batches when the run stopped mid-epoch.
 * **Best model.** The Trainer never learns a best checkpoint path (``state.best_model_checkpoint``
   stays None while training), so neither its ``save_total_limit=1`` clean-up nor its path-based best
-  loading runs. ``on_train_end`` loads the manager's best weights instead.
+  loading runs. ``on_train_end`` loads the manager's best weights instead, after closing the manager
+  (which waits for an asynchronous save in flight and raises its error, if it failed).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ except ImportError:  # transformers releases before GreedyLR
 
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
+from .incremental import DETECTION_MODES
 from .manager import CheckpointManager
 from .reader import read_checkpoint
 from .rng import restore_rng_state
@@ -160,6 +165,12 @@ class CheckpointCallback(TrainerCallback):
         save_steps: default ``save_steps`` (a number below 1 is a fraction of the training steps).
         load_best_model_at_end: load the manager's best weights into the model when training ends;
             default ``load_best_model_at_end``.
+        async_save: save in the background: training goes on once the state is copied into a
+            reused host buffer (see :class:`~ckpt_plugin.CheckpointManager`). A failed background
+            save is raised at the next save or when training ends.
+        incremental: store the model as shards and hard-link the shards that did not change since
+            the previous checkpoint (frozen backbones, adapters).
+        change_detection: how ``incremental`` finds unchanged tensors, ``"checksum"`` or ``"version"``.
 
     The manager is :attr:`manager`, available once the callback is given to a ``Trainer``.
     """
@@ -174,6 +185,10 @@ class CheckpointCallback(TrainerCallback):
         save_strategy: str | None = None,
         save_steps: float | None = None,
         load_best_model_at_end: bool | None = None,
+        *,
+        async_save: bool = False,
+        incremental: bool = False,
+        change_detection: str = "checksum",
     ) -> None:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -183,6 +198,8 @@ class CheckpointCallback(TrainerCallback):
             )
         if save_steps is not None and not (isinstance(save_steps, (int, float)) and save_steps > 0):
             raise ConfigurationError(f"save_steps must be a positive number, not {save_steps!r}")
+        if change_detection not in DETECTION_MODES:
+            raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         self._overrides = {
             "checkpoint_dir": checkpoint_dir,
             "max_checkpoints": max_checkpoints,
@@ -192,6 +209,11 @@ class CheckpointCallback(TrainerCallback):
             "save_strategy": save_strategy,
             "save_steps": save_steps,
             "load_best_model_at_end": load_best_model_at_end,
+        }
+        self._manager_options = {
+            "async_save": bool(async_save),
+            "incremental": bool(incremental),
+            "change_detection": change_detection,
         }
         self.settings: Settings | None = None
         self._manager: CheckpointManager | None = None
@@ -221,7 +243,9 @@ class CheckpointCallback(TrainerCallback):
         """Resolve the settings against ``args`` and build the manager (validating both once)."""
         self.settings = Settings.resolve(args, **self._overrides)
         s = self.settings
-        self._manager = CheckpointManager(s.checkpoint_dir, s.max_checkpoints, s.keep_best, s.metric_for_best, s.mode)
+        self._manager = CheckpointManager(
+            s.checkpoint_dir, s.max_checkpoints, s.keep_best, s.metric_for_best, s.mode, **self._manager_options
+        )
         return self.settings
 
     def on_train_begin(
@@ -229,6 +253,7 @@ class CheckpointCallback(TrainerCallback):
     ) -> None:
         if self._manager is None:  # added with trainer.add_callback() after the Trainer was built
             self._attach(args)
+        self.manager.wait()  # a save left in flight by an earlier train() that raised
         self._pending = False
         self._saved_step = None
         self._rng = None
@@ -361,6 +386,8 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._flush(args, state, **kwargs)
+        if self._manager is not None:
+            self._manager.close()  # the last save commits (or its error is raised) before the best is read
         if self.settings is not None and self.settings.load_best_at_end:
             self._load_best(state, kwargs["model"])
 
@@ -383,7 +410,8 @@ class CheckpointCallback(TrainerCallback):
         self._saved_step = state.global_step
         if not args.should_save:
             return
-        info = self.manager.save(
+        output_dir = Path(args.output_dir)
+        self.manager.save(
             model=model,
             optimizer=None if args.save_only_model else optimizer,
             scheduler=None if args.save_only_model else lr_scheduler,
@@ -392,11 +420,15 @@ class CheckpointCallback(TrainerCallback):
             metrics=metrics or {},
             config=run_config(args, model),
             files={TRAINER_STATE_FILE: trainer_state_json(args, state, metrics)},
+            on_commit=lambda info: self._link_latest(output_dir, info),
         )
-        self._link_latest(Path(args.output_dir), info)
 
     def _link_latest(self, output_dir: Path, info: CheckpointInfo) -> None:
-        """Point ``output_dir/checkpoint-<step>`` at ``info`` for ``resume_from_checkpoint=True``."""
+        """Point ``output_dir/checkpoint-<step>`` at the committed checkpoint ``info``.
+
+        ``resume_from_checkpoint=True`` resumes from the link. Called once ``info`` has committed,
+        on the manager's background thread for asynchronous saves (which commit one at a time).
+        """
         if not info.path.is_dir():  # an earlier run's later checkpoints outrank it and retention took it
             return
         link = f"checkpoint-{info.step}"
