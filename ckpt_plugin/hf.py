@@ -54,7 +54,6 @@ except ImportError:  # transformers releases before GreedyLR
 
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
-from .incremental import DETECTION_MODES
 from .manager import CheckpointManager
 from .reader import read_checkpoint
 from .rng import restore_rng_state
@@ -169,8 +168,9 @@ class CheckpointCallback(TrainerCallback):
             reused host buffer (see :class:`~ckpt_plugin.CheckpointManager`). A failed background
             save is raised at the next save or when training ends.
         incremental: store the model as shards and hard-link the shards that did not change since
-            the previous checkpoint (frozen backbones, adapters).
-        change_detection: how ``incremental`` finds unchanged tensors, ``"checksum"`` or ``"version"``.
+            the previous checkpoint (frozen backbones, adapters). Unchanged tensors are found by
+            checksum: the manager's ``change_detection="version"`` is not offered, because the
+            Trainer's default fused AdamW updates weights without bumping their version counters.
 
     The manager is :attr:`manager`, available once the callback is given to a ``Trainer``.
     """
@@ -188,7 +188,6 @@ class CheckpointCallback(TrainerCallback):
         *,
         async_save: bool = False,
         incremental: bool = False,
-        change_detection: str = "checksum",
     ) -> None:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -198,8 +197,6 @@ class CheckpointCallback(TrainerCallback):
             )
         if save_steps is not None and not (isinstance(save_steps, (int, float)) and save_steps > 0):
             raise ConfigurationError(f"save_steps must be a positive number, not {save_steps!r}")
-        if change_detection not in DETECTION_MODES:
-            raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         self._overrides = {
             "checkpoint_dir": checkpoint_dir,
             "max_checkpoints": max_checkpoints,
@@ -213,7 +210,6 @@ class CheckpointCallback(TrainerCallback):
         self._manager_options = {
             "async_save": bool(async_save),
             "incremental": bool(incremental),
-            "change_detection": change_detection,
         }
         self.settings: Settings | None = None
         self._manager: CheckpointManager | None = None

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints  # noqa: E402
 
-from ckpt_plugin import CheckpointManager, ConfigurationError  # noqa: E402
+import ckpt_plugin.writer  # noqa: E402
+from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback, Settings, eval_metric_name  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -444,6 +446,101 @@ def test_resuming_from_a_damaged_checkpoint_raises_instead_of_training_on(tmp_pa
         resumed.train(resume_from_checkpoint=True)
 
 
+# ---------------------------------------------------------------------- asynchronous and incremental saves
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(async_save=True), dict(incremental=True), dict(async_save=True, incremental=True)],
+    ids=["async", "incremental", "async-incremental"],
+)
+def test_async_and_incremental_runs_resume_bitwise_identical(tmp_path, uninterrupted, options):
+    expected, _ = uninterrupted("epoch")  # written with plain synchronous saves
+    first, callback = make_trainer(tmp_path, stop_at=10, callback=CheckpointCallback(**options))
+    first.train()
+    assert callback.manager.async_save == options.get("async_save", False)
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10]
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    if options.get("incremental"):
+        assert (callback.manager.latest().path / "model.safetensors.index.json").is_file()
+    del first
+
+    resumed, callback = make_trainer(tmp_path, seed=1, callback=CheckpointCallback(**options))
+    resumed.train(resume_from_checkpoint=True)
+    assert_identical(final_state(resumed), expected)
+    assert resumed.model.lm_head.weight is resumed.model.transformer.wte.weight
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-20")
+    assert pickled_files(tmp_path) == []
+
+
+class LinkProbe(TrainerCallback):
+    """Records the ``checkpoint-*`` links while each save is held in the background, then lets it go on."""
+
+    def __init__(self, output_dir: Path, gate: threading.Semaphore) -> None:
+        self.output_dir = output_dir
+        self.gate = gate
+        self.seen: list[tuple[int, dict[str, bool], bool]] = []
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # CheckpointCallback ran first: this step's save is in flight, held before its first tensor file.
+        links = {
+            name: (self.output_dir / name / "metadata.json").is_file()
+            for name in os.listdir(self.output_dir)
+            if name.startswith("checkpoint-")
+        }
+        in_flight_visible = any(
+            name.startswith("epoch_") and name.endswith(f"_step_{state.global_step}") for name in os.listdir(self.output_dir)
+        )
+        self.seen.append((state.global_step, links, in_flight_visible))
+        self.gate.release()
+
+
+def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeypatch):
+    gate = threading.Semaphore(0)
+    real_write = ckpt_plugin.writer.write_tensor_file
+
+    def held_write(path, tensors, metadata=None):
+        if path.name == "model.safetensors":
+            assert gate.acquire(timeout=60), "the save was never released"
+        return real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(ckpt_plugin.writer, "write_tensor_file", held_write)
+    callback = CheckpointCallback(async_save=True)
+    probe = LinkProbe(tmp_path, gate)
+    trainer, _ = make_trainer(tmp_path, callback=callback)
+    trainer.add_callback(probe)
+    trainer.train()
+
+    assert probe.seen == [
+        (5, {}, False),
+        (10, {"checkpoint-5": True}, False),  # the save of step 10 is not committed: the link stays on step 5
+        (15, {"checkpoint-10": True}, False),
+        (20, {"checkpoint-15": True}, False),
+    ]
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("checkpoint-")) == ["checkpoint-20"]
+    assert os.readlink(tmp_path / "checkpoint-20") == "epoch_4_step_20"
+
+
+def test_a_failed_background_save_is_raised_when_training_ends(tmp_path, monkeypatch):
+    real_write = ckpt_plugin.writer.write_tensor_file
+
+    def failing_write(path, tensors, metadata=None):
+        if "epoch_4_step_20" in str(path.parent):
+            raise RuntimeError("the disk went away")
+        return real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(ckpt_plugin.writer, "write_tensor_file", failing_write)
+    trainer, callback = make_trainer(tmp_path, callback=CheckpointCallback(async_save=True))
+    with pytest.raises(AsyncSaveError, match="the disk went away"):
+        trainer.train()
+    assert trainer.state.global_step == 20
+    steps = [info.step for info in callback.manager.checkpoints()]
+    assert steps[-2:] == [10, 15] and 20 not in steps
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-15")
+    assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path))
+    callback.manager.wait()  # raised once, then the manager is usable again
+
+
 # ---------------------------------------------------------------------- best model and the Trainer's traps
 
 
@@ -534,6 +631,7 @@ CRASHING_RUN = textwrap.dedent(
     import ckpt_plugin.writer as writer
     from test_hf import make_trainer
     from pathlib import Path
+    from ckpt_plugin.hf import CheckpointCallback
 
     real_write = writer.write_tensor_file
     def write_then_die(path, tensors, metadata=None):
@@ -542,14 +640,16 @@ CRASHING_RUN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # the job dies in the middle of a save
         return record
     writer.write_tensor_file = write_then_die
-    make_trainer(Path({output!r}))[0].train()
+    make_trainer(Path({output!r}), callback=CheckpointCallback(async_save={async_save!r}))[0].train()
     """
 )
 
 
-def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninterrupted):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninterrupted, async_save):
+    """Killed in the middle of writing epoch 3 (on the background thread for an asynchronous save)."""
     expected, _ = uninterrupted("epoch")
-    script = CRASHING_RUN.format(root=str(ROOT), tests=str(TESTS), output=str(tmp_path))
+    script = CRASHING_RUN.format(root=str(ROOT), tests=str(TESTS), output=str(tmp_path), async_save=async_save)
     child = subprocess.run(
         [sys.executable, "-c", script], env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, timeout=300
     )
