@@ -1,6 +1,7 @@
 """Wall time and disk use of Trainer runs: CheckpointCallback against the Trainer's own checkpoints.
 
     HF_HUB_OFFLINE=1 python benchmarks/hf_overhead.py [--rounds 3] [--layers 4] [--width 256] [--epochs 3]
+                                                      [--async-save] [--incremental] [--hook-epochs 20]
 
 Both sides run the same ``TrainingArguments`` (save and evaluate every epoch, ``save_total_limit=2``,
 ``load_best_model_at_end``) on the same GPT-2 built from a config. The Trainer's side writes its own
@@ -13,13 +14,23 @@ CPU time of the process (steadier than wall time on a shared machine), the media
 steps), the median time spent inside the saves themselves (``Trainer._save_checkpoint`` against
 ``CheckpointManager.save``), and the bytes left on disk. With ``load_best_model_at_end`` the manager
 keeps the ``save_total_limit`` most recent checkpoints plus the best, where the Trainer counts the
-best among them, so bytes per checkpoint are printed too.
+best among them, so bytes per checkpoint are printed too. ``--async-save`` and ``--incremental`` pass
+those options to the callback; with ``--async-save`` the time inside saves is the time training was
+blocked, and the wall time of ``train()`` includes waiting for the last save at the end.
+
+Then it measures what the callback costs when it does not save: a run of ``--hook-epochs`` epochs
+that evaluates and logs but saves only at its last step, with every hook of ``CheckpointCallback``
+and of the Trainer's own ``DefaultFlowCallback`` (which decides when to log, evaluate and save)
+timed as the Trainer calls it. It prints the median, over the epochs without a save, of the summed
+hook time per epoch and per step, against the same figures for ``DefaultFlowCallback`` and against
+the epoch's wall time (target: < 1 ms per epoch).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -31,7 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    DefaultFlowCallback,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from ckpt_plugin import CheckpointManager  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback  # noqa: E402
@@ -63,12 +81,12 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def build(output_dir: Path, options: argparse.Namespace, with_callback: bool) -> Trainer:
+def build(output_dir: Path, options: argparse.Namespace, with_callback: bool, **overrides) -> Trainer:
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=options.layers, n_embd=options.width, n_head=4, vocab_size=options.vocab, n_positions=64
     )
-    args = TrainingArguments(
+    settings = dict(
         output_dir=str(output_dir),
         num_train_epochs=options.epochs,
         per_device_train_batch_size=8,
@@ -82,12 +100,16 @@ def build(output_dir: Path, options: argparse.Namespace, with_callback: bool) ->
         disable_tqdm=True,
         use_cpu=True,
     )
+    settings.update(overrides)
+    callbacks = (
+        [CheckpointCallback(async_save=options.async_save, incremental=options.incremental)] if with_callback else []
+    )
     return Trainer(
         model=GPT2LMHeadModel(config),
-        args=args,
+        args=TrainingArguments(**settings),
         train_dataset=Tokens(32, 32, options.vocab, seed=1),
         eval_dataset=Tokens(8, 32, options.vocab, seed=2),
-        callbacks=[CheckpointCallback()] if with_callback else [],
+        callbacks=callbacks,
     )
 
 
@@ -126,6 +148,106 @@ def one_round(
     return trained, resumed, size, saving, kept, cpu
 
 
+HOOKS = tuple(name for name in vars(TrainerCallback) if name.startswith("on_"))
+Event = tuple[str, float, float]  # hook name, start time, seconds spent in it
+
+
+def instrument(callback: TrainerCallback, log: list[Event]) -> None:
+    """Time every hook of ``callback`` as the Trainer calls it, appending to ``log``."""
+    for name in HOOKS:
+        hook = getattr(callback, name)
+
+        def timed_hook(*args, _hook=hook, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _hook(*args, **kwargs)
+            finally:
+                log.append((_name, start, time.perf_counter() - start))
+
+        setattr(callback, name, timed_hook)
+
+
+def epochs_of(log: list[Event]) -> list[list[Event]]:
+    """The events of each epoch: from its ``on_epoch_begin`` to the next one (its evaluation included)."""
+    epochs: list[list[Event]] = []
+    for event in log:
+        if event[0] == "on_epoch_begin":
+            epochs.append([])
+        if epochs and event[0] != "on_train_end":
+            epochs[-1].append(event)
+    return epochs
+
+
+def hook_round(workdir: Path, options: argparse.Namespace) -> tuple[float, float, float, float, int]:
+    """One run that saves only at its last step. Returns the medians over epochs without a save of
+    (callback seconds per epoch, DefaultFlowCallback seconds per epoch, epoch wall seconds,
+    callback seconds per optimizer step) and the number of such epochs."""
+    output_dir = workdir / "hooks"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    steps_per_epoch = 32 // 8
+    trainer = build(
+        output_dir,
+        options,
+        True,
+        num_train_epochs=options.hook_epochs,
+        save_strategy="steps",
+        save_steps=steps_per_epoch * options.hook_epochs,
+        logging_strategy="steps",
+        logging_steps=2,
+        load_best_model_at_end=False,
+        metric_for_best_model="loss",
+    )
+    ours: list[Event] = []
+    theirs: list[Event] = []
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointCallback))
+    flow = next(c for c in trainer.callback_handler.callbacks if isinstance(c, DefaultFlowCallback))
+    instrument(callback, ours)
+    instrument(flow, theirs)
+    saving_steps: set[int] = set()
+    original_save = callback._save
+    callback._save = lambda args, state, *a, **k: saving_steps.add(state.global_step) or original_save(args, state, *a, **k)
+    trainer.train()
+    epochs, flow_epochs = epochs_of(ours), epochs_of(theirs)
+    assert len(epochs) == len(flow_epochs) == options.hook_epochs
+    quiet = [index for index in range(len(epochs)) if (index + 1) * steps_per_epoch not in saving_steps]
+    assert len(quiet) == options.hook_epochs - 1, "only the last epoch saves"
+    walls = [epochs[index + 1][0][1] - epochs[index][0][1] for index in quiet if index + 1 < len(epochs)]
+    per_step = [
+        sum(seconds for name, _, seconds in epochs[index] if re.match(r"on_(step|substep|pre_optimizer|optimizer)", name))
+        / steps_per_epoch
+        for index in quiet
+    ]
+    return (
+        statistics.median(sum(event[2] for event in epochs[index]) for index in quiet),
+        statistics.median(sum(event[2] for event in flow_epochs[index]) for index in quiet),
+        statistics.median(walls),
+        statistics.median(per_step),
+        len(quiet),
+    )
+
+
+def report_hooks(workdir: Path, options: argparse.Namespace) -> None:
+    hook_round(workdir, options)  # warm-up
+    rounds = [hook_round(workdir, options) for _ in range(options.rounds)]
+
+    def median(index: int) -> float:
+        return statistics.median(result[index] for result in rounds)
+
+    ours, flow, wall, step = median(0), median(1), median(2), median(3)
+    print(
+        f"hooks of an epoch without a save ({32 // 8} steps, a log every 2 steps, an evaluation; median of "
+        f"{rounds[0][4]} epochs, median of {options.rounds} rounds):"
+    )
+    print(
+        f"  CheckpointCallback {ours * 1e3:.4f} ms per epoch ({step * 1e6:.1f} us per step)   "
+        f"DefaultFlowCallback {flow * 1e3:.4f} ms   epoch wall time {wall * 1e3:.1f} ms"
+    )
+    print(
+        f"  callback epoch cost: {ours * 1e3:.4f} ms (target < 1 ms); ratio to DefaultFlowCallback {ours / flow:.2f}, "
+        f"share of the epoch {ours / wall:.5f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -135,9 +257,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save=True)")
+    parser.add_argument("--incremental", action="store_true", help="CheckpointCallback(incremental=True)")
+    parser.add_argument(
+        "--hook-epochs", type=int, default=20, help="epochs of the hook-cost run (0 skips it; otherwise at least 3)"
+    )
+    parser.add_argument("--hooks-only", action="store_true", help="measure only the cost of hooks that do not save")
     options = parser.parse_args()
     if options.rounds < 3:
         sys.exit("use at least 3 rounds: the figures are medians")
+    if options.hook_epochs and options.hook_epochs < 3:
+        sys.exit("use at least 3 hook epochs, or 0 to skip the hook-cost run")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     Trainer._save_checkpoint = timed(Trainer._save_checkpoint)
@@ -148,9 +278,13 @@ def main() -> None:
     params = sum(p.numel() for p in build(workdir / "probe", options, False).model.parameters())
     print(
         f"GPT-2 with {params / 1e6:.2f}M parameters, {options.epochs} epochs, a save and an evaluation every "
-        f"epoch, save_total_limit=2, load_best_model_at_end; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}"
+        f"epoch, save_total_limit=2, load_best_model_at_end; callback async_save={options.async_save}, "
+        f"incremental={options.incremental}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"load average {' '.join(f'{load:.1f}' for load in os.getloadavg())} on {os.cpu_count()} cores"
     )
+    if options.hooks_only:
+        report_hooks(workdir, options)
+        return
     one_round(workdir, options, False)  # warm-up
     one_round(workdir, options, True)
     results: dict[bool, list[tuple[float, float, int, float, int, float]]] = {False: [], True: []}
@@ -178,6 +312,8 @@ def main() -> None:
     per_checkpoint = (median(True, 2) / max(median(True, 4), 1)) / (median(False, 2) / max(median(False, 4), 1))
     total = median(True, 2) / median(False, 2)
     print(f"disk ratio (callback / Trainer): {total:.3f} in all, {per_checkpoint:.3f} per checkpoint")
+    if options.hook_epochs:
+        report_hooks(workdir, options)
     if options.dir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 
