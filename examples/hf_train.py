@@ -1,10 +1,12 @@
 """Hugging Face Trainer with ckpt_plugin: a tiny GPT-2 trains, is killed, resumes and ends with the best model.
 
-    HF_HUB_OFFLINE=1 python examples/hf_train.py [--dir DIR] [--epochs 6] [--interrupt-after 3]
+    HF_HUB_OFFLINE=1 python examples/hf_train.py [--dir DIR] [--epochs 6] [--interrupt-after 3] [--async-save]
 
 1. A child process trains a GPT-2 built from a config (nothing is downloaded) on synthetic token
    sequences, with ``CheckpointCallback`` taking its settings from the ``TrainingArguments``. It is
    killed with SIGKILL at the start of epoch ``--interrupt-after + 1``, the way a preempted job dies.
+   With ``--async-save`` checkpoints are written in the background, so the kill may catch the last
+   one before it committed; the run then resumes from the one before.
 2. This process builds a fresh model and Trainer and calls ``trainer.train(resume_from_checkpoint=True)``.
 3. It checks that the result is bitwise identical to an uninterrupted run, that the model holds the
    best checkpoint's weights (``load_best_model_at_end``), and that no pickle is on disk.
@@ -60,7 +62,7 @@ class KillAtEpoch(TrainerCallback):
 
 
 def build_trainer(
-    output_dir: Path, epochs: int, seed: int = 0, interrupt_after: int | None = None
+    output_dir: Path, epochs: int, seed: int = 0, interrupt_after: int | None = None, async_save: bool = False
 ) -> tuple[Trainer, CheckpointCallback]:
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64))
@@ -81,7 +83,8 @@ def build_trainer(
         use_cpu=True,
         seed=42,
     )
-    callback = CheckpointCallback()  # output_dir, save_total_limit, metric and best-model settings come from args
+    # output_dir, save_total_limit, metric and best-model settings come from args
+    callback = CheckpointCallback(async_save=async_save)
     callbacks = [callback] + ([KillAtEpoch(interrupt_after)] if interrupt_after is not None else [])
     trainer = Trainer(
         model=model,
@@ -112,13 +115,16 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="output_dir (default: a new temporary directory)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--interrupt-after", type=int, default=3)
+    parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)  # tiny model: one thread is fastest
     output_dir = options.dir or Path(tempfile.mkdtemp(prefix="ckpt_hf_")) / "out"
     if options.child:
-        build_trainer(output_dir, options.epochs, interrupt_after=options.interrupt_after)[0].train()
+        build_trainer(
+            output_dir, options.epochs, interrupt_after=options.interrupt_after, async_save=options.async_save
+        )[0].train()
         return
 
     print(f"== 1. training in a child process that is killed after epoch {options.interrupt_after}")
@@ -133,13 +139,15 @@ def main() -> None:
             str(options.epochs),
             "--interrupt-after",
             str(options.interrupt_after),
+            *(["--async-save"] if options.async_save else []),
         ],
         check=False,
     )
     print(f"child exited with status {child.returncode}; on disk: {', '.join(sorted(os.listdir(output_dir)))}")
 
     print("== 2. resuming in this process with trainer.train(resume_from_checkpoint=True)")
-    trainer, callback = build_trainer(output_dir, options.epochs, seed=123)  # other initial weights on purpose
+    # other initial weights on purpose: all must come from the checkpoint
+    trainer, callback = build_trainer(output_dir, options.epochs, seed=123, async_save=options.async_save)
     trainer.train(resume_from_checkpoint=True)
 
     print("== 3. checking the result")
