@@ -1,7 +1,8 @@
 """Wall time and disk use of Trainer runs: CheckpointCallback against the Trainer's own checkpoints.
 
     HF_HUB_OFFLINE=1 python benchmarks/hf_overhead.py [--rounds 3] [--layers 4] [--width 256] [--epochs 3]
-                                                      [--async-save] [--incremental] [--hook-epochs 20]
+                                                      [--async-save | --compare-async] [--incremental]
+                                                      [--hook-epochs 20] [--hooks-only]
 
 Both sides run the same ``TrainingArguments`` (save and evaluate every epoch, ``save_total_limit=2``,
 ``load_best_model_at_end``) on the same GPT-2 built from a config. The Trainer's side writes its own
@@ -15,7 +16,8 @@ steps), the median time spent inside the saves themselves (``Trainer._save_check
 ``CheckpointManager.save``), and the bytes left on disk. With ``load_best_model_at_end`` the manager
 keeps the ``save_total_limit`` most recent checkpoints plus the best, where the Trainer counts the
 best among them, so bytes per checkpoint are printed too. ``--async-save`` and ``--incremental`` pass
-those options to the callback; with ``--async-save`` the time inside saves is the time training was
+those options to the callback, and ``--compare-async`` runs the callback both without and with
+``async_save`` in the same rounds. With ``async_save`` the time inside saves is the time training was
 blocked, and the wall time of ``train()`` includes waiting for the last save at the end.
 
 Then it measures what the callback costs when it does not save: a run of ``--hook-epochs`` epochs
@@ -81,7 +83,10 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
-def build(output_dir: Path, options: argparse.Namespace, with_callback: bool, **overrides) -> Trainer:
+TRAINER, SYNC, ASYNC = "trainer", "sync", "async"  # the Trainer's own saving, or the callback's
+
+
+def build(output_dir: Path, options: argparse.Namespace, side: str, **overrides) -> Trainer:
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=options.layers, n_embd=options.width, n_head=4, vocab_size=options.vocab, n_positions=64
@@ -102,7 +107,9 @@ def build(output_dir: Path, options: argparse.Namespace, with_callback: bool, **
     )
     settings.update(overrides)
     callbacks = (
-        [CheckpointCallback(async_save=options.async_save, incremental=options.incremental)] if with_callback else []
+        []
+        if side == TRAINER
+        else [CheckpointCallback(async_save=side == ASYNC, incremental=options.incremental)]
     )
     return Trainer(
         model=GPT2LMHeadModel(config),
@@ -124,16 +131,16 @@ def checkpoint_count(root: Path) -> int:
 
 
 def one_round(
-    workdir: Path, options: argparse.Namespace, with_callback: bool
+    workdir: Path, options: argparse.Namespace, side: str
 ) -> tuple[float, float, int, float, int, float]:
     """Train from scratch, then resume from the end.
 
     Returns (train seconds, resume seconds, bytes on disk, seconds inside saves, checkpoints kept,
     CPU seconds of the training process during train).
     """
-    output_dir = workdir / ("callback" if with_callback else "trainer")
+    output_dir = workdir / side
     shutil.rmtree(output_dir, ignore_errors=True)
-    trainer = build(output_dir, options, with_callback)
+    trainer = build(output_dir, options, side)
     SAVE_SECONDS[0] = 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
@@ -141,7 +148,7 @@ def one_round(
     saving = SAVE_SECONDS[0]
     size = disk_bytes(output_dir)
     kept = checkpoint_count(output_dir)
-    resumer = build(output_dir, options, with_callback)
+    resumer = build(output_dir, options, side)
     start = time.perf_counter()
     resumer.train(resume_from_checkpoint=True)
     resumed = time.perf_counter() - start
@@ -149,6 +156,7 @@ def one_round(
 
 
 HOOKS = tuple(name for name in vars(TrainerCallback) if name.startswith("on_"))
+STEP_HOOK = re.compile(r"on_(step|substep|pre_optimizer|optimizer)")
 Event = tuple[str, float, float]  # hook name, start time, seconds spent in it
 
 
@@ -188,7 +196,7 @@ def hook_round(workdir: Path, options: argparse.Namespace) -> tuple[float, float
     trainer = build(
         output_dir,
         options,
-        True,
+        options.sides[0],
         num_train_epochs=options.hook_epochs,
         save_strategy="steps",
         save_steps=steps_per_epoch * options.hook_epochs,
@@ -205,7 +213,12 @@ def hook_round(workdir: Path, options: argparse.Namespace) -> tuple[float, float
     instrument(flow, theirs)
     saving_steps: set[int] = set()
     original_save = callback._save
-    callback._save = lambda args, state, *a, **k: saving_steps.add(state.global_step) or original_save(args, state, *a, **k)
+
+    def recorded_save(args, state, *rest, **kwargs):
+        saving_steps.add(state.global_step)
+        return original_save(args, state, *rest, **kwargs)
+
+    callback._save = recorded_save
     trainer.train()
     epochs, flow_epochs = epochs_of(ours), epochs_of(theirs)
     assert len(epochs) == len(flow_epochs) == options.hook_epochs
@@ -213,8 +226,7 @@ def hook_round(workdir: Path, options: argparse.Namespace) -> tuple[float, float
     assert len(quiet) == options.hook_epochs - 1, "only the last epoch saves"
     walls = [epochs[index + 1][0][1] - epochs[index][0][1] for index in quiet if index + 1 < len(epochs)]
     per_step = [
-        sum(seconds for name, _, seconds in epochs[index] if re.match(r"on_(step|substep|pre_optimizer|optimizer)", name))
-        / steps_per_epoch
+        sum(seconds for name, _, seconds in epochs[index] if STEP_HOOK.match(name)) / steps_per_epoch
         for index in quiet
     ]
     return (
@@ -258,6 +270,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save=True)")
+    parser.add_argument(
+        "--compare-async", action="store_true", help="run the callback both without and with async_save"
+    )
     parser.add_argument("--incremental", action="store_true", help="CheckpointCallback(incremental=True)")
     parser.add_argument(
         "--hook-epochs", type=int, default=20, help="epochs of the hook-cost run (0 skips it; otherwise at least 3)"
@@ -275,27 +290,31 @@ def main() -> None:
     torch.set_num_threads(options.threads)
     workdir = options.dir or Path(tempfile.mkdtemp(prefix="ckpt_hf_bench_"))
 
-    params = sum(p.numel() for p in build(workdir / "probe", options, False).model.parameters())
+    options.sides = [SYNC, ASYNC] if options.compare_async else [ASYNC] if options.async_save else [SYNC]
+    params = sum(p.numel() for p in build(workdir / "probe", options, TRAINER).model.parameters())
     print(
         f"GPT-2 with {params / 1e6:.2f}M parameters, {options.epochs} epochs, a save and an evaluation every "
-        f"epoch, save_total_limit=2, load_best_model_at_end; callback async_save={options.async_save}, "
+        f"epoch, save_total_limit=2, load_best_model_at_end; callback async_save: {' and '.join(options.sides)}, "
         f"incremental={options.incremental}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"load average {' '.join(f'{load:.1f}' for load in os.getloadavg())} on {os.cpu_count()} cores"
     )
     if options.hooks_only:
         report_hooks(workdir, options)
         return
-    one_round(workdir, options, False)  # warm-up
-    one_round(workdir, options, True)
-    results: dict[bool, list[tuple[float, float, int, float, int, float]]] = {False: [], True: []}
+    sides = [TRAINER, *options.sides]
+    for side in sides:
+        one_round(workdir, options, side)  # warm-up
+    results: dict[str, list[tuple[float, float, int, float, int, float]]] = {side: [] for side in sides}
     for _ in range(options.rounds):
-        for with_callback in (False, True):
-            results[with_callback].append(one_round(workdir, options, with_callback))
+        for side in sides:
+            results[side].append(one_round(workdir, options, side))
 
-    def median(side: bool, index: int) -> float:
+    def median(side: str, index: int) -> float:
         return statistics.median(result[index] for result in results[side])
 
-    for side, label in ((False, "Trainer's own checkpoints"), (True, "CheckpointCallback")):
+    labels = {TRAINER: "Trainer's own checkpoints", SYNC: "CheckpointCallback", ASYNC: "CheckpointCallback async"}
+    for side in sides:
+        label = labels[side]
         kept, size = int(median(side, 4)), int(median(side, 2))
         rounds = ", ".join(f"{result[0]:.3f}" for result in results[side])
         print(
@@ -303,15 +322,19 @@ def main() -> None:
             f"resume {median(side, 1):6.3f} s   on disk {size:>11,} bytes in {kept} checkpoints "
             f"({size // max(kept, 1):,} per checkpoint)   [train rounds: {rounds}]"
         )
-    print(f"wall-time ratio, train (callback / Trainer): {median(True, 0) / median(False, 0):.3f}   (target <= 1.0)")
-    print(
-        f"CPU-time ratio, train (callback / Trainer): {median(True, 5) / median(False, 5):.3f}   (steadier when busy)"
-    )
-    print(f"time inside saves, ratio (manager / Trainer): {median(True, 3) / median(False, 3):.3f}")
-    print(f"wall-time ratio, resume (callback / Trainer): {median(True, 1) / median(False, 1):.3f}")
-    per_checkpoint = (median(True, 2) / max(median(True, 4), 1)) / (median(False, 2) / max(median(False, 4), 1))
-    total = median(True, 2) / median(False, 2)
-    print(f"disk ratio (callback / Trainer): {total:.3f} in all, {per_checkpoint:.3f} per checkpoint")
+    for side in options.sides:
+        name = "callback" if side == SYNC else "callback async"
+        base = TRAINER
+        print(f"-- {labels[side]} against the Trainer's own saving")
+        print(f"wall-time ratio, train ({name} / Trainer): {median(side, 0) / median(base, 0):.3f}   (target <= 1.0)")
+        print(
+            f"CPU-time ratio, train ({name} / Trainer): {median(side, 5) / median(base, 5):.3f}   (steadier when busy)"
+        )
+        print(f"time training is blocked in saves, ratio ({name} / Trainer): {median(side, 3) / median(base, 3):.3f}")
+        print(f"wall-time ratio, resume ({name} / Trainer): {median(side, 1) / median(base, 1):.3f}")
+        per_checkpoint = (median(side, 2) / max(median(side, 4), 1)) / (median(base, 2) / max(median(base, 4), 1))
+        total = median(side, 2) / median(base, 2)
+        print(f"disk ratio ({name} / Trainer): {total:.3f} in all, {per_checkpoint:.3f} per checkpoint")
     if options.hook_epochs:
         report_hooks(workdir, options)
     if options.dir is None:

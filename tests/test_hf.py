@@ -489,7 +489,8 @@ class LinkProbe(TrainerCallback):
             if name.startswith("checkpoint-")
         }
         in_flight_visible = any(
-            name.startswith("epoch_") and name.endswith(f"_step_{state.global_step}") for name in os.listdir(self.output_dir)
+            name.startswith("epoch_") and name.endswith(f"_step_{state.global_step}")
+            for name in os.listdir(self.output_dir)
         )
         self.seen.append((state.global_step, links, in_flight_visible))
         self.gate.release()
