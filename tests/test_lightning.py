@@ -234,6 +234,27 @@ def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path, mon
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_6"]
 
 
+def test_an_epoch_that_does_not_save_lists_and_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt_plugin.manager as manager_module
+
+    callback = CheckpointCallback(tmp_path / "ckpt", every_n_epochs=100, async_save=True)
+    calls: list[str] = []
+    listing = type(callback.manager._store).visible
+    monkeypatch.setattr(type(callback.manager._store), "visible", lambda store: calls.append("list") or listing(store))
+    monkeypatch.setattr(manager_module, "git_provenance", lambda cwd: calls.append("git") or {})
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            calls.clear()  # resolving ckpt_path when fit starts may list the directory, once
+
+        def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            calls.append("end")
+
+    make_trainer(tmp_path, 3, [callback, Watch()]).fit(fresh_model(0), RegressionData())
+    assert calls == ["end"]
+    assert callback.checkpoint_names == [] and callback.manager.checkpoints() == []
+
+
 def test_nothing_on_disk_is_pickled(tmp_path: Path) -> None:
     callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=3)
     make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
