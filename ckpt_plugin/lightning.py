@@ -263,6 +263,11 @@ class CheckpointCallback(OnExceptionCheckpoint):
             )
         elif not isinstance(manager, CheckpointManager):
             raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
+        elif async_save or incremental or change_detection != "checksum":
+            raise ConfigurationError(
+                "async_save, incremental and change_detection configure the manager the callback builds; "
+                "with manager=, pass them to CheckpointManager(...) instead"
+            )
         super().__init__(dirpath=manager.checkpoint_dir, filename="last")
         self.manager = manager
         self.every_n_epochs = every_n_epochs
