@@ -27,6 +27,12 @@ Under DDP every rank takes the same decisions from replicated state (the epoch),
 enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
 only global rank zero writes, and an error on rank zero is raised on every rank instead of
 leaving the others waiting.
+
+With ``async_save=True`` a save returns once its snapshot is staged; the callback predicts the
+list of checkpoints the background commit will leave (retention is pure), waits for the save in
+flight before anything resolves or loads ``"last"``/``"best"``, and flushes at the end of ``fit``
+(raising a background failure on every rank) or on an exception (warning, so the training error
+is the one raised). An epoch that does not save does nothing but a modulo check.
 """
 
 from __future__ import annotations
