@@ -358,8 +358,13 @@ class CheckpointCallback(OnExceptionCheckpoint):
                 self.manager.wait()
             except CheckpointError as exc:
                 error = exc
-        message = None if error is None else {"error": str(error), "error_type": type(error).__name__}
+        message = None
+        if error is not None:  # the predicted list included the failed save; say what is really there
+            committed = [entry.name for entry in self.manager.checkpoints()]
+            message = {"error": str(error), "error_type": type(error).__name__, "checkpoints": committed}
         outcome = trainer.strategy.broadcast(message, src=0)
+        if outcome is not None:
+            self.checkpoint_names = list(outcome["checkpoints"])
         if error is not None:
             raise error
         if outcome is not None:
