@@ -180,7 +180,7 @@ class ManagerCheckpointIO(CheckpointIO):
         info = self._save(checkpoint, request)
         entries = sorted([entry for entry in committed if entry.name != info.name] + [info], key=lambda entry: entry.sort_key)
         policies = retention.policies_for(manager.max_checkpoints, manager.keep_best, manager.metric_for_best, manager.mode)
-        pruned = {entry.name for entry in retention.to_delete(entries, policies)}
+        pruned = {entry.name for entry in retention.to_delete(entries, policies, info.sort_key)}
         return info, [entry.name for entry in entries if entry.name not in pruned]
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
