@@ -25,12 +25,11 @@ from concurrent.futures import wait as wait_for
 from pathlib import Path
 from typing import TypeVar
 
-from . import codec
 from .checkpoint import CheckpointInfo
 from .errors import AsyncSaveError, CheckpointError
 from .staging import Staged, StagingBuffer
 from .tensorformat import dtype_code
-from .writer import Snapshot
+from .writer import Snapshot, snapshot_info
 
 T = TypeVar("T")
 _logger = logging.getLogger(__name__)
@@ -143,13 +142,4 @@ def _flush_at_exit() -> None:
 
 def pending_info(root: Path, snapshot: Snapshot) -> CheckpointInfo:
     """What an asynchronous save returns: the record the checkpoint will have, without its files."""
-    return CheckpointInfo(
-        path=root / snapshot.name,
-        epoch=snapshot.epoch,
-        step=snapshot.step,
-        metrics=codec.from_json(snapshot.metrics),
-        metric_for_best=snapshot.metric_for_best,
-        mode=snapshot.mode,
-        timestamp=snapshot.provenance.get("timestamp"),
-        items=tuple(snapshot.items),
-    )
+    return snapshot_info(root / snapshot.name, snapshot)

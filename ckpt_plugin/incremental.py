@@ -35,11 +35,10 @@ import torch
 import xxhash
 
 from . import codec, fastio, shards
-from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, build_metadata
-from .errors import ConfigurationError
+from .checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
 from .reader import read_json
 from .storage import FileRecord, LocalStore, tensor_bytes, write_bytes_file, write_tensor_file
-from .writer import SAFETENSORS_METADATA, Snapshot
+from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, Snapshot, write_snapshot
 
 DETECTION_MODES = ("checksum", "version")
 SHARD_BYTES = 2 * 1024**3
@@ -149,24 +148,18 @@ class IncrementalWriter:
         self._base = _Base(info.path, tensors, shard_list)
 
     def write(self, store: LocalStore, snapshot: Snapshot, seen: Observation) -> CheckpointInfo:
-        """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind."""
-        files_by_name = snapshot.tensors_by_file()
-        model = files_by_name.pop(MODEL_FILE)
-        staging = store.staging_dir(snapshot.name)
-        try:
-            files: dict[str, FileRecord] = {}
-            for filename, tensors in files_by_name.items():
-                files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
-            for filename, data in snapshot.files.items():
-                if filename == shards.index_name(MODEL_FILE):
-                    raise ConfigurationError(f"extra file name {filename!r} is the index of the model's shards")
-                files[filename] = write_bytes_file(staging / filename, data)
+        """Write ``snapshot`` with its model sharded, linking the shards that did not change."""
+        new_shards: list[_Shard] = []
+        digests: dict[str, _Tensor] = {}
+
+        def write_model(
+            staging: Path, model: dict[str, torch.Tensor], files: dict[str, FileRecord], document: dict[str, Any]
+        ) -> None:
             tensors_now, shard_plan = self._plan(model, seen)
+            digests.update(tensors_now)
             weight_map: dict[str, str] = {}
-            count = len(shard_plan)
-            new_shards: list[_Shard] = []
             for number, (names, reused) in enumerate(shard_plan, start=1):
-                filename = shards.shard_name(MODEL_FILE, number, count)
+                filename = shards.shard_name(MODEL_FILE, number, len(shard_plan))
                 record = None
                 if reused is not None and self._link(reused, staging / filename):
                     record = reused.record
@@ -176,48 +169,21 @@ class IncrementalWriter:
                 new_shards.append(_Shard(filename, names, record, None))
                 weight_map.update(dict.fromkeys(names, filename))
             total = sum(t.numel() * t.element_size() for t in model.values())
-            index_file = shards.index_name(MODEL_FILE)
-            files[index_file] = write_bytes_file(
-                staging / index_file, codec.dumps(shards.build_index(weight_map, total))
+            files[MODEL_INDEX_FILE] = write_bytes_file(
+                staging / MODEL_INDEX_FILE, codec.dumps(shards.build_index(weight_map, total))
             )
-            document = snapshot.state_document()
             entry = document["items"].get("model")
             if entry is not None:
-                entry["file"] = index_file
+                entry["file"] = MODEL_INDEX_FILE
                 entry[DIGESTS_KEY] = {name: record.digest for name, record in tensors_now.items()}
-            files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(document))
-            metadata = build_metadata(
-                epoch=snapshot.epoch,
-                step=snapshot.step,
-                metrics=snapshot.metrics,
-                metric_for_best=snapshot.metric_for_best,
-                mode=snapshot.mode,
-                config=snapshot.config,
-                provenance=snapshot.provenance,
-                items=list(snapshot.items),
-                files=files,
-            )
-            write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
-            path = store.commit(staging, snapshot.name)
-        except BaseException:
-            store.discard(staging)
-            raise
+
+        info = write_snapshot(store, snapshot, write_model)
         self._base = _Base(
-            path,
-            tensors_now,
-            [_Shard(s.filename, s.names, s.record, fastio.file_identity(path / s.filename)) for s in new_shards],
+            info.path,
+            digests,
+            [_Shard(s.filename, s.names, s.record, fastio.file_identity(info.path / s.filename)) for s in new_shards],
         )
-        return CheckpointInfo(
-            path=path,
-            epoch=snapshot.epoch,
-            step=snapshot.step,
-            metrics=codec.from_json(snapshot.metrics),
-            metric_for_best=snapshot.metric_for_best,
-            mode=snapshot.mode,
-            timestamp=snapshot.provenance.get("timestamp"),
-            files=files,
-            items=tuple(snapshot.items),
-        )
+        return info
 
     def _plan(
         self, model: Mapping[str, torch.Tensor], seen: Observation

@@ -27,6 +27,12 @@ Under DDP every rank takes the same decisions from replicated state (the epoch),
 enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
 only global rank zero writes, and an error on rank zero is raised on every rank instead of
 leaving the others waiting.
+
+With ``async_save=True`` a save returns once its snapshot is staged; the callback predicts the
+list of checkpoints the background commit will leave (retention is pure), waits for the save in
+flight before anything resolves or loads ``"last"``/``"best"``, and flushes at the end of ``fit``
+(raising a background failure on every rank) or on an exception (warning, so the training error
+is the one raised). An epoch that does not save does nothing but a modulo check.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_warn
 
-from . import codec, errors
+from . import codec, errors, retention
 from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager, config_to_dict, normalize_metrics
@@ -140,20 +147,45 @@ class ManagerCheckpointIO(CheckpointIO):
         if request.error is not None:
             return
         try:
-            info = self.manager.save(
-                epoch=request.epoch,
-                step=request.step,
-                metrics=request.metrics,
-                config=request.config,
-                **split_checkpoint(checkpoint),
-            )
+            if self.manager.async_save:
+                info, names = self._save_async(checkpoint, request)
+            else:
+                info = self._save(checkpoint, request)
+                names = [entry.name for entry in self.manager.checkpoints()]
             request.info = info
-            request.outcome = {"saved": info.name, "checkpoints": [entry.name for entry in self.manager.checkpoints()]}
+            request.outcome = {"saved": info.name, "checkpoints": names}
         except Exception as exc:  # raised on every rank by the callback once all ranks are past the barrier
             request.error = exc
 
+    def _save(self, checkpoint: dict[str, Any], request: SaveRequest) -> CheckpointInfo:
+        return self.manager.save(
+            epoch=request.epoch,
+            step=request.step,
+            metrics=request.metrics,
+            config=request.config,
+            **split_checkpoint(checkpoint),
+        )
+
+    def _save_async(self, checkpoint: dict[str, Any], request: SaveRequest) -> tuple[CheckpointInfo, list[str]]:
+        """Start an asynchronous save; return its pending record and the checkpoints there will be once it commits.
+
+        The save is listed only after its background commit, so the list is predicted: the
+        checkpoints committed so far (the previous save is flushed first, which the manager would
+        do anyway) plus the pending one, less what retention will prune. Retention is pure, so
+        the prediction is what the background worker will do.
+        """
+        manager = self.manager
+        manager.wait()
+        committed = manager.checkpoints()
+        info = self._save(checkpoint, request)
+        entries = sorted([entry for entry in committed if entry.name != info.name] + [info], key=lambda entry: entry.sort_key)
+        policies = retention.policies_for(manager.max_checkpoints, manager.keep_best, manager.metric_for_best, manager.mode)
+        pruned = {entry.name for entry in retention.to_delete(entries, policies, info.sort_key)}
+        return info, [entry.name for entry in entries if entry.name not in pruned]
+
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a ckpt_plugin checkpoint directory as Lightning's dict, or defer to the fallback."""
+        self.manager.wait()  # the save in flight may be the checkpoint asked for
         info = checkpoint_info(path)
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
@@ -194,7 +226,13 @@ class CheckpointCallback(OnExceptionCheckpoint):
             and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
         mode: ``"min"`` if a lower ``metric_for_best`` is better, ``"max"`` if a higher one is.
         every_n_epochs: save at the end of every n-th training epoch (after its validation).
-        manager: a ready manager to use instead of the five parameters above.
+        async_save: take each checkpoint's snapshot on the training thread and write, commit and
+            prune it in the background (see ``CheckpointManager(async_save=True)``). The end of
+            ``fit`` waits for the last save and raises its error, if it failed.
+        incremental: hard-link the model shards that did not change since the previous checkpoint
+            instead of writing them again (frozen backbones, adapters); ``change_detection`` is
+            ``"checksum"`` or ``"version"`` as for ``CheckpointManager``.
+        manager: a ready manager to use instead of the parameters above (except ``every_n_epochs``).
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
@@ -211,13 +249,31 @@ class CheckpointCallback(OnExceptionCheckpoint):
         mode: str = "min",
         every_n_epochs: int = 1,
         manager: CheckpointManager | None = None,
+        async_save: bool = False,
+        incremental: bool = False,
+        change_detection: str = "checksum",
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigurationError(f"every_n_epochs must be a whole number of at least 1, not {every_n_epochs!r}")
         if manager is None:
-            manager = CheckpointManager(checkpoint_dir, max_checkpoints, keep_best, metric_for_best, mode, save_rng=False)
+            manager = CheckpointManager(
+                checkpoint_dir,
+                max_checkpoints,
+                keep_best,
+                metric_for_best,
+                mode,
+                save_rng=False,
+                async_save=async_save,
+                incremental=incremental,
+                change_detection=change_detection,
+            )
         elif not isinstance(manager, CheckpointManager):
             raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
+        elif async_save or incremental or change_detection != "checksum":
+            raise ConfigurationError(
+                "async_save, incremental and change_detection configure the manager the callback builds; "
+                "with manager=, pass them to CheckpointManager(...) instead"
+            )
         super().__init__(dirpath=manager.checkpoint_dir, filename="last")
         self.manager = manager
         self.every_n_epochs = every_n_epochs
@@ -232,7 +288,11 @@ class CheckpointCallback(OnExceptionCheckpoint):
 
     @property
     def ckpt_path(self) -> str | None:  # type: ignore[override]
-        """The latest checkpoint, which Lightning loads for ``ckpt_path="last"``; None when there is none."""
+        """The latest checkpoint, which Lightning loads for ``ckpt_path="last"``; None when there is none.
+
+        Waits for the save in flight, so the checkpoint it is writing counts.
+        """
+        self.manager.wait()
         latest = self.manager.latest()
         return None if latest is None else str(latest.path)
 
@@ -249,6 +309,7 @@ class CheckpointCallback(OnExceptionCheckpoint):
         """
         if self.manager.metric_for_best is None:
             return self.last_model_path
+        self.manager.wait()
         best = self.manager.best()
         return "" if best is None else str(best.path)
 
@@ -287,12 +348,46 @@ class CheckpointCallback(OnExceptionCheckpoint):
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.save(trainer, pl_module)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
+        if not self.manager.async_save:
+            return
+        error: CheckpointError | None = None
+        if trainer.is_global_zero:
+            try:
+                self.manager.wait()
+            except CheckpointError as exc:
+                error = exc
+        message = None
+        if error is not None:  # the predicted list included the failed save; say what is really there
+            committed = [entry.name for entry in self.manager.checkpoints()]
+            message = {"error": str(error), "error_type": type(error).__name__, "checkpoints": committed}
+        outcome = trainer.strategy.broadcast(message, src=0)
+        if outcome is not None:
+            self.checkpoint_names = list(outcome["checkpoints"])
+        if error is not None:
+            raise error
+        if outcome is not None:
+            raise _error_type(outcome["error_type"])(f"global rank 0 could not save the checkpoint: {outcome['error']}")
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Write nothing: a run resumes from its last complete epoch, which is already on disk."""
+        """Write nothing: a run resumes from its last complete epoch, which is on disk.
+
+        With asynchronous saves, wait for the save in flight so that it commits; if it failed,
+        warn instead of hiding the exception that stopped training.
+        """
+        try:
+            self.manager.close()
+        except Exception as error:  # noqa: BLE001 - the original exception is the one to raise
+            rank_zero_warn(f"a background checkpoint save failed while training stopped on an error: {error}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Keep every checkpoint (``OnExceptionCheckpoint`` would delete its file here)."""
+        """Flush and free the asynchronous staging buffer; keep every checkpoint.
+
+        (``OnExceptionCheckpoint`` would delete its file here.)
+        """
         self._stage = None
+        self.manager.close()
 
     def state_dict(self) -> dict[str, Any]:
         """The global RNG states, so ``ckpt_path="last"`` continues the same random streams."""
@@ -314,7 +409,8 @@ class CheckpointCallback(OnExceptionCheckpoint):
 
         Every rank takes part in Lightning's save barrier and in one broadcast of rank zero's
         outcome, then records the same list of checkpoints in ``checkpoint_names``. A failure on
-        rank zero is raised on every rank.
+        rank zero is raised on every rank. With ``async_save`` the returned record is the pending
+        one (no ``files`` yet) and ``checkpoint_names`` is the list as it will be once it commits.
         """
         request = SaveRequest(
             epoch=trainer.current_epoch,

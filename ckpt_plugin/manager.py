@@ -100,6 +100,7 @@ class CheckpointManager:
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
         self._metadata_reads = 0
         self._warned_missing_metric = False
+        self._warned_older_epoch = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
             raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
@@ -214,7 +215,7 @@ class CheckpointManager:
                 assert seen is not None
                 info = self._incremental.write(self._store, snapshot, seen)
             self._remember(info)
-            self._apply_retention()
+            self._apply_retention(protect=info)
         return info
 
     def _check_best_metric(self, metrics: Mapping[str, Any]) -> None:
@@ -248,8 +249,18 @@ class CheckpointManager:
                 "overwritten. Move it away or choose another checkpoint_dir"
             ) from None
 
-    def _apply_retention(self) -> None:
-        for entry in retention.to_delete(self.checkpoints(), self._policies):
+    def _apply_retention(self, protect: CheckpointInfo | None = None) -> None:
+        found = self.checkpoints()
+        if protect is not None and found and found[-1].sort_key > protect.sort_key and not self._warned_older_epoch:
+            self._warned_older_epoch = True
+            warnings.warn(
+                f"saved {protect.name}, but {self.checkpoint_dir} already holds later checkpoints (up to "
+                f"{found[-1].name}), which load_latest() and resuming will prefer and which retention keeps "
+                "as the most recent. Start a new run in a new checkpoint_dir. (This warning is shown once.)",
+                UserWarning,
+                stacklevel=4,
+            )
+        for entry in retention.to_delete(found, self._policies, protect.sort_key if protect is not None else None):
             self._store.remove(entry.name)  # type: ignore[attr-defined]
             self._listing.pop(entry.name, None)  # type: ignore[attr-defined]
 

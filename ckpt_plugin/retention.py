@@ -94,12 +94,24 @@ def policies_for(max_checkpoints: int | None, keep_best: bool, metric: str | Non
     return policies
 
 
-def to_delete(checkpoints: Sequence[RetentionEntry], policies: Sequence[RetentionPolicy]) -> list[RetentionEntry]:
-    """The checkpoints no policy preserves. ``checkpoints`` must be ordered oldest first."""
+def to_delete(
+    checkpoints: Sequence[RetentionEntry],
+    policies: Sequence[RetentionPolicy],
+    protected: tuple[int, int] | None = None,
+) -> list[RetentionEntry]:
+    """The checkpoints no policy preserves. ``checkpoints`` must be ordered oldest first.
+
+    ``protected`` is the ``order_key`` of a checkpoint that must survive regardless (the one a save
+    just wrote, even when older epochs than it are what the directory's other checkpoints hold).
+    """
     if not policies or not checkpoints:
         return []
     keep = [False] * len(checkpoints)
     for policy in policies:
         keep = [kept or preserved for kept, preserved in zip(keep, policy.should_preserve(checkpoints), strict=True)]
     keep[-1] = True
-    return [entry for entry, kept in zip(checkpoints, keep) if not kept]
+    return [
+        entry
+        for entry, kept in zip(checkpoints, keep)
+        if not kept and order_key(entry.epoch, entry.step) != protected
+    ]

@@ -8,13 +8,14 @@ lets an asynchronous save run the second on a background worker.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, shards
 from .checkpoint import (
     EXTRA_TENSORS_FILE,
     METADATA_FILE,
@@ -31,6 +32,7 @@ from .errors import ConfigurationError
 from .storage import FileRecord, LocalStore, write_bytes_file, write_tensor_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
+MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
 
 
 @dataclass
@@ -107,16 +109,29 @@ def take_snapshot(
     return snapshot
 
 
-def write_snapshot(store: LocalStore, snapshot: Snapshot) -> CheckpointInfo:
-    """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind."""
+ModelWriter = Callable[[Path, dict[str, torch.Tensor], dict[str, FileRecord], dict[str, Any]], None]
+"""Writes the model's tensors into a staging directory, adding each file it makes to the file records
+and noting in the ``state.json`` document where the model now lives."""
+
+
+def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWriter | None = None) -> CheckpointInfo:
+    """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind.
+
+    ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
+    model and links unchanged shards); every other step, the commit included, is shared.
+    """
     staging = store.staging_dir(snapshot.name)
     try:
         files: dict[str, FileRecord] = {}
+        document = snapshot.state_document()
         for filename, tensors in snapshot.tensors_by_file().items():
-            files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
+            if filename == MODEL_FILE and write_model is not None:
+                write_model(staging, tensors, files, document)
+            else:
+                files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
         for filename, data in snapshot.files.items():
             files[filename] = write_bytes_file(staging / filename, data)
-        files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(snapshot.state_document()))
+        files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(document))
         metadata = build_metadata(
             epoch=snapshot.epoch,
             step=snapshot.step,
@@ -133,6 +148,11 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot) -> CheckpointInfo:
     except BaseException:
         store.discard(staging)
         raise
+    return snapshot_info(path, snapshot, files)
+
+
+def snapshot_info(path: Path, snapshot: Snapshot, files: dict[str, FileRecord] | None = None) -> CheckpointInfo:
+    """The record of ``snapshot`` committed at ``path`` (``files`` empty while it is still being written)."""
     return CheckpointInfo(
         path=path,
         epoch=snapshot.epoch,
@@ -141,12 +161,12 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot) -> CheckpointInfo:
         metric_for_best=snapshot.metric_for_best,
         mode=snapshot.mode,
         timestamp=snapshot.provenance.get("timestamp"),
-        files=files,
+        files=dict(files or {}),
         items=tuple(snapshot.items),
     )
 
 
-RESERVED_FILES = frozenset({METADATA_FILE, STATE_FILE, MODEL_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE})
+RESERVED_FILES = frozenset({METADATA_FILE, STATE_FILE, MODEL_FILE, MODEL_INDEX_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE})
 
 
 def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:

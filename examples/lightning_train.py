@@ -1,12 +1,16 @@
 """PyTorch Lightning with ckpt_plugin: train, get interrupted, resume from "last", test on "best".
 
-    python examples/lightning_train.py [--dir DIR] [--epochs 8] [--interrupt-after 3]
+    python examples/lightning_train.py [--dir DIR] [--epochs 8] [--interrupt-after 3] [--async-save]
 
 1. A child process trains a small regressor on synthetic data with ``CheckpointCallback`` and dies
    abruptly (``os._exit``) once epoch ``--interrupt-after`` is saved, the way a preempted job does.
 2. This process builds a fresh model and ``Trainer`` and continues with ``ckpt_path="last"``.
 3. It compares the result with an uninterrupted run (bitwise), tests the best checkpoint with
    ``ckpt_path="best"``, and prints what is on disk: no pickle, no ``.ckpt`` files.
+
+With ``--async-save`` checkpoints are written in the background. The crash may then catch the
+last save before it commits; that checkpoint is simply absent, and the run resumes from the one
+before it, still ending bitwise identical.
 """
 
 from __future__ import annotations
@@ -88,11 +92,15 @@ class DieAfterEpoch(pl.Callback):
             os._exit(1)
 
 
-def fit(directory: Path, epochs: int, *, ckpt_path: str | None = None, die_after: int | None = None) -> tuple[pl.Trainer, Regressor]:
+def fit(
+    directory: Path, epochs: int, *, ckpt_path: str | None = None, die_after: int | None = None, async_save: bool = False
+) -> tuple[pl.Trainer, Regressor]:
     torch.manual_seed(0)
     model = Regressor()
     callbacks: list[pl.Callback] = [
-        CheckpointCallback(directory, max_checkpoints=3, keep_best=True, metric_for_best="val_loss", mode="min")
+        CheckpointCallback(
+            directory, max_checkpoints=3, keep_best=True, metric_for_best="val_loss", mode="min", async_save=async_save
+        )
     ]
     if die_after is not None:
         callbacks.append(DieAfterEpoch(die_after))
@@ -114,21 +122,23 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="checkpoint directory (default: a new temporary one)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--interrupt-after", type=int, default=3)
+    parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        fit(args.dir, args.epochs, die_after=args.interrupt_after)
+        fit(args.dir, args.epochs, die_after=args.interrupt_after, async_save=args.async_save)
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="ckpt_lightning_"))
     directory = args.dir or workdir / "checkpoints"
     print(f"== 1. training in a child process that dies after epoch {args.interrupt_after}")
     child = subprocess.run([sys.executable, __file__, "--child", "--dir", str(directory), "--epochs", str(args.epochs),
-                            "--interrupt-after", str(args.interrupt_after)], check=False)
+                            "--interrupt-after", str(args.interrupt_after)] + (["--async-save"] if args.async_save else []),
+                           check=False)
     print(f"child exited with status {child.returncode}; on disk: {sorted(p.name for p in directory.iterdir())}")
 
     print('== 2. resuming in this process with ckpt_path="last"')
-    trainer, resumed = fit(directory, args.epochs, ckpt_path="last")
+    trainer, resumed = fit(directory, args.epochs, ckpt_path="last", async_save=args.async_save)
 
     print("== 3. checking against an uninterrupted run")
     _, reference = fit(workdir / "uninterrupted", args.epochs)

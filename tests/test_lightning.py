@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from ckpt_plugin import CheckpointManager, ConfigurationError, EncodingError, IncompatibleCheckpointError  # noqa: E402
+from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError, EncodingError, IncompatibleCheckpointError  # noqa: E402
 from ckpt_plugin.lightning import CheckpointCallback, ManagerCheckpointIO  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,15 +120,21 @@ def run_interrupted(checkpoint_dir: Path, root: Path, stop_at: int, **callback_a
         trainer.fit(model, RegressionData())
 
 
-def test_resume_from_last_is_bitwise_identical(tmp_path: Path) -> None:
+SAVE_MODES = pytest.mark.parametrize(
+    "save_mode", [{}, {"async_save": True}, {"incremental": True}], ids=["sync", "async", "incremental"]
+)
+
+
+@SAVE_MODES
+def test_resume_from_last_is_bitwise_identical(tmp_path: Path, save_mode: dict) -> None:  # type: ignore[type-arg]
     reference = fresh_model(0)
     reference_trainer = make_trainer(tmp_path, 6, [CheckpointCallback(tmp_path / "reference", max_checkpoints=2)])
     reference_trainer.fit(reference, RegressionData())
 
-    run_interrupted(tmp_path / "run", tmp_path, stop_at=4, max_checkpoints=2)
+    run_interrupted(tmp_path / "run", tmp_path, stop_at=4, max_checkpoints=2, **save_mode)
     torch.manual_seed(1234)  # the interrupted process's generators are lost with it
     resumed = fresh_model(99)  # different initial weights: everything must come from the checkpoint
-    trainer = make_trainer(tmp_path, 6, [CheckpointCallback(tmp_path / "run", max_checkpoints=2)])
+    trainer = make_trainer(tmp_path, 6, [CheckpointCallback(tmp_path / "run", max_checkpoints=2, **save_mode)])
     trainer.fit(resumed, RegressionData(), ckpt_path="last")
 
     assert trainer.global_step == reference_trainer.global_step
@@ -161,9 +167,10 @@ def test_best_is_loaded_for_validate_test_and_predict(tmp_path: Path) -> None:
             assert torch.equal(model.state_dict()[name], tensor), (run, name)
 
 
-def test_retention_counts_across_interrupted_and_resumed_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_retention_counts_across_interrupted_and_resumed_run(tmp_path: Path, async_save: bool) -> None:
     scores = [0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.4]
-    settings = {"max_checkpoints": 2, "keep_best": True, "metric_for_best": "val_score", "mode": "min"}
+    settings = {"max_checkpoints": 2, "keep_best": True, "metric_for_best": "val_score", "mode": "min", "async_save": async_save}
     run_interrupted(tmp_path / "ckpt", tmp_path, stop_at=4, hparams={"val_scores": scores}, **settings)
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names == ["epoch_1_step_12", "epoch_2_step_18", "epoch_3_step_24"]
@@ -173,6 +180,79 @@ def test_retention_counts_across_interrupted_and_resumed_run(tmp_path: Path) -> 
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names == ["epoch_1_step_12", "epoch_5_step_36", "epoch_6_step_42"]
     assert callback.checkpoint_names == names
+
+
+class RecordNames(pl.Callback):
+    """Records the callback's list of checkpoints at each epoch's start, while the last save may still be in flight."""
+
+    def __init__(self, checkpoint_callback: CheckpointCallback) -> None:
+        self.checkpoint_callback = checkpoint_callback
+        self.names: list[list[str]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        self.names.append(list(self.checkpoint_callback.checkpoint_names))
+
+
+def test_async_names_are_the_checkpoints_once_committed(tmp_path: Path) -> None:
+    scores = [0.9, 0.2, 0.5, 0.6, 0.7]
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=2, metric_for_best="val_score", async_save=True)
+    recorder = RecordNames(callback)
+    make_trainer(tmp_path, 5, [callback, recorder]).fit(fresh_model(0, val_scores=scores), RegressionData())
+    assert recorder.names + [callback.checkpoint_names] == [
+        [],
+        ["epoch_0_step_6"],
+        ["epoch_0_step_6", "epoch_1_step_12"],
+        ["epoch_1_step_12", "epoch_2_step_18"],
+        ["epoch_1_step_12", "epoch_2_step_18", "epoch_3_step_24"],
+        ["epoch_1_step_12", "epoch_3_step_24", "epoch_4_step_30"],
+    ]
+    assert [info.name for info in callback.manager.checkpoints()] == callback.checkpoint_names
+    assert callback.best_model_path.endswith("epoch_1_step_12")
+
+
+def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt_plugin.manager as manager_module
+
+    write_snapshot = manager_module.write_snapshot
+
+    def fails_after_epoch_0(store, snapshot):  # type: ignore[no-untyped-def]
+        if snapshot.epoch > 0:
+            raise OSError(28, "No space left on device")
+        return write_snapshot(store, snapshot)
+
+    monkeypatch.setattr(manager_module, "write_snapshot", fails_after_epoch_0)
+    callback = CheckpointCallback(tmp_path / "ckpt", async_save=True)
+    with pytest.raises(AsyncSaveError, match="No space left on device"):
+        make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
+    assert [info.name for info in callback.manager.checkpoints()] == callback.checkpoint_names == ["epoch_0_step_6"]
+    callback.manager.load_latest()  # the committed checkpoint is intact
+
+    # when training itself fails, a failed background save is reported without hiding that error
+    callback = CheckpointCallback(tmp_path / "ckpt2", async_save=True)
+    with pytest.warns(UserWarning, match="No space left on device"), pytest.raises(RuntimeError, match="interrupted"):
+        make_trainer(tmp_path, 5, [callback, Interrupt(2)]).fit(fresh_model(0), RegressionData())
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_6"]
+
+
+def test_an_epoch_that_does_not_save_lists_and_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt_plugin.manager as manager_module
+
+    callback = CheckpointCallback(tmp_path / "ckpt", every_n_epochs=100, async_save=True)
+    calls: list[str] = []
+    listing = type(callback.manager._store).visible
+    monkeypatch.setattr(type(callback.manager._store), "visible", lambda store: calls.append("list") or listing(store))
+    monkeypatch.setattr(manager_module, "git_provenance", lambda cwd: calls.append("git") or {})
+
+    class Watch(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            calls.clear()  # resolving ckpt_path when fit starts may list the directory, once
+
+        def on_train_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            calls.append("end")
+
+    make_trainer(tmp_path, 3, [callback, Watch()]).fit(fresh_model(0), RegressionData())
+    assert calls == ["end"]
+    assert callback.checkpoint_names == [] and callback.manager.checkpoints() == []
 
 
 def test_nothing_on_disk_is_pickled(tmp_path: Path) -> None:
@@ -254,6 +334,8 @@ def test_unknown_mode_is_a_clear_error(tmp_path: Path) -> None:
         CheckpointCallback(tmp_path, mode="lowest")
     with pytest.raises(ConfigurationError, match="every_n_epochs"):
         CheckpointCallback(tmp_path, every_n_epochs=0)
+    with pytest.raises(ConfigurationError, match=r"with manager=, pass them to CheckpointManager"):
+        CheckpointCallback(manager=CheckpointManager(tmp_path), async_save=True)
 
 
 def test_unknown_metric_is_a_clear_error(tmp_path: Path) -> None:

@@ -483,3 +483,18 @@ def test_two_managers_pruning_one_directory_at_once_never_fail_a_committed_save(
     assert listed and listed[-1].epoch == 119
     for info in listed:
         assert torch.equal(reader.load(epoch=info.epoch)["model"]["w"], torch.full((4,), float(info.epoch)))
+
+
+def test_a_save_older_than_the_directory_s_latest_is_kept_and_warned_about(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpt", max_checkpoints=2, keep_best=False)
+    for epoch in (7, 8, 9):
+        manager.save({"w": torch.full((2,), float(epoch))}, epoch=epoch)
+    with pytest.warns(UserWarning, match="already holds later checkpoints"):
+        info = manager.save({"w": torch.zeros(2)}, epoch=0)
+    assert info.path.is_dir()
+    assert [c.name for c in manager.checkpoints()] == ["epoch_0", "epoch_8", "epoch_9"]
+    assert torch.equal(manager.load(epoch=0)["model"]["w"], torch.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manager.save({"w": torch.ones(2)}, epoch=1)
+    assert [c.name for c in manager.checkpoints()] == ["epoch_1", "epoch_8", "epoch_9"]

@@ -61,18 +61,22 @@ def best_value(entries, mode: str) -> float | None:
     return min(values) if mode == "min" else max(values)
 
 
-def check_invariants(before, after, max_checkpoints, keep_best, mode) -> None:
-    """``before``: every checkpoint right after a save committed; ``after``: those retention kept."""
+def check_invariants(before, after, max_checkpoints, keep_best, mode, just_saved=None) -> None:
+    """``before``: every checkpoint right after a save committed; ``after``: those retention kept;
+    ``just_saved``: the key of the checkpoint that save wrote, which must survive as well."""
     before_keys = sorted(e.key for e in before)
     after_keys = sorted(e.key for e in after)
     assert set(after_keys) <= set(before_keys), "retention invented a checkpoint"
+    if just_saved is not None:
+        assert just_saved in after_keys, "the checkpoint a save just wrote was deleted"
     if max_checkpoints is None:
         assert after_keys == before_keys, "max_checkpoints=None must keep every checkpoint"
         return
     assert before_keys[-1] in after_keys, "the newest checkpoint was deleted"
     recent = set(before_keys[-max_checkpoints:])
     assert recent <= set(after_keys), "one of the max_checkpoints most recent was deleted"
-    extra = [e for e in after if e.key not in recent]
+    protected = recent | {just_saved}
+    extra = [e for e in after if e.key not in protected]
     best = best_value(before, mode) if keep_best else None
     if best is not None:
         assert any(usable(e.metrics.get(METRIC)) == best for e in after), "the best checkpoint was deleted"
@@ -81,7 +85,8 @@ def check_invariants(before, after, max_checkpoints, keep_best, mode) -> None:
             assert usable(extra[0].metrics.get(METRIC)) == best, "a checkpoint neither recent nor best survived"
     else:
         assert not extra, "a checkpoint neither recent nor best survived"
-    assert len(after) <= max_checkpoints + (1 if keep_best else 0)
+    older_save = just_saved is not None and just_saved not in recent
+    assert len(after) <= max_checkpoints + (1 if keep_best else 0) + (1 if older_save else 0)
 
 
 def simulate(history, max_checkpoints, keep_best, mode):
@@ -94,9 +99,9 @@ def simulate(history, max_checkpoints, keep_best, mode):
         entry = Entry(epoch, step, metrics)
         every_save.append(entry)
         current = sorted([e for e in current if e.key != entry.key] + [entry], key=lambda e: e.key)
-        doomed = retention.to_delete(current, policies)
+        doomed = retention.to_delete(current, policies, entry.key)
         after = [e for e in current if all(e is not d for d in doomed)]
-        check_invariants(current, after, max_checkpoints, keep_best, mode)
+        check_invariants(current, after, max_checkpoints, keep_best, mode, entry.key)
         current = after
     return current, every_save
 
@@ -160,7 +165,7 @@ def test_manager_directory_obeys_retention(history, max_checkpoints, keep_best, 
             entry = Entry(epoch, step, metrics)
             committed = sorted([e for e in before if e.key != entry.key] + [entry], key=lambda e: e.key)
             after = listed(manager)
-            check_invariants(committed, after, max_checkpoints, keep_best, mode)
+            check_invariants(committed, after, max_checkpoints, keep_best, mode, entry.key)
             # A second manager over the same directory agrees, and every listed checkpoint loads.
             other = CheckpointManager(directory, max_checkpoints=None, keep_best=False, save_rng=False)
             assert [e.key for e in listed(other)] == [e.key for e in after]
