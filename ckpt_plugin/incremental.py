@@ -14,8 +14,9 @@ Unchanged tensors are found in one of two ways (``change_detection``):
 - ``"version"``: a tensor whose storage, view and autograd version counter are what they were at
   the previous save is taken as unchanged without reading it; only the others are hashed. In-place
   operations on a parameter (optimizer steps, ``copy_`` under ``no_grad``, ``load_state_dict``) bump
-  its version counter, but writes through ``param.data`` or a numpy view do not: use this only
-  when nothing modifies weights that way.
+  its version counter, but writes through ``param.data`` or a numpy view do not, and neither do
+  fused optimizer kernels (``fused=True``): when the optimizer saved with the model is fused, every
+  tensor is hashed as with ``"checksum"``. Use this only when nothing else modifies weights unseen.
 
 Tensors are grouped so that shards stay reusable: frozen parameters (``requires_grad=False``) and
 tensors found unchanged go into shards of their own, apart from the tensors that change. A shard
@@ -66,10 +67,23 @@ class Observation:
     frozen: frozenset[str] = frozenset()
 
 
-def observe(model: Any, state: Any) -> Observation:
-    """Fingerprint the tensors of a model state dict and note the frozen parameters of ``model``."""
+def uses_fused_kernels(optimizer_state: Any) -> bool:
+    """Whether an optimizer state dict says its steps run fused kernels, which update parameters in
+    place without bumping their version counters."""
+    if not isinstance(optimizer_state, Mapping):
+        return False
+    groups = optimizer_state.get("param_groups")
+    return isinstance(groups, list) and any(isinstance(g, Mapping) and g.get("fused") for g in groups)
+
+
+def observe(model: Any, state: Any, optimizer_state: Any = None) -> Observation:
+    """Fingerprint the tensors of a model state dict and note the frozen parameters of ``model``.
+
+    No fingerprints are taken when ``optimizer_state`` shows fused kernels: their writes are invisible
+    to version counters, so every tensor is hashed instead.
+    """
     fingerprints: dict[str, Fingerprint] = {}
-    if isinstance(state, Mapping):
+    if isinstance(state, Mapping) and not uses_fused_kernels(optimizer_state):
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and isinstance(key, str):
                 fingerprints.setdefault(key, fingerprint(value))

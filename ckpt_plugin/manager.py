@@ -188,7 +188,7 @@ class CheckpointManager:
             "extra": extra,
             "rng": capture_rng_state() if self.save_rng else None,
         }
-        seen = incremental_saves.observe(model, states["model"]) if self._incremental is not None else None
+        seen = incremental_saves.observe(model, states["model"], states["optimizer"]) if self._incremental is not None else None
         snapshot = take_snapshot(
             states,
             epoch=epoch,

@@ -266,3 +266,17 @@ def test_extra_files_are_kept_in_incremental_checkpoints(tmp_path: Path) -> None
     with pytest.raises(ConfigurationError, match="index"):
         manager.save(model, optimizer, epoch=2, metrics={"loss": 1.0}, files={"model.safetensors.index.json": b"{}"})
     assert [c.epoch for c in manager.checkpoints()] == [1]
+
+
+def test_version_detection_hashes_when_a_fused_optimizer_hides_its_writes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    manager = CheckpointManager(tmp_path, max_checkpoints=None, incremental=True, change_detection="version")
+    manager.save(model, optimizer, epoch=1)
+    versions = [p._version for p in model.parameters()]
+    model(torch.randn(5, 8)).square().mean().backward()
+    optimizer.step()
+    assert [p._version for p in model.parameters()] == versions  # fused kernels do not bump them
+    manager.save(model, optimizer, epoch=2)
+    assert_matches(manager, 2, snapshot(model))
