@@ -61,7 +61,7 @@ def populate(root: Path, count: int) -> Path:
     from torch import nn
 
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.checkpoint import METADATA_FILE
+    from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
@@ -74,6 +74,7 @@ def populate(root: Path, count: int) -> Path:
         target = root / "run" / f"epoch_{epoch}" if epoch < count else root / "spare"
         shutil.copytree(info.path, target)
         metadata = dict(template, epoch=epoch, metrics={"loss": 2.0 / (1 + epoch % 97), "accuracy": epoch / count})
+        metadata[METADATA_CHECKSUM_KEY] = metadata_checksum(metadata)
         (target / METADATA_FILE).write_text(json.dumps(metadata, separators=(",", ":")))
     return root / "run"
 

@@ -118,11 +118,12 @@ def build_metadata(
         "items": items,
         "files": {name: record.to_json() for name, record in files.items()},
     }
-    document[METADATA_CHECKSUM_KEY] = _metadata_checksum(document)
+    document[METADATA_CHECKSUM_KEY] = metadata_checksum(document)
     return document
 
 
-def _metadata_checksum(document: Mapping[str, Any]) -> str:
+def metadata_checksum(document: Mapping[str, Any]) -> str:
+    """The checksum a ``metadata.json`` document records of itself (of every key but that one)."""
     return checksum_bytes(codec.dumps({key: value for key, value in document.items() if key != METADATA_CHECKSUM_KEY}))
 
 
@@ -134,7 +135,7 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
     if not isinstance(data, Mapping):
         raise CorruptCheckpointError(f"{path / METADATA_FILE} does not hold a JSON object; restore it or delete this checkpoint")
     recorded = data.get(METADATA_CHECKSUM_KEY)
-    if recorded is not None and recorded != _metadata_checksum(data):
+    if recorded is not None and recorded != metadata_checksum(data):
         raise CorruptCheckpointError(
             f"{path / METADATA_FILE} does not match its recorded checksum; the file is damaged: restore it from "
             "a copy or delete this checkpoint"
