@@ -7,6 +7,7 @@
 2. This process builds a fresh model and ``Trainer`` and continues with ``ckpt_path="last"``.
 3. It compares the result with an uninterrupted run (bitwise), tests the best checkpoint with
    ``ckpt_path="best"``, and prints what is on disk: no pickle, no ``.ckpt`` files.
+4. It validates the best checkpoint, promotes it to production, and predicts with the production model.
 
 With ``--async-save`` checkpoints are written in the background. The crash may then catch the
 last save before it commits; that checkpoint is simply absent, and the run resumes from the one
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ckpt_plugin import ArtifactRegistry
 from ckpt_plugin.lightning import CheckpointCallback
 
 warnings.filterwarnings("ignore", module="lightning")
@@ -161,6 +163,36 @@ def main() -> None:
               f"{', '.join(sorted(info.files))}")
     leftovers = sorted(str(path) for path in directory.parent.rglob("*.ckpt"))
     print(f"  .ckpt files anywhere under {directory.parent}: {leftovers or 'none'}")
+
+    print("== 5. validating the best checkpoint, promoting it, and predicting with the production model")
+    promote_and_predict(directory)
+
+
+def promote_and_predict(directory: Path) -> None:
+    """Gate the best checkpoint, give it the next minor version, promote it, and serve a prediction."""
+    inputs, targets = SyntheticData().val_set.tensors
+    baseline = float(((targets - targets.mean()) ** 2).mean())  # the loss of always predicting the mean
+    registry = ArtifactRegistry(checkpoint_dir=directory)
+    record = registry.validate(
+        epoch="best",
+        bump="minor",
+        checks={
+            f"val_loss beats predicting the mean ({baseline:.2f})": lambda ckpt: ckpt["metrics"]["val_loss"] < baseline,
+            "weights are finite": lambda ckpt: all(t.isfinite().all() for t in ckpt["model"].values()),
+        },
+    )
+    print(f"validated {record['source']['name']} as version {record['version']}: "
+          + ", ".join(f"{check['name']} ({'passed' if check['passed'] else 'failed'})" for check in record["checks"]))
+    registry.promote(record["version"])
+    served = registry.load_production()
+    model = Regressor()
+    model.load_state_dict(served["model"])
+    model.eval()
+    with torch.no_grad():
+        predictions = model(inputs[:3])
+    print(f"production is version {served['version']}")
+    for prediction, target in zip(predictions.tolist(), targets[:3].tolist()):
+        print(f"  prediction {prediction:+.3f}  target {target:+.3f}")
 
 
 if __name__ == "__main__":
