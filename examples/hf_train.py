@@ -10,11 +10,14 @@
 2. This process builds a fresh model and Trainer and calls ``trainer.train(resume_from_checkpoint=True)``.
 3. It checks that the result is bitwise identical to an uninterrupted run, that the model holds the
    best checkpoint's weights (``load_best_model_at_end``), and that no pickle is on disk.
+4. It validates the best checkpoint, promotes it to production, and predicts the next tokens of a
+   sequence with the production model.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -28,6 +31,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from ckpt_plugin import ArtifactRegistry  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback  # noqa: E402
 
 VOCAB = 64
@@ -176,6 +180,34 @@ def main() -> None:
         print(f"  {info.name:<18} eval_loss={info.metrics['eval_loss']:.4f}  {info.size / 1024:7.1f} KiB  {files}")
     if not (holds_best and identical and not pickles):
         sys.exit("the run did not end as expected")
+
+    print("== 4. validating the best checkpoint, promoting it, and predicting with the production model")
+    promote_and_predict(output_dir)
+
+
+def promote_and_predict(output_dir: Path) -> None:
+    """Gate the best checkpoint, give it the next minor version, promote it, and serve a prediction."""
+    uniform = math.log(VOCAB)  # the loss of guessing every token uniformly
+    registry = ArtifactRegistry(checkpoint_dir=output_dir)
+    record = registry.validate(
+        epoch="best",
+        bump="minor",
+        checks={
+            f"eval_loss beats a uniform guess ({uniform:.2f})": lambda ckpt: ckpt["metrics"]["eval_loss"] < uniform,
+            "weights are finite": lambda ckpt: all(t.isfinite().all() for t in ckpt["model"].values()),
+        },
+    )
+    print(f"validated {record['source']['name']} as version {record['version']}: "
+          + ", ".join(f"{check['name']} ({'passed' if check['passed'] else 'failed'})" for check in record["checks"]))
+    registry.promote(record["version"])
+    served = registry.load_production()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64))
+    model.load_state_dict(served["model"])
+    model.eval()
+    prompt = torch.tensor([[5, 7, 9, 11, 13, 15]])
+    with torch.no_grad():
+        predicted = model(prompt).logits[0, -1].argmax().item()
+    print(f"production is version {served['version']}; after {prompt[0].tolist()} it predicts {predicted} (the rule gives 17)")
 
 
 if __name__ == "__main__":
