@@ -30,11 +30,6 @@ def shard_name(filename: str, index: int, count: int) -> str:
     return f"{filename.removesuffix('.safetensors')}-{index:05d}-of-{count:05d}.safetensors"
 
 
-def is_shard(filename: str) -> bool:
-    """Whether ``filename`` is named like a shard of a sharded item."""
-    return _SHARD.match(filename) is not None
-
-
 def build_index(weight_map: Mapping[str, str], total_size: int) -> dict[str, Any]:
     """The index document: ``{"metadata": {"total_size": N}, "weight_map": {tensor: shard}}``."""
     return {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
