@@ -1,6 +1,6 @@
 """Quickstart: a plain PyTorch loop that checkpoints every epoch, is interrupted, and resumes.
 
-    python examples/quickstart.py [--dir DIR] [--epochs 6] [--interrupt-after 3]
+    python examples/quickstart.py [--dir DIR] [--epochs 6] [--interrupt-after 2]
 
 1. A child process trains and saves a checkpoint every epoch, then dies abruptly (``os._exit``)
    after epoch ``--interrupt-after``, the way a preempted job does.
