@@ -41,9 +41,9 @@ from _common import (
     state_tensors,
 )
 
-import ckpt_plugin.storage
+import ckpt_plugin.storage.local
 from ckpt_plugin import CheckpointManager
-from ckpt_plugin.storage import tensor_bytes
+from ckpt_plugin.io.files import tensor_bytes
 
 
 class NullHasher:
@@ -110,7 +110,7 @@ def main() -> None:
     unhashed = CheckpointManager(root / "unhashed", max_checkpoints=2, keep_best=False, save_rng=False)
 
     def save_unhashed() -> None:
-        with mock.patch.object(ckpt_plugin.storage, "new_hasher", NullHasher):
+        with mock.patch.object(ckpt_plugin.storage.local, "new_hasher", NullHasher):
             unhashed.save(model=model, optimizer=optimizer, epoch=next(counter), metrics={"loss": 0.5})
 
     rounds = args.rounds

@@ -22,12 +22,12 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from pathlib import Path
 from typing import TypeVar
 
 from .checkpoint import CheckpointInfo
 from .errors import AsyncSaveError, CheckpointError
 from .staging import Staged, StagingBuffer
+from .storage import Commit
 from .tensorformat import dtype_code
 from .writer import Snapshot, snapshot_info
 
@@ -140,6 +140,7 @@ def _flush_at_exit() -> None:
             _logger.exception("a background checkpoint save failed at interpreter exit; it was not committed")
 
 
-def pending_info(root: Path, snapshot: Snapshot) -> CheckpointInfo:
-    """What an asynchronous save returns: the record the checkpoint will have, without its files."""
-    return snapshot_info(root / snapshot.name, snapshot)
+def pending_info(store: Commit, snapshot: Snapshot) -> CheckpointInfo:
+    """What an asynchronous save returns: the record the checkpoint will have, without its files
+    (on an object store, its location without the transaction suffix, which is not known yet)."""
+    return snapshot_info(store.backend.join(str(store.root), snapshot.name), snapshot, backend=store.backend)

@@ -13,6 +13,7 @@ Format version 1, one directory per checkpoint::
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import Any
 
 from . import codec
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
-from .storage import FileRecord, checksum_bytes
+from .storage import LOCAL, Backend, FileRecord, checksum_bytes, is_url
+from .storage.fsspec import TXN_SEPARATOR
 
 FORMAT_NAME = "ckpt_plugin.checkpoint"
 FORMAT_VERSION = 1
@@ -62,9 +64,13 @@ class CheckpointInfo:
     ``path``, ``epoch``, ``step`` and ``metrics`` describe what was saved; ``metric_for_best`` and
     ``mode`` are the manager's settings when it was saved, so tools can find the best one
     without being told; ``files`` maps every file to its recorded size and checksum.
+
+    ``path`` is a :class:`~pathlib.Path` for a checkpoint on the local file system and a URL string
+    (``s3://bucket/run/epoch_3@<transaction>``) for one on an object store; ``location`` is always
+    the string, and ``backend`` the storage backend that reads it.
     """
 
-    path: Path
+    path: Path | str
     epoch: int
     step: int | None
     metrics: dict[str, Any]
@@ -73,10 +79,23 @@ class CheckpointInfo:
     timestamp: str | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     items: tuple[str, ...] = ()
+    backend: Backend = field(default=LOCAL, compare=False, repr=False)
 
     @property
     def name(self) -> str:
-        return self.path.name
+        if isinstance(self.path, Path):
+            return self.path.name
+        last = self.path.rstrip("/").rsplit("/", 1)[-1]
+        return last.rpartition(TXN_SEPARATOR)[0] or last
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoint lives, as a string: a local path or a URL."""
+        return os.fspath(self.path)
+
+    def file(self, filename: str) -> str:
+        """The location of one of the checkpoint's files."""
+        return self.backend.join(self.location, filename)
 
     @property
     def size(self) -> int:
@@ -127,21 +146,28 @@ def metadata_checksum(document: Mapping[str, Any]) -> str:
     return checksum_bytes(codec.dumps({key: value for key, value in document.items() if key != METADATA_CHECKSUM_KEY}))
 
 
-def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
+def as_path(location: str | os.PathLike[str]) -> Path | str:
+    """What :attr:`CheckpointInfo.path` holds for ``location``: a Path locally, the URL otherwise."""
+    return str(location) if is_url(location) else Path(location)
+
+
+def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend = LOCAL) -> CheckpointInfo:
     """Turn a parsed ``metadata.json`` into a :class:`CheckpointInfo`; reject other formats.
 
     Raises :class:`CorruptCheckpointError` when the document does not match its own checksum.
     """
+    path = as_path(path)
+    shown = backend.join(os.fspath(path), METADATA_FILE)
     if not isinstance(data, Mapping):
-        raise CorruptCheckpointError(f"{path / METADATA_FILE} does not hold a JSON object; restore it or delete this checkpoint")
+        raise CorruptCheckpointError(f"{shown} does not hold a JSON object; restore it or delete this checkpoint")
     recorded = data.get(METADATA_CHECKSUM_KEY)
     if recorded is not None and recorded != metadata_checksum(data):
         raise CorruptCheckpointError(
-            f"{path / METADATA_FILE} does not match its recorded checksum; the file is damaged: restore it from "
+            f"{shown} does not match its recorded checksum; the file is damaged: restore it from "
             "a copy or delete this checkpoint"
         )
     if data.get("format") != FORMAT_NAME:
-        raise IncompatibleCheckpointError(f"{path / METADATA_FILE} was not written by ckpt_plugin")
+        raise IncompatibleCheckpointError(f"{shown} was not written by ckpt_plugin")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise IncompatibleCheckpointError(
@@ -150,7 +176,7 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
         )
     if recorded is None:
         raise CorruptCheckpointError(
-            f"{path / METADATA_FILE} has no {METADATA_CHECKSUM_KEY}; the file is damaged: restore it from a copy "
+            f"{shown} has no {METADATA_CHECKSUM_KEY}; the file is damaged: restore it from a copy "
             "or delete this checkpoint"
         )
     return CheckpointInfo(
@@ -163,4 +189,5 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
         timestamp=(data.get("metadata") or {}).get("timestamp"),
         files={name: FileRecord.from_json(record) for name, record in data.get("files", {}).items()},
         items=tuple(data.get("items", ())),
+        backend=backend,
     )

@@ -47,9 +47,10 @@ from .errors import (
     CorruptCheckpointError,
     PromotionError,
 )
-from .reader import open_item_files, read_checkpoint, read_json
+from .io.files import copy_file, read_json, verify_file, write_bytes_file
+from .reader import open_item_files, read_checkpoint
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
-from .storage import FileRecord, LocalStore, link_or_copy, publish_file, verify_file, write_bytes_file
+from .storage import FileRecord, LocalStore, publish_file
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 EXIT_FAILED = 1
@@ -213,7 +214,7 @@ def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list
         infos = registry.manager.checkpoints()
     listed = {info.name for info in infos}
     unreadable = []
-    for entry in LocalStore(registry.checkpoint_dir).visible():
+    for entry in LocalStore(registry.checkpoint_dir).entries():
         if looks_like_checkpoint(entry.name) and entry.name not in listed:
             path = Path(entry.path)
             try:
@@ -627,9 +628,9 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
         model_files = shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
         advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
         for name in model_files:  # model.safetensors, or the shards and their index
-            link_or_copy(info.path / name, staging / name, info.files[name], advance, link=False)
+            copy_file(info.path / name, staging / name, info.files[name], advance, reuse=False)
         write_bytes_file(staging / "config.json", config_bytes)
-        store.commit(staging, target.name)
+        store.publish(staging, target.name)
     except BaseException:
         store.discard(staging)
         raise

@@ -57,7 +57,8 @@ from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
 from .manager import CheckpointManager
 from .reader import read_checkpoint
 from .rng import restore_rng_state
-from .storage import read_bytes_file, remove_link, set_link, symlinks
+from .io.files import read_bytes_file
+from .storage import remove_link, set_link, symlinks
 
 TRAINER_STATE_FILE = "trainer_state.json"
 LINK_PATTERN = re.compile(r"^checkpoint-(\d+)$")

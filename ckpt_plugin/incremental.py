@@ -29,16 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import xxhash
 
-from . import codec, fastio, shards
+from . import codec, shards
 from .checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
-from .reader import read_json
-from .storage import FileRecord, LocalStore, tensor_bytes, write_bytes_file, write_tensor_file
+from .io.files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
+from .storage import Backend, Commit, FileRecord
 from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, Snapshot, write_snapshot
 
 DETECTION_MODES = ("checksum", "version")
@@ -106,12 +105,13 @@ class _Shard:
     filename: str
     names: tuple[str, ...]
     record: FileRecord
-    identity: tuple[int, int, int] | None
+    identity: str | None
 
 
 @dataclass
 class _Base:
-    path: Path
+    location: str
+    backend: Backend
     tensors: dict[str, _Tensor]
     shards: list[_Shard]
 
@@ -137,9 +137,10 @@ class IncrementalWriter:
         if self._base is not None or info is None:
             return
         try:
-            state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE))
+            backend = info.backend
+            state = read_json(info.file(STATE_FILE), info.files.get(STATE_FILE), backend=backend)
             entry = state["items"]["model"]
-            index = read_json(info.path / entry["file"], info.files[entry["file"]])
+            index = read_json(info.file(entry["file"]), info.files[entry["file"]], backend=backend)
             digests = entry[DIGESTS_KEY]
             by_shard: dict[str, list[str]] = {}
             for name, shard in index["weight_map"].items():
@@ -147,11 +148,9 @@ class IncrementalWriter:
             specs = {}
             shard_list = []
             for shard, names in sorted(by_shard.items()):
-                header = fastio.read_header(info.path / shard, info.files[shard])[1]
+                header = read_header(info.file(shard), info.files[shard], backend=backend)[1]
                 specs.update(header)
-                shard_list.append(
-                    _Shard(shard, tuple(names), info.files[shard], fastio.file_identity(info.path / shard))
-                )
+                shard_list.append(_Shard(shard, tuple(names), info.files[shard], backend.fingerprint(info.file(shard))))
             tensors = {
                 name: _Tensor(digests[name], spec.dtype, spec.shape, None)
                 for name, spec in specs.items()
@@ -159,15 +158,20 @@ class IncrementalWriter:
             }
         except Exception:  # noqa: BLE001 - any doubt about the old checkpoint only costs a full write
             return
-        self._base = _Base(info.path, tensors, shard_list)
+        self._base = _Base(info.location, info.backend, tensors, shard_list)
 
-    def write(self, store: LocalStore, snapshot: Snapshot, seen: Observation) -> CheckpointInfo:
-        """Write ``snapshot`` with its model sharded, linking the shards that did not change."""
+    def write(self, store: Commit, snapshot: Snapshot, seen: Observation) -> CheckpointInfo:
+        """Write ``snapshot`` with its model sharded, reusing the shards that did not change (a hard
+        link locally, a server-side copy on an object store)."""
         new_shards: list[_Shard] = []
         digests: dict[str, _Tensor] = {}
 
         def write_model(
-            staging: Path, model: dict[str, torch.Tensor], files: dict[str, FileRecord], document: dict[str, Any]
+            backend: Backend,
+            prefix: str,
+            model: dict[str, torch.Tensor],
+            files: dict[str, FileRecord],
+            document: dict[str, Any],
         ) -> None:
             tensors_now, shard_plan = self._plan(model, seen)
             digests.update(tensors_now)
@@ -175,16 +179,17 @@ class IncrementalWriter:
             for number, (names, reused) in enumerate(shard_plan, start=1):
                 filename = shards.shard_name(MODEL_FILE, number, len(shard_plan))
                 record = None
-                if reused is not None and self._link(reused, staging / filename):
+                target = backend.join(prefix, filename)
+                if reused is not None and self._reuse(reused, backend, target):
                     record = reused.record
                 if record is None:
-                    record = write_tensor_file(staging / filename, {n: model[n] for n in names}, SAFETENSORS_METADATA)
+                    record = write_tensor_file(target, {n: model[n] for n in names}, SAFETENSORS_METADATA, backend=backend)
                 files[filename] = record
                 new_shards.append(_Shard(filename, names, record, None))
                 weight_map.update(dict.fromkeys(names, filename))
             total = sum(t.numel() * t.element_size() for t in model.values())
             files[MODEL_INDEX_FILE] = write_bytes_file(
-                staging / MODEL_INDEX_FILE, codec.dumps(shards.build_index(weight_map, total))
+                backend.join(prefix, MODEL_INDEX_FILE), codec.dumps(shards.build_index(weight_map, total)), backend=backend
             )
             entry = document["items"].get("model")
             if entry is not None:
@@ -193,9 +198,10 @@ class IncrementalWriter:
 
         info = write_snapshot(store, snapshot, write_model)
         self._base = _Base(
-            info.path,
+            info.location,
+            info.backend,
             digests,
-            [_Shard(s.filename, s.names, s.record, fastio.file_identity(info.path / s.filename)) for s in new_shards],
+            [_Shard(s.filename, s.names, s.record, info.backend.fingerprint(info.file(s.filename))) for s in new_shards],
         )
         return info
 
@@ -254,7 +260,15 @@ class IncrementalWriter:
             groups.append(tuple(current))
         return groups
 
-    def _link(self, shard: _Shard, target: Path) -> bool:
-        """Link a base shard into the staging directory if it is still the very file that was written."""
-        assert self._base is not None
-        return shard.identity is not None and fastio.link_file(self._base.path / shard.filename, target, shard.identity)
+    def _reuse(self, shard: _Shard, backend: Backend, target: str) -> bool:
+        """Share a base shard with the new checkpoint if it is still the very file that was written."""
+        base = self._base
+        if base is None or shard.identity is None:
+            return False
+        source = backend.join(base.location, shard.filename)
+        if not backend.reuse(source, target):
+            return False
+        if backend.fingerprint(source) != shard.identity:  # replaced by a re-save meanwhile
+            backend.delete(target)
+            return False
+        return True

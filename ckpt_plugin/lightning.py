@@ -55,7 +55,8 @@ from . import codec, errors, retention
 from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager, config_to_dict, normalize_metrics
-from .reader import read_checkpoint, read_json
+from .io.files import read_json
+from .reader import read_checkpoint
 from .rng import capture_rng_state, restore_rng_state
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}

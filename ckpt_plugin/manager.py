@@ -26,10 +26,12 @@ from .errors import (
     ForeignFileError,
 )
 from .metadata import git_provenance, provenance
-from .reader import Device, read_checkpoint, read_json
+from .io.files import read_json
+from .reader import Device, read_checkpoint, read_info
 from .restore import restore_checkpoint
 from .rng import capture_rng_state
-from .storage import LocalStore
+from .storage import LocalStore, is_url, open_store
+from .storage.local import directory_identity
 from .writer import Snapshot, take_snapshot, write_snapshot
 
 
@@ -37,7 +39,9 @@ class CheckpointManager:
     """Owns the checkpoints of a run in ``checkpoint_dir``.
 
     Args:
-        checkpoint_dir: the directory holding one sub-directory per checkpoint. Created if missing.
+        checkpoint_dir: the directory holding one sub-directory per checkpoint (created if missing),
+            or a URL of an object store (``s3://bucket/run/checkpoints``, ``gs://``, ``az://``,
+            ``memory://``, ``file://``: any fsspec URL), where checkpoints commit by manifest.
         max_checkpoints: keep this many most recent checkpoints (by epoch, then step); ``None`` keeps all.
         keep_best: never delete the best checkpoint by ``metric_for_best``, even when it is old.
         metric_for_best: the metric that ranks checkpoints for ``keep_best`` and :meth:`load_best`.
@@ -54,6 +58,10 @@ class CheckpointManager:
             buffer (about the size of the state), and write, commit and prune on a background
             thread. At most one save is in flight; a failed background save is raised again by the
             next :meth:`save`, :meth:`wait` or :meth:`close`. Loads wait for the save in flight.
+        storage_options: options for the fsspec file system of a URL ``checkpoint_dir``
+            (credentials, ``endpoint_url``, ``client_kwargs``...). Without them the store's standard
+            environment applies (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+            ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for S3).
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -71,6 +79,7 @@ class CheckpointManager:
         incremental: bool = False,
         change_detection: str = "checksum",
         async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -84,7 +93,11 @@ class CheckpointManager:
             raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         if keep_best and metric_for_best is not None and not isinstance(metric_for_best, str):
             raise ConfigurationError(f"metric_for_best must be a metric name, not {metric_for_best!r}")
-        self.checkpoint_dir = Path(checkpoint_dir).expanduser()
+        self.remote = is_url(checkpoint_dir)
+        self.checkpoint_dir: Path | str = (
+            str(checkpoint_dir).rstrip("/") if self.remote else Path(checkpoint_dir).expanduser()
+        )
+        self.storage_options = dict(storage_options or {})
         self.max_checkpoints = max_checkpoints
         self.keep_best = keep_best
         self.metric_for_best = metric_for_best
@@ -92,16 +105,20 @@ class CheckpointManager:
         self.save_rng = save_rng
         self.async_save = bool(async_save)
         self._saver = AsyncSaver() if async_save else None
-        self._store = LocalStore(self.checkpoint_dir)
+        self._store = open_store(self.checkpoint_dir, storage_options)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
         self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
         self._lock = threading.RLock()
-        self._listing: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
+        self._listing: dict[str, tuple[str, CheckpointInfo]] = {}
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
         self._metadata_reads = 0
         self._warned_missing_metric = False
         self._warned_older_epoch = False
         self._warned_foreign: set[str] = set()
+        if self.remote:
+            self._store.recover()
+            return
+        assert isinstance(self.checkpoint_dir, Path)
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
             raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
         if self.checkpoint_dir.is_dir():
@@ -167,7 +184,7 @@ class CheckpointManager:
             snapshot.provenance.update(git_provenance(cwd))
             return _notify(self._write(snapshot, seen[0]), on_commit)
 
-        return pending_info(self.checkpoint_dir, self._saver.save(take, write))
+        return pending_info(self._store, self._saver.save(take, write))
 
     def _take_snapshot(
         self,
@@ -235,8 +252,11 @@ class CheckpointManager:
         )
 
     def _refuse_foreign(self, name: str) -> None:
-        """Refuse to replace anything at ``name`` but a checkpoint this release can read."""
-        target = self.checkpoint_dir / name
+        """Refuse to replace anything at ``name`` but a checkpoint this release can read (on an object
+        store a save never replaces anything in place: it writes a new prefix)."""
+        if not isinstance(self._store, LocalStore):
+            return
+        target = self._store.root / name
         if not os.path.lexists(target):
             return
         try:
@@ -298,47 +318,50 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint in the directory, oldest first (by epoch, then step)."""
-        found: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
+        found: dict[str, tuple[str, CheckpointInfo]] = {}
         read_before = self._metadata_reads
         with listing.gc_paused():
             for entry in self._store.visible():
                 if not looks_like_checkpoint(entry.name):
                     continue
                 cached = self._listing.get(entry.name)
-                key = _identity(entry.path)
-                if key and cached is not None and cached[0] == key:
+                if entry.fingerprint and cached is not None and cached[0] == entry.fingerprint:
                     found[entry.name] = cached
                     continue
-                info = self._read_info(Path(entry.path), listing.identity(os.path.join(entry.path, METADATA_FILE)))
+                info = self._read_info(entry.name, entry.location)
                 if info is not None:
-                    found[entry.name] = (key, info)
+                    found[entry.name] = (entry.fingerprint, info)
         self._listing = found
         if self._metadata_reads - read_before > listing.REWRITE_AFTER_READS and self._summaries is not None:
-            listing.save(self.checkpoint_dir, {name: self._summaries[name] for name in found if name in self._summaries})
+            listing.save(self._store.root, {name: self._summaries[name] for name in found if name in self._summaries})
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
 
-    def _read_info(self, path: Path, key: listing.Identity | None) -> CheckpointInfo | None:
-        if self._summaries is None:
-            self._summaries = listing.load(self.checkpoint_dir)
-        known = self._summaries.get(path.name)
-        if key is not None and known is not None and known[0] == key:
-            try:
-                return listing.info_from_summary(path, known[1])
-            except (KeyError, TypeError, ValueError):
-                pass
+    def _read_info(self, name: str, location: str) -> CheckpointInfo | None:
+        backend = self._store.backend
+        key = None
+        if isinstance(self._store, LocalStore):  # the summary cache file is kept on local disks only
+            key = listing.identity(os.path.join(location, METADATA_FILE))
+            if self._summaries is None:
+                self._summaries = listing.load(self._store.root)
+            known = self._summaries.get(name)
+            if key is not None and known is not None and known[0] == key:
+                try:
+                    return listing.info_from_summary(Path(location), known[1])
+                except (KeyError, TypeError, ValueError):
+                    pass
         try:
-            info = parse_metadata(path, read_json(path / METADATA_FILE))
+            info = read_info(location, backend)
             self._metadata_reads += 1
-            if key is not None:
-                self._summaries[path.name] = (key, listing.summary(info))
+            if key is not None and self._summaries is not None:
+                self._summaries[name] = (key, listing.summary(info))
             return info
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
-            if not path.exists():
+            if backend.fingerprint(location) is None:
                 return None  # deleted or replaced by another manager while being listed
-            if path.name not in self._warned_foreign:
-                self._warned_foreign.add(path.name)
+            if name not in self._warned_foreign:
+                self._warned_foreign.add(name)
                 warnings.warn(
-                    f"ignoring {path}: it is named like a checkpoint but is not a readable ckpt_plugin "
+                    f"ignoring {location}: it is named like a checkpoint but is not a readable ckpt_plugin "
                     f"checkpoint ({exc}). It is never deleted; move it away to silence this warning.",
                     UserWarning,
                     stacklevel=3,
@@ -346,9 +369,13 @@ class CheckpointManager:
             return None
 
     def _remember(self, info: CheckpointInfo) -> None:
-        try:
-            self._listing[info.name] = (_identity(info.path, strict=True), info)
-        except FileNotFoundError:  # pragma: no cover - removed by another process
+        if isinstance(self._store, LocalStore):
+            fingerprint = directory_identity(info.location)
+        else:
+            fingerprint = self._store.backend.fingerprint(info.file(METADATA_FILE)) or ""
+        if fingerprint:
+            self._listing[info.name] = (fingerprint, info)
+        else:  # pragma: no cover - removed by another process
             self._listing.pop(info.name, None)
 
     def latest(self) -> CheckpointInfo | None:
@@ -402,9 +429,9 @@ class CheckpointManager:
                 continue
             if step is not None and (match.group(2) is None or int(match.group(2)) != step):
                 continue
-            path = Path(entry.path)
+            path = entry.location
             try:
-                parse_metadata(path, read_json(path / METADATA_FILE))
+                read_info(path, self._store.backend)
             except CheckpointError:
                 raise
             except (OSError, KeyError, TypeError, ValueError) as exc:
@@ -489,26 +516,6 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
-
-
-def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, ...]:
-    """What tells one written checkpoint from another at the same path.
-
-    The directory's inode alone is not enough: inodes are reused once a replaced checkpoint is
-    deleted, and files can be copied into a directory in place. ``metadata.json`` is rewritten
-    by every save, so its inode, size and change times complete the key. An empty key (never
-    equal to a cached one) when ``metadata.json`` cannot be read, unless ``strict``.
-    """
-    try:
-        directory = os.stat(path)
-        metadata = os.stat(os.path.join(path, METADATA_FILE))
-    except FileNotFoundError:
-        if strict:
-            raise
-        return ()
-    except OSError:
-        return ()
-    return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
 
 
 def _notify(info: CheckpointInfo, on_commit: Callable[[CheckpointInfo], None] | None) -> CheckpointInfo:

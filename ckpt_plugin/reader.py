@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,18 +10,33 @@ import torch
 from . import codec, shards
 from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import CorruptCheckpointError
-from .storage import FileRecord, open_tensor_file, read_bytes_file
+from .io.files import open_tensor_file, read_json
+from .storage import LOCAL, Backend, FileRecord
 
 Device = str | torch.device | None
 
 
-def read_json(path: Any, record: Any = None) -> Any:
-    """Parse a JSON file of a checkpoint, turning damage into :class:`CorruptCheckpointError`."""
-    data = read_bytes_file(path, record)
+def read_info(location: Any, backend: Backend = LOCAL, record: FileRecord | None = None) -> CheckpointInfo:
+    """The :class:`CheckpointInfo` of the checkpoint at ``location``, from its verified ``metadata.json``."""
+    location = str(location)
+    return parse_metadata(location, read_json(backend.join(location, METADATA_FILE), record, backend=backend), backend)
+
+
+def item_shards(
+    location: Any, files: Mapping[str, FileRecord], filename: str, verify: bool = True, *, backend: Backend = LOCAL
+) -> list[str]:
+    """The files holding the item stored as ``filename`` in the checkpoint at ``location``: itself,
+    or the shards its index names (the one shard-index parser)."""
+    if not shards.is_index(filename):
+        return [filename]
+    path = backend.join(str(location), filename)
+    record = files.get(filename)
+    if verify and record is None:
+        raise CorruptCheckpointError(f"{path} has no recorded checksum in {METADATA_FILE}")
     try:
-        return codec.loads(data)
+        return shards.shard_files(read_json(path, record if verify else None, backend=backend))
     except ValueError as exc:
-        raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); restore it or delete this checkpoint") from None
+        raise CorruptCheckpointError(f"{path} is not a valid index ({exc}); restore it or delete this checkpoint") from None
 
 
 def read_checkpoint(
@@ -38,18 +52,18 @@ def read_checkpoint(
     ``verify`` every file is checked against its recorded size and checksum first. ``items``
     restricts which state trees are read (for example ``("model",)`` for inference).
     """
-    metadata = read_json(info.path / METADATA_FILE)
+    metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     if verify:
-        parse_metadata(info.path, metadata)
-    state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE) if verify else None)
+        parse_metadata(info.location, metadata, info.backend)
+    state = read_json(info.file(STATE_FILE), info.files.get(STATE_FILE) if verify else None, backend=info.backend)
     opened: dict[str, dict[str, torch.Tensor]] = {}
 
     def tensors_of(filename: str, prefix: str) -> dict[str, torch.Tensor]:
         if filename not in opened:
             record = info.files.get(filename)
             if verify and record is None:
-                raise CorruptCheckpointError(f"{info.path / filename} has no recorded checksum in {METADATA_FILE}")
-            tensors = open_item_files(info.path, info.files, filename, verify=verify)
+                raise CorruptCheckpointError(f"{info.file(filename)} has no recorded checksum in {METADATA_FILE}")
+            tensors = open_item_files(info.location, info.files, filename, verify=verify, backend=info.backend)
             if map_location is not None:
                 device = torch.device(map_location)
                 tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
@@ -87,25 +101,16 @@ def read_checkpoint(
 
 
 def open_item_files(
-    directory: Path, files: Mapping[str, FileRecord], filename: str, *, verify: bool = True
+    location: Any, files: Mapping[str, FileRecord], filename: str, *, verify: bool = True, backend: Backend = LOCAL
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the item stored as ``filename`` in ``directory``: one safetensors file, or every
-    shard a Hugging Face index names. With ``verify`` each file is checked against its record in
-    ``files`` (a file without one is reported as damage)."""
-
-    def record_of(name: str) -> FileRecord | None:
+    """The tensors of the item stored as ``filename`` in the checkpoint at ``location``: one
+    safetensors file, or every shard a Hugging Face index names. With ``verify`` each file is checked
+    against its record in ``files`` (a file without one is reported as damage)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in item_shards(location, files, filename, verify, backend=backend):
+        path = backend.join(str(location), name)
         record = files.get(name)
         if verify and record is None:
-            raise CorruptCheckpointError(f"{directory / name} has no recorded checksum in {METADATA_FILE}")
-        return record
-
-    if not shards.is_index(filename):
-        return open_tensor_file(directory / filename, record_of(filename), verify=verify)
-    try:
-        names = shards.shard_files(read_json(directory / filename, record_of(filename) if verify else None))
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{directory / filename} is not a valid index ({exc}); restore it or delete this checkpoint") from None
-    tensors: dict[str, torch.Tensor] = {}
-    for name in names:
-        tensors.update(open_tensor_file(directory / name, record_of(name), verify=verify))
+            raise CorruptCheckpointError(f"{path} has no recorded checksum in {METADATA_FILE}")
+        tensors.update(open_tensor_file(path, record, verify=verify, backend=backend))
     return tensors

@@ -41,19 +41,17 @@ from .errors import (
 )
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
-from .reader import Device, open_item_files, read_checkpoint, read_json
-from .storage import (
-    FileRecord,
-    LocalStore,
-    append_line,
-    checksum_bytes,
-    link_or_copy,
+from .io.files import (
+    copy_file,
     open_tensor_file,
     read_bytes_file,
+    read_json,
     verify_file,
     write_bytes_file,
     write_tensor_file,
 )
+from .reader import Device, open_item_files, read_checkpoint
+from .storage import FileRecord, LocalStore, append_line, checksum_bytes
 from .writer import SAFETENSORS_METADATA
 
 VALIDATION_FILE = "validation.json"
@@ -290,10 +288,10 @@ class ArtifactRegistry:
             staging = self._validated.staging_dir(name)
             try:
                 for filename, file in info.files.items():
-                    link_or_copy(info.path / filename, staging / filename, file, advance)
+                    copy_file(info.path / filename, staging / filename, file, advance)
                 write_bytes_file(staging / METADATA_FILE, metadata_bytes)
                 write_bytes_file(staging / VALIDATION_FILE, codec.dumps(record))
-                self._validated.commit(staging, name)
+                self._validated.publish(staging, name)
             except BaseException:
                 self._validated.discard(staging)
                 raise
@@ -442,7 +440,7 @@ class ArtifactRegistry:
 
     def _parsed_versions(self) -> list[Version]:
         found = []
-        for entry in self._validated.visible():
+        for entry in self._validated.entries():
             try:
                 version = parse_version(entry.name[1:])
             except PromotionError:
@@ -528,7 +526,7 @@ class ArtifactRegistry:
         try:
             document["files"][PRODUCTION_MODEL_FILE] = _publish_model(directory, files, staging, version, progress).to_json()
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
-            self._production_parent.commit(staging, self.production_dir.name)
+            self._production_parent.publish(staging, self.production_dir.name)
         except BaseException:
             self._production_parent.discard(staging)
             raise
@@ -547,7 +545,7 @@ def _publish_model(
     sources = shards.item_files(files, MODEL_FILE)
     if sources == [MODEL_FILE]:
         advance = progress(f"promoting {version}", files[MODEL_FILE].size) if progress is not None else None
-        link_or_copy(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE], advance)
+        copy_file(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE], advance)
         return files[MODEL_FILE]
     if not sources:
         raise CorruptCheckpointError(f"{directory} holds no model weights; validate a complete checkpoint")

@@ -2,7 +2,7 @@
 
 The model's parameters and buffers, and the optimizer's existing state tensors, receive the file
 bytes directly: each byte of a tensor file is read once, into the tensor that keeps it, and hashed
-in the same pass (see :func:`ckpt_plugin.fastio.stream_tensor_file`). Optimizer state that does not
+in the same pass (see :func:`ckpt_plugin.io.files.stream_tensor_file`). Optimizer state that does not
 exist yet (a freshly built optimizer) is read into new tensors, which the optimizer then adopts
 without another copy.
 
@@ -27,15 +27,14 @@ from typing import Any
 
 import torch
 
-from . import codec, fastio, shards
+from . import codec
 from .checkpoint import STATE_FILE, CheckpointInfo
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
-from .reader import read_checkpoint, read_json
+from .io.files import Header, can_receive, read_header, read_json, stream_tensor_file, verify_file
+from .reader import item_shards, read_checkpoint
 from .rng import restore_rng_state
 from .storage import FileRecord
 from .tensorformat import TensorSpec
-
-Header = tuple[bytes, dict[str, TensorSpec], int]
 
 
 class _Slot:
@@ -57,19 +56,13 @@ class _Files:
 
     def __init__(self, info: CheckpointInfo, filename: str | None) -> None:
         self.info = info
-        names = [filename] if filename else []
-        if filename and shards.is_index(filename):
-            index = read_json(info.path / filename, self._record(filename))
-            try:
-                names = shards.shard_files(index)
-            except ValueError as exc:
-                raise CorruptCheckpointError(
-                    f"{info.path / filename} is not a valid index ({exc}); restore it or delete this checkpoint"
-                ) from None
+        if filename:
+            self._record(filename)
+        names = item_shards(info.location, info.files, filename, backend=info.backend) if filename else []
         self.headers: dict[str, Header] = {}
         self.specs: dict[str, TensorSpec] = {}
         for name in names:
-            header = fastio.read_header(info.path / name, self._record(name))
+            header = read_header(info.file(name), self._record(name), backend=info.backend)
             self.headers[name] = header
             self.specs.update(header[1])
 
@@ -77,20 +70,24 @@ class _Files:
         record = self.info.files.get(filename)
         if record is None:
             raise CorruptCheckpointError(
-                f"{self.info.path / filename} has no recorded checksum in metadata.json; the checkpoint is damaged"
+                f"{self.info.file(filename)} has no recorded checksum in metadata.json; the checkpoint is damaged"
             )
         return record
 
     def check(self) -> None:
         for name in self.headers:
-            fastio.hash_tensor_file(self.info.path / name, self._record(name))
+            verify_file(self.info.file(name), self._record(name), backend=self.info.backend)
 
     def stream(self, destinations: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for name, header in self.headers.items():
             tensors.update(
-                fastio.stream_tensor_file(
-                    self.info.path / name, self._record(name), lambda spec: destinations.get(spec.name), header=header
+                stream_tensor_file(
+                    self.info.file(name),
+                    self._record(name),
+                    lambda spec: destinations.get(spec.name),
+                    header=header,
+                    backend=self.info.backend,
                 )
             )
         return tensors
@@ -175,7 +172,7 @@ class _ModelPlan:
                     f"{list(target.shape)} in the model; build the model with the configuration it was saved with"
                 )
             holder = self.destinations.get(name)
-            if holder is None and fastio.can_receive(target, spec) and codec.tensor_identity(target) not in taken:
+            if holder is None and can_receive(target, spec) and codec.tensor_identity(target) not in taken:
                 self.destinations[name] = target
                 taken.add(codec.tensor_identity(target))
             elif holder is None or not _same_memory(holder, target):
@@ -231,7 +228,7 @@ class _OptimizerPlan:
                 if not isinstance(value, _Slot) or not isinstance(target, torch.Tensor):
                     continue
                 spec = files.specs.get(value.name)
-                if spec is None or not fastio.can_receive(target, spec) or value.name in self.destinations:
+                if spec is None or not can_receive(target, spec) or value.name in self.destinations:
                     continue
                 if _kept_as_is(param, key, group, target):
                     self.destinations[value.name] = target
@@ -278,7 +275,7 @@ def restore_checkpoint(
 ) -> None:
     """Load ``info`` into ``model`` (and ``optimizer``, ``scheduler``, the RNGs); see the module notes
     for what happens when damage is found."""
-    state = read_json(info.path / STATE_FILE, _record(info, STATE_FILE))
+    state = read_json(info.file(STATE_FILE), _record(info, STATE_FILE), backend=info.backend)
     entries = state.get("items", {}) if isinstance(state, dict) else {}
     model_entry = _entry(entries, "model", info)
     optimizer_entry = _entry(entries, "optimizer", info) if optimizer is not None else None
@@ -346,7 +343,7 @@ def _record(info: CheckpointInfo, filename: str) -> FileRecord:
     record = info.files.get(filename)
     if record is None:
         raise CorruptCheckpointError(
-            f"{info.path / filename} has no recorded checksum in metadata.json; the checkpoint is damaged"
+            f"{info.file(filename)} has no recorded checksum in metadata.json; the checkpoint is damaged"
         )
     return record
 

@@ -28,8 +28,10 @@ from .checkpoint import (
     item_file,
     item_prefix,
 )
+from .checkpoint import as_path
 from .errors import ConfigurationError
-from .storage import FileRecord, LocalStore, write_bytes_file, write_tensor_file
+from .io.files import write_bytes_file, write_tensor_file
+from .storage import LOCAL, Backend, Commit, FileRecord
 
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
@@ -109,29 +111,32 @@ def take_snapshot(
     return snapshot
 
 
-ModelWriter = Callable[[Path, dict[str, torch.Tensor], dict[str, FileRecord], dict[str, Any]], None]
-"""Writes the model's tensors into a staging directory, adding each file it makes to the file records
-and noting in the ``state.json`` document where the model now lives."""
+ModelWriter = Callable[[Backend, str, dict[str, torch.Tensor], dict[str, FileRecord], dict[str, Any]], None]
+"""Writes the model's tensors under a transaction's prefix (through the backend), adding each file it
+makes to the file records and noting in the ``state.json`` document where the model now lives."""
 
 
-def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWriter | None = None) -> CheckpointInfo:
-    """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind.
+def write_snapshot(store: Commit, snapshot: Snapshot, write_model: ModelWriter | None = None) -> CheckpointInfo:
+    """Write ``snapshot`` under a fresh transaction and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
-    model and links unchanged shards); every other step, the commit included, is shared.
+    model and reuses unchanged shards); every other step, the commit included, is shared.
     """
-    staging = store.staging_dir(snapshot.name)
+    backend = store.backend
+    txn = store.begin(snapshot.name)
     try:
         files: dict[str, FileRecord] = {}
         document = snapshot.state_document()
         for filename, tensors in snapshot.tensors_by_file().items():
             if filename == MODEL_FILE and write_model is not None:
-                write_model(staging, tensors, files, document)
+                write_model(backend, txn.prefix, tensors, files, document)
             else:
-                files[filename] = write_tensor_file(staging / filename, tensors, SAFETENSORS_METADATA)
+                files[filename] = write_tensor_file(
+                    backend.join(txn.prefix, filename), tensors, SAFETENSORS_METADATA, backend=backend
+                )
         for filename, data in snapshot.files.items():
-            files[filename] = write_bytes_file(staging / filename, data)
-        files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(document))
+            files[filename] = write_bytes_file(backend.join(txn.prefix, filename), data, backend=backend)
+        files[STATE_FILE] = write_bytes_file(backend.join(txn.prefix, STATE_FILE), codec.dumps(document), backend=backend)
         metadata = build_metadata(
             epoch=snapshot.epoch,
             step=snapshot.step,
@@ -143,18 +148,19 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWrit
             items=list(snapshot.items),
             files=files,
         )
-        write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
-        path = store.commit(staging, snapshot.name)
+        location = store.commit(txn, codec.dumps(metadata))
     except BaseException:
-        store.discard(staging)
+        store.abort(txn)
         raise
-    return snapshot_info(path, snapshot, files)
+    return snapshot_info(location, snapshot, files, backend)
 
 
-def snapshot_info(path: Path, snapshot: Snapshot, files: dict[str, FileRecord] | None = None) -> CheckpointInfo:
-    """The record of ``snapshot`` committed at ``path`` (``files`` empty while it is still being written)."""
+def snapshot_info(
+    location: str | Path, snapshot: Snapshot, files: dict[str, FileRecord] | None = None, backend: Backend = LOCAL
+) -> CheckpointInfo:
+    """The record of ``snapshot`` committed at ``location`` (``files`` empty while it is still being written)."""
     return CheckpointInfo(
-        path=path,
+        path=as_path(location),
         epoch=snapshot.epoch,
         step=snapshot.step,
         metrics=codec.from_json(snapshot.metrics),
@@ -163,6 +169,7 @@ def snapshot_info(path: Path, snapshot: Snapshot, files: dict[str, FileRecord] |
         timestamp=snapshot.provenance.get("timestamp"),
         files=dict(files or {}),
         items=tuple(snapshot.items),
+        backend=backend,
     )
 
 

@@ -8,9 +8,9 @@ import errno
 import json
 import os
 import re
-import resource
-import signal
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from ckpt_plugin import (
     StorageError,
 )
 
+from ckpt_plugin.storage import faults
 from core_helpers import hidden_dirs, snapshot_tree, tiny_training, train_one_step, visible_names
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
@@ -182,54 +183,17 @@ def test_checkpoint_dir_that_is_a_file_is_rejected(tmp_path):
         CheckpointManager(path)
 
 
-class DiskFills:
-    """Stand-ins for the os write calls that fail with ENOSPC once ``budget`` bytes were written."""
-
-    def __init__(self, monkeypatch, budget: int, error: BaseException | None = None) -> None:
-        self.budget = budget
-        failure = error if error is not None else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.triggered = False
-        real_write, real_pwrite, real_writev = os.write, os.pwrite, os.writev
-
-        def take(fd: int, wanted: int) -> int:
-            if os.path.realpath(f"/proc/self/fd/{fd}").startswith(("/dev/", "pipe:", "socket:")):
-                return wanted
-            if self.budget <= 0:
-                self.triggered = True
-                raise failure
-            allowed = min(wanted, self.budget)
-            self.budget -= allowed
-            return allowed
-
-        def write(fd, data):
-            allowed = take(fd, len(data))
-            return real_write(fd, memoryview(data)[:allowed]) if allowed else 0
-
-        def pwrite(fd, data, offset):
-            allowed = take(fd, len(data))
-            return real_pwrite(fd, memoryview(data)[:allowed], offset) if allowed else 0
-
-        def writev(fd, buffers):
-            total = sum(len(b) for b in buffers)
-            allowed = take(fd, total)
-            joined = b"".join(bytes(b) for b in buffers)[:allowed]
-            return real_writev(fd, [joined]) if allowed else 0
-
-        monkeypatch.setattr(os, "write", write)
-        monkeypatch.setattr(os, "pwrite", pwrite)
-        monkeypatch.setattr(os, "writev", writev)
-
-
 @pytest.mark.parametrize("budget", [0, 40, 3_000, 12_000, 20_000])
-def test_full_disk_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, monkeypatch, budget):
+def test_full_disk_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, budget):
     manager = manager_at(tmp_path, max_checkpoints=2, keep_best=True)
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    disk = DiskFills(monkeypatch, budget)
+    store = manager._store
+    disk = faults.inject(manager, fail_after_bytes=budget, error=lambda key: _enospc(key))
     with pytest.raises(StorageError) as caught:
         save_full(manager, 3)
-    monkeypatch.undo()
+    manager._store = store
     assert disk.triggered
     assert caught.value.errno == errno.ENOSPC
     assert "full" in str(caught.value) and str(tmp_path) in str(caught.value), str(caught.value)
@@ -238,17 +202,38 @@ def test_full_disk_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, mon
     assert manager.latest().epoch == 3
 
 
+def _enospc(key: str) -> StorageError:
+    from ckpt_plugin.storage.local import _storage_error
+
+    return _storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "write", key)
+
+
 @pytest.mark.parametrize("budget", [0, 12_000])
-def test_an_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, budget):
+def test_an_interrupt_mid_write_leaves_nothing(tmp_path, budget):
     manager = manager_at(tmp_path, max_checkpoints=2, keep_best=True)
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    DiskFills(monkeypatch, budget, KeyboardInterrupt())
+    faults.inject(manager, fail_after_bytes=budget, error=KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         save_full(manager, 3)
-    monkeypatch.undo()
     assert_intact(tmp_path, before)
+
+
+FILE_SIZE_LIMIT_CHILD = """
+import json, resource, signal, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[1])
+from test_errors import manager_at, save_full
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+outcome = "no error"
+try:
+    save_full(manager_at(sys.argv[2], max_checkpoints=2, keep_best=True), 3)
+except BaseException as exc:
+    outcome = json.dumps([type(exc).__name__, getattr(exc, "errno", None), str(exc)])
+print(outcome)
+"""
 
 
 @pytest.mark.parametrize("limit", [0, 1_000, 5_000])
@@ -258,24 +243,12 @@ def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_pat
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        outcome = "no error"
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-            try:
-                save_full(manager_at(tmp_path, max_checkpoints=2, keep_best=True), 3)
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                outcome = json.dumps([type(exc).__name__, getattr(exc, "errno", None), str(exc)])
-        finally:
-            os.write(write_end, outcome.encode())
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        outcome = reader.read().decode()
-    os.waitpid(pid, 0)
+    child = subprocess.run(  # a fresh interpreter: never fork a process that has run torch
+        [sys.executable, "-c", FILE_SIZE_LIMIT_CHILD, str(Path(__file__).parent), str(tmp_path), str(limit)],
+        capture_output=True, text=True, timeout=120, cwd=PACKAGE_DIR.parent,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR.parent)},
+    )
+    outcome = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr
     name, error_number, message = json.loads(outcome)
     assert name == "StorageError", outcome
     assert error_number == errno.EFBIG

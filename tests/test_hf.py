@@ -500,10 +500,10 @@ def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeyp
     gate = threading.Semaphore(0)
     real_write = ckpt_plugin.writer.write_tensor_file
 
-    def held_write(path, tensors, metadata=None):
-        if path.name == "model.safetensors":
+    def held_write(path, tensors, metadata=None, **options):
+        if Path(path).name == "model.safetensors":
             assert gate.acquire(timeout=60), "the save was never released"
-        return real_write(path, tensors, metadata)
+        return real_write(path, tensors, metadata, **options)
 
     monkeypatch.setattr(ckpt_plugin.writer, "write_tensor_file", held_write)
     callback = CheckpointCallback(async_save=True)
@@ -525,10 +525,10 @@ def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeyp
 def test_a_failed_background_save_is_raised_when_training_ends(tmp_path, monkeypatch):
     real_write = ckpt_plugin.writer.write_tensor_file
 
-    def failing_write(path, tensors, metadata=None):
-        if "epoch_4_step_20" in str(path.parent):
+    def failing_write(path, tensors, metadata=None, **options):
+        if "epoch_4_step_20" in str(Path(path).parent):
             raise RuntimeError("the disk went away")
-        return real_write(path, tensors, metadata)
+        return real_write(path, tensors, metadata, **options)
 
     monkeypatch.setattr(ckpt_plugin.writer, "write_tensor_file", failing_write)
     trainer, callback = make_trainer(tmp_path, callback=CheckpointCallback(async_save=True))
@@ -635,8 +635,9 @@ CRASHING_RUN = textwrap.dedent(
     from ckpt_plugin.hf import CheckpointCallback
 
     real_write = writer.write_tensor_file
-    def write_then_die(path, tensors, metadata=None):
-        record = real_write(path, tensors, metadata)
+    def write_then_die(path, tensors, metadata=None, **options):
+        record = real_write(path, tensors, metadata, **options)
+        path = Path(path)
         if "epoch_3_step_15" in str(path.parent) and path.name == "optimizer.safetensors":
             os.kill(os.getpid(), signal.SIGKILL)  # the job dies in the middle of a save
         return record

@@ -375,7 +375,7 @@ def test_rollback_goes_back_one_promotion_at_a_time(run: Path) -> None:
 
 
 def test_switching_production_without_renameat2(run: Path, monkeypatch) -> None:
-    monkeypatch.setattr(storage, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(storage.local, "_exchange", lambda first, second: False)
     registry = registry_of(run)
     registry.validate(0, "1.0.0")
     registry.validate(1, "1.1.0")

@@ -29,10 +29,18 @@ from typing import Any, BinaryIO
 import torch
 import xxhash
 
-from . import tensorformat
-from .errors import CorruptCheckpointError, StorageError
+from .. import tensorformat
+from ..errors import CorruptCheckpointError, StorageError
+from .base import (
+    METADATA_FILE,
+    Entry,
+    FileRecord,
+    Transaction,
+    checksum_bytes,
+    format_checksum,
+    new_hasher,
+)
 
-CHECKSUM_ALGORITHM = "xxh3_64"
 CHUNK_BYTES = 16 * 1024 * 1024
 PARALLEL_HASH_BYTES = 1024 * 1024
 STAGING_PREFIX = ".tmp."
@@ -40,34 +48,6 @@ TRASH_PREFIX = ".trash."
 REPLACED_PREFIX = ".replaced."
 STALE_STAGING_SECONDS = 6 * 3600
 _HOST_TAG = format(zlib.crc32(socket.gethostname().encode()), "08x")
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """The size and checksum of one file of a checkpoint, as recorded in ``metadata.json``."""
-
-    size: int
-    checksum: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"size": self.size, "checksum": self.checksum}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> FileRecord:
-        return cls(int(data["size"]), str(data["checksum"]))  # type: ignore[arg-type]
-
-
-def new_hasher() -> xxhash.xxh3_64:
-    return xxhash.xxh3_64()
-
-
-def format_checksum(hasher: xxhash.xxh3_64) -> str:
-    return f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
-
-
-def checksum_bytes(data: bytes | memoryview) -> str:
-    """The recorded checksum string of ``data``."""
-    return format_checksum(xxhash.xxh3_64(data))
 
 
 def _storage_error(exc: OSError, action: str, path: Path | str) -> StorageError:
@@ -88,18 +68,6 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A flat byte view of ``tensor`` in CPU memory; copies only when it is not already one."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    if tensor.is_conj() or tensor.is_neg():
-        tensor = tensor.resolve_conj().resolve_neg()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,68 +76,170 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> FileRecord:
-    """Stream ``tensors`` into a new safetensors file at ``path``, hashing as it goes, and fsync it.
+class LocalSink:
+    """A new local file being written: hashed as it grows, fsynced on :meth:`close`.
 
     Each large chunk is hashed on a helper thread while the calling thread writes it (both release
     the GIL), and writeback to the disk is started as the file grows, so the final fsync has little
-    left to wait for. At most one chunk is in flight, so the extra memory stays that of the one
-    tensor that may need a contiguous copy.
+    left to wait for. At most one chunk is in flight, so no extra memory is held.
     """
-    header, specs = tensorformat.plan(tensors, metadata)
-    hasher = new_hasher()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            with _ChunkWriter(fd, hasher) as writer:
-                writer.write(memoryview(header))
-                for spec in specs:
-                    data = tensor_bytes(tensors[spec.name])
-                    for begin in range(0, len(data), CHUNK_BYTES):
-                        writer.write(data[begin : begin + CHUNK_BYTES])
-                    del data  # free a contiguous copy before the next tensor makes its own
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise _storage_error(exc, "write", path) from exc
-    size = specs[-1].end if specs else len(header)
-    return FileRecord(size, format_checksum(hasher))
 
-
-class _ChunkWriter:
-    """Writes and hashes a file's chunks in order, overlapping the two for large chunks."""
-
-    def __init__(self, fd: int, hasher: xxhash.xxh3_64) -> None:
-        self._fd = fd
-        self._hasher = hasher
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._hasher = new_hasher()
         self._pool: ThreadPoolExecutor | None = None
         self._offset = 0
         self._flushed = 0
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise _storage_error(exc, "write", path) from exc
 
-    def __enter__(self) -> _ChunkWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-    def write(self, chunk: memoryview) -> None:
-        if len(chunk) < PARALLEL_HASH_BYTES:
-            self._hasher.update(chunk)
-            _write_all(self._fd, chunk)
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
-            hashed = self._pool.submit(self._hasher.update, chunk)
-            try:
+    def write(self, chunk: memoryview | bytes) -> None:
+        assert self._fd is not None, "write after close"
+        chunk = memoryview(chunk)
+        try:
+            if len(chunk) < PARALLEL_HASH_BYTES:
+                self._hasher.update(chunk)
                 _write_all(self._fd, chunk)
-            finally:
-                hashed.result()
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+                hashed = self._pool.submit(self._hasher.update, chunk)
+                try:
+                    _write_all(self._fd, chunk)
+                finally:
+                    hashed.result()
+        except OSError as exc:
+            raise _storage_error(exc, "write", self.path) from exc
         self._offset += len(chunk)
         if self._offset - self._flushed >= CHUNK_BYTES:
             start_writeback(self._fd, self._flushed, self._offset - self._flushed)
             self._flushed = self._offset
+
+    def close(self) -> FileRecord:
+        assert self._fd is not None, "close after close"
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise _storage_error(exc, "write", self.path) from exc
+        self._release()
+        return FileRecord(self._offset, format_checksum(self._hasher))
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            self._release()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _release(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class LocalBackend:
+    """The local (POSIX) file system. Locations are OS paths; ``reuse`` is a hard link, ``read_all``
+    a private memory map and ``read_range`` one ``preadv``."""
+
+    read_concurrency = 2
+
+    def __init__(self, root: str | os.PathLike[str] = "") -> None:
+        self.root = os.fspath(Path(root).expanduser()) if root else ""
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({self.root!r})"
+
+    def join(self, base: str, *names: str) -> str:
+        return os.path.join(base, *names)
+
+    def create(self, key: str) -> LocalSink:
+        return LocalSink(os.fspath(key))
+
+    def read_range(self, key: str, offset: int, into: memoryview) -> None:
+        fd = os.open(key, os.O_RDONLY)
+        try:
+            read_exactly(fd, key, into, offset)
+        finally:
+            os.close(fd)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            with open(key, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise _storage_error(exc, "read", key) from exc
+
+    def read_all(self, key: str) -> Any:
+        with open(key, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else bytearray()
+
+    def size(self, key: str) -> int:
+        return os.stat(key).st_size
+
+    def list(self, prefix: str) -> Iterator[str]:
+        try:
+            with os.scandir(prefix) as entries:
+                yield from (entry.name for entry in entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+
+    def fingerprint(self, key: str) -> str | None:
+        try:
+            stat = os.stat(key)
+        except OSError:
+            return None
+        return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"  # not ctime: a link changes it
+
+    def reuse(self, src: str, dst: str) -> bool:
+        try:
+            os.link(src, dst)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP):
+                return False
+            raise _storage_error(exc, f"link {src} to", dst) from exc
+        return True
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(key)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, "delete", key) from exc
+
+    def delete_tree(self, prefix: str) -> None:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+LOCAL = LocalBackend()
+"""The local file system, for reads and writes of absolute or relative paths."""
+
+
+def read_exactly(fd: int, path: str, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset`` with ``preadv`` (which releases the GIL)."""
+    while buffer:
+        try:
+            count = os.preadv(fd, [buffer], offset)
+        except OSError as exc:
+            raise _storage_error(exc, "read", path) from exc
+        if count == 0:
+            raise CorruptCheckpointError(
+                f"{path} ended early while being read; it was truncated: restore it or delete this checkpoint"
+            )
+        buffer = buffer[count:]
+        offset += count
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -194,122 +264,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE: Any = None
-
-
-def write_bytes_file(path: Path, data: bytes) -> FileRecord:
-    """Write ``data`` to a new file at ``path`` and fsync it."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, memoryview(data))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise _storage_error(exc, "write", path) from exc
-    return FileRecord(len(data), checksum_bytes(data))
-
-
-def _check(path: Path, record: FileRecord | None, size: int, checksum: str | None) -> None:
-    if record is None:
-        return
-    if size != record.size:
-        raise CorruptCheckpointError(
-            f"{path} has {size} bytes but {record.size} were recorded when it was saved; the file is "
-            "truncated or damaged: restore it from a copy or delete this checkpoint"
-        )
-    if checksum is not None and checksum != record.checksum:
-        raise CorruptCheckpointError(
-            f"{path} does not match its recorded checksum ({checksum} != {record.checksum}); the file is "
-            "damaged: restore it from a copy or delete this checkpoint"
-        )
-
-
-def read_bytes_file(path: Path, record: FileRecord | None = None) -> bytes:
-    """Read a small file whole, checking it against ``record`` when one is given."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    _check(path, record, len(data), checksum_bytes(data) if record else None)
-    return data
-
-
-def verify_file(path: Path, record: FileRecord, progress: Callable[[int], None] | None = None) -> None:
-    """Check ``path`` against its recorded size and checksum, streaming it in chunks.
-
-    ``progress`` is called with the byte count of every chunk read, for progress bars.
-    Raises :class:`CorruptCheckpointError` naming the file on any mismatch or when it is missing.
-    """
-    _check(path, record, *_hash_file(path, record, progress))
-
-
-def _hash_file(path: Path, record: FileRecord, progress: Callable[[int], None] | None) -> tuple[int, str | None]:
-    """The size and checksum of ``path``; the checksum is None when the size already disagrees."""
-    hasher = new_hasher()
-    size = 0
-    try:
-        with open(path, "rb") as handle:
-            on_disk = os.fstat(handle.fileno()).st_size
-            if on_disk != record.size:
-                return on_disk, None
-            while chunk := handle.read(CHUNK_BYTES):
-                hasher.update(chunk)
-                size += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    return size, format_checksum(hasher)
-
-
-def link_or_copy(
-    source: Path,
-    target: Path,
-    record: FileRecord,
-    progress: Callable[[int], None] | None = None,
-    *,
-    link: bool = True,
-) -> None:
-    """Give ``target`` the content of ``source``, verified against ``record``.
-
-    With ``link``, a hard link is made where the file system allows one (committed checkpoint
-    files are never written in place, so sharing the inode is safe and deleting ``source`` later
-    leaves ``target`` intact); otherwise, or without ``link``, the file is copied and fsynced.
-    Either way the result is checked against ``record``, and nothing is left at ``target`` when
-    that fails.
-    """
-    try:
-        if not link:
-            raise OSError(errno.EPERM, "copy requested")
-        os.link(source, target)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    except OSError:
-        _copy_file(source, target)
-    try:
-        _check(source, record, *_hash_file(target, record, progress))
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-
-
-def _copy_file(source: Path, target: Path) -> None:
-    try:
-        with open(source, "rb") as reader:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                while chunk := reader.read(CHUNK_BYTES):
-                    _write_all(fd, memoryview(chunk))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    except FileNotFoundError:
-        target.unlink(missing_ok=True)
-        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    except OSError as exc:
-        target.unlink(missing_ok=True)
-        raise _storage_error(exc, "copy a file to", target) from exc
 
 
 def append_line(path: Path, data: bytes) -> None:
@@ -362,34 +316,6 @@ def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def open_tensor_file(path: Path, record: FileRecord | None = None, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Map a safetensors file and return its tensors, viewing the file's pages without copying them.
-
-    The map is private (copy-on-write), so writing to a returned tensor never changes the file.
-    With ``verify`` and a ``record``, the whole file is checked against the recorded checksum first.
-    """
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if record is not None and size != record.size:
-                _check(path, record, size, None)
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    view = memoryview(mapped)
-    if verify and record is not None:
-        _check(path, record, size, format_checksum(xxhash.xxh3_64(view)))
-    specs, _ = tensorformat.parse(view, size, str(path))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, spec in specs.items():
-        if spec.nbytes == 0:
-            tensors[name] = torch.empty(spec.shape, dtype=spec.dtype)
-        else:
-            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=spec.nbytes, offset=spec.start)
-            tensors[name] = flat.view(spec.dtype).reshape(spec.shape)
-    return tensors
-
-
 def _exchange(first: Path, second: Path) -> bool:
     """Atomically swap two directory entries (Linux ``renameat2``); False where unsupported."""
     renameat2 = getattr(_libc(), "renameat2", None)
@@ -426,10 +352,57 @@ def _pid_alive(pid: int) -> bool:
 
 
 class LocalStore:
-    """A directory of checkpoint directories on a local (POSIX) file system."""
+    """A directory of checkpoint directories on a local (POSIX) file system: the rename commit.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    A checkpoint is written into a hidden staging directory (:meth:`begin`), every file fsynced,
+    and :meth:`commit` writes ``metadata.json``, fsyncs the directory and renames it into place
+    (swapping it with an older checkpoint of the same name in one ``renameat2``), then fsyncs
+    the parent.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], backend: LocalBackend | None = None) -> None:
         self.root = Path(root).expanduser()
+        self.backend = backend if backend is not None else LOCAL
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    @property
+    def url(self) -> str:
+        return str(self.root)
+
+    # ------------------------------------------------------------------ the Commit protocol
+
+    def begin(self, name: str) -> Transaction:
+        """Create a hidden staging directory for checkpoint ``name`` (the root must exist:
+        :meth:`ensure_writable`)."""
+        return Transaction(name, os.fspath(self.staging_dir(name)))
+
+    def commit(self, txn: Transaction, manifest: bytes) -> str:
+        """Write ``manifest`` as ``metadata.json`` into the staging directory and rename it into place."""
+        sink = self.backend.create(os.path.join(txn.prefix, METADATA_FILE))
+        try:
+            sink.write(manifest)
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
+        return os.fspath(self.publish(Path(txn.prefix), txn.name))
+
+    def abort(self, txn: Transaction) -> None:
+        self.discard(Path(txn.prefix))
+
+    def visible(self) -> Iterator[Entry]:
+        """Every visible entry of the root; ``fingerprint`` is empty when it holds no readable
+        ``metadata.json`` (a foreign directory: committed checkpoints always have one)."""
+        for entry in self.entries():
+            yield Entry(entry.name, entry.path, directory_identity(entry.path))
+
+    def location(self, name: str) -> str | None:
+        path = self.root / name
+        return os.fspath(path) if path.is_dir() else None
+
+    # ------------------------------------------------------------------ directories
 
     def ensure_writable(self) -> None:
         """Create the root if needed and prove it is writable, or raise :class:`StorageError`."""
@@ -451,7 +424,7 @@ class LocalStore:
             raise _storage_error(exc, "create a staging directory in", self.root) from exc
         return path
 
-    def commit(self, staging: Path, name: str) -> Path:
+    def publish(self, staging: Path, name: str) -> Path:
         """Make ``staging`` visible as ``name``, atomically replacing any checkpoint of that name."""
         final = self.root / name
         try:
@@ -492,7 +465,7 @@ class LocalStore:
     def _remove_hidden(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    def visible(self) -> Iterator[os.DirEntry[str]]:
+    def entries(self) -> Iterator[os.DirEntry[str]]:
         """The visible entries of the root (hidden staging and trash names are skipped)."""
         try:
             with os.scandir(self.root) as entries:
@@ -541,6 +514,21 @@ class LocalStore:
             return now - entry.stat().st_mtime > STALE_STAGING_SECONDS
         except FileNotFoundError:
             return False
+
+
+def directory_identity(path: str) -> str:
+    """What tells one written checkpoint directory from another at the same path.
+
+    The directory's inode alone is not enough: inodes are reused once a replaced checkpoint is
+    deleted, and files can be copied into a directory in place. ``metadata.json`` is rewritten by
+    every save, so its inode, size and change times complete the key. Empty when it cannot be read.
+    """
+    try:
+        directory = os.stat(path)
+        metadata = os.stat(os.path.join(path, METADATA_FILE))
+    except OSError:
+        return ""
+    return f"{directory.st_ino}:{metadata.st_ino}:{metadata.st_size}:{metadata.st_mtime_ns}:{metadata.st_ctime_ns}"
 
 
 LINK_PREFIX = ".link."

@@ -1,0 +1,1 @@
+"""The write path and the read path of checkpoint files, over the storage interface."""

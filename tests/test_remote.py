@@ -1,0 +1,203 @@
+"""Checkpoints on object storage: every manager feature over the manifest commit, against a real S3
+API server (moto over HTTP) and fsspec's ``memory://``, plus errors and injected faults."""
+
+from __future__ import annotations
+
+import time
+
+import fsspec
+import pytest
+import torch
+from torch import nn
+
+from ckpt_plugin import CheckpointManager, CorruptCheckpointError, StorageError
+from ckpt_plugin.storage import faults
+from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
+
+from core_helpers import assert_same_tree
+
+
+def training_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(8, 16)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def objects(url: str) -> list[str]:
+    """Every object under ``url``, relative to it."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        return sorted(name[len(path) :].lstrip("/") for name in fs.find(path))
+    except FileNotFoundError:
+        return []
+
+
+def prefixes(url: str) -> list[str]:
+    return sorted({name.split("/", 1)[0] for name in objects(url)})
+
+
+def test_save_list_load_restore_and_retention(remote_url: str) -> None:
+    manager = CheckpointManager(remote_url, max_checkpoints=2, keep_best=True, metric_for_best="loss")
+    model, optimizer = training_state()
+    for epoch, loss in enumerate([0.1, 0.5, 0.4, 0.3]):
+        info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, config={"lr": 0.01})
+        assert isinstance(info.path, str) and info.path.startswith(remote_url)
+        assert info.name == f"epoch_{epoch}"
+    assert [c.epoch for c in manager.checkpoints()] == [0, 2, 3]  # the best is kept
+    assert len(prefixes(remote_url)) == 3
+    fresh = CheckpointManager(remote_url)
+    checkpoint = fresh.load_latest()
+    assert checkpoint["epoch"] == 3 and checkpoint["config"] == {"lr": 0.01}
+    assert_same_tree(model.state_dict(), checkpoint["model"])
+    assert_same_tree(optimizer.state_dict(), checkpoint["optimizer"])
+    assert fresh.load_best()["epoch"] == 0
+    restored, restored_optimizer = training_state(seed=1)
+    assert fresh.restore(restored, restored_optimizer).epoch == 3
+    assert_same_tree(model.state_dict(), restored.state_dict())
+    assert_same_tree(optimizer.state_dict(), restored_optimizer.state_dict())
+
+
+def test_a_re_save_writes_a_new_prefix_and_the_newest_commit_wins(remote_url: str) -> None:
+    manager = CheckpointManager(remote_url, max_checkpoints=None)
+    manager.save({"w": torch.zeros(3)}, epoch=1, metrics={"loss": 1.0})
+    first = prefixes(remote_url)
+    manager.save({"w": torch.ones(3)}, epoch=1, metrics={"loss": 0.5})
+    second = prefixes(remote_url)
+    assert len(first) == len(second) == 1 and first != second  # the older commit was removed
+    assert torch.equal(CheckpointManager(remote_url).load(1)["model"]["w"], torch.ones(3))
+
+
+def test_uncommitted_prefixes_are_invisible_and_removed_after_the_grace_period(remote_url: str) -> None:
+    manager = CheckpointManager(remote_url, max_checkpoints=None)
+    manager.save({"w": torch.zeros(3)}, epoch=0, metrics={"loss": 1.0})
+    fs, root = fsspec.core.url_to_fs(remote_url)
+    dead = f"{root}/epoch_5{TXN_SEPARATOR}0000000000000001deadbeef"
+    fs.pipe_file(f"{dead}/model.safetensors", b"partial upload")  # a writer that died before its manifest
+    assert [c.epoch for c in CheckpointManager(remote_url).checkpoints()] == [0]
+    assert len(prefixes(remote_url)) == 2  # within the grace period: it may be a live writer
+    reader = CheckpointManager(remote_url)
+    reader._store.grace_seconds = 0
+    time.sleep(0.01)
+    reader._store.recover()
+    assert len(prefixes(remote_url)) == 1 and [c.epoch for c in reader.checkpoints()] == [0]
+
+
+def test_damaged_remote_files_are_caught_on_every_read(remote_url: str) -> None:
+    manager = CheckpointManager(remote_url)
+    model, optimizer = training_state()
+    info = manager.save(model, optimizer, epoch=0, metrics={"loss": 1.0})
+    fs, _ = fsspec.core.url_to_fs(remote_url)
+    target = fs._strip_protocol(info.file("model.safetensors"))
+    data = bytearray(fs.cat_file(target))
+    data[-3] ^= 0xFF
+    fs.pipe_file(target, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        manager.load_latest()
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        manager.restore(*training_state(seed=2), atomic=True)
+
+
+def test_async_save_uploads_in_the_background(remote_url: str) -> None:
+    model, optimizer = training_state()
+    with CheckpointManager(remote_url, async_save=True, max_checkpoints=2, keep_best=False) as manager:
+        for epoch in range(3):
+            manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0})
+        manager.wait()
+        assert [c.epoch for c in manager.checkpoints()] == [1, 2]
+    assert_same_tree(model.state_dict(), CheckpointManager(remote_url).load_latest()["model"])
+
+
+def test_incremental_reuses_unchanged_shards_server_side(remote_url: str) -> None:
+    manager = CheckpointManager(remote_url, incremental=True, max_checkpoints=None)
+    backbone = nn.Linear(64, 64)
+    backbone.requires_grad_(False)
+    model = nn.Sequential(backbone, nn.Linear(64, 2))
+    manager.save(model, epoch=0, metrics={"loss": 1.0})
+    spy = faults.inject(manager)
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    manager.save(model, epoch=1, metrics={"loss": 1.0})
+    assert spy.calls["reuse"] == 1  # the frozen backbone's shard was copied, not uploaded
+    fresh = CheckpointManager(remote_url)
+    assert_same_tree(model.state_dict(), fresh.load(1)["model"])
+    fresh._store.remove("epoch_0")
+    assert_same_tree(model.state_dict(), CheckpointManager(remote_url).load(1)["model"])
+
+
+@pytest.mark.parametrize("budget", [0, 100, 5_000, 9_000])
+def test_a_failed_upload_is_a_storage_error_and_leaves_nothing_visible(remote_url: str, budget: int) -> None:
+    manager = CheckpointManager(remote_url, max_checkpoints=2)
+    model, optimizer = training_state()
+    for epoch in range(2):
+        manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0})
+    before = objects(remote_url)
+    network = faults.inject(manager, fail_after_bytes=budget, error=lambda key: faults.disk_full(key))
+    with pytest.raises(StorageError, match="epoch_2"):
+        manager.save(model, optimizer, epoch=2, metrics={"loss": 1.0})
+    assert network.triggered
+    assert objects(remote_url) == before  # the partial prefix was removed, nothing else touched
+    assert [c.epoch for c in CheckpointManager(remote_url).checkpoints()] == [0, 1]
+
+
+def test_a_failed_commit_leaves_the_previous_checkpoints(remote_url: str) -> None:
+    manager = CheckpointManager(remote_url, max_checkpoints=None)
+    manager.save({"w": torch.zeros(2)}, epoch=0, metrics={"loss": 1.0})
+    # model.safetensors, state.safetensors (the RNG states), state.json, then the manifest
+    spy = faults.inject(manager, fail_on={"create": 4})
+    with pytest.raises(StorageError):
+        manager.save({"w": torch.ones(2)}, epoch=0, metrics={"loss": 1.0})
+    assert spy.triggered and spy.calls["create"] == 4
+    assert torch.equal(CheckpointManager(remote_url).load(0)["model"]["w"], torch.zeros(2))
+
+
+def test_a_missing_bucket_is_a_storage_error_naming_the_url(s3_env: str) -> None:
+    manager = CheckpointManager("s3://no-such-bucket-here/run")
+    assert manager.checkpoints() == []
+    with pytest.raises(StorageError, match="no-such-bucket-here") as caught:
+        manager.save({"w": torch.zeros(2)}, epoch=0, metrics={"loss": 1.0})
+    assert "bucket" in str(caught.value)
+
+
+def test_an_unreachable_store_is_a_storage_error(s3_env: str) -> None:
+    options = {
+        "endpoint_url": "http://127.0.0.1:9",
+        "retries": 1,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
+    }
+    with pytest.raises(StorageError, match="s3://bucket/run") as caught:
+        manager = CheckpointManager("s3://bucket/run", storage_options=options)
+        manager.save({"w": torch.zeros(2)}, epoch=0, metrics={"loss": 1.0})
+    assert caught.value.errno
+
+
+def test_storage_options_reach_the_store(s3_bucket: str, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    options = {"endpoint_url": s3_env, "key": "testing", "secret": "testing"}
+    manager = CheckpointManager(f"s3://{s3_bucket}/run", storage_options=options)
+    manager.save({"w": torch.arange(3.0)}, epoch=0, metrics={"loss": 1.0})
+    assert torch.equal(CheckpointManager(f"s3://{s3_bucket}/run", storage_options=options).load(0)["model"]["w"], torch.arange(3.0))
+
+
+def test_large_files_go_up_in_parts(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt_plugin.storage import fsspec as remote
+
+    monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part
+    state = {"w": torch.randn(4 * 1024 * 1024)}  # 16 MiB: four parts
+    manager = CheckpointManager(f"s3://{s3_bucket}/run")
+    info = manager.save(state, epoch=0, metrics={"loss": 1.0})
+    fs, _ = fsspec.core.url_to_fs(info.location)
+    etag = fs.info(fs._strip_protocol(info.file("model.safetensors")))["ETag"]
+    assert etag.strip('"').endswith("-4")  # a multipart upload of four parts
+    assert torch.equal(CheckpointManager(f"s3://{s3_bucket}/run").load(0)["model"]["w"], state["w"])
+
+
+def test_local_paths_take_no_storage_options(tmp_path) -> None:
+    from ckpt_plugin import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="storage_options"):
+        CheckpointManager(tmp_path, storage_options={"key": "x"})
+
