@@ -9,8 +9,6 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -32,7 +30,8 @@ from ckpt_plugin import (
 )
 
 from ckpt_plugin.storage import faults
-from core_helpers import hidden_dirs, snapshot_tree, tiny_training, train_one_step, visible_names
+from core_helpers import full_state, hidden_dirs, save_full, snapshot_tree, visible_names
+from fork_server import ForkServer
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
 
@@ -41,23 +40,6 @@ def manager_at(path, **options) -> CheckpointManager:
     options.setdefault("max_checkpoints", None)
     options.setdefault("keep_best", False)
     return CheckpointManager(path, **options)
-
-
-def full_state(version: int = 0):
-    """A model, optimizer and scheduler with state, so that every kind of file gets written."""
-    model, optimizer = tiny_training(width=64)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
-    for _ in range(2):
-        train_one_step(model, optimizer)
-        scheduler.step()
-    return model, optimizer, scheduler
-
-
-def save_full(manager: CheckpointManager, epoch: int, **kwargs):
-    model, optimizer, scheduler = full_state()
-    return manager.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                        metrics={"loss": 1.0 / (epoch + 1)}, config={"lr": 0.1},
-                        extra={"note": "x", "t": torch.arange(4)}, **kwargs)
 
 
 def assert_intact(directory: Path, before: dict[str, bytes]) -> None:
@@ -220,36 +202,23 @@ def test_an_interrupt_mid_write_leaves_nothing(tmp_path, budget):
     assert_intact(tmp_path, before)
 
 
-FILE_SIZE_LIMIT_CHILD = """
-import json, resource, signal, sys, warnings
-warnings.simplefilter("ignore")
-sys.path.insert(0, sys.argv[1])
-from test_errors import manager_at, save_full
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
-outcome = "no error"
-try:
-    save_full(manager_at(sys.argv[2], max_checkpoints=2, keep_best=True), 3)
-except BaseException as exc:
-    outcome = json.dumps([type(exc).__name__, getattr(exc, "errno", None), str(exc)])
-print(outcome)
-"""
+@pytest.fixture(scope="module")
+def fork_server():
+    server = ForkServer()
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize("limit", [0, 1_000, 5_000])
-def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, limit):
+def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, fork_server, limit):
     """RLIMIT_FSIZE makes the kernel refuse writes past a size, whatever call the writer uses."""
     manager = manager_at(tmp_path, max_checkpoints=2, keep_best=True)
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    child = subprocess.run(  # a fresh interpreter: never fork a process that has run torch
-        [sys.executable, "-c", FILE_SIZE_LIMIT_CHILD, str(Path(__file__).parent), str(tmp_path), str(limit)],
-        capture_output=True, text=True, timeout=120, cwd=PACKAGE_DIR.parent,
-        env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR.parent)},
-    )
-    outcome = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else child.stderr
-    name, error_number, message = json.loads(outcome)
+    status, outcome = fork_server.run("save_under_file_size_limit", str(tmp_path), limit)
+    assert status == 0, f"the saving child died: wait status {status}"
+    name, error_number, message = outcome
     assert name == "StorageError", outcome
     assert error_number == errno.EFBIG
     assert "full" in message or "quota" in message or "size" in message, message
