@@ -201,3 +201,36 @@ def test_local_paths_take_no_storage_options(tmp_path) -> None:
     with pytest.raises(ConfigurationError, match="storage_options"):
         CheckpointManager(tmp_path, storage_options={"key": "x"})
 
+
+
+def test_random_kill_9_during_uploads(s3_bucket: str) -> None:
+    """A writer SIGKILLed at random moments while uploading (from a fork server started after the
+    test environment, so its children reach the S3 server) never leaves a listed checkpoint that
+    fails to load, never loses a save that returned, and its leftovers go once recovered."""
+    import random
+
+    from fork_server import ForkServer
+    from test_crash import assert_consistent, kill_at_random
+
+    url = f"s3://{s3_bucket}/run/checkpoints"
+    rng = random.Random(20261128)
+    last_returned = -1
+    saver = ForkServer()
+    try:
+        for _ in range(6):
+            saved = kill_at_random(saver, "append", url, rng)
+            if saved:
+                last_returned = saved[-1]
+            manager = CheckpointManager(url, max_checkpoints=3, keep_best=True, metric_for_best="loss")
+            listed = manager.checkpoints()
+            if last_returned >= 0:
+                assert listed and listed[-1].epoch >= last_returned
+            for info in listed:
+                assert_consistent(manager.load(epoch=info.epoch), info.epoch)
+    finally:
+        saver.close()
+    manager = CheckpointManager(url)
+    manager._store.grace_seconds = 0
+    manager._store.recover()
+    committed = {info.location.rsplit("/", 1)[-1] for info in manager.checkpoints()}
+    assert set(prefixes(url)) == committed  # only committed checkpoints remain
