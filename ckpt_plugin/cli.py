@@ -50,7 +50,7 @@ from .errors import (
 from .io.files import copy_file, read_json, verify_file, write_bytes_file
 from .reader import open_item_files, read_checkpoint
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
-from .storage import FileRecord, LocalStore, publish_file
+from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 EXIT_FAILED = 1
@@ -65,7 +65,7 @@ app = typer.Typer(
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-Directory = Annotated[Path, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into).")]
+Directory = Annotated[str, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into), or its URL (s3://bucket/run/checkpoints).")]
 Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', or a validated version such as v1.0.0.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 ValidatedDir = Annotated[Optional[Path], typer.Option(help="Validated versions (default: validated/ beside DIR).")]
@@ -97,7 +97,12 @@ def _handled(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-def _registry(directory: Path, validated_dir: Path | None = None, production_dir: Path | None = None) -> ArtifactRegistry:
+def _registry(directory: str | Path, validated_dir: Path | None = None, production_dir: Path | None = None) -> ArtifactRegistry:
+    """The registry of ``directory``: a local path, or an object store URL (configured by the store's
+    standard environment, such as ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``)."""
+    if is_url(str(directory)):
+        return ArtifactRegistry(str(directory), validated_dir, production_dir)
+    directory = Path(directory)
     registry = ArtifactRegistry(directory, validated_dir, production_dir)
     if not directory.is_dir() and not registry.validated_dir.is_dir():
         raise CheckpointNotFoundError(
@@ -107,7 +112,10 @@ def _registry(directory: Path, validated_dir: Path | None = None, production_dir
     return registry
 
 
-def _existing(directory: Path) -> Path:
+def _existing(directory: str | Path) -> str | Path:
+    if is_url(str(directory)):
+        return str(directory)
+    directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointNotFoundError(
             f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into)"
@@ -171,13 +179,13 @@ class Bars:
             self._progress.stop()
 
 
-def _verify_all(files: list[tuple[Path, FileRecord]], label: str, bars: Bars) -> list[dict[str, str]]:
+def _verify_all(files: list[tuple[Any, FileRecord]], label: str, bars: Bars, backend: Backend = LOCAL) -> list[dict[str, str]]:
     """Check every file against its record; return one problem per damaged or missing file."""
     problems = []
     advance = bars(label, sum(record.size for _, record in files))
     for path, record in files:
         try:
-            verify_file(path, record, advance)
+            verify_file(path, record, advance, backend=backend)
         except CorruptCheckpointError as exc:
             problems.append({"path": str(path), "error": str(exc)})
     return problems
@@ -201,7 +209,9 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
 def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
     """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
     needed = {*shards.item_files(info.files, MODEL_FILE), STATE_FILE} if items == ("model",) else set(info.files)
-    problems = _verify_all([(info.path / name, info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars)
+    problems = _verify_all(
+        [(info.file(name), info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars, info.backend
+    )
     if problems:
         raise CorruptCheckpointError(problems[0]["error"])
     return read_checkpoint(info, verify=False, items=items)
@@ -213,7 +223,9 @@ def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list
         warnings.simplefilter("ignore", UserWarning)  # each unreadable one is reported as a problem below
         infos = registry.manager.checkpoints()
     listed = {info.name for info in infos}
-    unreadable = []
+    unreadable: list[dict[str, str]] = []
+    if registry.remote:  # only committed manifests are visible there; unreadable ones were warned about
+        return infos, unreadable
     for entry in LocalStore(registry.checkpoint_dir).entries():
         if looks_like_checkpoint(entry.name) and entry.name not in listed:
             path = Path(entry.path)
@@ -275,8 +287,10 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
     """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
     registry = _registry(_existing(directory))
     info, version = _target(registry, epoch)
-    metadata = read_json(info.path / METADATA_FILE)
-    model = open_item_files(info.path, info.files, (shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE])[0], verify=False)
+    metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
+    model = open_item_files(
+        info.location, info.files, (shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE])[0], verify=False, backend=info.backend
+    )
     details: dict[str, Any] = {
         "name": info.name,
         "path": str(info.path),
@@ -319,7 +333,8 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
     """
     registry = _registry(_existing(directory))
     infos, problems = _raw_listing(registry)
-    files = [(info.path / name, record) for info in infos for name, record in info.files.items()]
+    files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
+    backend = infos[0].backend if infos else LOCAL  # every file of one registry is on one store
     for version in registry.versions():
         folder = registry.version_dir(version)
         try:
@@ -336,7 +351,7 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
         files.append((registry.production_dir / PRODUCTION_MODEL_FILE, record))
     with Bars() as bars:
-        problems += _verify_all(files, "verifying", bars)
+        problems += _verify_all(files, "verifying", bars, backend)
     report = {"ok": not problems, "files": len(files), "bytes": sum(record.size for _, record in files), "problems": problems}
     if as_json:
         _print_json(report)
@@ -613,7 +628,7 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
     if config_file is not None:
         config_bytes = config_file.read_bytes()
     else:
-        config = codec.from_json(read_json(info.path / METADATA_FILE).get("config"))
+        config = codec.from_json(read_json(info.file(METADATA_FILE), backend=info.backend).get("config"))
         if not isinstance(config, Mapping):
             raise ConfigurationError(
                 f"{info.path} records no config dict to write as config.json; pass --config with the model's config.json"
@@ -628,7 +643,7 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
         model_files = shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
         advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
         for name in model_files:  # model.safetensors, or the shards and their index
-            copy_file(info.path / name, staging / name, info.files[name], advance, reuse=False)
+            copy_file(info.file(name), staging / name, info.files[name], advance, reuse=False, backend=info.backend, target_backend=LOCAL)
         write_bytes_file(staging / "config.json", config_bytes)
         store.publish(staging, target.name)
     except BaseException:

@@ -55,10 +55,9 @@ except ImportError:  # transformers releases before GreedyLR
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
 from .manager import CheckpointManager
-from .reader import read_checkpoint
-from .rng import restore_rng_state
 from .io.files import read_bytes_file
-from .storage import remove_link, set_link, symlinks
+from .rng import restore_rng_state
+from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 
 TRAINER_STATE_FILE = "trainer_state.json"
 LINK_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -83,7 +82,7 @@ def eval_metric_name(name: str) -> str:
 class Settings:
     """What a :class:`CheckpointCallback` does, resolved from its parameters and ``TrainingArguments``."""
 
-    checkpoint_dir: Path
+    checkpoint_dir: Path | str
     max_checkpoints: int | None
     keep_best: bool
     metric_for_best: str | None
@@ -129,7 +128,7 @@ class Settings:
                 "load_best_model_at_end needs a metric: set metric_for_best_model or pass metric_for_best"
             )
         return cls(
-            checkpoint_dir=Path(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
+            checkpoint_dir=_location(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
             max_checkpoints=max_checkpoints,
             keep_best=args.load_best_model_at_end if keep_best is None else keep_best,
             metric_for_best=metric_for_best,
@@ -189,6 +188,7 @@ class CheckpointCallback(TrainerCallback):
         *,
         async_save: bool = False,
         incremental: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -211,6 +211,7 @@ class CheckpointCallback(TrainerCallback):
         self._manager_options = {
             "async_save": bool(async_save),
             "incremental": bool(incremental),
+            "storage_options": storage_options,
         }
         self.settings: Settings | None = None
         self._manager: CheckpointManager | None = None
@@ -286,9 +287,7 @@ class CheckpointCallback(TrainerCallback):
                 stacklevel=3,
             )
             return
-        if TRAINER_STATE_FILE in info.files:
-            read_bytes_file(info.path / TRAINER_STATE_FILE, info.files[TRAINER_STATE_FILE])
-        checkpoint = read_checkpoint(info, items=("model", "optimizer", "scheduler", "rng"))
+        checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng"))
         model.load_state_dict(checkpoint["model"])
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
             if target is None:
@@ -425,7 +424,12 @@ class CheckpointCallback(TrainerCallback):
 
         ``resume_from_checkpoint=True`` resumes from the link. Called once ``info`` has committed,
         on the manager's background thread for asynchronous saves (which commit one at a time).
+        A checkpoint on an object store gets a resume marker instead of a link (see
+        :func:`_mark_remote`).
         """
+        if not isinstance(info.path, Path):
+            _mark_remote(output_dir, info)
+            return
         if not info.path.is_dir():  # an earlier run's later checkpoints outrank it and retention took it
             return
         link = f"checkpoint-{info.step}"
@@ -454,7 +458,7 @@ class CheckpointCallback(TrainerCallback):
             return
         if best is None:
             return
-        model.load_state_dict(read_checkpoint(best, items=("model",))["model"])
+        model.load_state_dict(self.manager.read(best, items=("model",))["model"])
         state.best_model_checkpoint = str(best.path)
 
 
@@ -507,6 +511,40 @@ def _resumes_mid_epoch(args: TrainingArguments, state: TrainerState, train_datal
     accumulation = args.gradient_accumulation_steps
     updates_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
     return state.global_step % updates_per_epoch != 0
+
+
+REMOTE_MARKER_FILE = "ckpt_plugin_checkpoint.json"
+EMPTY_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"
+
+
+def _location(place: str | os.PathLike[str]) -> Path | str:
+    return str(place) if is_url(str(place)) else Path(place)
+
+
+def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
+    """Leave ``output_dir/checkpoint-<step>/`` for the Trainer to find when it resumes from a
+    checkpoint on an object store: its ``trainer_state.json``, the URL of the checkpoint
+    (``ckpt_plugin_checkpoint.json``) and an empty ``model.safetensors``, so that the Trainer
+    accepts the directory (it logs that the model's keys are missing there); the callback then
+    restores the model, optimizer, scheduler and RNG states from the object store, bitwise.
+    Older markers are removed; the directory appears whole through one rename.
+    """
+    name = f"checkpoint-{info.step}"
+    store = LocalStore(output_dir)
+    store.ensure_writable()
+    staging = store.staging_dir(name)
+    try:
+        trainer_state = read_bytes_file(info.file(TRAINER_STATE_FILE), info.files.get(TRAINER_STATE_FILE), backend=info.backend)
+        (staging / TRAINER_STATE_FILE).write_bytes(trainer_state)
+        (staging / REMOTE_MARKER_FILE).write_text(json.dumps({"checkpoint": info.location}))
+        (staging / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
+        store.publish(staging, name)
+    except BaseException:
+        store.discard(staging)
+        raise
+    for entry in store.entries():
+        if entry.name != name and LINK_PATTERN.match(entry.name) and os.path.isfile(os.path.join(entry.path, REMOTE_MARKER_FILE)):
+            store.remove(entry.name)
 
 
 def _same_dir(first: Path, second: Path) -> bool:

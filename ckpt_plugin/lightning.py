@@ -51,12 +51,12 @@ from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from . import codec, errors, retention
-from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
+from . import codec, errors
+from .checkpoint import METADATA_FILE, CheckpointInfo
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager, config_to_dict, normalize_metrics
-from .io.files import read_json
-from .reader import read_checkpoint
+from .reader import read_info
+from .storage import is_url
 from .rng import capture_rng_state, restore_rng_state
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
@@ -104,7 +104,7 @@ def checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo | None:
     path = Path(path)
     if not (path / METADATA_FILE).is_file():
         return None
-    return parse_metadata(path, read_json(path / METADATA_FILE))
+    return read_info(path)
 
 
 @dataclass
@@ -180,22 +180,25 @@ class ManagerCheckpointIO(CheckpointIO):
         committed = manager.checkpoints()
         info = self._save(checkpoint, request)
         entries = sorted([entry for entry in committed if entry.name != info.name] + [info], key=lambda entry: entry.sort_key)
-        policies = retention.policies_for(manager.max_checkpoints, manager.keep_best, manager.metric_for_best, manager.mode)
-        pruned = {entry.name for entry in retention.to_delete(entries, policies, info.sort_key)}
-        return info, [entry.name for entry in entries if entry.name not in pruned]
+        return info, [entry.name for entry in manager.retained(entries, protect=info)]
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a ckpt_plugin checkpoint directory as Lightning's dict, or defer to the fallback."""
         self.manager.wait()  # the save in flight may be the checkpoint asked for
-        info = checkpoint_info(path)
+        info = self._info(path)
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         device = map_location if isinstance(map_location, (str, torch.device)) else None  # callables: stay on CPU
-        return join_checkpoint(read_checkpoint(info, map_location=device))
+        return join_checkpoint(self.manager.read(info, map_location=device))
+
+    def _info(self, path: Any) -> CheckpointInfo | None:
+        if is_url(str(path)):
+            return self.manager.checkpoint_at(str(path).removesuffix("/" + METADATA_FILE))
+        return checkpoint_info(path)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a file written through the fallback; the manager's checkpoints are pruned only by retention."""
-        if checkpoint_info(path) is not None:
+        if self._info(path) is not None:
             raise ConfigurationError(
                 f"{path} is a ckpt_plugin checkpoint; it is deleted only by the manager's retention "
                 "(max_checkpoints, keep_best), never through Lightning"
@@ -216,11 +219,22 @@ class ManagerCheckpointIO(CheckpointIO):
         return self.fallback
 
 
+def _lightning_path(info: CheckpointInfo | None) -> str | None:
+    """What Lightning is given as a checkpoint's path: its directory, or on an object store its
+    manifest (Lightning asks the file system for the modification time of ``ckpt_path="last"``, and
+    an object store has times for objects only)."""
+    if info is None:
+        return None
+    return info.file(METADATA_FILE) if is_url(info.location) else str(info.path)
+
+
 class CheckpointCallback(OnExceptionCheckpoint):
     """Save a pickle-free checkpoint through a :class:`~ckpt_plugin.CheckpointManager` every epoch.
 
     Args:
-        checkpoint_dir: the manager's directory, one sub-directory per checkpoint.
+        checkpoint_dir: the manager's directory, one sub-directory per checkpoint, or an object
+            store URL (``s3://bucket/run/checkpoints``); ``storage_options`` configure its fsspec
+            file system as for ``CheckpointManager``.
         max_checkpoints: keep this many most recent checkpoints; ``None`` keeps all.
         keep_best: never delete the best checkpoint by ``metric_for_best``.
         metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``
@@ -253,6 +267,7 @@ class CheckpointCallback(OnExceptionCheckpoint):
         async_save: bool = False,
         incremental: bool = False,
         change_detection: str = "checksum",
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigurationError(f"every_n_epochs must be a whole number of at least 1, not {every_n_epochs!r}")
@@ -267,10 +282,11 @@ class CheckpointCallback(OnExceptionCheckpoint):
                 async_save=async_save,
                 incremental=incremental,
                 change_detection=change_detection,
+                storage_options=storage_options,
             )
         elif not isinstance(manager, CheckpointManager):
             raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
-        elif async_save or incremental or change_detection != "checksum":
+        elif async_save or incremental or change_detection != "checksum" or storage_options:
             raise ConfigurationError(
                 "async_save, incremental and change_detection configure the manager the callback builds; "
                 "with manager=, pass them to CheckpointManager(...) instead"
@@ -294,8 +310,7 @@ class CheckpointCallback(OnExceptionCheckpoint):
         Waits for the save in flight, so the checkpoint it is writing counts.
         """
         self.manager.wait()
-        latest = self.manager.latest()
-        return None if latest is None else str(latest.path)
+        return _lightning_path(self.manager.latest())
 
     @property
     def last_model_path(self) -> str:
@@ -311,8 +326,7 @@ class CheckpointCallback(OnExceptionCheckpoint):
         if self.manager.metric_for_best is None:
             return self.last_model_path
         self.manager.wait()
-        best = self.manager.best()
-        return "" if best is None else str(best.path)
+        return _lightning_path(self.manager.best()) or ""
 
     # ------------------------------------------------------------------------------------------- hooks
 

@@ -284,6 +284,12 @@ class CheckpointManager:
             self._store.remove(entry.name)  # type: ignore[attr-defined]
             self._listing.pop(entry.name, None)  # type: ignore[attr-defined]
 
+    def retained(self, checkpoints: list[CheckpointInfo], protect: CheckpointInfo | None = None) -> list[CheckpointInfo]:
+        """Which of ``checkpoints`` this manager's retention keeps, ``protect`` (a save just written)
+        included: the prediction of what a save leaves, without deleting anything."""
+        doomed = {info.name for info in retention.to_delete(checkpoints, self._policies, protect.sort_key if protect else None)}
+        return [info for info in checkpoints if info.name not in doomed]
+
     def wait(self) -> None:
         """Block until the asynchronous save in flight has committed, and raise its error if it failed.
 
@@ -457,6 +463,30 @@ class CheckpointManager:
                     raise
                 info = current
         return read_checkpoint(info, **options)
+
+    def read(
+        self,
+        info: CheckpointInfo,
+        *,
+        map_location: Device = None,
+        verify: bool = True,
+        items: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
+        """Load the checkpoint ``info`` (from :meth:`checkpoints`, :meth:`latest`, :meth:`best` or
+        :meth:`checkpoint_at`) as a checkpoint dict; ``items`` restricts which state trees are read
+        (``("model",)`` for inference)."""
+        self._settle()
+        return self._read(info, map_location=map_location, verify=verify, items=items)
+
+    def checkpoint_at(self, location: str | os.PathLike[str]) -> CheckpointInfo | None:
+        """The checkpoint at ``location`` (a path or URL inside ``checkpoint_dir``, as
+        :attr:`CheckpointInfo.path` gives it), or None when nothing committed is there."""
+        self._settle()
+        if not self.remote:
+            path = Path(location)
+            return read_info(path, self._store.backend) if (path / METADATA_FILE).is_file() else None
+        wanted = str(location).rstrip("/")
+        return next((info for info in self.checkpoints() if info.location.rstrip("/") == wanted), None)
 
     def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`

@@ -51,7 +51,7 @@ from .io.files import (
     write_tensor_file,
 )
 from .reader import Device, open_item_files, read_checkpoint
-from .storage import FileRecord, LocalStore, append_line, checksum_bytes
+from .storage import FileRecord, LocalStore, append_line, checksum_bytes, is_url
 from .writer import SAFETENSORS_METADATA
 
 VALIDATION_FILE = "validation.json"
@@ -148,7 +148,11 @@ class ArtifactRegistry:
     """The promotion pipeline over one checkpoint directory: raw -> validated -> production.
 
     Args:
-        checkpoint_dir: the directory a :class:`CheckpointManager` saves into.
+        checkpoint_dir: the directory a :class:`CheckpointManager` saves into. An object store URL
+            (``s3://bucket/run/checkpoints``) gives a read-only registry in this release: its raw
+            checkpoints can be listed, inspected and loaded, and it has no validated versions;
+            :meth:`validate`, :meth:`promote` and :meth:`rollback` raise :class:`ConfigurationError`.
+        storage_options: the fsspec options of such a URL, as for :class:`CheckpointManager`.
         validated_dir: where validated versions go; default ``validated/`` beside ``checkpoint_dir``.
         production_dir: what inference loads; default ``production/`` beside ``checkpoint_dir``.
         lock_timeout: seconds to wait for another process's promotion before giving up.
@@ -161,7 +165,17 @@ class ArtifactRegistry:
         production_dir: str | os.PathLike[str] | None = None,
         *,
         lock_timeout: float = 60.0,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
+        self.storage_options = dict(storage_options or {})
+        self._manager: CheckpointManager | None = None
+        self.remote = is_url(str(checkpoint_dir))
+        if self.remote:
+            if validated_dir is not None or production_dir is not None:
+                raise ConfigurationError("validated_dir and production_dir are not supported with an object store checkpoint_dir")
+            self.checkpoint_dir: Path | str = str(checkpoint_dir).rstrip("/")
+            self.validated_dir = self.production_dir = None  # type: ignore[assignment]
+            return
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         beside = self.checkpoint_dir.parent
         self.validated_dir = Path(validated_dir).expanduser() if validated_dir is not None else beside / "validated"
@@ -175,7 +189,6 @@ class ArtifactRegistry:
         self._validated = LocalStore(self.validated_dir)
         self._production_parent = LocalStore(self.production_dir.parent)
         self._lock = filelock.FileLock(str(self.validated_dir / LOCK_FILE), timeout=lock_timeout)
-        self._manager: CheckpointManager | None = None
 
     def __repr__(self) -> str:
         return f"ArtifactRegistry({str(self.checkpoint_dir)!r}, validated_dir={str(self.validated_dir)!r}, production_dir={str(self.production_dir)!r})"
@@ -186,12 +199,15 @@ class ArtifactRegistry:
     def manager(self) -> CheckpointManager:
         """A read-only view of the raw checkpoints (it never saves, so it never prunes)."""
         if self._manager is None:
-            if not self.checkpoint_dir.is_dir():
+            if not self.remote and not self.checkpoint_dir.is_dir():
                 raise CheckpointNotFoundError(
                     f"checkpoint directory {self.checkpoint_dir} does not exist; pass the directory the "
                     "CheckpointManager saved into"
                 )
-            self._manager = CheckpointManager(self.checkpoint_dir, max_checkpoints=None, keep_best=False, metric_for_best=None)
+            self._manager = CheckpointManager(
+                self.checkpoint_dir, max_checkpoints=None, keep_best=False, metric_for_best=None,
+                storage_options=self.storage_options or None,
+            )
         return self._manager
 
     def resolve(self, epoch: int | str = "best", metric: str | None = None, mode: str | None = None) -> CheckpointInfo:
@@ -243,6 +259,7 @@ class ArtifactRegistry:
         record: version, source checkpoint and its checksum, metrics, and each check's result.
         ``progress`` reports the bytes read, for progress bars.
         """
+        self._local_only("validate")
         if (version is None) == (bump is None):
             raise ConfigurationError("pass exactly one of version= (such as '1.0.0') or bump= ('major', 'minor' or 'patch')")
         wanted = parse_version(version) if version is not None else None
@@ -336,6 +353,7 @@ class ArtifactRegistry:
         Promoting the version already in production changes nothing. Returns :meth:`production`.
         ``progress`` reports the bytes read, for progress bars.
         """
+        self._local_only("promote")
         parsed = parse_version(version)
         with self._locked():
             try:
@@ -352,6 +370,7 @@ class ArtifactRegistry:
 
     def rollback(self, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
         """Put the previously promoted version back into production; returns :meth:`production`."""
+        self._local_only("rollback")
         with self._locked():
             current = self._production_document()
             if current is None:
@@ -411,6 +430,8 @@ class ArtifactRegistry:
     def history(self) -> list[dict[str, Any]]:
         """The audit log, oldest first: one dict per validate, promote and rollback, with ``time``,
         ``event``, ``version``, ``source`` (checkpoint path, epoch, checksum), ``user`` and ``host``."""
+        if self.remote:
+            return []
         path = self.validated_dir / HISTORY_FILE
         if not path.is_file():
             return []
@@ -438,7 +459,16 @@ class ArtifactRegistry:
                 f"{self._lock.timeout} s; wait for its promotion to finish and retry"
             ) from None
 
+    def _local_only(self, action: str) -> None:
+        if self.remote:
+            raise ConfigurationError(
+                f"cannot {action} in {self.checkpoint_dir}: validated versions and production live on a local "
+                "file system in this release; copy the checkpoint to a local directory and use a registry there"
+            )
+
     def _parsed_versions(self) -> list[Version]:
+        if self.remote:
+            return []
         found = []
         for entry in self._validated.entries():
             try:
@@ -457,6 +487,8 @@ class ArtifactRegistry:
             )
 
     def _validation_document(self, version: Version) -> dict[str, Any]:
+        if self.remote:
+            raise CheckpointNotFoundError(f"version {version} is not validated: {self.checkpoint_dir} has no validated versions")
         path = self.validated_dir / _directory_name(version) / VALIDATION_FILE
         if not path.is_file():
             existing = ", ".join(self.versions()) or "none"
@@ -475,6 +507,8 @@ class ArtifactRegistry:
         }
 
     def _production_bytes(self) -> bytes | None:
+        if self.remote:
+            return None
         path = self.production_dir / PRODUCTION_RECORD_FILE
         try:
             return read_bytes_file(path)

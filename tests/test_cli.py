@@ -385,3 +385,39 @@ def test_messages_with_brackets_are_printed_verbatim(tmp_path: Path) -> None:
     missing = tmp_path / "[bold]runs[/bold]"
     code, _, stderr = ckpt("list", missing)
     assert code == 2 and "[bold]runs[/bold]" in stderr
+
+
+# ---------------------------------------------------------------------- object storage
+
+
+def test_list_show_verify_diff_and_export_take_object_store_urls(tmp_path: Path, s3_bucket: str) -> None:
+    import fsspec
+
+    url = f"s3://{s3_bucket}/run/checkpoints"
+    manager = CheckpointManager(url, max_checkpoints=None)
+    model = nn.Linear(4, 3)
+    for epoch, loss in enumerate([0.5, 0.3]):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        manager.save(model, epoch=epoch, metrics={"loss": loss}, config={"hidden": 4})
+    listed = ckpt_json("list", url)
+    assert [row["epoch"] for row in listed["checkpoints"]] == [0, 1] and listed["versions"] == []
+    shown = ckpt_json("show", url, "best")
+    assert shown["epoch"] == 1 and shown["path"].startswith(url) and shown["model_parameters"] == 15
+    assert ckpt_json("verify", url)["ok"]
+    changed = ckpt_json("diff", url, "0", "1")
+    assert changed["metrics"]["loss"] == {"a": 0.5, "b": 0.3} and changed["changed"] == 1
+    assert ckpt_json("versions", url) == []
+    code, _, stderr = ckpt("export", url, "latest", "--to", "hf", "--output", tmp_path / "hf")
+    assert code == 0, stderr
+    assert torch.equal(load_file(tmp_path / "hf" / "model.safetensors")["weight"], model.weight)
+    code, _, stderr = ckpt("validate", url, "best", "--version", "1.0.0")
+    assert code == 2 and "local" in stderr
+
+    fs, _ = fsspec.core.url_to_fs(url)
+    target = fs._strip_protocol(manager.latest().file("model.safetensors"))
+    data = bytearray(fs.cat_file(target))
+    data[-2] ^= 0x55
+    fs.pipe_file(target, bytes(data))
+    code, stdout, _ = ckpt("verify", url, "--json")
+    assert code == 1 and "model.safetensors" in stdout

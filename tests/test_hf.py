@@ -665,3 +665,23 @@ def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninter
     assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), (
         "the dead save's leftovers are cleaned up"
     )
+
+
+def test_checkpoints_on_object_storage_resume_bitwise_identical(tmp_path, uninterrupted, s3_bucket):
+    """checkpoint_dir on S3, output_dir local for the Trainer's logs: resume_from_checkpoint=True on a
+    fresh output_dir finds the latest remote checkpoint through its resume marker."""
+    expected, _ = uninterrupted("epoch")
+    url = f"s3://{s3_bucket}/run/checkpoints"
+    first, callback = make_trainer(tmp_path / "first", stop_at=10, callback=CheckpointCallback(checkpoint_dir=url))
+    first.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10]
+    assert callback.manager.latest().location.startswith(url)
+    assert sorted(os.listdir(tmp_path / "first")) == ["checkpoint-10"]  # one marker, no weights
+    del first
+
+    shutil.copytree(tmp_path / "first", tmp_path / "second")  # the job restarts with the marker
+    resumed, callback = make_trainer(tmp_path / "second", seed=1, callback=CheckpointCallback(checkpoint_dir=url))
+    resumed.train(resume_from_checkpoint=True)
+    assert_identical(final_state(resumed), expected)
+    assert get_last_checkpoint(str(tmp_path / "second")) == str(tmp_path / "second" / "checkpoint-20")
+    assert pickled_files(tmp_path) == []

@@ -434,3 +434,21 @@ model:
     assert (callback.manager.max_checkpoints, callback.manager.keep_best, callback.manager.mode) == (1, False, "min")
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_1_step_12"]
     assert callback.manager.load_latest()["config"]["hidden"] == 8
+
+
+def test_resume_from_last_on_object_storage_is_bitwise_identical(tmp_path: Path, remote_url: str) -> None:
+    url = remote_url
+    reference = fresh_model(0)
+    reference_trainer = make_trainer(tmp_path, 4, [CheckpointCallback(tmp_path / "reference", max_checkpoints=2)])
+    reference_trainer.fit(reference, RegressionData())
+    run_interrupted(url, tmp_path, stop_at=2, max_checkpoints=2)
+    torch.manual_seed(1234)
+    resumed = fresh_model(99)
+    callback = CheckpointCallback(url, max_checkpoints=2)
+    trainer = make_trainer(tmp_path, 4, [callback])
+    trainer.fit(resumed, RegressionData(), ckpt_path="last")
+    assert trainer.global_step == reference_trainer.global_step
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_18", "epoch_3_step_24"]
+    assert callback.last_model_path.startswith(url)

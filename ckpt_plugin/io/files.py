@@ -146,6 +146,7 @@ def copy_file(
     *,
     reuse: bool = True,
     backend: Backend = LOCAL,
+    target_backend: Backend | None = None,
 ) -> None:
     """Give ``target`` the content of ``source``, verified against ``record``.
 
@@ -153,21 +154,23 @@ def copy_file(
     process where it can (a hard link: committed checkpoint files are never written in place, so
     sharing the inode is safe; a server-side copy on an object store). Otherwise the bytes are
     streamed. Either way the result is checked against ``record``, and nothing is left at
-    ``target`` when that fails.
+    ``target`` when that fails. ``target_backend`` is where ``target`` is when it is not on
+    ``backend`` (a download from an object store to a local file, say).
     """
     source, target = _key(source), _key(target)
+    writer = target_backend if target_backend is not None else backend
     try:
-        if not (reuse and backend.reuse(source, target)):
-            _stream_copy(source, target, record, backend)
-        verify_file(target, record, progress, backend=backend, name=source)
+        if not (reuse and writer is backend and backend.reuse(source, target)):
+            _stream_copy(source, target, record, backend, writer)
+        verify_file(target, record, progress, backend=writer, name=source)
     except BaseException:
-        backend.delete(target)
+        writer.delete(target)
         raise
 
 
-def _stream_copy(source: str, target: str, record: FileRecord, backend: Backend) -> None:
+def _stream_copy(source: str, target: str, record: FileRecord, backend: Backend, writer: Backend) -> None:
     scratch = bytearray(min(CHUNK_BYTES, max(record.size, 1)))
-    sink = backend.create(target)
+    sink = writer.create(target)
     try:
         size = _size(source, backend)
         for offset in range(0, size, len(scratch)):
