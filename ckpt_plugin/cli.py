@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 import torch
 
 from . import codec, shards
-from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
+from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -48,7 +48,7 @@ from .errors import (
     PromotionError,
 )
 from .io.files import copy_file, read_json, verify_file, write_bytes_file
-from .reader import open_item_files, read_checkpoint
+from .reader import open_item_files, read_checkpoint, read_info
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
 from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file
 
@@ -230,7 +230,7 @@ def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list
         if looks_like_checkpoint(entry.name) and entry.name not in listed:
             path = Path(entry.path)
             try:
-                parse_metadata(path, read_json(path / METADATA_FILE))
+                read_info(path)
             except (CheckpointError, KeyError, TypeError, ValueError) as exc:
                 unreadable.append({"path": str(path / METADATA_FILE), "error": str(exc)})
     return infos, unreadable

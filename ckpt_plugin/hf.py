@@ -54,8 +54,8 @@ except ImportError:  # transformers releases before GreedyLR
 
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
-from .manager import CheckpointManager
 from .io.files import read_bytes_file
+from .manager import CheckpointManager
 from .rng import restore_rng_state
 from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 

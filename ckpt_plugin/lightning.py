@@ -56,8 +56,8 @@ from .checkpoint import METADATA_FILE, CheckpointInfo
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager, config_to_dict, normalize_metrics
 from .reader import read_info
-from .storage import is_url
 from .rng import capture_rng_state, restore_rng_state
+from .storage import is_url
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
 

@@ -25,7 +25,6 @@ from typing import Any
 from .checkpoint import CheckpointInfo
 from .storage import FileRecord
 
-
 CACHE_FILE = ".listing.json"
 CACHE_VERSION = 2
 REWRITE_AFTER_READS = 16

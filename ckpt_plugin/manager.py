@@ -16,7 +16,7 @@ import torch
 from . import incremental as incremental_saves
 from . import listing, retention
 from .async_save import AsyncSaver, pending_info
-from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
+from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -26,7 +26,6 @@ from .errors import (
     ForeignFileError,
 )
 from .metadata import git_provenance, provenance
-from .io.files import read_json
 from .reader import Device, read_checkpoint, read_info
 from .restore import restore_checkpoint
 from .rng import capture_rng_state
@@ -262,7 +261,7 @@ class CheckpointManager:
         try:
             if not (target / METADATA_FILE).is_file():
                 raise ForeignFileError("it is not a ckpt_plugin checkpoint")
-            parse_metadata(target, read_json(target / METADATA_FILE))
+            read_info(target)
         except (CheckpointError, OSError, KeyError, TypeError, ValueError) as exc:
             raise ForeignFileError(
                 f"{target} exists but is not a checkpoint this release can read ({exc}); it will not be "

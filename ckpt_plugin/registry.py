@@ -39,8 +39,6 @@ from .errors import (
     CorruptCheckpointError,
     PromotionError,
 )
-from .manager import CheckpointManager
-from .metadata import utc_timestamp
 from .io.files import (
     copy_file,
     open_tensor_file,
@@ -50,7 +48,9 @@ from .io.files import (
     write_bytes_file,
     write_tensor_file,
 )
-from .reader import Device, open_item_files, read_checkpoint
+from .manager import CheckpointManager
+from .metadata import utc_timestamp
+from .reader import Device, open_item_files, read_checkpoint, read_info
 from .storage import FileRecord, LocalStore, append_line, checksum_bytes, is_url
 from .writer import SAFETENSORS_METADATA
 
@@ -335,7 +335,7 @@ class ArtifactRegistry:
         document = self._validation_document(parsed)
         path = self.validated_dir / _directory_name(parsed)
         record = FileRecord.from_json(document["files"][METADATA_FILE])
-        return parse_metadata(path, read_json(path / METADATA_FILE, record))
+        return read_info(path, record=record)
 
     def load(self, version: str | Version, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
         """Load validated ``version`` as a checkpoint dict (``model``, ``optimizer``, ``metrics``, ...)

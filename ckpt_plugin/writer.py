@@ -23,12 +23,12 @@ from .checkpoint import (
     OPTIMIZER_FILE,
     STATE_FILE,
     CheckpointInfo,
+    as_path,
     build_metadata,
     checkpoint_name,
     item_file,
     item_prefix,
 )
-from .checkpoint import as_path
 from .errors import ConfigurationError
 from .io.files import write_bytes_file, write_tensor_file
 from .storage import LOCAL, Backend, Commit, FileRecord

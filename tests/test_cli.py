@@ -175,9 +175,9 @@ def test_progress_bar_only_for_big_reads(run: Path, monkeypatch) -> None:
     callbacks = []
     real_verify = cli.verify_file
 
-    def spy(path, record, progress=None):
+    def spy(path, record, progress=None, **options):
         callbacks.append(progress)
-        real_verify(path, record, progress)
+        real_verify(path, record, progress, **options)
 
     monkeypatch.setattr(cli, "verify_file", spy)
     assert ckpt_json("verify", run)["ok"] is True

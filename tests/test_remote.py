@@ -8,13 +8,12 @@ import time
 import fsspec
 import pytest
 import torch
+from core_helpers import assert_same_tree
 from torch import nn
 
 from ckpt_plugin import CheckpointManager, CorruptCheckpointError, StorageError
 from ckpt_plugin.storage import faults
 from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
-
-from core_helpers import assert_same_tree
 
 
 def training_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:

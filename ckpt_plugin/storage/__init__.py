@@ -43,6 +43,7 @@ from .local import (
     symlinks,
 )
 
+
 def open_store(location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Any:
     """The :class:`Commit` (with its ``backend``) for a checkpoint directory or URL.
 

@@ -451,7 +451,7 @@ class ManifestStore:
         found: dict[str, dict[str, tuple[bool, float | None, str]]] = {}
         for relative, info in self.backend.walk(self.root).items():
             top, _, rest = relative.partition("/")
-            name, separator, txn = top.rpartition(TXN_SEPARATOR)
+            name, separator, _ = top.rpartition(TXN_SEPARATOR)
             if not separator or not name or not rest:
                 continue
             prefix = self.backend.join(self.root, top)

@@ -20,23 +20,17 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-import xxhash
-
-from .. import tensorformat
 from ..errors import CorruptCheckpointError, StorageError
 from .base import (
     METADATA_FILE,
     Entry,
     FileRecord,
     Transaction,
-    checksum_bytes,
     format_checksum,
     new_hasher,
 )
