@@ -40,7 +40,8 @@ CHUNK_BYTES = 8 * 1024 * 1024
 it lands, large enough that a request's overhead does not matter."""
 WRITE_CHUNK_BYTES = 16 * 1024 * 1024
 READ_AHEAD = 2
-"""Chunks being read ahead of the one being hashed, per unit of the backend's ``read_concurrency``."""
+"""Chunks being read ahead of the one being hashed, at least (a backend's ``read_concurrency`` may
+ask for more); a backend may also set its own ``read_chunk`` size."""
 
 Location = "str | os.PathLike[str]"
 Destination = Callable[[TensorSpec], "torch.Tensor | None"]
@@ -239,8 +240,9 @@ def verify_file(
         check(shown, record, size, None)
     hasher = new_hasher()
     workers = max(1, backend.read_concurrency)
-    chunks = [(offset, min(CHUNK_BYTES, size - offset)) for offset in range(0, size, CHUNK_BYTES)]
-    buffers = [memoryview(bytearray(min(CHUNK_BYTES, size))) for _ in range(min(workers * READ_AHEAD, len(chunks)))]
+    step = _chunk_bytes(backend)
+    chunks = [(offset, min(step, size - offset)) for offset in range(0, size, step)]
+    buffers = [memoryview(bytearray(min(step, size))) for _ in range(min(max(workers, READ_AHEAD), len(chunks)))]
     pool = _pool(workers)
     pending: deque[Any] = deque()
     try:
@@ -358,6 +360,7 @@ def stream_tensor_file(
         hasher.update(header_bytes)
     tensors: dict[str, torch.Tensor] = {}
     chunks: list[tuple[memoryview, int]] = []
+    step = _chunk_bytes(backend)
     for spec in sorted(specs.values(), key=lambda s: s.start):
         target = destination(spec)
         if target is None or not can_receive(target, spec):
@@ -365,12 +368,16 @@ def stream_tensor_file(
         tensors[spec.name] = target
         if spec.nbytes:
             view = _byte_view(target)
-            for begin in range(0, spec.nbytes, CHUNK_BYTES):
-                chunks.append((view[begin : begin + CHUNK_BYTES], spec.start + begin))
+            for begin in range(0, spec.nbytes, step):
+                chunks.append((view[begin : begin + step], spec.start + begin))
     _pipeline(backend, key, chunks, hasher)
     if hasher is not None and record is not None:
         check(location, record, record.size, format_checksum(hasher))
     return tensors
+
+
+def _chunk_bytes(backend: Backend) -> int:
+    return int(getattr(backend, "read_chunk", CHUNK_BYTES))
 
 
 def _pipeline(backend: Backend, key: str, chunks: list[tuple[memoryview, int]], hasher: Any) -> None:
@@ -382,7 +389,7 @@ def _pipeline(backend: Backend, key: str, chunks: list[tuple[memoryview, int]], 
                 hasher.update(chunk)
         return
     pool = _pool(workers)
-    depth = workers * READ_AHEAD if workers > 2 else READ_AHEAD
+    depth = max(workers, READ_AHEAD)
     pending = deque(pool.submit(_read, backend, key, offset, chunk) for chunk, offset in chunks[:depth])
     try:
         for index, (chunk, _) in enumerate(chunks):

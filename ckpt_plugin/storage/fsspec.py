@@ -32,8 +32,11 @@ Streaming and memory
 Files go up as multipart uploads in parts of ``PART_BYTES`` (32 MiB), uploaded by up to
 ``UPLOAD_CONCURRENCY`` threads, so a save holds at most ``PART_BYTES * (UPLOAD_CONCURRENCY + 1)``
 bytes (160 MiB) of upload buffers beyond the state itself, whatever the file size. Reads are
-ranged GETs of ``read_chunk`` bytes, ``read_concurrency`` in flight per file, straight into the
-destination buffer. Every byte read is hashed and compared with the recorded checksum.
+ranged GETs of ``READ_CHUNK_BYTES`` (64 MiB), ``READ_CONCURRENCY`` (4) in flight per file, copied
+into the destination as they land, so a restore holds at most 256 MiB of responses at a time.
+Few large ranges beat many small ones: each request costs a round trip, and some servers (moto
+among them) pay for each range in proportion to the object. Every byte read is hashed and
+compared with the recorded checksum.
 
 Errors and retries
 ------------------
@@ -61,8 +64,8 @@ from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
-READ_CHUNK_BYTES = 16 * 1024 * 1024
-READ_CONCURRENCY = 8
+READ_CHUNK_BYTES = 64 * 1024 * 1024
+READ_CONCURRENCY = 4
 STALE_SECONDS = 6 * 3600
 TXN_SEPARATOR = "@"
 S3_DEFAULT_OPTIONS: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}
@@ -123,7 +126,9 @@ class FsspecSink:
         self._path = backend.path_of(key)
         self._hasher = new_hasher()
         self._size = 0
-        self._buffer = bytearray()
+        self._part_bytes = PART_BYTES
+        self._buffer = bytearray(self._part_bytes if backend.multipart else 0)
+        self._fill = 0
         self._upload: _MultipartUpload | None = None
         self._handle: Any = None
         self._closed = False
@@ -134,12 +139,16 @@ class FsspecSink:
         self._size += len(data)
         try:
             if self._backend.multipart:
-                self._buffer += data
-                while len(self._buffer) >= PART_BYTES:
-                    part, self._buffer = bytes(self._buffer[:PART_BYTES]), self._buffer[PART_BYTES:]
-                    if self._upload is None:
-                        self._upload = _MultipartUpload(self._backend, self._path)
-                    self._upload.send(part)
+                while data:
+                    take = min(len(data), self._part_bytes - self._fill)
+                    self._buffer[self._fill : self._fill + take] = data[:take]
+                    self._fill += take
+                    data = data[take:]
+                    if self._fill == self._part_bytes:  # hand the full part over, start a new one
+                        if self._upload is None:
+                            self._upload = _MultipartUpload(self._backend, self._path)
+                        self._upload.send(self._buffer)
+                        self._buffer, self._fill = bytearray(self._part_bytes), 0
             else:
                 if self._handle is None:
                     self._handle = self._backend.fs.open(self._path, "wb", block_size=PART_BYTES)
@@ -153,11 +162,12 @@ class FsspecSink:
     def close(self) -> FileRecord:
         try:
             if self._backend.multipart:
+                rest = bytes(memoryview(self._buffer)[: self._fill])
                 if self._upload is None:
-                    self._backend.fs.pipe_file(self._path, bytes(self._buffer))
+                    self._backend.fs.pipe_file(self._path, rest)
                 else:
-                    if self._buffer:
-                        self._upload.send(bytes(self._buffer))
+                    if rest:
+                        self._upload.send(rest)
                     self._upload.complete()
             else:
                 if self._handle is None:
@@ -204,7 +214,7 @@ class _MultipartUpload:
         self._slots = threading.Semaphore(UPLOAD_CONCURRENCY)
         self._pool = backend.upload_pool()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray) -> None:
         self._slots.acquire()
         number = len(self._parts) + 1
         try:
@@ -218,7 +228,7 @@ class _MultipartUpload:
         if failed is not None:
             failed.result()
 
-    def _part(self, number: int, data: bytes) -> dict[str, Any]:
+    def _part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
         out = self._fs.call_s3(
             "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._id, PartNumber=number, Body=data
         )
@@ -250,6 +260,7 @@ class FsspecBackend:
     """Any fsspec file system. Locations are URLs (``s3://bucket/key``)."""
 
     read_concurrency = READ_CONCURRENCY
+    read_chunk = READ_CHUNK_BYTES
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         import fsspec  # an optional dependency: the ``remote`` extra
