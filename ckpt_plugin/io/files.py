@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -48,13 +49,15 @@ Destination = Callable[[TensorSpec], "torch.Tensor | None"]
 Header = tuple[bytes, dict[str, TensorSpec], int]
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-read")
-    return pool
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-read")
+        return pool
 
 
 os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads

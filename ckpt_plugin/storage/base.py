@@ -150,6 +150,10 @@ class Commit(Protocol):
 
     backend: Backend
 
+    def ensure_writable(self) -> None:
+        """Create what must exist before :meth:`begin` (the local root directory), or raise
+        :class:`~ckpt_plugin.errors.StorageError`; nothing to do on an object store."""
+
     def begin(self, name: str) -> Transaction:
         """Reserve a fresh, invisible prefix for a new checkpoint ``name``."""
 

@@ -285,6 +285,16 @@ class FsspecBackend:
     def __repr__(self) -> str:
         return f"FsspecBackend({self.root!r})"
 
+    def __getstate__(self) -> dict[str, Any]:  # sent to other ranks with a CheckpointInfo: no threads
+        state = dict(self.__dict__)
+        state["_pool"] = None
+        del state["_pool_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pool_lock = threading.Lock()
+
     def upload_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
