@@ -32,11 +32,12 @@ Streaming and memory
 Files go up as multipart uploads in parts of ``PART_BYTES`` (32 MiB), uploaded by up to
 ``UPLOAD_CONCURRENCY`` threads, so a save holds at most ``PART_BYTES * (UPLOAD_CONCURRENCY + 1)``
 bytes (160 MiB) of upload buffers beyond the state itself, whatever the file size. Reads are
-ranged GETs of ``READ_CHUNK_BYTES`` (64 MiB), ``READ_CONCURRENCY`` (4) in flight per file, copied
-into the destination as they land, so a restore holds at most 256 MiB of responses at a time.
-Few large ranges beat many small ones: each request costs a round trip, and some servers (moto
-among them) pay for each range in proportion to the object. Every byte read is hashed and
-compared with the recorded checksum.
+ranged GETs of up to ``READ_CHUNK_BYTES`` (256 MiB), ``READ_CONCURRENCY`` (4) in flight per file,
+copied into the destination tensors as they land, so a restore holds at most 1 GiB of responses
+at a time (one 256 MiB response for a file of that size or less). Few large ranges beat many
+small ones: each request costs a round trip, and some servers (moto among them) pay for each
+range in proportion to the whole object. Every byte read is hashed and compared with the
+recorded checksum.
 
 Errors and retries
 ------------------
@@ -64,7 +65,7 @@ from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
-READ_CHUNK_BYTES = 64 * 1024 * 1024
+READ_CHUNK_BYTES = 256 * 1024 * 1024
 READ_CONCURRENCY = 4
 STALE_SECONDS = 6 * 3600
 TXN_SEPARATOR = "@"
