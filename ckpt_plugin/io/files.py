@@ -384,25 +384,57 @@ def _chunk_bytes(backend: Backend) -> int:
 
 
 def _pipeline(backend: Backend, key: str, chunks: list[tuple[memoryview, int]], hasher: Any) -> None:
+    """Read every chunk (a view and its file offset, in file order), hashing each in order as soon
+    as it has landed, with the backend's ``read_concurrency`` reads in flight. A backend with
+    ``read_scatter`` gets adjacent chunks as one request of up to its ``read_chunk`` bytes."""
+    units = _coalesce(chunks, _chunk_bytes(backend)) if hasattr(backend, "read_scatter") else [
+        (offset, [view]) for view, offset in chunks
+    ]
     workers = backend.read_concurrency
-    if hasher is None and workers <= 2 or len(chunks) < 2 or workers == 0:
-        for chunk, offset in chunks:
-            _read(backend, key, offset, chunk)
+    if hasher is None and workers <= 2 or len(units) < 2 or workers == 0:
+        for offset, views in units:
+            _read_unit(backend, key, offset, views)
             if hasher is not None:
-                hasher.update(chunk)
+                for view in views:
+                    hasher.update(view)
         return
     pool = _pool(workers)
     depth = max(workers, READ_AHEAD)
-    pending = deque(pool.submit(_read, backend, key, offset, chunk) for chunk, offset in chunks[:depth])
+    pending = deque(pool.submit(_read_unit, backend, key, offset, views) for offset, views in units[:depth])
     try:
-        for index, (chunk, _) in enumerate(chunks):
+        for index, (_, views) in enumerate(units):
             pending.popleft().result()
-            if index + depth < len(chunks):
-                chunk_ahead, offset_ahead = chunks[index + depth]
-                pending.append(pool.submit(_read, backend, key, offset_ahead, chunk_ahead))
+            if index + depth < len(units):
+                pending.append(pool.submit(_read_unit, backend, key, *units[index + depth]))
             if hasher is not None:
-                hasher.update(chunk)
+                for view in views:
+                    hasher.update(view)
     finally:
         for future in pending:
             future.cancel()
         wait(pending)
+
+
+def _coalesce(chunks: list[tuple[memoryview, int]], limit: int) -> list[tuple[int, list[memoryview]]]:
+    """Adjacent chunks grouped into requests of at most ``limit`` bytes (a chunk may exceed it alone)."""
+    units: list[tuple[int, list[memoryview]]] = []
+    end = size = -1
+    for view, offset in chunks:
+        if units and offset == end and size + len(view) <= limit:
+            units[-1][1].append(view)
+            size += len(view)
+        else:
+            units.append((offset, [view]))
+            size = len(view)
+        end = offset + len(view)
+    return units
+
+
+def _read_unit(backend: Backend, location: str, offset: int, views: list[memoryview]) -> None:
+    if len(views) == 1:
+        _read(backend, location, offset, views[0])
+        return
+    try:
+        backend.read_scatter(location, offset, views)  # type: ignore[attr-defined]
+    except FileNotFoundError:
+        raise missing(location) from None

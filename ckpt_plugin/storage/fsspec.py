@@ -323,6 +323,20 @@ class FsspecBackend:
             )
         into[:] = data
 
+    def read_scatter(self, key: str, offset: int, views: list[memoryview]) -> None:
+        """Fill ``views`` from consecutive bytes of ``key`` starting at ``offset``, in one request."""
+        total = sum(len(view) for view in views)
+        with requests("read", key):
+            data = memoryview(self.fs.cat_file(self.path_of(key), start=offset, end=offset + total))
+        if len(data) != total:
+            raise CorruptCheckpointError(
+                f"{key} ended early while being read; it was truncated: restore it or delete this checkpoint"
+            )
+        position = 0
+        for view in views:
+            view[:] = data[position : position + len(view)]
+            position += len(view)
+
     def read_bytes(self, key: str) -> bytes:
         with requests("read", key):
             return self.fs.cat_file(self.path_of(key))
