@@ -7,6 +7,7 @@
     ckpt validate DIR EPOCH --version 1.0.0 --require "accuracy>=0.9"
     ckpt promote DIR 1.0.0 | ckpt rollback DIR | ckpt versions DIR | ckpt history DIR
     ckpt export DIR EPOCH --to hf|pt
+    ckpt plot DIR -o run.png|run.svg|run.html   metrics of every checkpoint ever saved, marked
 
 Every command takes ``--json`` for scripts. Exit status: 0 on success, 1 when a check fails or a
 file is corrupt, 2 on bad input (a missing directory, an unknown epoch or version).
@@ -670,6 +671,32 @@ def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars
     target.parent.mkdir(parents=True, exist_ok=True)
     publish_file(target, write)
     return ["a .pt file is a pickle: load it only with weights_only=True, and only from sources you trust"]
+
+
+# ---------------------------------------------------------------------- plot
+
+
+@app.command()
+@_handled
+def plot(
+    directory: Directory,
+    output: Annotated[Path, typer.Option("--output", "-o", help="run.png, run.svg or run.html.")] = Path("run.png"),
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Plot the recorded metrics of every checkpoint ever saved (pruned ones too), marking the kept,
+    pruned, best and latest checkpoints and the validated and production versions."""
+    from .plot import plot_run, run_history
+
+    marks = plot_run(run_history(_existing(directory), validated_dir, production_dir), output)
+    if as_json:
+        _print_json({"output": str(output), **marks})
+        return
+    out.print(
+        f"wrote {escape(str(output))}: {len(marks['kept'])} kept and {len(marks['pruned'])} pruned checkpoints, "
+        f"metrics {', '.join(marks['metrics']) or 'none'}"
+    )
 
 
 def main() -> None:
