@@ -230,8 +230,9 @@ def _panel(axis: Any, history: RunHistory, metric: str) -> None:
         if chosen:
             axis.scatter(*zip(*chosen), zorder=3, **style)
     versions_of = {}
+    in_production = history.production[0] if history.production is not None else None
     for version, name in history.versions.items():
-        versions_of.setdefault(name, []).append(f"v{version}")
+        versions_of.setdefault(name, []).append(f"v{version}" + (" (production)" if version == in_production else ""))
     for x, y, point in zip(xs, ys, points):
         if point.name in versions_of:
             axis.annotate(", ".join(versions_of[point.name]), (x, y), textcoords="offset points", xytext=(6, 8), fontsize=8)
