@@ -86,21 +86,9 @@ def lightning_prelude() -> dict[str, Any]:
 def hf_prelude() -> dict[str, Any]:
     """``model`` (a tiny GPT-2 built from its config, no download), ``train`` and ``val`` token datasets."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from test_hf import Tokens, tiny_gpt2
 
-    class Tokens(torch.utils.data.Dataset):
-        def __init__(self, count: int, seed: int) -> None:
-            self.ids = torch.randint(0, 128, (count, 16), generator=torch.Generator().manual_seed(seed))
-
-        def __len__(self) -> int:
-            return len(self.ids)
-
-        def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-            return {"input_ids": self.ids[index], "labels": self.ids[index]}
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64))
-    return {"model": model, "train": Tokens(32, 1), "val": Tokens(8, 2)}
+    return {"model": tiny_gpt2(0), "train": Tokens(32, 1), "val": Tokens(8, 2)}
 
 
 PRELUDES = {"torch": torch_prelude, "lightning": lightning_prelude, "hf": hf_prelude}
