@@ -99,3 +99,14 @@ def test_export_to_hf_refuses_a_checkpoint_without_a_model_config(tmp_path):
     assert result.exit_code == 2
     assert "--config" in result.output and "model_type" in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_sharded_incremental_checkpoints_load_with_from_pretrained(tmp_path):
+    trainer, callback = make_trainer(tmp_path, num_train_epochs=1, callback=CheckpointCallback(incremental=True))
+    trainer.train()
+    latest = callback.manager.latest()
+    assert "model.safetensors.index.json" in latest.files and "model.safetensors" not in latest.files
+    loaded = AutoModelForCausalLM.from_pretrained(latest.path)
+    expected = tiny_gpt2(0)
+    expected.load_state_dict(CheckpointManager(tmp_path).load_latest()["model"])
+    assert torch.equal(_logits(loaded), _logits(expected))
