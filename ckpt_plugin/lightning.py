@@ -7,6 +7,7 @@
     trainer.fit(model, datamodule)
     trainer.fit(model, datamodule, ckpt_path="last")   # resume: loops, optimizers, schedulers, RNG
     trainer.test(model, datamodule, ckpt_path="best")
+    model = load_from_checkpoint(MyModule, "checkpoints")   # inference: hparams, then the best weights
 
 How it fits into Lightning:
 
@@ -17,11 +18,14 @@ How it fits into Lightning:
   scheduler, and the rest as ``extra``) and written without pickle. Loading a ckpt_plugin
   checkpoint directory rebuilds the same dict; any other path goes to the plugin it wraps.
 * Lightning resolves ``ckpt_path="best"`` through ``best_model_path`` of the first checkpoint
-  callback and ``ckpt_path="last"`` only through ``ModelCheckpoint``'s private file scan or the
-  public ``ckpt_path`` of an ``OnExceptionCheckpoint``. The callback therefore derives from
-  ``OnExceptionCheckpoint`` (itself a ``Checkpoint``) and answers both from the manager. Like every
-  ``OnExceptionCheckpoint``, it makes ``fit()`` without ``ckpt_path`` continue from the latest
-  checkpoint in ``checkpoint_dir`` when there is one.
+  callback and ``ckpt_path="last"`` through ``ModelCheckpoint``'s (private) scan for last files or
+  the ``ckpt_path`` of an ``OnExceptionCheckpoint``, and makes every ``OnExceptionCheckpoint`` resume
+  a ``fit()`` without ``ckpt_path``. The callback is therefore a ``ModelCheckpoint`` that answers
+  both from the manager and writes no ``.ckpt`` file, so a fresh ``fit()`` starts fresh;
+  ``auto_resume=True`` makes it an ``OnExceptionCheckpoint`` too.
+* Beside a ``ModelCheckpoint``, the callback's state holds only what ``torch.load(weights_only=True)``
+  reads, it saves after the other checkpoint callbacks, and loads outside ``fit`` hand no callback
+  the state of an older checkpoint.
 
 Under DDP every rank takes the same decisions from replicated state (the epoch), every rank
 enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
