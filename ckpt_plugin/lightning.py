@@ -23,7 +23,7 @@ How it fits into Lightning:
   a ``fit()`` without ``ckpt_path``. The callback is therefore a ``ModelCheckpoint`` that answers
   both from the manager and writes no ``.ckpt`` file, so a fresh ``fit()`` starts fresh;
   ``auto_resume=True`` makes it an ``OnExceptionCheckpoint`` too.
-* Beside a ``ModelCheckpoint``, the callback's state holds only what ``torch.load(weights_only=True)``
+* Beside a ``ModelCheckpoint``, the callback's state holds only what torch's weights-only loader
   reads, it saves after the other checkpoint callbacks, and loads outside ``fit`` hand no callback
   the state of an older checkpoint.
 
@@ -481,7 +481,7 @@ class CheckpointCallback(ModelCheckpoint):
 
         Only tensors, numbers, strings, tuples and lists: Lightning puts this state into every
         checkpoint, also the ``.ckpt`` files of a ``ModelCheckpoint`` beside this callback, which
-        ``torch.load(weights_only=True)`` must be able to read.
+        torch's weights-only loader must be able to read.
         """
         return {"rng": portable_rng_state(capture_rng_state())}
 

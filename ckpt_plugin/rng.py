@@ -29,7 +29,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 def portable_rng_state(state: dict[str, Any]) -> dict[str, Any]:
     """``state`` with numpy's key array as a list of ints, so that it holds only what
-    ``torch.load(weights_only=True)`` accepts (tensors, numbers, strings, tuples, lists, dicts).
+    torch's weights-only loader accepts (tensors, numbers, strings, tuples, lists, dicts).
     :func:`restore_rng_state` takes either form."""
     numpy_state = state.get("numpy")
     if numpy_state is None:
