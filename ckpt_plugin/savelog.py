@@ -43,8 +43,13 @@ def entry(info: CheckpointInfo) -> dict[str, Any]:
 
 
 def append(checkpoint_dir: Path, info: CheckpointInfo) -> None:
-    """Append the line of ``info`` to the directory's log (a single fsynced write)."""
-    append_line(checkpoint_dir / LOG_FILE, json.dumps(entry(info), sort_keys=True, allow_nan=False).encode("utf-8"))
+    """Append the line of ``info`` to the directory's log in a single write.
+
+    Not fsynced: the log is history, not state. A power cut may lose its last lines or leave one
+    torn, which :func:`read` skips; the checkpoints themselves are committed durably as always.
+    """
+    line = json.dumps(entry(info), sort_keys=True, allow_nan=False).encode("utf-8")
+    append_line(checkpoint_dir / LOG_FILE, line, durable=False)
 
 
 def read(checkpoint_dir: Path) -> list[dict[str, Any]]:
