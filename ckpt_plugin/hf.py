@@ -12,8 +12,10 @@ How a callback alone takes the checkpoints over from the Trainer:
   the point where the Trainer would have saved: ``on_evaluate`` when an evaluation runs there (so
   the checkpoint holds its metrics), else ``on_log`` when that step is logged, else at once.
 * **What a checkpoint holds.** Model, optimizer, scheduler and RNG states (the manager's format), the
-  model config and ``TrainingArguments`` as JSON config, and ``trainer_state.json``: the one file
-  ``Trainer.train`` insists on reading from any directory it resumes from. A relative symbolic link
+  model config and ``TrainingArguments`` as JSON config, ``trainer_state.json`` (the one file
+  ``Trainer.train`` insists on reading from any directory it resumes from), and ``config.json`` and
+  ``generation_config.json`` as ``save_pretrained`` writes them, so that
+  ``AutoModelForCausalLM.from_pretrained(checkpoint)`` loads it. A relative symbolic link
   ``checkpoint-<step>`` in ``output_dir`` points at the newest checkpoint, so that the Trainer's
   ``get_last_checkpoint`` (``resume_from_checkpoint=True``) finds it, also after ``output_dir`` moved.
   The link moves only once the checkpoint has committed (``save(on_commit=...)``): with
