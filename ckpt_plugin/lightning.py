@@ -259,6 +259,9 @@ class CheckpointCallback(ModelCheckpoint):
     ``fit()`` without ``ckpt_path``. The callback is therefore a ``ModelCheckpoint`` whose every
     saving hook is its own (it never writes a ``.ckpt`` file), and an ``OnExceptionCheckpoint`` only
     with ``auto_resume=True`` (the instance then becomes an :class:`AutoResumingCheckpointCallback`).
+    Being a checkpoint callback, it keeps Lightning from adding its default ``ModelCheckpoint``, and
+    Lightning refuses it, as any checkpoint callback, under ``Trainer(enable_checkpointing=False)``:
+    leave that option at its default.
     """
 
     _STATE_KEY = "CheckpointCallback"
