@@ -23,7 +23,7 @@ from typing import Any
 
 from . import savelog
 from .errors import CheckpointNotFoundError, ConfigurationError
-from .manager import CheckpointManager
+from .manager import DEFAULT_METRIC, CheckpointManager
 from .registry import ArtifactRegistry
 
 FORMATS = (".png", ".svg", ".html")
@@ -104,10 +104,11 @@ def run_history(
         for e in ordered
     ]
     recorded = next((e for e in reversed(ordered) if e.get("metric_for_best")), None)
-    history = RunHistory(
+    fallback = DEFAULT_METRIC if any(DEFAULT_METRIC in point.metrics for point in points) else None
+    history = RunHistory(  # the best is ranked as CheckpointManager.best() ranks it
         directory,
         points,
-        metric_for_best=recorded["metric_for_best"] if recorded else None,
+        metric_for_best=recorded["metric_for_best"] if recorded else fallback,
         mode=recorded["mode"] if recorded else "min",
     )
     _mark_best_and_latest(history, manager)
