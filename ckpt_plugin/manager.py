@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import listing, retention
+from . import listing, retention, trash
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -267,15 +267,22 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the asynchronous save in flight has committed, and raise its error if it failed.
 
-        Returns at once for a synchronous manager, or when nothing is in flight.
+        Also waits until the checkpoints that retention or a re-save dropped are deleted from the
+        disk (they leave every listing at once, and their files are removed in the background).
         """
-        if self._saver is not None:
-            self._saver.wait()
+        try:
+            if self._saver is not None:
+                self._saver.wait()
+        finally:
+            trash.drain()
 
     def close(self) -> None:
         """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
-        if self._saver is not None:
-            self._saver.close()
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            trash.drain()
 
     def __enter__(self) -> CheckpointManager:
         return self
