@@ -244,6 +244,53 @@ def test_interpreter_exit_waits_for_background_deletions(tmp_path):
     assert hidden_dirs(tmp_path / "ckpt") == []
 
 
+DIRECT_SAVER = textwrap.dedent(
+    """
+    import sys, warnings
+    import torch
+    from ckpt_plugin import CheckpointManager
+
+    warnings.simplefilter("ignore")
+    manager = CheckpointManager(sys.argv[1], max_checkpoints=2, keep_best=False, save_rng=False)
+    version = 0
+    while True:  # each file is large enough for direct I/O; killed at some point by the test
+        manager.save({"w": torch.full((3_000_000,), float(version))}, epoch=version, extra={"version": version})
+        print("saved", version, flush=True)
+        version += 1
+    """
+)
+
+
+def test_kill_9_during_direct_io_saves_leaves_every_listed_checkpoint_whole(tmp_path):
+    script = tmp_path / "direct_saver.py"
+    script.write_text(DIRECT_SAVER)
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    directory = tmp_path / "ckpt"
+    returned = -1
+    for delay in (0.0, 0.013, 0.041):
+        process = subprocess.Popen([sys.executable, str(script), str(directory)], stdout=subprocess.PIPE,
+                                   text=True, env=env)
+        try:
+            line = process.stdout.readline()
+            assert line.startswith("saved"), line
+            returned = max(returned, int(line.split()[1]))
+            time.sleep(delay)  # somewhere inside the next save
+            process.send_signal(signal.SIGKILL)
+            rest, _ = process.communicate(timeout=30)
+            returned = max([returned, *(int(done.split()[1]) for done in rest.split("\n") if done)])
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+        manager = CheckpointManager(directory, max_checkpoints=2, keep_best=False)
+        assert hidden_dirs(directory) == []
+        listed = manager.checkpoints()
+        assert listed and listed[-1].epoch >= returned
+        for info in listed:
+            loaded = manager.load(epoch=info.epoch)
+            assert torch.equal(loaded["model"]["w"], torch.full((3_000_000,), float(loaded["extra"]["version"])))
+
+
 # ------------------------------------------------------------------ staging copies
 
 
