@@ -23,7 +23,10 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy ships with every supported torch
+    np = None  # type: ignore[assignment]
 
 ALIGNMENT = 4096
 """Offsets, lengths and buffer addresses of direct writes are multiples of this (a page, which
@@ -42,7 +45,7 @@ _spare: list[tuple[mmap.mmap, mmap.mmap]] = []
 
 def enable(fd: int) -> bool:
     """Switch the open file ``fd`` to direct I/O; False (and ``fd`` unchanged) where unsupported."""
-    if not _O_DIRECT:
+    if not _O_DIRECT or np is None:
         return False
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -92,8 +95,8 @@ class DirectSink:
     """Writes a new file's bytes in order with direct I/O, hashing them on the way.
 
     ``fd`` must be open for writing at offset 0 with direct I/O enabled (see :func:`enable`).
-    ``write`` takes the bytes in order; ``close`` writes the rest and cuts the file to the exact
-    length written (a direct write covers whole blocks). The caller fsyncs afterwards.
+    ``write`` takes the bytes in order; leaving the ``with`` block writes the rest and cuts the file
+    to the exact length written (a direct write covers whole blocks). The caller fsyncs afterwards.
     """
 
     def __init__(self, fd: int, hasher: object) -> None:
