@@ -25,7 +25,7 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
-from .metadata import git_provenance, provenance
+from .metadata import git_provenance, git_provenance_in_background, provenance
 from .reader import Device, read_checkpoint, read_json
 from .restore import restore_checkpoint
 from .rng import capture_rng_state
@@ -159,9 +159,11 @@ class CheckpointManager:
             )
             return snapshot
 
-        if self._saver is None:
-            return _notify(self._write(take(), seen[0]), on_commit)
         cwd = _current_dir()
+        if self._saver is None:
+            snapshot = take()
+            snapshot.pending_provenance = git_provenance_in_background(cwd)
+            return _notify(self._write(snapshot, seen[0]), on_commit)
 
         def write(snapshot: Snapshot) -> CheckpointInfo:
             snapshot.provenance.update(git_provenance(cwd))
@@ -197,7 +199,7 @@ class CheckpointManager:
             config=config_to_dict(config),
             metric_for_best=self.metric_for_best,
             mode=self.mode,
-            provenance=provenance(git=self._saver is None),
+            provenance=provenance(git=False),  # asked of git while the files are written
             files=files,
         )
         return snapshot, seen
