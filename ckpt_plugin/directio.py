@@ -17,12 +17,15 @@ falls back to a buffered write of the same bytes.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system: no direct I/O either
+    fcntl = None  # type: ignore[assignment]
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - numpy ships with every supported torch
@@ -45,7 +48,7 @@ _spare: list[tuple[mmap.mmap, mmap.mmap]] = []
 
 def enable(fd: int) -> bool:
     """Switch the open file ``fd`` to direct I/O; False (and ``fd`` unchanged) where unsupported."""
-    if not _O_DIRECT or np is None:
+    if not _O_DIRECT or fcntl is None or np is None:
         return False
     try:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
