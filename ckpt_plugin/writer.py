@@ -9,6 +9,7 @@ lets an asynchronous save run the second on a background worker.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class Snapshot:
     provenance: dict[str, Any]
     items: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    pending_provenance: Future[dict[str, Any]] | None = None
+    """Provenance entries still being gathered (git), folded in before ``metadata.json`` is written."""
 
     @property
     def name(self) -> str:
@@ -137,6 +140,9 @@ def write_snapshot(store: Commit, snapshot: Snapshot, write_model: ModelWriter |
         for filename, data in snapshot.files.items():
             files[filename] = write_bytes_file(backend.join(txn.prefix, filename), data, backend=backend)
         files[STATE_FILE] = write_bytes_file(backend.join(txn.prefix, STATE_FILE), codec.dumps(document), backend=backend)
+        if snapshot.pending_provenance is not None:
+            snapshot.provenance.update(codec.to_json(snapshot.pending_provenance.result(), "metadata"))
+            snapshot.pending_provenance = None
         metadata = build_metadata(
             epoch=snapshot.epoch,
             step=snapshot.step,

@@ -130,7 +130,7 @@ def test_show_an_unknown_epoch_or_version_exits_2(run: Path, target: str, messag
 def test_verify_a_healthy_directory(run: Path) -> None:
     report = ckpt_json("verify", run)
     assert report["ok"] is True and report["problems"] == []
-    assert report["files"] == sum(len(json.loads((p / "metadata.json").read_text())["files"]) for p in run.iterdir())
+    assert report["files"] == sum(len(json.loads((p / "metadata.json").read_text())["files"]) for p in run.iterdir() if p.is_dir())
 
 
 def test_verify_names_a_flipped_byte_in_a_weight_file(run: Path) -> None:
@@ -399,7 +399,7 @@ def test_list_show_verify_diff_and_export_take_object_store_urls(tmp_path: Path,
     for epoch, loss in enumerate([0.5, 0.3]):
         with torch.no_grad():
             model.weight.add_(1.0)
-        manager.save(model, epoch=epoch, metrics={"loss": loss}, config={"hidden": 4})
+        manager.save(model, epoch=epoch, metrics={"loss": loss}, config={"model_type": "toy", "hidden": 4})
     listed = ckpt_json("list", url)
     assert [row["epoch"] for row in listed["checkpoints"]] == [0, 1] and listed["versions"] == []
     shown = ckpt_json("show", url, "best")

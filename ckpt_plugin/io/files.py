@@ -117,7 +117,7 @@ def write_tensor_file(
     time, besides what the backend buffers (nothing locally; see the fsspec backend remotely).
     """
     header, specs = tensorformat.plan(tensors, metadata)
-    sink = backend.create(_key(location))
+    sink = backend.create(_key(location), specs[-1].end if specs else len(header))
     try:
         sink.write(memoryview(header))
         for spec in specs:

@@ -87,8 +87,9 @@ class Backend(Protocol):
     def join(self, base: str, *names: str) -> str:
         """The location of ``names`` under ``base`` (each a single plain path component)."""
 
-    def create(self, key: str) -> Sink:
-        """Start writing a new file at ``key``; it must not exist yet."""
+    def create(self, key: str, size: int | None = None) -> Sink:
+        """Start writing a new file at ``key``; it must not exist yet. ``size``, when the caller
+        knows the final size, lets a backend choose how to write (direct I/O locally)."""
 
     def read_range(self, key: str, offset: int, into: memoryview) -> None:
         """Fill ``into`` with the bytes of ``key`` from ``offset``; short files raise

@@ -73,9 +73,9 @@ class FaultyBackend:
     def join(self, base: str, *names: str) -> str:
         return self.inner.join(base, *names)
 
-    def create(self, key: str) -> FaultySink:
+    def create(self, key: str, size: int | None = None) -> FaultySink:
         self._enter("create", key)
-        return FaultySink(self, self.inner.create(key), key)
+        return FaultySink(self, self.inner.create(key, size), key)
 
     def read_range(self, key: str, offset: int, into: memoryview) -> None:
         self._enter("read_range", key)

@@ -309,7 +309,7 @@ class FsspecBackend:
     def join(self, base: str, *names: str) -> str:
         return "/".join([base.rstrip("/"), *names])
 
-    def create(self, key: str) -> FsspecSink:
+    def create(self, key: str, size: int | None = None) -> FsspecSink:
         return FsspecSink(self, key)
 
     def read_range(self, key: str, offset: int, into: memoryview) -> None:

@@ -5,8 +5,8 @@ file is fsynced, and the directory is renamed into place, then the parent is fsy
 list only visible names, so they see whole checkpoints or nothing. Replacing an existing
 checkpoint swaps the two directories in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it;
 elsewhere the old one is first renamed aside and put back by :meth:`LocalStore.recover` if the
-process dies in between. Deletion renames the directory aside before removing its files, so a
-half-deleted checkpoint is never visible either.
+process dies in between. Deletion renames the directory aside before removing its files (in the
+background, see :mod:`ckpt_plugin.trash`), so a half-deleted checkpoint is never visible either.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .. import directio, trash
 from ..errors import CorruptCheckpointError, StorageError
 from .base import (
     METADATA_FILE,
@@ -73,26 +74,36 @@ def fsync_dir(path: Path) -> None:
 class LocalSink:
     """A new local file being written: hashed as it grows, fsynced on :meth:`close`.
 
-    Each large chunk is hashed on a helper thread while the calling thread writes it (both release
-    the GIL), and writeback to the disk is started as the file grows, so the final fsync has little
-    left to wait for. At most one chunk is in flight, so no extra memory is held.
+    A large file (its size known up front) is written with direct I/O where the file system allows
+    it (see :mod:`ckpt_plugin.directio`): the bytes go from memory to the disk without allocating
+    page cache for them, through two reused buffers. Otherwise each large chunk is hashed on a
+    helper thread while the calling thread writes it (both release the GIL), and writeback to the
+    disk is started as the file grows, so the final fsync has little left to wait for. Either way
+    no extra memory is held but the direct-I/O buffers.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, size: int | None = None) -> None:
         self.path = path
         self._hasher = new_hasher()
         self._pool: ThreadPoolExecutor | None = None
         self._offset = 0
         self._flushed = 0
+        self._direct: directio.DirectSink | None = None
         try:
             self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise _storage_error(exc, "write", path) from exc
+        if size is not None and size >= directio.MIN_FILE_BYTES and directio.enable(self._fd):
+            self._direct = directio.DirectSink(self._fd, self._hasher)
 
     def write(self, chunk: memoryview | bytes) -> None:
         assert self._fd is not None, "write after close"
         chunk = memoryview(chunk)
         try:
+            if self._direct is not None:
+                self._direct.write(chunk)
+                self._offset += len(chunk)
+                return
             if len(chunk) < PARALLEL_HASH_BYTES:
                 self._hasher.update(chunk)
                 _write_all(self._fd, chunk)
@@ -114,6 +125,9 @@ class LocalSink:
     def close(self) -> FileRecord:
         assert self._fd is not None, "close after close"
         try:
+            if self._direct is not None:
+                direct, self._direct = self._direct, None
+                direct.__exit__(None, None, None)  # writes the last block and cuts the file to size
             os.fsync(self._fd)
         except OSError as exc:
             self.abort()
@@ -130,6 +144,9 @@ class LocalSink:
                 pass
 
     def _release(self) -> None:
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            direct.__exit__(StorageError, None, None)  # gives its buffers back without writing
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -153,8 +170,8 @@ class LocalBackend:
     def join(self, base: str, *names: str) -> str:
         return os.path.join(base, *names)
 
-    def create(self, key: str) -> LocalSink:
-        return LocalSink(os.fspath(key))
+    def create(self, key: str, size: int | None = None) -> LocalSink:
+        return LocalSink(os.fspath(key), size)
 
     def read_range(self, key: str, offset: int, into: memoryview) -> None:
         fd = os.open(key, os.O_RDONLY)
@@ -260,8 +277,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE: Any = None
 
 
-def append_line(path: Path, data: bytes) -> None:
-    """Append one line to a log file (created if missing) in a single write, and fsync it.
+def append_line(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Append one line to a log file (created if missing) in a single write, and fsync it unless
+    ``durable`` is False (for a log whose last lines may be lost in a power cut).
 
     A last line left unterminated by a writer that died is terminated first, so it never runs
     into the new one. Callers that append concurrently must hold a lock.
@@ -274,7 +292,8 @@ def append_line(path: Path, data: bytes) -> None:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
             _write_all(fd, memoryview(line))
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -426,13 +445,13 @@ class LocalStore:
             if final.exists():
                 if _exchange(staging, final):
                     fsync_dir(self.root)
-                    self._remove_hidden(staging)
+                    trash.dispose(staging)  # now the replaced checkpoint, out of sight
                     return final
                 aside = self.root / f"{REPLACED_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
                 os.rename(final, aside)
                 os.rename(staging, final)
                 fsync_dir(self.root)
-                self._remove_hidden(aside)
+                trash.dispose(aside)
                 return final
             os.rename(staging, final)
             fsync_dir(self.root)
@@ -445,16 +464,19 @@ class LocalStore:
         shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, name: str) -> None:
-        """Delete checkpoint ``name``: hide it with one rename, then remove its files."""
-        trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
+        """Delete checkpoint ``name``: hide it with one rename, then remove its files in the background.
+
+        It is out of every listing when this returns; :func:`ckpt_plugin.trash.drain` waits until
+        its files are gone, and :meth:`recover` removes what a dead process left of it.
+        """
+        hidden = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
         try:
-            os.rename(self.root / name, trash)
-            fsync_dir(self.root)
+            os.rename(self.root / name, hidden)
         except FileNotFoundError:
             return  # another manager over the same directory deleted it first
         except OSError as exc:
             raise _storage_error(exc, f"delete checkpoint {name} from", self.root) from exc
-        self._remove_hidden(trash)
+        trash.dispose(hidden)
 
     def _remove_hidden(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
