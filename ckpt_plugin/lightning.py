@@ -316,7 +316,7 @@ class CheckpointCallback(ModelCheckpoint):
             raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
         elif async_save or incremental or change_detection != "checksum" or storage_options:
             raise ConfigurationError(
-                "async_save, incremental and change_detection configure the manager the callback builds; "
+                "async_save, incremental, change_detection and storage_options configure the manager the callback builds; "
                 "with manager=, pass them to CheckpointManager(...) instead"
             )
         # ModelCheckpoint's own saving is off (save_top_k=0, no last): every saving hook is overridden below.
