@@ -56,6 +56,7 @@ from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
 from .manager import CheckpointManager
 from .reader import read_checkpoint
+from .restore import apply_state
 from .rng import restore_rng_state
 from .storage import read_bytes_file, remove_link, set_link, symlinks
 
@@ -288,7 +289,7 @@ class CheckpointCallback(TrainerCallback):
         if TRAINER_STATE_FILE in info.files:
             read_bytes_file(info.path / TRAINER_STATE_FILE, info.files[TRAINER_STATE_FILE])
         checkpoint = read_checkpoint(info, items=("model", "optimizer", "scheduler", "rng"))
-        model.load_state_dict(checkpoint["model"])
+        apply_state("model", info.path, model.load_state_dict, checkpoint["model"])
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
             if target is None:
                 continue
@@ -299,7 +300,7 @@ class CheckpointCallback(TrainerCallback):
                     stacklevel=3,
                 )
                 continue
-            target.load_state_dict(checkpoint[name])
+            apply_state(name, info.path, target.load_state_dict, checkpoint[name])
         _replay_metric_scheduler(args, lr_scheduler, info)
         self._rng = checkpoint.get("rng")
         self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
@@ -453,7 +454,7 @@ class CheckpointCallback(TrainerCallback):
             return
         if best is None:
             return
-        model.load_state_dict(read_checkpoint(best, items=("model",))["model"])
+        apply_state("model", best.path, model.load_state_dict, read_checkpoint(best, items=("model",))["model"])
         state.best_model_checkpoint = str(best.path)
 
 

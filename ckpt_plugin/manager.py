@@ -324,7 +324,7 @@ class CheckpointManager:
         if key is not None and known is not None and known[0] == key:
             try:
                 return listing.info_from_summary(path, known[1])
-            except (KeyError, TypeError, ValueError):
+            except (CheckpointError, KeyError, TypeError, ValueError):
                 pass
         try:
             info = parse_metadata(path, read_json(path / METADATA_FILE))

@@ -29,6 +29,7 @@ from .checkpoint import (
     item_prefix,
 )
 from .errors import ConfigurationError
+from .format.names import is_plain_file_name
 from .storage import FileRecord, LocalStore, write_bytes_file, write_tensor_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -173,7 +174,7 @@ def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     """Check the extra files of a save: plain, unreserved names and bytes (or str, as UTF-8)."""
     checked: dict[str, bytes] = {}
     for name, data in (files or {}).items():
-        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+        if not is_plain_file_name(name):
             raise ConfigurationError(
                 f"extra file name {name!r} must be a plain file name, without a directory or leading dot"
             )
