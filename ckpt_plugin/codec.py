@@ -310,7 +310,7 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor], de
             raise _Malformed(f"holds {DICT} entries that are not [key, value] pairs")
         return {_hashable(key): item for key, item in items}
     if marker == FLOAT:
-        if value not in _SPECIAL_FLOATS:
+        if type(value) is not str or value not in _SPECIAL_FLOATS:
             raise _Malformed(f"holds {value!r} under {FLOAT}; only 'nan', 'inf' and '-inf' are stored there")
         return _SPECIAL_FLOATS[value]
     if marker == DTYPE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import listing, retention
+from . import listing, retention, signing
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -54,6 +55,9 @@ class CheckpointManager:
             buffer (about the size of the state), and write, commit and prune on a background
             thread. At most one save is in flight; a failed background save is raised again by the
             next :meth:`save`, :meth:`wait` or :meth:`close`. Loads wait for the save in flight.
+        signing_key: an elliptic-curve private key (PEM file) that signs every checkpoint before it
+            commits (``model.sig`` in its directory; see :mod:`ckpt_plugin.signing`). Loads check it
+            when given ``verify_with=`` the public key. Needs the ``signing`` extra.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -71,6 +75,7 @@ class CheckpointManager:
         incremental: bool = False,
         change_detection: str = "checksum",
         async_save: bool = False,
+        signing_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -90,6 +95,7 @@ class CheckpointManager:
         self.metric_for_best = metric_for_best
         self.mode = mode
         self.save_rng = save_rng
+        self.signing_key = signing_key
         self.async_save = bool(async_save)
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
@@ -207,13 +213,14 @@ class CheckpointManager:
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
+            sign = None if self.signing_key is None else functools.partial(signing.sign_directory, private_key=self.signing_key)
             if self._incremental is None:
-                info = write_snapshot(self._store, snapshot)
+                info = write_snapshot(self._store, snapshot, before_commit=sign)
             else:
                 if not self._incremental.has_base:
                     self._incremental.adopt(self.latest())
                 assert seen is not None
-                info = self._incremental.write(self._store, snapshot, seen)
+                info = self._incremental.write(self._store, snapshot, seen, sign)
             self._remember(info)
             self._apply_retention(protect=info)
         return info
@@ -419,8 +426,11 @@ class CheckpointManager:
         and some of the new one. The recorded checksums catch that; then the checkpoint is listed
         again, and only a mismatch against an unchanged listing is real damage.
         """
+        public_key = options.pop("verify_with", None)
         for _ in range(4):
             try:
+                if public_key is not None:
+                    signing.verify_directory(info.path, public_key)
                 return read_checkpoint(info, **options)
             except CorruptCheckpointError:
                 current = next((c for c in self.checkpoints() if c.name == info.name), None)
@@ -431,25 +441,34 @@ class CheckpointManager:
                 info = current
         return read_checkpoint(info, **options)
 
-    def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
+    def load(
+        self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
+    ) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
-        naming the epochs that exist."""
+        naming the epochs that exist. With ``verify_with`` (a public key's PEM file) the checkpoint's
+        signature must verify first (:class:`SignatureError` otherwise)."""
         self._settle()
-        return self._read(self.find(epoch, step), map_location=map_location, verify=verify)
+        return self._read(self.find(epoch, step), map_location=map_location, verify=verify, verify_with=verify_with)
 
-    def load_latest(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
+    def load_latest(self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None) -> dict[str, Any] | None:
         """Load the most recent checkpoint, or return None when the directory holds none."""
         self._settle()
         info = self.latest()
-        return None if info is None else self._read(info, map_location=map_location, verify=verify)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
 
     def load_best(
-        self, metric: str | None = None, mode: str | None = None, *, map_location: Device = None, verify: bool = True
+        self,
+        metric: str | None = None,
+        mode: str | None = None,
+        *,
+        map_location: Device = None,
+        verify: bool = True,
+        verify_with: Any = None,
     ) -> dict[str, Any] | None:
         """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
         self._settle()
         info = self.best(metric, mode)
-        return None if info is None else self._read(info, map_location=map_location, verify=verify)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
 
     def restore(
         self,

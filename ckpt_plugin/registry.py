@@ -32,7 +32,7 @@ import filelock
 import torch
 from packaging.version import InvalidVersion, Version
 
-from . import codec, fastio, shards
+from . import codec, fastio, shards, signing
 from .format import documents
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import (
@@ -40,6 +40,7 @@ from .errors import (
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
+    SignatureError,
 )
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
@@ -242,6 +243,7 @@ class ArtifactRegistry:
         metric: str | None = None,
         mode: str | None = None,
         progress: ProgressFactory | None = None,
+        signing_key: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
         """Run ``checks`` on a raw checkpoint and, if all pass, store it as an immutable version.
 
@@ -250,7 +252,9 @@ class ArtifactRegistry:
         checkpoint dict (or a mapping of name to callable); a false result or an exception fails
         the gate, which raises :class:`PromotionError` and writes nothing. Returns the validation
         record: version, source checkpoint and its checksum, metrics, and each check's result.
-        ``progress`` reports the bytes read, for progress bars.
+        ``progress`` reports the bytes read, for progress bars. With ``signing_key`` (an elliptic-curve
+        private key's PEM file) the version is signed before it becomes visible; see
+        :mod:`ckpt_plugin.signing` and ``verify_with=`` of :meth:`promote` and :meth:`load_production`.
         """
         if (version is None) == (bump is None):
             raise ConfigurationError("pass exactly one of version= (such as '1.0.0') or bump= ('major', 'minor' or 'patch')")
@@ -301,6 +305,8 @@ class ArtifactRegistry:
                 write_bytes_file(staging / METADATA_FILE, metadata_bytes)
                 record = documents.seal(record)
                 write_bytes_file(staging / VALIDATION_FILE, codec.dumps(record))
+                if signing_key is not None:
+                    signing.sign_directory(staging, signing_key)
                 self._validated.commit(staging, name)
             except BaseException:
                 self._validated.discard(staging)
@@ -330,24 +336,39 @@ class ArtifactRegistry:
         record = _record(document, METADATA_FILE, path / VALIDATION_FILE)
         return parse_metadata(path, read_json(path / METADATA_FILE, record))
 
-    def load(self, version: str | Version, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
+    def load(
+        self, version: str | Version, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
+    ) -> dict[str, Any]:
         """Load validated ``version`` as a checkpoint dict (``model``, ``optimizer``, ``metrics``, ...)
-        with its ``version`` added; every file is checked against its checksum unless ``verify`` is False."""
+        with its ``version`` added; every file is checked against its checksum unless ``verify`` is False.
+        With ``verify_with`` (a public key's PEM file) the version's signature must verify first."""
+        if verify_with is not None:
+            self.verify_signature(version, verify_with)
         info = self.checkpoint_info(version)
         checkpoint = read_checkpoint(info, map_location=map_location, verify=verify)
         checkpoint["version"] = str(parse_version(version))
         return checkpoint
 
+    def verify_signature(self, version: str | Version, public_key: str | os.PathLike[str]) -> None:
+        """Check that validated ``version`` is exactly what the owner of ``public_key`` signed
+        (:class:`SignatureError` otherwise)."""
+        signing.verify_directory(self.version_dir(version), public_key)
+
     # ------------------------------------------------------------------ production
 
-    def promote(self, version: str | Version, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
+    def promote(
+        self, version: str | Version, *, progress: ProgressFactory | None = None, verify_with: Any = None
+    ) -> dict[str, Any]:
         """Make validated ``version`` what :meth:`load_production` returns, atomically.
 
         Promoting the version already in production changes nothing. Returns :meth:`production`.
-        ``progress`` reports the bytes read, for progress bars.
+        ``progress`` reports the bytes read, for progress bars. With ``verify_with`` (a public key's
+        PEM file) a version whose signature does not verify is refused (:class:`SignatureError`).
         """
         parsed = parse_version(version)
         with self._locked():
+            if verify_with is not None:
+                self.verify_signature(parsed, verify_with)
             try:
                 current = self._production_document()
             except CorruptCheckpointError as exc:
@@ -382,18 +403,26 @@ class ArtifactRegistry:
         document = self._production_document()
         return None if document is None else _public(document)
 
-    def load_production(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
+    def load_production(
+        self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
+    ) -> dict[str, Any] | None:
         """Load the production model for inference: ``model`` (the state dict, tied weights re-tied),
         ``version``, ``epoch``, ``metrics``, ``config`` and ``metadata`` (the production record).
 
         Returns None when nothing is in production. A promotion running meanwhile is never seen
         half-way: the weights are only returned if ``model.json`` did not change while they were opened.
+        With ``verify_with`` (a public key's PEM file) the production model must be exactly the
+        weights and layout of a validated version signed with its private half: the version's
+        signature is verified, and the production weights are checked against its signed checksum.
         """
         for _ in range(_LOAD_ATTEMPTS):
             before = self._production_bytes()
             if before is None:
                 return None
             document = self._production_document(before)
+            if verify_with is not None:
+                self._check_signed_production(document, verify_with)
+                verify = True
             record = _record(document, PRODUCTION_MODEL_FILE, self.production_dir / PRODUCTION_RECORD_FILE)
             try:
                 # Read into private memory rather than mapping the file: the served weights must not
@@ -554,6 +583,32 @@ class ArtifactRegistry:
             parent.discard(staging)
             raise
         return document
+
+    def verify_production_signature(self, public_key: str | os.PathLike[str]) -> None:
+        """Check that production is a validated version signed with the private half of ``public_key``,
+        its weights and layout unchanged (:class:`SignatureError` otherwise; nothing in production
+        passes trivially)."""
+        document = self._production_document()
+        if document is not None:
+            self._check_signed_production(document, public_key)
+
+    def _check_signed_production(self, document: Mapping[str, Any], public_key: Any) -> None:
+        """Tie the production record to a signed validated version: the version's signature, its
+        signed checksum of the weights, and its signed model layout."""
+        version = parse_version(document["version"])
+        self.verify_signature(version, public_key)
+        directory = self.validated_dir / _directory_name(version)
+        validation = self._validation_document(version)
+        signed = validation["files"].get(MODEL_FILE)
+        where = self.production_dir / PRODUCTION_RECORD_FILE
+        if signed is None or document["files"].get(PRODUCTION_MODEL_FILE) != signed:
+            raise SignatureError(
+                f"{where} records weights that are not the signed weights of version {version} (a sharded model's "
+                "joined file cannot be tied to its signature either); promote a signed version again"
+            )
+        state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, directory / VALIDATION_FILE))
+        if state["items"].get("model", {}).get("tree") != document["model"]:
+            raise SignatureError(f"{where} lays the weights out unlike signed version {version}; promote it again")
 
     def _production_place(self) -> tuple[Path, LocalStore]:
         """Where a promotion writes: ``production_dir``, or, when that is a symbolic link, the

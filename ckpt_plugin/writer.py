@@ -115,11 +115,17 @@ ModelWriter = Callable[[Path, dict[str, torch.Tensor], dict[str, FileRecord], di
 and noting in the ``state.json`` document where the model now lives."""
 
 
-def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWriter | None = None) -> CheckpointInfo:
+def write_snapshot(
+    store: LocalStore,
+    snapshot: Snapshot,
+    write_model: ModelWriter | None = None,
+    before_commit: Callable[[Path], object] | None = None,
+) -> CheckpointInfo:
     """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
     model and links unchanged shards); every other step, the commit included, is shared.
+    ``before_commit`` is called with the complete staging directory (to sign it, say).
     """
     staging = store.staging_dir(snapshot.name)
     try:
@@ -145,6 +151,8 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWrit
             files=files,
         )
         write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
+        if before_commit is not None:
+            before_commit(staging)
         path = store.commit(staging, snapshot.name)
     except BaseException:
         store.discard(staging)

@@ -137,6 +137,7 @@ def test_the_copy_helper_never_removes_a_file_it_did_not_create(tmp_path):
         {"__device__": "cuda:99999999999"},
         {"__device__": 7},
         {"__float__": "1e308"},
+        {"__float__": [1]},
         {"__set__": [[1, 2]]},
         {"__dict__": [[[1], 2]]},
         {"__tensor__": ["x"]},
