@@ -447,7 +447,7 @@ class ArtifactRegistry:
             "version": document["version"],
             "epoch": document["source"]["epoch"],
             "metrics": public["metrics"],
-            "config": public["config"],
+            "config": public.get("config"),
             "metadata": public,
         }
 
