@@ -27,7 +27,7 @@ from ckpt_plugin import (
     PromotionError,
     StorageError,
 )
-from ckpt_plugin import storage
+from ckpt_plugin import storage, trash
 from ckpt_plugin.checkpoint import METADATA_FILE, STATE_FILE
 from ckpt_plugin.registry import parse_version
 from ckpt_plugin.storage import FileRecord, checksum_bytes
@@ -387,6 +387,7 @@ def test_deleting_a_symlinked_checkpoint_removes_the_link_never_its_target(tmp_p
     shutil.move(tmp_path / "run" / "epoch_0", kept)
     os.symlink(kept, tmp_path / "run" / "epoch_0")
     manager.save(model, optimizer, epoch=1, metrics={"loss": 0.5})
+    trash.drain()
     assert [name for name in os.listdir(tmp_path / "run") if name != ".listing.json"] == ["epoch_1"]
     assert (kept / METADATA_FILE).is_file()
 
@@ -448,4 +449,5 @@ def test_two_writers_saving_one_epoch_at_once_both_complete(tmp_path):
             thread.join(timeout=60)
         assert not errors, errors
         assert managers[0].load(epoch=attempt)["metrics"]["loss"] in (0.0, 1.0)
+    trash.drain()  # the replaced checkpoints are removed in the background
     assert [name for name in os.listdir(tmp_path) if name.startswith(".") and name != ".listing.json"] == []
