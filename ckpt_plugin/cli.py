@@ -277,6 +277,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
     registry = _registry(_existing(directory))
     info, version = _target(registry, epoch)
     metadata = read_json(info.path / METADATA_FILE)
+    parse_metadata(info.path, metadata)
     model = open_item_files(info.path, info.files, (shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE])[0], verify=False)
     details: dict[str, Any] = {
         "name": info.name,
@@ -637,7 +638,9 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
     if config_file is not None:
         config_bytes = config_file.read_bytes()
     else:
-        config = codec.from_json(read_json(info.path / METADATA_FILE).get("config"))
+        metadata = read_json(info.path / METADATA_FILE)
+        parse_metadata(info.path, metadata)
+        config = codec.from_json(metadata.get("config"))
         if not isinstance(config, Mapping):
             raise ConfigurationError(
                 f"{info.path} records no config dict to write as config.json; pass --config with the model's config.json"

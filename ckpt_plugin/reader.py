@@ -44,8 +44,7 @@ def read_checkpoint(
     restricts which state trees are read (for example ``("model",)`` for inference).
     """
     metadata = read_json(info.path / METADATA_FILE)
-    if verify:
-        parse_metadata(info.path, metadata)
+    parse_metadata(info.path, metadata)  # checks its layout; its files were recorded in ``info`` at listing
     state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE) if verify else None)
     opened: dict[str, dict[str, torch.Tensor]] = {}
 

@@ -547,6 +547,7 @@ class ArtifactRegistry:
         files = {name: FileRecord.from_json(record) for name, record in validation["files"].items()}
         where = directory / VALIDATION_FILE
         metadata = read_json(directory / METADATA_FILE, _record(validation, METADATA_FILE, where))
+        parse_metadata(directory, metadata)
         state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, where))
         if "model" not in state["items"]:
             raise CorruptCheckpointError(f"{directory / STATE_FILE} holds no model; validate a complete checkpoint")

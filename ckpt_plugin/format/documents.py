@@ -178,13 +178,14 @@ class HistoryEventDoc(_Doc, kw_only=True):
 Schema = Union[type[_Doc], None]
 
 SCHEMAS: dict[str, type[_Doc]] = {
-    "metadata.json": MetadataDoc,
     "state.json": StateDoc,
     "validation.json": ValidationDoc,
     "model.json": ProductionDoc,
     ".listing.json": ListingDoc,
 }
-"""The schema of each document, by file name (shard indexes are recognized by their suffix)."""
+"""The schema of each document, by file name (shard indexes are recognized by their suffix).
+``metadata.json`` is checked by :func:`ckpt_plugin.checkpoint.parse_metadata` against
+:class:`MetadataDoc` once its format version is known to be one this release reads."""
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
