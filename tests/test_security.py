@@ -451,3 +451,8 @@ def test_two_writers_saving_one_epoch_at_once_both_complete(tmp_path):
         assert managers[0].load(epoch=attempt)["metrics"]["loss"] in (0.0, 1.0)
     trash.drain()  # the replaced checkpoints are removed in the background
     assert [name for name in os.listdir(tmp_path) if name.startswith(".") and name != ".listing.json"] == []
+
+
+def test_a_production_record_without_its_optional_config_loads(promoted):
+    reseal_record(promoted.production_dir / "model.json", lambda d: d.pop("config"))
+    assert promoted.load_production()["config"] is None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
 import msgspec
 import xxhash
@@ -175,7 +175,6 @@ class HistoryEventDoc(_Doc, kw_only=True):
     previous: Optional[Text] = None
 
 
-Schema = Union[type[_Doc], None]
 
 SCHEMAS: dict[str, type[_Doc]] = {
     "state.json": StateDoc,
