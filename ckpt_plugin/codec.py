@@ -329,7 +329,7 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor], de
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, TypeError, ValueError):
-            raise _Malformed(f"holds bytes that are not base64") from None
+            raise _Malformed("holds bytes that are not base64") from None
     if marker == PATH:
         if type(value) is not str:
             raise _Malformed(f"holds a {type(value).__name__} as a path, not a string")
@@ -346,7 +346,7 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor], de
             return _np.dtype(value).type(number)
         except (OverflowError, ValueError, TypeError) as exc:
             raise _Malformed(f"holds {number!r}, which a numpy {value} cannot hold ({exc})") from None
-    raise _Malformed(f"is an unknown marker object")  # pragma: no cover
+    raise _Malformed("is an unknown marker object")  # pragma: no cover
 
 
 def dumps(skeleton: Any) -> bytes:

@@ -7,20 +7,19 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("model_signing")
 pytest.importorskip("OpenSSL")
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, SignatureError  # noqa: E402
-from ckpt_plugin import cli  # noqa: E402
-from ckpt_plugin.signing import SIGNATURE_FILE  # noqa: E402
-from core_helpers import tiny_training, train_one_step  # noqa: E402
-from security_helpers import read_doc, reseal_record, write_raw  # noqa: E402
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, SignatureError
+from ckpt_plugin import cli
+from ckpt_plugin.signing import SIGNATURE_FILE
+from core_helpers import tiny_training, train_one_step
+from security_helpers import read_doc, reseal_record, write_raw
 
 
 def key_pair(directory: Path, name: str) -> tuple[Path, Path]:
