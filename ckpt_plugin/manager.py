@@ -215,14 +215,14 @@ class CheckpointManager:
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
-            sign = None if self.signing_key is None else functools.partial(signing.sign_directory, private_key=self.signing_key)
+            signed = {} if self.signing_key is None else {"before_commit": functools.partial(signing.sign_directory, private_key=self.signing_key)}
             if self._incremental is None:
-                info = write_snapshot(self._store, snapshot, before_commit=sign)
+                info = write_snapshot(self._store, snapshot, **signed)
             else:
                 if not self._incremental.has_base:
                     self._incremental.adopt(self.latest())
                 assert seen is not None
-                info = self._incremental.write(self._store, snapshot, seen, sign)
+                info = self._incremental.write(self._store, snapshot, seen, **signed)
             self._remember(info)
             self._apply_retention(protect=info)
         return info
