@@ -260,6 +260,11 @@ def test_one_hostile_sibling_never_stops_the_directory(run, tmp_path):
         fresh.save(model, optimizer, epoch=2, metrics={"loss": 0.1})
         assert [info.name for info in fresh.checkpoints()] == ["epoch_1", "epoch_2"]
     assert (manager.checkpoint_dir / "epoch_9" / METADATA_FILE).read_bytes() == b"[" * 5000
+    from ckpt_plugin import cli
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, ["list", str(manager.checkpoint_dir), "--json"])
+    assert result.exit_code == 0 and "epoch_2" in result.output, result.output
 
 
 def test_torch_errors_on_checkpoint_content_are_incompatible_checkpoint_errors(run):
