@@ -332,7 +332,7 @@ def test_an_edited_listing_cache_never_changes_which_checkpoint_is_best(tmp_path
         entry["summary"]["metrics"]["loss"] = 0.0 if entry["summary"]["epoch"] == len(losses) - 1 else 0.9
     document["entries"]["epoch_0"]["summary"]["metrics"]["loss"] = 5.0
     write_raw(cache, json.dumps(document).encode())
-    again = CheckpointManager(tmp_path, max_checkpoints=2, metric_for_best="loss")
+    again = CheckpointManager(tmp_path, max_checkpoints=2, keep_best=True, metric_for_best="loss")
     assert again.best().name == "epoch_0"
     again.save(model, optimizer, epoch=len(losses), metrics={"loss": 0.9})
     assert sorted(info.name for info in again.checkpoints()) == ["epoch_0", "epoch_20", "epoch_21"]
@@ -393,7 +393,7 @@ def test_deleting_a_symlinked_checkpoint_removes_the_link_never_its_target(tmp_p
     os.symlink(kept, tmp_path / "run" / "epoch_0")
     manager.save(model, optimizer, epoch=1, metrics={"loss": 0.5})
     trash.drain()
-    assert [name for name in os.listdir(tmp_path / "run") if name != ".listing.json"] == ["epoch_1"]
+    assert [name for name in os.listdir(tmp_path / "run") if not name.startswith(".") or name.startswith((".tmp", ".trash"))] == ["epoch_1"]
     assert (kept / METADATA_FILE).is_file()
 
 
@@ -455,7 +455,7 @@ def test_two_writers_saving_one_epoch_at_once_both_complete(tmp_path):
         assert not errors, errors
         assert managers[0].load(epoch=attempt)["metrics"]["loss"] in (0.0, 1.0)
     trash.drain()  # the replaced checkpoints are removed in the background
-    assert [name for name in os.listdir(tmp_path) if name.startswith(".") and name != ".listing.json"] == []
+    assert [name for name in os.listdir(tmp_path) if name.startswith((".tmp.", ".trash.", ".replaced."))] == []
 
 
 def test_a_production_record_without_its_optional_config_loads(promoted):
