@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,13 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import codec, errors, retention
 from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
 from .errors import CheckpointError, ConfigurationError, EncodingError
-from .manager import CheckpointManager, config_to_dict, normalize_metrics
+from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
+from .preemption import PreemptionWatch, describe
 from .reader import read_checkpoint, read_json
 from .rng import capture_rng_state, restore_rng_state
 
@@ -137,6 +141,8 @@ class ManagerCheckpointIO(CheckpointIO):
     def __init__(self, manager: CheckpointManager, fallback: CheckpointIO | None = None) -> None:
         self.manager = manager
         self.fallback = fallback
+        self.fitting = False
+        """Set while ``fit`` runs: a checkpoint loaded then is resumed from, so it must hold the training state."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Save ``checkpoint`` through the manager (for a :class:`SaveRequest`) or the fallback."""
@@ -179,8 +185,7 @@ class ManagerCheckpointIO(CheckpointIO):
         committed = manager.checkpoints()
         info = self._save(checkpoint, request)
         entries = sorted([entry for entry in committed if entry.name != info.name] + [info], key=lambda entry: entry.sort_key)
-        policies = retention.policies_for(manager.max_checkpoints, manager.keep_best, manager.metric_for_best, manager.mode)
-        pruned = {entry.name for entry in retention.to_delete(entries, policies, info.sort_key)}
+        pruned = {entry.name for entry in retention.to_delete(entries, manager.retention_policies, info.sort_key)}
         return info, [entry.name for entry in entries if entry.name not in pruned]
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -190,7 +195,15 @@ class ManagerCheckpointIO(CheckpointIO):
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         device = map_location if isinstance(map_location, (str, torch.device)) else None  # callables: stay on CPU
-        return join_checkpoint(read_checkpoint(info, map_location=device))
+        checkpoint = join_checkpoint(read_checkpoint(info, map_location=device))
+        if self.fitting and "optimizer_states" not in checkpoint:
+            raise errors.IncompatibleCheckpointError(
+                f"{info.path} was saved with save_weights_only=True: it holds the model weights but no optimizer, "
+                "scheduler or callback state, so fit(ckpt_path=...) cannot resume training from it. Use it with "
+                "validate/test/predict(ckpt_path=...) or load the weights with CheckpointManager.restore(model), "
+                "and save with save_weights_only=False to be able to resume"
+            )
+        return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a file written through the fallback; the manager's checkpoints are pruned only by retention."""
@@ -216,28 +229,50 @@ class ManagerCheckpointIO(CheckpointIO):
 
 
 class CheckpointCallback(OnExceptionCheckpoint):
-    """Save a pickle-free checkpoint through a :class:`~ckpt_plugin.CheckpointManager` every epoch.
+    """Save pickle-free checkpoints through a :class:`~ckpt_plugin.CheckpointManager`.
 
     Args:
         checkpoint_dir: the manager's directory, one sub-directory per checkpoint.
         max_checkpoints: keep this many most recent checkpoints; ``None`` keeps all.
-        keep_best: never delete the best checkpoint by ``metric_for_best``.
-        metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``
-            and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
+        keep_best: never delete the best checkpoint by ``metric_for_best`` (``keep_top_k=1``).
+        metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``,
+            ``keep_top_k`` and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
         mode: ``"min"`` if a lower ``metric_for_best`` is better, ``"max"`` if a higher one is.
-        every_n_epochs: save at the end of every n-th training epoch (after its validation).
+        every_n_epochs: save at the end of every n-th training epoch (after its validation). The
+            default is 1 unless ``every_n_train_steps`` or ``train_time_interval`` is given; the three
+            are exclusive, as in ``ModelCheckpoint``.
         async_save: take each checkpoint's snapshot on the training thread and write, commit and
             prune it in the background (see ``CheckpointManager(async_save=True)``). The end of
             ``fit`` waits for the last save and raises its error, if it failed.
         incremental: hard-link the model shards that did not change since the previous checkpoint
             instead of writing them again (frozen backbones, adapters); ``change_detection`` is
             ``"checksum"`` or ``"version"`` as for ``CheckpointManager``.
-        manager: a ready manager to use instead of the parameters above (except ``every_n_epochs``).
+        manager: a ready manager to use instead of the parameters above (except the schedule).
+        keep_top_k: keep the k best checkpoints by ``metric_for_best`` besides the
+            ``max_checkpoints`` most recent (``ModelCheckpoint(save_top_k=k)`` is
+            ``max_checkpoints=1, keep_top_k=k``).
+        every_n_train_steps: save after every n-th optimizer step (mid-epoch checkpoints).
+        train_time_interval: save after the first step that ends once this ``timedelta`` has passed
+            since the previous save (or the start of training). Rank zero's clock decides, for every rank.
+        save_on_train_epoch_end: save the epoch's checkpoint at the end of the training epoch
+            (``True``) or at the end of validation (``False``); ``None`` chooses as ``ModelCheckpoint``
+            does (at the end of validation when it runs other than once per epoch).
+        save_weights_only: save only the model's weights and the loop counters: no optimizer,
+            scheduler or callback state. Such a checkpoint serves ``validate``/``test``/``predict``;
+            ``fit(ckpt_path=...)`` refuses to resume from it.
+        save_on_preemption: on SIGTERM or SIGUSR1, finish the current optimizer step, save a
+            checkpoint (waiting for an asynchronous save in flight), and stop: ``fit`` raises
+            Lightning's ``SIGTERMException`` (a ``SystemExit``), as Lightning does on SIGTERM. Under DDP
+            every rank stops after the same step when any rank is signalled. Resume with
+            ``fit(ckpt_path="last")``. The signal handlers found at the start of training are put back
+            when it ends.
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
-    Lightning checkpoints (loops, optimizers, schedulers, callback states) plus the global RNG
-    states, so a resumed run continues bitwise identically; ``ckpt_path="best"`` loads the best.
+    Lightning checkpoints (loops, optimizers, schedulers, callback states, and the state of a
+    stateful dataloader such as torchdata's ``StatefulDataLoader``) plus the global RNG states, so
+    a resumed run continues bitwise identically, also from a checkpoint taken mid-epoch.
+    ``ckpt_path="best"`` loads the best.
     """
 
     def __init__(
@@ -247,15 +282,26 @@ class CheckpointCallback(OnExceptionCheckpoint):
         keep_best: bool = True,
         metric_for_best: str | None = "val_loss",
         mode: str = "min",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         manager: CheckpointManager | None = None,
         async_save: bool = False,
         incremental: bool = False,
         change_detection: str = "checksum",
+        *,
+        keep_top_k: int | None = None,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        save_weights_only: bool = False,
+        save_on_preemption: bool = False,
     ) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ConfigurationError(f"every_n_epochs must be a whole number of at least 1, not {every_n_epochs!r}")
+        self.every_n_epochs, self.every_n_train_steps, self.train_time_interval = _schedule(
+            every_n_epochs, every_n_train_steps, train_time_interval
+        )
+        if save_on_train_epoch_end not in (None, True, False):
+            raise ConfigurationError(f"save_on_train_epoch_end must be True, False or None, not {save_on_train_epoch_end!r}")
         if manager is None:
+            check_top_k(keep_top_k, metric_for_best)
             manager = CheckpointManager(
                 checkpoint_dir,
                 max_checkpoints,
@@ -266,23 +312,39 @@ class CheckpointCallback(OnExceptionCheckpoint):
                 async_save=async_save,
                 incremental=incremental,
                 change_detection=change_detection,
+                keep_top_k=keep_top_k,
+                require_metric=False,  # saves may come before the first validation; checked once it ran
             )
         elif not isinstance(manager, CheckpointManager):
             raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
-        elif async_save or incremental or change_detection != "checksum":
+        elif async_save or incremental or change_detection != "checksum" or keep_top_k is not None:
             raise ConfigurationError(
-                "async_save, incremental and change_detection configure the manager the callback builds; "
-                "with manager=, pass them to CheckpointManager(...) instead"
+                "async_save, incremental, change_detection and keep_top_k configure the manager the callback "
+                "builds; with manager=, pass them to CheckpointManager(...) instead"
             )
         super().__init__(dirpath=manager.checkpoint_dir, filename="last")
         self.manager = manager
-        self.every_n_epochs = every_n_epochs
+        self.save_on_train_epoch_end = save_on_train_epoch_end
+        self.save_weights_only = bool(save_weights_only)
+        self.save_on_preemption = bool(save_on_preemption)
         self.checkpoint_names: list[str] = []
         self._stage: str | None = None
         self._validated_since_save = False
+        self._last_saved_step: int | None = None
+        self._last_time_saved: float | None = None
+        self._rng_at_first_batch: dict[str, Any] | None = None
+        self._due_at_epoch_end = False
+        self._preemption = PreemptionWatch()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(manager={self.manager!r}, every_n_epochs={self.every_n_epochs})"
+        schedule = (
+            f"every_n_train_steps={self.every_n_train_steps}"
+            if self.every_n_train_steps
+            else f"train_time_interval={self.train_time_interval!r}"
+            if self.train_time_interval is not None
+            else f"every_n_epochs={self.every_n_epochs}"
+        )
+        return f"{type(self).__name__}(manager={self.manager!r}, {schedule})"
 
     # ------------------------------------------------------------ what Lightning asks of a checkpoint callback
 
@@ -327,7 +389,8 @@ class CheckpointCallback(OnExceptionCheckpoint):
             )
         current = strategy.checkpoint_io
         if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
-            strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
+            strategy.checkpoint_io = current = ManagerCheckpointIO(self.manager, fallback=current)
+        current.fitting = stage == "fit"
         if stage == "fit":
             try:
                 codec.to_json(config_to_dict(_config_of(trainer, pl_module)), "config")
@@ -337,19 +400,94 @@ class CheckpointCallback(OnExceptionCheckpoint):
                     "self.save_hyperparameters(ignore=[...])"
                 ) from None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clock of ``train_time_interval`` and, with ``save_on_preemption``, watch for the signals."""
+        self._last_time_saved = time.monotonic()
+        self._last_saved_step = trainer.global_step if trainer.ckpt_path else None
+        self._due_at_epoch_end = False
+        if self.save_on_preemption:
+            self._preemption.install()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """After resuming mid-epoch, put the RNG states back once the data iterator exists (it draws from them)."""
+        if self._rng_at_first_batch is not None:
+            restore_rng_state(self._rng_at_first_batch)
+            self._rng_at_first_batch = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Save every ``every_n_train_steps`` steps, once ``train_time_interval`` passed, or on preemption."""
+        if trainer.fast_dev_run or not _step_completed(trainer, batch_idx):
+            return
+        preempted = self.save_on_preemption and trainer.strategy.reduce_boolean_decision(self._preemption.requested, all=False)
+        due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
+        if self.train_time_interval is not None:
+            elapsed = time.monotonic() - (self._last_time_saved or 0.0)
+            due = bool(trainer.strategy.broadcast(elapsed >= self.train_time_interval.total_seconds(), src=0)) or due
+        if not (due or preempted):
+            return
+        if not _mid_epoch(trainer):
+            # Lightning cannot resume from the last batch before its epoch has ended: save at the epoch's end
+            self._due_at_epoch_end = True
+            return
+        if self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
+        if preempted:
+            self._stop_for_preemption(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validated_since_save = True
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._validated_since_save = True
+        if not self._saves_on_train_epoch_end(trainer) and self._epoch_due(trainer) and self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save when this epoch is one of every ``every_n_epochs``; Lightning has validated it by now."""
+        """Save when this epoch is one of every ``every_n_epochs``; Lightning has validated it by now.
+
+        A save that fell due at the epoch's last batch (by steps, time or preemption) is taken here,
+        after validation, where Lightning can resume from it.
+        """
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        due, self._due_at_epoch_end = self._due_at_epoch_end, False
+        if self._saves_on_train_epoch_end(trainer) and self._epoch_due(trainer):
             self.save(trainer, pl_module)
+        preempted = self.save_on_preemption and trainer.strategy.reduce_boolean_decision(self._preemption.requested, all=False)
+        if (due or preempted) and self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
+        if preempted:
+            self._stop_for_preemption(trainer)
+
+    def _epoch_due(self, trainer: pl.Trainer) -> bool:
+        return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _saves_on_train_epoch_end(self, trainer: pl.Trainer) -> bool:
+        """``ModelCheckpoint``'s rule: at the end of the training epoch unless validation runs at other times."""
+        if self.save_on_train_epoch_end is not None:
+            return self.save_on_train_epoch_end
+        if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch != 1:
+            return False
+        batches = trainer.num_val_batches
+        if (sum(batches) if isinstance(batches, list) else batches) == 0:
+            return True
+        return trainer.val_check_interval == 1.0
+
+    def _stop_for_preemption(self, trainer: pl.Trainer) -> None:
+        """Wait for the checkpoint to be on disk, put the signal handlers back, and end ``fit``."""
+        self.manager.wait()
+        signal_name = describe(self._preemption.received)
+        self._preemption.uninstall()
+        rank_zero_warn(
+            f"received {signal_name}: saved a checkpoint at step {trainer.global_step} in {self.manager.checkpoint_dir} "
+            "and stopped training; resume with fit(..., ckpt_path='last')"
+        )
+        raise SIGTERMException()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
+        self._preemption.uninstall()
         if not self.manager.async_save:
             return
         error: CheckpointError | None = None
@@ -371,11 +509,12 @@ class CheckpointCallback(OnExceptionCheckpoint):
             raise _error_type(outcome["error_type"])(f"global rank 0 could not save the checkpoint: {outcome['error']}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Write nothing: a run resumes from its last complete epoch, which is on disk.
+        """Write nothing: a run resumes from its last checkpoint, which is on disk.
 
         With asynchronous saves, wait for the save in flight so that it commits; if it failed,
         warn instead of hiding the exception that stopped training.
         """
+        self._preemption.uninstall()
         try:
             self.manager.close()
         except Exception as error:  # noqa: BLE001 - the original exception is the one to raise
@@ -386,20 +525,33 @@ class CheckpointCallback(OnExceptionCheckpoint):
 
         (``OnExceptionCheckpoint`` would delete its file here.)
         """
+        self._preemption.uninstall()
         self._stage = None
+        self._rng_at_first_batch = None
+        if isinstance(trainer.strategy.checkpoint_io, ManagerCheckpointIO):
+            trainer.strategy.checkpoint_io.fitting = False
         self.manager.close()
 
     def state_dict(self) -> dict[str, Any]:
         """The global RNG states, so ``ckpt_path="last"`` continues the same random streams."""
-        return {"rng": capture_rng_state()}
+        return {"rng": capture_rng_state(), "mid_epoch": self._saving_mid_epoch}
+
+    _saving_mid_epoch = False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Put the global RNG states back when resuming a fit.
 
-        Lightning restores callbacks before it creates the first training iterator (which draws
-        from the global generator), so the resumed run draws exactly what the uninterrupted one did.
+        Lightning restores callbacks before it creates the first training iterator, which draws from
+        the global generator. At an epoch's end that is what the uninterrupted run did next, so the
+        states are restored now; mid-epoch the uninterrupted run had drawn it already, so the states
+        are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
+        when it is stateful) has been created.
         """
-        if self._stage == "fit" and state_dict.get("rng") is not None:
+        if self._stage != "fit" or state_dict.get("rng") is None:
+            return
+        if state_dict.get("mid_epoch"):
+            self._rng_at_first_batch = state_dict["rng"]
+        else:
             restore_rng_state(state_dict["rng"])
 
     # ------------------------------------------------------------------------------------------- saving
@@ -424,7 +576,11 @@ class CheckpointCallback(OnExceptionCheckpoint):
                 self._check_best_metric(trainer, request.metrics)
             except CheckpointError as exc:
                 request.error = exc
-        trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=False, storage_options=request)
+        self._saving_mid_epoch = _mid_epoch(trainer)
+        try:
+            trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=self.save_weights_only, storage_options=request)
+        finally:
+            self._saving_mid_epoch = False
         if trainer.is_global_zero and request.error is None and request.outcome is None:
             request.error = CheckpointError(
                 f"the {type(trainer.strategy).__name__} strategy did not pass the checkpoint to its CheckpointIO "
@@ -432,6 +588,8 @@ class CheckpointCallback(OnExceptionCheckpoint):
             )
         outcome = json.loads(trainer.strategy.broadcast(_outcome_message(request), src=0))
         self._validated_since_save = False
+        self._last_saved_step = trainer.global_step
+        self._last_time_saved = time.monotonic()
         if outcome.get("error") is not None:
             if request.error is not None:
                 raise request.error
@@ -445,10 +603,54 @@ class CheckpointCallback(OnExceptionCheckpoint):
             return
         if self._validated_since_save or not trainer.enable_validation:
             logged = ", ".join(sorted(metrics)) or "none"
+            ranks = f", which keep_top_k={self.manager.keep_top_k} ranks checkpoints by," if self.manager.keep_top_k > 1 else ""
             raise ConfigurationError(
-                f"metric_for_best={metric!r} is not among the logged metrics ({logged}); log it with "
+                f"metric_for_best={metric!r}{ranks} is not among the logged metrics ({logged}); log it with "
                 f"self.log({metric!r}, value) or pass one of these (or None) as metric_for_best"
             )
+
+
+def _schedule(
+    every_n_epochs: int | None, every_n_train_steps: int | None, train_time_interval: timedelta | None
+) -> tuple[int, int, timedelta | None]:
+    """Validate the save schedule as ``ModelCheckpoint`` does: one trigger, ``every_n_epochs=1`` by default."""
+    for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigurationError(f"{name} must be a whole number of at least 0 (0 or None: off), not {value!r}")
+    if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
+        raise ConfigurationError(
+            f"train_time_interval must be a datetime.timedelta, not {train_time_interval!r}; e.g. timedelta(hours=1)"
+        )
+    given = [
+        f"{name}={value!r}"
+        for name, value, on in (
+            ("every_n_epochs", every_n_epochs, bool(every_n_epochs)),
+            ("every_n_train_steps", every_n_train_steps, bool(every_n_train_steps)),
+            ("train_time_interval", train_time_interval, train_time_interval is not None),
+        )
+        if on
+    ]
+    if len(given) > 1:
+        raise ConfigurationError(
+            f"{' and '.join(given)} are exclusive save schedules, as in ModelCheckpoint; keep one and drop the "
+            f"other{'s' if len(given) > 2 else ''}"
+        )
+    if every_n_epochs is None and every_n_train_steps is None and train_time_interval is None:
+        every_n_epochs = 1
+    return every_n_epochs or 0, every_n_train_steps or 0, train_time_interval
+
+
+def _step_completed(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether this batch ended an optimizer step (gradient accumulation); only then is a checkpoint consistent."""
+    if not trainer.lightning_module.automatic_optimization:
+        return True
+    accumulate = trainer.accumulate_grad_batches
+    return (batch_idx + 1) % accumulate == 0 or bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def _mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether a save now is taken inside a training epoch: more of its batches follow from the same iterator."""
+    return not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def _config_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

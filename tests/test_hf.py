@@ -267,16 +267,66 @@ def test_explicit_parameters_override_the_training_arguments(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(mode="best"), "mode"), (dict(save_strategy="best"), "save_strategy"), (dict(save_steps=0), "save_steps")],
+    [
+        (dict(mode="best"), "mode"),
+        (dict(save_strategy="always"), "save_strategy"),
+        (dict(save_steps=0), "save_steps"),
+        (dict(keep_top_k=0), "keep_top_k"),
+    ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
         CheckpointCallback(**kwargs)
 
 
-def test_save_strategy_best_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(ConfigurationError, match="save_strategy='epoch' or 'steps'"):
-        make_trainer(tmp_path, save_strategy="best")
+def test_save_strategy_best_saves_each_new_best_and_the_trainer_saves_nothing(tmp_path):
+    scores = [0.5, 0.3, 0.4, 0.2]
+    trainer, callback = make_trainer(
+        tmp_path, save_strategy="best", metric_for_best_model="score", greater_is_better=False,
+        save_total_limit=None, compute_metrics=scripted_metric(scores),
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 20]
+    assert (trainer.state.best_metric, trainer.state.best_global_step) == (0.2, 20)  # as the Trainer records them
+    assert pickled_files(tmp_path) == [] and not [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-") and not p.is_symlink()]
+    with pytest.raises(ConfigurationError, match="the Trainer judges new bests by 'eval_score'; drop metric_for_best"):
+        make_trainer(tmp_path, callback=CheckpointCallback(metric_for_best="loss"), save_strategy="best", metric_for_best_model="score")
+
+
+def test_keep_top_k_keeps_the_k_best_and_the_latest(tmp_path):
+    trainer, callback = make_trainer(
+        tmp_path, callback=CheckpointCallback(max_checkpoints=1, keep_top_k=2), metric_for_best_model="score",
+        greater_is_better=True, compute_metrics=scripted_metric([0.5, 0.9, 0.1, 0.2]),
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 20]  # 0.9, 0.5 and the latest
+    assert callback.manager.keep_top_k == 2
+    bad, _ = make_trainer(tmp_path / "bad", callback=CheckpointCallback(keep_top_k=2, metric_for_best="accuracy"))
+    with pytest.raises(ConfigurationError, match=r"'eval_accuracy', which keep_top_k ranks checkpoints by, is not among the evaluation metrics \(.*eval_loss"):
+        bad.train()
+
+
+def test_save_steps_as_a_fraction_of_the_training_steps(tmp_path):
+    trainer, callback = make_trainer(
+        tmp_path, callback=CheckpointCallback(save_strategy="steps", save_steps=0.25, max_checkpoints=None),
+        eval_strategy="no", load_best_model_at_end=False, logging_strategy="no",
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 15, 20]
+
+
+def test_save_only_model_and_save_on_each_node(tmp_path):
+    from types import SimpleNamespace
+
+    trainer, callback = make_trainer(tmp_path, save_only_model=True, stop_at=5)
+    trainer.train()
+    checkpoint = callback.manager.load_latest()
+    assert checkpoint["optimizer"] is None and checkpoint.get("scheduler") is None and checkpoint["model"]
+    settings = Settings.resolve(training_args(tmp_path, save_on_each_node=True))
+    assert settings.save_on_each_node and settings.save_only_model is False
+    second_node = SimpleNamespace(process_index=4, local_process_index=0)
+    assert settings.should_save(second_node) and not Settings.resolve(training_args(tmp_path)).should_save(second_node)
+    assert Settings.resolve(training_args(tmp_path), save_only_model=True, save_on_each_node=False).save_only_model
 
 
 def test_manager_is_exposed_once_attached_to_a_trainer(tmp_path):

@@ -333,7 +333,7 @@ def test_unknown_mode_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="mode must be 'min' or 'max'"):
         CheckpointCallback(tmp_path, mode="lowest")
     with pytest.raises(ConfigurationError, match="every_n_epochs"):
-        CheckpointCallback(tmp_path, every_n_epochs=0)
+        CheckpointCallback(tmp_path, every_n_epochs=-1)
     with pytest.raises(ConfigurationError, match=r"with manager=, pass them to CheckpointManager"):
         CheckpointCallback(manager=CheckpointManager(tmp_path), async_save=True)
 
