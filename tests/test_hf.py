@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -714,3 +715,63 @@ def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninter
     assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), (
         "the dead save's leftovers are cleaned up"
     )
+
+
+def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identical(tmp_path, uninterrupted):
+    """The job is signalled during step 7 (mid-epoch 2), saves after it, stops, and resumes exactly."""
+    expected, _ = uninterrupted("epoch")
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(TESTS / "preemption_script.py"), "hf", str(tmp_path), "6"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "at-step").exists():
+                assert child.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the job never reached the step"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGTERM)
+            (tmp_path / "signal-sent").write_text("")
+            assert child.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=30)
+    manager = CheckpointManager(tmp_path, max_checkpoints=None)
+    assert [info.step for info in manager.checkpoints()] == [5, 7]  # the epoch and the preempted step
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-7")
+
+    resumed, _ = make_trainer(tmp_path, seed=1)
+    resumed.train(resume_from_checkpoint=True)
+    actual = final_state(resumed)
+    for key in ("model", "optimizer", "scheduler", "state"):
+        assert_identical(actual[key], expected[key], key)
+    # The Trainer restarts its running training-loss sum at a mid-epoch resume (its own checkpoints
+    # do the same), so only the training loss logged for the interrupted epoch may differ.
+    without_train_loss = [{k: v for k, v in entry.items() if k != "loss"} for entry in expected["log_history"]]
+    assert [{k: v for k, v in entry.items() if k != "loss"} for entry in actual["log_history"]] == without_train_loss
+
+
+def test_preemption_restores_the_previous_handlers(tmp_path):
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+
+    class Send(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    try:
+        trainer, callback = make_trainer(tmp_path, callback=CheckpointCallback(save_on_preemption=True, async_save=True))
+        trainer.add_callback(Send())
+        with pytest.warns(UserWarning, match="received SIGUSR1: saved a checkpoint at step 3"):
+            trainer.train()
+        assert trainer.state.global_step == 3 and [info.step for info in callback.manager.checkpoints()] == [3]
+        assert seen == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
