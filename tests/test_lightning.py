@@ -408,6 +408,14 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     for report in resumed:
         assert report["broadcast_names"] == report["listed_names"] == ["epoch_3_step_16", "epoch_4_step_20"]
 
+    done = run("preempt", tmp_path / "preempt")  # only rank zero is signalled, during step 5: both stop after it
+    assert done.returncode == 0, done.stderr[-3000:]
+    for report in reports("preempt"):
+        assert (report["error"], report["global_step"]) == ("SIGTERMException", 6)
+        assert report["listed_names"] == report["broadcast_names"] == ["epoch_0_step_4", "epoch_1_step_6"]
+    assert [report["first_step"] for report in reports("preempt-resume")] == [6, 6]
+    assert [report["global_step"] for report in reports("preempt-resume")] == [12, 12]
+
     done = run("bad-metric", tmp_path / "bad")  # rank zero refuses to save: every rank must fail, none may hang
     assert done.returncode != 0
     for report in reports("bad-metric"):
