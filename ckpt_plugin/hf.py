@@ -118,6 +118,11 @@ class Settings:
                 f"save_strategy={args_strategy!r} is not one CheckpointCallback knows ({', '.join(SAVE_STRATEGIES)}), "
                 "so it cannot take the Trainer's checkpoints over; use one of these"
             )
+        if getattr(args, "enable_jit_checkpoint", False):
+            raise ConfigurationError(
+                "enable_jit_checkpoint=True makes the Trainer write its own pickled checkpoint on SIGTERM, past every "
+                "callback; drop it and pass CheckpointCallback(save_on_preemption=True), which saves through the manager"
+            )
         if max_checkpoints is FROM_ARGS:
             limit = args.save_total_limit
             max_checkpoints = limit if limit is not None and limit > 0 else None

@@ -294,6 +294,11 @@ def test_save_strategy_best_saves_each_new_best_and_the_trainer_saves_nothing(tm
         make_trainer(tmp_path, callback=CheckpointCallback(metric_for_best="loss"), save_strategy="best", metric_for_best_model="score")
 
 
+def test_the_trainers_own_preemption_checkpoint_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"drop it and pass CheckpointCallback\(save_on_preemption=True\)"):
+        Settings.resolve(training_args(tmp_path, enable_jit_checkpoint=True))
+
+
 def test_keep_top_k_keeps_the_k_best_and_the_latest(tmp_path):
     trainer, callback = make_trainer(
         tmp_path, callback=CheckpointCallback(max_checkpoints=1, keep_top_k=2), metric_for_best_model="score",
