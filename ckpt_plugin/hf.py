@@ -28,6 +28,13 @@ How a callback alone takes the checkpoints over from the Trainer:
   stays None while training), so neither its ``save_total_limit=1`` clean-up nor its path-based best
   loading runs. ``on_train_end`` loads the manager's best weights instead, after closing the manager
   (which waits for an asynchronous save in flight and raises its error, if it failed).
+* **save_strategy="best".** The Trainer saves after an evaluation when the metric beats
+  ``state.best_metric``, after every callback has run. The callback saves in ``on_evaluate`` and
+  records the new best in ``state.best_metric`` / ``best_global_step`` itself, as the Trainer would,
+  so the Trainer sees no improvement left and writes nothing.
+* **Preemption.** With ``save_on_preemption`` a signal is only recorded; at the next ``on_step_end``
+  (ranks vote under ``torch.distributed``) the callback saves, waits for the save, and sets
+  ``should_training_stop``, so ``train()`` returns after that step.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@
 
 How it fits into Lightning:
 
-* ``CheckpointCallback`` decides *when* to save: at the end of every ``every_n_epochs``-th training
-  epoch, which Lightning runs after that epoch's validation, so the metrics are known.
+* ``CheckpointCallback`` decides *when* to save, with ``ModelCheckpoint``'s schedules: at the end of
+  every ``every_n_epochs``-th training epoch (after its validation, so the metrics are known) or of
+  validation, after every ``every_n_train_steps`` optimizer steps, once ``train_time_interval`` has
+  passed, and, with ``save_on_preemption``, after the step during which SIGTERM or SIGUSR1 came.
 * ``ManagerCheckpointIO``, a ``CheckpointIO`` plugin that the callback installs on the strategy,
   decides *how*: Lightning's checkpoint dict is split into the manager's items (weights, optimizer,
   scheduler, and the rest as ``extra``) and written without pickle. Loading a ckpt_plugin
@@ -23,7 +25,8 @@ How it fits into Lightning:
   ``OnExceptionCheckpoint``, it makes ``fit()`` without ``ckpt_path`` continue from the latest
   checkpoint in ``checkpoint_dir`` when there is one.
 
-Under DDP every rank takes the same decisions from replicated state (the epoch), every rank
+Under DDP every rank takes the same decisions from replicated state (the epoch and step) or from
+one collective (rank zero's clock, broadcast; any rank's preemption signal, all-reduced), every rank
 enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
 only global rank zero writes, and an error on rank zero is raised on every rank instead of
 leaving the others waiting.
@@ -32,7 +35,8 @@ With ``async_save=True`` a save returns once its snapshot is staged; the callbac
 list of checkpoints the background commit will leave (retention is pure), waits for the save in
 flight before anything resolves or loads ``"last"``/``"best"``, and flushes at the end of ``fit``
 (raising a background failure on every rank) or on an exception (warning, so the training error
-is the one raised). An epoch that does not save does nothing but a modulo check.
+is the one raised). A batch or epoch that does not save does nothing but a modulo check (and the
+clock or preemption collective when those options are on).
 """
 
 from __future__ import annotations
