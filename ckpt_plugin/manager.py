@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import listing, retention
+from . import listing, retention, trash
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -25,7 +25,7 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
-from .metadata import git_provenance, provenance
+from .metadata import git_provenance, git_provenance_in_background, provenance
 from .reader import Device, read_checkpoint, read_json
 from .restore import restore_checkpoint
 from .rng import capture_rng_state
@@ -176,9 +176,11 @@ class CheckpointManager:
             )
             return snapshot
 
-        if self._saver is None:
-            return _notify(self._write(take(), seen[0]), on_commit)
         cwd = _current_dir()
+        if self._saver is None:
+            snapshot = take()
+            snapshot.pending_provenance = git_provenance_in_background(cwd)
+            return _notify(self._write(snapshot, seen[0]), on_commit)
 
         def write(snapshot: Snapshot) -> CheckpointInfo:
             snapshot.provenance.update(git_provenance(cwd))
@@ -214,7 +216,7 @@ class CheckpointManager:
             config=config_to_dict(config),
             metric_for_best=self.metric_for_best,
             mode=self.mode,
-            provenance=provenance(git=self._saver is None),
+            provenance=provenance(git=False),  # asked of git while the files are written
             files=files,
         )
         return snapshot, seen
@@ -300,15 +302,22 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the asynchronous save in flight has committed, and raise its error if it failed.
 
-        Returns at once for a synchronous manager, or when nothing is in flight.
+        Also waits until the checkpoints that retention or a re-save dropped are deleted from the
+        disk (they leave every listing at once, and their files are removed in the background).
         """
-        if self._saver is not None:
-            self._saver.wait()
+        try:
+            if self._saver is not None:
+                self._saver.wait()
+        finally:
+            trash.drain()
 
     def close(self) -> None:
         """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
-        if self._saver is not None:
-            self._saver.close()
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            trash.drain()
 
     def __enter__(self) -> CheckpointManager:
         return self
