@@ -780,3 +780,18 @@ def test_preemption_restores_the_previous_handlers(tmp_path):
         assert seen == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.slow
+def test_under_ddp_a_signal_to_rank_zero_stops_every_rank_after_the_same_step(tmp_path):
+    """Two processes on CPU (gloo) under torch.distributed.run; only rank zero is signalled, during step 5."""
+    child = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TESTS / "hf_ddp_script.py"), str(tmp_path)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report == {"world_size": 2, "global_step": 5, "checkpoints": ["epoch_1_step_3", "epoch_1_step_5"]}
