@@ -154,6 +154,12 @@ class Settings:
                 f"drop metric_for_best={metric_for_best!r} or set metric_for_best_model to it"
             )
         check_top_k(keep_top_k, metric_for_best)
+        if (keep_top_k or strategy == "best") and _value(args.eval_strategy) == "no":
+            option = f"keep_top_k={keep_top_k}" if keep_top_k else "save_strategy='best'"
+            raise ConfigurationError(
+                f"{option} ranks checkpoints by {metric_for_best!r}, an evaluation metric, but eval_strategy='no' "
+                "never evaluates; set eval_strategy or drop the option"
+            )
         return cls(
             checkpoint_dir=Path(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
             max_checkpoints=max_checkpoints,

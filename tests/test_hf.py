@@ -307,6 +307,8 @@ def test_keep_top_k_keeps_the_k_best_and_the_latest(tmp_path):
     trainer.train()
     assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 20]  # 0.9, 0.5 and the latest
     assert callback.manager.keep_top_k == 2
+    with pytest.raises(ConfigurationError, match="eval_strategy='no' never evaluates; set eval_strategy or drop the option"):
+        make_trainer(tmp_path / "none", callback=CheckpointCallback(keep_top_k=2), eval_strategy="no", load_best_model_at_end=False)
     bad, _ = make_trainer(tmp_path / "bad", callback=CheckpointCallback(keep_top_k=2, metric_for_best="accuracy"))
     with pytest.raises(ConfigurationError, match=r"'eval_accuracy', which keep_top_k ranks checkpoints by, is not among the evaluation metrics \(.*eval_loss"):
         bad.train()
