@@ -272,8 +272,7 @@ class CheckpointCallback(TrainerCallback):
             "save_only_model": save_only_model,
             "save_on_each_node": save_on_each_node,
         }
-        if keep_top_k is not None:
-            check_top_k(keep_top_k, metric_for_best or "metric_for_best_model")  # the metric is checked once args are known
+        check_top_k(keep_top_k, metric_for_best, metric_known=False)  # the metric may come from the arguments
         self.save_on_preemption = bool(save_on_preemption)
         self._preemption = PreemptionWatch()
         self._preempted = False

@@ -553,15 +553,18 @@ def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, 
     return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
 
 
-def check_top_k(keep_top_k: int | None, metric_for_best: str | None) -> None:
-    """Validate ``keep_top_k`` against ``metric_for_best``; raise :class:`ConfigurationError` naming the fix."""
+def check_top_k(keep_top_k: int | None, metric_for_best: str | None, *, metric_known: bool = True) -> None:
+    """Validate ``keep_top_k`` (and, when ``metric_known``, that ``metric_for_best`` is set).
+
+    Raises :class:`ConfigurationError` naming the fix.
+    """
     if keep_top_k is None:
         return
     if isinstance(keep_top_k, bool) or not isinstance(keep_top_k, int) or keep_top_k < 1:
         raise ConfigurationError(
             f"keep_top_k must be a whole number of at least 1 (or None; keep_best=False keeps no best); got {keep_top_k!r}"
         )
-    if metric_for_best is None:
+    if metric_known and metric_for_best is None:
         raise ConfigurationError(
             f"keep_top_k={keep_top_k} keeps the best checkpoints by metric_for_best, but metric_for_best is None; "
             "pass metric_for_best or drop keep_top_k"
