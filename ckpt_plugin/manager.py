@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import listing, retention, trash
+from . import listing, retention, savelog, trash
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -32,6 +32,9 @@ from .rng import capture_rng_state
 from .storage import LocalStore
 from .writer import Snapshot, take_snapshot, write_snapshot
 
+DEFAULT_METRIC = "loss"
+"""What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
+
 
 class CheckpointManager:
     """Owns the checkpoints of a run in ``checkpoint_dir``.
@@ -39,11 +42,14 @@ class CheckpointManager:
     Args:
         checkpoint_dir: the directory holding one sub-directory per checkpoint. Created if missing.
         max_checkpoints: keep this many most recent checkpoints (by epoch, then step); ``None`` keeps all.
-        keep_best: never delete the best checkpoint by ``metric_for_best``, even when it is old
-            (the same as ``keep_top_k=1``).
+        keep_best: also never delete the best checkpoint by ``metric_for_best``, even when it is old
+            (opt-in: by default exactly the ``max_checkpoints`` most recent are kept); the same as
+            ``keep_top_k=1``.
         metric_for_best: the metric that ranks checkpoints for ``keep_best``, ``keep_top_k`` and
-            :meth:`load_best`.
-        mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is.
+            :meth:`load_best`, and that each checkpoint records. When left out it is ``"loss"`` with
+            ``keep_best``; otherwise :meth:`best` ranks by the metric and mode the checkpoints
+            themselves recorded. ``keep_top_k`` needs it given.
+        mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is (default ``"min"``).
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
         incremental: store the model as Hugging Face-style shards and hard-link the shards that did
@@ -72,9 +78,9 @@ class CheckpointManager:
         self,
         checkpoint_dir: str | os.PathLike[str] = "checkpoints",
         max_checkpoints: int | None = 5,
-        keep_best: bool = True,
-        metric_for_best: str | None = "loss",
-        mode: str = "min",
+        keep_best: bool = False,
+        metric_for_best: str | None = None,
+        mode: str | None = None,
         *,
         save_rng: bool = True,
         incremental: bool = False,
@@ -83,8 +89,10 @@ class CheckpointManager:
         keep_top_k: int | None = None,
         require_metric: bool | None = None,
     ) -> None:
-        if mode not in retention.MODES:
+        if mode is not None and mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
+        if keep_best and metric_for_best is None:
+            metric_for_best = DEFAULT_METRIC
         if max_checkpoints is not None and (
             isinstance(max_checkpoints, bool) or not isinstance(max_checkpoints, int) or max_checkpoints < 1
         ):
@@ -104,19 +112,21 @@ class CheckpointManager:
         self._strict_metric = keep_top_k is not None if require_metric is None else bool(require_metric)
         self._first_save_checked = False
         self.metric_for_best = metric_for_best
-        self.mode = mode
+        self.mode = mode if mode is not None else "min"
+        self._mode_given = mode is not None
         self.save_rng = save_rng
         self.async_save = bool(async_save)
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
-        self._policies = retention.policies_for(max_checkpoints, self.keep_best, metric_for_best, mode, self.keep_top_k)
+        self._policies = retention.policies_for(max_checkpoints, self.keep_best, metric_for_best, self.mode, self.keep_top_k)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
         self._metadata_reads = 0
         self._warned_missing_metric = False
         self._warned_older_epoch = False
+        self._warned_log = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
             raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
@@ -235,12 +245,22 @@ class CheckpointManager:
                 info = self._incremental.write(self._store, snapshot, seen)
             self._remember(info)
             self._apply_retention(protect=info)
+            self._log_save(info)
         return info
 
     @property
     def retention_policies(self) -> list[retention.RetentionPolicy]:
         """The retention policies this manager applies after each save (empty: keep everything)."""
         return list(self._policies)
+
+    def _log_save(self, info: CheckpointInfo) -> None:
+        """Append the committed checkpoint to the save log; a failure there never fails the save."""
+        try:
+            savelog.append(self.checkpoint_dir, info)
+        except CheckpointError as exc:
+            if not self._warned_log:
+                self._warned_log = True
+                warnings.warn(f"could not append to the save log ({exc}); the checkpoint is saved", UserWarning, stacklevel=4)
 
     def _check_best_metric(self, metrics: Mapping[str, Any]) -> None:
         if not self.keep_best or self.metric_for_best is None:
@@ -399,19 +419,19 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
-        """The best checkpoint by ``metric`` (default ``metric_for_best``) in ``mode`` (default ``mode``).
+        """The best checkpoint by ``metric`` in ``mode``.
 
+        ``metric`` defaults to the manager's ``metric_for_best``; when the manager was built without
+        one, to the ``metric_for_best`` the checkpoints recorded (the latest that recorded one), and
+        ``mode`` then to the mode recorded with it; when none did, to ``"loss"``, ``"min"``.
         Checkpoints without the metric, or with NaN for it, never win. Returns None when the
         directory holds no checkpoint; raises :class:`CheckpointNotFoundError` when checkpoints
         exist but none recorded the metric.
         """
-        metric = metric if metric is not None else self.metric_for_best
-        mode = mode if mode is not None else self.mode
-        if metric is None:
-            raise ConfigurationError("no metric given and the manager has no metric_for_best")
+        found = self.checkpoints()
+        metric, mode = self._ranking(found, metric, mode)
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
-        found = self.checkpoints()
         if not found:
             return None
         index = retention.best_index(found, metric, mode)
@@ -422,6 +442,18 @@ class CheckpointManager:
                 f"recorded metrics: {', '.join(recorded) or 'none'}"
             )
         return found[index]
+
+    def _ranking(self, found: list[CheckpointInfo], metric: str | None, mode: str | None) -> tuple[str, str]:
+        """The metric and mode that :meth:`best` ranks by (see there)."""
+        if metric is None and self.metric_for_best is not None:
+            metric = self.metric_for_best
+        if metric is None:
+            recorded = next((info for info in reversed(found) if info.metric_for_best is not None), None)
+            if recorded is not None:
+                metric = recorded.metric_for_best
+                if mode is None and not self._mode_given:
+                    mode = recorded.mode
+        return (metric if metric is not None else DEFAULT_METRIC), (mode if mode is not None else self.mode)
 
     def find(self, epoch: int, step: int | None = None) -> CheckpointInfo:
         """The checkpoint of ``epoch`` (the last step of it, unless ``step`` is given)."""

@@ -315,8 +315,9 @@ def _copy_file(source: Path, target: Path) -> None:
         raise _storage_error(exc, "copy a file to", target) from exc
 
 
-def append_line(path: Path, data: bytes) -> None:
-    """Append one line to a log file (created if missing) in a single write, and fsync it.
+def append_line(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Append one line to a log file (created if missing) in a single write, and fsync it unless
+    ``durable`` is False (for a log whose last lines may be lost in a power cut).
 
     A last line left unterminated by a writer that died is terminated first, so it never runs
     into the new one. Callers that append concurrently must hold a lock.
@@ -329,7 +330,8 @@ def append_line(path: Path, data: bytes) -> None:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
             _write_all(fd, memoryview(line))
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:

@@ -160,7 +160,7 @@ def test_resume_from_last_is_bitwise_identical(tmp_path: Path, save_mode: dict) 
             assert torch.equal(value, actual_optimizer["state"][index][key]), (index, key)
     expected_scheduler = reference_trainer.lr_scheduler_configs[0].scheduler.state_dict()
     assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == expected_scheduler
-    assert [p.name for p in sorted((tmp_path / "run").iterdir())] == ["epoch_4_step_30", "epoch_5_step_36"]
+    assert [p.name for p in sorted((tmp_path / "run").iterdir()) if not p.name.startswith(".")] == ["epoch_4_step_30", "epoch_5_step_36"]
 
 
 def test_best_is_loaded_for_validate_test_and_predict(tmp_path: Path) -> None:
@@ -184,12 +184,12 @@ def test_retention_counts_across_interrupted_and_resumed_run(tmp_path: Path, asy
     scores = [0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.4]
     settings = {"max_checkpoints": 2, "keep_best": True, "metric_for_best": "val_score", "mode": "min", "async_save": async_save}
     run_interrupted(tmp_path / "ckpt", tmp_path, stop_at=4, hparams={"val_scores": scores}, **settings)
-    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
     assert names == ["epoch_1_step_12", "epoch_2_step_18", "epoch_3_step_24"]
 
     callback = CheckpointCallback(tmp_path / "ckpt", **settings)
     make_trainer(tmp_path, 7, [callback]).fit(fresh_model(3, val_scores=scores), RegressionData(), ckpt_path="last")
-    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
     assert names == ["epoch_1_step_12", "epoch_5_step_36", "epoch_6_step_42"]
     assert callback.checkpoint_names == names
 
@@ -277,6 +277,8 @@ def test_nothing_on_disk_is_pickled(tmp_path: Path) -> None:
         assert not head.startswith(b"\x80") and head != b"PK\x03\x04", path  # pickle or torch.save zip
         if path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.suffix == ".jsonl":  # the save log
+            assert all(isinstance(json.loads(line), dict) for line in path.read_text().splitlines())
         else:
             assert path.suffix == ".safetensors", path
             safetensors_torch.load_file(path)
@@ -578,6 +580,16 @@ def test_preemption_saves_stops_and_restores_the_previous_handlers(tmp_path: Pat
         assert seen == [signal.SIGUSR1]  # and the handler found before fit is back
     finally:
         signal.signal(signal.SIGUSR1, previous)
+    # the same command, rerun with auto_resume, continues from the preempted step
+    first_steps: list[int] = []
+
+    class FirstStep(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            first_steps.append(trainer.global_step)
+
+    rerun = make_trainer(tmp_path, 5, [CheckpointCallback(tmp_path / "ckpt", auto_resume=True), FirstStep()])
+    rerun.fit(fresh_model(1), RegressionData())
+    assert (first_steps, rerun.global_step) == ([9], 30)
 
 
 def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identical(tmp_path: Path) -> None:
