@@ -19,6 +19,7 @@ from .errors import (
     ForeignFileError,
     IncompatibleCheckpointError,
     PromotionError,
+    SignatureError,
     StorageError,
 )
 from .manager import CheckpointManager
@@ -38,6 +39,7 @@ __all__ = [
     "ForeignFileError",
     "IncompatibleCheckpointError",
     "PromotionError",
+    "SignatureError",
     "StorageError",
     "__version__",
     "capture_rng_state",

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import codec
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from .format import documents
 from .storage import LOCAL, Backend, FileRecord, checksum_bytes, is_url
 from .storage.fsspec import TXN_SEPARATOR
 
@@ -146,6 +147,13 @@ def metadata_checksum(document: Mapping[str, Any]) -> str:
     return checksum_bytes(codec.dumps({key: value for key, value in document.items() if key != METADATA_CHECKSUM_KEY}))
 
 
+def _checksum_or_none(document: Mapping[str, Any]) -> str | None:
+    try:
+        return metadata_checksum(document)
+    except (TypeError, ValueError, RecursionError):  # not JSON that dumps() writes: cannot match
+        return None
+
+
 def as_path(location: str | os.PathLike[str]) -> Path | str:
     """What :attr:`CheckpointInfo.path` holds for ``location``: a Path locally, the URL otherwise."""
     return str(location) if is_url(location) else Path(location)
@@ -161,7 +169,7 @@ def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend =
     if not isinstance(data, Mapping):
         raise CorruptCheckpointError(f"{shown} does not hold a JSON object; restore it or delete this checkpoint")
     recorded = data.get(METADATA_CHECKSUM_KEY)
-    if recorded is not None and recorded != metadata_checksum(data):
+    if recorded is not None and recorded != _checksum_or_none(data):
         raise CorruptCheckpointError(
             f"{shown} does not match its recorded checksum; the file is damaged: restore it from "
             "a copy or delete this checkpoint"
@@ -169,9 +177,9 @@ def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend =
     if data.get("format") != FORMAT_NAME:
         raise IncompatibleCheckpointError(f"{shown} was not written by ckpt_plugin")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or type(version) is not int:
         raise IncompatibleCheckpointError(
-            f"{path} uses checkpoint format version {version}, but this release reads version "
+            f"{path} uses checkpoint format version {version!r}, but this release reads version "
             f"{FORMAT_VERSION}; upgrade ckpt_plugin to load it"
         )
     if recorded is None:
@@ -179,14 +187,16 @@ def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend =
             f"{shown} has no {METADATA_CHECKSUM_KEY}; the file is damaged: restore it from a copy "
             "or delete this checkpoint"
         )
+    documents.validate(data, documents.MetadataDoc, shown)
+    timestamp = data.get("metadata", {}).get("timestamp")
     return CheckpointInfo(
         path=path,
-        epoch=int(data["epoch"]),
-        step=None if data.get("step") is None else int(data["step"]),
-        metrics=codec.from_json(data.get("metrics") or {}),
+        epoch=data["epoch"],
+        step=data.get("step"),
+        metrics=codec.from_json(data.get("metrics", {}), shown, "metrics"),
         metric_for_best=data.get("metric_for_best"),
         mode=data.get("mode", "min"),
-        timestamp=(data.get("metadata") or {}).get("timestamp"),
+        timestamp=timestamp if isinstance(timestamp, str) else None,
         files={name: FileRecord.from_json(record) for name, record in data.get("files", {}).items()},
         items=tuple(data.get("items", ())),
         backend=backend,

@@ -40,17 +40,19 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 import torch
 
 from . import codec, shards
-from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint
+from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
+    SignatureError,
 )
 from .io.files import copy_file, read_json, verify_file, write_bytes_file
 from .reader import open_item_files, read_checkpoint, read_info
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
+from .signing import SIGNATURE_FILE, verify_directory
 from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
@@ -290,6 +292,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
     registry = _registry(_existing(directory))
     info, version = _target(registry, epoch)
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
+    parse_metadata(info.location, metadata, info.backend)
     model = open_item_files(
         info.location, info.files, (shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE])[0], verify=False, backend=info.backend
     )
@@ -328,10 +331,19 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
 
 @app.command()
 @_handled
-def verify(directory: Directory, as_json: AsJson = False) -> None:
+def verify(
+    directory: Directory,
+    as_json: AsJson = False,
+    key: Annotated[
+        Optional[Path],
+        typer.Option("--key", help="A public key (PEM): validated versions and production must carry a signature it verifies, "
+                     "and so must every checkpoint that has one (needs the signing extra)."),
+    ] = None,
+) -> None:
     """Check every file's checksum: the checkpoints in DIR, the validated versions and production.
 
-    Exits with status 1 and names each damaged file when anything is corrupt.
+    Exits with status 1 and names each damaged file when anything is corrupt (or, with --key,
+    when a signature does not verify).
     """
     registry = _registry(_existing(directory))
     infos, problems = _raw_listing(registry)
@@ -341,17 +353,28 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
         folder = registry.version_dir(version)
         try:
             records = registry.validation(version)["files"]
-        except CorruptCheckpointError as exc:
+            if key is not None:
+                registry.verify_signature(version, key)
+        except (CorruptCheckpointError, SignatureError) as exc:
             problems.append({"path": str(folder), "error": str(exc)})
             continue
         files += [(folder / name, FileRecord.from_json(record)) for name, record in records.items()]
     try:
         production = registry.production()
-    except CorruptCheckpointError as exc:
+        if key is not None:
+            registry.verify_production_signature(key)
+    except (CorruptCheckpointError, SignatureError) as exc:
         production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
     if production is not None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
         files.append((registry.production_dir / PRODUCTION_MODEL_FILE, record))
+    if key is not None:
+        for info in infos:
+            if isinstance(info.path, Path) and (info.path / SIGNATURE_FILE).is_file():
+                try:
+                    verify_directory(info.path, key)
+                except SignatureError as exc:
+                    problems.append({"path": str(info.path), "error": str(exc)})
     with Bars() as bars:
         problems += _verify_all(files, "verifying", bars, backend)
     report = {"ok": not problems, "files": len(files), "bytes": sum(record.size for _, record in files), "problems": problems}
@@ -462,6 +485,7 @@ def validate(
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
+    signing_key: Annotated[Optional[Path], typer.Option(help="Sign the version with this private key (PEM; signing extra).")] = None,
 ) -> None:
     """Check a checkpoint and store it as an immutable, semantically versioned artifact."""
     registry = _registry(_existing(directory), validated_dir, production_dir)
@@ -470,7 +494,9 @@ def validate(
     checks = dict(metric_check(expression) for expression in require or [])
     which: int | str = int(epoch) if epoch.isdigit() else epoch
     with Bars() as bars:
-        record = registry.validate(which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars)
+        record = registry.validate(
+            which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars, signing_key=signing_key
+        )
     if as_json:
         _print_json(record)
         return
@@ -661,7 +687,9 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
 def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
     """The model config a checkpoint recorded (its config, or the config's ``"model"`` entry), or a
     :class:`ConfigurationError` saying why no loadable folder can be written without ``--config``."""
-    config = codec.from_json(read_json(info.file(METADATA_FILE), backend=info.backend).get("config"))
+    metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
+    parse_metadata(info.location, metadata, info.backend)
+    config = codec.from_json(metadata.get("config"), info.file(METADATA_FILE), "config")
     for candidate in (config, config.get("model") if isinstance(config, Mapping) else None):
         if isinstance(candidate, Mapping) and isinstance(candidate.get("model_type"), str):
             return candidate

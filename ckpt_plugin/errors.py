@@ -45,3 +45,7 @@ class PromotionError(CheckpointError):
 
 class AsyncSaveError(CheckpointError):
     """A background save failed; the checkpoint it was writing was not committed."""
+
+
+class SignatureError(CheckpointError):
+    """A signature is missing or does not verify: the files are not what the key's owner signed."""

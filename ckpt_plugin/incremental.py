@@ -27,8 +27,9 @@ each of its files, shared or not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,7 +161,9 @@ class IncrementalWriter:
             return
         self._base = _Base(info.location, info.backend, tensors, shard_list)
 
-    def write(self, store: Commit, snapshot: Snapshot, seen: Observation) -> CheckpointInfo:
+    def write(
+        self, store: Commit, snapshot: Snapshot, seen: Observation, before_commit: Callable[[Path], object] | None = None
+    ) -> CheckpointInfo:
         """Write ``snapshot`` with its model sharded, reusing the shards that did not change (a hard
         link locally, a server-side copy on an object store)."""
         new_shards: list[_Shard] = []
@@ -196,7 +199,7 @@ class IncrementalWriter:
                 entry["file"] = MODEL_INDEX_FILE
                 entry[DIGESTS_KEY] = {name: record.digest for name, record in tensors_now.items()}
 
-        info = write_snapshot(store, snapshot, write_model)
+        info = write_snapshot(store, snapshot, write_model, before_commit)
         self._base = _Base(
             info.location,
             info.backend,

@@ -53,8 +53,7 @@ def read_checkpoint(
     restricts which state trees are read (for example ``("model",)`` for inference).
     """
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
-    if verify:
-        parse_metadata(info.location, metadata, info.backend)
+    parse_metadata(info.location, metadata, info.backend)  # checks its layout; its files were recorded in ``info`` at listing
     state = read_json(info.file(STATE_FILE), info.files.get(STATE_FILE) if verify else None, backend=info.backend)
     opened: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -78,9 +77,9 @@ def read_checkpoint(
         "optimizer": None,
         "epoch": info.epoch,
         "metrics": dict(info.metrics),
-        "config": codec.from_json(metadata.get("config")),
+        "config": codec.from_json(metadata.get("config"), str(info.path / METADATA_FILE), "config"),
         "metadata": {
-            **codec.from_json(metadata.get("metadata") or {}),
+            **codec.from_json(metadata.get("metadata", {}), str(info.path / METADATA_FILE), "metadata"),
             "metric_for_best": info.metric_for_best,
             "mode": info.mode,
             "format_version": metadata.get("format_version"),
@@ -93,10 +92,7 @@ def read_checkpoint(
         if items is not None and item not in items:
             continue
         tensors = tensors_of(entry["file"], entry.get("prefix", "")) if entry.get("file") else {}
-        try:
-            result[item] = codec.decode(entry["tree"], tensors)
-        except KeyError as exc:
-            raise CorruptCheckpointError(f"{info.path}: item {item!r} is inconsistent with its files: {exc}") from None
+        result[item] = codec.decode(entry.get("tree"), tensors, str(info.path / STATE_FILE), item)
     return result
 
 

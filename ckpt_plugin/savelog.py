@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointInfo
+from .errors import CorruptCheckpointError
+from .format import documents
 from .io.files import read_bytes_file
 from .storage import append_line
 
@@ -80,8 +82,8 @@ def read(checkpoint_dir: Path) -> list[dict[str, Any]]:
 
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
-        data = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        data = documents.load_json(line, LOG_FILE)  # strict JSON, nesting and size bounded
+    except CorruptCheckpointError:
         return None
     if not isinstance(data, dict) or data.get("event", "save") != "save":
         return None

@@ -8,6 +8,7 @@ lets an asynchronous save run the second on a background worker.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from .checkpoint import (
     item_prefix,
 )
 from .errors import ConfigurationError
+from .format.names import is_plain_file_name
 from .io.files import write_bytes_file, write_tensor_file
-from .storage import LOCAL, Backend, Commit, FileRecord
+from .storage import LOCAL, Backend, Commit, FileRecord, LocalStore
 
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
@@ -119,11 +121,18 @@ ModelWriter = Callable[[Backend, str, dict[str, torch.Tensor], dict[str, FileRec
 makes to the file records and noting in the ``state.json`` document where the model now lives."""
 
 
-def write_snapshot(store: Commit, snapshot: Snapshot, write_model: ModelWriter | None = None) -> CheckpointInfo:
+def write_snapshot(
+    store: Commit,
+    snapshot: Snapshot,
+    write_model: ModelWriter | None = None,
+    before_commit: Callable[[Path], object] | None = None,
+) -> CheckpointInfo:
     """Write ``snapshot`` under a fresh transaction and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
     model and reuses unchanged shards); every other step, the commit included, is shared.
+    ``before_commit`` is called with the complete staging directory (to sign it, say); it needs a
+    local checkpoint directory.
     """
     backend = store.backend
     txn = store.begin(snapshot.name)
@@ -154,7 +163,15 @@ def write_snapshot(store: Commit, snapshot: Snapshot, write_model: ModelWriter |
             items=list(snapshot.items),
             files=files,
         )
-        location = store.commit(txn, codec.dumps(metadata))
+        manifest = codec.dumps(metadata)
+        if before_commit is None:
+            location = store.commit(txn, manifest)
+        else:
+            if not isinstance(store, LocalStore):
+                raise ConfigurationError("signing checkpoints needs a local checkpoint_dir in this release")
+            write_bytes_file(backend.join(txn.prefix, METADATA_FILE), manifest, backend=backend)
+            before_commit(Path(txn.prefix))
+            location = os.fspath(store.publish(Path(txn.prefix), snapshot.name))
     except BaseException:
         store.abort(txn)
         raise
@@ -186,7 +203,7 @@ def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     """Check the extra files of a save: plain, unreserved names and bytes (or str, as UTF-8)."""
     checked: dict[str, bytes] = {}
     for name, data in (files or {}).items():
-        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+        if not is_plain_file_name(name):
             raise ConfigurationError(
                 f"extra file name {name!r} must be a plain file name, without a directory or leading dot"
             )

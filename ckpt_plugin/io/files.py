@@ -21,6 +21,7 @@ for the local file system, a URL for an object store.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -31,8 +32,9 @@ from typing import Any
 
 import torch
 
-from .. import codec, tensorformat
-from ..errors import CorruptCheckpointError
+from .. import tensorformat
+from ..errors import CorruptCheckpointError, StorageError
+from ..format import documents
 from ..storage import LOCAL, Backend, FileRecord, checksum_bytes, format_checksum, new_hasher
 from ..tensorformat import TensorSpec
 
@@ -163,6 +165,8 @@ def copy_file(
     """
     source, target = _key(source), _key(target)
     writer = target_backend if target_backend is not None else backend
+    if writer.fingerprint(target) is not None:  # not ours: never replaced, never removed
+        raise StorageError(errno.EEXIST, f"could not create {target}: it already exists; remove it or choose another place")
     try:
         if not (reuse and writer is backend and backend.reuse(source, target)):
             _stream_copy(source, target, record, backend, writer)
@@ -215,12 +219,17 @@ def read_bytes_file(location: Any, record: FileRecord | None = None, *, backend:
 
 
 def read_json(location: Any, record: FileRecord | None = None, *, backend: Backend = LOCAL) -> Any:
-    """Parse a JSON document of a checkpoint, turning damage into :class:`CorruptCheckpointError`."""
-    data = read_bytes_file(location, record, backend=backend)
+    """Parse and validate a JSON document of a checkpoint (its schema is chosen by its file name, see
+    :mod:`ckpt_plugin.format.documents`), turning damage into :class:`CorruptCheckpointError`."""
+    key = _key(location)
     try:
-        return codec.loads(data)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{location} is not valid JSON ({exc}); restore it or delete this checkpoint") from None
+        size = backend.size(key)
+    except (OSError, CorruptCheckpointError):
+        size = 0  # reported by the read below
+    if size > documents.MAX_DOCUMENT_BYTES:
+        raise CorruptCheckpointError(f"{location} has {size} bytes, far more than any document ckpt_plugin writes; delete it")
+    name = key.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return documents.parse(read_bytes_file(location, record, backend=backend), name, str(location))
 
 
 def verify_file(
