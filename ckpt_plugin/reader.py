@@ -77,9 +77,9 @@ def read_checkpoint(
         "optimizer": None,
         "epoch": info.epoch,
         "metrics": dict(info.metrics),
-        "config": codec.from_json(metadata.get("config"), str(info.path / METADATA_FILE), "config"),
+        "config": codec.from_json(metadata.get("config"), info.file(METADATA_FILE), "config"),
         "metadata": {
-            **codec.from_json(metadata.get("metadata", {}), str(info.path / METADATA_FILE), "metadata"),
+            **codec.from_json(metadata.get("metadata", {}), info.file(METADATA_FILE), "metadata"),
             "metric_for_best": info.metric_for_best,
             "mode": info.mode,
             "format_version": metadata.get("format_version"),
@@ -92,7 +92,7 @@ def read_checkpoint(
         if items is not None and item not in items:
             continue
         tensors = tensors_of(entry["file"], entry.get("prefix", "")) if entry.get("file") else {}
-        result[item] = codec.decode(entry.get("tree"), tensors, str(info.path / STATE_FILE), item)
+        result[item] = codec.decode(entry.get("tree"), tensors, info.file(STATE_FILE), item)
     return result
 
 

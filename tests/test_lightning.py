@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError, EncodingError, IncompatibleCheckpointError  # noqa: E402
+from ckpt_plugin import (  # noqa: E402
+    AsyncSaveError,
+    CheckpointManager,
+    ConfigurationError,
+    EncodingError,
+    IncompatibleCheckpointError,
+)
 from ckpt_plugin.lightning import CheckpointCallback, ManagerCheckpointIO  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
