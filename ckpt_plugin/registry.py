@@ -32,7 +32,7 @@ import filelock
 import torch
 from packaging.version import InvalidVersion, Version
 
-from . import codec, fastio, shards, signing
+from . import codec, shards, signing
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import (
     CheckpointNotFoundError,
@@ -46,6 +46,7 @@ from .io.files import (
     copy_file,
     read_bytes_file,
     read_json,
+    stream_tensor_file,
     verify_file,
     write_bytes_file,
     write_tensor_file,
@@ -436,7 +437,7 @@ class ArtifactRegistry:
             try:
                 # Read into private memory rather than mapping the file: the served weights must not
                 # change when someone edits or truncates a file that shares their inode.
-                tensors = fastio.stream_tensor_file(
+                tensors = stream_tensor_file(
                     self.production_dir / PRODUCTION_MODEL_FILE, record, lambda spec: None, verify=verify
                 )
             except CorruptCheckpointError:

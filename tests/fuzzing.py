@@ -314,7 +314,8 @@ def non_data(value: Any, path: str = "<result>") -> str | None:
         elif not isinstance(node, ALLOWED_LEAVES) and not hasattr(node, "__dataclass_fields__"):
             return f"{where}: {type(node).__module__}.{type(node).__qualname__}"
         elif hasattr(node, "__dataclass_fields__"):  # CheckpointInfo records
-            stack += [(getattr(node, name), f"{where}.{name}") for name in node.__dataclass_fields__]
+            # ``backend`` is the manager's own storage object (where the files are), not data read from them
+            stack += [(getattr(node, name), f"{where}.{name}") for name in node.__dataclass_fields__ if name != "backend"]
     return None
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from core_helpers import snapshot_tree, tiny_training, train_one_step
+from security_helpers import edit_document, read_doc, replace_file, reseal_metadata, reseal_record, write_raw
 from torch import nn
 
 from ckpt_plugin import (
@@ -26,14 +28,12 @@ from ckpt_plugin import (
     IncompatibleCheckpointError,
     PromotionError,
     StorageError,
+    trash,
 )
-from ckpt_plugin import storage, trash
 from ckpt_plugin.checkpoint import METADATA_FILE, STATE_FILE
+from ckpt_plugin.io.files import copy_file
 from ckpt_plugin.registry import parse_version
 from ckpt_plugin.storage import FileRecord, checksum_bytes
-
-from core_helpers import snapshot_tree, tiny_training, train_one_step
-from security_helpers import edit_document, read_doc, replace_file, reseal_metadata, reseal_record, write_raw
 
 
 def saved_run(root: Path, epochs: int = 2, **options) -> tuple[CheckpointManager, nn.Module, torch.optim.Optimizer, object]:
@@ -115,9 +115,9 @@ def test_the_copy_helper_never_removes_a_file_it_did_not_create(tmp_path):
     source, target = tmp_path / "a", tmp_path / "b"
     source.write_bytes(b"new")
     target.write_bytes(b"precious")
-    for link in (True, False):
+    for reuse in (True, False):
         with pytest.raises(StorageError):
-            storage.link_or_copy(source, target, FileRecord(3, checksum_bytes(b"new")), link=link)
+            copy_file(source, target, FileRecord(3, checksum_bytes(b"new")), reuse=reuse)
         assert target.read_bytes() == b"precious"
 
 
@@ -260,8 +260,9 @@ def test_one_hostile_sibling_never_stops_the_directory(run, tmp_path):
         fresh.save(model, optimizer, epoch=2, metrics={"loss": 0.1})
         assert [info.name for info in fresh.checkpoints()] == ["epoch_1", "epoch_2"]
     assert (manager.checkpoint_dir / "epoch_9" / METADATA_FILE).read_bytes() == b"[" * 5000
-    from ckpt_plugin import cli
     from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
 
     result = CliRunner().invoke(cli.app, ["list", str(manager.checkpoint_dir), "--json"])
     assert result.exit_code == 0 and "epoch_2" in result.output, result.output
@@ -293,8 +294,9 @@ def promoted(run, tmp_path):
 
 
 def test_a_swapped_production_record_is_refused_and_reported_by_verify(promoted, tmp_path):
-    from ckpt_plugin import cli  # noqa: F401 - the CLI extra is installed for tests
     from typer.testing import CliRunner
+
+    from ckpt_plugin import cli  # noqa: F401 - the CLI extra is installed for tests
 
     record = promoted.production_dir / "model.json"
     document = read_doc(record)
@@ -423,8 +425,9 @@ def test_versions_are_strict_semantic_versions(version, run):
 
 
 def test_the_cli_exits_2_on_a_bad_version(run):
-    from ckpt_plugin import cli
     from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
 
     result = CliRunner().invoke(cli.app, ["validate", str(run[0].checkpoint_dir), "0", "--version", "1" * 300 + ".0.0"])
     assert result.exit_code == 2, result.output
