@@ -45,3 +45,10 @@ class PromotionError(CheckpointError):
 
 class AsyncSaveError(CheckpointError):
     """A background save failed; the checkpoint it was writing was not committed."""
+
+
+class DistributedCheckpointError(CheckpointError):
+    """A collective save or restore failed on another rank; a failed save committed nothing.
+
+    Every rank raises: the rank that failed its own error, the others this one, naming it.
+    """

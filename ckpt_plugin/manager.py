@@ -28,7 +28,7 @@ from .errors import (
 from .metadata import git_provenance, provenance
 from .reader import Device, read_checkpoint, read_json
 from .restore import restore_checkpoint
-from .rng import capture_rng_state
+from .rng import capture_rng_state, restore_rng_state
 from .storage import LocalStore
 from .writer import Snapshot, take_snapshot, write_snapshot
 
@@ -54,6 +54,13 @@ class CheckpointManager:
             buffer (about the size of the state), and write, commit and prune on a background
             thread. At most one save is in flight; a failed background save is raised again by the
             next :meth:`save`, :meth:`wait` or :meth:`close`. Loads wait for the save in flight.
+        collective_timeout: seconds a rank waits for the others in a collective (sharded) save or
+            restore before it fails instead of hanging.
+
+    When ``torch.distributed`` is initialized and the model holds DTensors (FSDP2 ``fully_shard``,
+    tensor parallel), :meth:`save` and :meth:`restore` are collective: every rank calls them, each
+    rank writes and reads only its own shards, and a checkpoint restores at any world size. See
+    :mod:`ckpt_plugin.distributed.collective`.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -71,6 +78,7 @@ class CheckpointManager:
         incremental: bool = False,
         change_detection: str = "checksum",
         async_save: bool = False,
+        collective_timeout: float = 600.0,
     ) -> None:
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -91,6 +99,9 @@ class CheckpointManager:
         self.mode = mode
         self.save_rng = save_rng
         self.async_save = bool(async_save)
+        if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
+            raise ConfigurationError(f"collective_timeout must be a number of seconds above 0, not {collective_timeout!r}")
+        self.collective_timeout = float(collective_timeout)
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
@@ -151,6 +162,15 @@ class CheckpointManager:
         step = None if step is None else _whole_number(step, "step")
         metrics = normalize_metrics(metrics)
         self._check_best_metric(metrics)
+        if _collective(model):
+            from .distributed.collective import save_sharded
+
+            self.wait()
+            info = save_sharded(
+                self, model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
+                scheduler=scheduler, extra=extra, files=files,
+            )
+            return _notify(info, on_commit)
         seen: list[incremental_saves.Observation | None] = [None]
 
         def take() -> Snapshot:
@@ -475,10 +495,35 @@ class CheckpointManager:
         info = self.resolve(which)
         if info is None:
             return None
+        if _collective(model):
+            from .distributed.collective import restore_sharded
+
+            restore_sharded(self, info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
+            return info
+        if info.sharded:
+            self._restore_consolidated(info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
+            return info
         restore_checkpoint(
             info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
         )
         return info
+
+    def _restore_consolidated(
+        self, info: CheckpointInfo, model: torch.nn.Module, optimizer: Any, scheduler: Any, *, strict: bool, restore_rng: bool
+    ) -> None:
+        """Restore a sharded checkpoint into plain (unsharded) objects in one process."""
+        wanted = ("model",) + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
+        checkpoint = self._read(info, items=wanted + (("rng",) if restore_rng else ()))
+        for item in wanted:
+            if checkpoint.get(item) is None:
+                raise CheckpointNotFoundError(f"{info.path} holds no {item} state; pass {item}=None to restore without it")
+        model.load_state_dict(checkpoint["model"], strict=strict)
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if restore_rng and checkpoint.get("rng") is not None:
+            restore_rng_state(checkpoint["rng"])
 
     def resolve(self, which: str | int) -> CheckpointInfo | None:
         """The checkpoint ``"latest"``, ``"best"`` or an epoch number refers to."""
@@ -509,6 +554,17 @@ def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, 
     except OSError:
         return ()
     return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
+
+
+def _collective(model: Any) -> bool:
+    """Whether a save or restore of these objects is collective: a distributed job with DTensors."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from .distributed.collective import holds_dtensors
+
+    return holds_dtensors(model)
 
 
 def _notify(info: CheckpointInfo, on_commit: Callable[[CheckpointInfo], None] | None) -> CheckpointInfo:

@@ -48,6 +48,7 @@ class Snapshot:
     provenance: dict[str, Any]
     items: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    sharded: ShardedPart | None = None
 
     @property
     def name(self) -> str:
@@ -55,7 +56,8 @@ class Snapshot:
 
     def tensors_by_file(self) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors to write, grouped by file; ``model.safetensors`` is always present."""
-        files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}}
+        sharded_model = self.sharded is not None and "model" in self.sharded.items
+        files: dict[str, dict[str, torch.Tensor]] = {} if sharded_model else {MODEL_FILE: {}}
         for item, (_, tensors) in self.items.items():
             if not tensors:
                 continue
@@ -65,13 +67,27 @@ class Snapshot:
         return files
 
     def state_document(self) -> dict[str, Any]:
-        """The content of ``state.json``: each item's skeleton and where its tensors are."""
-        return {
-            "items": {
-                item: {"file": item_file(item) if tensors else None, "prefix": item_prefix(item), "tree": skeleton}
-                for item, (skeleton, tensors) in self.items.items()
-            }
-        }
+        """The content of ``state.json``: each item's skeleton and where its tensors are.
+
+        An item of a sharded checkpoint is marked ``{"sharded": true}``: ``sharding.json`` holds it.
+        """
+        items: dict[str, Any] = {item: {"sharded": True} for item in (self.sharded.items if self.sharded else ())}
+        for item, (skeleton, tensors) in self.items.items():
+            items[item] = {"file": item_file(item) if tensors else None, "prefix": item_prefix(item), "tree": skeleton}
+        return {"items": items}
+
+    def item_names(self) -> list[str]:
+        return [*(self.sharded.items if self.sharded else ()), *self.items]
+
+
+@dataclass
+class ShardedPart:
+    """The part of a checkpoint that every rank wrote: the items in ``sharding.json`` and the
+    records of the files already in the staging directory."""
+
+    items: list[str]
+    files: dict[str, FileRecord]
+    world_size: int
 
 
 def take_snapshot(
@@ -114,15 +130,18 @@ ModelWriter = Callable[[Path, dict[str, torch.Tensor], dict[str, FileRecord], di
 and noting in the ``state.json`` document where the model now lives."""
 
 
-def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWriter | None = None) -> CheckpointInfo:
+def write_snapshot(
+    store: LocalStore, snapshot: Snapshot, write_model: ModelWriter | None = None, *, staging: Path | None = None
+) -> CheckpointInfo:
     """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
-    model and links unchanged shards); every other step, the commit included, is shared.
+    model and links unchanged shards); every other step, the commit included, is shared. ``staging``
+    is a staging directory that already holds files (those of ``snapshot.sharded``).
     """
-    staging = store.staging_dir(snapshot.name)
+    staging = store.staging_dir(snapshot.name) if staging is None else staging
     try:
-        files: dict[str, FileRecord] = {}
+        files: dict[str, FileRecord] = dict(snapshot.sharded.files) if snapshot.sharded else {}
         document = snapshot.state_document()
         for filename, tensors in snapshot.tensors_by_file().items():
             if filename == MODEL_FILE and write_model is not None:
@@ -140,8 +159,9 @@ def write_snapshot(store: LocalStore, snapshot: Snapshot, write_model: ModelWrit
             mode=snapshot.mode,
             config=snapshot.config,
             provenance=snapshot.provenance,
-            items=list(snapshot.items),
+            items=snapshot.item_names(),
             files=files,
+            sharding={"world_size": snapshot.sharded.world_size} if snapshot.sharded else None,
         )
         write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
         path = store.commit(staging, snapshot.name)
@@ -162,7 +182,7 @@ def snapshot_info(path: Path, snapshot: Snapshot, files: dict[str, FileRecord] |
         mode=snapshot.mode,
         timestamp=snapshot.provenance.get("timestamp"),
         files=dict(files or {}),
-        items=tuple(snapshot.items),
+        items=tuple(snapshot.item_names()),
     )
 
 

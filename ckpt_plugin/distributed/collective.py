@@ -1,0 +1,276 @@
+"""Collective save and restore for :class:`~ckpt_plugin.CheckpointManager`.
+
+When ``torch.distributed`` is initialized and the model holds DTensors (FSDP2 ``fully_shard``,
+tensor parallel), every rank calls ``save`` and ``restore``:
+
+1. Every rank takes its state with ``get_state_dict`` (its own shards, no gather); the
+   coordinator (rank 0) also encodes the small replicated items (scheduler, ``extra``, its RNG
+   states) and creates the staging directory. The ranks exchange their outcome: if any failed,
+   every rank raises and nothing is written.
+2. ``dcp.save`` with :class:`SafetensorsWriter`: each rank writes its own chunks. Once every rank
+   has reported its files, the coordinator writes ``sharding.json``, ``state.json`` and
+   ``metadata.json`` and renames the staging directory into place. A failure on any rank fails
+   the save on every rank, and the staging directory is removed.
+3. The coordinator applies retention; the ranks exchange the outcome once more, so all return
+   the same :class:`CheckpointInfo` or all raise.
+
+Every exchange runs on a gloo group created with ``collective_timeout``, so a rank that never
+arrives makes the others fail after that many seconds instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .. import listing
+from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
+from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError
+from ..reader import read_checkpoint
+from ..rng import restore_rng_state
+from ..writer import ShardedPart, write_snapshot
+
+if TYPE_CHECKING:
+    from ..manager import CheckpointManager
+
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialized ``torch.distributed`` job."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def holds_dtensors(*objects: Any) -> bool:
+    """Whether any module or state dict among ``objects`` holds a DTensor, in a distributed job."""
+    if not is_distributed():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            values: Any = itertools.chain(obj.parameters(), obj.buffers())
+        elif isinstance(obj, Mapping):
+            values = obj.values()
+        else:
+            continue
+        if any(isinstance(value, DTensor) for value in values):
+            return True
+    return False
+
+
+_GROUPS: dict[tuple[int, float], Any] = {}
+
+
+def coordination_group(timeout: float) -> Any:
+    """A gloo group over all ranks whose collectives give up after ``timeout`` seconds.
+
+    Created on first use (a collective call: every rank must get here) and reused after that.
+    """
+    key = (id(dist.group.WORLD), float(timeout))
+    group = _GROUPS.get(key)
+    if group is None:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        _GROUPS[key] = group
+    return group
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def agree(group: Any, action: str, error: BaseException | None, value: Any = None) -> list[Any]:
+    """Exchange every rank's outcome of a step, and ``value``; return the values of all ranks.
+
+    If any rank failed, every rank raises: the failed one its own error, the others a
+    :class:`DistributedCheckpointError` naming the ranks that failed and why.
+    """
+    mine = (None if error is None else _describe(error), value)
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(gathered, mine, group=group)
+    except RuntimeError as exc:
+        raise DistributedCheckpointError(
+            f"{action}: the ranks could not exchange their outcome ({exc}); a rank may have died or stopped "
+            "calling the collective save/restore"
+        ) from (error or exc)
+    failures = {rank: message for rank, (message, _) in enumerate(gathered) if message is not None}
+    if failures:
+        if error is not None:
+            raise error
+        raise DistributedCheckpointError(f"{action} failed on {_listed(failures)}")
+    return [value for _, value in gathered]
+
+
+def _listed(failures: Mapping[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
+
+
+def _raise_dcp_failure(exc: BaseException, action: str, rank: int) -> None:
+    failures: dict[int, Any] = getattr(exc, "failures", {}) or {}
+    local = failures.get(rank)
+    if local is not None and isinstance(local[0], CheckpointError):
+        raise local[0] from None
+    messages = {failed: _describe(pair[0]) for failed, pair in failures.items()}
+    raise DistributedCheckpointError(f"{action} failed on {_listed(messages) or str(exc)}") from None
+
+
+def _live_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _check_objects(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigurationError("a collective (sharded) save or restore needs the model itself, not its state dict")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigurationError("a collective (sharded) save or restore needs the optimizer itself, not its state dict")
+
+
+def save_sharded(
+    manager: CheckpointManager,
+    *,
+    model: Any,
+    optimizer: Any,
+    epoch: int,
+    step: int | None,
+    metrics: dict[str, Any],
+    config: Any,
+    scheduler: Any,
+    extra: Any,
+    files: Mapping[str, bytes] | None,
+) -> CheckpointInfo:
+    """The collective save described in the module notes; every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .dcp_storage import SafetensorsWriter
+    from .planners import JsonSavePlanner
+
+    group = coordination_group(manager.collective_timeout)
+    rank = dist.get_rank(group)
+    coordinator = rank == 0
+    name = checkpoint_name(epoch, step)
+    action = f"saving sharded checkpoint {name} in {manager.checkpoint_dir}"
+    staging = snapshot = state = None
+    error: BaseException | None = None
+    try:
+        _check_objects(model, optimizer)
+        if manager._incremental is not None:
+            raise ConfigurationError("incremental=True is not supported for sharded (FSDP / DTensor) checkpoints")
+        state = _live_state(model, optimizer)
+        if coordinator:
+            snapshot, _ = manager._take_snapshot(None, None, epoch, metrics, config, step, scheduler, extra, files)
+            manager._store.ensure_writable()
+            manager._refuse_foreign(name)
+            staging = manager._store.staging_dir(name)
+    except BaseException as exc:  # every rank must hear of it, whatever it is
+        error = exc
+    try:
+        staging_name = agree(group, action, error, staging.name if staging is not None else None)[0]
+    except BaseException:
+        if staging is not None:
+            manager._store.discard(staging)
+        raise
+    staging_path = manager.checkpoint_dir / staging_name
+    committed: list[CheckpointInfo] = []
+
+    def commit(sharding: Any, record: Any) -> None:
+        assert snapshot is not None
+        snapshot.sharded = ShardedPart(
+            items=sharding.items(), files={**sharding.files, SHARDING_FILE: record}, world_size=sharding.world_size
+        )
+        with manager._lock:
+            committed.append(write_snapshot(manager._store, snapshot, staging=staging_path))
+
+    writer = SafetensorsWriter(staging_path, on_commit=commit if coordinator else None)
+    try:
+        dcp.save(state, storage_writer=writer, planner=JsonSavePlanner(), process_group=group)
+    except CheckpointException as exc:
+        if coordinator:
+            manager._store.discard(staging_path)
+        _raise_dcp_failure(exc, action, rank)
+    summary = None
+    error = None
+    if coordinator:
+        try:
+            info = committed[0]
+            manager._remember(info)
+            manager._apply_retention(protect=info)
+            summary = listing.summary(info)
+        except BaseException as exc:
+            error = exc
+    summary = agree(group, action, error, summary)[0]
+    return committed[0] if coordinator else listing.info_from_summary(manager.checkpoint_dir / name, summary)
+
+
+def restore_sharded(
+    manager: CheckpointManager,
+    info: CheckpointInfo,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    strict: bool,
+    restore_rng: bool,
+) -> None:
+    """Load ``info`` into the DTensor-holding ``model`` (and ``optimizer``) at this world size,
+    whatever the world size that saved it; every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .dcp_storage import SafetensorsReader
+    from .planners import JsonLoadPlanner, check_compatible
+
+    group = coordination_group(manager.collective_timeout)
+    rank = dist.get_rank(group)
+    action = f"restoring {info.path}"
+    where = str(info.path)
+    error: BaseException | None = None
+    others: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    reader = SafetensorsReader(info.path, record=info.files.get(SHARDING_FILE))
+    try:
+        _check_objects(model, optimizer)
+        if not info.sharded:
+            raise ConfigurationError(
+                f"{info.path} was saved by one process; restore it with manager.load(...) and "
+                "torch.distributed.checkpoint.state_dict.set_state_dict(..., options=StateDictOptions(full_state_dict=True))"
+            )
+        state = _live_state(model, optimizer)
+        check_compatible(flatten_state_dict(state)[0], reader.read_metadata(), strict=strict, where=where)
+        small = tuple(item for item, wanted in (("scheduler", scheduler is not None), ("rng", restore_rng)) if wanted)
+        others = read_checkpoint(info, items=small) if small else {}
+        if scheduler is not None and others.get("scheduler") is None:
+            raise ConfigurationError(f"{info.path} holds no scheduler state; pass scheduler=None to restore without it")
+    except BaseException as exc:
+        error = exc
+    agree(group, action, error)
+    try:
+        dcp.load(state, storage_reader=reader, planner=JsonLoadPlanner(allow_partial_load=not strict, where=where), process_group=group)
+    except CheckpointException as exc:
+        _raise_dcp_failure(exc, action, rank)
+    error = None
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+        options = StateDictOptions(strict=strict)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"], options=options)
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+        if scheduler is not None:
+            scheduler.load_state_dict(others["scheduler"])
+        if restore_rng and others.get("rng") is not None:
+            restore_rng_state(others["rng"])
+    except BaseException as exc:
+        error = exc
+    agree(group, action, error)

@@ -1,0 +1,75 @@
+"""Sharded checkpoints of FSDP2 models: gloo on the CPU, ranks started with spawn, bounded waits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from ckpt_plugin import CheckpointManager
+from sharded_workers import build, launch, objects
+
+
+@pytest.fixture(scope="module")
+def saved_at_two(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sharded")
+    launch("save_and_fail", 2, directory)
+    return directory
+
+
+def test_each_rank_writes_its_own_shards_and_the_coordinator_commits(saved_at_two):
+    names = sorted(p.name for p in (saved_at_two / "ckpts").iterdir() if not p.name.startswith("."))
+    assert names == ["epoch_1", "epoch_2"]
+    files = sorted(p.name for p in (saved_at_two / "ckpts" / "epoch_2").iterdir())
+    assert files == sorted([
+        "metadata.json", "sharding.json", "state.json", "state.safetensors",
+        "model-r0-of-2.safetensors", "model-r1-of-2.safetensors", "optim-r0-of-2.safetensors", "optim-r1-of-2.safetensors",
+    ])
+    metadata = json.loads((saved_at_two / "ckpts" / "epoch_2" / "metadata.json").read_text())
+    assert metadata["sharding"] == {"world_size": 2}
+    assert set(metadata["files"]) == set(files) - {"metadata.json"}
+    assert metadata["items"][:2] == ["model", "optimizer"]
+    ranks = [safetensors.torch.load_file(str(saved_at_two / "ckpts" / "epoch_2" / f"model-r{r}-of-2.safetensors")) for r in (0, 1)]
+    assert sum(t.numel() for shard in ranks for t in shard.values()) == sum(p.numel() for p in build(0).parameters())
+    assert all(shard for shard in ranks), "every rank holds part of the model"
+
+
+def test_one_process_loads_full_plain_tensors(saved_at_two):
+    manager = CheckpointManager(saved_at_two / "ckpts")
+    checkpoint = manager.load_latest()
+    reference = safetensors.torch.load_file(str(saved_at_two / "reference.safetensors"))
+    model = build(3)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    optimizer, scheduler = objects(model)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    names = [name for name, _ in model.named_parameters()]
+    for key, value in reference.items():
+        kind, rest = key.split("/", 1)
+        if kind == "model":
+            assert torch.equal(model.state_dict()[rest], value), key
+        else:
+            name, slot = rest.rsplit("/", 1)
+            parameter = dict(model.named_parameters())[name]
+            assert torch.equal(optimizer.state[parameter][slot], value), key
+    assert checkpoint["optimizer"]["param_groups"][0]["params"] == list(range(len(names)))
+    assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert checkpoint["extra"] == {"note": "sharded"} and checkpoint["epoch"] == 2
+    assert manager.load(epoch=1)["model"]["0.weight"].shape == (7, 5)
+
+    plain = build(4)
+    plain_optimizer, plain_scheduler = objects(plain)
+    assert manager.restore(plain, plain_optimizer, plain_scheduler).epoch == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+    assert plain_scheduler.state_dict() == scheduler.state_dict()
+
+
+def test_restore_at_four_ranks_reshards_exactly(saved_at_two):
+    launch("restore", 4, saved_at_two)
+
+
+def test_restore_at_one_rank_reshards_exactly(saved_at_two):
+    launch("restore", 1, saved_at_two)
