@@ -83,7 +83,7 @@ def read_checkpoint(
     if sharded:
         from .distributed.consolidate import read_sharded_items
 
-        result.update(read_sharded_items(info, sharded, verify=verify, map_location=map_location))
+        result.update(read_sharded_items(info.path, info.files, sharded, verify=verify, map_location=map_location))
     for item, entry in state["items"].items():
         if (items is not None and item not in items) or item in sharded:
             continue

@@ -503,7 +503,14 @@ class ArtifactRegistry:
         files = {name: FileRecord.from_json(record) for name, record in validation["files"].items()}
         metadata = read_json(directory / METADATA_FILE, files[METADATA_FILE])
         state = read_json(directory / STATE_FILE, files.get(STATE_FILE))
-        model_tree = state["items"]["model"]["tree"]
+        consolidated = None
+        if state["items"]["model"].get("sharded"):
+            from .distributed.consolidate import read_sharded_items
+
+            consolidated = read_sharded_items(directory, files, ["model"])["model"]
+            model_tree = {key: {codec.TENSOR: key} for key in consolidated}
+        else:
+            model_tree = state["items"]["model"]["tree"]
         document = {
             "format": PRODUCTION_FORMAT,
             "format_version": FORMAT_VERSION,
@@ -526,7 +533,11 @@ class ArtifactRegistry:
         self._production_parent.ensure_writable()
         staging = self._production_parent.staging_dir(self.production_dir.name)
         try:
-            document["files"][PRODUCTION_MODEL_FILE] = _publish_model(directory, files, staging, version, progress).to_json()
+            if consolidated is not None:  # a sharded checkpoint: production holds the full weights
+                record = write_tensor_file(staging / PRODUCTION_MODEL_FILE, consolidated, SAFETENSORS_METADATA)
+            else:
+                record = _publish_model(directory, files, staging, version, progress)
+            document["files"][PRODUCTION_MODEL_FILE] = record.to_json()
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
             self._production_parent.commit(staging, self.production_dir.name)
         except BaseException:

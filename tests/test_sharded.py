@@ -73,3 +73,39 @@ def test_restore_at_four_ranks_reshards_exactly(saved_at_two):
 
 def test_restore_at_one_rank_reshards_exactly(saved_at_two):
     launch("restore", 1, saved_at_two)
+
+
+def test_registry_promotes_consolidated_weights(saved_at_two):
+    from ckpt_plugin import ArtifactRegistry
+
+    registry = ArtifactRegistry(checkpoint_dir=saved_at_two / "ckpts")
+    registry.validate(epoch="latest", version="1.0.0", checks=[lambda ckpt: ckpt["model"]["0.weight"].shape == (7, 5)])
+    registry.promote("1.0.0")
+    production = safetensors.torch.load_file(str(registry.production_dir / "model.safetensors"))
+    expected = CheckpointManager(saved_at_two / "ckpts").load_latest()["model"]
+    assert production.keys() == expected.keys()
+    assert all(torch.equal(production[key], value) for key, value in expected.items())
+    build(9).load_state_dict(registry.load_production()["model"], strict=True)
+    assert registry.load("1.0.0")["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+
+
+def test_cli_exports_one_consolidated_model_and_verifies_every_shard(saved_at_two, tmp_path):
+    from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
+
+    runner = CliRunner()
+    directory = str(saved_at_two / "ckpts")
+    expected = CheckpointManager(saved_at_two / "ckpts").load(epoch=2)["model"]
+    result = runner.invoke(cli.app, ["export", directory, "2", "--to", "safetensors", "-o", str(tmp_path / "model.safetensors")])
+    assert result.exit_code == 0, result.output
+    exported = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], v) for k, v in expected.items())
+    result = runner.invoke(cli.app, ["export", directory, "2", "--to", "hf", "-o", str(tmp_path / "hf"), "--config",
+                                     str(saved_at_two / "reference_lr.txt")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors")).keys() == expected.keys()
+    result = runner.invoke(cli.app, ["show", directory, "2", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["model_tensors"] == 4, result.output
+    assert runner.invoke(cli.app, ["verify", directory]).exit_code == 0

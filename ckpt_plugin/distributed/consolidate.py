@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import SHARDING_FILE, CheckpointInfo
+from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
+from ..storage import FileRecord
 from .dcp_storage import read_full, read_sharding
 from .files import LocalShardFiles
 
 
 def read_sharded_items(
-    info: CheckpointInfo, items: Iterable[str], *, verify: bool = True, map_location: Any = None
+    path: Path,
+    records: Mapping[str, FileRecord],
+    items: Iterable[str],
+    *,
+    verify: bool = True,
+    map_location: Any = None,
 ) -> dict[str, Any]:
-    """The ``items`` of the sharded checkpoint ``info``, consolidated into full tensors.
+    """The ``items`` of the sharded checkpoint in directory ``path``, consolidated into full tensors.
 
-    The optimizer's state comes back keyed by parameter index, as ``Optimizer.state_dict()``
-    gives it, so that it loads into a plain optimizer over the unsharded model.
+    ``records`` are the file records of its ``metadata.json``. The optimizer's state comes back
+    keyed by parameter index, as ``Optimizer.state_dict()`` gives it, so that it loads into a
+    plain optimizer over the unsharded model.
     """
-    files = LocalShardFiles(info.path)
-    record = info.files.get(SHARDING_FILE)
+    files = LocalShardFiles(path)
+    record = records.get(SHARDING_FILE)
     if verify and record is None:
-        raise CorruptCheckpointError(f"{info.path / SHARDING_FILE} has no recorded checksum in metadata.json")
-    where = str(info.path / SHARDING_FILE)
+        raise CorruptCheckpointError(f"{path / SHARDING_FILE} has no recorded checksum in metadata.json")
+    where = str(path / SHARDING_FILE)
     sharding = read_sharding(files, record if verify else None, where=where)
     for name, recorded in sharding.files.items():
-        if verify and info.files.get(name) != recorded:
-            raise CorruptCheckpointError(f"{info.path / name} is recorded differently in metadata.json and {SHARDING_FILE}")
+        if verify and records.get(name) != recorded:
+            raise CorruptCheckpointError(f"{path / name} is recorded differently in metadata.json and {SHARDING_FILE}")
     wanted = list(items)
     state = read_full(files, sharding, items=wanted, verify=verify, where=where)
     if "optimizer" in state:
@@ -38,6 +46,11 @@ def read_sharded_items(
         device = torch.device(map_location)
         state = _to_device(state, device)
     return {item: state.get(item) for item in wanted}
+
+
+def model_files(records: Iterable[str]) -> list[str]:
+    """The files a consolidated model is read from: ``sharding.json`` and the ``model-r…`` shards."""
+    return sorted(name for name in records if name == SHARDING_FILE or name.startswith("model-r"))
 
 
 def plain_optimizer_state(state: Mapping[str, Any], where: str = "the checkpoint") -> dict[str, Any]:
