@@ -110,3 +110,21 @@ def snapshot_tree(directory: Path) -> dict[str, bytes]:
             path = Path(root) / name
             files[str(path.relative_to(directory))] = path.read_bytes()
     return files
+
+
+def full_state() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """A model, optimizer and scheduler with state, so that every kind of file gets written."""
+    model, optimizer = tiny_training(width=64)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    for _ in range(2):
+        train_one_step(model, optimizer)
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def save_full(manager: Any, epoch: int, **kwargs: Any) -> Any:
+    """Save :func:`full_state` with metrics, config and extra state as ``epoch``."""
+    model, optimizer, scheduler = full_state()
+    return manager.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                        metrics={"loss": 1.0 / (epoch + 1)}, config={"lr": 0.1},
+                        extra={"note": "x", "t": torch.arange(4)}, **kwargs)

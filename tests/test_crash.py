@@ -6,24 +6,20 @@ Two complementary tests:
   killed with SIGKILL at random moments, many times, over one directory. After each kill a fresh
   manager must load every listed checkpoint, with the content of its epoch, and the latest must
   be at least the last save that returned. Leftover staging directories are cleaned up.
-* Every crash point: a forked child kills itself with SIGKILL just before or just after the N-th
+* Every crash point: a child kills itself with SIGKILL just before or just after the N-th
   file-system call of one save, for every N, both for a new epoch and for a re-saved one.
 
-To keep process start-up out of the loop, the saving processes are forked from a parent that has
-already imported torch.
+To keep process start-up out of the loop, the saving processes are children of a fork server
+(:mod:`fork_server`): a fresh interpreter that has imported torch but run no torch work, so its
+children never inherit a locked OpenMP pool. The pytest process itself never forks.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,100 +29,21 @@ import torch
 
 from ckpt_plugin import CheckpointManager
 
+import crash_workers
+from fork_server import ForkServer
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-WORKER = textwrap.dedent(
-    """
-    import os, sys, warnings
-    import torch
-    from ckpt_plugin import CheckpointManager
-
-    warnings.simplefilter("ignore")
-
-    def state(version):
-        value = float(version)
-        model = {"w": torch.full((512, 1024), value), "b": torch.full((7,), value, dtype=torch.float64)}
-        optimizer = {"state": {0: {"m": torch.full((512, 1024), value), "step": torch.tensor(value)}},
-                     "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]}
-        return model, optimizer
-
-    def work(mode, directory):
-        manager = CheckpointManager(directory, max_checkpoints=3, keep_best=True, metric_for_best="loss", mode="min")
-        if mode == "append":
-            latest = manager.latest()
-            version = 0 if latest is None else latest.epoch + 1
-        else:
-            checkpoint = manager.load_latest()
-            version = 0 if checkpoint is None else checkpoint["extra"]["version"] + 1
-        while True:
-            model, optimizer = state(version)
-            epoch = version if mode == "append" else 0
-            manager.save(model=model, optimizer=optimizer, epoch=epoch,
-                         metrics={"loss": 1.0 / (version + 1)}, extra={"version": version})
-            os.write(1, f"saved {version}\\n".encode())
-            version += 1
-
-    for line in sys.stdin:
-        mode, directory = line.split()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                work(mode, directory)
-            finally:
-                os._exit(1)
-        os.write(1, f"pid {pid}\\n".encode())
-        _, status = os.waitpid(pid, 0)
-        os.write(1, f"exit {status}\\n".encode())
-    """
-)
+@pytest.fixture(scope="module")
+def saver():
+    server = ForkServer()
+    yield server
+    server.close()
 
 
-class SaverParent:
-    """A process that forks saving workers on request and reports what they print."""
-
-    def __init__(self, script: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        self.process = subprocess.Popen([sys.executable, "-u", str(script)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line.strip())
-
-    def next_line(self, timeout: float = 60.0) -> str:
-        return self.lines.get(timeout=timeout)
-
-    def start(self, mode: str, directory: Path) -> int:
-        self.process.stdin.write(f"{mode} {directory}\n")
-        self.process.stdin.flush()
-        saved = []
-        while True:
-            line = self.next_line()
-            if line.startswith("pid "):
-                return int(line.split()[1])
-            saved.append(line)  # pragma: no cover - nothing is printed before the pid
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def saver(tmp_path):
-    script = tmp_path / "saver.py"
-    script.write_text(WORKER)
-    parent = SaverParent(script)
-    yield parent
-    parent.close()
-
-
-def kill_at_random(saver: SaverParent, mode: str, directory: Path, rng: random.Random) -> list[int]:
+def kill_at_random(saver: ForkServer, mode: str, directory: Path, rng: random.Random) -> list[int]:
     """Start a worker, kill it with SIGKILL at a random moment, return the versions it saved."""
-    pid = saver.start(mode, directory)
+    pid = saver.start("save_forever", mode, str(directory))
     saved: list[int] = []
     if rng.random() < 0.25:
         time.sleep(rng.uniform(0.0, 0.05))  # often in the middle of the first save
@@ -140,8 +57,9 @@ def kill_at_random(saver: SaverParent, mode: str, directory: Path, rng: random.R
     os.kill(pid, signal.SIGKILL)
     while True:
         line = saver.next_line()
-        if line.startswith("exit"):
-            assert os.WIFSIGNALED(int(line.split()[1])), f"the worker was not killed: {line}"
+        ended = saver.parse_exit(line)
+        if ended is not None:
+            assert os.WIFSIGNALED(ended[0]), f"the worker was not killed: {line}"
             return saved
         assert line.startswith("saved "), line
         saved.append(int(line.split()[1]))
@@ -227,73 +145,29 @@ def test_random_kill_9_while_resaving_the_same_epoch(saver, tmp_path):
 
 # ------------------------------------------------------------------ every crash point of one save
 
-INTERCEPTED = ("open", "write", "pwrite", "writev", "fsync", "fdatasync", "close", "mkdir", "rename",
-               "replace", "unlink", "rmdir", "ftruncate", "link", "symlink")
-
-
 def state_of(version: int) -> tuple[dict, dict]:
-    value = float(version)
-    model = {"w": torch.full((64, 64), value), "tied": torch.full((3,), value)}
-    model["tied_again"] = model["tied"]
-    optimizer = {"state": {0: {"m": torch.full((64, 64), value)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
-    return model, optimizer
-
-
-def save_version(manager: CheckpointManager, version: int, epoch: int) -> None:
-    model, optimizer = state_of(version)
-    manager.save(model=model, optimizer=optimizer, epoch=epoch, metrics={"loss": LOSSES.get(version, 0.2)},
-                 extra={"version": version})
-
-
-LOSSES = {0: 0.1, 1: 0.5, 2: 0.4, 3: 0.3, 4: 0.2, 13: 0.05}
+    return crash_workers.small_state(version)
 
 
 def open_manager(directory: Path) -> CheckpointManager:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CheckpointManager(directory, max_checkpoints=3, keep_best=True, metric_for_best="loss", mode="min",
-                                 save_rng=False)
+    return crash_workers.open_manager(str(directory))
 
 
-def run_in_child(directory: Path, version: int, epoch: int, crash_at: int | None, after: bool) -> tuple[int, int]:
-    """Fork a child that saves and SIGKILLs itself at the ``crash_at``-th intercepted call.
+def save_version(manager: CheckpointManager, version: int, epoch: int) -> None:
+    crash_workers.save_version(manager, version, epoch)
 
-    Returns ``(exit status, calls made)``; the count is reported through a pipe when no crash happens.
+
+LOSSES = crash_workers.LOSSES
+
+
+def run_in_child(saver: ForkServer, directory: Path, version: int, epoch: int, crash_at: int | None,
+                 after: bool) -> tuple[int, int]:
+    """Save in a child that SIGKILLs itself at the ``crash_at``-th intercepted call.
+
+    Returns ``(wait status, calls made)``; the count is reported only when no crash happens.
     """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(read_end)
-            manager = open_manager(directory)
-            calls = [0]
-            real = {name: getattr(os, name) for name in INTERCEPTED if hasattr(os, name)}
-            raw_write = os.write
-
-            def wrap(name, function):
-                def intercepted(*args, **kwargs):
-                    calls[0] += 1
-                    if calls[0] == crash_at and not after:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    result = function(*args, **kwargs)
-                    if calls[0] == crash_at and after:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return result
-                return intercepted
-
-            for name, function in real.items():
-                setattr(os, name, wrap(name, function))
-            save_version(manager, version, epoch)
-            for name, function in real.items():
-                setattr(os, name, function)
-            raw_write(write_end, str(calls[0]).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        reported = reader.read()
-    _, status = os.waitpid(pid, 0)
-    return status, int(reported or b"0")
+    status, calls = saver.run("save_and_crash", str(directory), version, epoch, crash_at, after)
+    return status, calls or 0
 
 
 def check_after_crash(directory: Path, old_versions: dict[int, int], new_epoch: int, new_version: int,
@@ -315,7 +189,7 @@ def check_after_crash(directory: Path, old_versions: dict[int, int], new_epoch: 
 
 
 @pytest.mark.parametrize("scenario", ["new_epoch", "resave_epoch"])
-def test_kill_9_at_every_file_system_call_of_a_save(tmp_path, scenario):
+def test_kill_9_at_every_file_system_call_of_a_save(saver, tmp_path, scenario):
     template = tmp_path / "template"
     manager = open_manager(template)
     for version in range(4):
@@ -328,7 +202,7 @@ def test_kill_9_at_every_file_system_call_of_a_save(tmp_path, scenario):
 
     probe = tmp_path / "probe"
     shutil.copytree(template, probe)
-    status, total = run_in_child(probe, new_version, new_epoch, None, False)
+    status, total = run_in_child(saver, probe, new_version, new_epoch, None, False)
     assert status == 0 and total > 10, f"the save made only {total} intercepted calls"
 
     crashes = 0
@@ -336,7 +210,7 @@ def test_kill_9_at_every_file_system_call_of_a_save(tmp_path, scenario):
         for after in (False, True):
             directory = tmp_path / f"crash_{crash_at}_{int(after)}"
             shutil.copytree(template, directory)
-            status, _ = run_in_child(directory, new_version, new_epoch, crash_at, after)
+            status, _ = run_in_child(saver, directory, new_version, new_epoch, crash_at, after)
             if os.WIFSIGNALED(status):
                 crashes += 1
             check_after_crash(directory, old_versions, new_epoch, new_version, may_be_pruned)

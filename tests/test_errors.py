@@ -8,8 +8,6 @@ import errno
 import json
 import os
 import re
-import resource
-import signal
 import struct
 import warnings
 from pathlib import Path
@@ -31,7 +29,8 @@ from ckpt_plugin import (
     StorageError,
 )
 
-from core_helpers import hidden_dirs, snapshot_tree, tiny_training, train_one_step, visible_names
+from core_helpers import full_state, hidden_dirs, save_full, snapshot_tree, visible_names
+from fork_server import ForkServer
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
 
@@ -40,23 +39,6 @@ def manager_at(path, **options) -> CheckpointManager:
     options.setdefault("max_checkpoints", None)
     options.setdefault("keep_best", False)
     return CheckpointManager(path, **options)
-
-
-def full_state(version: int = 0):
-    """A model, optimizer and scheduler with state, so that every kind of file gets written."""
-    model, optimizer = tiny_training(width=64)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
-    for _ in range(2):
-        train_one_step(model, optimizer)
-        scheduler.step()
-    return model, optimizer, scheduler
-
-
-def save_full(manager: CheckpointManager, epoch: int, **kwargs):
-    model, optimizer, scheduler = full_state()
-    return manager.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                        metrics={"loss": 1.0 / (epoch + 1)}, config={"lr": 0.1},
-                        extra={"note": "x", "t": torch.arange(4)}, **kwargs)
 
 
 def assert_intact(directory: Path, before: dict[str, bytes]) -> None:
@@ -251,32 +233,23 @@ def test_an_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, budget):
     assert_intact(tmp_path, before)
 
 
+@pytest.fixture(scope="module")
+def fork_server():
+    server = ForkServer()
+    yield server
+    server.close()
+
+
 @pytest.mark.parametrize("limit", [0, 1_000, 5_000])
-def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, limit):
+def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, fork_server, limit):
     """RLIMIT_FSIZE makes the kernel refuse writes past a size, whatever call the writer uses."""
     manager = manager_at(tmp_path, max_checkpoints=2, keep_best=True)
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        outcome = "no error"
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-            try:
-                save_full(manager_at(tmp_path, max_checkpoints=2, keep_best=True), 3)
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                outcome = json.dumps([type(exc).__name__, getattr(exc, "errno", None), str(exc)])
-        finally:
-            os.write(write_end, outcome.encode())
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        outcome = reader.read().decode()
-    os.waitpid(pid, 0)
-    name, error_number, message = json.loads(outcome)
+    status, outcome = fork_server.run("save_under_file_size_limit", str(tmp_path), limit)
+    assert status == 0, f"the saving child died: wait status {status}"
+    name, error_number, message = outcome
     assert name == "StorageError", outcome
     assert error_number == errno.EFBIG
     assert "full" in message or "quota" in message or "size" in message, message
