@@ -476,7 +476,7 @@ class CheckpointManager:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
-        which: str | int = "latest",
+        which: str | int | CheckpointInfo = "latest",
         *,
         strict: bool = True,
         restore_rng: bool = True,
@@ -525,8 +525,11 @@ class CheckpointManager:
         if restore_rng and checkpoint.get("rng") is not None:
             restore_rng_state(checkpoint["rng"])
 
-    def resolve(self, which: str | int) -> CheckpointInfo | None:
-        """The checkpoint ``"latest"``, ``"best"`` or an epoch number refers to."""
+    def resolve(self, which: str | int | CheckpointInfo) -> CheckpointInfo | None:
+        """The checkpoint ``"latest"``, ``"best"`` or an epoch number refers to (a
+        :class:`CheckpointInfo` stands for itself)."""
+        if isinstance(which, CheckpointInfo):
+            return which
         if which == "latest":
             return self.latest()
         if which == "best":

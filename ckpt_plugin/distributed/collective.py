@@ -45,19 +45,24 @@ def is_distributed() -> bool:
 
 
 def holds_dtensors(*objects: Any) -> bool:
-    """Whether any module or state dict among ``objects`` holds a DTensor, in a distributed job."""
+    """Whether any module or state dict among ``objects`` is sharded across ranks, in a distributed
+    job: DTensors (FSDP2, tensor parallel), an FSDP1 module, or ShardedTensors (FSDP1 sharded state)."""
     if not is_distributed():
         return False
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
+            if any(isinstance(module, FullyShardedDataParallel) for module in obj.modules()):
+                return True
             values: Any = itertools.chain(obj.parameters(), obj.buffers())
         elif isinstance(obj, Mapping):
             values = obj.values()
         else:
             continue
-        if any(isinstance(value, DTensor) for value in values):
+        if any(isinstance(value, (DTensor, ShardedTensor)) for value in values):
             return True
     return False
 
@@ -119,8 +124,14 @@ def _raise_dcp_failure(exc: BaseException, action: str, rank: int) -> None:
 
 
 def _live_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The sharded state of ``model`` and ``optimizer``, or the sharded state dicts given instead
+    (as ``get_state_dict`` returns them: the optimizer's keyed by parameter name)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if isinstance(model, Mapping):
+        if optimizer is not None and not isinstance(optimizer, Mapping):
+            raise ConfigurationError("with the model's state dict, pass the optimizer's sharded state dict too")
+        return {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -162,7 +173,6 @@ def save_sharded(
     staging = snapshot = state = None
     error: BaseException | None = None
     try:
-        _check_objects(model, optimizer)
         if manager._incremental is not None:
             raise ConfigurationError("incremental=True is not supported for sharded (FSDP / DTensor) checkpoints")
         state = _live_state(model, optimizer)
