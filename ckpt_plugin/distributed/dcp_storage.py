@@ -185,23 +185,49 @@ def dcp_metadata(sharding: Sharding) -> Metadata:
     return Metadata(state_dict_metadata=described, planner_data=dict(sharding.paths), storage_data=located)
 
 
-class _OpenFiles:
-    """Opens each shard file once, checked against its record, and hands out checked chunks."""
+class _ShardReader:
+    """Reads shard files, each once, checked against its record, straight into the tensors that
+    will keep the chunks where a chunk fills one exactly."""
 
     def __init__(self, files: ShardFiles, sharding: Sharding, where: str, verify: bool) -> None:
         self.files, self.sharding, self.where, self.verify = files, sharding, where, verify
 
-    def chunks(self, name: str) -> dict[str, torch.Tensor]:
-        return self.files.open_tensors(name, self.sharding.files[name], verify=self.verify)
+    def read(self, name: str, targets: dict[str, tuple[str, Chunk, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """Read file ``name``; ``targets`` maps each chunk key wanted from it to its tensor key, its
+        chunk and the tensor to fill when the chunk fills it whole. Returns every chunk, checked."""
 
-    def chunk(self, opened: dict[str, torch.Tensor], key: str, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
-        tensor = opened.get(chunk.key)
-        if tensor is None or tuple(tensor.shape) != chunk.sizes or tensor.dtype != dtype:
+        def destination(spec: Any) -> torch.Tensor | None:
+            wanted = targets.get(spec.name)
+            if wanted is None or wanted[2] is None:
+                return None
+            _, chunk, tensor = wanted
+            return tensor if spec.shape == chunk.sizes and spec.dtype == tensor.dtype else None
+
+        try:
+            tensors = self.files.read_tensors(name, self.sharding.files[name], destination, verify=self.verify)
+        except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(
-                f"{self.where}: {chunk.file} does not hold the chunk {chunk.key!r} of {key!r} as recorded "
-                f"(sizes {list(chunk.sizes)}, {dtype}); restore the file or delete this checkpoint"
-            )
-        return tensor
+                f"{exc}. Tensors being restored may hold part of its bytes; restore another checkpoint before using them"
+            ) from None
+        for stored, (key, chunk, _) in targets.items():
+            tensor = tensors.get(stored)
+            if tensor is None or tuple(tensor.shape) != chunk.sizes or tensor.dtype != self.sharding.tensors[key].dtype:
+                raise CorruptCheckpointError(
+                    f"{self.where}: {chunk.file} does not hold the chunk {chunk.key!r} of {key!r} as recorded "
+                    f"(sizes {list(chunk.sizes)}, {self.sharding.tensors[key].dtype}); restore the file or delete "
+                    "this checkpoint"
+                )
+        return tensors
+
+
+def _whole(chunk: Chunk, offsets: Any, lengths: Any, target: torch.Tensor) -> torch.Tensor | None:
+    """``target`` if a read of ``lengths`` at ``offsets`` in ``chunk`` is the whole chunk and the
+    file's bytes can land in ``target`` as they are; else None."""
+    if any(offsets) or tuple(lengths) != chunk.sizes:
+        return None
+    if not (target.device.type == "cpu" and target.is_contiguous() and target.layout == torch.strided):
+        return None
+    return target
 
 
 class SafetensorsReader(StorageReader):
@@ -229,7 +255,8 @@ class SafetensorsReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
             raise FileNotFoundError("a sharded ckpt_plugin checkpoint has no per-rank metadata")
-        self.sharding = read_sharding(self.files, self.record, where=self._where())
+        if self.sharding is None:  # read once per checkpoint; reset() forgets it
+            self.sharding = read_sharding(self.files, self.record, where=self._where())
         return dcp_metadata(self.sharding)
 
     def _where(self) -> str:
@@ -252,7 +279,7 @@ class SafetensorsReader(StorageReader):
                 "planner would unpickle them"
             )
         assert self.sharding is not None
-        opened = _OpenFiles(self.files, self.sharding, self._where(), self.verify)
+        reader = _ShardReader(self.files, self.sharding, self._where(), self.verify)
         per_file: dict[str, list[Any]] = {}
         for request in plan.items:
             stored = self.storage_data[request.storage_index]
@@ -261,20 +288,29 @@ class SafetensorsReader(StorageReader):
             else:
                 per_file.setdefault(stored.file, []).append(request)
         for name, requests in per_file.items():
-            tensors = opened.chunks(name)
+            targets: dict[str, tuple[str, Chunk, torch.Tensor | None]] = {}
+            planned = []
             for request in requests:
                 chunk = self.storage_data[request.storage_index]
                 key = request.storage_index.fqn
-                source = opened.chunk(tensors, key, chunk, self.sharding.tensors[key].dtype)
-                for dim, (start, length) in enumerate(zip(request.storage_offsets, request.lengths)):
-                    source = source.narrow(dim, start, length)
                 target = planner.resolve_tensor(request).detach()
-                if target.size() != source.size():
+                if tuple(target.size()) != tuple(request.lengths):
                     raise CorruptCheckpointError(
-                        f"{self._where()}: the chunk of {key!r} has sizes {list(source.size())} where "
-                        f"{list(target.size())} were planned"
+                        f"{self._where()}: {key!r} is planned as {list(request.lengths)} but the target holds "
+                        f"{list(target.size())}"
                     )
-                target.copy_(source)
+                whole = _whole(chunk, request.storage_offsets, request.lengths, target)
+                if chunk.key in targets and targets[chunk.key][2] is not None:
+                    whole = None  # a second read of the same chunk copies from the first
+                targets.setdefault(chunk.key, (key, chunk, whole))
+                planned.append((request, chunk, target))
+            tensors = reader.read(name, targets)
+            for request, chunk, target in planned:
+                source = tensors[chunk.key]
+                if source is not target:
+                    for dim, (start, length) in enumerate(zip(request.storage_offsets, request.lengths)):
+                        source = source.narrow(dim, start, length)
+                    target.copy_(source)
                 planner.commit_tensor(request, target)
             del tensors
         return _done(None)
@@ -309,11 +345,14 @@ def read_full(
         flat[key] = torch.empty(entry.shape, dtype=entry.dtype)
         for chunk in entry.chunks:
             per_file.setdefault(chunk.file, []).append((key, chunk))
-    opened = _OpenFiles(files, sharding, where, verify)
+    reader = _ShardReader(files, sharding, where, verify)
     for name, chunks in per_file.items():
-        tensors = opened.chunks(name)
+        targets = {chunk.key: (key, chunk, flat[key] if len(sharding.tensors[key].chunks) == 1 else None) for key, chunk in chunks}
+        tensors = reader.read(name, targets)
         for key, chunk in chunks:
-            source = opened.chunk(tensors, key, chunk, sharding.tensors[key].dtype)
+            source = tensors[chunk.key]
+            if source is flat[key]:
+                continue
             target = flat[key]
             for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes)):
                 target = target.narrow(dim, start, length)

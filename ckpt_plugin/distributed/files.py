@@ -9,15 +9,19 @@ methods.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from .. import fastio
 from ..errors import CorruptCheckpointError
-from ..storage import FileRecord, open_tensor_file, read_bytes_file, write_bytes_file, write_tensor_file
+from ..storage import FileRecord, read_bytes_file, write_bytes_file, write_tensor_file
+from ..tensorformat import TensorSpec
 from .layout import is_plain_name
+
+Destination = Callable[[TensorSpec], "torch.Tensor | None"]
 
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -28,14 +32,18 @@ class ShardFiles(Protocol):
     def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord: ...
     def write_bytes(self, name: str, data: bytes) -> FileRecord: ...
     def read_bytes(self, name: str, record: FileRecord | None = None) -> bytes: ...
-    def open_tensors(self, name: str, record: FileRecord | None, verify: bool = True) -> dict[str, torch.Tensor]: ...
+    def read_tensors(
+        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True
+    ) -> dict[str, torch.Tensor]: ...
 
 
 class LocalShardFiles:
     """The files of one sharded checkpoint in a directory every rank can reach.
 
-    Files are created exclusively and fsynced; tensor files are mapped, privately, on read, and
-    checked against their recorded size and checksum first.
+    Files are created exclusively and fsynced. A tensor file is read once, front to back, straight
+    into the tensors ``destination`` names (new ones where it names none), and hashed in the same
+    pass; a mismatch with the record raises :class:`CorruptCheckpointError` naming the file, once
+    the bytes have landed.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -58,5 +66,7 @@ class LocalShardFiles:
     def read_bytes(self, name: str, record: FileRecord | None = None) -> bytes:
         return read_bytes_file(self._file(name), record)
 
-    def open_tensors(self, name: str, record: FileRecord | None, verify: bool = True) -> dict[str, torch.Tensor]:
-        return open_tensor_file(self._file(name), record, verify=verify)
+    def read_tensors(
+        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True
+    ) -> dict[str, torch.Tensor]:
+        return fastio.stream_tensor_file(self._file(name), record, destination, verify=verify)
