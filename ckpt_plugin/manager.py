@@ -156,7 +156,8 @@ class CheckpointManager:
         ``on_commit`` is called with the committed checkpoint's record once it is committed and
         retention has run, before ``save`` returns or, with ``async_save``, on the background
         thread. It is not called for a save that failed; an exception it raises is raised like a
-        failed save's, although the checkpoint stays committed.
+        failed save's, although the checkpoint stays committed. In a collective (sharded) save it
+        runs on global rank 0 only.
         """
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
@@ -168,9 +169,9 @@ class CheckpointManager:
             self.wait()
             info = save_sharded(
                 self, model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
-                scheduler=scheduler, extra=extra, files=files,
+                scheduler=scheduler, extra=extra, files=files, on_commit=on_commit,
             )
-            return _notify(info, on_commit)
+            return info
         seen: list[incremental_saves.Observation | None] = [None]
 
         def take() -> Snapshot:

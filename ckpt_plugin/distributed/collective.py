@@ -21,7 +21,8 @@ arrives makes the others fail after that many seconds instead of waiting forever
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from .. import listing
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError
+from ..metadata import git_provenance
 from ..reader import read_checkpoint
 from ..rng import restore_rng_state
 from ..writer import ShardedPart, write_snapshot
@@ -87,15 +89,21 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def agree(group: Any, action: str, error: BaseException | None, value: Any = None) -> list[Any]:
-    """Exchange every rank's outcome of a step, and ``value``; return the values of all ranks.
+def agree(group: Any, action: str, error: BaseException | None, value: Any = None, *, exchange: bool = False) -> list[Any]:
+    """Exchange every rank's outcome of a step (and, with ``exchange``, ``value``); return the
+    values of all ranks. Every rank must pass the same ``exchange``.
 
     If any rank failed, every rank raises: the failed one its own error, the others a
     :class:`DistributedCheckpointError` naming the ranks that failed and why.
     """
-    mine = (None if error is None else _describe(error), value)
-    gathered: list[Any] = [None] * dist.get_world_size(group)
     try:
+        if not exchange:  # the common case costs one small all-reduce
+            failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+            if not failed.item():
+                return []
+        mine = (None if error is None else _describe(error), value)
+        gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, mine, group=group)
     except RuntimeError as exc:
         raise DistributedCheckpointError(
@@ -157,8 +165,12 @@ def save_sharded(
     scheduler: Any,
     extra: Any,
     files: Mapping[str, bytes] | None,
+    on_commit: Callable[[CheckpointInfo], None] | None = None,
 ) -> CheckpointInfo:
-    """The collective save described in the module notes; every rank calls it."""
+    """The collective save described in the module notes; every rank calls it.
+
+    ``on_commit`` runs on the coordinator after retention; if it raises, every rank raises.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -178,13 +190,15 @@ def save_sharded(
         state = _live_state(model, optimizer)
         if coordinator:
             snapshot, _ = manager._take_snapshot(None, None, epoch, metrics, config, step, scheduler, extra, files)
+            if manager._saver is not None:  # an asynchronous manager's snapshot leaves git to its writer
+                snapshot.provenance.update(git_provenance(os.getcwd()))
             manager._store.ensure_writable()
             manager._refuse_foreign(name)
             staging = manager._store.staging_dir(name)
     except BaseException as exc:  # every rank must hear of it, whatever it is
         error = exc
     try:
-        staging_name = agree(group, action, error, staging.name if staging is not None else None)[0]
+        staging_name = agree(group, action, error, staging.name if staging is not None else None, exchange=True)[0]
     except BaseException:
         if staging is not None:
             manager._store.discard(staging)
@@ -215,9 +229,11 @@ def save_sharded(
             manager._remember(info)
             manager._apply_retention(protect=info)
             summary = listing.summary(info)
+            if on_commit is not None:
+                on_commit(info)
         except BaseException as exc:
             error = exc
-    summary = agree(group, action, error, summary)[0]
+    summary = agree(group, action, error, summary, exchange=True)[0]
     return committed[0] if coordinator else listing.info_from_summary(manager.checkpoint_dir / name, summary)
 
 
