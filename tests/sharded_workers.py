@@ -157,6 +157,23 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     # Both continue identically.
     assert train_step(fresh, fresh_optimizer, fresh_scheduler, 3) == train_step(model, optimizer, scheduler, 3)
 
+    # Asynchronous: save returns once the local shards are staged; training changes them at once.
+    background = CheckpointManager(directory / "async", async_save=True, collective_timeout=20)
+    expected = full_state(model, optimizer)
+    pending = background.save(model, optimizer, epoch=7, metrics={"loss": 0.5}, scheduler=scheduler)
+    assert pending.epoch == 7 and pending.files == {} and "\x00shards" not in pending.items
+    train_step(model, optimizer, scheduler, 7)
+    background.wait()
+    assert [info.epoch for info in background.checkpoints()] == [7] and background.latest().sharded
+    check = shard(build(2), world)
+    check_optimizer, _ = objects(check)
+    background.restore(check, check_optimizer)
+    restored = full_state(check, check_optimizer)
+    assert restored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(restored[key], value), key
+    background.close()
+
     # A rank that never arrives: the other gives up after collective_timeout instead of hanging.
     short = manager_at(directory, collective_timeout=2)
     from ckpt_plugin.distributed.collective import coordination_group

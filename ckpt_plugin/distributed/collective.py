@@ -20,10 +20,13 @@ arrives makes the others fail after that many seconds instead of waiting forever
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,7 +38,8 @@ from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointE
 from ..metadata import git_provenance
 from ..reader import read_checkpoint
 from ..rng import restore_rng_state
-from ..writer import ShardedPart, write_snapshot
+from ..async_save import pending_info
+from ..writer import ShardedPart, Snapshot, write_snapshot
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager
@@ -153,6 +157,25 @@ def _check_objects(model: Any, optimizer: Any) -> None:
         raise ConfigurationError("a collective (sharded) save or restore needs the optimizer itself, not its state dict")
 
 
+@dataclasses.dataclass
+class _Save:
+    """One collective save between its two halves: prepared on the caller's thread, then written."""
+
+    manager: CheckpointManager
+    group: Any
+    rank: int
+    name: str
+    action: str
+    state: Any
+    snapshot: Snapshot | None
+    staging: Path
+    on_commit: Callable[[CheckpointInfo], None] | None
+
+    @property
+    def coordinator(self) -> bool:
+        return self.rank == 0
+
+
 def save_sharded(
     manager: CheckpointManager,
     *,
@@ -169,17 +192,106 @@ def save_sharded(
 ) -> CheckpointInfo:
     """The collective save described in the module notes; every rank calls it.
 
-    ``on_commit`` runs on the coordinator after retention; if it raises, every rank raises.
+    ``on_commit`` runs on the coordinator after retention; if it raises, every rank raises. With an
+    asynchronous manager, the local shards are copied into its staging buffer and the write, commit
+    and retention run on its background thread (the exchanges between ranks there use the
+    coordination group, which nothing else uses meanwhile: the next save, load or restore waits).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
+    arguments = (manager, model, optimizer, epoch, step, metrics, config, scheduler, extra, files, on_commit)
+    if manager._saver is None or _holds_sharded_tensors(model):
+        return _finish(_prepare(*arguments))
+    prepared: list[_Save] = []
+    rebuild: list[Callable[[dict[str, torch.Tensor]], Any]] = []
 
-    from .dcp_storage import SafetensorsWriter
-    from .planners import JsonSavePlanner
+    def take() -> Snapshot:
+        save = _prepare(*arguments)
+        shards, rebuild_state = _local_tensors(save.state)
+        snapshot = save.snapshot or Snapshot(
+            epoch=epoch, step=step, metrics=metrics, config=None, metric_for_best=manager.metric_for_best,
+            mode=manager.mode, provenance={},
+        )
+        snapshot.items[_SHARDS] = (None, shards)
+        prepared.append(save)
+        rebuild.append(rebuild_state)
+        return snapshot
 
+    def write(snapshot: Snapshot) -> CheckpointInfo:
+        save = prepared[0]
+        items = dict(snapshot.items)
+        _, copies = items.pop(_SHARDS)
+        save.state = rebuild[0](copies)
+        if save.snapshot is not None:
+            save.snapshot = dataclasses.replace(snapshot, items=items)
+        return _finish(save)
+
+    snapshot = manager._saver.save(take, write)
+    shown = dataclasses.replace(snapshot, items={k: v for k, v in snapshot.items.items() if k != _SHARDS})
+    return pending_info(manager.checkpoint_dir, shown)
+
+
+_SHARDS = "\x00shards"
+"""The staging-buffer item that carries a rank's local shards through an asynchronous save."""
+
+
+def _holds_sharded_tensors(model: Any) -> bool:
+    """Whether the state is FSDP1's (ShardedTensors), which an asynchronous save does not stage:
+    such a save runs synchronously."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, torch.nn.Module):
+        return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+    return isinstance(model, Mapping) and any(isinstance(value, ShardedTensor) for value in model.values())
+
+
+def _local_tensors(state: Any) -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Tensor]], Any]]:
+    """Every tensor of ``state`` (a DTensor's local shard), by flattened key, and a function that
+    rebuilds the same state around copies of those tensors."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+    from torch.distributed.tensor import DTensor
+
+    flat, mapping = flatten_state_dict(state)
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
+        if isinstance(value, DTensor):
+            tensors[key] = value.to_local()
+            layout[key] = (value.device_mesh, value.placements, value.shape, value.stride())
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            values[key] = copy.deepcopy(value)
+
+    def rebuild(copies: dict[str, torch.Tensor]) -> Any:
+        rebuilt = dict(values)
+        for key, tensor in copies.items():
+            if key in layout:
+                mesh, placements, shape, stride = layout[key]
+                tensor = DTensor.from_local(tensor, mesh, placements, run_check=False, shape=shape, stride=stride)
+            rebuilt[key] = tensor
+        return unflatten_state_dict(rebuilt, mapping)
+
+    return tensors, rebuild
+
+
+def _prepare(
+    manager: CheckpointManager,
+    model: Any,
+    optimizer: Any,
+    epoch: int,
+    step: int | None,
+    metrics: dict[str, Any],
+    config: Any,
+    scheduler: Any,
+    extra: Any,
+    files: Mapping[str, bytes] | None,
+    on_commit: Callable[[CheckpointInfo], None] | None,
+) -> _Save:
+    """Step 1: every rank takes its state; the coordinator snapshots the small items and creates
+    the staging directory; the ranks agree, or all raise."""
     group = coordination_group(manager.collective_timeout)
     rank = dist.get_rank(group)
-    coordinator = rank == 0
     name = checkpoint_name(epoch, step)
     action = f"saving sharded checkpoint {name} in {manager.checkpoint_dir}"
     staging = snapshot = state = None
@@ -188,7 +300,7 @@ def save_sharded(
         if manager._incremental is not None:
             raise ConfigurationError("incremental=True is not supported for sharded (FSDP / DTensor) checkpoints")
         state = _live_state(model, optimizer)
-        if coordinator:
+        if rank == 0:
             snapshot, _ = manager._take_snapshot(None, None, epoch, metrics, config, step, scheduler, extra, files)
             if manager._saver is not None:  # an asynchronous manager's snapshot leaves git to its writer
                 snapshot.provenance.update(git_provenance(os.getcwd()))
@@ -203,38 +315,50 @@ def save_sharded(
         if staging is not None:
             manager._store.discard(staging)
         raise
-    staging_path = manager.checkpoint_dir / staging_name
+    return _Save(manager, group, rank, name, action, state, snapshot, manager.checkpoint_dir / staging_name, on_commit)
+
+
+def _finish(save: _Save) -> CheckpointInfo:
+    """Steps 2 and 3: every rank writes its shards, the coordinator commits once all reported and
+    applies retention; the ranks agree on the outcome."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .dcp_storage import SafetensorsWriter
+    from .planners import JsonSavePlanner
+
+    manager = save.manager
     committed: list[CheckpointInfo] = []
 
     def commit(sharding: Any, record: Any) -> None:
-        assert snapshot is not None
-        snapshot.sharded = ShardedPart(
+        assert save.snapshot is not None
+        save.snapshot.sharded = ShardedPart(
             items=sharding.items(), files={**sharding.files, SHARDING_FILE: record}, world_size=sharding.world_size
         )
         with manager._lock:
-            committed.append(write_snapshot(manager._store, snapshot, staging=staging_path))
+            committed.append(write_snapshot(manager._store, save.snapshot, staging=save.staging))
 
-    writer = SafetensorsWriter(staging_path, on_commit=commit if coordinator else None)
+    writer = SafetensorsWriter(save.staging, on_commit=commit if save.coordinator else None)
     try:
-        dcp.save(state, storage_writer=writer, planner=JsonSavePlanner(), process_group=group)
+        dcp.save(save.state, storage_writer=writer, planner=JsonSavePlanner(), process_group=save.group)
     except CheckpointException as exc:
-        if coordinator:
-            manager._store.discard(staging_path)
-        _raise_dcp_failure(exc, action, rank)
+        if save.coordinator:
+            manager._store.discard(save.staging)
+        _raise_dcp_failure(exc, save.action, save.rank)
     summary = None
     error = None
-    if coordinator:
+    if save.coordinator:
         try:
             info = committed[0]
             manager._remember(info)
             manager._apply_retention(protect=info)
             summary = listing.summary(info)
-            if on_commit is not None:
-                on_commit(info)
+            if save.on_commit is not None:
+                save.on_commit(info)
         except BaseException as exc:
             error = exc
-    summary = agree(group, action, error, summary, exchange=True)[0]
-    return committed[0] if coordinator else listing.info_from_summary(manager.checkpoint_dir / name, summary)
+    summary = agree(save.group, save.action, error, summary, exchange=True)[0]
+    return committed[0] if save.coordinator else listing.info_from_summary(manager.checkpoint_dir / save.name, summary)
 
 
 def restore_sharded(
