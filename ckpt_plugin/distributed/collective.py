@@ -197,14 +197,17 @@ def save_sharded(
     and retention run on its background thread (the exchanges between ranks there use the
     coordination group, which nothing else uses meanwhile: the next save, load or restore waits).
     """
-    arguments = (manager, model, optimizer, epoch, step, metrics, config, scheduler, extra, files, on_commit)
+    arguments = dict(
+        model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
+        scheduler=scheduler, extra=extra, files=files, on_commit=on_commit,
+    )
     if manager._saver is None or _holds_sharded_tensors(model):
-        return _finish(_prepare(*arguments))
+        return _finish(_prepare(manager, arguments))
     prepared: list[_Save] = []
     rebuild: list[Callable[[dict[str, torch.Tensor]], Any]] = []
 
     def take() -> Snapshot:
-        save = _prepare(*arguments)
+        save = _prepare(manager, arguments)
         shards, rebuild_state = _local_tensors(save.state)
         snapshot = save.snapshot or Snapshot(
             epoch=epoch, step=step, metrics=metrics, config=None, metric_for_best=manager.metric_for_best,
@@ -275,21 +278,10 @@ def _local_tensors(state: Any) -> tuple[dict[str, torch.Tensor], Callable[[dict[
     return tensors, rebuild
 
 
-def _prepare(
-    manager: CheckpointManager,
-    model: Any,
-    optimizer: Any,
-    epoch: int,
-    step: int | None,
-    metrics: dict[str, Any],
-    config: Any,
-    scheduler: Any,
-    extra: Any,
-    files: Mapping[str, bytes] | None,
-    on_commit: Callable[[CheckpointInfo], None] | None,
-) -> _Save:
+def _prepare(manager: CheckpointManager, arguments: dict[str, Any]) -> _Save:
     """Step 1: every rank takes its state; the coordinator snapshots the small items and creates
     the staging directory; the ranks agree, or all raise."""
+    epoch, step = arguments["epoch"], arguments["step"]
     group = coordination_group(manager.collective_timeout)
     rank = dist.get_rank(group)
     name = checkpoint_name(epoch, step)
@@ -299,9 +291,12 @@ def _prepare(
     try:
         if manager._incremental is not None:
             raise ConfigurationError("incremental=True is not supported for sharded (FSDP / DTensor) checkpoints")
-        state = _live_state(model, optimizer)
+        state = _live_state(arguments["model"], arguments["optimizer"])
         if rank == 0:
-            snapshot, _ = manager._take_snapshot(None, None, epoch, metrics, config, step, scheduler, extra, files)
+            snapshot, _ = manager._take_snapshot(
+                None, None, epoch, arguments["metrics"], arguments["config"], step, arguments["scheduler"],
+                arguments["extra"], arguments["files"],
+            )
             if manager._saver is not None:  # an asynchronous manager's snapshot leaves git to its writer
                 snapshot.provenance.update(git_provenance(os.getcwd()))
             manager._store.ensure_writable()
@@ -315,7 +310,8 @@ def _prepare(
         if staging is not None:
             manager._store.discard(staging)
         raise
-    return _Save(manager, group, rank, name, action, state, snapshot, manager.checkpoint_dir / staging_name, on_commit)
+    staging_path = manager.checkpoint_dir / staging_name
+    return _Save(manager, group, rank, name, action, state, snapshot, staging_path, arguments["on_commit"])
 
 
 def _finish(save: _Save) -> CheckpointInfo:
