@@ -207,6 +207,22 @@ def job_restore(rank: int, world: int, directory: Path) -> None:
     assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
     assert scheduler.last_epoch == 2
 
+    # A checkpoint saved by one process (no torch.distributed) restores into the sharded model too.
+    plain = CheckpointManager(directory / "plain")
+    info = plain.restore(model, optimizer, scheduler)
+    assert info is not None and not info.sharded
+    restored = full_state(model, optimizer)
+    if rank == 0:
+        saved = plain.load_latest()
+        names = [name for name, _ in build(0).named_parameters()]
+        expected = {f"model/{key}": value for key, value in saved["model"].items()}
+        for number, values in saved["optimizer"]["state"].items():
+            expected.update({f"optim/{names[number]}/{slot}": torch.as_tensor(value) for slot, value in values.items()})
+        assert restored.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(restored[key], value), key
+    assert scheduler.state_dict() == CheckpointManager(directory / "plain").load_latest()["scheduler"]
+
 
 JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore}
 

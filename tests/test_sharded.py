@@ -9,13 +9,18 @@ import safetensors.torch
 import torch
 
 from ckpt_plugin import CheckpointManager
-from sharded_workers import build, launch, objects
+from sharded_workers import build, launch, objects, train_step
 
 
 @pytest.fixture(scope="module")
 def saved_at_two(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sharded")
     launch("save_and_fail", 2, directory)
+    model = build(5)  # and a checkpoint saved by one process, for the restore jobs
+    optimizer, scheduler = objects(model)
+    for step in (1, 2):
+        train_step(model, optimizer, scheduler, step)
+    CheckpointManager(directory / "plain").save(model, optimizer, epoch=2, scheduler=scheduler, metrics={"loss": 1.0})
     return directory
 
 
@@ -68,6 +73,7 @@ def test_one_process_loads_full_plain_tensors(saved_at_two):
 
 
 def test_restore_at_four_ranks_reshards_exactly(saved_at_two):
+    """Also restores a checkpoint saved by one process into the sharded model."""
     launch("restore", 4, saved_at_two)
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from .. import listing
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
-from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError
+from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
 from ..metadata import git_provenance
 from ..reader import read_checkpoint
 from ..rng import restore_rng_state
@@ -368,7 +368,8 @@ def restore_sharded(
     restore_rng: bool,
 ) -> None:
     """Load ``info`` into the DTensor-holding ``model`` (and ``optimizer``) at this world size,
-    whatever the world size that saved it; every rank calls it."""
+    whatever the world size that saved it; every rank calls it. A checkpoint saved by one process
+    is read whole by every rank, which keeps its own shards of it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
@@ -384,31 +385,37 @@ def restore_sharded(
     others: dict[str, Any] = {}
     state: dict[str, Any] = {}
     reader = SafetensorsReader(info.path, record=info.files.get(SHARDING_FILE))
+    full = not info.sharded
     try:
         _check_objects(model, optimizer)
-        if not info.sharded:
-            raise ConfigurationError(
-                f"{info.path} was saved by one process; restore it with manager.load(...) and "
-                "torch.distributed.checkpoint.state_dict.set_state_dict(..., options=StateDictOptions(full_state_dict=True))"
-            )
         state = _live_state(model, optimizer)
-        check_compatible(flatten_state_dict(state)[0], reader.read_metadata(), strict=strict, where=where)
-        small = tuple(item for item, wanted in (("scheduler", scheduler is not None), ("rng", restore_rng)) if wanted)
+        if not full:
+            check_compatible(flatten_state_dict(state)[0], reader.read_metadata(), strict=strict, where=where)
+        wanted = (
+            ("model", full), ("optimizer", full and optimizer is not None), ("scheduler", scheduler is not None),
+            ("rng", restore_rng),
+        )
+        small = tuple(item for item, wanted_item in wanted if wanted_item)
         others = read_checkpoint(info, items=small) if small else {}
+        if full:  # saved by one process: every rank holds the full state, set_state_dict keeps its shards
+            state = {"model": others["model"]}
+            if optimizer is not None:
+                state["optimizer"] = _named_optimizer_state(model, optimizer, others.get("optimizer"), where)
         if scheduler is not None and others.get("scheduler") is None:
             raise ConfigurationError(f"{info.path} holds no scheduler state; pass scheduler=None to restore without it")
     except BaseException as exc:
         error = exc
     agree(group, action, error)
-    try:
-        dcp.load(state, storage_reader=reader, planner=JsonLoadPlanner(allow_partial_load=not strict, where=where), process_group=group)
-    except CheckpointException as exc:
-        _raise_dcp_failure(exc, action, rank)
+    if not full:
+        try:
+            dcp.load(state, storage_reader=reader, planner=JsonLoadPlanner(allow_partial_load=not strict, where=where), process_group=group)
+        except CheckpointException as exc:
+            _raise_dcp_failure(exc, action, rank)
     error = None
     try:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-        options = StateDictOptions(strict=strict)
+        options = StateDictOptions(strict=strict, full_state_dict=full)
         if optimizer is None:
             set_model_state_dict(model, state["model"], options=options)
         else:
@@ -420,3 +427,23 @@ def restore_sharded(
     except BaseException as exc:
         error = exc
     agree(group, action, error)
+
+
+def _named_optimizer_state(model: Any, optimizer: Any, state: Any, where: str) -> dict[str, Any]:
+    """A plain optimizer state (parameters numbered in the order of their groups) keyed by
+    parameter name instead, as ``set_state_dict`` takes it."""
+    if not isinstance(state, Mapping):
+        raise ConfigurationError(f"{where} holds no optimizer state; pass optimizer=None to restore without it")
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    live = [names.get(id(parameter)) for group in optimizer.param_groups for parameter in group["params"]]
+    saved = [number for group in state["param_groups"] for number in group["params"]]
+    if len(saved) != len(live) or None in live:
+        raise IncompatibleCheckpointError(
+            f"{where} holds optimizer state for {len(saved)} parameters, but the optimizer has {len(live)}; "
+            "build the optimizer over the same parameters"
+        )
+    by_number = dict(zip(saved, live))
+    return {
+        "state": {by_number[number]: value for number, value in state["state"].items()},
+        "param_groups": [{**group, "params": [by_number[n] for n in group["params"]]} for group in state["param_groups"]],
+    }
