@@ -15,7 +15,9 @@ tensor parallel), every rank calls ``save`` and ``restore``:
    the same :class:`CheckpointInfo` or all raise.
 
 Every exchange runs on a gloo group created with ``collective_timeout``, so a rank that never
-arrives makes the others fail after that many seconds instead of waiting forever.
+arrives makes the others fail after that many seconds instead of waiting forever. With
+``async_save``, step 1 also copies each rank's local shards into the manager's staging buffer, and
+steps 2 and 3 run on its background thread.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import torch
 import torch.distributed as dist
 
 from .. import listing
+from ..async_save import pending_info
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
 from ..metadata import git_provenance
 from ..reader import read_checkpoint
 from ..rng import restore_rng_state
-from ..async_save import pending_info
 from ..writer import ShardedPart, Snapshot, write_snapshot
 
 if TYPE_CHECKING:
