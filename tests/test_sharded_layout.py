@@ -8,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -121,3 +123,44 @@ def test_a_document_edited_without_its_checksum_is_rejected(saved):
     with pytest.raises(CorruptCheckpointError, match="checksum"):
         Sharding.from_json(document, "sharding.json")
     assert issubclass(ConfigurationError, ValueError)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def _nodes(tree, path=()):
+    yield path
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _nodes(value, path + (key,))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _nodes(value, path + (index,))
+
+
+@settings(max_examples=100, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_documents_are_read_or_refused_cleanly(saved, data):
+    """Any mutation of a valid sharding.json (re-sealed with a valid checksum) is either a valid
+    document whose reading stays inside the checkpoint, or a CorruptCheckpointError."""
+    document = json.loads((saved / "sharding.json").read_text())
+    paths = [path for path in _nodes(document) if path and path[0] != CHECKSUM_KEY]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        node = document
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = data.draw(json_values)
+        paths = [p for p in _nodes(document) if p and p[0] != CHECKSUM_KEY]
+    try:
+        sharding = Sharding.from_json(rewrite(document), "sharding.json")
+    except CorruptCheckpointError:
+        return
+    try:
+        read_full(LocalShardFiles(saved), sharding)
+    except CorruptCheckpointError:
+        pass

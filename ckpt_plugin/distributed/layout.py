@@ -210,7 +210,7 @@ class _Parser:
             if any(o + s > d for o, s, d in zip(offsets, sizes, shape)):
                 raise self.fail(f"chunk {index} of {key!r} lies outside the tensor's shape {list(shape)}")
             name, stored = chunk.get("file"), chunk.get("key")
-            if name not in files or not isinstance(stored, str):
+            if not isinstance(name, str) or name not in files or not isinstance(stored, str):
                 raise self.fail(f"chunk {index} of {key!r} names a file that is not listed, or no key")
             chunks.append(Chunk(offsets, sizes, name, stored))
             covered += math.prod(sizes)
