@@ -59,13 +59,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return float(loss.detach())
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, offload: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of the model and Adam state, unsharded, flat (``model/...``, ``optim/...``);
-    gathered to rank 0 (other ranks get an empty dict)."""
+    gathered to rank 0 (other ranks get an empty dict) unless ``offload`` is False (then every
+    rank gets it: FSDP1's CPU offload of a full state dict crashes on CPU-only torch)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)
     )
     flat = {f"model/{key}": value for key, value in model_state.items()}
     for name, values in optim_state.get("state", {}).items():
@@ -224,7 +225,28 @@ def job_restore(rank: int, world: int, directory: Path) -> None:
     assert scheduler.state_dict() == CheckpointManager(directory / "plain").load_latest()["scheduler"]
 
 
-JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore}
+def job_fsdp1(rank: int, world: int, directory: Path) -> None:
+    """FSDP1 (FullyShardedDataParallel, ShardedTensor state) saves and restores the same way."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def fsdp1(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        wrapped = FullyShardedDataParallel(build(seed), device_id=torch.device("cpu"), use_orig_params=True)
+        return wrapped, torch.optim.Adam(wrapped.parameters(), lr=0.01)
+
+    first, first_optimizer = fsdp1(0)
+    first(torch.randn(4, 5)).sum().backward()
+    first_optimizer.step()
+    older = CheckpointManager(directory / "fsdp1", collective_timeout=20)
+    assert older.save(first, first_optimizer, epoch=1, metrics={"loss": 0.0}).sharded
+    second, second_optimizer = fsdp1(1)
+    older.restore(second, second_optimizer)
+    expected, restored = full_state(first, first_optimizer, offload=False), full_state(second, second_optimizer, offload=False)
+    assert restored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(restored[key], value), key
+
+
+JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore, "fsdp1": job_fsdp1}
 
 
 def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str) -> None:

@@ -115,3 +115,10 @@ def test_cli_exports_one_consolidated_model_and_verifies_every_shard(saved_at_tw
     result = runner.invoke(cli.app, ["show", directory, "2", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["model_tensors"] == 4, result.output
     assert runner.invoke(cli.app, ["verify", directory]).exit_code == 0
+
+
+def test_fsdp1_modules_save_and_restore_too(tmp_path):
+    launch("fsdp1", 2, tmp_path)
+    checkpoint = CheckpointManager(tmp_path / "fsdp1").load_latest()
+    build(6).load_state_dict(checkpoint["model"], strict=True)
+    assert len(checkpoint["optimizer"]["state"]) == 4
