@@ -94,7 +94,8 @@ def expect(error_type: type[BaseException], call, text: str | None = None) -> Ba
 
 def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     """Save at world 2; then a rank failing mid-save and before the save; then a bad restore;
-    then a restore into a fresh sharded model; last, a rank that never arrives."""
+    then a restore into a fresh sharded model; an asynchronous save; FSDP1; last, a rank that
+    never arrives."""
     model = shard(build(0), world)
     optimizer, scheduler = objects(model)
     manager = manager_at(directory, collective_timeout=20)
@@ -175,6 +176,8 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
         assert torch.equal(restored[key], value), key
     background.close()
 
+    job_fsdp1(rank, world, directory)
+
     # A rank that never arrives: the other gives up after collective_timeout instead of hanging.
     short = manager_at(directory, collective_timeout=2)
     from ckpt_plugin.distributed.collective import coordination_group
@@ -246,7 +249,7 @@ def job_fsdp1(rank: int, world: int, directory: Path) -> None:
         assert torch.equal(restored[key], value), key
 
 
-JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore, "fsdp1": job_fsdp1}
+JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore}
 
 
 def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str) -> None:

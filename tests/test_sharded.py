@@ -63,6 +63,9 @@ def test_one_process_loads_full_plain_tensors(saved_at_two):
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
     assert checkpoint["extra"] == {"note": "sharded"} and checkpoint["epoch"] == 2
     assert manager.load(epoch=1)["model"]["0.weight"].shape == (7, 5)
+    fsdp1 = CheckpointManager(saved_at_two / "fsdp1").load_latest()  # saved by FSDP1 modules
+    build(6).load_state_dict(fsdp1["model"], strict=True)
+    assert len(fsdp1["optimizer"]["state"]) == 4
 
     plain = build(4)
     plain_optimizer, plain_scheduler = objects(plain)
@@ -116,9 +119,3 @@ def test_cli_exports_one_consolidated_model_and_verifies_every_shard(saved_at_tw
     assert result.exit_code == 0 and json.loads(result.output)["model_tensors"] == 4, result.output
     assert runner.invoke(cli.app, ["verify", directory]).exit_code == 0
 
-
-def test_fsdp1_modules_save_and_restore_too(tmp_path):
-    launch("fsdp1", 2, tmp_path)
-    checkpoint = CheckpointManager(tmp_path / "fsdp1").load_latest()
-    build(6).load_state_dict(checkpoint["model"], strict=True)
-    assert len(checkpoint["optimizer"]["state"]) == 4
