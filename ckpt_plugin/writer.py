@@ -21,6 +21,7 @@ from .checkpoint import (
     METADATA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    SHARDING_FILE,
     STATE_FILE,
     CheckpointInfo,
     build_metadata,
@@ -186,7 +187,9 @@ def snapshot_info(path: Path, snapshot: Snapshot, files: dict[str, FileRecord] |
     )
 
 
-RESERVED_FILES = frozenset({METADATA_FILE, STATE_FILE, MODEL_FILE, MODEL_INDEX_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE})
+RESERVED_FILES = frozenset(
+    {METADATA_FILE, STATE_FILE, MODEL_FILE, MODEL_INDEX_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE, SHARDING_FILE}
+)
 
 
 def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
