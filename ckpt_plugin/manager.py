@@ -157,7 +157,7 @@ class CheckpointManager:
         retention has run, before ``save`` returns or, with ``async_save``, on the background
         thread. It is not called for a save that failed; an exception it raises is raised like a
         failed save's, although the checkpoint stays committed. In a collective (sharded) save it
-        runs on global rank 0 only.
+        runs on global rank 0 only, and an exception it raises is raised on every rank.
         """
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
@@ -167,11 +167,10 @@ class CheckpointManager:
             from .distributed.collective import save_sharded
 
             self.wait()
-            info = save_sharded(
+            return save_sharded(
                 self, model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
                 scheduler=scheduler, extra=extra, files=files, on_commit=on_commit,
             )
-            return info
         seen: list[incremental_saves.Observation | None] = [None]
 
         def take() -> Snapshot:
@@ -491,6 +490,10 @@ class CheckpointManager:
         the optimizer's state, with checksums verified in the same pass. If a file turns out to be
         damaged, :class:`CorruptCheckpointError` names it and says which live objects were already
         overwritten; ``atomic=True`` checks every file first so that nothing changes on damage.
+
+        For a model holding DTensors in a distributed job, the restore is collective (every rank
+        calls it) and reshards the checkpoint to this world size; ``atomic`` does not apply there.
+        A sharded checkpoint restores into plain objects in one process too.
         """
         self._settle()
         info = self.resolve(which)
