@@ -61,11 +61,11 @@ def median_time(fn: Callable[[], object], rounds: int, before: Callable[[], obje
     return statistics.median(times)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], rounds: int, before: Callable[[], object] | None = None
-) -> dict[str, float]:
-    """Median wall time of each of ``fns``, run in turn within every round so that drifting load
-    on a shared machine hits them alike; the first round is an untimed warm-up."""
+) -> dict[str, list[float]]:
+    """Wall times of each of ``fns``, run in turn within every round so that drifting load on a
+    shared machine hits them alike; the first round is an untimed warm-up."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for index in range(rounds + 1):
         for name, fn in fns.items():
@@ -76,12 +76,32 @@ def interleaved_medians(
             elapsed = time.perf_counter() - start
             if index:
                 times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int, before: Callable[[], object] | None = None
+) -> dict[str, float]:
+    """The median of each of :func:`interleaved_times`."""
+    return {name: statistics.median(values) for name, values in interleaved_times(fns, rounds, before).items()}
+
+
+def spread(values: list[float]) -> str:
+    """``median (min-max)`` of a list of seconds, in milliseconds."""
+    return f"{statistics.median(values) * 1e3:.0f} ms ({min(values) * 1e3:.0f}-{max(values) * 1e3:.0f})"
 
 
 def settle() -> None:
-    """Flush dirty pages so that one measurement's writeback does not slow down the next."""
+    """Let background deletions finish and flush dirty pages, so that no measurement pays for
+    another's leftovers (saves in training are further apart than either)."""
+    from ckpt_plugin import trash
+
+    trash.drain()
     os.sync()
+
+
+def load_average() -> str:
+    return ", ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -151,7 +171,7 @@ def machine() -> str:
     except (ValueError, OSError):
         ram = float("nan")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    load = load_average()
     return (
         f"{model}, nproc={os.cpu_count()}, RAM {ram:.1f} GiB, {gpu}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}; load average {load}"

@@ -43,6 +43,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import machine  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     DefaultFlowCallback,
@@ -279,6 +280,7 @@ def main() -> None:
     )
     parser.add_argument("--hooks-only", action="store_true", help="measure only the cost of hooks that do not save")
     options = parser.parse_args()
+    print(machine())
     if options.rounds < 3:
         sys.exit("use at least 3 rounds: the figures are medians")
     if options.hook_epochs and options.hook_epochs < 3:

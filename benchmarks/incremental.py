@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine
 from torch import nn
 
 from ckpt_plugin import CheckpointInfo, CheckpointManager
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
+    print(machine())
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
     model, _ = build(args.mib)

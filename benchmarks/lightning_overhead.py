@@ -31,6 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _common import machine
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--async-save", action="store_true", help="run CheckpointCallback with async_save=True")
     parser.add_argument("--hook-epochs", type=int, default=300, help="epochs of the non-saving epoch measurement")
     args = parser.parse_args()
+    print(machine())
     scratch = args.dir or Path(tempfile.mkdtemp(prefix="ckpt_lightning_bench_"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = TensorDataset(torch.randn(64, WIDTH, generator=torch.Generator().manual_seed(0)))

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import machine
+
 BUDGET_MS = 100.0
 
 CHILD = r"""
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
+    print(machine())
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine
 from torch import nn
 
 from ckpt_plugin import CheckpointManager
@@ -96,6 +97,7 @@ def main() -> None:
         "--dir", type=Path, default=None, help="where to write the files (default: a temporary directory)"
     )
     args = parser.parse_args()
+    print(machine())
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

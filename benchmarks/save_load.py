@@ -1,11 +1,15 @@
 """Sync save and load of a ~400 MiB model + Adam state, against torch.save / torch.load.
 
-    PYTHONPATH=. python benchmarks/save_load.py [--rounds 5] [--dir PARENT]
+    PYTHONPATH=. python benchmarks/save_load.py [--rounds 9] [--dir PARENT]
 
 Every figure is a ratio to the real alternative measured in the same run on the same state, the
-median of ``--rounds`` rounds after one warm-up round:
+median of ``--rounds`` interleaved rounds after one warm-up round; each save's median and range
+(min-max) are printed too:
 
-- sync ``CheckpointManager.save`` / (``torch.save`` + fsync of its file)    target <= 1.0
+- sync ``CheckpointManager.save`` / (``torch.save`` + fsync of its file)    target <= 1.0,
+  with ``max_checkpoints=2`` (every save prunes one) and keeping every checkpoint
+- the floors: a raw write of the same bytes + fsync through the page cache, and the same with
+  direct I/O (what the disk alone costs)
 - sync ``CheckpointManager.save`` / bare ``torch.save``                      (reported)
 - ``manager.restore`` (checksums verified) / (``torch.load(weights_only=True)`` + ``load_state_dict``)
                                                                               target <= 0.8
@@ -14,13 +18,19 @@ median of ``--rounds`` rounds after one warm-up round:
 - extra peak memory during a sync save, against largest tensor + 64 MiB: the rise of the resident
   set's high-water mark, and the peak of torch allocations seen by the profiler
 
-Dirty pages are flushed (``os.sync``) before every timed save, so no write pays for another's.
+Before every timed save the background deletion of pruned checkpoints is let finish and dirty
+pages are flushed (``os.sync``), so no write pays for another's; the deletion's own time is
+reported (it runs on a background thread, off the save's path).
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
+import os
 import shutil
+import statistics
+import time
 from unittest import mock
 
 import torch
@@ -30,6 +40,8 @@ from _common import (
     build_state,
     fsync_file,
     interleaved_medians,
+    interleaved_times,
+    load_average,
     machine,
     median_time,
     nbytes,
@@ -38,11 +50,12 @@ from _common import (
     print_table,
     scratch_dir,
     settle,
+    spread,
     state_tensors,
 )
 
 import ckpt_plugin.storage
-from ckpt_plugin import CheckpointManager
+from ckpt_plugin import CheckpointManager, trash
 from ckpt_plugin.storage import tensor_bytes
 
 
@@ -58,7 +71,7 @@ class NullHasher:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--dir", default=None, help="parent of the scratch directory (default: the system temp dir)")
     parser.add_argument("--hidden", type=int, default=2090)
     parser.add_argument("--layers", type=int, default=8)
@@ -91,6 +104,23 @@ def main() -> None:
     def ours_save() -> None:
         manager.save(model=model, optimizer=optimizer, epoch=next(counter), metrics={"loss": 0.5})
 
+    keeper = CheckpointManager(root / "keep", max_checkpoints=None, keep_best=False, save_rng=False)
+
+    def ours_keep_all() -> None:
+        keeper.save(model=model, optimizer=optimizer, epoch=next(counter), metrics={"loss": 0.5})
+
+    raw_file = root / "raw.bin"
+
+    def raw_write(flags: int) -> None:
+        raw_file.unlink(missing_ok=True)
+        fd = os.open(raw_file, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+        try:
+            for view in aligned_views:
+                os.write(fd, view)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def torch_load() -> None:
         loaded = torch.load(torch_file, weights_only=True)
         model.load_state_dict(loaded["model"])
@@ -100,6 +130,13 @@ def main() -> None:
         manager.restore(model, optimizer, which="latest")
 
     views = [tensor_bytes(t) for t in tensors]
+    # The same bytes in 8 MiB page-aligned pieces, as direct I/O needs (the buffered floor uses them too).
+    everything = mmap.mmap(-1, -(-state_bytes // (8 * MiB)) * 8 * MiB)
+    position = 0
+    for view in views:
+        everything[position : position + len(view)] = view
+        position += len(view)
+    aligned_views = [memoryview(everything)[start : start + 8 * MiB] for start in range(0, len(everything), 8 * MiB)]
 
     def hash_all() -> None:
         hasher = xxhash.xxh3_64()
@@ -114,12 +151,38 @@ def main() -> None:
             unhashed.save(model=model, optimizer=optimizer, epoch=next(counter), metrics={"loss": 0.5})
 
     rounds = args.rounds
-    saves = interleaved_medians(
-        {"torch": torch_save, "torch_fsync": torch_save_fsync, "ours": ours_save, "unhashed": save_unhashed},
-        rounds,
-        before=settle,
-    )
+    deletions: list[float] = []
+    manager_pruned = [False]
+
+    def settle_after_saves() -> None:
+        start = time.perf_counter()
+        trash.drain()
+        if manager_pruned[0]:
+            deletions.append(time.perf_counter() - start)
+            manager_pruned[0] = False
+        settle()
+
+    def ours_save_noting_prune() -> None:
+        ours_save()
+        manager_pruned[0] = True
+
+    direct = getattr(os, "O_DIRECT", 0)
+    save_fns = {
+        "raw": lambda: raw_write(0),
+        **({"raw_direct": lambda: raw_write(direct)} if direct else {}),
+        "torch": torch_save,
+        "torch_fsync": torch_save_fsync,
+        "ours": ours_save_noting_prune,
+        "ours_keep": ours_keep_all,
+        "unhashed": save_unhashed,
+    }
+    load_before = load_average()
+    save_times = interleaved_times(save_fns, rounds, before=settle_after_saves)
+    load_after = load_average()
+    settle_after_saves()
+    saves = {name: statistics.median(values) for name, values in save_times.items()}
     t_torch, t_torch_fsync, t_ours, t_unhashed = (saves[k] for k in ("torch", "torch_fsync", "ours", "unhashed"))
+    t_keep, t_raw = saves["ours_keep"], saves["raw"]
     loads = interleaved_medians({"torch": torch_load, "ours": ours_load}, rounds)
     t_torch_load, t_ours_load = loads["torch"], loads["ours"]
     t_hash = median_time(hash_all, rounds)
@@ -133,6 +196,21 @@ def main() -> None:
     extra_torch = peak_extra_rss(torch_save)
     limit = largest + 64 * MiB
 
+    labels = {
+        "raw": "raw write of the same bytes + fsync (page cache)",
+        "raw_direct": "raw write of the same bytes + fsync (direct I/O)",
+        "torch": "torch.save",
+        "torch_fsync": "torch.save + fsync",
+        "ours": "manager.save, max_checkpoints=2 (prunes)",
+        "ours_keep": "manager.save, keeping every checkpoint",
+        "unhashed": "manager.save without checksums",
+    }
+    print(f"\nsaves, median (min-max) of {rounds} interleaved rounds; load average {load_before} before, {load_after} after:")
+    width = max(len(label) for label in labels.values())
+    for name, values in save_times.items():
+        print(f"  {labels[name].ljust(width)}  {spread(values):>22}  {saves[name] / t_torch_fsync:.2f}x torch.save + fsync")
+    if deletions:
+        print(f"  {'background deletion of the pruned checkpoint'.ljust(width)}  {spread(deletions):>22}  (off the save's path)")
     print(
         f"\nmedians of {rounds} rounds: torch.save {t_torch * 1e3:.0f} ms, torch.save+fsync {t_torch_fsync * 1e3:.0f} ms, "
         f"manager.save {t_ours * 1e3:.0f} ms; torch.load+load_state_dict {t_torch_load * 1e3:.0f} ms, "
@@ -142,6 +220,9 @@ def main() -> None:
         "sync save and load (ratios, lower is better)",
         [
             ("save / (torch.save + fsync)", f"{t_ours / t_torch_fsync:.2f}x", "<= 1.0"),
+            ("  same, keeping every checkpoint", f"{t_keep / t_torch_fsync:.2f}x", "<= 1.0"),
+            ("  floor: raw write + fsync / (torch.save + fsync)", f"{t_raw / t_torch_fsync:.2f}x", "reported"),
+            ("save / raw write + fsync (page cache)", f"{t_ours / t_raw:.2f}x", "~1 or below"),
             ("save / torch.save (no fsync)", f"{t_ours / t_torch:.2f}x", "reported"),
             ("restore (verified) / (torch.load + load_state_dict)", f"{t_ours_load / t_torch_load:.2f}x", "<= 0.8"),
             ("checksum: xxh3 of the state alone / save", f"{t_hash / t_ours:.1%}", "CPU cost"),

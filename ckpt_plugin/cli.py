@@ -7,6 +7,7 @@
     ckpt validate DIR EPOCH --version 1.0.0 --require "accuracy>=0.9"
     ckpt promote DIR 1.0.0 | ckpt rollback DIR | ckpt versions DIR | ckpt history DIR
     ckpt export DIR EPOCH --to hf|pt
+    ckpt plot DIR -o run.png|run.svg|run.html   metrics of every checkpoint ever saved, marked
 
 Every command takes ``--json`` for scripts. Exit status: 0 on success, 1 when a check fails or a
 file is corrupt, 2 on bad input (a missing directory, an unknown epoch or version).
@@ -62,6 +63,7 @@ from .storage import (
 from .writer import SAFETENSORS_METADATA
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+HF_CONFIG_FILES = ("config.json", "generation_config.json")
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -641,36 +643,54 @@ def export(
 
 
 def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:
-    """Write ``target/`` with ``model.safetensors`` (or its shards and index) and ``config.json``, as ``save_pretrained`` lays it out."""
-    notes = []
+    """Write ``target/`` as ``save_pretrained`` lays it out: ``model.safetensors`` (or its shards and
+    index), ``config.json`` and, when the checkpoint has one, ``generation_config.json``.
+
+    The config is ``--config`` when given, else the model's own: the ``config.json`` the checkpoint
+    holds (every Hugging Face callback checkpoint does), or the model config it recorded. A
+    checkpoint with neither cannot give a folder that ``from_pretrained`` loads, so it is refused.
+    """
+    extra_files = [name for name in HF_CONFIG_FILES if name in info.files]
     if config_file is not None:
-        config_bytes = config_file.read_bytes()
+        config_bytes: bytes | None = config_file.read_bytes()
+        extra_files = [name for name in extra_files if name != HF_CONFIG_FILES[0]]
+    elif HF_CONFIG_FILES[0] in info.files:
+        config_bytes = None  # copied and verified with the weights
     else:
-        config = codec.from_json(read_json(info.path / METADATA_FILE).get("config"))
-        if not isinstance(config, Mapping):
-            raise ConfigurationError(
-                f"{info.path} records no config dict to write as config.json; pass --config with the model's config.json"
-            )
-        if "model_type" not in config:
-            notes.append("the config has no 'model_type'; from_pretrained needs the model's own config (pass --config)")
-        config_bytes = json.dumps(_plain(config), indent=2).encode()
+        config_bytes = json.dumps(_plain(_recorded_model_config(info)), indent=2, sort_keys=True).encode() + b"\n"
     store = LocalStore(target.parent)
     store.ensure_writable()
     staging = store.staging_dir(target.name)
     try:
         if info.sharded:  # per-rank shards: consolidated into one model.safetensors
             _model_weights(info, staging / PRODUCTION_MODEL_FILE, bars)
+            model_files: list[str] = []
         else:
             model_files = _model_files(info)
-            advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
-            for name in model_files:  # model.safetensors, or the shards and their index
-                link_or_copy(info.path / name, staging / name, info.files[name], advance, link=False)
-        write_bytes_file(staging / "config.json", config_bytes)
+        advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
+        for name in model_files + extra_files:  # model.safetensors, or the shards and their index; the configs
+            link_or_copy(info.path / name, staging / name, info.files[name], advance if name in model_files else None, link=False)
+        if config_bytes is not None:
+            write_bytes_file(staging / HF_CONFIG_FILES[0], config_bytes)
         store.commit(staging, target.name)
     except BaseException:
         store.discard(staging)
         raise
-    return notes
+    return []
+
+
+def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
+    """The model config a checkpoint recorded (its config, or the config's ``"model"`` entry), or a
+    :class:`ConfigurationError` saying why no loadable folder can be written without ``--config``."""
+    config = codec.from_json(read_json(info.path / METADATA_FILE).get("config"))
+    for candidate in (config, config.get("model") if isinstance(config, Mapping) else None):
+        if isinstance(candidate, Mapping) and isinstance(candidate.get("model_type"), str):
+            return candidate
+    raise ConfigurationError(
+        f"{info.path} holds no config.json and records no model config with a 'model_type', so the exported "
+        "folder would not load with from_pretrained; pass --config with the model's config.json "
+        "(model.config.save_pretrained(dir) writes one)"
+    )
 
 
 def _model_weights(info: CheckpointInfo, target: Path, bars: Bars) -> FileRecord:
@@ -702,6 +722,32 @@ def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars
     target.parent.mkdir(parents=True, exist_ok=True)
     publish_file(target, write)
     return ["a .pt file is a pickle: load it only with weights_only=True, and only from sources you trust"]
+
+
+# ---------------------------------------------------------------------- plot
+
+
+@app.command()
+@_handled
+def plot(
+    directory: Directory,
+    output: Annotated[Path, typer.Option("--output", "-o", help="run.png, run.svg or run.html.")] = Path("run.png"),
+    validated_dir: ValidatedDir = None,
+    production_dir: ProductionDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Plot the recorded metrics of every checkpoint ever saved (pruned ones too), marking the kept,
+    pruned, best and latest checkpoints and the validated and production versions."""
+    from .plot import plot_run, run_history
+
+    marks = plot_run(run_history(_existing(directory), validated_dir, production_dir), output)
+    if as_json:
+        _print_json({"output": str(output), **marks})
+        return
+    out.print(
+        f"wrote {escape(str(output))}: {len(marks['kept'])} kept and {len(marks['pruned'])} pruned checkpoints, "
+        f"metrics {', '.join(marks['metrics']) or 'none'}"
+    )
 
 
 def main() -> None:

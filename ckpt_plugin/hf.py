@@ -12,8 +12,10 @@ How a callback alone takes the checkpoints over from the Trainer:
   the point where the Trainer would have saved: ``on_evaluate`` when an evaluation runs there (so
   the checkpoint holds its metrics), else ``on_log`` when that step is logged, else at once.
 * **What a checkpoint holds.** Model, optimizer, scheduler and RNG states (the manager's format), the
-  model config and ``TrainingArguments`` as JSON config, and ``trainer_state.json``: the one file
-  ``Trainer.train`` insists on reading from any directory it resumes from. A relative symbolic link
+  model config and ``TrainingArguments`` as JSON config, ``trainer_state.json`` (the one file
+  ``Trainer.train`` insists on reading from any directory it resumes from), and ``config.json`` and
+  ``generation_config.json`` as ``save_pretrained`` writes them, so that
+  ``AutoModelForCausalLM.from_pretrained(checkpoint)`` loads it. A relative symbolic link
   ``checkpoint-<step>`` in ``output_dir`` points at the newest checkpoint, so that the Trainer's
   ``get_last_checkpoint`` (``resume_from_checkpoint=True``) finds it, also after ``output_dir`` moved.
   The link moves only once the checkpoint has committed (``save(on_commit=...)``): with
@@ -32,6 +34,7 @@ How a callback alone takes the checkpoints over from the Trainer:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import PretrainedConfig, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 try:
     from transformers.optimization import GreedyLR
@@ -60,6 +63,8 @@ from .rng import restore_rng_state
 from .storage import read_bytes_file, remove_link, set_link, symlinks
 
 TRAINER_STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 LINK_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 SAVE_STRATEGIES = ("no", "steps", "epoch")
 
@@ -416,7 +421,7 @@ class CheckpointCallback(TrainerCallback):
             step=state.global_step,
             metrics=metrics or {},
             config=run_config(args, model),
-            files={TRAINER_STATE_FILE: trainer_state_json(args, state, metrics)},
+            files={TRAINER_STATE_FILE: trainer_state_json(args, state, metrics), **pretrained_files(model)},
             on_commit=lambda info: self._link_latest(output_dir, info),
         )
 
@@ -500,6 +505,33 @@ def run_config(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any
     return config
 
 
+def pretrained_files(model: torch.nn.Module) -> dict[str, bytes]:
+    """``config.json`` and ``generation_config.json`` exactly as ``model.save_pretrained`` writes them.
+
+    With them (and the weights under the model's own names) a checkpoint directory loads with
+    ``AutoModelForCausalLM.from_pretrained(path)``. ``save_pretrained`` first records the weights'
+    dtype and the model's class in its config; that is done here on a copy, so the live config is
+    left as it is. Models without a ``PretrainedConfig`` get neither file.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        return {}
+    config = copy.deepcopy(config)
+    dtype = str(getattr(model, "dtype", torch.float32)).split(".")[1]
+    setattr(config, "dtype" if hasattr(PretrainedConfig, "dtype") else "torch_dtype", dtype)
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    files = {CONFIG_FILE: config.to_json_string(use_diff=True).encode("utf-8")}
+    generation_config = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation_config is not None and callable(can_generate) and can_generate():
+        try:
+            text = generation_config.to_json_string(use_diff=True, keys_to_pop=["compile_config"])
+        except TypeError:  # transformers releases before keys_to_pop
+            text = generation_config.to_json_string(use_diff=True)
+        files[GENERATION_CONFIG_FILE] = text.encode("utf-8")
+    return files
+
+
 def _replay_metric_scheduler(args: TrainingArguments, scheduler: Any, info: CheckpointInfo) -> None:
     """Redo the metric-driven scheduler step the Trainer took right after the checkpoint was saved."""
     if not isinstance(scheduler, METRIC_SCHEDULERS) or args.metric_for_best_model is None:
@@ -533,4 +565,12 @@ def _value(strategy: Any) -> str:
     return getattr(strategy, "value", strategy)
 
 
-__all__ = ["CheckpointCallback", "FROM_ARGS", "Settings", "eval_metric_name", "run_config", "trainer_state_json"]
+__all__ = [
+    "CheckpointCallback",
+    "FROM_ARGS",
+    "Settings",
+    "eval_metric_name",
+    "pretrained_files",
+    "run_config",
+    "trainer_state_json",
+]

@@ -7,6 +7,7 @@
     trainer.fit(model, datamodule)
     trainer.fit(model, datamodule, ckpt_path="last")   # resume: loops, optimizers, schedulers, RNG
     trainer.test(model, datamodule, ckpt_path="best")
+    model = load_from_checkpoint(MyModule, "checkpoints")   # inference: hparams, then the best weights
 
 How it fits into Lightning:
 
@@ -17,11 +18,14 @@ How it fits into Lightning:
   scheduler, and the rest as ``extra``) and written without pickle. Loading a ckpt_plugin
   checkpoint directory rebuilds the same dict; any other path goes to the plugin it wraps.
 * Lightning resolves ``ckpt_path="best"`` through ``best_model_path`` of the first checkpoint
-  callback and ``ckpt_path="last"`` only through ``ModelCheckpoint``'s private file scan or the
-  public ``ckpt_path`` of an ``OnExceptionCheckpoint``. The callback therefore derives from
-  ``OnExceptionCheckpoint`` (itself a ``Checkpoint``) and answers both from the manager. Like every
-  ``OnExceptionCheckpoint``, it makes ``fit()`` without ``ckpt_path`` continue from the latest
-  checkpoint in ``checkpoint_dir`` when there is one.
+  callback and ``ckpt_path="last"`` through ``ModelCheckpoint``'s (private) scan for last files or
+  the ``ckpt_path`` of an ``OnExceptionCheckpoint``, and makes every ``OnExceptionCheckpoint`` resume
+  a ``fit()`` without ``ckpt_path``. The callback is therefore a ``ModelCheckpoint`` that answers
+  both from the manager and writes no ``.ckpt`` file, so a fresh ``fit()`` starts fresh;
+  ``auto_resume=True`` makes it an ``OnExceptionCheckpoint`` too.
+* Beside a ``ModelCheckpoint``, the callback's state holds only what torch's weights-only loader
+  reads, it saves after the other checkpoint callbacks, and loads outside ``fit`` hand no callback
+  the state of an older checkpoint.
 
 Under DDP every rank takes the same decisions from replicated state (the epoch), every rank
 enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
@@ -37,17 +41,19 @@ is the one raised). An epoch that does not save does nothing but a modulo check.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -56,7 +62,7 @@ from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager, config_to_dict, normalize_metrics
 from .reader import read_checkpoint, read_json
-from .rng import capture_rng_state, restore_rng_state
+from .rng import capture_rng_state, portable_rng_state, restore_rng_state
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
 
@@ -137,6 +143,10 @@ class ManagerCheckpointIO(CheckpointIO):
     def __init__(self, manager: CheckpointManager, fallback: CheckpointIO | None = None) -> None:
         self.manager = manager
         self.fallback = fallback
+        self.callback_states = True
+        """Whether loads hand the callbacks their saved states. Off while validating, testing or
+        predicting: another checkpoint callback's state (a ``ModelCheckpoint``'s ``best_model_path``)
+        must not be rewound to what it was when an older checkpoint was saved."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Save ``checkpoint`` through the manager (for a :class:`SaveRequest`) or the fallback."""
@@ -189,8 +199,10 @@ class ManagerCheckpointIO(CheckpointIO):
         info = checkpoint_info(path)
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        device = map_location if isinstance(map_location, (str, torch.device)) else None  # callables: stay on CPU
-        return join_checkpoint(read_checkpoint(info, map_location=device))
+        checkpoint = join_checkpoint(read_checkpoint(info, map_location=_device(map_location)))
+        if not self.callback_states:
+            checkpoint.pop("callbacks", None)
+        return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a file written through the fallback; the manager's checkpoints are pruned only by retention."""
@@ -215,7 +227,7 @@ class ManagerCheckpointIO(CheckpointIO):
         return self.fallback
 
 
-class CheckpointCallback(OnExceptionCheckpoint):
+class CheckpointCallback(ModelCheckpoint):
     """Save a pickle-free checkpoint through a :class:`~ckpt_plugin.CheckpointManager` every epoch.
 
     Args:
@@ -233,12 +245,26 @@ class CheckpointCallback(OnExceptionCheckpoint):
             instead of writing them again (frozen backbones, adapters); ``change_detection`` is
             ``"checksum"`` or ``"version"`` as for ``CheckpointManager``.
         manager: a ready manager to use instead of the parameters above (except ``every_n_epochs``).
+        auto_resume: make ``fit()`` without ``ckpt_path`` continue from the latest checkpoint in
+            ``checkpoint_dir`` when there is one (for preemptible jobs that rerun the same command).
+            Off by default: a fresh ``fit()`` starts fresh, and ``fit(ckpt_path="last")`` resumes.
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
     Lightning checkpoints (loops, optimizers, schedulers, callback states) plus the global RNG
     states, so a resumed run continues bitwise identically; ``ckpt_path="best"`` loads the best.
+
+    Lightning knows two kinds of checkpoint callbacks: it looks up ``ckpt_path="best"`` and
+    ``"last"`` through a ``ModelCheckpoint``, and makes every ``OnExceptionCheckpoint`` resume a
+    ``fit()`` without ``ckpt_path``. The callback is therefore a ``ModelCheckpoint`` whose every
+    saving hook is its own (it never writes a ``.ckpt`` file), and an ``OnExceptionCheckpoint`` only
+    with ``auto_resume=True`` (the instance then becomes an :class:`AutoResumingCheckpointCallback`).
+    Being a checkpoint callback, it keeps Lightning from adding its default ``ModelCheckpoint``, and
+    Lightning refuses it, as any checkpoint callback, under ``Trainer(enable_checkpointing=False)``:
+    leave that option at its default.
     """
+
+    _STATE_KEY = "CheckpointCallback"
 
     def __init__(
         self,
@@ -252,6 +278,8 @@ class CheckpointCallback(OnExceptionCheckpoint):
         async_save: bool = False,
         incremental: bool = False,
         change_detection: str = "checksum",
+        *,
+        auto_resume: bool = False,
     ) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigurationError(f"every_n_epochs must be a whole number of at least 1, not {every_n_epochs!r}")
@@ -274,20 +302,40 @@ class CheckpointCallback(OnExceptionCheckpoint):
                 "async_save, incremental and change_detection configure the manager the callback builds; "
                 "with manager=, pass them to CheckpointManager(...) instead"
             )
-        super().__init__(dirpath=manager.checkpoint_dir, filename="last")
+        # ModelCheckpoint's own saving is off (save_top_k=0, no last): every saving hook is overridden below.
+        super().__init__(
+            dirpath=manager.checkpoint_dir,
+            monitor=manager.metric_for_best,
+            mode=manager.mode,
+            save_top_k=0,
+            save_last=False,
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=True,
+        )
         self.manager = manager
-        self.every_n_epochs = every_n_epochs
+        self.auto_resume = bool(auto_resume)
         self.checkpoint_names: list[str] = []
         self._stage: str | None = None
         self._validated_since_save = False
+        self._warned_existing = False
+        if self.auto_resume and not isinstance(self, OnExceptionCheckpoint):
+            self.__class__ = _auto_resuming(type(self))
+            for message in _AUTO_RESUME_NOTICES:  # Lightning's wording assumes a ModelCheckpoint in one process
+                warnings.filterwarnings("ignore", message=message)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(manager={self.manager!r}, every_n_epochs={self.every_n_epochs})"
+        resume = ", auto_resume=True" if self.auto_resume else ""
+        return f"{type(self).__name__}(manager={self.manager!r}, every_n_epochs={self.every_n_epochs}{resume})"
+
+    @property
+    def state_key(self) -> str:
+        """The key of the callback's state in Lightning's checkpoint dict (one such callback per Trainer)."""
+        return self._STATE_KEY
 
     # ------------------------------------------------------------ what Lightning asks of a checkpoint callback
 
     @property
-    def ckpt_path(self) -> str | None:  # type: ignore[override]
+    def ckpt_path(self) -> str | None:
         """The latest checkpoint, which Lightning loads for ``ckpt_path="last"``; None when there is none.
 
         Waits for the save in flight, so the checkpoint it is writing counts.
@@ -296,12 +344,16 @@ class CheckpointCallback(OnExceptionCheckpoint):
         latest = self.manager.latest()
         return None if latest is None else str(latest.path)
 
-    @property
+    @property  # type: ignore[override]
     def last_model_path(self) -> str:
         """The latest checkpoint's directory, or ``""`` when there is none."""
         return self.ckpt_path or ""
 
-    @property
+    @last_model_path.setter
+    def last_model_path(self, value: str) -> None:
+        """Ignored: the manager's directory is the only record of the latest checkpoint."""
+
+    @property  # type: ignore[override]
     def best_model_path(self) -> str:
         """The best checkpoint's directory by ``metric_for_best``, which Lightning loads for ``ckpt_path="best"``.
 
@@ -313,6 +365,15 @@ class CheckpointCallback(OnExceptionCheckpoint):
         best = self.manager.best()
         return "" if best is None else str(best.path)
 
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        """Ignored: the best checkpoint is always found from the metrics recorded in the checkpoints."""
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """What Lightning may resume from for ``ckpt_path="last"``: the manager's latest checkpoint."""
+        latest = self.ckpt_path
+        return {latest} if latest else set()
+
     # ------------------------------------------------------------------------------------------- hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -320,7 +381,7 @@ class CheckpointCallback(OnExceptionCheckpoint):
         self._stage = stage
         strategy = trainer.strategy
         if _sharded_strategy(strategy):
-            _install_sharded_hooks(strategy, self.manager)
+            _install_sharded_hooks(strategy, self.manager, callback_states=stage == "fit")
         elif type(strategy).save_checkpoint is not Strategy.save_checkpoint:
             raise ConfigurationError(
                 f"the {type(strategy).__name__} strategy writes checkpoints itself instead of through its "
@@ -331,8 +392,10 @@ class CheckpointCallback(OnExceptionCheckpoint):
         else:
             current = strategy.checkpoint_io
             if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
-                strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
+                current = strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
+            current.callback_states = stage == "fit"
         if stage == "fit":
+            self._run_after_other_checkpoint_callbacks(trainer)
             try:
                 codec.to_json(config_to_dict(_config_of(trainer, pl_module)), "config")
             except EncodingError as exc:
@@ -340,6 +403,33 @@ class CheckpointCallback(OnExceptionCheckpoint):
                     f"{exc}. Checkpoints store the hyper-parameters as JSON; leave such values out with "
                     "self.save_hyperparameters(ignore=[...])"
                 ) from None
+
+    def _run_after_other_checkpoint_callbacks(self, trainer: pl.Trainer) -> None:
+        """Move this callback after every other checkpoint callback, so that a checkpoint holds their
+        states as they are once they have saved this epoch (a ``ModelCheckpoint``'s ``best_model_path``
+        then names a file that exists). The list is replaced, not changed while Lightning iterates it."""
+        others = [callback for callback in trainer.callbacks if callback is not self]
+        if any(isinstance(callback, Checkpoint) for callback in others) and trainer.callbacks[-1] is not self:
+            trainer.callbacks = [*others, self]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say once, clearly, when a fresh run starts in a directory that already holds checkpoints."""
+        if trainer.ckpt_path is not None or self._warned_existing or not trainer.is_global_zero:
+            return
+        latest = self.manager.latest()
+        if latest is None:
+            return
+        self._warned_existing = True
+        self.manager._warned_older_epoch = True  # this message says it already
+        rank_zero_warn(
+            f"{self.manager.checkpoint_dir} already holds checkpoints (up to {latest.name}); this fit() starts "
+            "fresh and its checkpoints are ranked among them by epoch and step. To continue that run pass "
+            "ckpt_path='last' (or build the callback with auto_resume=True); to keep runs apart use a new "
+            "checkpoint_dir"
+        )
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: checkpoints are saved at the end of an epoch."""
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -351,6 +441,9 @@ class CheckpointCallback(OnExceptionCheckpoint):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing: the last epoch's checkpoint is already saved (``ModelCheckpoint`` would save "last" here)."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
@@ -386,16 +479,18 @@ class CheckpointCallback(OnExceptionCheckpoint):
             rank_zero_warn(f"a background checkpoint save failed while training stopped on an error: {error}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Flush and free the asynchronous staging buffer; keep every checkpoint.
-
-        (``OnExceptionCheckpoint`` would delete its file here.)
-        """
+        """Flush and free the asynchronous staging buffer; keep every checkpoint."""
         self._stage = None
         self.manager.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """The global RNG states, so ``ckpt_path="last"`` continues the same random streams."""
-        return {"rng": capture_rng_state()}
+        """The global RNG states, so ``ckpt_path="last"`` continues the same random streams.
+
+        Only tensors, numbers, strings, tuples and lists: Lightning puts this state into every
+        checkpoint, also the ``.ckpt`` files of a ``ModelCheckpoint`` beside this callback, which
+        torch's weights-only loader must be able to read.
+        """
+        return {"rng": portable_rng_state(capture_rng_state())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Put the global RNG states back when resuming a fit.
@@ -468,7 +563,7 @@ def _sharded_strategy(strategy: Strategy) -> bool:
     return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
-def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager) -> None:
+def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager, *, callback_states: bool) -> None:
     """Route the checkpoints of an FSDP or model-parallel strategy through ``manager``.
 
     These strategies write checkpoints themselves, on every rank, instead of through a
@@ -476,7 +571,9 @@ def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager) -> No
     strategy object. A save becomes the manager's collective save (each rank writes its own
     shards, no gather); a load of a manager checkpoint restores the sharded model and optimizer
     in place, at any world size, and returns the rest of Lightning's dict, as these strategies'
-    own ``load_checkpoint`` does. Any other path goes to the strategy's own methods.
+    own ``load_checkpoint`` does. Any other path goes to the strategy's own methods. Without
+    ``callback_states`` (validating, testing, predicting) loads leave the callbacks' states out,
+    as :class:`ManagerCheckpointIO` does.
     """
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -532,10 +629,108 @@ def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager) -> No
         checkpoint = join_checkpoint(loaded)
         del checkpoint["state_dict"]
         checkpoint.pop("optimizer_states", None)
+        if not callback_states:
+            checkpoint.pop("callbacks", None)
         return checkpoint
 
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
     strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
+class AutoResumingCheckpointCallback(OnExceptionCheckpoint, CheckpointCallback):
+    """What ``CheckpointCallback(..., auto_resume=True)`` builds.
+
+    Lightning makes ``fit()`` without ``ckpt_path`` resume from an ``OnExceptionCheckpoint``'s
+    ``ckpt_path``; here that is the manager's latest checkpoint (a fresh directory starts fresh).
+    Everything else is :class:`CheckpointCallback`'s: nothing is written on an exception.
+    """
+
+    ckpt_path = CheckpointCallback.ckpt_path
+    on_exception = CheckpointCallback.on_exception
+    teardown = CheckpointCallback.teardown
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        CheckpointCallback.__init__(self, *args, **{**kwargs, "auto_resume": True})
+
+
+_AUTO_RESUME_NOTICES = (
+    r"`\.fit\(ckpt_path=None\)` was called without a model",
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
+)
+
+
+@functools.cache
+def _auto_resuming(cls: type[CheckpointCallback]) -> type[CheckpointCallback]:
+    """The auto-resuming variant of :class:`CheckpointCallback` or of a subclass of it."""
+    if cls is CheckpointCallback:
+        return AutoResumingCheckpointCallback
+    namespace = {name: getattr(cls, name) for name in ("on_exception", "teardown")}
+    namespace["ckpt_path"] = CheckpointCallback.ckpt_path
+    return type(f"AutoResuming{cls.__name__}", (OnExceptionCheckpoint, cls), namespace)
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+
+def load_from_checkpoint(
+    cls: type[ModuleOrData],
+    checkpoint_dir: str | os.PathLike[str],
+    which: str | int = "best",
+    map_location: Any = None,
+    strict: bool | None = True,
+    **hparam_overrides: Any,
+) -> ModuleOrData:
+    """Rebuild a ``LightningModule`` (or ``LightningDataModule``) from a checkpoint, as
+    ``cls.load_from_checkpoint(path)`` does for a ``.ckpt`` file.
+
+    ``checkpoint_dir`` is the callback's directory, from which ``which`` (``"best"``, ``"latest"``
+    or an epoch number) picks the checkpoint, or one checkpoint directory itself. ``"best"``
+    ranks by the ``metric_for_best`` and ``mode`` the checkpoints recorded. Files are verified
+    against their checksums and nothing is unpickled.
+
+    As in Lightning: the saved hyper-parameters, updated with ``hparam_overrides``, go to the
+    constructor (the module's own; the datamodule's are kept for a ``LightningDataModule``
+    class), ``on_load_checkpoint`` runs, the weights load with ``strict``, and the module is
+    returned on the device of the loaded weights (CPU unless ``map_location`` says otherwise;
+    a callable or dict ``map_location`` loads to CPU). Raises
+    :class:`~ckpt_plugin.CheckpointNotFoundError` when there is no such checkpoint and
+    :class:`~ckpt_plugin.IncompatibleCheckpointError` for one not written by :class:`CheckpointCallback`.
+    """
+    from lightning.pytorch.core.saving import _load_state
+
+    if not (isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))):
+        raise ConfigurationError(f"load_from_checkpoint needs a LightningModule or LightningDataModule class, not {cls!r}")
+    info = _resolve_checkpoint(Path(checkpoint_dir), which)
+    loaded = read_checkpoint(info, map_location=_device(map_location))
+    checkpoint = join_checkpoint({**loaded, "metadata": {**loaded.get("metadata", {}), "path": str(info.path)}})
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(hparam_overrides)
+    if issubclass(cls, pl.LightningDataModule):
+        return _load_state(cls, checkpoint, **hparam_overrides)  # type: ignore[return-value]
+    module = _load_state(cls, checkpoint, strict=strict, **hparam_overrides)
+    device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
+    return module if device is None else module.to(device)  # type: ignore[return-value]
+
+
+ModuleOrData = TypeVar("ModuleOrData", pl.LightningModule, pl.LightningDataModule)
+
+
+def _resolve_checkpoint(path: Path, which: str | int) -> CheckpointInfo:
+    info = checkpoint_info(path)
+    if info is not None:
+        return info
+    if not path.is_dir():
+        raise errors.CheckpointNotFoundError(f"{path} is not a directory; pass the CheckpointCallback's checkpoint_dir")
+    manager = CheckpointManager(path, max_checkpoints=None)
+    found = manager.resolve(which)
+    if found is None:
+        raise errors.CheckpointNotFoundError(f"{path} holds no checkpoint yet")
+    return found
+
+
+def _device(map_location: Any) -> str | torch.device | None:
+    """The device to load onto: a device or its name; None (CPU) for the callables and dicts Lightning also accepts."""
+    return map_location if isinstance(map_location, (str, torch.device)) else None
 
 
 def _config_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -557,4 +752,13 @@ def _error_type(name: str) -> type[CheckpointError]:
     return found if isinstance(found, type) and issubclass(found, CheckpointError) else CheckpointError
 
 
-__all__ = ["CheckpointCallback", "ManagerCheckpointIO", "SaveRequest", "checkpoint_info", "join_checkpoint", "split_checkpoint"]
+__all__ = [
+    "AutoResumingCheckpointCallback",
+    "CheckpointCallback",
+    "ManagerCheckpointIO",
+    "SaveRequest",
+    "checkpoint_info",
+    "join_checkpoint",
+    "load_from_checkpoint",
+    "split_checkpoint",
+]

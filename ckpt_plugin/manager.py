@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import listing, retention
+from . import listing, retention, savelog, trash
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -25,12 +25,15 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
-from .metadata import git_provenance, provenance
+from .metadata import git_provenance, git_provenance_in_background, provenance
 from .reader import Device, read_checkpoint, read_json
 from .restore import restore_checkpoint
 from .rng import capture_rng_state, restore_rng_state
 from .storage import LocalStore
 from .writer import Snapshot, take_snapshot, write_snapshot
+
+DEFAULT_METRIC = "loss"
+"""What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
 
 
 class CheckpointManager:
@@ -39,9 +42,12 @@ class CheckpointManager:
     Args:
         checkpoint_dir: the directory holding one sub-directory per checkpoint. Created if missing.
         max_checkpoints: keep this many most recent checkpoints (by epoch, then step); ``None`` keeps all.
-        keep_best: never delete the best checkpoint by ``metric_for_best``, even when it is old.
-        metric_for_best: the metric that ranks checkpoints for ``keep_best`` and :meth:`load_best`.
-        mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is.
+        keep_best: also never delete the best checkpoint by ``metric_for_best``, even when it is old
+            (opt-in: by default exactly the ``max_checkpoints`` most recent are kept).
+        metric_for_best: the metric that ranks checkpoints for ``keep_best`` and :meth:`load_best`, and
+            that each checkpoint records. When left out it is ``"loss"`` with ``keep_best``; otherwise
+            :meth:`best` ranks by the metric and mode the checkpoints themselves recorded.
+        mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is (default ``"min"``).
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
         incremental: store the model as Hugging Face-style shards and hard-link the shards that did
@@ -70,9 +76,9 @@ class CheckpointManager:
         self,
         checkpoint_dir: str | os.PathLike[str] = "checkpoints",
         max_checkpoints: int | None = 5,
-        keep_best: bool = True,
-        metric_for_best: str | None = "loss",
-        mode: str = "min",
+        keep_best: bool = False,
+        metric_for_best: str | None = None,
+        mode: str | None = None,
         *,
         save_rng: bool = True,
         incremental: bool = False,
@@ -80,8 +86,10 @@ class CheckpointManager:
         async_save: bool = False,
         collective_timeout: float = 600.0,
     ) -> None:
-        if mode not in retention.MODES:
+        if mode is not None and mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
+        if keep_best and metric_for_best is None:
+            metric_for_best = DEFAULT_METRIC
         if max_checkpoints is not None and (
             isinstance(max_checkpoints, bool) or not isinstance(max_checkpoints, int) or max_checkpoints < 1
         ):
@@ -96,7 +104,8 @@ class CheckpointManager:
         self.max_checkpoints = max_checkpoints
         self.keep_best = keep_best
         self.metric_for_best = metric_for_best
-        self.mode = mode
+        self.mode = mode if mode is not None else "min"
+        self._mode_given = mode is not None
         self.save_rng = save_rng
         self.async_save = bool(async_save)
         if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
@@ -105,13 +114,14 @@ class CheckpointManager:
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
-        self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, mode)
+        self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, self.mode)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
         self._metadata_reads = 0
         self._warned_missing_metric = False
         self._warned_older_epoch = False
+        self._warned_log = False
         self._warned_foreign: set[str] = set()
         if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
             raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
@@ -179,9 +189,11 @@ class CheckpointManager:
             )
             return snapshot
 
-        if self._saver is None:
-            return _notify(self._write(take(), seen[0]), on_commit)
         cwd = _current_dir()
+        if self._saver is None:
+            snapshot = take()
+            snapshot.pending_provenance = git_provenance_in_background(cwd)
+            return _notify(self._write(snapshot, seen[0]), on_commit)
 
         def write(snapshot: Snapshot) -> CheckpointInfo:
             snapshot.provenance.update(git_provenance(cwd))
@@ -217,7 +229,7 @@ class CheckpointManager:
             config=config_to_dict(config),
             metric_for_best=self.metric_for_best,
             mode=self.mode,
-            provenance=provenance(git=self._saver is None),
+            provenance=provenance(git=False),  # asked of git while the files are written
             files=files,
         )
         return snapshot, seen
@@ -236,7 +248,17 @@ class CheckpointManager:
                 info = self._incremental.write(self._store, snapshot, seen)
             self._remember(info)
             self._apply_retention(protect=info)
+            self._log_save(info)
         return info
+
+    def _log_save(self, info: CheckpointInfo) -> None:
+        """Append the committed checkpoint to the save log; a failure there never fails the save."""
+        try:
+            savelog.append(self.checkpoint_dir, info)
+        except CheckpointError as exc:
+            if not self._warned_log:
+                self._warned_log = True
+                warnings.warn(f"could not append to the save log ({exc}); the checkpoint is saved", UserWarning, stacklevel=4)
 
     def _check_best_metric(self, metrics: Mapping[str, Any]) -> None:
         if not self.keep_best or self.metric_for_best is None or self._warned_missing_metric:
@@ -287,15 +309,22 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the asynchronous save in flight has committed, and raise its error if it failed.
 
-        Returns at once for a synchronous manager, or when nothing is in flight.
+        Also waits until the checkpoints that retention or a re-save dropped are deleted from the
+        disk (they leave every listing at once, and their files are removed in the background).
         """
-        if self._saver is not None:
-            self._saver.wait()
+        try:
+            if self._saver is not None:
+                self._saver.wait()
+        finally:
+            trash.drain()
 
     def close(self) -> None:
         """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
-        if self._saver is not None:
-            self._saver.close()
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            trash.drain()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -377,19 +406,19 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
-        """The best checkpoint by ``metric`` (default ``metric_for_best``) in ``mode`` (default ``mode``).
+        """The best checkpoint by ``metric`` in ``mode``.
 
+        ``metric`` defaults to the manager's ``metric_for_best``; when the manager was built without
+        one, to the ``metric_for_best`` the checkpoints recorded (the latest that recorded one), and
+        ``mode`` then to the mode recorded with it; when none did, to ``"loss"``, ``"min"``.
         Checkpoints without the metric, or with NaN for it, never win. Returns None when the
         directory holds no checkpoint; raises :class:`CheckpointNotFoundError` when checkpoints
         exist but none recorded the metric.
         """
-        metric = metric if metric is not None else self.metric_for_best
-        mode = mode if mode is not None else self.mode
-        if metric is None:
-            raise ConfigurationError("no metric given and the manager has no metric_for_best")
+        found = self.checkpoints()
+        metric, mode = self._ranking(found, metric, mode)
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
-        found = self.checkpoints()
         if not found:
             return None
         index = retention.best_index(found, metric, mode)
@@ -400,6 +429,18 @@ class CheckpointManager:
                 f"recorded metrics: {', '.join(recorded) or 'none'}"
             )
         return found[index]
+
+    def _ranking(self, found: list[CheckpointInfo], metric: str | None, mode: str | None) -> tuple[str, str]:
+        """The metric and mode that :meth:`best` ranks by (see there)."""
+        if metric is None and self.metric_for_best is not None:
+            metric = self.metric_for_best
+        if metric is None:
+            recorded = next((info for info in reversed(found) if info.metric_for_best is not None), None)
+            if recorded is not None:
+                metric = recorded.metric_for_best
+                if mode is None and not self._mode_given:
+                    mode = recorded.mode
+        return (metric if metric is not None else DEFAULT_METRIC), (mode if mode is not None else self.mode)
 
     def find(self, epoch: int, step: int | None = None) -> CheckpointInfo:
         """The checkpoint of ``epoch`` (the last step of it, unless ``step`` is given)."""

@@ -8,6 +8,8 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -61,11 +63,27 @@ def git_provenance(cwd: str | None = None) -> dict[str, Any]:
     return {"git_hash": git_hash, "git_dirty": git_dirty}
 
 
+def git_provenance_in_background(cwd: str | None = None) -> Future[dict[str, Any]]:
+    """Start :func:`git_provenance` on a short-lived thread, so that the ``git`` calls run while a
+    save writes its files; the future holds the entries."""
+    future: Future[dict[str, Any]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(git_provenance(cwd))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ckpt-git", daemon=True).start()
+    return future
+
+
 def provenance(*, git: bool = True) -> dict[str, Any]:
     """Everything needed to trace a checkpoint back to the run that wrote it.
 
     With ``git=False`` the git entries are left None, to be filled in later with
-    :func:`git_provenance` (an asynchronous save asks git on its background thread).
+    :func:`git_provenance` (an asynchronous save asks git on its background thread, a synchronous
+    one while it writes its files).
     """
     return {
         "timestamp": utc_timestamp(),

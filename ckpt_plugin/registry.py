@@ -199,22 +199,14 @@ class ArtifactRegistry:
     def resolve(self, epoch: int | str = "best", metric: str | None = None, mode: str | None = None) -> CheckpointInfo:
         """The raw checkpoint that ``epoch`` (an int, ``"best"`` or ``"latest"``) refers to.
 
-        ``"best"`` ranks by the ``metric_for_best`` and ``mode`` recorded in the latest checkpoint,
-        unless ``metric`` and ``mode`` are given.
+        ``"best"`` ranks by the ``metric_for_best`` and ``mode`` the checkpoints recorded (the latest
+        that recorded one; ``"loss"``, ``"min"`` when none did), unless ``metric`` and ``mode`` are given.
         """
         manager = self.manager
         if epoch == "latest":
             info = manager.latest()
         elif epoch == "best":
-            found = manager.checkpoints()
-            recorded = found[-1] if found else None
-            metric = metric if metric is not None else (recorded.metric_for_best if recorded else None)
-            mode = mode if mode is not None else (recorded.mode if recorded else "min")
-            if found and metric is None:
-                raise ConfigurationError(
-                    f"the checkpoints in {self.checkpoint_dir} record no metric_for_best; pass metric= and mode= to pick the best"
-                )
-            info = manager.best(metric, mode) if found else None
+            info = manager.best(metric, mode)
         elif isinstance(epoch, int) and not isinstance(epoch, bool):
             info = manager.find(epoch)
         else:

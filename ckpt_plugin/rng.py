@@ -27,6 +27,18 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def portable_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with numpy's key array as a list of ints, so that it holds only what
+    torch's weights-only loader accepts (tensors, numbers, strings, tuples, lists, dicts).
+    :func:`restore_rng_state` takes either form."""
+    numpy_state = state.get("numpy")
+    if numpy_state is None:
+        return state
+    name, keys, pos, has_gauss, cached = numpy_state
+    keys = keys.tolist() if hasattr(keys, "tolist") else list(keys)
+    return {**state, "numpy": (str(name), keys, int(pos), int(has_gauss), float(cached))}
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Put every generator back to ``state``, as returned by :func:`capture_rng_state`.
 

@@ -5,9 +5,12 @@ save copies every tensor into a view of it; the next save reuses the same memory
 when the state grows), so an asynchronous save costs one copy of the state in host memory and no
 allocation after the first.
 
-CPU tensors are copied by two threads, the caller and a helper, each moving half of every large
-tensor with a plain ``memcpy`` (numpy's ``copyto`` releases the GIL). On a machine whose copy speed
-is bound by one core's memory bandwidth this beats a single ``Tensor.copy_`` of each tensor.
+CPU tensors are copied one of two ways: by two threads, the caller and a helper, each moving half
+of every large tensor with a plain ``memcpy`` (numpy's ``copyto`` releases the GIL), or by
+``Tensor.copy_``, which spreads each copy over torch's own intra-op threads. Which is faster depends
+on the CPU: on an Intel Xeon host the two ``memcpy`` threads took 0.6x the time of ``copy_``, on an
+AMD EPYC host 1.1x-1.3x (see ``benchmarks/async_save.py``). So by default the buffer times both
+on its first saves (after the one that allocates it) and keeps the faster.
 CUDA tensors are copied into pinned memory on a side stream: the copy waits for the work already
 queued on the current stream, and work queued afterwards waits for the copy, so a training step
 issued right after the save cannot change what is being copied. :meth:`Staged.wait` blocks until
@@ -17,6 +20,7 @@ the copies have landed.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +35,9 @@ except ImportError:  # pragma: no cover - numpy ships with every supported torch
 
 ALIGNMENT = 64
 SPLIT_BYTES = 1024 * 1024
+COPY_METHODS = ("memcpy", "copy_")
+TRIALS = 2
+"""Timed stages of each copy method before the faster one is kept."""
 
 
 def _aligned(offset: int) -> int:
@@ -55,16 +62,24 @@ class StagingBuffer:
     """One pre-allocated host buffer that holds a copy of the state between saves.
 
     Args:
-        threads: how many threads copy CPU tensors (1 or 2). The default is two where the machine
-            has more than one core: two beat a single ``copy_``; see ``benchmarks/async_save.py``.
+        threads: how many threads copy CPU tensors with ``memcpy`` (1 or 2; default 2 where the
+            machine has more than one core).
+        method: ``"memcpy"`` or ``"copy_"`` (``Tensor.copy_``). By default, where the machine has
+            more than one core and ``threads`` is not given, both are timed on the first saves
+            and the faster is kept; see ``benchmarks/async_save.py``.
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, method: str | None = None) -> None:
+        if method not in (None, *COPY_METHODS):
+            raise ValueError(f"method must be one of {COPY_METHODS} or None, not {method!r}")
+        adaptive = method is None and threads is None and (os.cpu_count() or 1) > 1
         if threads is None:
             threads = 2 if (os.cpu_count() or 1) > 1 else 1
         if threads not in (1, 2):
             raise ValueError(f"threads must be 1 or 2, not {threads!r}")
         self.threads = threads
+        self._fixed = method or "memcpy"
+        self._trials: dict[str, list[float]] | None = {name: [] for name in COPY_METHODS} if adaptive else None
         self._buffer: torch.Tensor | None = None
         self._helper: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, Any] = {}
@@ -97,10 +112,15 @@ class StagingBuffer:
             offsets.append(total)
             total = _aligned(total + tensor.numel() * tensor.element_size())
         needs_pinned = any(tensor.device.type == "cuda" for tensor in tensors) and torch.cuda.is_available()
-        self._reserve(total, needs_pinned)
+        allocated = self._reserve(total, needs_pinned)
         assert self._buffer is not None
         copies = [self._view(tensor, offset) for tensor, offset in zip(tensors, offsets)]
-        staged = Staged(groups=[], events=self._copy_all(copies, tensors))
+        method = self.method
+        start = time.perf_counter()
+        events = self._copy_all(copies, tensors, method)
+        if self._trials is not None and not allocated and total:
+            self._trials[method].append((time.perf_counter() - start) / total)
+        staged = Staged(groups=[], events=events)
         position = 0
         for group in groups:
             names = list(group)
@@ -108,11 +128,26 @@ class StagingBuffer:
             position += len(names)
         return staged
 
-    def _reserve(self, total: int, pinned: bool) -> None:
+    @property
+    def method(self) -> str:
+        """How CPU tensors are copied: ``"memcpy"`` (on ``threads`` threads) or ``"copy_"``.
+
+        While the default buffer is still timing the two, each stage uses the one tried less.
+        """
+        if self._trials is None:
+            return self._fixed
+        untried = min(self._trials, key=lambda name: len(self._trials[name]))  # type: ignore[index]
+        if len(self._trials[untried]) < TRIALS:
+            return untried
+        return min(self._trials, key=lambda name: min(self._trials[name]))  # type: ignore[index]
+
+    def _reserve(self, total: int, pinned: bool) -> bool:
+        """Make the buffer hold ``total`` bytes; True when it had to be allocated."""
         if self._buffer is not None and self._buffer.numel() >= total and (not pinned or self.pinned):
-            return
+            return False
         self._buffer = None  # free the old buffer before allocating its replacement
         self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pinned)
+        return True
 
     def _view(self, tensor: torch.Tensor, offset: int) -> torch.Tensor:
         assert self._buffer is not None
@@ -121,7 +156,7 @@ class StagingBuffer:
             return torch.empty(tensor.shape, dtype=tensor.dtype)
         return self._buffer[offset : offset + count].view(tensor.dtype).view(tensor.shape)
 
-    def _copy_all(self, copies: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[Any]:
+    def _copy_all(self, copies: list[torch.Tensor], tensors: list[torch.Tensor], method: str) -> list[Any]:
         halves: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]] = ([], [])
         loads = [0, 0]
         on_cuda: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -131,7 +166,7 @@ class StagingBuffer:
                 continue
             if tensor.device.type == "cuda" and copy.is_pinned():
                 on_cuda.setdefault(tensor.device, []).append((copy, tensor))
-            elif _np is not None and tensor.device.type == "cpu" and _plain(tensor):
+            elif method == "memcpy" and _np is not None and tensor.device.type == "cpu" and _plain(tensor):
                 source = tensor.reshape(-1).view(torch.uint8).numpy()
                 target = copy.reshape(-1).view(torch.uint8).numpy()
                 if self.threads == 2 and source.nbytes >= 2 * SPLIT_BYTES:

@@ -5,8 +5,8 @@ file is fsynced, and the directory is renamed into place, then the parent is fsy
 list only visible names, so they see whole checkpoints or nothing. Replacing an existing
 checkpoint swaps the two directories in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it;
 elsewhere the old one is first renamed aside and put back by :meth:`LocalStore.recover` if the
-process dies in between. Deletion renames the directory aside before removing its files, so a
-half-deleted checkpoint is never visible either.
+process dies in between. Deletion renames the directory aside before removing its files (in the
+background, see :mod:`ckpt_plugin.trash`), so a half-deleted checkpoint is never visible either.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import torch
 import xxhash
 
-from . import tensorformat
+from . import directio, tensorformat, trash
 from .errors import CorruptCheckpointError, StorageError
 
 CHECKSUM_ALGORITHM = "xxh3_64"
@@ -111,17 +111,21 @@ def fsync_dir(path: Path) -> None:
 def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> FileRecord:
     """Stream ``tensors`` into a new safetensors file at ``path``, hashing as it goes, and fsync it.
 
-    Each large chunk is hashed on a helper thread while the calling thread writes it (both release
-    the GIL), and writeback to the disk is started as the file grows, so the final fsync has little
-    left to wait for. At most one chunk is in flight, so the extra memory stays that of the one
-    tensor that may need a contiguous copy.
+    A large file is written with direct I/O where the file system allows it (see
+    :mod:`ckpt_plugin.directio`): the bytes go from memory to the disk without allocating page
+    cache for them, through two reused buffers. Otherwise each large chunk is hashed on a helper
+    thread while the calling thread writes it (both release the GIL), and writeback to the disk is
+    started as the file grows, so the final fsync has little left to wait for. Either way the
+    extra memory stays that of the one tensor that may need a contiguous copy, plus the buffers.
     """
     header, specs = tensorformat.plan(tensors, metadata)
+    size = specs[-1].end if specs else len(header)
     hasher = new_hasher()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            with _ChunkWriter(fd, hasher) as writer:
+            direct = size >= directio.MIN_FILE_BYTES and directio.enable(fd)
+            with directio.DirectSink(fd, hasher) if direct else _ChunkWriter(fd, hasher) as writer:
                 writer.write(memoryview(header))
                 for spec in specs:
                     data = tensor_bytes(tensors[spec.name])
@@ -133,7 +137,6 @@ def write_tensor_file(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
             os.close(fd)
     except OSError as exc:
         raise _storage_error(exc, "write", path) from exc
-    size = specs[-1].end if specs else len(header)
     return FileRecord(size, format_checksum(hasher))
 
 
@@ -312,8 +315,9 @@ def _copy_file(source: Path, target: Path) -> None:
         raise _storage_error(exc, "copy a file to", target) from exc
 
 
-def append_line(path: Path, data: bytes) -> None:
-    """Append one line to a log file (created if missing) in a single write, and fsync it.
+def append_line(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Append one line to a log file (created if missing) in a single write, and fsync it unless
+    ``durable`` is False (for a log whose last lines may be lost in a power cut).
 
     A last line left unterminated by a writer that died is terminated first, so it never runs
     into the new one. Callers that append concurrently must hold a lock.
@@ -326,7 +330,8 @@ def append_line(path: Path, data: bytes) -> None:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
             _write_all(fd, memoryview(line))
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -469,13 +474,13 @@ class LocalStore:
             if final.exists():
                 if _exchange(staging, final):
                     fsync_dir(self.root)
-                    self._remove_hidden(staging)
+                    trash.dispose(staging)  # now the replaced checkpoint, out of sight
                     return final
                 aside = self.root / f"{REPLACED_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
                 os.rename(final, aside)
                 os.rename(staging, final)
                 fsync_dir(self.root)
-                self._remove_hidden(aside)
+                trash.dispose(aside)
                 return final
             os.rename(staging, final)
             fsync_dir(self.root)
@@ -488,16 +493,19 @@ class LocalStore:
         shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, name: str) -> None:
-        """Delete checkpoint ``name``: hide it with one rename, then remove its files."""
-        trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
+        """Delete checkpoint ``name``: hide it with one rename, then remove its files in the background.
+
+        It is out of every listing when this returns; :func:`ckpt_plugin.trash.drain` waits until
+        its files are gone, and :meth:`recover` removes what a dead process left of it.
+        """
+        hidden = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
         try:
-            os.rename(self.root / name, trash)
-            fsync_dir(self.root)
+            os.rename(self.root / name, hidden)
         except FileNotFoundError:
             return  # another manager over the same directory deleted it first
         except OSError as exc:
             raise _storage_error(exc, f"delete checkpoint {name} from", self.root) from exc
-        self._remove_hidden(trash)
+        trash.dispose(hidden)
 
     def _remove_hidden(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)

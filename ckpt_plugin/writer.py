@@ -9,6 +9,7 @@ lets an asynchronous save run the second on a background worker.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class Snapshot:
     provenance: dict[str, Any]
     items: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
+    pending_provenance: Future[dict[str, Any]] | None = None
+    """Provenance entries still being gathered (git), folded in before ``metadata.json`` is written."""
     sharded: ShardedPart | None = None
 
     @property
@@ -152,6 +155,9 @@ def write_snapshot(
         for filename, data in snapshot.files.items():
             files[filename] = write_bytes_file(staging / filename, data)
         files[STATE_FILE] = write_bytes_file(staging / STATE_FILE, codec.dumps(document))
+        if snapshot.pending_provenance is not None:
+            snapshot.provenance.update(codec.to_json(snapshot.pending_provenance.result(), "metadata"))
+            snapshot.pending_provenance = None
         metadata = build_metadata(
             epoch=snapshot.epoch,
             step=snapshot.step,

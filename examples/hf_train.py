@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from ckpt_plugin import ArtifactRegistry  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback  # noqa: E402
@@ -168,6 +168,9 @@ def main() -> None:
     print(f"bitwise identical to an uninterrupted run: {identical}")
     tied = trainer.model.lm_head.weight is trainer.model.transformer.wte.weight
     print(f"lm_head still tied to the token embedding: {tied}")
+    pretrained = AutoModelForCausalLM.from_pretrained(best.path).state_dict()  # the HF way, no ckpt_plugin involved
+    loads = all(torch.equal(pretrained[name], tensor) for name, tensor in best_weights.items())
+    print(f"AutoModelForCausalLM.from_pretrained({best.name}) gives the best weights: {loads}")
     pickles = pickles_under(output_dir)
     print(f"pickle files in {output_dir}: {len(pickles)}")
     print(f"== on disk in {output_dir}")
@@ -178,7 +181,7 @@ def main() -> None:
     for info in manager.checkpoints():
         files = ", ".join(sorted(info.files))
         print(f"  {info.name:<18} eval_loss={info.metrics['eval_loss']:.4f}  {info.size / 1024:7.1f} KiB  {files}")
-    if not (holds_best and identical and not pickles):
+    if not (holds_best and identical and loads and not pickles):
         sys.exit("the run did not end as expected")
 
     print("== 4. validating the best checkpoint, promoting it, and predicting with the production model")

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_plugin import ArtifactRegistry
-from ckpt_plugin.lightning import CheckpointCallback
+from ckpt_plugin.lightning import CheckpointCallback, load_from_checkpoint
 
 warnings.filterwarnings("ignore", module="lightning")
 
@@ -156,6 +156,11 @@ def main() -> None:
     print(f"best checkpoint: {best.name} with val_loss {best.metrics['val_loss']:.4f}")
     results = trainer.test(resumed, SyntheticData(), ckpt_path="best", verbose=False)
     print(f"test_loss of the best weights: {results[0]['test_loss']:.4f}")
+    rebuilt = load_from_checkpoint(Regressor, directory, which="best")  # hparams to the constructor, then the weights
+    same = all(torch.equal(rebuilt.state_dict()[name], tensor) for name, tensor in callback.manager.load_best()["model"].items())
+    print(f"load_from_checkpoint(Regressor, {directory.name!r}) rebuilds the best model: {same}")
+    if not same:
+        sys.exit("load_from_checkpoint did not rebuild the best model")
 
     print(f"== on disk in {directory}")
     for info in callback.manager.checkpoints():

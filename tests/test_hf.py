@@ -318,11 +318,13 @@ def test_the_managers_checkpoints_replace_the_trainers_own(tmp_path, monkeypatch
 
     assert saves == [5, 10, 15, 20], "one save per epoch, each written once, when the Trainer would save"
     names = sorted(entry.name for entry in tmp_path.iterdir())
-    assert names == ["checkpoint-20", "epoch_1_step_5", "epoch_2_step_10", "epoch_3_step_15", "epoch_4_step_20"]
+    assert names == [".saves.jsonl", "checkpoint-20", "epoch_1_step_5", "epoch_2_step_10", "epoch_3_step_15", "epoch_4_step_20"]
     assert (tmp_path / "checkpoint-20").is_symlink() and os.readlink(tmp_path / "checkpoint-20") == "epoch_4_step_20"
     assert pickled_files(tmp_path) == []
     for info in callback.manager.checkpoints():
         assert sorted(path.name for path in info.path.iterdir()) == [
+            "config.json",
+            "generation_config.json",
             "metadata.json",
             "model.safetensors",
             "optimizer.safetensors",

@@ -148,7 +148,7 @@ def test_resume_from_last_is_bitwise_identical(tmp_path: Path, save_mode: dict) 
             assert torch.equal(value, actual_optimizer["state"][index][key]), (index, key)
     expected_scheduler = reference_trainer.lr_scheduler_configs[0].scheduler.state_dict()
     assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == expected_scheduler
-    assert [p.name for p in sorted((tmp_path / "run").iterdir())] == ["epoch_4_step_30", "epoch_5_step_36"]
+    assert [p.name for p in sorted((tmp_path / "run").iterdir()) if not p.name.startswith(".")] == ["epoch_4_step_30", "epoch_5_step_36"]
 
 
 def test_best_is_loaded_for_validate_test_and_predict(tmp_path: Path) -> None:
@@ -172,12 +172,12 @@ def test_retention_counts_across_interrupted_and_resumed_run(tmp_path: Path, asy
     scores = [0.9, 0.2, 0.5, 0.6, 0.7, 0.8, 0.4]
     settings = {"max_checkpoints": 2, "keep_best": True, "metric_for_best": "val_score", "mode": "min", "async_save": async_save}
     run_interrupted(tmp_path / "ckpt", tmp_path, stop_at=4, hparams={"val_scores": scores}, **settings)
-    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
     assert names == ["epoch_1_step_12", "epoch_2_step_18", "epoch_3_step_24"]
 
     callback = CheckpointCallback(tmp_path / "ckpt", **settings)
     make_trainer(tmp_path, 7, [callback]).fit(fresh_model(3, val_scores=scores), RegressionData(), ckpt_path="last")
-    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
     assert names == ["epoch_1_step_12", "epoch_5_step_36", "epoch_6_step_42"]
     assert callback.checkpoint_names == names
 
@@ -265,6 +265,8 @@ def test_nothing_on_disk_is_pickled(tmp_path: Path) -> None:
         assert not head.startswith(b"\x80") and head != b"PK\x03\x04", path  # pickle or torch.save zip
         if path.suffix == ".json":
             json.loads(path.read_text())
+        elif path.suffix == ".jsonl":  # the save log
+            assert all(isinstance(json.loads(line), dict) for line in path.read_text().splitlines())
         else:
             assert path.suffix == ".safetensors", path
             safetensors_torch.load_file(path)

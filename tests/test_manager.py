@@ -347,6 +347,7 @@ def test_resaving_an_epoch_replaces_it(tmp_path):
     assert_same_tree({"w": torch.ones(4)}, loaded["model"])
     assert loaded["metrics"] == {"loss": 1.0} and loaded["extra"] == {"version": "new"}
     assert visible_names(tmp_path) == ["epoch_1"]
+    manager.wait()  # the replaced directory, already out of sight, is deleted in the background
     assert hidden_dirs(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "epoch_1").iterdir()) == sorted(
         ["model.safetensors", "metadata.json", "state.json", "state.safetensors"]
