@@ -62,6 +62,7 @@ def test_one_process_loads_full_plain_tensors(saved_at_two):
     assert checkpoint["optimizer"]["param_groups"][0]["params"] == list(range(len(names)))
     assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
     assert checkpoint["extra"] == {"note": "sharded"} and checkpoint["epoch"] == 2
+    assert "git_hash" in checkpoint["metadata"] and checkpoint["metadata"]["timestamp"]
     assert manager.load(epoch=1)["model"]["0.weight"].shape == (7, 5)
     fsdp1 = CheckpointManager(saved_at_two / "fsdp1").load_latest()  # saved by FSDP1 modules
     build(6).load_state_dict(fsdp1["model"], strict=True)

@@ -38,7 +38,7 @@ from .. import listing
 from ..async_save import pending_info
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
-from ..metadata import git_provenance
+from ..metadata import git_provenance_in_background
 from ..reader import read_checkpoint
 from ..rng import restore_rng_state
 from ..writer import ShardedPart, Snapshot, write_snapshot
@@ -299,8 +299,7 @@ def _prepare(manager: CheckpointManager, arguments: dict[str, Any]) -> _Save:
                 None, None, epoch, arguments["metrics"], arguments["config"], step, arguments["scheduler"],
                 arguments["extra"], arguments["files"],
             )
-            if manager._saver is not None:  # an asynchronous manager's snapshot leaves git to its writer
-                snapshot.provenance.update(git_provenance(os.getcwd()))
+            snapshot.pending_provenance = git_provenance_in_background(os.getcwd())  # folded in at commit
             manager._store.ensure_writable()
             manager._refuse_foreign(name)
             staging = manager._store.staging_dir(name)
