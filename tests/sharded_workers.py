@@ -211,6 +211,16 @@ def job_restore(rank: int, world: int, directory: Path) -> None:
     assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
     assert scheduler.last_epoch == 2
 
+    if world == 1:  # the Hugging Face callback refuses a model sharded across ranks, saying why
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        from ckpt_plugin import ConfigurationError
+        from ckpt_plugin.hf import CheckpointCallback
+
+        args = TrainingArguments(output_dir=str(directory / "hf"), report_to=[])
+        begin = lambda: CheckpointCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)  # noqa: E731
+        expect(ConfigurationError, begin, "does not support FSDP")
+
     # A checkpoint saved by one process (no torch.distributed) restores into the sharded model too.
     plain = CheckpointManager(directory / "plain")
     info = plain.restore(model, optimizer, scheduler)
