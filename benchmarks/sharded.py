@@ -11,7 +11,9 @@ state, about ``--mib`` MiB in all. In every round, in alternating order:
   ``FileSystemReader``, both followed by ``set_state_dict`` as the manager does.
 
 Each side is timed on rank 0 between two barriers, so the figure is the time of the slower rank.
-Dirty pages are flushed before every measurement; both sides restore from the page cache. Prints
+Dirty pages are flushed before every measurement, and before every restore both sides' files are
+evicted from the page cache (``posix_fadvise(DONTNEED)``), so both read from the disk, as after a
+job restart (the manager may write large files with direct I/O, which leaves nothing cached). Prints
 the medians, their ratios (target: <= 1.0), the bytes each rank wrote against total / world size,
 and the CPU model. The first round is an untimed warm-up.
 """
@@ -57,9 +59,26 @@ def build(mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def timed(fn) -> float:  # type: ignore[no-untyped-def]
+def evict(*directories: Path) -> None:
+    """Drop the files of ``directories`` from the page cache, so that a read comes from the disk.
+
+    Saves may write with direct I/O (no page cache) or through it; evicting both sides' files
+    makes the restores compare alike, as after a job restart."""
+    settle()
+    for directory in directories:
+        for path in directory.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def timed(fn, cold: tuple[Path, ...] = ()) -> float:  # type: ignore[no-untyped-def]
     if dist.get_rank() == 0:
         settle()
+        evict(*cold)
     dist.barrier()
     start = time.perf_counter()
     fn()
@@ -109,7 +128,7 @@ def worker(rank: int, rendezvous: str, root: str, mib: int, rounds: int) -> None
         for group in (saves, restores):
             order = list(group) if round_index % 2 == 0 else list(reversed(group))
             for name in order:
-                elapsed = timed(group[name])
+                elapsed = timed(group[name], cold=(Path(root) / "ours", theirs) if group is restores else ())
                 if round_index:
                     times[name].append(elapsed)
         if rank == 0 and round_index == rounds:
