@@ -20,6 +20,7 @@ from .errors import (
     ForeignFileError,
     IncompatibleCheckpointError,
     PromotionError,
+    SignatureError,
     StorageError,
 )
 from .manager import CheckpointManager
@@ -40,6 +41,7 @@ __all__ = [
     "ForeignFileError",
     "IncompatibleCheckpointError",
     "PromotionError",
+    "SignatureError",
     "StorageError",
     "__version__",
     "capture_rng_state",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
+from .format import documents
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
 from .storage import FileRecord, checksum_bytes
 
@@ -141,6 +142,13 @@ def metadata_checksum(document: Mapping[str, Any]) -> str:
     return checksum_bytes(codec.dumps({key: value for key, value in document.items() if key != METADATA_CHECKSUM_KEY}))
 
 
+def _checksum_or_none(document: Mapping[str, Any]) -> str | None:
+    try:
+        return metadata_checksum(document)
+    except (TypeError, ValueError, RecursionError):  # not JSON that dumps() writes: cannot match
+        return None
+
+
 def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
     """Turn a parsed ``metadata.json`` into a :class:`CheckpointInfo`; reject other formats.
 
@@ -149,7 +157,7 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
     if not isinstance(data, Mapping):
         raise CorruptCheckpointError(f"{path / METADATA_FILE} does not hold a JSON object; restore it or delete this checkpoint")
     recorded = data.get(METADATA_CHECKSUM_KEY)
-    if recorded is not None and recorded != metadata_checksum(data):
+    if recorded is not None and recorded != _checksum_or_none(data):
         raise CorruptCheckpointError(
             f"{path / METADATA_FILE} does not match its recorded checksum; the file is damaged: restore it from "
             "a copy or delete this checkpoint"
@@ -157,9 +165,9 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
     if data.get("format") != FORMAT_NAME:
         raise IncompatibleCheckpointError(f"{path / METADATA_FILE} was not written by ckpt_plugin")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or type(version) is not int:
         raise IncompatibleCheckpointError(
-            f"{path} uses checkpoint format version {version}, but this release reads version "
+            f"{path} uses checkpoint format version {version!r}, but this release reads version "
             f"{FORMAT_VERSION}; upgrade ckpt_plugin to load it"
         )
     if recorded is None:
@@ -167,14 +175,16 @@ def parse_metadata(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
             f"{path / METADATA_FILE} has no {METADATA_CHECKSUM_KEY}; the file is damaged: restore it from a copy "
             "or delete this checkpoint"
         )
+    documents.validate(data, documents.MetadataDoc, str(path / METADATA_FILE))
+    timestamp = data.get("metadata", {}).get("timestamp")
     return CheckpointInfo(
         path=path,
-        epoch=int(data["epoch"]),
-        step=None if data.get("step") is None else int(data["step"]),
-        metrics=codec.from_json(data.get("metrics") or {}),
+        epoch=data["epoch"],
+        step=data.get("step"),
+        metrics=codec.from_json(data.get("metrics", {}), str(path / METADATA_FILE), "metrics"),
         metric_for_best=data.get("metric_for_best"),
         mode=data.get("mode", "min"),
-        timestamp=(data.get("metadata") or {}).get("timestamp"),
+        timestamp=timestamp if isinstance(timestamp, str) else None,
         files={name: FileRecord.from_json(record) for name, record in data.get("files", {}).items()},
         items=tuple(data.get("items", ())),
     )

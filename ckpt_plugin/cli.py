@@ -47,9 +47,11 @@ from .errors import (
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
+    SignatureError,
 )
 from .reader import open_item_files, read_checkpoint, read_json
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
+from .signing import SIGNATURE_FILE, verify_directory
 from .storage import (
     FileRecord,
     LocalStore,
@@ -306,6 +308,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
     registry = _registry(_existing(directory))
     info, version = _target(registry, epoch)
     metadata = read_json(info.path / METADATA_FILE)
+    parse_metadata(info.path, metadata)
     model = _model_tensors(info)
     details: dict[str, Any] = {
         "name": info.name,
@@ -342,10 +345,19 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
 
 @app.command()
 @_handled
-def verify(directory: Directory, as_json: AsJson = False) -> None:
+def verify(
+    directory: Directory,
+    as_json: AsJson = False,
+    key: Annotated[
+        Optional[Path],
+        typer.Option("--key", help="A public key (PEM): validated versions and production must carry a signature it verifies, "
+                     "and so must every checkpoint that has one (needs the signing extra)."),
+    ] = None,
+) -> None:
     """Check every file's checksum: the checkpoints in DIR, the validated versions and production.
 
-    Exits with status 1 and names each damaged file when anything is corrupt.
+    Exits with status 1 and names each damaged file when anything is corrupt (or, with --key,
+    when a signature does not verify).
     """
     registry = _registry(_existing(directory))
     infos, problems = _raw_listing(registry)
@@ -354,17 +366,28 @@ def verify(directory: Directory, as_json: AsJson = False) -> None:
         folder = registry.version_dir(version)
         try:
             records = registry.validation(version)["files"]
-        except CorruptCheckpointError as exc:
+            if key is not None:
+                registry.verify_signature(version, key)
+        except (CorruptCheckpointError, SignatureError) as exc:
             problems.append({"path": str(folder), "error": str(exc)})
             continue
         files += [(folder / name, FileRecord.from_json(record)) for name, record in records.items()]
     try:
         production = registry.production()
-    except CorruptCheckpointError as exc:
+        if key is not None:
+            registry.verify_production_signature(key)
+    except (CorruptCheckpointError, SignatureError) as exc:
         production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
     if production is not None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
         files.append((registry.production_dir / PRODUCTION_MODEL_FILE, record))
+    if key is not None:
+        for info in infos:
+            if (info.path / SIGNATURE_FILE).is_file():
+                try:
+                    verify_directory(info.path, key)
+                except SignatureError as exc:
+                    problems.append({"path": str(info.path), "error": str(exc)})
     with Bars() as bars:
         problems += _verify_all(files, "verifying", bars)
     report = {"ok": not problems, "files": len(files), "bytes": sum(record.size for _, record in files), "problems": problems}
@@ -475,6 +498,7 @@ def validate(
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
+    signing_key: Annotated[Optional[Path], typer.Option(help="Sign the version with this private key (PEM; signing extra).")] = None,
 ) -> None:
     """Check a checkpoint and store it as an immutable, semantically versioned artifact."""
     registry = _registry(_existing(directory), validated_dir, production_dir)
@@ -483,7 +507,9 @@ def validate(
     checks = dict(metric_check(expression) for expression in require or [])
     which: int | str = int(epoch) if epoch.isdigit() else epoch
     with Bars() as bars:
-        record = registry.validate(which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars)
+        record = registry.validate(
+            which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars, signing_key=signing_key
+        )
     if as_json:
         _print_json(record)
         return
@@ -682,7 +708,9 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
 def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
     """The model config a checkpoint recorded (its config, or the config's ``"model"`` entry), or a
     :class:`ConfigurationError` saying why no loadable folder can be written without ``--config``."""
-    config = codec.from_json(read_json(info.path / METADATA_FILE).get("config"))
+    metadata = read_json(info.path / METADATA_FILE)
+    parse_metadata(info.path, metadata)
+    config = codec.from_json(metadata.get("config"), str(info.path / METADATA_FILE), "config")
     for candidate in (config, config.get("model") if isinstance(config, Mapping) else None):
         if isinstance(candidate, Mapping) and isinstance(candidate.get("model_type"), str):
             return candidate

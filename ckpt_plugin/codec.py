@@ -24,15 +24,18 @@ occurrence refers to the first one's name, and ``decode`` hands back one shared 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .errors import EncodingError
+from .errors import CorruptCheckpointError, EncodingError
+from .format.documents import within_depth as _within_depth
 
 try:  # numpy is optional; RNG capture and user trees may hold its arrays and scalars.
     import numpy as _np
@@ -188,51 +191,162 @@ def encode(tree: Any, root: str = "state") -> tuple[Any, dict[str, torch.Tensor]
     """
     encoder = _Encoder(root)
     skeleton = encoder.encode(tree, (root,))
+    if not _within_depth(skeleton, MAX_TREE_DEPTH):
+        raise EncodingError(
+            f"{root} is nested more than {MAX_TREE_DEPTH} levels deep (tuples, sets and dicts with non-string "
+            "keys count twice); checkpoints refuse deeper trees when loaded, so flatten it before saving"
+        )
     return skeleton, encoder.tensors
 
 
-def decode(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Rebuild the tree that :func:`encode` split, taking tensors from ``tensors`` by name."""
-    if isinstance(skeleton, list):
-        return [decode(item, tensors) for item in skeleton]
-    if not isinstance(skeleton, dict):
-        return skeleton
-    if len(skeleton) >= 1 and MARKERS.intersection(skeleton):
-        return _decode_marker(skeleton, tensors)
-    return {key: decode(value, tensors) for key, value in skeleton.items()}
+MAX_TREE_DEPTH = 100
+"""The deepest nesting of an encoded tree; deeper ones are refused when saved and when loaded."""
+
+DTYPES: dict[str, torch.dtype] = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+"""What ``__dtype__`` may name: the ``torch.dtype`` values of the torch namespace, nothing else."""
+NUMPY_SCALAR_TYPES = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"}
+)
+"""What ``__numpy__`` may name: numeric and bool scalar types of at most 8 bytes."""
+_DEVICE = re.compile(r"[a-z][a-z0-9_]{0,31}(?::[0-9]{1,6})?")
+_MARKER_KEYS = {marker: frozenset({marker}) for marker in MARKERS} | {NUMPY: frozenset({NUMPY, "value"})}
 
 
-def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
-    if TENSOR in node or NDARRAY in node:
-        name = node.get(TENSOR, node.get(NDARRAY))
+class _Malformed(Exception):
+    """A node that is not what :func:`encode` writes; collects its key path while propagating."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+        self.path: list[Any] = []
+
+
+def decode(skeleton: Any, tensors: Mapping[str, torch.Tensor], where: str = "the checkpoint", root: str = "state") -> Any:
+    """Rebuild the tree that :func:`encode` split, taking tensors from ``tensors`` by name.
+
+    Only data comes back: containers, str, bytes, numbers, bool, None, tensors, numpy scalars and
+    arrays, ``torch.dtype`` values, devices and paths. A marker that names anything else (a torch
+    function for ``__dtype__``, a void type for ``__numpy__``), a tensor that is not in ``tensors``,
+    or nesting deeper than :data:`MAX_TREE_DEPTH` raises :class:`CorruptCheckpointError` naming
+    ``where`` (the file) and the key path under ``root``.
+    """
+    try:
+        return _decode(skeleton, tensors, 0)
+    except _Malformed as bad:
+        raise CorruptCheckpointError(
+            f"{where}: {format_path((root, *reversed(bad.path)))} {bad.why}; the checkpoint is damaged or was not "
+            "written by ckpt_plugin: restore it or delete it"
+        ) from None
+
+
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor], depth: int) -> Any:
+    kind = type(node)
+    if kind is str or kind is int or kind is float or kind is bool or node is None:
+        return node
+    if depth >= MAX_TREE_DEPTH:
+        raise _Malformed(f"is nested more than {MAX_TREE_DEPTH} levels deep")
+    if kind is list:
+        return _decode_items(node, tensors, depth)
+    if kind is not dict:
+        raise _Malformed(f"is a {kind.__name__}, which JSON does not hold")
+    if MARKERS.intersection(node):
+        return _decode_marker(node, tensors, depth)
+    result = {}
+    for key, value in node.items():
         try:
-            tensor = tensors[name]
+            result[key] = _decode(value, tensors, depth + 1)
+        except _Malformed as bad:
+            bad.path.append(key)
+            raise
+    return result
+
+
+def _decode_items(items: list[Any], tensors: Mapping[str, torch.Tensor], depth: int) -> list[Any]:
+    result = []
+    for index, item in enumerate(items):
+        try:
+            result.append(_decode(item, tensors, depth + 1))
+        except _Malformed as bad:
+            bad.path.append(index)
+            raise
+    return result
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise _Malformed(f"holds a {type(value).__name__} where only a hashable value may be") from None
+    return value
+
+
+def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor], depth: int) -> Any:
+    marker = next(key for key in node if key in MARKERS)
+    if set(node) != _MARKER_KEYS[marker]:
+        raise _Malformed(f"mixes the {marker} marker with other keys ({', '.join(map(repr, sorted(node)))})")
+    value = node[marker]
+    if marker in (TENSOR, NDARRAY):
+        if type(value) is not str:
+            raise _Malformed(f"names a tensor by a {type(value).__name__}, not a string")
+        try:
+            tensor = tensors[value]
         except KeyError:
-            raise KeyError(f"the skeleton refers to tensor {name!r}, which is not among the stored tensors") from None
-        if NDARRAY in node:
+            raise _Malformed(f"refers to tensor {value!r}, which is not among the stored tensors") from None
+        if marker == TENSOR:
+            return tensor
+        try:
             return (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
-        return tensor
-    if TUPLE in node:
-        return tuple(decode(item, tensors) for item in node[TUPLE])
-    if DICT in node:
-        return {decode(key, tensors): decode(value, tensors) for key, value in node[DICT]}
-    if FLOAT in node:
-        return _SPECIAL_FLOATS[node[FLOAT]]
-    if DTYPE in node:
-        return getattr(torch, node[DTYPE])
-    if DEVICE in node:
-        return torch.device(node[DEVICE])
-    if BYTES in node:
-        return base64.b64decode(node[BYTES])
-    if SET in node:
-        return {decode(item, tensors) for item in node[SET]}
-    if PATH in node:
-        return pathlib.Path(node[PATH])
-    if NUMPY in node:
+        except (TypeError, RuntimeError) as exc:
+            raise _Malformed(f"is a numpy array of a dtype numpy cannot hold ({exc})") from None
+    if marker in (TUPLE, SET, DICT):
+        if type(value) is not list:
+            raise _Malformed(f"holds a {type(value).__name__} under {marker}, not a list")
+        items = _decode_items(value, tensors, depth)
+        if marker == TUPLE:
+            return tuple(items)
+        if marker == SET:
+            return {_hashable(item) for item in items}
+        if not all(type(pair) is list and len(pair) == 2 for pair in items):
+            raise _Malformed(f"holds {DICT} entries that are not [key, value] pairs")
+        return {_hashable(key): item for key, item in items}
+    if marker == FLOAT:
+        if type(value) is not str or value not in _SPECIAL_FLOATS:
+            raise _Malformed(f"holds {value!r} under {FLOAT}; only 'nan', 'inf' and '-inf' are stored there")
+        return _SPECIAL_FLOATS[value]
+    if marker == DTYPE:
+        dtype = DTYPES.get(value) if type(value) is str else None
+        if dtype is None:
+            raise _Malformed(f"names {value!r} as a dtype, which is not a torch dtype")
+        return dtype
+    if marker == DEVICE:
+        if type(value) is not str or _DEVICE.fullmatch(value) is None:
+            raise _Malformed(f"holds {value!r} as a device, which is not a device name such as 'cpu' or 'cuda:0'")
+        try:
+            return torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise _Malformed(f"holds {value!r} as a device, which torch does not know ({exc})") from None
+    if marker == BYTES:
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise _Malformed("holds bytes that are not base64") from None
+    if marker == PATH:
+        if type(value) is not str:
+            raise _Malformed(f"holds a {type(value).__name__} as a path, not a string")
+        return pathlib.Path(value)
+    if marker == NUMPY:
         if _np is None:  # pragma: no cover
             raise ImportError("this checkpoint holds numpy scalars; install numpy to load it")
-        return _np.dtype(node[NUMPY]).type(decode(node["value"], tensors))
-    raise ValueError(f"unknown marker object {node!r}")  # pragma: no cover
+        if type(value) is not str or value not in NUMPY_SCALAR_TYPES:
+            raise _Malformed(f"names {value!r} as a numpy scalar type; only numeric and bool types are stored")
+        number = _decode(node["value"], tensors, depth + 1)
+        if type(number) not in (int, float, bool):
+            raise _Malformed(f"holds a {type(number).__name__} as the value of a numpy scalar, not a number")
+        try:
+            return _np.dtype(value).type(number)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise _Malformed(f"holds {number!r}, which a numpy {value} cannot hold ({exc})") from None
+    raise _Malformed("is an unknown marker object")  # pragma: no cover
 
 
 def dumps(skeleton: Any) -> bytes:
@@ -260,6 +374,6 @@ def to_json(value: Any, root: str = "value") -> Any:
     return skeleton
 
 
-def from_json(skeleton: Any) -> Any:
-    """Decode a value encoded by :func:`to_json`."""
-    return decode(skeleton, {})
+def from_json(skeleton: Any, where: str = "the checkpoint", root: str = "value") -> Any:
+    """Decode a value encoded by :func:`to_json`; see :func:`decode` for what it refuses."""
+    return decode(skeleton, {}, where, root)

@@ -52,3 +52,7 @@ class DistributedCheckpointError(CheckpointError):
 
     Every rank raises: the rank that failed its own error, the others this one, naming it.
     """
+
+
+class SignatureError(CheckpointError):
+    """A signature is missing or does not verify: the files are not what the key's owner signed."""

@@ -27,7 +27,7 @@ each of its files, shared or not.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,9 @@ class IncrementalWriter:
             return
         self._base = _Base(info.path, tensors, shard_list)
 
-    def write(self, store: LocalStore, snapshot: Snapshot, seen: Observation) -> CheckpointInfo:
+    def write(
+        self, store: LocalStore, snapshot: Snapshot, seen: Observation, before_commit: Callable[[Path], object] | None = None
+    ) -> CheckpointInfo:
         """Write ``snapshot`` with its model sharded, linking the shards that did not change."""
         new_shards: list[_Shard] = []
         digests: dict[str, _Tensor] = {}
@@ -191,7 +193,7 @@ class IncrementalWriter:
                 entry["file"] = MODEL_INDEX_FILE
                 entry[DIGESTS_KEY] = {name: record.digest for name, record in tensors_now.items()}
 
-        info = write_snapshot(store, snapshot, write_model)
+        info = write_snapshot(store, snapshot, write_model, before_commit)
         self._base = _Base(
             info.path,
             digests,

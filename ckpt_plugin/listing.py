@@ -1,33 +1,35 @@
 """A cache of checkpoint summaries, so that a new process lists 1,000 checkpoints without parsing
 1,000 ``metadata.json`` files.
 
-Metrics are kept decoded (NaN and infinities as JSON's ``NaN`` and ``Infinity`` tokens, which only
-this file uses). The cache is one hidden file, ``.listing.json``, in the checkpoint directory. For each checkpoint it
+Metrics are stored encoded as in ``metadata.json`` (NaN and infinities as markers). The cache is one hidden file, ``.listing.json``, in the checkpoint directory. For each checkpoint it
 holds the summary that :class:`~ckpt_plugin.checkpoint.CheckpointInfo` needs (epoch, step, metrics,
 files, ...) and the identity of the ``metadata.json`` it came from: inode, size, modification and
 change times. A committed checkpoint is never modified in place (a replacement is a new
 directory), so an entry whose identity still matches is exactly what parsing the file would give;
 any other entry is ignored and the file is read. The cache is only ever an optimization: it is
-replaced atomically, a damaged or foreign one is ignored, and deleting it is always safe.
+replaced atomically, it records a checksum of its own content and is validated like every other
+document, a damaged, edited or foreign one is ignored, and deleting it is always safe.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import codec
 from .checkpoint import CheckpointInfo
+from .errors import CheckpointError
+from .format import documents
 from .storage import FileRecord
 
 
 CACHE_FILE = ".listing.json"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 REWRITE_AFTER_READS = 16
 
 Identity = tuple[int, int, int, int]
@@ -65,7 +67,7 @@ def summary(info: CheckpointInfo) -> dict[str, Any]:
     return {
         "epoch": info.epoch,
         "step": info.step,
-        "metrics": info.metrics,
+        "metrics": codec.to_json(info.metrics, "metrics"),
         "metric_for_best": info.metric_for_best,
         "mode": info.mode,
         "timestamp": info.timestamp,
@@ -80,7 +82,7 @@ def info_from_summary(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
         path=path,
         epoch=data["epoch"],
         step=data["step"],
-        metrics=data["metrics"],
+        metrics=codec.from_json(data["metrics"], str(path.parent / CACHE_FILE), "metrics"),
         metric_for_best=data["metric_for_best"],
         mode=data["mode"],
         timestamp=data["timestamp"],
@@ -90,33 +92,31 @@ def info_from_summary(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
 
 
 def load(root: Path) -> dict[str, tuple[Identity, dict[str, Any]]]:
-    """The cached summaries by checkpoint name; empty when there is no usable cache."""
+    """The cached summaries by checkpoint name; empty when there is no usable cache (missing,
+    damaged, edited, or written by another release)."""
+    path = root / CACHE_FILE
     try:
-        data = json.loads((root / CACHE_FILE).read_bytes())
-    except (OSError, ValueError):
+        if os.stat(path).st_size > documents.MAX_DOCUMENT_BYTES:
+            return {}
+        document = documents.load_json(path.read_bytes(), str(path))
+        if not isinstance(document, dict) or document.get("version") != CACHE_VERSION:
+            return {}
+        documents.check_seal(document, str(path))
+        documents.validate(document, documents.ListingDoc, str(path))
+    except (OSError, CheckpointError):
         return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-        return {}
-    entries: dict[str, tuple[Identity, dict[str, Any]]] = {}
-    for name, entry in data["entries"].items():
-        try:
-            key = tuple(int(part) for part in entry["identity"])
-            if len(key) == 4 and isinstance(entry["summary"], dict):
-                entries[name] = (key, entry["summary"])  # type: ignore[assignment]
-        except (KeyError, TypeError, ValueError):
-            continue
-    return entries
+    return {name: (tuple(entry["identity"]), entry["summary"]) for name, entry in document["entries"].items()}  # type: ignore[misc]
 
 
 def save(root: Path, entries: Mapping[str, tuple[Identity, Mapping[str, Any]]]) -> None:
     """Replace the cache atomically with ``entries``; failures are ignored (it is only a cache)."""
-    document = {
-        "version": CACHE_VERSION,
-        "entries": {name: {"identity": list(key), "summary": data} for name, (key, data) in sorted(entries.items())},
-    }
     temporary = root / f"{CACHE_FILE}.{uuid.uuid4().hex[:12]}"
     try:
-        temporary.write_text(json.dumps(document, separators=(",", ":")))
+        document = documents.seal({
+            "version": CACHE_VERSION,
+            "entries": {name: {"identity": list(key), "summary": data} for name, (key, data) in sorted(entries.items())},
+        })
+        temporary.write_bytes(codec.dumps(document))
         os.replace(temporary, root / CACHE_FILE)
     except (OSError, TypeError, ValueError):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from . import incremental as incremental_saves
-from . import listing, retention, savelog, trash
+from . import listing, retention, savelog, signing, trash
 from .async_save import AsyncSaver, pending_info
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
@@ -43,10 +44,12 @@ class CheckpointManager:
         checkpoint_dir: the directory holding one sub-directory per checkpoint. Created if missing.
         max_checkpoints: keep this many most recent checkpoints (by epoch, then step); ``None`` keeps all.
         keep_best: also never delete the best checkpoint by ``metric_for_best``, even when it is old
-            (opt-in: by default exactly the ``max_checkpoints`` most recent are kept).
-        metric_for_best: the metric that ranks checkpoints for ``keep_best`` and :meth:`load_best`, and
-            that each checkpoint records. When left out it is ``"loss"`` with ``keep_best``; otherwise
-            :meth:`best` ranks by the metric and mode the checkpoints themselves recorded.
+            (opt-in: by default exactly the ``max_checkpoints`` most recent are kept); the same as
+            ``keep_top_k=1``.
+        metric_for_best: the metric that ranks checkpoints for ``keep_best``, ``keep_top_k`` and
+            :meth:`load_best`, and that each checkpoint records. When left out it is ``"loss"`` with
+            ``keep_best``; otherwise :meth:`best` ranks by the metric and mode the checkpoints
+            themselves recorded. ``keep_top_k`` needs it given.
         mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is (default ``"min"``).
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
@@ -60,6 +63,16 @@ class CheckpointManager:
             buffer (about the size of the state), and write, commit and prune on a background
             thread. At most one save is in flight; a failed background save is raised again by the
             next :meth:`save`, :meth:`wait` or :meth:`close`. Loads wait for the save in flight.
+        signing_key: an elliptic-curve private key (PEM file) that signs every checkpoint before it
+            commits (``model.sig`` in its directory; see :mod:`ckpt_plugin.signing`). Loads check it
+            when given ``verify_with=`` the public key. Needs the ``signing`` extra.
+        keep_top_k: never delete the ``k`` best checkpoints by ``metric_for_best``, besides the
+            ``max_checkpoints`` most recent (Lightning's ``save_top_k``). Given, it replaces
+            ``keep_best``.
+        require_metric: whether the first save must record ``metric_for_best`` (else it raises
+            :class:`ConfigurationError` naming the metrics it recorded). Default: when
+            ``keep_top_k`` is given. The framework callbacks, which may save before the first
+            evaluation, turn it off and check the metric once an evaluation has run.
         collective_timeout: seconds a rank waits for the others in a collective (sharded) save or
             restore before it fails instead of hanging.
 
@@ -84,6 +97,9 @@ class CheckpointManager:
         incremental: bool = False,
         change_detection: str = "checksum",
         async_save: bool = False,
+        signing_key: str | os.PathLike[str] | None = None,
+        keep_top_k: int | None = None,
+        require_metric: bool | None = None,
         collective_timeout: float = 600.0,
     ) -> None:
         if mode is not None and mode not in retention.MODES:
@@ -100,13 +116,19 @@ class CheckpointManager:
             raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         if keep_best and metric_for_best is not None and not isinstance(metric_for_best, str):
             raise ConfigurationError(f"metric_for_best must be a metric name, not {metric_for_best!r}")
+        check_top_k(keep_top_k, metric_for_best)
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         self.max_checkpoints = max_checkpoints
-        self.keep_best = keep_best
+        self.keep_top_k = keep_top_k if keep_top_k is not None else int(bool(keep_best))
+        """How many of the best checkpoints retention keeps (0: none; 1: ``keep_best``)."""
+        self.keep_best = self.keep_top_k > 0
+        self._strict_metric = keep_top_k is not None if require_metric is None else bool(require_metric)
+        self._first_save_checked = False
         self.metric_for_best = metric_for_best
         self.mode = mode if mode is not None else "min"
         self._mode_given = mode is not None
         self.save_rng = save_rng
+        self.signing_key = signing_key
         self.async_save = bool(async_save)
         if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
             raise ConfigurationError(f"collective_timeout must be a number of seconds above 0, not {collective_timeout!r}")
@@ -114,7 +136,7 @@ class CheckpointManager:
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
-        self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, self.mode)
+        self._policies = retention.policies_for(max_checkpoints, self.keep_best, metric_for_best, self.mode, self.keep_top_k)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
@@ -132,6 +154,7 @@ class CheckpointManager:
         return (
             f"CheckpointManager({str(self.checkpoint_dir)!r}, max_checkpoints={self.max_checkpoints}, "
             f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r}"
+            + (f", keep_top_k={self.keep_top_k}" if self.keep_top_k > 1 else "")
             + (", async_save=True)" if self.async_save else ")")
         )
 
@@ -234,22 +257,34 @@ class CheckpointManager:
         )
         return snapshot, seen
 
+    def _signing(self) -> dict[str, Any]:
+        """The ``write_snapshot`` options that sign a checkpoint before it commits, when a key is set."""
+        if self.signing_key is None:
+            return {}
+        return {"before_commit": functools.partial(signing.sign_directory, private_key=self.signing_key)}
+
     def _write(self, snapshot: Snapshot, seen: incremental_saves.Observation | None) -> CheckpointInfo:
         """Write, commit and prune: the part of a save that an asynchronous save runs in the background."""
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
+            signed = self._signing()
             if self._incremental is None:
-                info = write_snapshot(self._store, snapshot)
+                info = write_snapshot(self._store, snapshot, **signed)
             else:
                 if not self._incremental.has_base:
                     self._incremental.adopt(self.latest())
                 assert seen is not None
-                info = self._incremental.write(self._store, snapshot, seen)
+                info = self._incremental.write(self._store, snapshot, seen, **signed)
             self._remember(info)
             self._apply_retention(protect=info)
             self._log_save(info)
         return info
+
+    @property
+    def retention_policies(self) -> list[retention.RetentionPolicy]:
+        """The retention policies this manager applies after each save (empty: keep everything)."""
+        return list(self._policies)
 
     def _log_save(self, info: CheckpointInfo) -> None:
         """Append the committed checkpoint to the save log; a failure there never fails the save."""
@@ -261,7 +296,18 @@ class CheckpointManager:
                 warnings.warn(f"could not append to the save log ({exc}); the checkpoint is saved", UserWarning, stacklevel=4)
 
     def _check_best_metric(self, metrics: Mapping[str, Any]) -> None:
-        if not self.keep_best or self.metric_for_best is None or self._warned_missing_metric:
+        if not self.keep_best or self.metric_for_best is None:
+            return
+        if self._strict_metric and not self._first_save_checked:
+            if self.metric_for_best not in metrics:
+                recorded = ", ".join(sorted(metrics)) or "none"
+                raise ConfigurationError(
+                    f"keep_top_k={self.keep_top_k} ranks checkpoints by metric_for_best={self.metric_for_best!r}, "
+                    f"but the first save records no such metric (recorded: {recorded}); pass it in metrics= "
+                    "or choose one of these as metric_for_best"
+                )
+            self._first_save_checked = True
+        if self._warned_missing_metric:
             return
         value = metrics.get(self.metric_for_best)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
@@ -373,7 +419,7 @@ class CheckpointManager:
         if key is not None and known is not None and known[0] == key:
             try:
                 return listing.info_from_summary(path, known[1])
-            except (KeyError, TypeError, ValueError):
+            except (CheckpointError, KeyError, TypeError, ValueError):
                 pass
         try:
             info = parse_metadata(path, read_json(path / METADATA_FILE))
@@ -480,8 +526,11 @@ class CheckpointManager:
         and some of the new one. The recorded checksums catch that; then the checkpoint is listed
         again, and only a mismatch against an unchanged listing is real damage.
         """
+        public_key = options.pop("verify_with", None)
         for _ in range(4):
             try:
+                if public_key is not None:
+                    signing.verify_directory(info.path, public_key)
                 return read_checkpoint(info, **options)
             except CorruptCheckpointError:
                 current = next((c for c in self.checkpoints() if c.name == info.name), None)
@@ -492,25 +541,34 @@ class CheckpointManager:
                 info = current
         return read_checkpoint(info, **options)
 
-    def load(self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
+    def load(
+        self, epoch: int, step: int | None = None, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
+    ) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
-        naming the epochs that exist."""
+        naming the epochs that exist. With ``verify_with`` (a public key's PEM file) the checkpoint's
+        signature must verify first (:class:`SignatureError` otherwise)."""
         self._settle()
-        return self._read(self.find(epoch, step), map_location=map_location, verify=verify)
+        return self._read(self.find(epoch, step), map_location=map_location, verify=verify, verify_with=verify_with)
 
-    def load_latest(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
+    def load_latest(self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None) -> dict[str, Any] | None:
         """Load the most recent checkpoint, or return None when the directory holds none."""
         self._settle()
         info = self.latest()
-        return None if info is None else self._read(info, map_location=map_location, verify=verify)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
 
     def load_best(
-        self, metric: str | None = None, mode: str | None = None, *, map_location: Device = None, verify: bool = True
+        self,
+        metric: str | None = None,
+        mode: str | None = None,
+        *,
+        map_location: Device = None,
+        verify: bool = True,
+        verify_with: Any = None,
     ) -> dict[str, Any] | None:
         """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
         self._settle()
         info = self.best(metric, mode)
-        return None if info is None else self._read(info, map_location=map_location, verify=verify)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
 
     def restore(
         self,
@@ -615,6 +673,24 @@ def _collective(model: Any) -> bool:
     return holds_dtensors(model)
 
 
+def check_top_k(keep_top_k: int | None, metric_for_best: str | None, *, metric_known: bool = True) -> None:
+    """Validate ``keep_top_k`` (and, when ``metric_known``, that ``metric_for_best`` is set).
+
+    Raises :class:`ConfigurationError` naming the fix.
+    """
+    if keep_top_k is None:
+        return
+    if isinstance(keep_top_k, bool) or not isinstance(keep_top_k, int) or keep_top_k < 1:
+        raise ConfigurationError(
+            f"keep_top_k must be a whole number of at least 1 (or None; keep_best=False keeps no best); got {keep_top_k!r}"
+        )
+    if metric_known and metric_for_best is None:
+        raise ConfigurationError(
+            f"keep_top_k={keep_top_k} keeps the best checkpoints by metric_for_best, but metric_for_best is None; "
+            "pass metric_for_best or drop keep_top_k"
+        )
+
+
 def _notify(info: CheckpointInfo, on_commit: Callable[[CheckpointInfo], None] | None) -> CheckpointInfo:
     if on_commit is not None:
         on_commit(info)
@@ -695,4 +771,4 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
-__all__ = ["CheckpointManager", "normalize_metrics", "config_to_dict"]
+__all__ = ["CheckpointManager", "check_top_k", "config_to_dict", "normalize_metrics"]

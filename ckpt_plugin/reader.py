@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from . import codec, shards
+from .format import documents
 from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import CorruptCheckpointError
 from .storage import FileRecord, open_tensor_file, read_bytes_file
@@ -16,13 +18,16 @@ from .storage import FileRecord, open_tensor_file, read_bytes_file
 Device = str | torch.device | None
 
 
-def read_json(path: Any, record: Any = None) -> Any:
-    """Parse a JSON file of a checkpoint, turning damage into :class:`CorruptCheckpointError`."""
-    data = read_bytes_file(path, record)
+def read_json(path: Path, record: FileRecord | None = None) -> Any:
+    """Parse and validate a JSON document of a checkpoint (its schema is chosen by its file name, see
+    :mod:`ckpt_plugin.format.documents`), turning damage into :class:`CorruptCheckpointError`."""
     try:
-        return codec.loads(data)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{path} is not valid JSON ({exc}); restore it or delete this checkpoint") from None
+        size = os.stat(path).st_size
+    except OSError:
+        size = 0  # reported by the read below
+    if size > documents.MAX_DOCUMENT_BYTES:
+        raise CorruptCheckpointError(f"{path} has {size} bytes, far more than any document ckpt_plugin writes; delete it")
+    return documents.parse(read_bytes_file(path, record), path.name, str(path))
 
 
 def read_checkpoint(
@@ -39,8 +44,7 @@ def read_checkpoint(
     restricts which state trees are read (for example ``("model",)`` for inference).
     """
     metadata = read_json(info.path / METADATA_FILE)
-    if verify:
-        parse_metadata(info.path, metadata)
+    parse_metadata(info.path, metadata)  # checks its layout; its files were recorded in ``info`` at listing
     state = read_json(info.path / STATE_FILE, info.files.get(STATE_FILE) if verify else None)
     opened: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -64,9 +68,9 @@ def read_checkpoint(
         "optimizer": None,
         "epoch": info.epoch,
         "metrics": dict(info.metrics),
-        "config": codec.from_json(metadata.get("config")),
+        "config": codec.from_json(metadata.get("config"), str(info.path / METADATA_FILE), "config"),
         "metadata": {
-            **codec.from_json(metadata.get("metadata") or {}),
+            **codec.from_json(metadata.get("metadata", {}), str(info.path / METADATA_FILE), "metadata"),
             "metric_for_best": info.metric_for_best,
             "mode": info.mode,
             "format_version": metadata.get("format_version"),
@@ -88,10 +92,7 @@ def read_checkpoint(
         if (items is not None and item not in items) or item in sharded:
             continue
         tensors = tensors_of(entry["file"], entry.get("prefix", "")) if entry.get("file") else {}
-        try:
-            result[item] = codec.decode(entry["tree"], tensors)
-        except KeyError as exc:
-            raise CorruptCheckpointError(f"{info.path}: item {item!r} is inconsistent with its files: {exc}") from None
+        result[item] = codec.decode(entry.get("tree"), tensors, str(info.path / STATE_FILE), item)
     return result
 
 

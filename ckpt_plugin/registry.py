@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,13 +32,15 @@ import filelock
 import torch
 from packaging.version import InvalidVersion, Version
 
-from . import codec, shards
+from . import codec, fastio, shards, signing
+from .format import documents
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import (
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
+    SignatureError,
 )
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
@@ -48,7 +51,6 @@ from .storage import (
     append_line,
     checksum_bytes,
     link_or_copy,
-    open_tensor_file,
     read_bytes_file,
     verify_file,
     write_bytes_file,
@@ -72,20 +74,26 @@ ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]
 """Called with a label and a byte count before a long read; returns a callback taking each chunk's size, or None."""
 
 
+MAX_VERSION_LENGTH = 64
+_SEMVER = re.compile(r"v?(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(?:-?(?:a|b|rc|alpha|beta|c|pre|preview)\.?(0|[1-9][0-9]{0,8})?)?", re.IGNORECASE)
+
+
 def parse_version(version: str | Version) -> Version:
-    """Parse a semantic version such as ``"1.0.0"`` or ``"1.1.0rc1"``; anything else raises
-    :class:`PromotionError` before any file is touched."""
-    if isinstance(version, Version):
-        parsed = version
-    else:
+    """Parse a semantic version: ``MAJOR.MINOR.PATCH`` (each at most 9 digits) with an optional
+    pre-release such as ``"1.1.0rc1"``; anything else raises :class:`PromotionError` before any file
+    is touched."""
+    text = str(version) if isinstance(version, Version) else version
+    parsed = None
+    if isinstance(text, str) and len(text) <= MAX_VERSION_LENGTH and _SEMVER.fullmatch(text.strip()):
         try:
-            parsed = Version(version) if isinstance(version, str) else None
+            parsed = Version(text)
         except InvalidVersion:
             parsed = None
-    if parsed is None or len(parsed.release) != 3 or parsed.epoch != 0 or parsed.local is not None:
+    if parsed is None or len(parsed.release) != 3 or parsed.epoch != 0 or parsed.local is not None or parsed.post is not None or parsed.dev is not None:
+        shown = text if not isinstance(text, str) or len(text) <= MAX_VERSION_LENGTH else f"{text[:20]}... ({len(text)} characters)"
         raise PromotionError(
-            f"{version!r} is not a semantic version; use MAJOR.MINOR.PATCH such as '1.0.0' "
-            "(pre-releases such as '1.1.0rc1' are allowed)"
+            f"{shown!r} is not a semantic version; use MAJOR.MINOR.PATCH such as '1.0.0' "
+            "(pre-releases such as '1.1.0rc1' are allowed; at most 9 digits per number)"
         )
     return parsed
 
@@ -227,6 +235,7 @@ class ArtifactRegistry:
         metric: str | None = None,
         mode: str | None = None,
         progress: ProgressFactory | None = None,
+        signing_key: str | os.PathLike[str] | None = None,
     ) -> dict[str, Any]:
         """Run ``checks`` on a raw checkpoint and, if all pass, store it as an immutable version.
 
@@ -235,7 +244,9 @@ class ArtifactRegistry:
         checkpoint dict (or a mapping of name to callable); a false result or an exception fails
         the gate, which raises :class:`PromotionError` and writes nothing. Returns the validation
         record: version, source checkpoint and its checksum, metrics, and each check's result.
-        ``progress`` reports the bytes read, for progress bars.
+        ``progress`` reports the bytes read, for progress bars. With ``signing_key`` (an elliptic-curve
+        private key's PEM file) the version is signed before it becomes visible; see
+        :mod:`ckpt_plugin.signing` and ``verify_with=`` of :meth:`promote` and :meth:`load_production`.
         """
         if (version is None) == (bump is None):
             raise ConfigurationError("pass exactly one of version= (such as '1.0.0') or bump= ('major', 'minor' or 'patch')")
@@ -248,7 +259,7 @@ class ArtifactRegistry:
 
         source = self.resolve(epoch, metric, mode)
         metadata_bytes = read_bytes_file(source.path / METADATA_FILE)
-        info = parse_metadata(source.path, codec.loads(metadata_bytes))
+        info = parse_metadata(source.path, documents.load_json(metadata_bytes, str(source.path / METADATA_FILE)))
         advance = progress(f"validating {info.name}", 2 * info.size) if progress is not None else None
         for filename, file in info.files.items():
             verify_file(info.path / filename, file, advance)
@@ -284,7 +295,10 @@ class ArtifactRegistry:
                 for filename, file in info.files.items():
                     link_or_copy(info.path / filename, staging / filename, file, advance)
                 write_bytes_file(staging / METADATA_FILE, metadata_bytes)
+                record = documents.seal(record)
                 write_bytes_file(staging / VALIDATION_FILE, codec.dumps(record))
+                if signing_key is not None:
+                    signing.sign_directory(staging, signing_key)
                 self._validated.commit(staging, name)
             except BaseException:
                 self._validated.discard(staging)
@@ -311,27 +325,42 @@ class ArtifactRegistry:
         parsed = parse_version(version)
         document = self._validation_document(parsed)
         path = self.validated_dir / _directory_name(parsed)
-        record = FileRecord.from_json(document["files"][METADATA_FILE])
+        record = _record(document, METADATA_FILE, path / VALIDATION_FILE)
         return parse_metadata(path, read_json(path / METADATA_FILE, record))
 
-    def load(self, version: str | Version, *, map_location: Device = None, verify: bool = True) -> dict[str, Any]:
+    def load(
+        self, version: str | Version, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
+    ) -> dict[str, Any]:
         """Load validated ``version`` as a checkpoint dict (``model``, ``optimizer``, ``metrics``, ...)
-        with its ``version`` added; every file is checked against its checksum unless ``verify`` is False."""
+        with its ``version`` added; every file is checked against its checksum unless ``verify`` is False.
+        With ``verify_with`` (a public key's PEM file) the version's signature must verify first."""
+        if verify_with is not None:
+            self.verify_signature(version, verify_with)
         info = self.checkpoint_info(version)
         checkpoint = read_checkpoint(info, map_location=map_location, verify=verify)
         checkpoint["version"] = str(parse_version(version))
         return checkpoint
 
+    def verify_signature(self, version: str | Version, public_key: str | os.PathLike[str]) -> None:
+        """Check that validated ``version`` is exactly what the owner of ``public_key`` signed
+        (:class:`SignatureError` otherwise)."""
+        signing.verify_directory(self.version_dir(version), public_key)
+
     # ------------------------------------------------------------------ production
 
-    def promote(self, version: str | Version, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
+    def promote(
+        self, version: str | Version, *, progress: ProgressFactory | None = None, verify_with: Any = None
+    ) -> dict[str, Any]:
         """Make validated ``version`` what :meth:`load_production` returns, atomically.
 
         Promoting the version already in production changes nothing. Returns :meth:`production`.
-        ``progress`` reports the bytes read, for progress bars.
+        ``progress`` reports the bytes read, for progress bars. With ``verify_with`` (a public key's
+        PEM file) a version whose signature does not verify is refused (:class:`SignatureError`).
         """
         parsed = parse_version(version)
         with self._locked():
+            if verify_with is not None:
+                self.verify_signature(parsed, verify_with)
             try:
                 current = self._production_document()
             except CorruptCheckpointError as exc:
@@ -366,21 +395,33 @@ class ArtifactRegistry:
         document = self._production_document()
         return None if document is None else _public(document)
 
-    def load_production(self, *, map_location: Device = None, verify: bool = True) -> dict[str, Any] | None:
+    def load_production(
+        self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
+    ) -> dict[str, Any] | None:
         """Load the production model for inference: ``model`` (the state dict, tied weights re-tied),
         ``version``, ``epoch``, ``metrics``, ``config`` and ``metadata`` (the production record).
 
         Returns None when nothing is in production. A promotion running meanwhile is never seen
         half-way: the weights are only returned if ``model.json`` did not change while they were opened.
+        With ``verify_with`` (a public key's PEM file) the production model must be exactly the
+        weights and layout of a validated version signed with its private half: the version's
+        signature is verified, and the production weights are checked against its signed checksum.
         """
         for _ in range(_LOAD_ATTEMPTS):
             before = self._production_bytes()
             if before is None:
                 return None
             document = self._production_document(before)
-            record = FileRecord.from_json(document["files"][PRODUCTION_MODEL_FILE])
+            if verify_with is not None:
+                self._check_signed_production(document, verify_with)
+                verify = True
+            record = _record(document, PRODUCTION_MODEL_FILE, self.production_dir / PRODUCTION_RECORD_FILE)
             try:
-                tensors = open_tensor_file(self.production_dir / PRODUCTION_MODEL_FILE, record, verify=verify)
+                # Read into private memory rather than mapping the file: the served weights must not
+                # change when someone edits or truncates a file that shares their inode.
+                tensors = fastio.stream_tensor_file(
+                    self.production_dir / PRODUCTION_MODEL_FILE, record, lambda spec: None, verify=verify
+                )
             except CorruptCheckpointError:
                 if self._production_bytes() == before:
                     raise
@@ -394,11 +435,11 @@ class ArtifactRegistry:
             tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         public = _public(document)
         return {
-            "model": codec.decode(document["model"], tensors),
+            "model": codec.decode(document["model"], tensors, str(self.production_dir / PRODUCTION_RECORD_FILE), "model"),
             "version": document["version"],
             "epoch": document["source"]["epoch"],
             "metrics": public["metrics"],
-            "config": public["config"],
+            "config": public.get("config"),
             "metadata": public,
         }
 
@@ -411,9 +452,9 @@ class ArtifactRegistry:
         events = []
         for number, line in enumerate(read_bytes_file(path).splitlines(), 1):
             try:
-                events.append(codec.loads(line))
-            except ValueError:  # a line whose writer died mid-write; every other line stands
-                warnings.warn(f"skipping line {number} of {path}: it is not a complete JSON record", UserWarning, stacklevel=2)
+                events.append(documents.validate(documents.load_json(line, f"line {number} of {path}"), documents.HistoryEventDoc, f"line {number} of {path}"))
+            except CorruptCheckpointError:  # a line whose writer died mid-write; every other line stands
+                warnings.warn(f"skipping line {number} of {path}: it is not a complete history record", UserWarning, stacklevel=2)
         return events
 
     # ------------------------------------------------------------------ internals
@@ -455,7 +496,9 @@ class ArtifactRegistry:
         if not path.is_file():
             existing = ", ".join(self.versions()) or "none"
             raise CheckpointNotFoundError(f"version {version} is not validated in {self.validated_dir}; validated versions: {existing}")
-        return read_json(path)
+        document = read_json(path)
+        documents.check_seal(document, str(path))
+        return document
 
     @staticmethod
     def _source_entry(info: CheckpointInfo, metadata: FileRecord) -> dict[str, Any]:
@@ -481,20 +524,25 @@ class ArtifactRegistry:
         data = self._production_bytes() if data is None else data
         if data is None:
             return None
+        where = str(self.production_dir / PRODUCTION_RECORD_FILE)
         try:
-            return codec.loads(data)
-        except ValueError:
-            raise CorruptCheckpointError(
-                f"{self.production_dir / PRODUCTION_RECORD_FILE} is not valid JSON; promote a version again to replace it"
-            ) from None
+            document = documents.parse(data, PRODUCTION_RECORD_FILE, where)
+            documents.check_seal(document, where)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{exc}; promote a version again to replace it") from None
+        return document
 
     def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
         """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""
         validation = self._validation_document(version)
         directory = self.validated_dir / _directory_name(version)
         files = {name: FileRecord.from_json(record) for name, record in validation["files"].items()}
-        metadata = read_json(directory / METADATA_FILE, files[METADATA_FILE])
-        state = read_json(directory / STATE_FILE, files.get(STATE_FILE))
+        where = directory / VALIDATION_FILE
+        metadata = read_json(directory / METADATA_FILE, _record(validation, METADATA_FILE, where))
+        parse_metadata(directory, metadata)
+        state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, where))
+        if "model" not in state["items"]:
+            raise CorruptCheckpointError(f"{directory / STATE_FILE} holds no model; validate a complete checkpoint")
         consolidated = None
         if state["items"]["model"].get("sharded"):
             from .distributed.consolidate import read_sharded_items
@@ -502,7 +550,7 @@ class ArtifactRegistry:
             consolidated = read_sharded_items(directory, files, ["model"])["model"]
             model_tree = {key: {codec.TENSOR: key} for key in consolidated}
         else:
-            model_tree = state["items"]["model"]["tree"]
+            model_tree = state["items"]["model"].get("tree")
         document = {
             "format": PRODUCTION_FORMAT,
             "format_version": FORMAT_VERSION,
@@ -522,20 +570,62 @@ class ArtifactRegistry:
             "previous_versions": previous_versions,
             "model": model_tree,
         }
-        self._production_parent.ensure_writable()
-        staging = self._production_parent.staging_dir(self.production_dir.name)
+        place, parent = self._production_place()
+        parent.ensure_writable()
+        parent.recover(only=place.name)
+        staging = parent.staging_dir(place.name)
         try:
             if consolidated is not None:  # a sharded checkpoint: production holds the full weights
                 record = write_tensor_file(staging / PRODUCTION_MODEL_FILE, consolidated, SAFETENSORS_METADATA)
             else:
                 record = _publish_model(directory, files, staging, version, progress)
             document["files"][PRODUCTION_MODEL_FILE] = record.to_json()
+            document = documents.seal(document)
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
-            self._production_parent.commit(staging, self.production_dir.name)
+            parent.commit(staging, place.name)
         except BaseException:
-            self._production_parent.discard(staging)
+            parent.discard(staging)
             raise
         return document
+
+    def verify_production_signature(self, public_key: str | os.PathLike[str]) -> None:
+        """Check that production is a validated version signed with the private half of ``public_key``,
+        its weights and layout unchanged (:class:`SignatureError` otherwise; nothing in production
+        passes trivially)."""
+        document = self._production_document()
+        if document is not None:
+            self._check_signed_production(document, public_key)
+
+    def _check_signed_production(self, document: Mapping[str, Any], public_key: Any) -> None:
+        """Tie the production record to a signed validated version: the version's signature, its
+        signed checksum of the weights, and its signed model layout."""
+        version = parse_version(document["version"])
+        self.verify_signature(version, public_key)
+        directory = self.validated_dir / _directory_name(version)
+        validation = self._validation_document(version)
+        signed = validation["files"].get(MODEL_FILE)
+        where = self.production_dir / PRODUCTION_RECORD_FILE
+        if signed is None or document["files"].get(PRODUCTION_MODEL_FILE) != signed:
+            raise SignatureError(
+                f"{where} records weights that are not the signed weights of version {version} (a sharded model's "
+                "joined file cannot be tied to its signature either); promote a signed version again"
+            )
+        state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, directory / VALIDATION_FILE))
+        if state["items"].get("model", {}).get("tree") != document["model"]:
+            raise SignatureError(f"{where} lays the weights out unlike signed version {version}; promote it again")
+
+    def _production_place(self) -> tuple[Path, LocalStore]:
+        """Where a promotion writes: ``production_dir``, or, when that is a symbolic link, the
+        directory it points to (the link is written through and stays as it is)."""
+        if not self.production_dir.is_symlink():
+            return self.production_dir, self._production_parent
+        place = Path(os.path.realpath(self.production_dir))
+        if place in (self.validated_dir.resolve(), self.checkpoint_dir.resolve()) or place == place.parent:
+            raise PromotionError(
+                f"production_dir {self.production_dir} is a link to {place}, which is not a place for the production "
+                "model; point the link at a directory of its own"
+            )
+        return place, LocalStore(place.parent)
 
     def _log(self, event: str, version: Version | str, **fields: Any) -> None:
         entry = {"time": utc_timestamp(), "event": event, "version": str(version), **fields, **_actor()}
@@ -558,6 +648,14 @@ def _publish_model(
     return write_tensor_file(staging / PRODUCTION_MODEL_FILE, tensors, SAFETENSORS_METADATA)
 
 
+def _record(document: Mapping[str, Any], filename: str, where: Path) -> FileRecord:
+    """The record of ``filename`` in a validated document's ``files``; its absence is damage."""
+    record = document["files"].get(filename)
+    if record is None:
+        raise CorruptCheckpointError(f"{where} records no checksum for {filename}; the record is damaged: validate the checkpoint again")
+    return FileRecord.from_json(record)
+
+
 def _directory_name(version: Version) -> str:
     return f"v{version}"
 
@@ -574,7 +672,7 @@ def _aliases(model_tree: Any) -> dict[str, str]:
 
 
 def _decoded(document: Mapping[str, Any]) -> dict[str, Any]:
-    decoded = dict(document)
+    decoded = {key: value for key, value in document.items() if key != documents.SEAL_KEY}
     for key in ("metrics", "config"):
         if key in decoded:
             decoded[key] = codec.from_json(decoded[key])
@@ -582,7 +680,7 @@ def _decoded(document: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _public(document: Mapping[str, Any]) -> dict[str, Any]:
-    return _decoded({key: value for key, value in document.items() if key != "model"})
+    return _decoded({key: value for key, value in document.items() if key not in ("model", documents.SEAL_KEY)})
 
 
 __all__ = ["ArtifactRegistry", "ProgressFactory", "next_version", "parse_version", "run_checks"]

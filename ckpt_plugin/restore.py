@@ -22,14 +22,14 @@ checkpoint twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from . import codec, fastio, shards
 from .checkpoint import STATE_FILE, CheckpointInfo
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from .reader import read_checkpoint, read_json
 from .rng import restore_rng_state
 from .storage import FileRecord
@@ -135,7 +135,7 @@ def _flat_refs(tree: Any) -> dict[str, str] | None:
         return None
     refs: dict[str, str] = {}
     for key, value in tree.items():
-        if not (isinstance(value, dict) and len(value) == 1 and codec.TENSOR in value):
+        if not (isinstance(value, dict) and len(value) == 1 and isinstance(value.get(codec.TENSOR), str)):
             return None
         refs[key] = value[codec.TENSOR]
     return refs
@@ -183,7 +183,8 @@ class _ModelPlan:
 
     def finish(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if not self.fast:
-            self.model.load_state_dict(codec.decode(self.skeleton, tensors), strict=self.strict)
+            state = codec.decode(self.skeleton, tensors, str(self.files.info.path / STATE_FILE), "model")
+            apply_state("model", self.files.info.path, self.model.load_state_dict, state, strict=self.strict)
             return
         for target, name in self.copies:
             target.copy_(tensors[name])
@@ -196,8 +197,18 @@ def _same_memory(first: torch.Tensor, second: torch.Tensor) -> bool:
 class _OptimizerPlan:
     def __init__(self, optimizer: torch.optim.Optimizer, skeleton: Any, files: _Files | None) -> None:
         self.optimizer = optimizer
+        self.where = files.info.path if files is not None else "the checkpoint"
         self.destinations: dict[str, torch.Tensor] = {}
-        self.tree = codec.decode(skeleton, _SlotMap())
+        self.tree = codec.decode(skeleton, _SlotMap(), str(self.where), "optimizer")
+        try:
+            self._plan(optimizer, files)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise IncompatibleCheckpointError(
+                f"the optimizer state in {self.where} is not an optimizer state dict this optimizer can load "
+                f"({type(exc).__name__}: {exc}); build the optimizer the run was saved with"
+            ) from exc
+
+    def _plan(self, optimizer: torch.optim.Optimizer, files: _Files | None) -> None:
         standard = (
             type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
             and not optimizer._optimizer_load_state_dict_pre_hooks
@@ -237,7 +248,14 @@ class _OptimizerPlan:
                     self.destinations[value.name] = target
 
     def finish(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.optimizer.load_state_dict(_fill(self.tree, tensors))
+        try:
+            state = _fill(self.tree, tensors)
+        except KeyError as exc:
+            raise CorruptCheckpointError(
+                f"{self.where}: the optimizer state refers to tensor {exc}, which is in none of its files; the "
+                "checkpoint is damaged: restore it or delete it"
+            ) from None
+        apply_state("optimizer", self.where, self.optimizer.load_state_dict, state)
 
 
 def _kept_as_is(param: torch.Tensor, key: Any, group: Mapping[str, Any], target: torch.Tensor) -> bool:
@@ -290,11 +308,11 @@ def restore_checkpoint(
         )
 
     model_files = _Files(info, model_entry.get("file"))
-    model_plan = _ModelPlan(model, model_entry["tree"], model_files, strict)
+    model_plan = _ModelPlan(model, model_entry.get("tree"), model_files, strict)
     optimizer_files = optimizer_plan = None
     if optimizer is not None and optimizer_entry is not None:
         optimizer_files = _Files(info, optimizer_entry.get("file"))
-        optimizer_plan = _OptimizerPlan(optimizer, optimizer_entry["tree"], optimizer_files)
+        optimizer_plan = _OptimizerPlan(optimizer, optimizer_entry.get("tree"), optimizer_files)
     if atomic:
         model_files.check()
         if optimizer_files is not None:
@@ -317,9 +335,26 @@ def restore_checkpoint(
     if optimizer_plan is not None:
         optimizer_plan.finish(loaded.get("optimizer", {}))
     if scheduler is not None:
-        scheduler.load_state_dict(others["scheduler"])
+        apply_state("scheduler", info.path, scheduler.load_state_dict, others["scheduler"])
     if restore_rng and others.get("rng") is not None:
-        restore_rng_state(others["rng"])
+        apply_state("RNG", info.path, restore_rng_state, others["rng"])
+
+
+def apply_state(what: str, where: Any, load: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``load`` (a ``load_state_dict``) with state read from the checkpoint at ``where``.
+
+    Whatever it raises on that content becomes :class:`IncompatibleCheckpointError`, with the
+    original exception as its cause; errors of ckpt_plugin itself pass through unchanged.
+    """
+    try:
+        return load(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch and user code raise anything on bad state
+        raise IncompatibleCheckpointError(
+            f"the {what} state in {where} cannot be loaded into this {what}: {type(exc).__name__}: {exc}; "
+            f"build the {what} with the configuration the checkpoint was saved with, or load another checkpoint"
+        ) from exc
 
 
 def _damaged(exc: CorruptCheckpointError, item: str, overwritten: bool, done: list[str]) -> CorruptCheckpointError:
@@ -358,4 +393,4 @@ def _entry(entries: Mapping[str, Any], item: str, info: CheckpointInfo) -> Mappi
     return entry
 
 
-__all__ = ["restore_checkpoint"]
+__all__ = ["apply_state", "restore_checkpoint"]

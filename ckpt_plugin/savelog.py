@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointInfo
+from .errors import CorruptCheckpointError
+from .format import documents
 from .storage import append_line, read_bytes_file
 
 LOG_FILE = ".saves.jsonl"
@@ -79,8 +81,8 @@ def read(checkpoint_dir: Path) -> list[dict[str, Any]]:
 
 def _parse(line: bytes) -> dict[str, Any] | None:
     try:
-        data = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        data = documents.load_json(line, LOG_FILE)  # strict JSON, nesting and size bounded
+    except CorruptCheckpointError:
         return None
     if not isinstance(data, dict) or data.get("event", "save") != "save":
         return None

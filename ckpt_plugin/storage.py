@@ -15,6 +15,7 @@ import ctypes
 import errno
 import mmap
 import os
+import re
 import shutil
 import socket
 import time
@@ -288,6 +289,8 @@ def link_or_copy(
         os.link(source, target)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    except FileExistsError as exc:  # not ours: never replaced, never removed
+        raise _storage_error(exc, "create", target) from exc
     except OSError:
         _copy_file(source, target)
     try:
@@ -298,21 +301,28 @@ def link_or_copy(
 
 
 def _copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to the new file ``target``; on failure remove ``target`` only if it was created here."""
     try:
-        with open(source, "rb") as reader:
+        reader = open(source, "rb")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
+    except OSError as exc:
+        raise _storage_error(exc, "read", source) from exc
+    with reader:
+        try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise _storage_error(exc, "create", target) from exc
+        try:
             try:
                 while chunk := reader.read(CHUNK_BYTES):
                     _write_all(fd, memoryview(chunk))
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    except FileNotFoundError:
-        target.unlink(missing_ok=True)
-        raise CorruptCheckpointError(f"{source} is missing; the checkpoint is incomplete: delete it or restore the file") from None
-    except OSError as exc:
-        target.unlink(missing_ok=True)
-        raise _storage_error(exc, "copy a file to", target) from exc
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            raise _storage_error(exc, "copy a file to", target) from exc
 
 
 def append_line(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -467,26 +477,56 @@ class LocalStore:
         return path
 
     def commit(self, staging: Path, name: str) -> Path:
-        """Make ``staging`` visible as ``name``, atomically replacing any checkpoint of that name."""
+        """Make ``staging`` visible as ``name``, atomically replacing any checkpoint of that name.
+
+        Two writers committing the same name at once both succeed, in some order: the later one
+        replaces the earlier one, as a later save does.
+        """
         final = self.root / name
         try:
             fsync_dir(staging)
-            if final.exists():
-                if _exchange(staging, final):
-                    fsync_dir(self.root)
-                    trash.dispose(staging)  # now the replaced checkpoint, out of sight
-                    return final
-                aside = self.root / f"{REPLACED_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
-                os.rename(final, aside)
-                os.rename(staging, final)
+            for _ in range(_COMMIT_ATTEMPTS):
+                if os.path.lexists(final):
+                    if self._replace(staging, final, name):
+                        return final
+                    continue
+                try:
+                    os.rename(staging, final)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        continue  # another writer committed this name first: replace its checkpoint
+                    raise
                 fsync_dir(self.root)
-                trash.dispose(aside)
                 return final
-            os.rename(staging, final)
-            fsync_dir(self.root)
+            raise OSError(errno.EBUSY, f"other writers kept replacing {name} ({_COMMIT_ATTEMPTS} attempts)")
         except OSError as exc:
             raise _storage_error(exc, f"commit checkpoint {name} in", self.root) from exc
-        return final
+
+    def _replace(self, staging: Path, final: Path, name: str) -> bool:
+        """Swap ``staging`` in for the existing ``final``; False when ``final`` vanished meanwhile."""
+        try:
+            exchanged = _exchange(staging, final)
+        except FileNotFoundError:
+            return False
+        if exchanged:
+            fsync_dir(self.root)
+            trash.dispose(staging)  # now the replaced checkpoint, out of sight
+            return True
+        aside = self.root / f"{REPLACED_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            os.rename(staging, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            trash.dispose(aside)  # another writer's checkpoint took the name in between
+            return False
+        fsync_dir(self.root)
+        trash.dispose(aside)
+        return True
 
     def discard(self, staging: Path) -> None:
         """Remove a staging directory after a failed write."""
@@ -508,7 +548,11 @@ class LocalStore:
         trash.dispose(hidden)
 
     def _remove_hidden(self, path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+        """Remove a hidden entry this store made: a link is unlinked, never followed."""
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
     def visible(self) -> Iterator[os.DirEntry[str]]:
         """The visible entries of the root (hidden staging and trash names are skipped)."""
@@ -531,34 +575,47 @@ class LocalStore:
             return
         now = time.time()
         for entry in entries:
-            name = entry.name
-            if only is not None and not name.endswith(f".{only}"):
+            kind, tail, match = _hidden_kind(entry.name)
+            if kind is None or (only is not None and tail != only):
                 continue
-            if name.startswith(REPLACED_PREFIX):
-                original = self.root / name.split(".", 3)[3]
-                if not original.exists():
+            if kind == REPLACED_PREFIX:
+                original = self.root / tail
+                if not os.path.lexists(original):
                     os.rename(entry.path, original)
                     fsync_dir(self.root)
                 else:
                     self._remove_hidden(Path(entry.path))
-            elif name.startswith(TRASH_PREFIX):
+            elif kind == TRASH_PREFIX:
                 self._remove_hidden(Path(entry.path))
-            elif name.startswith(STAGING_PREFIX) and self._staging_is_dead(name, entry, now):
+            elif self._staging_is_dead(match, entry, now):
                 self._remove_hidden(Path(entry.path))
 
     @staticmethod
-    def _staging_is_dead(name: str, entry: os.DirEntry[str], now: float) -> bool:
-        parts = name.split(".", 5)
-        try:
-            host, pid = parts[2], int(parts[3])
-        except (IndexError, ValueError):
-            host, pid = "", -1
+    def _staging_is_dead(match: re.Match[str], entry: os.DirEntry[str], now: float) -> bool:
+        host, pid = match["host"], int(match["pid"])
         if host == _HOST_TAG and pid > 0:
             return pid != os.getpid() and not _pid_alive(pid)
         try:
-            return now - entry.stat().st_mtime > STALE_STAGING_SECONDS
+            return now - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_SECONDS
         except FileNotFoundError:
             return False
+
+
+_COMMIT_ATTEMPTS = 8
+_HIDDEN_NAMES = {
+    STAGING_PREFIX: re.compile(r"\.tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]{1,10})\.[0-9a-f]{12}\.(?P<tail>[^.].*)"),
+    TRASH_PREFIX: re.compile(r"\.trash\.[0-9a-f]{12}\.(?P<tail>[^.].*)"),
+    REPLACED_PREFIX: re.compile(r"\.replaced\.[0-9a-f]{12}\.(?P<tail>[^.].*)"),
+}
+
+
+def _hidden_kind(name: str) -> tuple[str | None, str, re.Match[str] | None]:
+    """Which hidden name of this module ``name`` is exactly (prefix, the entry it belongs to), if any."""
+    for prefix, pattern in _HIDDEN_NAMES.items():
+        match = pattern.fullmatch(name)
+        if match is not None:
+            return prefix, match["tail"], match
+    return None, "", None
 
 
 LINK_PREFIX = ".link."

@@ -12,10 +12,13 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
+import msgspec
 import torch
 
 from .errors import CorruptCheckpointError, EncodingError
+from .format import documents
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -46,6 +49,16 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 HEADER_LIMIT = 100 * 1024 * 1024
 METADATA_KEY = "__metadata__"
+MAX_DIMS = 64
+_Offset = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class _Entry(msgspec.Struct, forbid_unknown_fields=True):
+    """One tensor of a header, typed as safetensors itself requires (integers are JSON integers)."""
+
+    dtype: str
+    shape: list[_Offset]
+    data_offsets: tuple[_Offset, _Offset]
 
 
 @dataclass(frozen=True)
@@ -119,23 +132,30 @@ def parse(buffer: memoryview | bytes, file_size: int, filename: str) -> tuple[di
     (header_len,) = struct.unpack("<Q", bytes(buffer[:8]))
     if header_len > HEADER_LIMIT or 8 + header_len > file_size:
         raise corrupt(f"its header length {header_len} does not fit the file's {file_size} bytes")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise corrupt(f"its header is not JSON ({exc})") from None
+    header = documents.load_json(bytes(buffer[8 : 8 + header_len]), f"the header of {filename}")
     if not isinstance(header, dict):
         raise corrupt("its header is not a JSON object")
     metadata = header.pop(METADATA_KEY, None) or {}
+    try:
+        metadata = msgspec.convert(metadata, dict[str, str], strict=True)
+        entries = msgspec.convert(header, dict[str, _Entry], strict=True)
+    except msgspec.ValidationError as exc:
+        raise corrupt(f"its header is malformed ({exc})") from None
     data_start = 8 + header_len
     specs: dict[str, TensorSpec] = {}
-    try:
-        for name, entry in header.items():
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(dim) for dim in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-            specs[name] = TensorSpec(name, dtype, shape, data_start + begin, data_start + end)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise corrupt(f"its header entry {name!r} is malformed ({exc!r})") from None
+    for name, entry in entries.items():
+        dtype = _DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise corrupt(f"tensor {name!r} has dtype {entry.dtype!r}, which is not a safetensors dtype this release reads")
+        begin, end = entry.data_offsets
+        extent = 1
+        for dim in entry.shape:
+            extent *= max(dim, 1)
+        if len(entry.shape) > MAX_DIMS or extent >= 2**63:
+            raise corrupt(f"tensor {name!r} has shape {entry.shape}, which no tensor can have")
+        if begin > end or end > file_size:
+            raise corrupt(f"the byte range [{begin}, {end}) of tensor {name!r} does not fit the file")
+        specs[name] = TensorSpec(name, dtype, tuple(entry.shape), data_start + begin, data_start + end)
     cursor = data_start
     for spec in sorted(specs.values(), key=lambda s: (s.start, s.end)):
         numel = 1

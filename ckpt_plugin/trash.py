@@ -47,7 +47,10 @@ def remove_now(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_symlink():  # a linked checkpoint: remove the link, never what it points to
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Collector:

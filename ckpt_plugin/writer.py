@@ -31,6 +31,7 @@ from .checkpoint import (
     item_prefix,
 )
 from .errors import ConfigurationError
+from .format.names import is_plain_file_name
 from .storage import FileRecord, LocalStore, write_bytes_file, write_tensor_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -135,12 +136,18 @@ and noting in the ``state.json`` document where the model now lives."""
 
 
 def write_snapshot(
-    store: LocalStore, snapshot: Snapshot, write_model: ModelWriter | None = None, *, staging: Path | None = None
+    store: LocalStore,
+    snapshot: Snapshot,
+    write_model: ModelWriter | None = None,
+    before_commit: Callable[[Path], object] | None = None,
+    *,
+    staging: Path | None = None,
 ) -> CheckpointInfo:
     """Write ``snapshot`` under a staging name and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
-    model and links unchanged shards); every other step, the commit included, is shared. ``staging``
+    model and links unchanged shards); every other step, the commit included, is shared.
+    ``before_commit`` is called with the complete staging directory (to sign it, say). ``staging``
     is a staging directory that already holds files (those of ``snapshot.sharded``).
     """
     staging = store.staging_dir(snapshot.name) if staging is None else staging
@@ -171,6 +178,8 @@ def write_snapshot(
             sharding={"world_size": snapshot.sharded.world_size} if snapshot.sharded else None,
         )
         write_bytes_file(staging / METADATA_FILE, codec.dumps(metadata))
+        if before_commit is not None:
+            before_commit(staging)
         path = store.commit(staging, snapshot.name)
     except BaseException:
         store.discard(staging)
@@ -202,7 +211,7 @@ def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:
     """Check the extra files of a save: plain, unreserved names and bytes (or str, as UTF-8)."""
     checked: dict[str, bytes] = {}
     for name, data in (files or {}).items():
-        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name:
+        if not is_plain_file_name(name):
             raise ConfigurationError(
                 f"extra file name {name!r} must be a plain file name, without a directory or leading dot"
             )

@@ -333,7 +333,7 @@ def _finish(save: _Save) -> CheckpointInfo:
             items=sharding.items(), files={**sharding.files, SHARDING_FILE: record}, world_size=sharding.world_size
         )
         with manager._lock:
-            committed.append(write_snapshot(manager._store, save.snapshot, staging=save.staging))
+            committed.append(write_snapshot(manager._store, save.snapshot, staging=save.staging, **manager._signing()))
 
     writer = SafetensorsWriter(save.staging, on_commit=commit if save.coordinator else None)
     try:
@@ -349,6 +349,7 @@ def _finish(save: _Save) -> CheckpointInfo:
             info = committed[0]
             manager._remember(info)
             manager._apply_retention(protect=info)
+            manager._log_save(info)
             summary = listing.summary(info)
             if save.on_commit is not None:
                 save.on_commit(info)

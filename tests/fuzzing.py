@@ -1,0 +1,355 @@
+"""A fuzzing harness over every reader of ckpt_plugin (used by the tests and ``benchmarks/fuzz.py``).
+
+It starts from a real run: two checkpoints (model, Adam, ``ReduceLROnPlateau``, RNG states and an
+``extra`` tree using every codec marker), a validated version, the production model, the audit log
+and the listing cache. Each case copies that tree, applies one structured mutation to one file, and
+re-records every checksum that covers the file (file records, ``metadata_checksum``, the self
+checksums of the records), as an attacker who can write the directory would, so that the parsers
+themselves are reached. Then every reader runs: listing, ``load_latest``, ``load`` with and without
+verification, ``restore``, and the registry's versions, validation records, loads, production and
+history.
+
+A case passes when every reader returns data or raises :class:`CheckpointError`, nothing outside
+the case's directory changed, and every value that came back is plain data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, codec, listing
+from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
+from ckpt_plugin.format import documents
+from ckpt_plugin.storage import checksum_bytes
+
+TARGETS = [
+    "checkpoints/epoch_1/metadata.json",
+    "checkpoints/epoch_1/state.json",
+    "checkpoints/epoch_1/model.safetensors",
+    "checkpoints/epoch_1/optimizer.safetensors",
+    "checkpoints/epoch_1/state.safetensors",
+    "checkpoints/.listing.json",
+    "validated/v1.0.0/validation.json",
+    "validated/v1.0.0/metadata.json",
+    "validated/v1.0.0/state.json",
+    "validated/v1.0.0/model.safetensors",
+    "validated/history.jsonl",
+    "production/model.json",
+    "production/model.safetensors",
+]
+KINDS = ["replace", "delete", "deep", "truncate", "flip"]
+HOSTILE_STRINGS = [
+    "../../outside/canary.bin", "../outside", "/etc/passwd", "..", ".", "a/b", "model.safetensors",
+    "optimizer.safetensors", "state.json", "nan", "inf", "F32", "V2000000000", "object", "save", "load",
+    "cuda:99999999999999", "cpu", "float16", "__builtins__", "os", "1" * 300 + ".0.0", "",
+]
+ALLOWED_LEAVES = (
+    str, bytes, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, pathlib.PurePath,
+    np.generic, np.ndarray,
+)
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.sampled_from(HOSTILE_STRINGS),
+)
+_marker_keys = st.sampled_from(sorted(codec.MARKERS))
+json_values = st.recursive(
+    _scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=6), _marker_keys), children, max_size=3),
+        st.builds(lambda key, value: {key: value}, _marker_keys, children),
+        st.builds(lambda value: {codec.NUMPY: value[0], "value": value[1]}, st.tuples(children, children)),
+    ),
+    max_leaves=6,
+)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One change to one file: which file, what kind, where (indexes wrap around) and with what."""
+
+    target: str
+    kind: str
+    where: int
+    value: Any
+    depth: int
+    byte: int
+
+    def describe(self) -> str:
+        return f"{self.kind} in {self.target} at {self.where} (value {self.value!r:.80}, depth {self.depth}, byte {self.byte})"
+
+
+mutations = st.builds(
+    Mutation,
+    target=st.sampled_from(TARGETS),
+    kind=st.sampled_from(KINDS),
+    where=st.integers(min_value=0, max_value=10**6),
+    value=json_values,
+    depth=st.sampled_from([2, 50, 99, 101, 127, 129, 1000, 5000]),
+    byte=st.integers(min_value=1, max_value=255),
+)
+
+
+# ---------------------------------------------------------------------- the starting run
+
+
+def build_golden(root: Path) -> None:
+    """A real run under ``root``: two checkpoints, one validated version, production, history."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    manager = CheckpointManager(root / "checkpoints", max_checkpoints=None)
+    extra = {
+        "tuple": (1, 2.5, "x"), "set": {1, 2}, "int_keys": {1: "a"}, "dtype": torch.float16,
+        "device": torch.device("cpu"), "bytes": b"\x00\x01", "path": pathlib.Path("a/b"), "nan": math.nan,
+        "numpy": np.float32(1.5), "array": np.arange(3), "nested": [{"a": [1, {"b": None}]}],
+    }
+    for epoch in range(2):
+        model(torch.randn(2, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step(1.0 - epoch / 10)
+        manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0 - epoch / 10, "acc": math.nan},
+                     scheduler=scheduler, extra=extra, config={"width": 4, "layers": (1, 2)})
+    registry = ArtifactRegistry(root / "checkpoints")
+    registry.validate(1, "1.0.0")
+    registry.promote("1.0.0")
+    (root / "outside").mkdir()
+    (root / "outside" / "canary.bin").write_bytes(b"canary" * 10)
+    shutil.copy(root / "checkpoints" / "epoch_0" / "model.safetensors", root / "outside" / "model.safetensors")
+
+
+def new_objects() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    return model, optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+
+
+def write_listing_cache(checkpoints: Path) -> None:
+    """The listing cache of the copied tree (identities change with every copy)."""
+    entries = {}
+    for info in CheckpointManager(checkpoints, max_checkpoints=None).checkpoints():
+        key = listing.identity(info.path / METADATA_FILE)
+        if key is not None:
+            entries[info.name] = (key, listing.summary(info))
+    listing.save(checkpoints, entries)
+
+
+# ---------------------------------------------------------------------- mutations
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, child in value.items():
+            found += _paths(child, prefix + (key,))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            found += _paths(child, prefix + (index,))
+    return found
+
+
+_DEEP = "\x00deep\x00"
+
+
+def _mutate_json(document: Any, mutation: Mutation) -> tuple[Any, str | None]:
+    """Apply ``mutation`` to a parsed document; returns it, and a deep-nesting text to splice in."""
+    paths = _paths(document)
+    path = paths[mutation.where % len(paths)]
+    if mutation.kind == "deep":
+        replacement: Any = _DEEP
+    else:
+        replacement = mutation.value
+    if not path:
+        return (replacement if mutation.kind != "delete" else {}), (_deep(mutation.depth) if mutation.kind == "deep" else None)
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if mutation.kind == "delete" and isinstance(parent, dict):
+        del parent[path[-1]]
+    elif mutation.kind == "delete":
+        parent.pop(path[-1])
+    else:
+        parent[path[-1]] = replacement
+    return document, (_deep(mutation.depth) if mutation.kind == "deep" else None)
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _dumps(document: Any, deep: str | None) -> bytes:
+    text = json.dumps(document, ensure_ascii=True)
+    if deep is not None:
+        text = text.replace(json.dumps(_DEEP), deep)
+    return text.encode()
+
+
+def mutate_file(path: Path, mutation: Mutation) -> None:
+    """Apply ``mutation`` to the file ``path`` in place (byte edits, or structured JSON edits)."""
+    data = path.read_bytes()
+    if mutation.kind == "truncate":
+        path.write_bytes(data[: mutation.where % (len(data) + 1)])
+        return
+    if mutation.kind == "flip":
+        if data:
+            at = mutation.where % len(data)
+            path.write_bytes(data[:at] + bytes([data[at] ^ mutation.byte]) + data[at + 1 :])
+        return
+    if path.name.endswith(".safetensors"):
+        (length,) = struct.unpack("<Q", data[:8])
+        header, rest = json.loads(data[8 : 8 + length]), data[8 + length :]
+        header, deep = _mutate_json(header, mutation)
+        encoded = _dumps(header, deep)
+        encoded += b" " * (-len(encoded) % 8)
+        path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + rest)
+        return
+    if path.name.endswith(".jsonl"):
+        lines = data.splitlines()
+        line = mutation.where % len(lines)
+        document, deep = _mutate_json(json.loads(lines[line]), mutation)
+        lines[line] = _dumps(document, deep)
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        return
+    document, deep = _mutate_json(json.loads(data), mutation)
+    if isinstance(document, dict):
+        _reseal_self(path, document)
+    path.write_bytes(_dumps(document, deep))
+
+
+def _reseal_self(path: Path, document: dict[str, Any]) -> None:
+    """Record a document's own checksum again, where it keeps one and it can be computed."""
+    key = METADATA_CHECKSUM_KEY if path.name == METADATA_FILE else documents.SEAL_KEY
+    if path.name not in ("metadata.json", "validation.json", "model.json", ".listing.json"):
+        return
+    try:
+        document[key] = metadata_checksum(document) if key == METADATA_CHECKSUM_KEY else documents.checksum(documents.canonical(document))
+    except (TypeError, ValueError, RecursionError):
+        pass
+
+
+def rerecord(root: Path, target: str) -> None:
+    """Update every checksum that covers ``target`` after it changed, as an attacker would."""
+    path = root / target
+    directory = path.parent
+    if target.startswith("checkpoints/epoch_") and path.name != METADATA_FILE:
+        _record_in(directory / METADATA_FILE, path.name, path.read_bytes(), METADATA_CHECKSUM_KEY)
+    elif target.startswith("validated/v1.0.0/") and path.name != "validation.json":
+        _record_in(directory / "validation.json", path.name, path.read_bytes(), documents.SEAL_KEY)
+    elif target == "production/model.safetensors":
+        _record_in(directory / "model.json", path.name, path.read_bytes(), documents.SEAL_KEY)
+
+
+def _record_in(record_path: Path, name: str, data: bytes, key: str) -> None:
+    document = json.loads(record_path.read_bytes())
+    document["files"][name] = {"size": len(data), "checksum": checksum_bytes(data)}
+    document[key] = metadata_checksum(document) if key == METADATA_CHECKSUM_KEY else documents.checksum(documents.canonical(document))
+    record_path.write_bytes(json.dumps(document).encode())
+
+
+# ---------------------------------------------------------------------- running the readers
+
+
+def readers(root: Path) -> list[tuple[str, Callable[[], Any]]]:
+    """Every reader of the package over the run at ``root``, by name."""
+    checkpoints = root / "checkpoints"
+
+    def manager() -> CheckpointManager:
+        return CheckpointManager(checkpoints, max_checkpoints=None)
+
+    def restore() -> Any:
+        model, optimizer, scheduler = new_objects()
+        return manager().restore(model, optimizer, scheduler, which=1, restore_rng=False)
+
+    def registry() -> ArtifactRegistry:
+        return ArtifactRegistry(checkpoints)
+
+    return [
+        ("checkpoints", lambda: manager().checkpoints()),
+        ("load_latest", lambda: manager().load_latest()),
+        ("load(verify=False)", lambda: manager().load(epoch=1, verify=False)),
+        ("load_best", lambda: manager().load_best(metric="loss")),
+        ("restore", restore),
+        ("versions", lambda: registry().versions()),
+        ("validation", lambda: registry().validation("1.0.0")),
+        ("registry.load", lambda: registry().load("1.0.0")),
+        ("registry.load(verify=False)", lambda: registry().load("1.0.0", verify=False)),
+        ("production", lambda: registry().production()),
+        ("load_production", lambda: registry().load_production()),
+        ("load_production(verify=False)", lambda: registry().load_production(verify=False)),
+        ("history", lambda: registry().history()),
+    ]
+
+
+def non_data(value: Any, path: str = "<result>") -> str | None:
+    """The key path of the first value in ``value`` that is not plain data, or None."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            stack += [(key, f"{where}<key>") for key in node]
+            stack += [(child, f"{where}[{key!r}]") for key, child in node.items()]
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack += [(child, f"{where}[{index}]") for index, child in enumerate(node)]
+        elif not isinstance(node, ALLOWED_LEAVES) and not hasattr(node, "__dataclass_fields__"):
+            return f"{where}: {type(node).__module__}.{type(node).__qualname__}"
+        elif hasattr(node, "__dataclass_fields__"):  # CheckpointInfo records
+            stack += [(getattr(node, name), f"{where}.{name}") for name in node.__dataclass_fields__]
+    return None
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    files = {}
+    for base, _, names in os.walk(directory):
+        for name in names:
+            path = Path(base, name)
+            files[str(path.relative_to(directory))] = path.read_bytes()
+    return files
+
+
+def run_case(golden: Path, work: Path, mutation: Mutation) -> list[str]:
+    """Run one case in a fresh copy of ``golden`` at ``work``; return what went wrong (empty: passed)."""
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(golden, work, symlinks=True)
+    write_listing_cache(work / "checkpoints")
+    outside = snapshot(work / "outside")
+    mutate_file(work / mutation.target, mutation)
+    rerecord(work, mutation.target)
+    failures = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, read in readers(work):
+            try:
+                result = read()
+            except CheckpointError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - exactly what the harness looks for
+                failures.append(f"{name} raised {type(exc).__name__}: {exc}"[:500])
+                continue
+            bad = non_data(result)
+            if bad is not None:
+                failures.append(f"{name} returned a non-data object at {bad}")
+    if snapshot(work / "outside") != outside:
+        failures.append("a file outside the checkpoint directories changed")
+    return failures

@@ -1,0 +1,40 @@
+"""Fuzzing every reader with structured mutations of a real run (see ``tests/fuzzing.py``).
+
+The suite runs a derandomized few hundred cases; ``benchmarks/fuzz.py --cases N`` runs as many as asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import fuzzing
+
+CASES = 250
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("golden")
+    fuzzing.build_golden(root)
+    return root
+
+
+def test_the_unmutated_run_loads_through_every_reader(golden: Path, tmp_path: Path) -> None:
+    work = tmp_path / "case"
+    import shutil
+
+    shutil.copytree(golden, work)
+    fuzzing.write_listing_cache(work / "checkpoints")
+    for name, read in fuzzing.readers(work):
+        assert fuzzing.non_data(read()) is None, name
+
+
+@settings(max_examples=CASES, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mutation=fuzzing.mutations)
+def test_every_mutation_ends_in_a_correct_load_or_a_checkpoint_error(golden: Path, tmp_path: Path, mutation) -> None:
+    failures = fuzzing.run_case(golden, tmp_path / "case", mutation)
+    assert not failures, f"{mutation.describe()}: {failures}"

@@ -1,0 +1,108 @@
+"""Optional signatures (OpenSSF model-signing, private-key signing, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("model_signing")
+pytest.importorskip("OpenSSL")
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, SignatureError
+from ckpt_plugin import cli
+from ckpt_plugin.signing import SIGNATURE_FILE
+from core_helpers import tiny_training, train_one_step
+from security_helpers import read_doc, reseal_record, write_raw
+
+
+def key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return key_pair(tmp_path, "ours"), key_pair(tmp_path, "theirs")
+
+
+@pytest.fixture
+def signed(tmp_path, keys):
+    (private, _), _ = keys
+    model, optimizer = tiny_training()
+    manager = CheckpointManager(tmp_path / "checkpoints", max_checkpoints=None, signing_key=private)
+    for epoch in range(2):
+        train_one_step(model, optimizer)
+        manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0 - epoch})
+    registry = ArtifactRegistry(tmp_path / "checkpoints")
+    registry.validate(0, "1.0.0", signing_key=private)
+    registry.validate(1, "1.1.0", signing_key=private)
+    registry.validate(1, "1.2.0")  # unsigned
+    return manager, registry
+
+
+def test_manager_checkpoints_are_signed_and_verified(signed, keys):
+    manager, _ = signed
+    (_, ours), (_, theirs) = keys
+    assert (manager.checkpoint_dir / "epoch_1" / SIGNATURE_FILE).is_file()
+    assert manager.load_latest(verify_with=ours)["epoch"] == 1
+    with pytest.raises(SignatureError):
+        manager.load_latest(verify_with=theirs)
+    directory = manager.checkpoint_dir / "epoch_1"
+    metadata = read_doc(directory / "metadata.json")
+    metadata["metrics"] = {"loss": {"__float__": "nan"}}
+    from ckpt_plugin.checkpoint import metadata_checksum
+
+    metadata["metadata_checksum"] = metadata_checksum(metadata)
+    write_raw(directory / "metadata.json", json.dumps(metadata).encode())
+    with pytest.raises(SignatureError, match="epoch_1"):
+        manager.load(epoch=1, verify_with=ours)
+
+
+def test_promote_and_load_production_refuse_what_the_key_did_not_sign(signed, keys):
+    _, registry = signed
+    (_, ours), (_, theirs) = keys
+    registry.promote("1.0.0", verify_with=ours)
+    assert registry.load_production(verify_with=ours)["version"] == "1.0.0"
+    with pytest.raises(SignatureError):
+        registry.load_production(verify_with=theirs)
+    with pytest.raises(SignatureError, match="not signed"):
+        registry.promote("1.2.0", verify_with=ours)
+    with pytest.raises(SignatureError):
+        registry.promote("1.1.0", verify_with=theirs)
+    assert registry.production()["version"] == "1.0.0"
+
+
+def test_a_production_record_swapped_to_other_weights_fails_verification(signed, keys):
+    _, registry = signed
+    (_, ours), _ = keys
+    registry.promote("1.0.0", verify_with=ours)
+    other = read_doc(registry.validated_dir / "v1.1.0" / "validation.json")["files"]["model.safetensors"]
+    os.unlink(registry.production_dir / "model.safetensors")
+    os.link(registry.validated_dir / "v1.1.0" / "model.safetensors", registry.production_dir / "model.safetensors")
+    reseal_record(registry.production_dir / "model.json", lambda d: d["files"].update({"model.safetensors": other}))
+    assert registry.load_production()["version"] == "1.0.0"  # checksums alone are fooled
+    with pytest.raises(SignatureError, match="not the signed weights"):
+        registry.load_production(verify_with=ours)
+
+
+def test_ckpt_verify_key(signed, keys):
+    manager, registry = signed
+    (_, ours), (_, theirs) = keys
+    registry.promote("1.1.0", verify_with=ours)
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["verify", str(manager.checkpoint_dir), "--key", str(ours), "--json"])
+    assert result.exit_code == 1  # version 1.2.0 is unsigned
+    assert "v1.2.0 is not signed" in result.output and "v1.1.0" not in result.output
+    (registry.validated_dir / "v1.2.0" / "validation.json").unlink()
+    assert runner.invoke(cli.app, ["verify", str(manager.checkpoint_dir), "--key", str(ours)]).exit_code == 0
+    assert runner.invoke(cli.app, ["verify", str(manager.checkpoint_dir), "--key", str(theirs)]).exit_code == 1
