@@ -15,7 +15,9 @@ last save has committed).
 It then measures what an epoch that does not save costs: a tiny model is fitted for many epochs
 with ``every_n_epochs`` too large to ever save, and every hook Lightning calls on the callback is
 timed; the median over epochs of the summed hook time is printed (target < 1 ms), next to the same
-figure for ``ModelCheckpoint(every_n_epochs=...)``.
+figure for ``ModelCheckpoint(every_n_epochs=...)``. Last, the same per optimizer step for a step
+schedule that never falls due (``every_n_train_steps``), with ``save_on_preemption=True`` on top:
+the check every step pays.
 """
 
 from __future__ import annotations
@@ -127,16 +129,23 @@ def time_hooks(callback: pl.Callback, per_epoch: dict[int, float]) -> None:
         setattr(callback, name, timed)
 
 
-def non_saving_epoch_cost(kind: str, root: Path, epochs: int) -> float:
-    """Median over ``epochs`` non-saving epochs of the time spent in the checkpoint callback's hooks (seconds)."""
-    never = epochs * 1000
-    if kind == "ckpt_plugin":
-        callback: pl.Callback = CheckpointCallback(root / kind, every_n_epochs=never, metric_for_best="val_loss")
+def non_saving_epoch_cost(kind: str, root: Path, epochs: int, steps_per_epoch: int = 1) -> float:
+    """Median over ``epochs`` non-saving epochs of the time spent in the checkpoint callback's hooks (seconds).
+
+    ``kind`` is ``ModelCheckpoint`` or ``ckpt_plugin`` (epoch schedules), ``ModelCheckpoint-steps``,
+    ``ckpt_plugin-steps`` or ``ckpt_plugin-steps-preemption`` (step schedules).
+    """
+    never = epochs * steps_per_epoch * 1000
+    schedule = {"every_n_train_steps": never} if "steps" in kind else {"every_n_epochs": never}
+    if kind.startswith("ckpt_plugin"):
+        callback: pl.Callback = CheckpointCallback(
+            root / kind, metric_for_best="val_loss", save_on_preemption=kind.endswith("preemption"), **schedule
+        )
     else:
-        callback = ModelCheckpoint(root / kind, monitor="val_loss", save_top_k=3, every_n_epochs=never)
+        callback = ModelCheckpoint(root / kind, monitor="val_loss", save_top_k=3, **schedule)
     per_epoch: dict[int, float] = {}
     time_hooks(callback, per_epoch)
-    data = TensorDataset(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    data = TensorDataset(torch.randn(8 * steps_per_epoch, 4, generator=torch.Generator().manual_seed(0)))
     trainer = pl.Trainer(
         default_root_dir=root,
         max_epochs=epochs,
@@ -194,6 +203,16 @@ def main() -> None:
         f"non-saving epoch, hooks of the checkpoint callback (median of {args.hook_epochs - 6} epochs): "
         f"CheckpointCallback {costs['ckpt_plugin'] * 1e6:.1f} us, ModelCheckpoint {costs['ModelCheckpoint'] * 1e6:.1f} us "
         f"(ratio {costs['ckpt_plugin'] / costs['ModelCheckpoint']:.2f}; target < 1 ms)"
+    )
+    steps = 20
+    step_kinds = ("ModelCheckpoint-steps", "ckpt_plugin-steps", "ckpt_plugin-steps-preemption")
+    epochs = max(10, args.hook_epochs // 10)
+    per_step = {kind: non_saving_epoch_cost(kind, scratch / "hooks", epochs, steps) / steps for kind in step_kinds}
+    print(
+        f"non-saving step under every_n_train_steps, hooks per step (median of {epochs - 6} epochs of {steps} steps): "
+        + ", ".join(f"{kind} {cost * 1e6:.1f} us" for kind, cost in per_step.items())
+        + f" (ratios to ModelCheckpoint: {per_step['ckpt_plugin-steps'] / per_step['ModelCheckpoint-steps']:.2f}, "
+        f"{per_step['ckpt_plugin-steps-preemption'] / per_step['ModelCheckpoint-steps']:.2f})"
     )
     shutil.rmtree(scratch, ignore_errors=True) if args.dir is None else None
 

@@ -30,6 +30,13 @@ How a callback alone takes the checkpoints over from the Trainer:
   stays None while training), so neither its ``save_total_limit=1`` clean-up nor its path-based best
   loading runs. ``on_train_end`` loads the manager's best weights instead, after closing the manager
   (which waits for an asynchronous save in flight and raises its error, if it failed).
+* **save_strategy="best".** The Trainer saves after an evaluation when the metric beats
+  ``state.best_metric``, after every callback has run. The callback saves in ``on_evaluate`` and
+  records the new best in ``state.best_metric`` / ``best_global_step`` itself, as the Trainer would,
+  so the Trainer sees no improvement left and writes nothing.
+* **Preemption.** With ``save_on_preemption`` a signal is only recorded; at the next ``on_step_end``
+  (ranks vote under ``torch.distributed``) the callback saves, waits for the save, and sets
+  ``should_training_stop``, so ``train()`` returns after that step.
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ except ImportError:  # transformers releases before GreedyLR
 
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
-from .manager import CheckpointManager
+from .manager import CheckpointManager, check_top_k
+from .preemption import PreemptionWatch, describe
 from .reader import read_checkpoint
 from .restore import apply_state
 from .rng import restore_rng_state
@@ -67,7 +75,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 LINK_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-SAVE_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 
 
 class _FromArgs:
@@ -96,6 +104,9 @@ class Settings:
     save_strategy: str
     save_steps: float
     load_best_at_end: bool
+    keep_top_k: int | None = None
+    save_only_model: bool = False
+    save_on_each_node: bool = False
 
     @classmethod
     def resolve(
@@ -109,14 +120,21 @@ class Settings:
         save_strategy: str | None = None,
         save_steps: float | None = None,
         load_best_model_at_end: bool | None = None,
+        keep_top_k: int | None = None,
+        save_only_model: bool | None = None,
+        save_on_each_node: bool | None = None,
     ) -> Settings:
         """Explicit values win; everything left out comes from ``args`` the way the Trainer reads it."""
         args_strategy = _value(args.save_strategy)
         if args_strategy not in SAVE_STRATEGIES:
             raise ConfigurationError(
-                f"save_strategy={args_strategy!r} makes the Trainer write its own pickled checkpoints after every "
-                "callback has run, so CheckpointCallback cannot take them over. Use save_strategy='epoch' or 'steps' "
-                "with load_best_model_at_end=True: the manager never deletes the best checkpoint"
+                f"save_strategy={args_strategy!r} is not one CheckpointCallback knows ({', '.join(SAVE_STRATEGIES)}), "
+                "so it cannot take the Trainer's checkpoints over; use one of these"
+            )
+        if getattr(args, "enable_jit_checkpoint", False):
+            raise ConfigurationError(
+                "enable_jit_checkpoint=True makes the Trainer write its own pickled checkpoint on SIGTERM, past every "
+                "callback; drop it and pass CheckpointCallback(save_on_preemption=True), which saves through the manager"
             )
         if max_checkpoints is FROM_ARGS:
             limit = args.save_total_limit
@@ -133,16 +151,44 @@ class Settings:
             raise ConfigurationError(
                 "load_best_model_at_end needs a metric: set metric_for_best_model or pass metric_for_best"
             )
+        strategy = args_strategy if save_strategy is None else save_strategy
+        if strategy == "best" and metric_for_best is None:
+            raise ConfigurationError("save_strategy='best' needs a metric: set metric_for_best_model or pass metric_for_best")
+        if args_strategy == "best" and metric_for_best != args_metric:
+            raise ConfigurationError(
+                f"with TrainingArguments(save_strategy='best') the Trainer judges new bests by {args_metric!r}; "
+                f"drop metric_for_best={metric_for_best!r} or set metric_for_best_model to it"
+            )
+        check_top_k(keep_top_k, metric_for_best)
+        if (keep_top_k or strategy == "best") and _value(args.eval_strategy) == "no":
+            option = f"keep_top_k={keep_top_k}" if keep_top_k else "save_strategy='best'"
+            raise ConfigurationError(
+                f"{option} ranks checkpoints by {metric_for_best!r}, an evaluation metric, but eval_strategy='no' "
+                "never evaluates; set eval_strategy or drop the option"
+            )
         return cls(
             checkpoint_dir=Path(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
             max_checkpoints=max_checkpoints,
             keep_best=args.load_best_model_at_end if keep_best is None else keep_best,
             metric_for_best=metric_for_best,
             mode=mode,
-            save_strategy=args_strategy if save_strategy is None else save_strategy,
+            save_strategy=strategy,
             save_steps=args.save_steps if save_steps is None else save_steps,
             load_best_at_end=bool(load_best),
+            keep_top_k=keep_top_k,
+            save_only_model=bool(args.save_only_model if save_only_model is None else save_only_model),
+            save_on_each_node=bool(args.save_on_each_node if save_on_each_node is None else save_on_each_node),
         )
+
+    def should_save(self, args: TrainingArguments) -> bool:
+        """Whether this process writes: global rank 0, or each node's local rank 0 with ``save_on_each_node``."""
+        return (args.local_process_index if self.save_on_each_node else args.process_index) == 0
+
+    def is_new_best(self, value: float, best: float | None) -> bool:
+        """The Trainer's rule for a new best metric (strictly better than ``state.best_metric``)."""
+        if best is None:
+            return not math.isnan(value)
+        return value > best if self.mode == "max" else value < best
 
     def save_due_at_step(self, state: TrainerState) -> bool:
         """Whether the Trainer would save at the end of this optimizer step (as ``DefaultFlowCallback``)."""
@@ -166,7 +212,8 @@ class CheckpointCallback(TrainerCallback):
             prefix is added when missing, as the Trainer does.
         mode: ``"min"`` or ``"max"``; default from ``greater_is_better`` (else ``"min"`` for names
             ending in ``loss``, ``"max"`` otherwise).
-        save_strategy: ``"steps"``, ``"epoch"`` or ``"no"``; default ``save_strategy``.
+        save_strategy: ``"steps"``, ``"epoch"``, ``"best"`` (save after each evaluation that improves
+            ``metric_for_best``) or ``"no"``; default ``save_strategy``.
         save_steps: default ``save_steps`` (a number below 1 is a fraction of the training steps).
         load_best_model_at_end: load the manager's best weights into the model when training ends;
             default ``load_best_model_at_end``.
@@ -177,6 +224,17 @@ class CheckpointCallback(TrainerCallback):
             the previous checkpoint (frozen backbones, adapters). Unchanged tensors are found by
             checksum: the manager's ``change_detection="version"`` is not offered, because the
             Trainer's default fused AdamW updates weights without bumping their version counters.
+        keep_top_k: keep the k best checkpoints by ``metric_for_best`` besides the ``max_checkpoints``
+            most recent (given, it replaces ``keep_best``).
+        save_only_model: save only the model weights (no optimizer, scheduler or RNG state); default
+            ``save_only_model``. Such a checkpoint cannot resume training exactly.
+        save_on_each_node: write on the first process of every node instead of only on the first
+            process of the job (node-local disks); default ``save_on_each_node``.
+        save_on_preemption: on SIGTERM or SIGUSR1, finish the current optimizer step, save a checkpoint
+            (waiting for an asynchronous save in flight) and stop training: ``train()`` returns.
+            Under DDP every rank stops after the same step when any rank is signalled. The next
+            launch resumes with ``train(resume_from_checkpoint=True)``. The signal handlers found
+            when training started are put back when it ends.
 
     The manager is :attr:`manager`, available once the callback is given to a ``Trainer``.
     """
@@ -194,6 +252,10 @@ class CheckpointCallback(TrainerCallback):
         *,
         async_save: bool = False,
         incremental: bool = False,
+        keep_top_k: int | None = None,
+        save_only_model: bool | None = None,
+        save_on_each_node: bool | None = None,
+        save_on_preemption: bool = False,
     ) -> None:
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -212,7 +274,15 @@ class CheckpointCallback(TrainerCallback):
             "save_strategy": save_strategy,
             "save_steps": save_steps,
             "load_best_model_at_end": load_best_model_at_end,
+            "keep_top_k": keep_top_k,
+            "save_only_model": save_only_model,
+            "save_on_each_node": save_on_each_node,
         }
+        check_top_k(keep_top_k, metric_for_best, metric_known=False)  # the metric may come from the arguments
+        self.save_on_preemption = bool(save_on_preemption)
+        self._preemption = PreemptionWatch()
+        self._preempted = False
+        self._best_value = None
         self._manager_options = {
             "async_save": bool(async_save),
             "incremental": bool(incremental),
@@ -246,7 +316,14 @@ class CheckpointCallback(TrainerCallback):
         self.settings = Settings.resolve(args, **self._overrides)
         s = self.settings
         self._manager = CheckpointManager(
-            s.checkpoint_dir, s.max_checkpoints, s.keep_best, s.metric_for_best, s.mode, **self._manager_options
+            s.checkpoint_dir,
+            s.max_checkpoints,
+            s.keep_best,
+            s.metric_for_best,
+            s.mode,
+            keep_top_k=s.keep_top_k,
+            require_metric=False,  # train-time saves may come before the first evaluation
+            **self._manager_options,
         )
         return self.settings
 
@@ -260,9 +337,13 @@ class CheckpointCallback(TrainerCallback):
         self._saved_step = None
         self._rng = None
         self._last_train_log = state.global_step
+        self._preempted = False
+        self._best_value: float | None = None
+        if self.save_on_preemption:
+            self._preemption.install()
         if state.global_step > 0:
             self._resume(args, state, **kwargs)
-        elif args.should_save and self.manager.checkpoints():
+        elif self.settings.should_save(args) and self.manager.checkpoints():
             warnings.warn(
                 f"{self.manager.checkpoint_dir} already holds checkpoints of an earlier run (up to "
                 f"{self.manager.latest().name}); this run's checkpoints are ranked among them by epoch and step. "
@@ -337,20 +418,46 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         settings = self.settings or self._attach(args)
+        if self.save_on_preemption and _any_rank(self._preemption.requested, args):
+            self._stop_for_preemption(args, state, control, **kwargs)
+            return control
         return self._request(args, state, control, settings.save_due_at_step(state), **kwargs)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         settings = self.settings or self._attach(args)
+        if self._preempted:  # stopping: no evaluation or save at the end of the cut-short epoch
+            control.should_save = control.should_evaluate = False
+            return control
         return self._request(args, state, control, settings.save_strategy == "epoch", **kwargs)
+
+    def _stop_for_preemption(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Save this step's checkpoint now, wait until it is on disk, and end training."""
+        self._preempted = True
+        control.should_save = control.should_evaluate = False
+        control.should_training_stop = True
+        if self._saved_step != state.global_step:
+            self._save(args, state, None, **kwargs)
+        self.manager.wait()
+        self._preemption.uninstall()
+        if self.settings is not None and self.settings.should_save(args):
+            warnings.warn(
+                f"received {describe(self._preemption.received)}: saved a checkpoint at step {state.global_step} in "
+                f"{self.manager.checkpoint_dir} and stopped training; resume with train(resume_from_checkpoint=True)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _request(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any
     ) -> TrainerControl:
         if control.should_save or due:
             control.should_save = False
-            self._pending = self._pending or self._saved_step != state.global_step
+            if self.settings is None or self.settings.save_strategy != "best":  # "best" saves only in on_evaluate
+                self._pending = self._pending or self._saved_step != state.global_step
         log_coming = control.should_log and state.global_step > self._last_train_log
         if self._pending and not control.should_evaluate and not log_coming:
             self._save(args, state, None, **kwargs)
@@ -377,20 +484,50 @@ class CheckpointCallback(TrainerCallback):
         metrics: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> TrainerControl:
+        settings = self.settings or self._attach(args)
+        self._check_metric(settings, metrics or {})
         if control.should_save:
             control.should_save = False
-            self._pending = self._pending or self._saved_step != state.global_step
+            if settings.save_strategy != "best":
+                self._pending = self._pending or self._saved_step != state.global_step
+        if settings.save_strategy == "best" and metrics and settings.metric_for_best in metrics:
+            value = float(metrics[settings.metric_for_best])
+            tracked_by_trainer = args.metric_for_best_model is not None and (
+                eval_metric_name(args.metric_for_best_model) == settings.metric_for_best
+            )
+            if settings.is_new_best(value, state.best_metric if tracked_by_trainer else self._best_value):
+                self._best_value = value
+                self._pending = True
+                if _value(args.save_strategy) == "best":
+                    # The Trainer saves its own checkpoint after this hook when the metric beats
+                    # state.best_metric. Record the new best here, as it would: then it sees no
+                    # improvement and leaves the saving to the manager.
+                    state.best_metric = value
+                    state.best_global_step = state.global_step
         if self._pending:
             self._save(args, state, metrics, **kwargs)
         return control
 
+    def _check_metric(self, settings: Settings, metrics: dict[str, Any]) -> None:
+        """An evaluation must report the metric that ``keep_top_k`` or ``save_strategy="best"`` ranks by."""
+        if not (settings.keep_top_k or settings.save_strategy == "best") or settings.metric_for_best in metrics:
+            return
+        logged = ", ".join(sorted(metrics)) or "none"
+        raise ConfigurationError(
+            f"metric_for_best={settings.metric_for_best!r}, which "
+            + ("keep_top_k" if settings.keep_top_k else "save_strategy='best'")
+            + f" ranks checkpoints by, is not among the evaluation metrics ({logged}); return it from "
+            "compute_metrics or pass one of these as metric_for_best (metric_for_best_model)"
+        )
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._preemption.uninstall()
         self._flush(args, state, **kwargs)
         if self._manager is not None:
             self._manager.close()  # the last save commits (or its error is raised) before the best is read
-        if self.settings is not None and self.settings.load_best_at_end:
+        if self.settings is not None and self.settings.load_best_at_end and not self._preempted:
             self._load_best(state, kwargs["model"])
 
     def _flush(self, args: TrainingArguments, state: TrainerState, **kwargs: Any) -> None:
@@ -410,13 +547,14 @@ class CheckpointCallback(TrainerCallback):
     ) -> None:
         self._pending = False
         self._saved_step = state.global_step
-        if not args.should_save:
+        settings = self.settings or self._attach(args)
+        if not settings.should_save(args):
             return
         output_dir = Path(args.output_dir)
         self.manager.save(
             model=model,
-            optimizer=None if args.save_only_model else optimizer,
-            scheduler=None if args.save_only_model else lr_scheduler,
+            optimizer=None if settings.save_only_model else optimizer,
+            scheduler=None if settings.save_only_model else lr_scheduler,
             epoch=int(state.epoch or 0),
             step=state.global_step,
             metrics=metrics or {},
@@ -478,7 +616,7 @@ def trainer_state_json(args: TrainingArguments, state: TrainerState, metrics: di
             best = -math.inf if args.greater_is_better else math.inf
         if value is not None and (value > best if args.greater_is_better else value < best):
             data["best_metric"] = value
-            if _value(args.save_strategy) in ("steps", "epoch"):
+            if _value(args.save_strategy) in ("steps", "epoch", "best"):
                 data["best_global_step"] = state.global_step
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
@@ -539,6 +677,15 @@ def _resumes_mid_epoch(args: TrainingArguments, state: TrainerState, train_datal
     accumulation = args.gradient_accumulation_steps
     updates_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
     return state.global_step % updates_per_epoch != 0
+
+
+def _any_rank(flag: bool, args: TrainingArguments) -> bool:
+    """``flag`` of any rank, on every rank (one all-reduce under ``torch.distributed``), so all stop together."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    vote = torch.tensor([int(flag)], device=args.device)
+    torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+    return bool(vote.item())
 
 
 def _same_dir(first: Path, second: Path) -> bool:

@@ -11,8 +11,10 @@
 
 How it fits into Lightning:
 
-* ``CheckpointCallback`` decides *when* to save: at the end of every ``every_n_epochs``-th training
-  epoch, which Lightning runs after that epoch's validation, so the metrics are known.
+* ``CheckpointCallback`` decides *when* to save, with ``ModelCheckpoint``'s schedules: at the end of
+  every ``every_n_epochs``-th training epoch (after its validation, so the metrics are known) or of
+  validation, after every ``every_n_train_steps`` optimizer steps, once ``train_time_interval`` has
+  passed, and, with ``save_on_preemption``, after the step during which SIGTERM or SIGUSR1 came.
 * ``ManagerCheckpointIO``, a ``CheckpointIO`` plugin that the callback installs on the strategy,
   decides *how*: Lightning's checkpoint dict is split into the manager's items (weights, optimizer,
   scheduler, and the rest as ``extra``) and written without pickle. Loading a ckpt_plugin
@@ -27,7 +29,8 @@ How it fits into Lightning:
   reads, it saves after the other checkpoint callbacks, and loads outside ``fit`` hand no callback
   the state of an older checkpoint.
 
-Under DDP every rank takes the same decisions from replicated state (the epoch), every rank
+Under DDP every rank takes the same decisions from replicated state (the epoch and step) or from
+one collective (rank zero's clock, broadcast; any rank's preemption signal, all-reduced), every rank
 enters the same collectives (Lightning's save barrier, then one broadcast of rank zero's outcome),
 only global rank zero writes, and an error on rank zero is raised on every rank instead of
 leaving the others waiting.
@@ -36,7 +39,8 @@ With ``async_save=True`` a save returns once its snapshot is staged; the callbac
 list of checkpoints the background commit will leave (retention is pure), waits for the save in
 flight before anything resolves or loads ``"last"``/``"best"``, and flushes at the end of ``fit``
 (raising a background failure on every rank) or on an exception (warning, so the training error
-is the one raised). An epoch that does not save does nothing but a modulo check.
+is the one raised). A batch or epoch that does not save does nothing but a modulo check (and the
+clock or preemption collective when those options are on).
 """
 
 from __future__ import annotations
@@ -44,9 +48,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,11 +62,13 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import codec, errors, retention
 from .checkpoint import METADATA_FILE, CheckpointInfo, parse_metadata
 from .errors import CheckpointError, ConfigurationError, EncodingError
-from .manager import CheckpointManager, config_to_dict, normalize_metrics
+from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
+from .preemption import PreemptionWatch, describe
 from .reader import read_checkpoint, read_json
 from .rng import capture_rng_state, portable_rng_state, restore_rng_state
 
@@ -147,6 +155,8 @@ class ManagerCheckpointIO(CheckpointIO):
         """Whether loads hand the callbacks their saved states. Off while validating, testing or
         predicting: another checkpoint callback's state (a ``ModelCheckpoint``'s ``best_model_path``)
         must not be rewound to what it was when an older checkpoint was saved."""
+        self.fitting = False
+        """Set while ``fit`` runs: a checkpoint loaded then is resumed from, so it must hold the training state."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Save ``checkpoint`` through the manager (for a :class:`SaveRequest`) or the fallback."""
@@ -189,8 +199,7 @@ class ManagerCheckpointIO(CheckpointIO):
         committed = manager.checkpoints()
         info = self._save(checkpoint, request)
         entries = sorted([entry for entry in committed if entry.name != info.name] + [info], key=lambda entry: entry.sort_key)
-        policies = retention.policies_for(manager.max_checkpoints, manager.keep_best, manager.metric_for_best, manager.mode)
-        pruned = {entry.name for entry in retention.to_delete(entries, policies, info.sort_key)}
+        pruned = {entry.name for entry in retention.to_delete(entries, manager.retention_policies, info.sort_key)}
         return info, [entry.name for entry in entries if entry.name not in pruned]
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -200,6 +209,13 @@ class ManagerCheckpointIO(CheckpointIO):
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         checkpoint = join_checkpoint(read_checkpoint(info, map_location=_device(map_location)))
+        if self.fitting and "optimizer_states" not in checkpoint:
+            raise errors.IncompatibleCheckpointError(
+                f"{info.path} was saved with save_weights_only=True: it holds the model weights but no optimizer, "
+                "scheduler or callback state, so fit(ckpt_path=...) cannot resume training from it. Use it with "
+                "validate/test/predict(ckpt_path=...) or load the weights with load_from_checkpoint(), "
+                "and save with save_weights_only=False to be able to resume"
+            )
         if not self.callback_states:
             checkpoint.pop("callbacks", None)
         return checkpoint
@@ -228,31 +244,53 @@ class ManagerCheckpointIO(CheckpointIO):
 
 
 class CheckpointCallback(ModelCheckpoint):
-    """Save a pickle-free checkpoint through a :class:`~ckpt_plugin.CheckpointManager` every epoch.
+    """Save pickle-free checkpoints through a :class:`~ckpt_plugin.CheckpointManager`.
 
     Args:
         checkpoint_dir: the manager's directory, one sub-directory per checkpoint.
         max_checkpoints: keep this many most recent checkpoints; ``None`` keeps all.
-        keep_best: never delete the best checkpoint by ``metric_for_best``.
-        metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``
-            and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
+        keep_best: never delete the best checkpoint by ``metric_for_best`` (``keep_top_k=1``).
+        metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``,
+            ``keep_top_k`` and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
         mode: ``"min"`` if a lower ``metric_for_best`` is better, ``"max"`` if a higher one is.
-        every_n_epochs: save at the end of every n-th training epoch (after its validation).
+        every_n_epochs: save at the end of every n-th training epoch (after its validation). The
+            default is 1 unless ``every_n_train_steps`` or ``train_time_interval`` is given; the three
+            are exclusive, as in ``ModelCheckpoint``.
         async_save: take each checkpoint's snapshot on the training thread and write, commit and
             prune it in the background (see ``CheckpointManager(async_save=True)``). The end of
             ``fit`` waits for the last save and raises its error, if it failed.
         incremental: hard-link the model shards that did not change since the previous checkpoint
             instead of writing them again (frozen backbones, adapters); ``change_detection`` is
             ``"checksum"`` or ``"version"`` as for ``CheckpointManager``.
-        manager: a ready manager to use instead of the parameters above (except ``every_n_epochs``).
+        manager: a ready manager to use instead of the parameters above (except the schedule).
         auto_resume: make ``fit()`` without ``ckpt_path`` continue from the latest checkpoint in
             ``checkpoint_dir`` when there is one (for preemptible jobs that rerun the same command).
             Off by default: a fresh ``fit()`` starts fresh, and ``fit(ckpt_path="last")`` resumes.
+        keep_top_k: keep the k best checkpoints by ``metric_for_best`` besides the
+            ``max_checkpoints`` most recent (``ModelCheckpoint(save_top_k=k)`` is
+            ``max_checkpoints=1, keep_top_k=k``).
+        every_n_train_steps: save after every n-th optimizer step (mid-epoch checkpoints).
+        train_time_interval: save after the first step that ends once this ``timedelta`` has passed
+            since the previous save (or the start of training). Rank zero's clock decides, for every rank.
+        save_on_train_epoch_end: save the epoch's checkpoint at the end of the training epoch
+            (``True``) or at the end of validation (``False``); ``None`` chooses as ``ModelCheckpoint``
+            does (at the end of validation when it runs other than once per epoch).
+        save_weights_only: save only the model's weights and the loop counters: no optimizer,
+            scheduler or callback state. Such a checkpoint serves ``validate``/``test``/``predict``;
+            ``fit(ckpt_path=...)`` refuses to resume from it.
+        save_on_preemption: on SIGTERM or SIGUSR1, finish the current optimizer step, save a
+            checkpoint (waiting for an asynchronous save in flight), and stop: ``fit`` raises
+            Lightning's ``SIGTERMException`` (a ``SystemExit``), as Lightning does on SIGTERM. Under DDP
+            every rank stops after the same step when any rank is signalled. Resume with
+            ``fit(ckpt_path="last")``, or by rerunning ``fit()`` with ``auto_resume=True``. The signal handlers found at the start of training are put back
+            when it ends.
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
-    Lightning checkpoints (loops, optimizers, schedulers, callback states) plus the global RNG
-    states, so a resumed run continues bitwise identically; ``ckpt_path="best"`` loads the best.
+    Lightning checkpoints (loops, optimizers, schedulers, callback states, and the state of a
+    stateful dataloader such as torchdata's ``StatefulDataLoader``) plus the global RNG states, so
+    a resumed run continues bitwise identically, also from a checkpoint taken mid-epoch.
+    ``ckpt_path="best"`` loads the best.
 
     Lightning knows two kinds of checkpoint callbacks: it looks up ``ckpt_path="best"`` and
     ``"last"`` through a ``ModelCheckpoint``, and makes every ``OnExceptionCheckpoint`` resume a
@@ -273,17 +311,25 @@ class CheckpointCallback(ModelCheckpoint):
         keep_best: bool = True,
         metric_for_best: str | None = "val_loss",
         mode: str = "min",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
         manager: CheckpointManager | None = None,
         async_save: bool = False,
         incremental: bool = False,
         change_detection: str = "checksum",
         *,
         auto_resume: bool = False,
+        keep_top_k: int | None = None,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        save_weights_only: bool = False,
+        save_on_preemption: bool = False,
     ) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ConfigurationError(f"every_n_epochs must be a whole number of at least 1, not {every_n_epochs!r}")
+        epochs, steps, interval = _schedule(every_n_epochs, every_n_train_steps, train_time_interval)
+        if save_on_train_epoch_end not in (None, True, False):
+            raise ConfigurationError(f"save_on_train_epoch_end must be True, False or None, not {save_on_train_epoch_end!r}")
         if manager is None:
+            check_top_k(keep_top_k, metric_for_best)
             manager = CheckpointManager(
                 checkpoint_dir,
                 max_checkpoints,
@@ -294,13 +340,15 @@ class CheckpointCallback(ModelCheckpoint):
                 async_save=async_save,
                 incremental=incremental,
                 change_detection=change_detection,
+                keep_top_k=keep_top_k,
+                require_metric=False,  # saves may come before the first validation; checked once it ran
             )
         elif not isinstance(manager, CheckpointManager):
             raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
-        elif async_save or incremental or change_detection != "checksum":
+        elif async_save or incremental or change_detection != "checksum" or keep_top_k is not None:
             raise ConfigurationError(
-                "async_save, incremental and change_detection configure the manager the callback builds; "
-                "with manager=, pass them to CheckpointManager(...) instead"
+                "async_save, incremental, change_detection and keep_top_k configure the manager the callback "
+                "builds; with manager=, pass them to CheckpointManager(...) instead"
             )
         # ModelCheckpoint's own saving is off (save_top_k=0, no last): every saving hook is overridden below.
         super().__init__(
@@ -309,23 +357,42 @@ class CheckpointCallback(ModelCheckpoint):
             mode=manager.mode,
             save_top_k=0,
             save_last=False,
-            every_n_epochs=every_n_epochs,
-            save_on_train_epoch_end=True,
+            every_n_epochs=epochs,
+            every_n_train_steps=steps,
+            train_time_interval=interval,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+            save_weights_only=bool(save_weights_only),
         )
         self.manager = manager
         self.auto_resume = bool(auto_resume)
+        self.every_n_train_steps = steps
+        self.train_time_interval = interval
+        self.save_on_train_epoch_end = save_on_train_epoch_end
+        self.save_on_preemption = bool(save_on_preemption)
         self.checkpoint_names: list[str] = []
         self._stage: str | None = None
         self._validated_since_save = False
         self._warned_existing = False
+        self._last_saved_step: int | None = None
+        self._last_time_saved: float | None = None
+        self._rng_at_first_batch: dict[str, Any] | None = None
+        self._due_at_epoch_end = False
+        self._preemption = PreemptionWatch()
         if self.auto_resume and not isinstance(self, OnExceptionCheckpoint):
             self.__class__ = _auto_resuming(type(self))
             for message in _AUTO_RESUME_NOTICES:  # Lightning's wording assumes a ModelCheckpoint in one process
                 warnings.filterwarnings("ignore", message=message)
 
     def __repr__(self) -> str:
+        schedule = (
+            f"every_n_train_steps={self.every_n_train_steps}"
+            if self.every_n_train_steps
+            else f"train_time_interval={self.train_time_interval!r}"
+            if self.train_time_interval is not None
+            else f"every_n_epochs={self.every_n_epochs}"
+        )
         resume = ", auto_resume=True" if self.auto_resume else ""
-        return f"{type(self).__name__}(manager={self.manager!r}, every_n_epochs={self.every_n_epochs}{resume})"
+        return f"{type(self).__name__}(manager={self.manager!r}, {schedule}{resume})"
 
     @property
     def state_key(self) -> str:
@@ -389,7 +456,7 @@ class CheckpointCallback(ModelCheckpoint):
         current = strategy.checkpoint_io
         if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
             current = strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
-        current.callback_states = stage == "fit"
+        current.callback_states = current.fitting = stage == "fit"
         if stage == "fit":
             self._run_after_other_checkpoint_callbacks(trainer)
             try:
@@ -424,25 +491,97 @@ class CheckpointCallback(ModelCheckpoint):
             "checkpoint_dir"
         )
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing: checkpoints are saved at the end of an epoch."""
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clock of ``train_time_interval`` and, with ``save_on_preemption``, watch for the signals."""
+        self._last_time_saved = time.monotonic()
+        self._last_saved_step = trainer.global_step if trainer.ckpt_path else None
+        self._due_at_epoch_end = False
+        if self.save_on_preemption:
+            self._preemption.install()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """After resuming mid-epoch, put the RNG states back once the data iterator exists (it draws from them)."""
+        if self._rng_at_first_batch is not None:
+            restore_rng_state(self._rng_at_first_batch)
+            self._rng_at_first_batch = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Save every ``every_n_train_steps`` steps, once ``train_time_interval`` passed, or on preemption."""
+        if trainer.fast_dev_run or not _step_completed(trainer, batch_idx):
+            return
+        preempted = self.save_on_preemption and trainer.strategy.reduce_boolean_decision(self._preemption.requested, all=False)
+        due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
+        if self.train_time_interval is not None:
+            elapsed = time.monotonic() - (self._last_time_saved or 0.0)
+            due = bool(trainer.strategy.broadcast(elapsed >= self.train_time_interval.total_seconds(), src=0)) or due
+        if not (due or preempted):
+            return
+        if not _mid_epoch(trainer):
+            # Lightning cannot resume from the last batch before its epoch has ended: save at the epoch's end
+            self._due_at_epoch_end = True
+            return
+        if self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
+        if preempted:
+            self._stop_for_preemption(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validated_since_save = True
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._validated_since_save = True
+        if not self._saves_on_train_epoch_end(trainer) and self._epoch_due(trainer) and self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save when this epoch is one of every ``every_n_epochs``; Lightning has validated it by now."""
+        """Save when this epoch is one of every ``every_n_epochs``; Lightning has validated it by now.
+
+        A save that fell due at the epoch's last batch (by steps, time or preemption) is taken here,
+        after validation, where Lightning can resume from it.
+        """
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        due, self._due_at_epoch_end = self._due_at_epoch_end, False
+        if self._saves_on_train_epoch_end(trainer) and self._epoch_due(trainer):
             self.save(trainer, pl_module)
+        preempted = self.save_on_preemption and trainer.strategy.reduce_boolean_decision(self._preemption.requested, all=False)
+        if (due or preempted) and self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
+        if preempted:
+            self._stop_for_preemption(trainer)
+
+    def _epoch_due(self, trainer: pl.Trainer) -> bool:
+        return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _saves_on_train_epoch_end(self, trainer: pl.Trainer) -> bool:
+        """``ModelCheckpoint``'s rule: at the end of the training epoch unless validation runs at other times."""
+        if self.save_on_train_epoch_end is not None:
+            return self.save_on_train_epoch_end
+        if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch != 1:
+            return False
+        batches = trainer.num_val_batches
+        if (sum(batches) if isinstance(batches, list) else batches) == 0:
+            return True
+        return trainer.val_check_interval == 1.0
+
+    def _stop_for_preemption(self, trainer: pl.Trainer) -> None:
+        """Wait for the checkpoint to be on disk, put the signal handlers back, and end ``fit``."""
+        self.manager.wait()
+        signal_name = describe(self._preemption.received)
+        self._preemption.uninstall()
+        rank_zero_warn(
+            f"received {signal_name}: saved a checkpoint at step {trainer.global_step} in {self.manager.checkpoint_dir} "
+            "and stopped training; resume with fit(..., ckpt_path='last')"
+        )
+        raise SIGTERMException()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Nothing: the last epoch's checkpoint is already saved (``ModelCheckpoint`` would save "last" here)."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
+        self._preemption.uninstall()
         if not self.manager.async_save:
             return
         error: CheckpointError | None = None
@@ -464,11 +603,12 @@ class CheckpointCallback(ModelCheckpoint):
             raise _error_type(outcome["error_type"])(f"global rank 0 could not save the checkpoint: {outcome['error']}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Write nothing: a run resumes from its last complete epoch, which is on disk.
+        """Write nothing: a run resumes from its last checkpoint, which is on disk.
 
         With asynchronous saves, wait for the save in flight so that it commits; if it failed,
         warn instead of hiding the exception that stopped training.
         """
+        self._preemption.uninstall()
         try:
             self.manager.close()
         except Exception as error:  # noqa: BLE001 - the original exception is the one to raise
@@ -476,7 +616,11 @@ class CheckpointCallback(ModelCheckpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Flush and free the asynchronous staging buffer; keep every checkpoint."""
+        self._preemption.uninstall()
         self._stage = None
+        self._rng_at_first_batch = None
+        if isinstance(trainer.strategy.checkpoint_io, ManagerCheckpointIO):
+            trainer.strategy.checkpoint_io.fitting = False
         self.manager.close()
 
     def state_dict(self) -> dict[str, Any]:
@@ -486,16 +630,26 @@ class CheckpointCallback(ModelCheckpoint):
         checkpoint, also the ``.ckpt`` files of a ``ModelCheckpoint`` beside this callback, which
         torch's weights-only loader must be able to read.
         """
-        return {"rng": portable_rng_state(capture_rng_state())}
+        return {"rng": portable_rng_state(capture_rng_state()), "mid_epoch": self._saving_mid_epoch}
+
+    _saving_mid_epoch = False
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Put the global RNG states back when resuming a fit.
 
-        Lightning restores callbacks before it creates the first training iterator (which draws
-        from the global generator), so the resumed run draws exactly what the uninterrupted one did.
+        Lightning restores callbacks before it creates the first training iterator, which draws from
+        the global generator. At an epoch's end that is what the uninterrupted run did next, so the
+        states are restored now; mid-epoch the uninterrupted run had drawn it already, so the states
+        are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
+        when it is stateful) has been created.
         """
-        if self._stage == "fit" and state_dict.get("rng") is not None:
+        if self._stage != "fit" or state_dict.get("rng") is None:
+            return
+        if state_dict.get("mid_epoch"):
+            self._rng_at_first_batch = state_dict["rng"]
+        else:
             restore_rng_state(state_dict["rng"])
+
 
     # ------------------------------------------------------------------------------------------- saving
 
@@ -519,7 +673,11 @@ class CheckpointCallback(ModelCheckpoint):
                 self._check_best_metric(trainer, request.metrics)
             except CheckpointError as exc:
                 request.error = exc
-        trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=False, storage_options=request)
+        self._saving_mid_epoch = _mid_epoch(trainer)
+        try:
+            trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=self.save_weights_only, storage_options=request)
+        finally:
+            self._saving_mid_epoch = False
         if trainer.is_global_zero and request.error is None and request.outcome is None:
             request.error = CheckpointError(
                 f"the {type(trainer.strategy).__name__} strategy did not pass the checkpoint to its CheckpointIO "
@@ -527,6 +685,8 @@ class CheckpointCallback(ModelCheckpoint):
             )
         outcome = json.loads(trainer.strategy.broadcast(_outcome_message(request), src=0))
         self._validated_since_save = False
+        self._last_saved_step = trainer.global_step
+        self._last_time_saved = time.monotonic()
         if outcome.get("error") is not None:
             if request.error is not None:
                 raise request.error
@@ -540,10 +700,54 @@ class CheckpointCallback(ModelCheckpoint):
             return
         if self._validated_since_save or not trainer.enable_validation:
             logged = ", ".join(sorted(metrics)) or "none"
+            ranks = f", which keep_top_k={self.manager.keep_top_k} ranks checkpoints by," if self.manager.keep_top_k > 1 else ""
             raise ConfigurationError(
-                f"metric_for_best={metric!r} is not among the logged metrics ({logged}); log it with "
+                f"metric_for_best={metric!r}{ranks} is not among the logged metrics ({logged}); log it with "
                 f"self.log({metric!r}, value) or pass one of these (or None) as metric_for_best"
             )
+
+
+def _schedule(
+    every_n_epochs: int | None, every_n_train_steps: int | None, train_time_interval: timedelta | None
+) -> tuple[int, int, timedelta | None]:
+    """Validate the save schedule as ``ModelCheckpoint`` does: one trigger, ``every_n_epochs=1`` by default."""
+    for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigurationError(f"{name} must be a whole number of at least 0 (0 or None: off), not {value!r}")
+    if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
+        raise ConfigurationError(
+            f"train_time_interval must be a datetime.timedelta, not {train_time_interval!r}; e.g. timedelta(hours=1)"
+        )
+    given = [
+        f"{name}={value!r}"
+        for name, value, on in (
+            ("every_n_epochs", every_n_epochs, bool(every_n_epochs)),
+            ("every_n_train_steps", every_n_train_steps, bool(every_n_train_steps)),
+            ("train_time_interval", train_time_interval, train_time_interval is not None),
+        )
+        if on
+    ]
+    if len(given) > 1:
+        raise ConfigurationError(
+            f"{' and '.join(given)} are exclusive save schedules, as in ModelCheckpoint; keep one and drop the "
+            f"other{'s' if len(given) > 2 else ''}"
+        )
+    if every_n_epochs is None and every_n_train_steps is None and train_time_interval is None:
+        every_n_epochs = 1
+    return every_n_epochs or 0, every_n_train_steps or 0, train_time_interval
+
+
+def _step_completed(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether this batch ended an optimizer step (gradient accumulation); only then is a checkpoint consistent."""
+    if not trainer.lightning_module.automatic_optimization:
+        return True
+    accumulate = trainer.accumulate_grad_batches
+    return (batch_idx + 1) % accumulate == 0 or bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def _mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether a save now is taken inside a training epoch: more of its batches follow from the same iterator."""
+    return not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 class AutoResumingCheckpointCallback(OnExceptionCheckpoint, CheckpointCallback):

@@ -44,10 +44,12 @@ class CheckpointManager:
         checkpoint_dir: the directory holding one sub-directory per checkpoint. Created if missing.
         max_checkpoints: keep this many most recent checkpoints (by epoch, then step); ``None`` keeps all.
         keep_best: also never delete the best checkpoint by ``metric_for_best``, even when it is old
-            (opt-in: by default exactly the ``max_checkpoints`` most recent are kept).
-        metric_for_best: the metric that ranks checkpoints for ``keep_best`` and :meth:`load_best`, and
-            that each checkpoint records. When left out it is ``"loss"`` with ``keep_best``; otherwise
-            :meth:`best` ranks by the metric and mode the checkpoints themselves recorded.
+            (opt-in: by default exactly the ``max_checkpoints`` most recent are kept); the same as
+            ``keep_top_k=1``.
+        metric_for_best: the metric that ranks checkpoints for ``keep_best``, ``keep_top_k`` and
+            :meth:`load_best`, and that each checkpoint records. When left out it is ``"loss"`` with
+            ``keep_best``; otherwise :meth:`best` ranks by the metric and mode the checkpoints
+            themselves recorded. ``keep_top_k`` needs it given.
         mode: ``"min"`` if lower ``metric_for_best`` is better, ``"max"`` if higher is (default ``"min"``).
         save_rng: record the torch, CUDA, numpy and Python RNG states with every checkpoint so a
             resumed run continues bitwise identically.
@@ -64,6 +66,13 @@ class CheckpointManager:
         signing_key: an elliptic-curve private key (PEM file) that signs every checkpoint before it
             commits (``model.sig`` in its directory; see :mod:`ckpt_plugin.signing`). Loads check it
             when given ``verify_with=`` the public key. Needs the ``signing`` extra.
+        keep_top_k: never delete the ``k`` best checkpoints by ``metric_for_best``, besides the
+            ``max_checkpoints`` most recent (Lightning's ``save_top_k``). Given, it replaces
+            ``keep_best``.
+        require_metric: whether the first save must record ``metric_for_best`` (else it raises
+            :class:`ConfigurationError` naming the metrics it recorded). Default: when
+            ``keep_top_k`` is given. The framework callbacks, which may save before the first
+            evaluation, turn it off and check the metric once an evaluation has run.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -82,6 +91,8 @@ class CheckpointManager:
         change_detection: str = "checksum",
         async_save: bool = False,
         signing_key: str | os.PathLike[str] | None = None,
+        keep_top_k: int | None = None,
+        require_metric: bool | None = None,
     ) -> None:
         if mode is not None and mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -97,9 +108,14 @@ class CheckpointManager:
             raise ConfigurationError(f"change_detection must be 'checksum' or 'version', not {change_detection!r}")
         if keep_best and metric_for_best is not None and not isinstance(metric_for_best, str):
             raise ConfigurationError(f"metric_for_best must be a metric name, not {metric_for_best!r}")
+        check_top_k(keep_top_k, metric_for_best)
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         self.max_checkpoints = max_checkpoints
-        self.keep_best = keep_best
+        self.keep_top_k = keep_top_k if keep_top_k is not None else int(bool(keep_best))
+        """How many of the best checkpoints retention keeps (0: none; 1: ``keep_best``)."""
+        self.keep_best = self.keep_top_k > 0
+        self._strict_metric = keep_top_k is not None if require_metric is None else bool(require_metric)
+        self._first_save_checked = False
         self.metric_for_best = metric_for_best
         self.mode = mode if mode is not None else "min"
         self._mode_given = mode is not None
@@ -109,7 +125,7 @@ class CheckpointManager:
         self._saver = AsyncSaver() if async_save else None
         self._store = LocalStore(self.checkpoint_dir)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
-        self._policies = retention.policies_for(max_checkpoints, keep_best, metric_for_best, self.mode)
+        self._policies = retention.policies_for(max_checkpoints, self.keep_best, metric_for_best, self.mode, self.keep_top_k)
         self._lock = threading.RLock()
         self._listing: dict[str, tuple[tuple[int, ...], CheckpointInfo]] = {}
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
@@ -127,6 +143,7 @@ class CheckpointManager:
         return (
             f"CheckpointManager({str(self.checkpoint_dir)!r}, max_checkpoints={self.max_checkpoints}, "
             f"keep_best={self.keep_best}, metric_for_best={self.metric_for_best!r}, mode={self.mode!r}"
+            + (f", keep_top_k={self.keep_top_k}" if self.keep_top_k > 1 else "")
             + (", async_save=True)" if self.async_save else ")")
         )
 
@@ -238,6 +255,11 @@ class CheckpointManager:
             self._log_save(info)
         return info
 
+    @property
+    def retention_policies(self) -> list[retention.RetentionPolicy]:
+        """The retention policies this manager applies after each save (empty: keep everything)."""
+        return list(self._policies)
+
     def _log_save(self, info: CheckpointInfo) -> None:
         """Append the committed checkpoint to the save log; a failure there never fails the save."""
         try:
@@ -248,7 +270,18 @@ class CheckpointManager:
                 warnings.warn(f"could not append to the save log ({exc}); the checkpoint is saved", UserWarning, stacklevel=4)
 
     def _check_best_metric(self, metrics: Mapping[str, Any]) -> None:
-        if not self.keep_best or self.metric_for_best is None or self._warned_missing_metric:
+        if not self.keep_best or self.metric_for_best is None:
+            return
+        if self._strict_metric and not self._first_save_checked:
+            if self.metric_for_best not in metrics:
+                recorded = ", ".join(sorted(metrics)) or "none"
+                raise ConfigurationError(
+                    f"keep_top_k={self.keep_top_k} ranks checkpoints by metric_for_best={self.metric_for_best!r}, "
+                    f"but the first save records no such metric (recorded: {recorded}); pass it in metrics= "
+                    "or choose one of these as metric_for_best"
+                )
+            self._first_save_checked = True
+        if self._warned_missing_metric:
             return
         value = metrics.get(self.metric_for_best)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
@@ -571,6 +604,24 @@ def _identity(path: str | os.PathLike[str], strict: bool = False) -> tuple[int, 
     return (directory.st_ino, metadata.st_ino, metadata.st_size, metadata.st_mtime_ns, metadata.st_ctime_ns)
 
 
+def check_top_k(keep_top_k: int | None, metric_for_best: str | None, *, metric_known: bool = True) -> None:
+    """Validate ``keep_top_k`` (and, when ``metric_known``, that ``metric_for_best`` is set).
+
+    Raises :class:`ConfigurationError` naming the fix.
+    """
+    if keep_top_k is None:
+        return
+    if isinstance(keep_top_k, bool) or not isinstance(keep_top_k, int) or keep_top_k < 1:
+        raise ConfigurationError(
+            f"keep_top_k must be a whole number of at least 1 (or None; keep_best=False keeps no best); got {keep_top_k!r}"
+        )
+    if metric_known and metric_for_best is None:
+        raise ConfigurationError(
+            f"keep_top_k={keep_top_k} keeps the best checkpoints by metric_for_best, but metric_for_best is None; "
+            "pass metric_for_best or drop keep_top_k"
+        )
+
+
 def _notify(info: CheckpointInfo, on_commit: Callable[[CheckpointInfo], None] | None) -> CheckpointInfo:
     if on_commit is not None:
         on_commit(info)
@@ -651,4 +702,4 @@ def config_to_dict(config: Any) -> Any:
     return config
 
 
-__all__ = ["CheckpointManager", "normalize_metrics", "config_to_dict"]
+__all__ = ["CheckpointManager", "check_top_k", "config_to_dict", "normalize_metrics"]

@@ -48,17 +48,8 @@ def metric_value(entry: RetentionEntry, metric: str) -> float | None:
 
 def best_index(checkpoints: Sequence[RetentionEntry], metric: str, mode: str) -> int | None:
     """The index of the best checkpoint by ``metric`` (the earliest on ties), or None if none has it."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
-    best: int | None = None
-    best_value = 0.0
-    for index, entry in enumerate(checkpoints):
-        value = metric_value(entry, metric)
-        if value is None:
-            continue
-        if best is None or (value < best_value if mode == "min" else value > best_value):
-            best, best_value = index, value
-    return best
+    order = ranked(checkpoints, metric, mode)
+    return order[0] if order else None
 
 
 @dataclass(frozen=True)
@@ -72,25 +63,53 @@ class KeepLatest:
         return [index >= cutoff for index in range(len(checkpoints))]
 
 
+def ranked(checkpoints: Sequence[RetentionEntry], metric: str, mode: str) -> list[int]:
+    """Indices of the checkpoints that record ``metric``, best first (the earlier first on ties)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+    scored = [(value, index) for index, entry in enumerate(checkpoints) if (value := metric_value(entry, metric)) is not None]
+    scored.sort(key=lambda pair: (pair[0] if mode == "min" else -pair[0], pair[1]))
+    return [index for _, index in scored]
+
+
 @dataclass(frozen=True)
-class KeepBest:
-    """Preserve the best checkpoint by ``metric`` in ``mode`` ("min" or "max")."""
+class KeepTopK:
+    """Preserve the ``k`` best checkpoints by ``metric`` in ``mode`` ("min" or "max").
+
+    Checkpoints without the metric, or with NaN for it, are never among them; on ties the earlier
+    checkpoint ranks first. Lightning's ``save_top_k`` and Orbax's ``best_fn`` with ``max_to_keep``.
+    """
 
     metric: str
     mode: str = "min"
+    k: int = 1
 
     def should_preserve(self, checkpoints: Sequence[RetentionEntry]) -> list[bool]:
-        best = best_index(checkpoints, self.metric, self.mode)
-        return [index == best for index in range(len(checkpoints))]
+        top = set(ranked(checkpoints, self.metric, self.mode)[: self.k])
+        return [index in top for index in range(len(checkpoints))]
 
 
-def policies_for(max_checkpoints: int | None, keep_best: bool, metric: str | None, mode: str) -> list[RetentionPolicy]:
-    """The policies a manager's options describe. An empty list keeps everything."""
+@dataclass(frozen=True)
+class KeepBest(KeepTopK):
+    """Preserve the best checkpoint by ``metric`` in ``mode``: ``KeepTopK`` with ``k=1``."""
+
+    k: int = 1
+
+
+def policies_for(
+    max_checkpoints: int | None, keep_best: bool, metric: str | None, mode: str, keep_top_k: int | None = None
+) -> list[RetentionPolicy]:
+    """The policies a manager's options describe. An empty list keeps everything.
+
+    ``keep_top_k`` keeps the k best by ``metric`` besides the ``max_checkpoints`` most recent;
+    ``keep_best`` alone means ``keep_top_k=1``.
+    """
     if max_checkpoints is None:
         return []
     policies: list[RetentionPolicy] = [KeepLatest(max_checkpoints)]
-    if keep_best and metric is not None:
-        policies.append(KeepBest(metric, mode))
+    k = keep_top_k if keep_top_k is not None else (1 if keep_best else 0)
+    if k > 0 and metric is not None:
+        policies.append(KeepTopK(metric, mode, k))
     return policies
 
 

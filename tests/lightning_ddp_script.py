@@ -3,13 +3,17 @@
     python tests/lightning_ddp_script.py PHASE CHECKPOINT_DIR REPORT_DIR
 
 PHASE ``train`` fits 3 epochs, then fits again to 5 epochs with ``ckpt_path="last"`` (a new
-``Trainer`` in the same processes); ``bad-metric`` fits with a ``metric_for_best`` nobody logs.
+``Trainer`` in the same processes); ``bad-metric`` fits with a ``metric_for_best`` nobody logs;
+``preempt`` sends SIGUSR1 to rank zero alone during step 5 with ``save_on_preemption=True``, then
+resumes from ``"last"`` in a new ``Trainer``.
 Each rank writes what it saw in each fit to ``REPORT_DIR/{fit}-rank{N}.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,7 +60,22 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class SignalRankZero(pl.Callback):
+    """Rank zero alone receives SIGUSR1 as optimizer step ``step`` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def main(phase: str, checkpoint_dir: str, report_dir: str) -> None:
+    if phase == "preempt":
+        fit("preempt", checkpoint_dir, report_dir, metric="val_loss", max_epochs=3, preempt_at=5)
+        fit("preempt-resume", checkpoint_dir, report_dir, metric="val_loss", max_epochs=3, ckpt_path="last")
+        return
     if phase == "bad-metric":
         fit("bad-metric", checkpoint_dir, report_dir, metric="never_logged", max_epochs=3)
         return
@@ -64,20 +83,29 @@ def main(phase: str, checkpoint_dir: str, report_dir: str) -> None:
     fit("resume", checkpoint_dir, report_dir, metric="val_loss", max_epochs=5, ckpt_path="last")
 
 
-def fit(name: str, checkpoint_dir: str, report_dir: str, metric: str, max_epochs: int, ckpt_path: str | None = None) -> None:
+def fit(
+    name: str,
+    checkpoint_dir: str,
+    report_dir: str,
+    metric: str,
+    max_epochs: int,
+    ckpt_path: str | None = None,
+    preempt_at: int | None = None,
+) -> None:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(64, 4, generator=generator)
     targets = inputs.sum(1)
     data = TensorDataset(inputs, targets)
     CountingManager.saves = 0
     manager = CountingManager(checkpoint_dir, max_checkpoints=2, keep_best=True, metric_for_best=metric, mode="min")
-    callback = CheckpointCallback(manager=manager)
+    callback = CheckpointCallback(manager=manager, save_on_preemption=preempt_at is not None)
+    extra = [SignalRankZero(preempt_at)] if preempt_at is not None else []
     trainer = pl.Trainer(
         accelerator="cpu",
         strategy="ddp",
         devices=2,
         max_epochs=max_epochs,
-        callbacks=[callback],
+        callbacks=[callback, *extra],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -92,6 +120,8 @@ def fit(name: str, checkpoint_dir: str, report_dir: str, metric: str, max_epochs
             DataLoader(data, batch_size=8),
             ckpt_path=ckpt_path,
         )
+    except SystemExit as exc:  # a preempted fit ends with Lightning's SIGTERMException
+        report["error"] = f"{type(exc).__name__}"
     except Exception as exc:  # reported, then re-raised so the process fails
         report["error"] = f"{type(exc).__name__}: {exc}"
         raise

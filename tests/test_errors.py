@@ -464,3 +464,22 @@ def test_no_pickle_or_torch_load_in_the_package_source():
             elif isinstance(node, ast.keyword) and node.arg == "allow_pickle":
                 pytest.fail(f"{source.name}:{node.lineno} passes allow_pickle")
         assert not re.search(r"\bpickle\.loads?\(|\btorch\.load\(", text), source.name
+
+
+def test_keep_top_k_options_and_a_metric_never_recorded(tmp_path):
+    with pytest.raises(ConfigurationError, match="keep_top_k=3 .* metric_for_best is None; pass metric_for_best or drop keep_top_k"):
+        CheckpointManager(tmp_path, keep_top_k=3, metric_for_best=None)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="keep_top_k must be a whole number"):
+            CheckpointManager(tmp_path, keep_top_k=bad)
+    manager = CheckpointManager(tmp_path, max_checkpoints=1, keep_top_k=2, metric_for_best="val_loss", save_rng=False)
+    assert (manager.keep_top_k, manager.keep_best) == (2, True)
+    with pytest.raises(ConfigurationError, match=r"metric_for_best='val_loss'.*recorded: acc, loss"):
+        manager.save(model={"w": torch.zeros(1)}, epoch=0, metrics={"loss": 1.0, "acc": 0.5})
+    assert manager.checkpoints() == []
+    for epoch, value in enumerate([0.5, 0.2, 0.9, 0.3, 0.8]):
+        manager.save(model={"w": torch.zeros(1)}, epoch=epoch, metrics={"val_loss": value})
+    assert [info.epoch for info in manager.checkpoints()] == [1, 3, 4]  # the two best and the latest
+    with pytest.warns(UserWarning, match="never the best"):  # only the first save must record it
+        manager.save(model={"w": torch.zeros(1)}, epoch=5, metrics={})
+    assert CheckpointManager(tmp_path, keep_best=False).keep_top_k == 0

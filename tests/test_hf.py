@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -267,16 +268,73 @@ def test_explicit_parameters_override_the_training_arguments(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(mode="best"), "mode"), (dict(save_strategy="best"), "save_strategy"), (dict(save_steps=0), "save_steps")],
+    [
+        (dict(mode="best"), "mode"),
+        (dict(save_strategy="always"), "save_strategy"),
+        (dict(save_steps=0), "save_steps"),
+        (dict(keep_top_k=0), "keep_top_k"),
+    ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
         CheckpointCallback(**kwargs)
 
 
-def test_save_strategy_best_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(ConfigurationError, match="save_strategy='epoch' or 'steps'"):
-        make_trainer(tmp_path, save_strategy="best")
+def test_save_strategy_best_saves_each_new_best_and_the_trainer_saves_nothing(tmp_path):
+    scores = [0.5, 0.3, 0.4, 0.2]
+    trainer, callback = make_trainer(
+        tmp_path, save_strategy="best", metric_for_best_model="score", greater_is_better=False,
+        save_total_limit=None, compute_metrics=scripted_metric(scores),
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 20]
+    assert (trainer.state.best_metric, trainer.state.best_global_step) == (0.2, 20)  # as the Trainer records them
+    assert pickled_files(tmp_path) == [] and not [p for p in tmp_path.iterdir() if p.name.startswith("checkpoint-") and not p.is_symlink()]
+    with pytest.raises(ConfigurationError, match="the Trainer judges new bests by 'eval_score'; drop metric_for_best"):
+        make_trainer(tmp_path, callback=CheckpointCallback(metric_for_best="loss"), save_strategy="best", metric_for_best_model="score")
+
+
+def test_the_trainers_own_preemption_checkpoint_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"drop it and pass CheckpointCallback\(save_on_preemption=True\)"):
+        Settings.resolve(training_args(tmp_path, enable_jit_checkpoint=True))
+
+
+def test_keep_top_k_keeps_the_k_best_and_the_latest(tmp_path):
+    trainer, callback = make_trainer(
+        tmp_path, callback=CheckpointCallback(max_checkpoints=1, keep_top_k=2), metric_for_best_model="score",
+        greater_is_better=True, compute_metrics=scripted_metric([0.5, 0.9, 0.1, 0.2]),
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 20]  # 0.9, 0.5 and the latest
+    assert callback.manager.keep_top_k == 2
+    with pytest.raises(ConfigurationError, match="eval_strategy='no' never evaluates; set eval_strategy or drop the option"):
+        make_trainer(tmp_path / "none", callback=CheckpointCallback(keep_top_k=2), eval_strategy="no", load_best_model_at_end=False)
+    bad, _ = make_trainer(tmp_path / "bad", callback=CheckpointCallback(keep_top_k=2, metric_for_best="accuracy"))
+    with pytest.raises(ConfigurationError, match=r"'eval_accuracy', which keep_top_k ranks checkpoints by, is not among the evaluation metrics \(.*eval_loss"):
+        bad.train()
+
+
+def test_save_steps_as_a_fraction_of_the_training_steps(tmp_path):
+    trainer, callback = make_trainer(
+        tmp_path, callback=CheckpointCallback(save_strategy="steps", save_steps=0.25, max_checkpoints=None),
+        eval_strategy="no", load_best_model_at_end=False, logging_strategy="no",
+    )
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 15, 20]
+
+
+def test_save_only_model_and_save_on_each_node(tmp_path):
+    from types import SimpleNamespace
+
+    trainer, callback = make_trainer(tmp_path, save_only_model=True, stop_at=5)
+    trainer.train()
+    checkpoint = callback.manager.load_latest()
+    assert checkpoint["optimizer"] is None and checkpoint.get("scheduler") is None and checkpoint["model"]
+    settings = Settings.resolve(training_args(tmp_path, save_on_each_node=True))
+    assert settings.save_on_each_node and settings.save_only_model is False
+    second_node = SimpleNamespace(process_index=4, local_process_index=0)
+    assert settings.should_save(second_node) and not Settings.resolve(training_args(tmp_path)).should_save(second_node)
+    assert Settings.resolve(training_args(tmp_path), save_only_model=True, save_on_each_node=False).save_only_model
 
 
 def test_manager_is_exposed_once_attached_to_a_trainer(tmp_path):
@@ -666,3 +724,78 @@ def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninter
     assert not any(name.startswith(".tmp.") for name in os.listdir(tmp_path)), (
         "the dead save's leftovers are cleaned up"
     )
+
+
+def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identical(tmp_path, uninterrupted):
+    """The job is signalled during step 7 (mid-epoch 2), saves after it, stops, and resumes exactly."""
+    expected, _ = uninterrupted("epoch")
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(TESTS / "preemption_script.py"), "hf", str(tmp_path), "6"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "at-step").exists():
+                assert child.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the job never reached the step"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGTERM)
+            (tmp_path / "signal-sent").write_text("")
+            assert child.wait(timeout=120) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=30)
+    manager = CheckpointManager(tmp_path, max_checkpoints=None)
+    assert [info.step for info in manager.checkpoints()] == [5, 7]  # the epoch and the preempted step
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-7")
+
+    resumed, _ = make_trainer(tmp_path, seed=1)
+    resumed.train(resume_from_checkpoint=True)
+    actual = final_state(resumed)
+    for key in ("model", "optimizer", "scheduler", "state"):
+        assert_identical(actual[key], expected[key], key)
+    # The Trainer restarts its running training-loss sum at a mid-epoch resume (its own checkpoints
+    # do the same), so only the training loss logged for the interrupted epoch may differ.
+    without_train_loss = [{k: v for k, v in entry.items() if k != "loss"} for entry in expected["log_history"]]
+    assert [{k: v for k, v in entry.items() if k != "loss"} for entry in actual["log_history"]] == without_train_loss
+
+
+def test_preemption_restores_the_previous_handlers(tmp_path):
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+
+    class Send(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    try:
+        trainer, callback = make_trainer(tmp_path, callback=CheckpointCallback(save_on_preemption=True, async_save=True))
+        trainer.add_callback(Send())
+        with pytest.warns(UserWarning, match="received SIGUSR1: saved a checkpoint at step 3"):
+            trainer.train()
+        assert trainer.state.global_step == 3 and [info.step for info in callback.manager.checkpoints()] == [3]
+        assert seen == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.slow
+def test_under_ddp_a_signal_to_rank_zero_stops_every_rank_after_the_same_step(tmp_path):
+    """Two processes on CPU (gloo) under torch.distributed.run; only rank zero is signalled, during step 5."""
+    child = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TESTS / "hf_ddp_script.py"), str(tmp_path)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert report == {"world_size": 2, "global_step": 5, "checkpoints": ["epoch_1_step_3", "epoch_1_step_5"]}

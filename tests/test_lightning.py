@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,15 @@ class RegressionData(pl.LightningDataModule):
 
     test_dataloader = val_dataloader
     predict_dataloader = val_dataloader
+
+
+class StatefulData(RegressionData):
+    """The same data through torchdata's ``StatefulDataLoader``, whose position Lightning checkpoints."""
+
+    def train_dataloader(self) -> DataLoader:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(TensorDataset(self.inputs, self.targets), batch_size=self.hparams.batch_size, shuffle=True)
 
 
 class Opaque:
@@ -335,7 +347,7 @@ def test_unknown_mode_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="mode must be 'min' or 'max'"):
         CheckpointCallback(tmp_path, mode="lowest")
     with pytest.raises(ConfigurationError, match="every_n_epochs"):
-        CheckpointCallback(tmp_path, every_n_epochs=0)
+        CheckpointCallback(tmp_path, every_n_epochs=-1)
     with pytest.raises(ConfigurationError, match=r"with manager=, pass them to CheckpointManager"):
         CheckpointCallback(manager=CheckpointManager(tmp_path), async_save=True)
 
@@ -398,6 +410,14 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     for report in resumed:
         assert report["broadcast_names"] == report["listed_names"] == ["epoch_3_step_16", "epoch_4_step_20"]
 
+    done = run("preempt", tmp_path / "preempt")  # only rank zero is signalled, during step 5: both stop after it
+    assert done.returncode == 0, done.stderr[-3000:]
+    for report in reports("preempt"):
+        assert (report["error"], report["global_step"]) == ("SIGTERMException", 6)
+        assert report["listed_names"] == report["broadcast_names"] == ["epoch_0_step_4", "epoch_1_step_6"]
+    assert [report["first_step"] for report in reports("preempt-resume")] == [6, 6]
+    assert [report["global_step"] for report in reports("preempt-resume")] == [12, 12]
+
     done = run("bad-metric", tmp_path / "bad")  # rank zero refuses to save: every rank must fail, none may hang
     assert done.returncode != 0
     for report in reports("bad-metric"):
@@ -436,3 +456,174 @@ model:
     assert (callback.manager.max_checkpoints, callback.manager.keep_best, callback.manager.mode) == (1, False, "min")
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_1_step_12"]
     assert callback.manager.load_latest()["config"]["hidden"] == 8
+
+
+# ------------------------------------------------------------------ the options of ModelCheckpoint
+
+
+class StopAtStep(pl.Callback):
+    """Kills the run when optimizer step ``step`` is about to start (mid-epoch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            raise RuntimeError("interrupted")
+
+
+def assert_same_weights(actual: nn.Module, expected: nn.Module) -> None:
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(tensor, actual.state_dict()[name]), name
+
+
+def test_mid_epoch_checkpoints_resume_bitwise_identical_with_a_stateful_dataloader(tmp_path: Path) -> None:
+    reference = fresh_model(0)
+    reference_trainer = make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "reference", every_n_train_steps=4)])
+    reference_trainer.fit(reference, StatefulData())
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "run", every_n_train_steps=4), StopAtStep(10)]).fit(
+            fresh_model(0), StatefulData()
+        )
+    callback = CheckpointCallback(tmp_path / "run", every_n_train_steps=4)
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_4", "epoch_1_step_8"]
+    loops = callback.manager.load_latest()["extra"]["lightning"]["loops"]["fit_loop"]
+    assert loops["epoch_loop.batch_progress"]["current"]["processed"] == 2  # two batches into epoch 1
+    torch.manual_seed(1234)
+    resumed = fresh_model(99)
+    trainer = make_trainer(tmp_path, 3, [callback])
+    trainer.fit(resumed, StatefulData(), ckpt_path="last")
+    assert trainer.global_step == reference_trainer.global_step == 18
+    assert_same_weights(resumed, reference)
+    assert [info.step for info in callback.manager.checkpoints()][-2:] == [12, 16]
+
+
+def test_time_interval_and_validation_end_schedules(tmp_path: Path) -> None:
+    every_step = CheckpointCallback(tmp_path / "time", max_checkpoints=None, train_time_interval=timedelta(0))
+    make_trainer(tmp_path, 1, [every_step]).fit(fresh_model(0), RegressionData())
+    assert [info.step for info in every_step.manager.checkpoints()] == [1, 2, 3, 4, 5, 6]
+
+    hourly = CheckpointCallback(tmp_path / "hourly", max_checkpoints=None, train_time_interval=timedelta(hours=1))
+    make_trainer(tmp_path, 2, [hourly]).fit(fresh_model(0), RegressionData())
+    assert hourly.manager.checkpoints() == []
+
+    # validation every other epoch: ModelCheckpoint's rule saves at the end of each validation
+    at_validation = CheckpointCallback(tmp_path / "val", max_checkpoints=None)
+    make_trainer(tmp_path, 4, [at_validation], check_val_every_n_epoch=2).fit(fresh_model(0), RegressionData())
+    assert [info.epoch for info in at_validation.manager.checkpoints()] == [1, 3]
+    forced = CheckpointCallback(tmp_path / "forced", max_checkpoints=None, save_on_train_epoch_end=True)
+    make_trainer(tmp_path, 4, [forced], check_val_every_n_epoch=2).fit(fresh_model(0), RegressionData())
+    assert [info.epoch for info in forced.manager.checkpoints()] == [0, 1, 2, 3]
+
+
+def test_keep_top_k_keeps_the_k_best_and_the_latest(tmp_path: Path) -> None:
+    scores = [0.5, 0.1, 0.4, 0.3, 0.35]
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=1, keep_top_k=2, metric_for_best="val_score")
+    make_trainer(tmp_path, 5, [callback]).fit(fresh_model(0, val_scores=scores), RegressionData())
+    assert [info.epoch for info in callback.manager.checkpoints()] == [1, 3, 4]
+    never = CheckpointCallback(tmp_path / "never", keep_top_k=2, metric_for_best="val_acc")
+    with pytest.raises(ConfigurationError, match=r"'val_acc', which keep_top_k=2 ranks checkpoints by, is not among the logged metrics \(train_loss, val_loss\)"):
+        make_trainer(tmp_path, 2, [never]).fit(fresh_model(0), RegressionData())
+
+
+def test_weights_only_checkpoints_serve_evaluation_but_refuse_to_resume(tmp_path: Path) -> None:
+    callback = CheckpointCallback(tmp_path / "ckpt", save_weights_only=True)
+    make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
+    checkpoint = callback.manager.load_latest()
+    assert checkpoint["optimizer"] is None and checkpoint.get("scheduler") is None and checkpoint["model"]
+    assert "callbacks" not in checkpoint["extra"]["lightning"]
+    model = fresh_model(5)
+    make_trainer(tmp_path, 2, [CheckpointCallback(tmp_path / "ckpt")]).validate(model, RegressionData(), ckpt_path="last")
+    assert torch.equal(model.state_dict()["net.0.weight"], checkpoint["model"]["net.0.weight"])
+    with pytest.raises(IncompatibleCheckpointError, match="save_weights_only=True.*cannot resume training"):
+        make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "ckpt")]).fit(fresh_model(5), RegressionData(), ckpt_path="last")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(every_n_train_steps=10, train_time_interval=timedelta(hours=1)), "every_n_train_steps=10 and train_time_interval=.* keep one and drop the other"),
+        (dict(every_n_epochs=2, every_n_train_steps=10), "every_n_epochs=2 and every_n_train_steps=10 are exclusive"),
+        (dict(keep_top_k=3, metric_for_best=None), "keep_top_k=3 .* pass metric_for_best or drop keep_top_k"),
+        (dict(train_time_interval=3600), "must be a datetime.timedelta"),
+        (dict(every_n_train_steps=-1), "every_n_train_steps must be a whole number"),
+        (dict(save_on_train_epoch_end="yes"), "save_on_train_epoch_end"),
+    ],
+)
+def test_conflicting_options_are_refused_at_construction(tmp_path: Path, options: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigurationError, match=message):
+        CheckpointCallback(tmp_path, **options)
+
+
+class SendSignal(pl.Callback):
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_preemption_saves_stops_and_restores_the_previous_handlers(tmp_path: Path) -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        callback = CheckpointCallback(tmp_path / "ckpt", save_on_preemption=True, async_save=True)
+        trainer = make_trainer(tmp_path, 5, [callback, SendSignal(8, signal.SIGUSR1)])
+        with pytest.warns(UserWarning, match="received SIGUSR1: saved a checkpoint at step 9"), pytest.raises(SystemExit):
+            trainer.fit(fresh_model(0), RegressionData())
+        assert trainer.global_step == 9  # the step running when the signal came was finished
+        assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_6", "epoch_1_step_9"]
+        assert seen == []  # the callback had the signal during training
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]  # and the handler found before fit is back
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    # the same command, rerun with auto_resume, continues from the preempted step
+    first_steps: list[int] = []
+
+    class FirstStep(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            first_steps.append(trainer.global_step)
+
+    rerun = make_trainer(tmp_path, 5, [CheckpointCallback(tmp_path / "ckpt", auto_resume=True), FirstStep()])
+    rerun.fit(fresh_model(1), RegressionData())
+    assert (first_steps, rerun.global_step) == ([9], 30)
+
+
+def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identical(tmp_path: Path) -> None:
+    reference = fresh_model(0)
+    reference_trainer = make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "reference")])
+    reference_trainer.fit(reference, StatefulData())
+
+    job = tmp_path / "job"
+    job.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with open(job / "stderr.txt", "wb") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "preemption_script.py"), "lightning", str(job), "8"],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (job / "at-step").exists():
+                assert child.poll() is None, (job / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the job never reached the step"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGTERM)
+            (job / "signal-sent").write_text("")
+            assert child.wait(timeout=120) == 0, (job / "stderr.txt").read_text()[-3000:]
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=30)
+    callback = CheckpointCallback(job / "ckpt")
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_6", "epoch_1_step_8"]
+
+    torch.manual_seed(1234)
+    resumed = fresh_model(99)
+    trainer = make_trainer(tmp_path, 3, [callback])
+    trainer.fit(resumed, StatefulData(), ckpt_path="last")
+    assert trainer.global_step == reference_trainer.global_step
+    assert_same_weights(resumed, reference)

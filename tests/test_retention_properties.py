@@ -1,8 +1,9 @@
 """Property tests for retention: on the pure policies, and on a real manager's directory.
 
 Whatever the sequence of saves, metrics (missing and NaN included), ``max_checkpoints`` and
-``keep_best``: the best is never deleted, the newest and the ``max_checkpoints`` most recent are
-always kept, ``None`` keeps everything, and nothing else survives.
+``keep_top_k`` (``keep_best`` is ``keep_top_k=1``): the k best are never deleted, the newest and
+the ``max_checkpoints`` most recent are always kept, ``None`` keeps everything, and nothing else
+survives.
 """
 
 from __future__ import annotations
@@ -61,9 +62,16 @@ def best_value(entries, mode: str) -> float | None:
     return min(values) if mode == "min" else max(values)
 
 
-def check_invariants(before, after, max_checkpoints, keep_best, mode, just_saved=None) -> None:
+def top_k_values(entries, mode: str, k: int) -> list[float]:
+    """The ``k`` best usable values among ``entries``, best first (duplicates count separately)."""
+    values = sorted(v for v in (usable(e.metrics.get(METRIC)) for e in entries) if v is not None)
+    return (values if mode == "min" else values[::-1])[:k]
+
+
+def check_invariants(before, after, max_checkpoints, top_k, mode, just_saved=None) -> None:
     """``before``: every checkpoint right after a save committed; ``after``: those retention kept;
-    ``just_saved``: the key of the checkpoint that save wrote, which must survive as well."""
+    ``just_saved``: the key of the checkpoint that save wrote, which must survive as well;
+    ``top_k``: how many of the best by the metric must survive (0: none, 1: ``keep_best``)."""
     before_keys = sorted(e.key for e in before)
     after_keys = sorted(e.key for e in after)
     assert set(after_keys) <= set(before_keys), "retention invented a checkpoint"
@@ -75,23 +83,30 @@ def check_invariants(before, after, max_checkpoints, keep_best, mode, just_saved
     assert before_keys[-1] in after_keys, "the newest checkpoint was deleted"
     recent = set(before_keys[-max_checkpoints:])
     assert recent <= set(after_keys), "one of the max_checkpoints most recent was deleted"
+    best = top_k_values(before, mode, top_k)
+    if best:
+        # The k best values all survive: as many survivors reach the k-th best value as there are
+        # values at least that good, up to k, and everything strictly better survives.
+        kth = best[-1]
+        better = (lambda v: v < kth) if mode == "min" else (lambda v: v > kth)
+        at_least = (lambda v: v <= kth) if mode == "min" else (lambda v: v >= kth)
+        survivors = [v for v in (usable(e.metrics.get(METRIC)) for e in after) if v is not None]
+        assert sum(at_least(v) for v in survivors) >= len(best), "one of the top-k checkpoints was deleted"
+        strictly = [e.key for e in before if (v := usable(e.metrics.get(METRIC))) is not None and better(v)]
+        assert set(strictly) <= set(after_keys), "a checkpoint better than the k-th best was deleted"
     protected = recent | {just_saved}
     extra = [e for e in after if e.key not in protected]
-    best = best_value(before, mode) if keep_best else None
-    if best is not None:
-        assert any(usable(e.metrics.get(METRIC)) == best for e in after), "the best checkpoint was deleted"
-        assert len(extra) <= 1
-        if extra:
-            assert usable(extra[0].metrics.get(METRIC)) == best, "a checkpoint neither recent nor best survived"
-    else:
-        assert not extra, "a checkpoint neither recent nor best survived"
+    assert len(extra) <= len(best), "a checkpoint neither recent nor among the top-k survived"
+    for entry in extra:
+        value = usable(entry.metrics.get(METRIC))
+        assert value is not None and at_least(value), "a checkpoint neither recent nor among the top-k survived"
     older_save = just_saved is not None and just_saved not in recent
-    assert len(after) <= max_checkpoints + (1 if keep_best else 0) + (1 if older_save else 0)
+    assert len(after) <= max_checkpoints + top_k + (1 if older_save else 0)
 
 
-def simulate(history, max_checkpoints, keep_best, mode):
+def simulate(history, max_checkpoints, top_k, mode):
     """Apply the pure retention policies to a sequence of saves, checking invariants each time."""
-    policies = retention.policies_for(max_checkpoints, keep_best, METRIC, mode)
+    policies = retention.policies_for(max_checkpoints, top_k > 0, METRIC, mode, top_k or None)
     current: list[Entry] = []
     every_save: list[Entry] = []
     for epoch, step, value in history:
@@ -101,21 +116,32 @@ def simulate(history, max_checkpoints, keep_best, mode):
         current = sorted([e for e in current if e.key != entry.key] + [entry], key=lambda e: e.key)
         doomed = retention.to_delete(current, policies, entry.key)
         after = [e for e in current if all(e is not d for d in doomed)]
-        check_invariants(current, after, max_checkpoints, keep_best, mode, entry.key)
+        check_invariants(current, after, max_checkpoints, top_k, mode, entry.key)
         current = after
     return current, every_save
 
 
+top_ks = st.integers(0, 4)
+
+
 @settings(max_examples=400, deadline=None, derandomize=True)
-@given(history=saves, max_checkpoints=max_values, keep_best=st.booleans(), mode=st.sampled_from(["min", "max"]))
-def test_pure_retention_invariants(history, max_checkpoints, keep_best, mode):
-    final, every_save = simulate(history, max_checkpoints, keep_best, mode)
+@given(history=saves, max_checkpoints=max_values, top_k=top_ks, mode=st.sampled_from(["min", "max"]))
+def test_pure_retention_invariants(history, max_checkpoints, top_k, mode):
+    final, every_save = simulate(history, max_checkpoints, top_k, mode)
     names = [e.key for e in every_save]
-    if keep_best and max_checkpoints is not None and len(set(names)) == len(names):
-        # Without re-saves, the best of the whole run is never lost.
-        best = best_value(every_save, mode)
-        if best is not None:
-            assert any(usable(e.metrics.get(METRIC)) == best for e in final)
+    if top_k and max_checkpoints is not None and len(set(names)) == len(names):
+        # Without re-saves, the k best of the whole run are never lost.
+        best = top_k_values(every_save, mode, top_k)
+        assert sorted(top_k_values(final, mode, top_k)) == sorted(best)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(history=saves, max_checkpoints=max_values, mode=st.sampled_from(["min", "max"]))
+def test_keep_best_is_keep_top_k_1(history, max_checkpoints, mode):
+    entries = sorted({Entry(e, s, {} if v is None else {METRIC: v}) for e, s, v in history}, key=lambda e: e.key)
+    as_best = retention.policies_for(max_checkpoints, True, METRIC, mode)
+    as_top_1 = retention.policies_for(max_checkpoints, False, METRIC, mode, keep_top_k=1)
+    assert retention.to_delete(entries, as_best) == retention.to_delete(entries, as_top_1)
 
 
 @settings(derandomize=True)
@@ -149,15 +175,16 @@ def listed(manager: CheckpointManager) -> list[Entry]:
     history=st.lists(st.tuples(st.integers(0, 6), st.one_of(st.none(), st.integers(0, 1)), metric_values),
                      min_size=1, max_size=8),
     max_checkpoints=max_values,
-    keep_best=st.booleans(),
+    top_k=top_ks,
     mode=st.sampled_from(["min", "max"]),
 )
-def test_manager_directory_obeys_retention(history, max_checkpoints, keep_best, mode):
+def test_manager_directory_obeys_retention(history, max_checkpoints, top_k, mode):
     state = {"w": torch.zeros(2)}
     with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        manager = CheckpointManager(directory, max_checkpoints=max_checkpoints, keep_best=keep_best,
-                                    metric_for_best=METRIC, mode=mode, save_rng=False)
+        manager = CheckpointManager(directory, max_checkpoints=max_checkpoints, keep_best=top_k > 0,
+                                    metric_for_best=METRIC, mode=mode, save_rng=False,
+                                    keep_top_k=top_k or None, require_metric=False)
         for epoch, step, value in history:
             before = listed(manager)
             metrics = {} if value is None else {METRIC: value}
@@ -165,7 +192,7 @@ def test_manager_directory_obeys_retention(history, max_checkpoints, keep_best, 
             entry = Entry(epoch, step, metrics)
             committed = sorted([e for e in before if e.key != entry.key] + [entry], key=lambda e: e.key)
             after = listed(manager)
-            check_invariants(committed, after, max_checkpoints, keep_best, mode, entry.key)
+            check_invariants(committed, after, max_checkpoints, top_k, mode, entry.key)
             # A second manager over the same directory agrees, and every listed checkpoint loads.
             other = CheckpointManager(directory, max_checkpoints=None, keep_best=False, save_rng=False)
             assert [e.key for e in listed(other)] == [e.key for e in after]
