@@ -9,6 +9,11 @@ Format version 1, one directory per checkpoint::
       state.json                the non-tensor skeleton of every item
       metadata.json             epoch, step, metrics, config, provenance, and every file's size
                                 and checksum; written last
+
+A sharded checkpoint (saved by every rank of an FSDP / DTensor job) has no ``model.safetensors``
+nor ``optimizer.safetensors``: each rank's chunks are in ``model-r{rank}-of-{N}.safetensors`` and
+``optim-r{rank}-of-{N}.safetensors``, their layout in ``sharding.json`` (see
+:mod:`ckpt_plugin.distributed.layout`), and ``state.json`` marks those items ``{"sharded": true}``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ EXTRA_TENSORS_FILE = "state.safetensors"
 ITEM_FILES = {"model": MODEL_FILE, "optimizer": OPTIMIZER_FILE}
 NAME_PATTERN = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
 METADATA_CHECKSUM_KEY = "metadata_checksum"
+SHARDING_FILE = "sharding.json"
 
 
 def checkpoint_name(epoch: int, step: int | None) -> str:
@@ -104,6 +110,11 @@ class CheckpointInfo:
         return sum(record.size for record in self.files.values())
 
     @property
+    def sharded(self) -> bool:
+        """Whether the model and optimizer are stored as per-rank shards (see ``sharding.json``)."""
+        return SHARDING_FILE in self.files
+
+    @property
     def sort_key(self) -> tuple[int, int]:
         return (self.epoch, -1 if self.step is None else self.step)
 
@@ -119,6 +130,7 @@ def build_metadata(
     provenance: Mapping[str, Any],
     items: list[str],
     files: Mapping[str, FileRecord],
+    sharding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``metadata.json``; ``config`` and ``metrics`` must already be JSON-encoded.
 
@@ -138,6 +150,8 @@ def build_metadata(
         "items": items,
         "files": {name: record.to_json() for name, record in files.items()},
     }
+    if sharding is not None:
+        document["sharding"] = dict(sharding)
     document[METADATA_CHECKSUM_KEY] = metadata_checksum(document)
     return document
 

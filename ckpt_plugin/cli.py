@@ -49,11 +49,12 @@ from .errors import (
     PromotionError,
     SignatureError,
 )
-from .io.files import copy_file, read_json, verify_file, write_bytes_file
+from .io.files import copy_file, read_json, verify_file, write_bytes_file, write_tensor_file
 from .reader import open_item_files, read_checkpoint, read_info
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
 from .signing import SIGNATURE_FILE, verify_directory
-from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file
+from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file, publish_made
+from .writer import SAFETENSORS_METADATA
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -79,6 +80,7 @@ ProductionDir = Annotated[Optional[Path], typer.Option(help="The production mode
 class ExportFormat(str, enum.Enum):
     hf = "hf"
     pt = "pt"
+    safetensors = "safetensors"
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -212,13 +214,31 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
 
 def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
     """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
-    needed = {*shards.item_files(info.files, MODEL_FILE), STATE_FILE} if items == ("model",) else set(info.files)
+    needed = {*_model_files(info), STATE_FILE} if items == ("model",) else set(info.files)
     problems = _verify_all(
         [(info.file(name), info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars, info.backend
     )
     if problems:
         raise CorruptCheckpointError(problems[0]["error"])
     return read_checkpoint(info, verify=False, items=items)
+
+
+def _model_files(info: CheckpointInfo) -> list[str]:
+    """The files that hold the model of ``info``: one file, HF-style shards and index, or per-rank shards."""
+    if info.sharded:
+        from .distributed.consolidate import model_files
+
+        return model_files(info.files)
+    return shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
+
+
+def _model_tensors(info: CheckpointInfo, verify: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors, full (a sharded checkpoint is consolidated), without re-checking checksums."""
+    if info.sharded:
+        from .distributed.consolidate import read_sharded_items
+
+        return read_sharded_items(info.path, info.files, ["model"], verify=verify)["model"]
+    return open_item_files(info.path, info.files, _model_files(info)[0], verify=verify)
 
 
 def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
@@ -293,9 +313,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
     info, version = _target(registry, epoch)
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     parse_metadata(info.location, metadata, info.backend)
-    model = open_item_files(
-        info.location, info.files, (shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE])[0], verify=False, backend=info.backend
-    )
+    model = _model_tensors(info)
     details: dict[str, Any] = {
         "name": info.name,
         "path": str(info.path),
@@ -627,7 +645,7 @@ def history(
 def export(
     directory: Directory,
     epoch: Target,
-    to: Annotated[ExportFormat, typer.Option("--to", help="hf: a save_pretrained-style folder; pt: a torch .pt file.")],
+    to: Annotated[ExportFormat, typer.Option("--to", help="hf: a save_pretrained-style folder; safetensors: the model as one .safetensors file; pt: a torch .pt file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write (default: NAME-hf/ or NAME.pt here).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="hf: a config.json to use instead of the checkpoint's config.")] = None,
     weights_only: Annotated[bool, typer.Option(help="pt: save only the model's state dict.")] = False,
@@ -637,11 +655,16 @@ def export(
     registry = _registry(_existing(directory))
     info, version = _target(registry, epoch)
     stem = f"v{version}" if version else info.name
-    target = output or Path(f"{stem}-hf" if to is ExportFormat.hf else f"{stem}.pt")
+    target = output or Path(f"{stem}-hf" if to is ExportFormat.hf else f"{stem}.{to.value}")
     if target.exists():
         raise ConfigurationError(f"{target} already exists; choose another --output or remove it")
     with Bars() as bars:
-        notes = export_hf(info, target, config, bars) if to is ExportFormat.hf else export_pt(info, target, weights_only, bars)
+        if to is ExportFormat.hf:
+            notes = export_hf(info, target, config, bars)
+        elif to is ExportFormat.safetensors:
+            notes = export_safetensors(info, target, bars)
+        else:
+            notes = export_pt(info, target, weights_only, bars)
     if as_json:
         _print_json({"source": info.name, "format": to.value, "output": str(target), "notes": notes})
         return
@@ -670,7 +693,11 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
     store.ensure_writable()
     staging = store.staging_dir(target.name)
     try:
-        model_files = shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
+        if info.sharded:  # per-rank shards: consolidated into one model.safetensors
+            _model_weights(info, staging / PRODUCTION_MODEL_FILE, bars)
+            model_files: list[str] = []
+        else:
+            model_files = _model_files(info)
         advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
         for name in model_files + extra_files:  # model.safetensors, or the shards and their index; the configs
             copy_file(info.file(name), staging / name, info.files[name], advance if name in model_files else None,
@@ -698,6 +725,19 @@ def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
         "folder would not load with from_pretrained; pass --config with the model's config.json "
         "(model.config.save_pretrained(dir) writes one)"
     )
+
+
+def _model_weights(info: CheckpointInfo, target: Path, bars: Bars) -> FileRecord:
+    """Write the full model of ``info`` as one safetensors file at the new path ``target``."""
+    _read(info, ("model",), bars)  # verifies the model's files, with a progress bar for big ones
+    return write_tensor_file(target, _model_tensors(info), SAFETENSORS_METADATA)
+
+
+def export_safetensors(info: CheckpointInfo, target: Path, bars: Bars) -> list[str]:
+    """Write the model's weights as one ``model.safetensors``-style file (shards consolidated)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    publish_made(target, lambda temporary: _model_weights(info, temporary, bars))
+    return []
 
 
 def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars) -> list[str]:

@@ -47,5 +47,12 @@ class AsyncSaveError(CheckpointError):
     """A background save failed; the checkpoint it was writing was not committed."""
 
 
+class DistributedCheckpointError(CheckpointError):
+    """A collective save or restore failed on another rank; a failed save committed nothing.
+
+    Every rank raises: the rank that failed its own error, the others this one, naming it.
+    """
+
+
 class SignatureError(CheckpointError):
     """A signature is missing or does not verify: the files are not what the key's owner signed."""

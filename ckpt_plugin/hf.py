@@ -335,6 +335,7 @@ class CheckpointCallback(TrainerCallback):
         if self._manager is None:  # added with trainer.add_callback() after the Trainer was built
             self._attach(args)
         self.manager.wait()  # a save left in flight by an earlier train() that raised
+        _refuse_sharded(kwargs.get("model"))
         self._pending = False
         self._saved_step = None
         self._rng = None
@@ -604,6 +605,19 @@ class CheckpointCallback(TrainerCallback):
             return
         apply_state("model", best.path, model.load_state_dict, self.manager.read(best, items=("model",))["model"])
         state.best_model_checkpoint = str(best.path)
+
+
+def _refuse_sharded(model: Any) -> None:
+    """Refuse a model sharded across ranks (accelerate FSDP): the Trainer resumes it from its own
+    FSDP files, which the manager does not write, so its checkpoints could not be resumed."""
+    from .distributed.collective import holds_dtensors
+
+    if model is not None and holds_dtensors(model):
+        raise ConfigurationError(
+            "ckpt_plugin.hf.CheckpointCallback does not support FSDP (the model's parameters are sharded "
+            "across ranks): the Trainer reloads FSDP runs from its own files. Use the Trainer's checkpointing, "
+            "or train with ckpt_plugin.lightning (ModelParallelStrategy) or CheckpointManager directly"
+        )
 
 
 def trainer_state_json(args: TrainingArguments, state: TrainerState, metrics: dict[str, Any] | None) -> bytes:

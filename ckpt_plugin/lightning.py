@@ -463,16 +463,20 @@ class CheckpointCallback(ModelCheckpoint):
         """Install :class:`ManagerCheckpointIO` on the strategy and check that the config can be stored."""
         self._stage = stage
         strategy = trainer.strategy
-        if type(strategy).save_checkpoint is not Strategy.save_checkpoint:
+        if _sharded_strategy(strategy):
+            _install_sharded_hooks(strategy, self.manager, callback_states=stage == "fit")
+        elif type(strategy).save_checkpoint is not Strategy.save_checkpoint:
             raise ConfigurationError(
                 f"the {type(strategy).__name__} strategy writes checkpoints itself instead of through its "
                 "CheckpointIO plugin, so CheckpointCallback cannot save through the manager; use a strategy "
-                "such as 'auto', 'ddp' or 'ddp_spawn'"
+                "such as 'auto', 'ddp', 'ddp_spawn', 'fsdp' (FSDPStrategy(state_dict_type='sharded')) or "
+                "ModelParallelStrategy"
             )
-        current = strategy.checkpoint_io
-        if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
-            current = strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
-        current.callback_states = current.fitting = stage == "fit"
+        else:
+            current = strategy.checkpoint_io
+            if not (isinstance(current, ManagerCheckpointIO) and current.manager is self.manager):
+                current = strategy.checkpoint_io = ManagerCheckpointIO(self.manager, fallback=current)
+            current.callback_states = current.fitting = stage == "fit"
         if stage == "fit":
             self._run_after_other_checkpoint_callbacks(trainer)
             try:
@@ -689,6 +693,12 @@ class CheckpointCallback(ModelCheckpoint):
                 self._check_best_metric(trainer, request.metrics)
             except CheckpointError as exc:
                 request.error = exc
+        if _sharded_strategy(trainer.strategy):  # every rank writes: all must know of rank zero's error first
+            problem = json.loads(trainer.strategy.broadcast(_outcome_message(request), src=0))
+            if problem.get("error") is not None:
+                if request.error is not None:
+                    raise request.error
+                raise _error_type(problem["error_type"])(f"global rank 0 could not save the checkpoint: {problem['error']}")
         self._saving_mid_epoch = _mid_epoch(trainer)
         try:
             trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=self.save_weights_only, storage_options=request)
@@ -721,6 +731,87 @@ class CheckpointCallback(ModelCheckpoint):
                 f"metric_for_best={metric!r}{ranks} is not among the logged metrics ({logged}); log it with "
                 f"self.log({metric!r}, value) or pass one of these (or None) as metric_for_best"
             )
+
+
+def _sharded_strategy(strategy: Strategy) -> bool:
+    """Whether every rank of ``strategy`` holds a shard of the state: FSDP or model parallel."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
+def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager, *, callback_states: bool) -> None:
+    """Route the checkpoints of an FSDP or model-parallel strategy through ``manager``.
+
+    These strategies write checkpoints themselves, on every rank, instead of through a
+    ``CheckpointIO``; their ``save_checkpoint`` and ``load_checkpoint`` are replaced on this
+    strategy object. A save becomes the manager's collective save (each rank writes its own
+    shards, no gather); a load of a manager checkpoint restores the sharded model and optimizer
+    in place, at any world size, and returns the rest of Lightning's dict, as these strategies'
+    own ``load_checkpoint`` does. Any other path goes to the strategy's own methods. Without
+    ``callback_states`` (validating, testing, predicting) loads leave the callbacks' states out,
+    as :class:`ManagerCheckpointIO` does.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy) and strategy._state_dict_type != "sharded":
+        raise ConfigurationError(
+            "CheckpointCallback saves FSDP models as sharded checkpoints, each rank its own shards; "
+            "use FSDPStrategy(state_dict_type='sharded')"
+        )
+    if isinstance(strategy, ModelParallelStrategy) and not strategy._save_distributed_checkpoint:
+        raise ConfigurationError(
+            "CheckpointCallback saves model-parallel models as sharded checkpoints, each rank its own shards; "
+            "use ModelParallelStrategy(save_distributed_checkpoint=True)"
+        )
+    own = getattr(strategy, "_ckpt_plugin_own", None) or (strategy.save_checkpoint, strategy.load_checkpoint)
+    strategy._ckpt_plugin_own = own  # type: ignore[attr-defined]
+    own_save, own_load = own
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not isinstance(storage_options, SaveRequest):
+            own_save(checkpoint, filepath, storage_options=storage_options)
+            return
+        request = storage_options
+        try:
+            if len(checkpoint.get("optimizer_states", [])) > 1:
+                raise ConfigurationError("a sharded checkpoint holds one optimizer; this module configures several")
+            parts = split_checkpoint(checkpoint)
+            info = manager.save(
+                epoch=request.epoch, step=request.step, metrics=request.metrics, config=request.config, **parts
+            )
+            request.info = info
+            request.outcome = {"saved": info.name, "checkpoints": [entry.name for entry in manager.checkpoints()]}
+        except Exception as exc:  # the collective save failed on every rank; the callback raises it
+            request.error = exc
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        info = checkpoint_info(checkpoint_path) if os.path.isdir(checkpoint_path) else None
+        if info is None:
+            return own_load(checkpoint_path, weights_only=weights_only)
+        if not info.sharded:
+            raise ConfigurationError(
+                f"{info.path} was saved by one process, not by this sharded strategy; load its weights with "
+                "CheckpointManager.load() and start a new fit"
+            )
+        optimizers = strategy.optimizers
+        if len(optimizers) > 1:
+            raise ConfigurationError("a sharded checkpoint holds one optimizer; this module configures several")
+        module = strategy.lightning_module
+        assert module is not None
+        manager.restore(strategy.model, optimizers[0] if optimizers else None, which=info,
+                        strict=module.strict_loading, restore_rng=False)
+        loaded = read_checkpoint(info, items=("scheduler", "extra"))
+        loaded["model"] = None
+        checkpoint = join_checkpoint(loaded)
+        del checkpoint["state_dict"]
+        checkpoint.pop("optimizer_states", None)
+        if not callback_states:
+            checkpoint.pop("callbacks", None)
+        return checkpoint
+
+    strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
+    strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
 
 
 def _schedule(

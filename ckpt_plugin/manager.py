@@ -29,7 +29,7 @@ from .errors import (
 from .metadata import git_provenance, git_provenance_in_background, provenance
 from .reader import Device, read_checkpoint, read_info
 from .restore import restore_checkpoint
-from .rng import capture_rng_state
+from .rng import capture_rng_state, restore_rng_state
 from .storage import LocalStore, is_url, open_store
 from .storage.local import directory_identity
 from .writer import Snapshot, take_snapshot, write_snapshot
@@ -80,6 +80,13 @@ class CheckpointManager:
             :class:`ConfigurationError` naming the metrics it recorded). Default: when
             ``keep_top_k`` is given. The framework callbacks, which may save before the first
             evaluation, turn it off and check the metric once an evaluation has run.
+        collective_timeout: seconds a rank waits for the others in a collective (sharded) save or
+            restore before it fails instead of hanging.
+
+    When ``torch.distributed`` is initialized and the model holds DTensors (FSDP2 ``fully_shard``,
+    tensor parallel), :meth:`save` and :meth:`restore` are collective: every rank calls them, each
+    rank writes and reads only its own shards, and a checkpoint restores at any world size. See
+    :mod:`ckpt_plugin.distributed.collective`.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -101,6 +108,7 @@ class CheckpointManager:
         signing_key: str | os.PathLike[str] | None = None,
         keep_top_k: int | None = None,
         require_metric: bool | None = None,
+        collective_timeout: float = 600.0,
     ) -> None:
         if mode is not None and mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -134,6 +142,9 @@ class CheckpointManager:
         self.save_rng = save_rng
         self.signing_key = signing_key
         self.async_save = bool(async_save)
+        if isinstance(collective_timeout, bool) or not isinstance(collective_timeout, (int, float)) or not collective_timeout > 0:
+            raise ConfigurationError(f"collective_timeout must be a number of seconds above 0, not {collective_timeout!r}")
+        self.collective_timeout = float(collective_timeout)
         self._saver = AsyncSaver() if async_save else None
         self._store = open_store(self.checkpoint_dir, storage_options)
         self._incremental = incremental_saves.IncrementalWriter(change_detection) if incremental else None
@@ -194,12 +205,21 @@ class CheckpointManager:
         ``on_commit`` is called with the committed checkpoint's record once it is committed and
         retention has run, before ``save`` returns or, with ``async_save``, on the background
         thread. It is not called for a save that failed; an exception it raises is raised like a
-        failed save's, although the checkpoint stays committed.
+        failed save's, although the checkpoint stays committed. In a collective (sharded) save it
+        runs on global rank 0 only, and an exception it raises is raised on every rank.
         """
         epoch = _whole_number(epoch, "epoch")
         step = None if step is None else _whole_number(step, "step")
         metrics = normalize_metrics(metrics)
         self._check_best_metric(metrics)
+        if _collective(model):
+            from .distributed.collective import save_sharded
+
+            self.wait()
+            return save_sharded(
+                self, model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
+                scheduler=scheduler, extra=extra, files=files, on_commit=on_commit,
+            )
         seen: list[incremental_saves.Observation | None] = [None]
 
         def take() -> Snapshot:
@@ -253,12 +273,18 @@ class CheckpointManager:
         )
         return snapshot, seen
 
+    def _signing(self) -> dict[str, Any]:
+        """The ``write_snapshot`` options that sign a checkpoint before it commits, when a key is set."""
+        if self.signing_key is None:
+            return {}
+        return {"before_commit": functools.partial(signing.sign_directory, private_key=self.signing_key)}
+
     def _write(self, snapshot: Snapshot, seen: incremental_saves.Observation | None) -> CheckpointInfo:
         """Write, commit and prune: the part of a save that an asynchronous save runs in the background."""
         with self._lock:
             self._store.ensure_writable()
             self._refuse_foreign(snapshot.name)
-            signed = {} if self.signing_key is None else {"before_commit": functools.partial(signing.sign_directory, private_key=self.signing_key)}
+            signed = self._signing()
             if self._incremental is None:
                 info = write_snapshot(self._store, snapshot, **signed)
             else:
@@ -608,7 +634,7 @@ class CheckpointManager:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
-        which: str | int = "latest",
+        which: str | int | CheckpointInfo = "latest",
         *,
         strict: bool = True,
         restore_rng: bool = True,
@@ -622,18 +648,50 @@ class CheckpointManager:
         the optimizer's state, with checksums verified in the same pass. If a file turns out to be
         damaged, :class:`CorruptCheckpointError` names it and says which live objects were already
         overwritten; ``atomic=True`` checks every file first so that nothing changes on damage.
+
+        For a model holding DTensors in a distributed job, the restore is collective (every rank
+        calls it) and reshards the checkpoint to this world size; ``atomic`` does not apply there.
+        A sharded checkpoint restores into plain objects in one process too.
         """
         self._settle()
         info = self.resolve(which)
         if info is None:
             return None
+        if _collective(model):
+            from .distributed.collective import restore_sharded
+
+            restore_sharded(self, info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
+            return info
+        if info.sharded:
+            self._restore_consolidated(info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
+            return info
         restore_checkpoint(
             info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
         )
         return info
 
-    def resolve(self, which: str | int) -> CheckpointInfo | None:
-        """The checkpoint ``"latest"``, ``"best"`` or an epoch number refers to."""
+    def _restore_consolidated(
+        self, info: CheckpointInfo, model: torch.nn.Module, optimizer: Any, scheduler: Any, *, strict: bool, restore_rng: bool
+    ) -> None:
+        """Restore a sharded checkpoint into plain (unsharded) objects in one process."""
+        wanted = ("model",) + (("optimizer",) if optimizer is not None else ()) + (("scheduler",) if scheduler is not None else ())
+        checkpoint = self._read(info, items=wanted + (("rng",) if restore_rng else ()))
+        for item in wanted:
+            if checkpoint.get(item) is None:
+                raise CheckpointNotFoundError(f"{info.path} holds no {item} state; pass {item}=None to restore without it")
+        model.load_state_dict(checkpoint["model"], strict=strict)
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        if restore_rng and checkpoint.get("rng") is not None:
+            restore_rng_state(checkpoint["rng"])
+
+    def resolve(self, which: str | int | CheckpointInfo) -> CheckpointInfo | None:
+        """The checkpoint ``"latest"``, ``"best"`` or an epoch number refers to (a
+        :class:`CheckpointInfo` stands for itself)."""
+        if isinstance(which, CheckpointInfo):
+            return which
         if which == "latest":
             return self.latest()
         if which == "best":
@@ -641,6 +699,17 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
+
+
+def _collective(model: Any) -> bool:
+    """Whether a save or restore of these objects is collective: a distributed job with DTensors."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    from .distributed.collective import holds_dtensors
+
+    return holds_dtensors(model)
 
 
 def check_top_k(keep_top_k: int | None, metric_for_best: str | None, *, metric_known: bool = True) -> None:

@@ -88,8 +88,17 @@ def read_checkpoint(
     }
     if info.step is not None:
         result["step"] = info.step
+    sharded = [
+        item
+        for item, entry in state["items"].items()
+        if entry.get("sharded") is True and (items is None or item in items)
+    ]
+    if sharded:
+        from .distributed.consolidate import read_sharded_items
+
+        result.update(read_sharded_items(info.path, info.files, sharded, verify=verify, map_location=map_location))
     for item, entry in state["items"].items():
-        if items is not None and item not in items:
+        if (items is not None and item not in items) or item in sharded:
             continue
         tensors = tensors_of(entry["file"], entry.get("prefix", "")) if entry.get("file") else {}
         result[item] = codec.decode(entry.get("tree"), tensors, info.file(STATE_FILE), item)

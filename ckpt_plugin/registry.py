@@ -576,7 +576,14 @@ class ArtifactRegistry:
         state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, where))
         if "model" not in state["items"]:
             raise CorruptCheckpointError(f"{directory / STATE_FILE} holds no model; validate a complete checkpoint")
-        model_tree = state["items"]["model"].get("tree")
+        consolidated = None
+        if state["items"]["model"].get("sharded"):
+            from .distributed.consolidate import read_sharded_items
+
+            consolidated = read_sharded_items(directory, files, ["model"])["model"]
+            model_tree = {key: {codec.TENSOR: key} for key in consolidated}
+        else:
+            model_tree = state["items"]["model"].get("tree")
         document = {
             "format": PRODUCTION_FORMAT,
             "format_version": FORMAT_VERSION,
@@ -601,7 +608,11 @@ class ArtifactRegistry:
         parent.recover(only=place.name)
         staging = parent.staging_dir(place.name)
         try:
-            document["files"][PRODUCTION_MODEL_FILE] = _publish_model(directory, files, staging, version, progress).to_json()
+            if consolidated is not None:  # a sharded checkpoint: production holds the full weights
+                record = write_tensor_file(staging / PRODUCTION_MODEL_FILE, consolidated, SAFETENSORS_METADATA)
+            else:
+                record = _publish_model(directory, files, staging, version, progress)
+            document["files"][PRODUCTION_MODEL_FILE] = record.to_json()
             document = documents.seal(document)
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
             parent.publish(staging, place.name)

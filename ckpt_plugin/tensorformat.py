@@ -87,6 +87,11 @@ def dtype_code(dtype: torch.dtype, name: str) -> str:
         ) from None
 
 
+def dtype_of(code: str) -> torch.dtype:
+    """The dtype of safetensors code ``code``; :class:`KeyError` for a code that is not on the list."""
+    return _DTYPES[code]
+
+
 def plan(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
     """Lay ``tensors`` out as safetensors: return the header bytes and each tensor's place.
 

@@ -23,6 +23,7 @@ from .checkpoint import (
     METADATA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    SHARDING_FILE,
     STATE_FILE,
     CheckpointInfo,
     as_path,
@@ -34,7 +35,7 @@ from .checkpoint import (
 from .errors import ConfigurationError
 from .format.names import is_plain_file_name
 from .io.files import write_bytes_file, write_tensor_file
-from .storage import LOCAL, Backend, Commit, FileRecord, LocalStore
+from .storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
 
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
@@ -55,6 +56,7 @@ class Snapshot:
     files: dict[str, bytes] = field(default_factory=dict)
     pending_provenance: Future[dict[str, Any]] | None = None
     """Provenance entries still being gathered (git), folded in before ``metadata.json`` is written."""
+    sharded: ShardedPart | None = None
 
     @property
     def name(self) -> str:
@@ -62,7 +64,8 @@ class Snapshot:
 
     def tensors_by_file(self) -> dict[str, dict[str, torch.Tensor]]:
         """The tensors to write, grouped by file; ``model.safetensors`` is always present."""
-        files: dict[str, dict[str, torch.Tensor]] = {MODEL_FILE: {}}
+        sharded_model = self.sharded is not None and "model" in self.sharded.items
+        files: dict[str, dict[str, torch.Tensor]] = {} if sharded_model else {MODEL_FILE: {}}
         for item, (_, tensors) in self.items.items():
             if not tensors:
                 continue
@@ -72,13 +75,27 @@ class Snapshot:
         return files
 
     def state_document(self) -> dict[str, Any]:
-        """The content of ``state.json``: each item's skeleton and where its tensors are."""
-        return {
-            "items": {
-                item: {"file": item_file(item) if tensors else None, "prefix": item_prefix(item), "tree": skeleton}
-                for item, (skeleton, tensors) in self.items.items()
-            }
-        }
+        """The content of ``state.json``: each item's skeleton and where its tensors are.
+
+        An item of a sharded checkpoint is marked ``{"sharded": true}``: ``sharding.json`` holds it.
+        """
+        items: dict[str, Any] = {item: {"sharded": True} for item in (self.sharded.items if self.sharded else ())}
+        for item, (skeleton, tensors) in self.items.items():
+            items[item] = {"file": item_file(item) if tensors else None, "prefix": item_prefix(item), "tree": skeleton}
+        return {"items": items}
+
+    def item_names(self) -> list[str]:
+        return [*(self.sharded.items if self.sharded else ()), *self.items]
+
+
+@dataclass
+class ShardedPart:
+    """The part of a checkpoint that every rank wrote: the items in ``sharding.json`` and the
+    records of the files already in the staging directory."""
+
+    items: list[str]
+    files: dict[str, FileRecord]
+    world_size: int
 
 
 def take_snapshot(
@@ -126,18 +143,21 @@ def write_snapshot(
     snapshot: Snapshot,
     write_model: ModelWriter | None = None,
     before_commit: Callable[[Path], object] | None = None,
+    *,
+    staging: Path | None = None,
 ) -> CheckpointInfo:
     """Write ``snapshot`` under a fresh transaction and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
     model and reuses unchanged shards); every other step, the commit included, is shared.
     ``before_commit`` is called with the complete staging directory (to sign it, say); it needs a
-    local checkpoint directory.
+    local checkpoint directory. ``staging`` is a local staging directory that already holds files
+    (those of ``snapshot.sharded``).
     """
     backend = store.backend
-    txn = store.begin(snapshot.name)
+    txn = store.begin(snapshot.name) if staging is None else Transaction(snapshot.name, os.fspath(staging))
     try:
-        files: dict[str, FileRecord] = {}
+        files: dict[str, FileRecord] = dict(snapshot.sharded.files) if snapshot.sharded else {}
         document = snapshot.state_document()
         for filename, tensors in snapshot.tensors_by_file().items():
             if filename == MODEL_FILE and write_model is not None:
@@ -160,8 +180,9 @@ def write_snapshot(
             mode=snapshot.mode,
             config=snapshot.config,
             provenance=snapshot.provenance,
-            items=list(snapshot.items),
+            items=snapshot.item_names(),
             files=files,
+            sharding={"world_size": snapshot.sharded.world_size} if snapshot.sharded else None,
         )
         manifest = codec.dumps(metadata)
         if before_commit is None:
@@ -191,12 +212,14 @@ def snapshot_info(
         mode=snapshot.mode,
         timestamp=snapshot.provenance.get("timestamp"),
         files=dict(files or {}),
-        items=tuple(snapshot.items),
+        items=tuple(snapshot.item_names()),
         backend=backend,
     )
 
 
-RESERVED_FILES = frozenset({METADATA_FILE, STATE_FILE, MODEL_FILE, MODEL_INDEX_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE})
+RESERVED_FILES = frozenset(
+    {METADATA_FILE, STATE_FILE, MODEL_FILE, MODEL_INDEX_FILE, OPTIMIZER_FILE, EXTRA_TENSORS_FILE, SHARDING_FILE}
+)
 
 
 def _extra_files(files: Mapping[str, bytes] | None) -> dict[str, bytes]:

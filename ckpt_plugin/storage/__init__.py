@@ -38,6 +38,7 @@ from .local import (
     append_line,
     fsync_dir,
     publish_file,
+    publish_made,
     remove_link,
     set_link,
     symlinks,

@@ -307,12 +307,22 @@ def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
     The temporary file is fsynced and then linked into place, so ``path`` appears whole or not at
     all, and an existing file at ``path`` is never replaced (:class:`StorageError` instead).
     """
-    temporary = path.parent / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
-    try:
+
+    def make(temporary: Path) -> None:
         with open(temporary, "xb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+
+    publish_made(path, make)
+
+
+def publish_made(path: Path, make: Callable[[Path], object]) -> None:
+    """Like :func:`publish_file`, for a ``make`` that creates and fsyncs the temporary file at the
+    path it is given (such as :func:`write_tensor_file`)."""
+    temporary = path.parent / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
+    try:
+        make(temporary)
         try:
             os.link(temporary, path)
         except FileExistsError:

@@ -1,0 +1,451 @@
+"""Collective save and restore for :class:`~ckpt_plugin.CheckpointManager`.
+
+When ``torch.distributed`` is initialized and the model holds DTensors (FSDP2 ``fully_shard``,
+tensor parallel), every rank calls ``save`` and ``restore``:
+
+1. Every rank takes its state with ``get_state_dict`` (its own shards, no gather); the
+   coordinator (rank 0) also encodes the small replicated items (scheduler, ``extra``, its RNG
+   states) and creates the staging directory. The ranks exchange their outcome: if any failed,
+   every rank raises and nothing is written.
+2. ``dcp.save`` with :class:`SafetensorsWriter`: each rank writes its own chunks. Once every rank
+   has reported its files, the coordinator writes ``sharding.json``, ``state.json`` and
+   ``metadata.json`` and renames the staging directory into place. A failure on any rank fails
+   the save on every rank, and the staging directory is removed.
+3. The coordinator applies retention; the ranks exchange the outcome once more, so all return
+   the same :class:`CheckpointInfo` or all raise.
+
+Every exchange runs on a gloo group created with ``collective_timeout``, so a rank that never
+arrives makes the others fail after that many seconds instead of waiting forever. With
+``async_save``, step 1 also copies each rank's local shards into the manager's staging buffer, and
+steps 2 and 3 run on its background thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .. import listing
+from ..async_save import pending_info
+from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
+from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
+from ..metadata import git_provenance_in_background
+from ..reader import read_checkpoint
+from ..rng import restore_rng_state
+from ..writer import ShardedPart, Snapshot, write_snapshot
+
+if TYPE_CHECKING:
+    from ..manager import CheckpointManager
+
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialized ``torch.distributed`` job."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def holds_dtensors(*objects: Any) -> bool:
+    """Whether any module or state dict among ``objects`` is sharded across ranks, in a distributed
+    job: DTensors (FSDP2, tensor parallel), an FSDP1 module, or ShardedTensors (FSDP1 sharded state)."""
+    if not is_distributed():
+        return False
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            if any(isinstance(module, FullyShardedDataParallel) for module in obj.modules()):
+                return True
+            values: Any = itertools.chain(obj.parameters(), obj.buffers())
+        elif isinstance(obj, Mapping):
+            values = obj.values()
+        else:
+            continue
+        if any(isinstance(value, (DTensor, ShardedTensor)) for value in values):
+            return True
+    return False
+
+
+_GROUPS: dict[tuple[int, float], Any] = {}
+
+
+def coordination_group(timeout: float) -> Any:
+    """A gloo group over all ranks whose collectives give up after ``timeout`` seconds.
+
+    Created on first use (a collective call: every rank must get here) and reused after that.
+    """
+    key = (id(dist.group.WORLD), float(timeout))
+    group = _GROUPS.get(key)
+    if group is None:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        _GROUPS[key] = group
+    return group
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def agree(group: Any, action: str, error: BaseException | None, value: Any = None, *, exchange: bool = False) -> list[Any]:
+    """Exchange every rank's outcome of a step (and, with ``exchange``, ``value``); return the
+    values of all ranks. Every rank must pass the same ``exchange``.
+
+    If any rank failed, every rank raises: the failed one its own error, the others a
+    :class:`DistributedCheckpointError` naming the ranks that failed and why.
+    """
+    try:
+        if not exchange:  # the common case costs one small all-reduce
+            failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+            if not failed.item():
+                return []
+        mine = (None if error is None else _describe(error), value)
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+    except RuntimeError as exc:
+        raise DistributedCheckpointError(
+            f"{action}: the ranks could not exchange their outcome ({exc}); a rank may have died or stopped "
+            "calling the collective save/restore"
+        ) from (error or exc)
+    failures = {rank: message for rank, (message, _) in enumerate(gathered) if message is not None}
+    if failures:
+        if error is not None:
+            raise error
+        raise DistributedCheckpointError(f"{action} failed on {_listed(failures)}")
+    return [value for _, value in gathered]
+
+
+def _listed(failures: Mapping[int, str]) -> str:
+    return "; ".join(f"rank {rank}: {message}" for rank, message in sorted(failures.items()))
+
+
+def _raise_dcp_failure(exc: BaseException, action: str, rank: int) -> None:
+    failures: dict[int, Any] = getattr(exc, "failures", {}) or {}
+    local = failures.get(rank)
+    if local is not None and isinstance(local[0], CheckpointError):
+        raise local[0] from None
+    messages = {failed: _describe(pair[0]) for failed, pair in failures.items()}
+    raise DistributedCheckpointError(f"{action} failed on {_listed(messages) or str(exc)}") from None
+
+
+def _live_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The sharded state of ``model`` and ``optimizer``, or the sharded state dicts given instead
+    (as ``get_state_dict`` returns them: the optimizer's keyed by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if isinstance(model, Mapping):
+        if optimizer is not None and not isinstance(optimizer, Mapping):
+            raise ConfigurationError("with the model's state dict, pass the optimizer's sharded state dict too")
+        return {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _check_objects(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigurationError("a collective (sharded) save or restore needs the model itself, not its state dict")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigurationError("a collective (sharded) save or restore needs the optimizer itself, not its state dict")
+
+
+@dataclasses.dataclass
+class _Save:
+    """One collective save between its two halves: prepared on the caller's thread, then written."""
+
+    manager: CheckpointManager
+    group: Any
+    rank: int
+    name: str
+    action: str
+    state: Any
+    snapshot: Snapshot | None
+    staging: Path
+    on_commit: Callable[[CheckpointInfo], None] | None
+
+    @property
+    def coordinator(self) -> bool:
+        return self.rank == 0
+
+
+def save_sharded(
+    manager: CheckpointManager,
+    *,
+    model: Any,
+    optimizer: Any,
+    epoch: int,
+    step: int | None,
+    metrics: dict[str, Any],
+    config: Any,
+    scheduler: Any,
+    extra: Any,
+    files: Mapping[str, bytes] | None,
+    on_commit: Callable[[CheckpointInfo], None] | None = None,
+) -> CheckpointInfo:
+    """The collective save described in the module notes; every rank calls it.
+
+    ``on_commit`` runs on the coordinator after retention; if it raises, every rank raises. With an
+    asynchronous manager, the local shards are copied into its staging buffer and the write, commit
+    and retention run on its background thread (the exchanges between ranks there use the
+    coordination group, which nothing else uses meanwhile: the next save, load or restore waits).
+    """
+    arguments = dict(
+        model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
+        scheduler=scheduler, extra=extra, files=files, on_commit=on_commit,
+    )
+    if manager._saver is None or _holds_sharded_tensors(model):
+        return _finish(_prepare(manager, arguments))
+    prepared: list[_Save] = []
+    rebuild: list[Callable[[dict[str, torch.Tensor]], Any]] = []
+
+    def take() -> Snapshot:
+        save = _prepare(manager, arguments)
+        shards, rebuild_state = _local_tensors(save.state)
+        snapshot = save.snapshot or Snapshot(
+            epoch=epoch, step=step, metrics=metrics, config=None, metric_for_best=manager.metric_for_best,
+            mode=manager.mode, provenance={},
+        )
+        snapshot.items[_SHARDS] = (None, shards)
+        prepared.append(save)
+        rebuild.append(rebuild_state)
+        return snapshot
+
+    def write(snapshot: Snapshot) -> CheckpointInfo:
+        save = prepared[0]
+        items = dict(snapshot.items)
+        _, copies = items.pop(_SHARDS)
+        save.state = rebuild[0](copies)
+        if save.snapshot is not None:
+            save.snapshot = dataclasses.replace(snapshot, items=items)
+        return _finish(save)
+
+    snapshot = manager._saver.save(take, write)
+    shown = dataclasses.replace(snapshot, items={k: v for k, v in snapshot.items.items() if k != _SHARDS})
+    return pending_info(manager.checkpoint_dir, shown)
+
+
+_SHARDS = "\x00shards"
+"""The staging-buffer item that carries a rank's local shards through an asynchronous save."""
+
+
+def _holds_sharded_tensors(model: Any) -> bool:
+    """Whether the state is FSDP1's (ShardedTensors), which an asynchronous save does not stage:
+    such a save runs synchronously."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, torch.nn.Module):
+        return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+    return isinstance(model, Mapping) and any(isinstance(value, ShardedTensor) for value in model.values())
+
+
+def _local_tensors(state: Any) -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Tensor]], Any]]:
+    """Every tensor of ``state`` (a DTensor's local shard), by flattened key, and a function that
+    rebuilds the same state around copies of those tensors."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict, unflatten_state_dict
+    from torch.distributed.tensor import DTensor
+
+    flat, mapping = flatten_state_dict(state)
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
+        if isinstance(value, DTensor):
+            tensors[key] = value.to_local()
+            layout[key] = (value.device_mesh, value.placements, value.shape, value.stride())
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            values[key] = copy.deepcopy(value)
+
+    def rebuild(copies: dict[str, torch.Tensor]) -> Any:
+        rebuilt = dict(values)
+        for key, tensor in copies.items():
+            if key in layout:
+                mesh, placements, shape, stride = layout[key]
+                tensor = DTensor.from_local(tensor, mesh, placements, run_check=False, shape=shape, stride=stride)
+            rebuilt[key] = tensor
+        return unflatten_state_dict(rebuilt, mapping)
+
+    return tensors, rebuild
+
+
+def _prepare(manager: CheckpointManager, arguments: dict[str, Any]) -> _Save:
+    """Step 1: every rank takes its state; the coordinator snapshots the small items and creates
+    the staging directory; the ranks agree, or all raise."""
+    epoch, step = arguments["epoch"], arguments["step"]
+    group = coordination_group(manager.collective_timeout)
+    rank = dist.get_rank(group)
+    name = checkpoint_name(epoch, step)
+    action = f"saving sharded checkpoint {name} in {manager.checkpoint_dir}"
+    staging = snapshot = state = None
+    error: BaseException | None = None
+    try:
+        if manager._incremental is not None:
+            raise ConfigurationError("incremental=True is not supported for sharded (FSDP / DTensor) checkpoints")
+        state = _live_state(arguments["model"], arguments["optimizer"])
+        if rank == 0:
+            snapshot, _ = manager._take_snapshot(
+                None, None, epoch, arguments["metrics"], arguments["config"], step, arguments["scheduler"],
+                arguments["extra"], arguments["files"],
+            )
+            snapshot.pending_provenance = git_provenance_in_background(os.getcwd())  # folded in at commit
+            manager._store.ensure_writable()
+            manager._refuse_foreign(name)
+            staging = manager._store.staging_dir(name)
+    except BaseException as exc:  # every rank must hear of it, whatever it is
+        error = exc
+    try:
+        staging_name = agree(group, action, error, staging.name if staging is not None else None, exchange=True)[0]
+    except BaseException:
+        if staging is not None:
+            manager._store.discard(staging)
+        raise
+    staging_path = manager.checkpoint_dir / staging_name
+    return _Save(manager, group, rank, name, action, state, snapshot, staging_path, arguments["on_commit"])
+
+
+def _finish(save: _Save) -> CheckpointInfo:
+    """Steps 2 and 3: every rank writes its shards, the coordinator commits once all reported and
+    applies retention; the ranks agree on the outcome."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .dcp_storage import SafetensorsWriter
+    from .planners import JsonSavePlanner
+
+    manager = save.manager
+    committed: list[CheckpointInfo] = []
+
+    def commit(sharding: Any, record: Any) -> None:
+        assert save.snapshot is not None
+        save.snapshot.sharded = ShardedPart(
+            items=sharding.items(), files={**sharding.files, SHARDING_FILE: record}, world_size=sharding.world_size
+        )
+        with manager._lock:
+            committed.append(write_snapshot(manager._store, save.snapshot, staging=save.staging, **manager._signing()))
+
+    writer = SafetensorsWriter(save.staging, on_commit=commit if save.coordinator else None)
+    try:
+        dcp.save(save.state, storage_writer=writer, planner=JsonSavePlanner(), process_group=save.group)
+    except CheckpointException as exc:
+        if save.coordinator:
+            manager._store.discard(save.staging)
+        _raise_dcp_failure(exc, save.action, save.rank)
+    summary = None
+    error = None
+    if save.coordinator:
+        try:
+            info = committed[0]
+            manager._remember(info)
+            manager._apply_retention(protect=info)
+            manager._log_save(info)
+            summary = listing.summary(info)
+            if save.on_commit is not None:
+                save.on_commit(info)
+        except BaseException as exc:
+            error = exc
+    summary = agree(save.group, save.action, error, summary, exchange=True)[0]
+    return committed[0] if save.coordinator else listing.info_from_summary(manager.checkpoint_dir / save.name, summary)
+
+
+def restore_sharded(
+    manager: CheckpointManager,
+    info: CheckpointInfo,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    strict: bool,
+    restore_rng: bool,
+) -> None:
+    """Load ``info`` into the DTensor-holding ``model`` (and ``optimizer``) at this world size,
+    whatever the world size that saved it; every rank calls it. A checkpoint saved by one process
+    is read whole by every rank, which keeps its own shards of it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from .dcp_storage import SafetensorsReader
+    from .planners import JsonLoadPlanner, check_compatible
+
+    group = coordination_group(manager.collective_timeout)
+    rank = dist.get_rank(group)
+    action = f"restoring {info.path}"
+    where = str(info.path)
+    error: BaseException | None = None
+    others: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    reader = SafetensorsReader(info.path, record=info.files.get(SHARDING_FILE))
+    full = not info.sharded
+    try:
+        _check_objects(model, optimizer)
+        state = _live_state(model, optimizer)
+        if not full:
+            check_compatible(flatten_state_dict(state)[0], reader.read_metadata(), strict=strict, where=where)
+        wanted = (
+            ("model", full), ("optimizer", full and optimizer is not None), ("scheduler", scheduler is not None),
+            ("rng", restore_rng),
+        )
+        small = tuple(item for item, wanted_item in wanted if wanted_item)
+        others = read_checkpoint(info, items=small) if small else {}
+        if full:  # saved by one process: every rank holds the full state, set_state_dict keeps its shards
+            state = {"model": others["model"]}
+            if optimizer is not None:
+                state["optimizer"] = _named_optimizer_state(model, optimizer, others.get("optimizer"), where)
+        if scheduler is not None and others.get("scheduler") is None:
+            raise ConfigurationError(f"{info.path} holds no scheduler state; pass scheduler=None to restore without it")
+    except BaseException as exc:
+        error = exc
+    agree(group, action, error)
+    if not full:
+        try:
+            dcp.load(state, storage_reader=reader, planner=JsonLoadPlanner(allow_partial_load=not strict, where=where), process_group=group)
+        except CheckpointException as exc:
+            _raise_dcp_failure(exc, action, rank)
+    error = None
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+        options = StateDictOptions(strict=strict, full_state_dict=full)
+        if optimizer is None:
+            set_model_state_dict(model, state["model"], options=options)
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options)
+        if scheduler is not None:
+            scheduler.load_state_dict(others["scheduler"])
+        if restore_rng and others.get("rng") is not None:
+            restore_rng_state(others["rng"])
+    except BaseException as exc:
+        error = exc
+    agree(group, action, error)
+
+
+def _named_optimizer_state(model: Any, optimizer: Any, state: Any, where: str) -> dict[str, Any]:
+    """A plain optimizer state (parameters numbered in the order of their groups) keyed by
+    parameter name instead, as ``set_state_dict`` takes it."""
+    if not isinstance(state, Mapping):
+        raise ConfigurationError(f"{where} holds no optimizer state; pass optimizer=None to restore without it")
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    live = [names.get(id(parameter)) for group in optimizer.param_groups for parameter in group["params"]]
+    saved = [number for group in state["param_groups"] for number in group["params"]]
+    if len(saved) != len(live) or None in live:
+        raise IncompatibleCheckpointError(
+            f"{where} holds optimizer state for {len(saved)} parameters, but the optimizer has {len(live)}; "
+            "build the optimizer over the same parameters"
+        )
+    by_number = dict(zip(saved, live))
+    return {
+        "state": {by_number[number]: value for number, value in state["state"].items()},
+        "param_groups": [{**group, "params": [by_number[n] for n in group["params"]]} for group in state["param_groups"]],
+    }

@@ -1,0 +1,79 @@
+"""Read a sharded checkpoint in one process, as full plain tensors: no process group needed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import SHARDING_FILE
+from ..errors import CorruptCheckpointError
+from ..storage import FileRecord
+from .dcp_storage import read_full, read_sharding
+from .files import LocalShardFiles
+
+
+def read_sharded_items(
+    path: Path,
+    records: Mapping[str, FileRecord],
+    items: Iterable[str],
+    *,
+    verify: bool = True,
+    map_location: Any = None,
+) -> dict[str, Any]:
+    """The ``items`` of the sharded checkpoint in directory ``path``, consolidated into full tensors.
+
+    ``records`` are the file records of its ``metadata.json``. The optimizer's state comes back
+    keyed by parameter index, as ``Optimizer.state_dict()`` gives it, so that it loads into a
+    plain optimizer over the unsharded model.
+    """
+    files = LocalShardFiles(path)
+    record = records.get(SHARDING_FILE)
+    if verify and record is None:
+        raise CorruptCheckpointError(f"{path / SHARDING_FILE} has no recorded checksum in metadata.json")
+    where = str(path / SHARDING_FILE)
+    sharding = read_sharding(files, record if verify else None, where=where)
+    for name, recorded in sharding.files.items():
+        if verify and records.get(name) != recorded:
+            raise CorruptCheckpointError(f"{path / name} is recorded differently in metadata.json and {SHARDING_FILE}")
+    wanted = list(items)
+    state = read_full(files, sharding, items=wanted, verify=verify, where=where)
+    if "optimizer" in state:
+        state["optimizer"] = plain_optimizer_state(state["optimizer"], where)
+    if map_location is not None:
+        device = torch.device(map_location)
+        state = _to_device(state, device)
+    return {item: state.get(item) for item in wanted}
+
+
+def model_files(records: Iterable[str]) -> list[str]:
+    """The files a consolidated model is read from: ``sharding.json`` and the ``model-r…`` shards."""
+    return sorted(name for name in records if name == SHARDING_FILE or name.startswith("model-r"))
+
+
+def plain_optimizer_state(state: Mapping[str, Any], where: str = "the checkpoint") -> dict[str, Any]:
+    """Turn an optimizer state keyed by parameter name (as ``get_state_dict`` gives it) into the
+    form ``Optimizer.load_state_dict`` takes: parameters numbered in the order of their groups."""
+    try:
+        groups = state.get("param_groups") or []
+        numbers: dict[str, int] = {}
+        plain_groups = []
+        for group in groups:
+            params = [numbers.setdefault(name, len(numbers)) for name in group["params"]]
+            plain_groups.append({**group, "params": params})
+        plain_state = {numbers[name]: value for name, value in (state.get("state") or {}).items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{where}: the optimizer state does not name its parameters consistently ({exc!r})") from None
+    return {"state": plain_state, "param_groups": plain_groups}
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: _to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_to_device(value, device) for value in tree]
+    return tree

@@ -1,0 +1,292 @@
+"""Worker processes for the sharded checkpoint tests: FSDP2 over gloo on the CPU.
+
+Started with ``torch.multiprocessing`` spawn by :func:`launch`, never forked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ckpt_plugin import (
+    CheckpointManager,
+    DistributedCheckpointError,
+    IncompatibleCheckpointError,
+    StorageError,
+)
+
+HIDDEN = 7  # uneven over 2 and 4 ranks; 3 rows over 4 ranks leaves one rank an empty shard
+OUT = 3
+
+
+def build(seed: int, hidden: int = HIDDEN) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, OUT))
+
+
+def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def objects(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95))
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, step: int) -> float:
+    generator = torch.Generator().manual_seed(step)
+    inputs = torch.randn(8, 5, generator=generator)
+    loss = model(inputs).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, offload: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the model and Adam state, unsharded, flat (``model/...``, ``optim/...``);
+    gathered to rank 0 (other ranks get an empty dict) unless ``offload`` is False (then every
+    rank gets it: FSDP1's CPU offload of a full state dict crashes on CPU-only torch)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    )
+    flat = {f"model/{key}": value for key, value in model_state.items()}
+    for name, values in optim_state.get("state", {}).items():
+        for key, value in values.items():
+            flat[f"optim/{name}/{key}"] = torch.as_tensor(value)
+    return {key: value.detach().clone().contiguous() for key, value in flat.items()}
+
+
+def manager_at(directory: Path, **options) -> CheckpointManager:
+    return CheckpointManager(directory / "ckpts", max_checkpoints=2, metric_for_best="loss", mode="min", **options)
+
+
+def expect(error_type: type[BaseException], call, text: str | None = None) -> BaseException:
+    try:
+        call()
+    except error_type as exc:
+        if text is not None:
+            assert text in str(exc), str(exc)
+        return exc
+    raise AssertionError(f"{error_type.__name__} was not raised")
+
+
+# ------------------------------------------------------------------ jobs
+
+
+def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
+    """Save at world 2; then a rank failing mid-save and before the save; then a bad restore;
+    then a restore into a fresh sharded model; an asynchronous save; FSDP1; last, a rank that
+    never arrives."""
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    manager = manager_at(directory, collective_timeout=20)
+    for epoch in (1, 2):
+        loss = train_step(model, optimizer, scheduler, epoch)
+        info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler,
+                            config={"hidden": HIDDEN}, extra={"note": "sharded"})
+        assert info.sharded and info.epoch == epoch, info
+    reference = full_state(model, optimizer)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
+        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+    committed = sorted(p.name for p in (directory / "ckpts").iterdir())
+
+    # A rank that fails while writing its shards: no commit, every rank raises.
+    from ckpt_plugin.distributed import files as shard_files
+
+    original = shard_files.LocalShardFiles.write_tensors
+
+    def failing(self, name, tensors):
+        if rank == 1:
+            raise StorageError(28, f"could not write {name}: No space left on device")
+        return original(self, name, tensors)
+
+    shard_files.LocalShardFiles.write_tensors = failing
+    try:
+        error = expect(Exception, lambda: manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}))
+    finally:
+        shard_files.LocalShardFiles.write_tensors = original
+    if rank == 1:
+        assert isinstance(error, StorageError), repr(error)
+    else:
+        assert isinstance(error, DistributedCheckpointError) and "rank 1" in str(error), repr(error)
+    dist.barrier()
+    assert sorted(p.name for p in (directory / "ckpts").iterdir()) == committed, "a failed save left files behind"
+
+    # A rank that fails before writing anything (here: a state dict instead of the model).
+    bad_model = model.state_dict() if rank == 1 else model
+    error = expect(Exception, lambda: manager.save(bad_model, optimizer, epoch=3, metrics={"loss": 0.0}))
+    assert ("rank 1" in str(error)) if rank == 0 else "sharded state dict too" in str(error), repr(error)
+    dist.barrier()
+    assert sorted(p.name for p in (directory / "ckpts").iterdir()) == committed
+
+    # A model whose shapes differ cannot take the checkpoint: every rank names the tensor.
+    wrong = shard(build(1, hidden=HIDDEN + 2), world)
+    wrong_optimizer, _ = objects(wrong)
+    expect(IncompatibleCheckpointError, lambda: manager.restore(wrong, wrong_optimizer), "'model.0.weight'")
+
+    # Restore at the same world size into a fresh model: exact.
+    fresh = shard(build(1), world)
+    fresh_optimizer, fresh_scheduler = objects(fresh)
+    info = manager.restore(fresh, fresh_optimizer, fresh_scheduler)
+    assert info is not None and info.epoch == 2
+    restored = full_state(fresh, fresh_optimizer)
+    assert restored.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(restored[key], value), key
+    assert fresh_optimizer.param_groups[0]["betas"] == (0.8, 0.95)
+    assert fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    # Both continue identically.
+    assert train_step(fresh, fresh_optimizer, fresh_scheduler, 3) == train_step(model, optimizer, scheduler, 3)
+
+    # Asynchronous: save returns once the local shards are staged; training changes them at once.
+    background = CheckpointManager(directory / "async", async_save=True, collective_timeout=20)
+    expected = full_state(model, optimizer)
+    pending = background.save(model, optimizer, epoch=7, metrics={"loss": 0.5}, scheduler=scheduler)
+    assert pending.epoch == 7 and pending.files == {} and "\x00shards" not in pending.items
+    train_step(model, optimizer, scheduler, 7)
+    background.wait()
+    assert [info.epoch for info in background.checkpoints()] == [7] and background.latest().sharded
+    check = shard(build(2), world)
+    check_optimizer, _ = objects(check)
+    background.restore(check, check_optimizer)
+    restored = full_state(check, check_optimizer)
+    assert restored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(restored[key], value), key
+    background.close()
+
+    job_fsdp1(rank, world, directory)
+
+    # A rank that never arrives: the other gives up after collective_timeout instead of hanging.
+    short = manager_at(directory, collective_timeout=2)
+    from ckpt_plugin.distributed.collective import coordination_group
+
+    coordination_group(2.0)  # collective: both ranks create the short-timeout group
+    dist.barrier()
+    if rank == 0:
+        started = time.monotonic()
+        expect(DistributedCheckpointError, lambda: short.save(model, optimizer, epoch=9, metrics={"loss": 0.0}))
+        assert time.monotonic() - started < 15
+        assert not (directory / "ckpts" / "epoch_9").exists()
+        (directory / "timeout_ok").write_text("ok")
+    else:
+        deadline = time.monotonic() + 30
+        while not (directory / "timeout_ok").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def job_restore(rank: int, world: int, directory: Path) -> None:
+    """Restore the checkpoint saved at world 2 into a fresh sharded model at this world size."""
+    model = shard(build(7), world)
+    optimizer, scheduler = objects(model)
+    manager = manager_at(directory, collective_timeout=20)
+    info = manager.restore(model, optimizer, scheduler, which="latest")
+    assert info is not None and info.epoch == 2
+    restored = full_state(model, optimizer)
+    reference = safetensors.torch.load_file(str(directory / "reference.safetensors")) if rank == 0 else {}
+    assert restored.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(restored[key], value), key
+    assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
+    assert scheduler.last_epoch == 2
+
+    if world == 1:  # the Hugging Face callback refuses a model sharded across ranks, saying why
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        from ckpt_plugin import ConfigurationError
+        from ckpt_plugin.hf import CheckpointCallback
+
+        args = TrainingArguments(output_dir=str(directory / "hf"), report_to=[])
+        begin = lambda: CheckpointCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)  # noqa: E731
+        expect(ConfigurationError, begin, "does not support FSDP")
+
+    # A checkpoint saved by one process (no torch.distributed) restores into the sharded model too.
+    plain = CheckpointManager(directory / "plain")
+    info = plain.restore(model, optimizer, scheduler)
+    assert info is not None and not info.sharded
+    restored = full_state(model, optimizer)
+    if rank == 0:
+        saved = plain.load_latest()
+        names = [name for name, _ in build(0).named_parameters()]
+        expected = {f"model/{key}": value for key, value in saved["model"].items()}
+        for number, values in saved["optimizer"]["state"].items():
+            expected.update({f"optim/{names[number]}/{slot}": torch.as_tensor(value) for slot, value in values.items()})
+        assert restored.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(restored[key], value), key
+    assert scheduler.state_dict() == CheckpointManager(directory / "plain").load_latest()["scheduler"]
+
+
+def job_fsdp1(rank: int, world: int, directory: Path) -> None:
+    """FSDP1 (FullyShardedDataParallel, ShardedTensor state) saves and restores the same way."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    def fsdp1(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        wrapped = FullyShardedDataParallel(build(seed), device_id=torch.device("cpu"), use_orig_params=True)
+        return wrapped, torch.optim.Adam(wrapped.parameters(), lr=0.01)
+
+    first, first_optimizer = fsdp1(0)
+    first(torch.randn(4, 5)).sum().backward()
+    first_optimizer.step()
+    older = CheckpointManager(directory / "fsdp1", collective_timeout=20)
+    assert older.save(first, first_optimizer, epoch=1, metrics={"loss": 0.0}).sharded
+    second, second_optimizer = fsdp1(1)
+    older.restore(second, second_optimizer)
+    expected, restored = full_state(first, first_optimizer, offload=False), full_state(second, second_optimizer, offload=False)
+    assert restored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(restored[key], value), key
+
+
+JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore}
+
+
+def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        JOBS[job](rank, world, Path(directory))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(job: str, world: int, directory: Path, timeout: float = 120.0) -> None:
+    """Run ``job`` on ``world`` spawned ranks; raise if any fails or the whole takes over ``timeout``."""
+    rendezvous = directory / f".rendezvous-{job}-{world}-{time.monotonic_ns()}"
+    context = mp.start_processes(
+        _worker, args=(world, str(rendezvous), job, str(directory)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{job} at world size {world} did not finish within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)

@@ -1,0 +1,122 @@
+"""Sharded checkpoints of FSDP2 models: gloo on the CPU, ranks started with spawn, bounded waits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from ckpt_plugin import CheckpointManager
+from sharded_workers import build, launch, objects, train_step
+
+
+@pytest.fixture(scope="module")
+def saved_at_two(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sharded")
+    launch("save_and_fail", 2, directory)
+    model = build(5)  # and a checkpoint saved by one process, for the restore jobs
+    optimizer, scheduler = objects(model)
+    for step in (1, 2):
+        train_step(model, optimizer, scheduler, step)
+    CheckpointManager(directory / "plain").save(model, optimizer, epoch=2, scheduler=scheduler, metrics={"loss": 1.0})
+    return directory
+
+
+def test_each_rank_writes_its_own_shards_and_the_coordinator_commits(saved_at_two):
+    names = sorted(p.name for p in (saved_at_two / "ckpts").iterdir() if not p.name.startswith("."))
+    assert names == ["epoch_1", "epoch_2"]
+    files = sorted(p.name for p in (saved_at_two / "ckpts" / "epoch_2").iterdir())
+    assert files == sorted([
+        "metadata.json", "sharding.json", "state.json", "state.safetensors",
+        "model-r0-of-2.safetensors", "model-r1-of-2.safetensors", "optim-r0-of-2.safetensors", "optim-r1-of-2.safetensors",
+    ])
+    metadata = json.loads((saved_at_two / "ckpts" / "epoch_2" / "metadata.json").read_text())
+    assert metadata["sharding"] == {"world_size": 2}
+    assert set(metadata["files"]) == set(files) - {"metadata.json"}
+    assert metadata["items"][:2] == ["model", "optimizer"]
+    ranks = [safetensors.torch.load_file(str(saved_at_two / "ckpts" / "epoch_2" / f"model-r{r}-of-2.safetensors")) for r in (0, 1)]
+    assert sum(t.numel() for shard in ranks for t in shard.values()) == sum(p.numel() for p in build(0).parameters())
+    assert all(shard for shard in ranks), "every rank holds part of the model"
+
+
+def test_one_process_loads_full_plain_tensors(saved_at_two):
+    manager = CheckpointManager(saved_at_two / "ckpts")
+    checkpoint = manager.load_latest()
+    reference = safetensors.torch.load_file(str(saved_at_two / "reference.safetensors"))
+    model = build(3)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    optimizer, scheduler = objects(model)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    names = [name for name, _ in model.named_parameters()]
+    for key, value in reference.items():
+        kind, rest = key.split("/", 1)
+        if kind == "model":
+            assert torch.equal(model.state_dict()[rest], value), key
+        else:
+            name, slot = rest.rsplit("/", 1)
+            parameter = dict(model.named_parameters())[name]
+            assert torch.equal(optimizer.state[parameter][slot], value), key
+    assert checkpoint["optimizer"]["param_groups"][0]["params"] == list(range(len(names)))
+    assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert checkpoint["extra"] == {"note": "sharded"} and checkpoint["epoch"] == 2
+    assert "git_hash" in checkpoint["metadata"] and checkpoint["metadata"]["timestamp"]
+    assert manager.load(epoch=1)["model"]["0.weight"].shape == (7, 5)
+    fsdp1 = CheckpointManager(saved_at_two / "fsdp1").load_latest()  # saved by FSDP1 modules
+    build(6).load_state_dict(fsdp1["model"], strict=True)
+    assert len(fsdp1["optimizer"]["state"]) == 4
+
+    plain = build(4)
+    plain_optimizer, plain_scheduler = objects(plain)
+    assert manager.restore(plain, plain_optimizer, plain_scheduler).epoch == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+    assert plain_scheduler.state_dict() == scheduler.state_dict()
+
+
+def test_restore_at_four_ranks_reshards_exactly(saved_at_two):
+    """Also restores a checkpoint saved by one process into the sharded model."""
+    launch("restore", 4, saved_at_two)
+
+
+def test_restore_at_one_rank_reshards_exactly(saved_at_two):
+    launch("restore", 1, saved_at_two)
+
+
+def test_registry_promotes_consolidated_weights(saved_at_two):
+    from ckpt_plugin import ArtifactRegistry
+
+    registry = ArtifactRegistry(checkpoint_dir=saved_at_two / "ckpts")
+    registry.validate(epoch="latest", version="1.0.0", checks=[lambda ckpt: ckpt["model"]["0.weight"].shape == (7, 5)])
+    registry.promote("1.0.0")
+    production = safetensors.torch.load_file(str(registry.production_dir / "model.safetensors"))
+    expected = CheckpointManager(saved_at_two / "ckpts").load_latest()["model"]
+    assert production.keys() == expected.keys()
+    assert all(torch.equal(production[key], value) for key, value in expected.items())
+    build(9).load_state_dict(registry.load_production()["model"], strict=True)
+    assert registry.load("1.0.0")["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+
+
+def test_cli_exports_one_consolidated_model_and_verifies_every_shard(saved_at_two, tmp_path):
+    from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
+
+    runner = CliRunner()
+    directory = str(saved_at_two / "ckpts")
+    expected = CheckpointManager(saved_at_two / "ckpts").load(epoch=2)["model"]
+    result = runner.invoke(cli.app, ["export", directory, "2", "--to", "safetensors", "-o", str(tmp_path / "model.safetensors")])
+    assert result.exit_code == 0, result.output
+    exported = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], v) for k, v in expected.items())
+    result = runner.invoke(cli.app, ["export", directory, "2", "--to", "hf", "-o", str(tmp_path / "hf"), "--config",
+                                     str(saved_at_two / "reference_lr.txt")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors")).keys() == expected.keys()
+    result = runner.invoke(cli.app, ["show", directory, "2", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["model_tensors"] == 4, result.output
+    assert runner.invoke(cli.app, ["verify", directory]).exit_code == 0
+
