@@ -238,7 +238,7 @@ def _model_tensors(info: CheckpointInfo, verify: bool = False) -> dict[str, torc
         from .distributed.consolidate import read_sharded_items
 
         return read_sharded_items(info.path, info.files, ["model"], verify=verify)["model"]
-    return open_item_files(info.path, info.files, _model_files(info)[0], verify=verify)
+    return open_item_files(info.location, info.files, _model_files(info)[0], verify=verify, backend=info.backend)
 
 
 def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:

@@ -231,7 +231,7 @@ def save_sharded(
 
     snapshot = manager._saver.save(take, write)
     shown = dataclasses.replace(snapshot, items={k: v for k, v in snapshot.items.items() if k != _SHARDS})
-    return pending_info(manager.checkpoint_dir, shown)
+    return pending_info(manager._store, shown)
 
 
 _SHARDS = "\x00shards"
