@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from .. import codec
+from ..format import documents
 from ..errors import ConfigurationError, CorruptCheckpointError
 from ..storage import FileRecord
 from .files import LocalShardFiles, ShardFiles
@@ -160,10 +161,7 @@ def sharding_from_dcp(metadata: Metadata, results: Iterable[Iterable[WriteResult
 def read_sharding(files: ShardFiles, record: FileRecord | None = None, where: str = SHARDING_FILE) -> Sharding:
     """Read and check ``sharding.json`` (against ``record`` too, when the caller has one)."""
     data = files.read_bytes(SHARDING_FILE, record)
-    try:
-        parsed = codec.loads(data)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{where} is not valid JSON ({exc}); restore it or delete this checkpoint") from None
+    parsed = documents.load_json(data, where)  # strict JSON, nesting and size bounded
     return Sharding.from_json(parsed, where)
 
 
