@@ -139,4 +139,10 @@ def fit(
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    try:
+        main(*sys.argv[1:4])
+    finally:
+        # Lightning leaves the process group up; tearing it down here keeps gloo's threads from being
+        # destroyed while still joinable at interpreter exit, which aborts the process.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
