@@ -122,9 +122,9 @@ def full_state() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     return model, optimizer, scheduler
 
 
-def save_full(manager: Any, epoch: int, **kwargs: Any) -> Any:
-    """Save :func:`full_state` with metrics, config and extra state as ``epoch``."""
-    model, optimizer, scheduler = full_state()
+def save_full(manager: Any, epoch: int, state: tuple[Any, Any, Any] | None = None, **kwargs: Any) -> Any:
+    """Save ``state`` (by default a new :func:`full_state`) with metrics, config and extra state as ``epoch``."""
+    model, optimizer, scheduler = full_state() if state is None else state
     return manager.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                         metrics={"loss": 1.0 / (epoch + 1)}, config={"lr": 0.1},
                         extra={"note": "x", "t": torch.arange(4)}, **kwargs)

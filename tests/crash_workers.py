@@ -1,14 +1,16 @@
-"""What the children of :mod:`fork_server` run: saves that are killed, crash themselves, or hit limits.
+"""What the children of :mod:`spawned_workers` run: saves that are killed, crash themselves, or hit limits.
 
-Every function here builds its own tensors, so the fork server that imports this module runs no
-torch work before it forks.
+Run as ``python crash_workers.py <function> <json list of arguments>``: it prints ``ready`` once
+imported, then ``result <json>`` with what the function returned.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
+import sys
 import warnings
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 
 from ckpt_plugin import CheckpointManager
 
-from core_helpers import save_full
+from core_helpers import full_state, save_full
 
 INTERCEPTED = ("open", "write", "pwrite", "writev", "fsync", "fdatasync", "close", "mkdir", "rename",
                "replace", "unlink", "rmdir", "ftruncate", "link", "symlink")
@@ -108,14 +110,25 @@ def save_and_crash(directory: str, version: int, epoch: int, crash_at: int | Non
 
 
 def save_under_file_size_limit(directory: str, limit: int) -> list[Any]:
-    """Save with RLIMIT_FSIZE at ``limit`` bytes; return ``[error type, errno, message]`` or ``["no error"]``."""
+    """Save with RLIMIT_FSIZE at ``limit`` bytes; return ``[error type, errno, message]`` or ``["no error"]``.
+
+    The state is trained before the limit is set: torch probes its temporary directory (by writing
+    a file) on the first optimizer step, and only the save is under test.
+    """
+    state = full_state()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            save_full(CheckpointManager(directory, max_checkpoints=2, keep_best=True), 3)
+            save_full(CheckpointManager(directory, max_checkpoints=2, keep_best=True), 3, state=state)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         return [type(exc).__name__, getattr(exc, "errno", None), str(exc)]
     return ["no error"]
 
+
+
+if __name__ == "__main__":
+    function = globals()[sys.argv[1]]
+    print("ready", flush=True)
+    print(f"result {json.dumps(function(*json.loads(sys.argv[2])))}", flush=True)

@@ -9,9 +9,8 @@ Two complementary tests:
 * Every crash point: a child kills itself with SIGKILL just before or just after the N-th
   file-system call of one save, for every N, both for a new epoch and for a re-saved one.
 
-To keep process start-up out of the loop, the saving processes are children of a fork server
-(:mod:`fork_server`): a fresh interpreter that has imported torch but run no torch work, so its
-children never inherit a locked OpenMP pool. The pytest process itself never forks.
+Every saving process is a fresh interpreter (:mod:`spawned_workers`); nothing is forked, so no child
+inherits a locked OpenMP pool.
 """
 
 from __future__ import annotations
@@ -30,18 +29,18 @@ import torch
 from ckpt_plugin import CheckpointManager
 
 import crash_workers
-from fork_server import ForkServer
+from spawned_workers import SpawnedWorkers
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
 @pytest.fixture(scope="module")
 def saver():
-    server = ForkServer()
-    yield server
-    server.close()
+    workers = SpawnedWorkers()
+    yield workers
+    workers.close()
 
 
-def kill_at_random(saver: ForkServer, mode: str, directory: Path, rng: random.Random) -> list[int]:
+def kill_at_random(saver: SpawnedWorkers, mode: str, directory: Path, rng: random.Random) -> list[int]:
     """Start a worker, kill it with SIGKILL at a random moment, return the versions it saved."""
     pid = saver.start("save_forever", mode, str(directory))
     saved: list[int] = []
@@ -160,7 +159,7 @@ def save_version(manager: CheckpointManager, version: int, epoch: int) -> None:
 LOSSES = crash_workers.LOSSES
 
 
-def run_in_child(saver: ForkServer, directory: Path, version: int, epoch: int, crash_at: int | None,
+def run_in_child(saver: SpawnedWorkers, directory: Path, version: int, epoch: int, crash_at: int | None,
                  after: bool) -> tuple[int, int]:
     """Save in a child that SIGKILLs itself at the ``crash_at``-th intercepted call.
 
@@ -188,6 +187,8 @@ def check_after_crash(directory: Path, old_versions: dict[int, int], new_epoch: 
     assert required <= set(listed), f"lost checkpoints {sorted(required - set(listed))} (committed={committed})"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a fresh interpreter for each of ~100 crash points
 @pytest.mark.parametrize("scenario", ["new_epoch", "resave_epoch"])
 def test_kill_9_at_every_file_system_call_of_a_save(saver, tmp_path, scenario):
     template = tmp_path / "template"
@@ -206,13 +207,18 @@ def test_kill_9_at_every_file_system_call_of_a_save(saver, tmp_path, scenario):
     assert status == 0 and total > 10, f"the save made only {total} intercepted calls"
 
     crashes = 0
-    for crash_at in range(1, total + 1):
-        for after in (False, True):
-            directory = tmp_path / f"crash_{crash_at}_{int(after)}"
-            shutil.copytree(template, directory)
-            status, _ = run_in_child(saver, directory, new_version, new_epoch, crash_at, after)
-            if os.WIFSIGNALED(status):
-                crashes += 1
-            check_after_crash(directory, old_versions, new_epoch, new_version, may_be_pruned)
-            shutil.rmtree(directory)
+    beside = SpawnedWorkers()  # the crash after the call runs beside the crash before it
+    try:
+        for crash_at in range(1, total + 1):
+            directories = [tmp_path / f"crash_{crash_at}_{int(after)}" for after in (False, True)]
+            for directory, workers, after in zip(directories, (saver, beside), (False, True)):
+                shutil.copytree(template, directory)
+                workers.launch("save_and_crash", str(directory), new_version, new_epoch, crash_at, after)
+            for directory, workers in zip(directories, (saver, beside)):
+                status, _ = workers.wait()
+                crashes += os.WIFSIGNALED(status)
+                check_after_crash(directory, old_versions, new_epoch, new_version, may_be_pruned)
+                shutil.rmtree(directory)
+    finally:
+        beside.close()
     assert crashes >= total, "the child was not killed at the crash points"

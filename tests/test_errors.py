@@ -32,7 +32,7 @@ from ckpt_plugin import (
 
 from ckpt_plugin.storage import faults
 from core_helpers import full_state, hidden_dirs, save_full, snapshot_tree, visible_names
-from fork_server import ForkServer
+from spawned_workers import SpawnedWorkers
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
 
@@ -205,20 +205,20 @@ def test_an_interrupt_mid_write_leaves_nothing(tmp_path, budget):
 
 
 @pytest.fixture(scope="module")
-def fork_server():
-    server = ForkServer()
-    yield server
-    server.close()
+def workers():
+    spawned = SpawnedWorkers()
+    yield spawned
+    spawned.close()
 
 
 @pytest.mark.parametrize("limit", [0, 1_000, 5_000])
-def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, fork_server, limit):
+def test_file_size_limit_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, workers, limit):
     """RLIMIT_FSIZE makes the kernel refuse writes past a size, whatever call the writer uses."""
     manager = manager_at(tmp_path, max_checkpoints=2, keep_best=True)
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    status, outcome = fork_server.run("save_under_file_size_limit", str(tmp_path), limit)
+    status, outcome = workers.run("save_under_file_size_limit", str(tmp_path), limit)
     assert status == 0, f"the saving child died: wait status {status}"
     name, error_number, message = outcome
     assert name == "StorageError", outcome

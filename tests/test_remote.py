@@ -203,18 +203,18 @@ def test_local_paths_take_no_storage_options(tmp_path) -> None:
 
 
 def test_random_kill_9_during_uploads(s3_bucket: str) -> None:
-    """A writer SIGKILLed at random moments while uploading (from a fork server started after the
-    test environment, so its children reach the S3 server) never leaves a listed checkpoint that
+    """A writer SIGKILLed at random moments while uploading (a fresh interpreter started after the
+    test environment is set, so it reaches the S3 server) never leaves a listed checkpoint that
     fails to load, never loses a save that returned, and its leftovers go once recovered."""
     import random
 
-    from fork_server import ForkServer
+    from spawned_workers import SpawnedWorkers
     from test_crash import assert_consistent, kill_at_random
 
     url = f"s3://{s3_bucket}/run/checkpoints"
     rng = random.Random(20261128)
     last_returned = -1
-    saver = ForkServer()
+    saver = SpawnedWorkers()
     try:
         for _ in range(6):
             saved = kill_at_random(saver, "append", url, rng)
