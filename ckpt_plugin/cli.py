@@ -237,7 +237,7 @@ def _model_tensors(info: CheckpointInfo, verify: bool = False) -> dict[str, torc
     if info.sharded:
         from .distributed.consolidate import read_sharded_items
 
-        return read_sharded_items(info.path, info.files, ["model"], verify=verify)["model"]
+        return read_sharded_items(info.location, info.files, ["model"], verify=verify, backend=info.backend)["model"]
     return open_item_files(info.location, info.files, _model_files(info)[0], verify=verify, backend=info.backend)
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from . import codec
-from .checkpoint import CheckpointInfo
+from .checkpoint import CheckpointInfo, as_path
 from .errors import CheckpointError
 from .format import documents
-from .storage import FileRecord
+from .storage import LOCAL, Backend, FileRecord
 
 CACHE_FILE = ".listing.json"
 CACHE_VERSION = 3
@@ -75,19 +75,26 @@ def summary(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
-def info_from_summary(path: Path, data: Mapping[str, Any]) -> CheckpointInfo:
-    """The :class:`CheckpointInfo` of ``path`` from its cached :func:`summary`."""
+def info_from_summary(path: Path | str, data: Mapping[str, Any], backend: Backend = LOCAL) -> CheckpointInfo:
+    """The :class:`CheckpointInfo` of ``path`` (a directory, or a URL on ``backend``) from its
+    cached :func:`summary`."""
     return CheckpointInfo(
-        path=path,
+        path=as_path(path),
         epoch=data["epoch"],
         step=data["step"],
-        metrics=codec.from_json(data["metrics"], str(path.parent / CACHE_FILE), "metrics"),
+        metrics=codec.from_json(data["metrics"], _summary_source(path), "metrics"),
         metric_for_best=data["metric_for_best"],
         mode=data["mode"],
         timestamp=data["timestamp"],
         files={name: FileRecord(size, checksum) for name, (size, checksum) in data["files"].items()},
         items=tuple(data["items"]),
+        backend=backend,
     )
+
+
+def _summary_source(path: Path | str) -> str:
+    """Where a summary came from, for error messages: the cache file locally, else the checkpoint."""
+    return str(path.parent / CACHE_FILE) if isinstance(path, Path) else f"the summary of {path}"
 
 
 def load(root: Path) -> dict[str, tuple[Identity, dict[str, Any]]]:

@@ -96,7 +96,11 @@ def read_checkpoint(
     if sharded:
         from .distributed.consolidate import read_sharded_items
 
-        result.update(read_sharded_items(info.path, info.files, sharded, verify=verify, map_location=map_location))
+        result.update(
+            read_sharded_items(
+                info.location, info.files, sharded, verify=verify, map_location=map_location, backend=info.backend
+            )
+        )
     for item, entry in state["items"].items():
         if (items is not None and item not in items) or item in sharded:
             continue

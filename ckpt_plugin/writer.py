@@ -91,7 +91,7 @@ class Snapshot:
 @dataclass
 class ShardedPart:
     """The part of a checkpoint that every rank wrote: the items in ``sharding.json`` and the
-    records of the files already in the staging directory."""
+    records of the files already under the transaction's prefix."""
 
     items: list[str]
     files: dict[str, FileRecord]
@@ -144,18 +144,18 @@ def write_snapshot(
     write_model: ModelWriter | None = None,
     before_commit: Callable[[Path], object] | None = None,
     *,
-    staging: Path | None = None,
+    txn: Transaction | None = None,
 ) -> CheckpointInfo:
     """Write ``snapshot`` under a fresh transaction and commit it; on any failure leave nothing behind.
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
     model and reuses unchanged shards); every other step, the commit included, is shared.
     ``before_commit`` is called with the complete staging directory (to sign it, say); it needs a
-    local checkpoint directory. ``staging`` is a local staging directory that already holds files
-    (those of ``snapshot.sharded``).
+    local checkpoint directory. ``txn`` is a transaction begun on ``store`` whose prefix already
+    holds files (those of ``snapshot.sharded``, written by every rank); it is committed here.
     """
     backend = store.backend
-    txn = store.begin(snapshot.name) if staging is None else Transaction(snapshot.name, os.fspath(staging))
+    txn = store.begin(snapshot.name) if txn is None else txn
     try:
         files: dict[str, FileRecord] = dict(snapshot.sharded.files) if snapshot.sharded else {}
         document = snapshot.state_document()

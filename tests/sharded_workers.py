@@ -79,6 +79,85 @@ def manager_at(directory: Path, **options) -> CheckpointManager:
     return CheckpointManager(directory / "ckpts", max_checkpoints=2, metric_for_best="loss", mode="min", **options)
 
 
+def assert_exact(model: torch.nn.Module, optimizer: torch.optim.Optimizer, reference: dict[str, torch.Tensor]) -> None:
+    """The model and Adam state, gathered to rank 0, equal ``reference`` bit for bit (on rank 0)."""
+    restored = full_state(model, optimizer)
+    assert restored.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(restored[key], value), key
+
+
+def check_async_save(background: CheckpointManager, model, optimizer, scheduler, world: int) -> None:
+    """An asynchronous sharded save returns once each rank's shards are staged; training then
+    changes the live ones at once, and the checkpoint still restores exactly what was saved."""
+    expected = full_state(model, optimizer)
+    pending = background.save(model, optimizer, epoch=7, metrics={"loss": 0.5}, scheduler=scheduler)
+    assert pending.epoch == 7 and pending.files == {} and "\x00shards" not in pending.items
+    train_step(model, optimizer, scheduler, 7)
+    background.wait()
+    assert [info.epoch for info in background.checkpoints()] == [7] and background.latest().sharded
+    check = shard(build(2), world)
+    check_optimizer, _ = objects(check)
+    background.restore(check, check_optimizer)
+    assert_exact(check, check_optimizer, expected)
+    background.close()
+
+
+def check_consolidated_load(manager: CheckpointManager, reference_file: Path) -> dict:
+    """One plain process loads the sharded checkpoints of ``manager`` (saved at epochs 1 and 2 by
+    ``remote_save`` or ``save_and_fail``) as full tensors equal to the reference, model and Adam
+    state, and restores them into plain objects; returns the latest checkpoint."""
+    checkpoint = manager.load_latest()
+    reference = safetensors.torch.load_file(str(reference_file))
+    model = build(3)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    optimizer, scheduler = objects(model)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    parameters = dict(model.named_parameters())
+    for key, value in reference.items():
+        kind, rest = key.split("/", 1)
+        if kind == "model":
+            assert torch.equal(model.state_dict()[rest], value), key
+        else:
+            name, slot = rest.rsplit("/", 1)
+            assert torch.equal(optimizer.state[parameters[name]][slot], value), key
+    assert checkpoint["optimizer"]["param_groups"][0]["params"] == list(range(len(parameters)))
+    assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert checkpoint["extra"] == {"note": "sharded"} and checkpoint["epoch"] == 2
+    first = manager.load(epoch=1)
+    assert first["epoch"] == 1 and first["model"]["0.weight"].shape == (HIDDEN, 5)
+    assert not torch.equal(first["model"]["0.weight"], checkpoint["model"]["0.weight"])
+
+    plain = build(4)
+    plain_optimizer, plain_scheduler = objects(plain)
+    assert manager.restore(plain, plain_optimizer, plain_scheduler).epoch == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+    assert plain_scheduler.state_dict() == scheduler.state_dict()
+    return checkpoint
+
+
+def check_cli_export(location: str, config_file: Path, out: Path) -> None:
+    """``ckpt export`` of epoch 2 at ``location`` writes one consolidated model, as safetensors and
+    as a Hugging Face folder, equal to what a plain load gives; ``ckpt verify`` passes."""
+    from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
+
+    runner = CliRunner()
+    expected = CheckpointManager(location).load(epoch=2)["model"]
+    result = runner.invoke(cli.app, ["export", location, "2", "--to", "safetensors", "-o", str(out / "model.safetensors")])
+    assert result.exit_code == 0, result.output
+    exported = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], v) for k, v in expected.items())
+    result = runner.invoke(cli.app, ["export", location, "2", "--to", "hf", "-o", str(out / "hf"), "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert safetensors.torch.load_file(str(out / "hf" / "model.safetensors")).keys() == expected.keys()
+    assert runner.invoke(cli.app, ["verify", location]).exit_code == 0
+
+
 def expect(error_type: type[BaseException], call, text: str | None = None) -> BaseException:
     try:
         call()
@@ -113,18 +192,18 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     # A rank that fails while writing its shards: no commit, every rank raises.
     from ckpt_plugin.distributed import files as shard_files
 
-    original = shard_files.LocalShardFiles.write_tensors
+    original = shard_files.BackendShardFiles.write_tensors
 
     def failing(self, name, tensors):
         if rank == 1:
             raise StorageError(28, f"could not write {name}: No space left on device")
         return original(self, name, tensors)
 
-    shard_files.LocalShardFiles.write_tensors = failing
+    shard_files.BackendShardFiles.write_tensors = failing
     try:
         error = expect(Exception, lambda: manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}))
     finally:
-        shard_files.LocalShardFiles.write_tensors = original
+        shard_files.BackendShardFiles.write_tensors = original
     if rank == 1:
         assert isinstance(error, StorageError), repr(error)
     else:
@@ -160,21 +239,8 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     assert train_step(fresh, fresh_optimizer, fresh_scheduler, 3) == train_step(model, optimizer, scheduler, 3)
 
     # Asynchronous: save returns once the local shards are staged; training changes them at once.
-    background = CheckpointManager(directory / "async", async_save=True, collective_timeout=20)
-    expected = full_state(model, optimizer)
-    pending = background.save(model, optimizer, epoch=7, metrics={"loss": 0.5}, scheduler=scheduler)
-    assert pending.epoch == 7 and pending.files == {} and "\x00shards" not in pending.items
-    train_step(model, optimizer, scheduler, 7)
-    background.wait()
-    assert [info.epoch for info in background.checkpoints()] == [7] and background.latest().sharded
-    check = shard(build(2), world)
-    check_optimizer, _ = objects(check)
-    background.restore(check, check_optimizer)
-    restored = full_state(check, check_optimizer)
-    assert restored.keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(restored[key], value), key
-    background.close()
+    check_async_save(CheckpointManager(directory / "async", async_save=True, collective_timeout=20),
+                     model, optimizer, scheduler, world)
 
     job_fsdp1(rank, world, directory)
 
@@ -203,11 +269,8 @@ def job_restore(rank: int, world: int, directory: Path) -> None:
     manager = manager_at(directory, collective_timeout=20)
     info = manager.restore(model, optimizer, scheduler, which="latest")
     assert info is not None and info.epoch == 2
-    restored = full_state(model, optimizer)
     reference = safetensors.torch.load_file(str(directory / "reference.safetensors")) if rank == 0 else {}
-    assert restored.keys() == reference.keys()
-    for key, value in reference.items():
-        assert torch.equal(restored[key], value), key
+    assert_exact(model, optimizer, reference)
     assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
     assert scheduler.last_epoch == 2
 
@@ -259,26 +322,94 @@ def job_fsdp1(rank: int, world: int, directory: Path) -> None:
         assert torch.equal(restored[key], value), key
 
 
-JOBS = {"save_and_fail": job_save_and_fail, "restore": job_restore}
+def job_remote_save(rank: int, world: int, directory: Path, url: str) -> None:
+    """All ranks write under one object-store prefix per checkpoint (the S3 server's endpoint and
+    credentials come from the standard AWS environment); a rank failing mid-upload commits nothing;
+    restore at this world size and an asynchronous save are exact."""
+    from ckpt_plugin.storage import faults
+
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    manager = CheckpointManager(url, max_checkpoints=2, metric_for_best="loss", mode="min", collective_timeout=20)
+    for epoch in (1, 2):
+        loss = train_step(model, optimizer, scheduler, epoch)
+        info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler,
+                            config={"hidden": HIDDEN}, extra={"note": "sharded"})
+        assert info.sharded and info.epoch == epoch and info.location.startswith(f"{url}/epoch_{epoch}@"), info
+        assert sorted(info.files) == sorted(manager.latest().files), (info.files, manager.latest().files)
+    reference = full_state(model, optimizer)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
+        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+    backend = manager._store.backend
+    before = sorted(backend.walk(url))
+
+    # Rank 1's connection drops in the middle of its first upload: no commit, every rank raises.
+    real = manager._store
+    if rank == 1:
+        faults.inject(manager, fail_after_bytes=100)
+    error = expect(Exception, lambda: manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}))
+    manager._store = real
+    if rank == 1:
+        assert isinstance(error, StorageError) and "epoch_3@" in str(error), repr(error)
+    else:
+        assert isinstance(error, DistributedCheckpointError) and "rank 1" in str(error), repr(error)
+    dist.barrier()
+    assert [info.epoch for info in manager.checkpoints()] == [1, 2]
+    assert sorted(backend.walk(url)) == before, "a failed save left objects behind"
+
+    fresh = shard(build(1), world)
+    fresh_optimizer, fresh_scheduler = objects(fresh)
+    info = manager.restore(fresh, fresh_optimizer, fresh_scheduler)
+    assert info is not None and info.epoch == 2
+    assert_exact(fresh, fresh_optimizer, reference)
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+
+    # Asynchronous: the upload runs in the background while training changes the live shards.
+    check_async_save(CheckpointManager(url.rsplit("/", 1)[0] + "/async", async_save=True, collective_timeout=20),
+                     model, optimizer, scheduler, world)
 
 
-def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str) -> None:
+def job_remote_restore(rank: int, world: int, directory: Path, url: str) -> None:
+    """Restore the checkpoint saved on the object store at world 2 at this world size: exact."""
+    model = shard(build(7), world)
+    optimizer, scheduler = objects(model)
+    manager = CheckpointManager(url, collective_timeout=20)
+    info = manager.restore(model, optimizer, scheduler, which=2)
+    assert info is not None and info.epoch == 2 and info.location.startswith(url), info
+    reference = safetensors.torch.load_file(str(directory / "reference.safetensors")) if rank == 0 else {}
+    assert_exact(model, optimizer, reference)
+    assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
+    assert scheduler.last_epoch == 2
+
+
+JOBS = {
+    "save_and_fail": job_save_and_fail,
+    "restore": job_restore,
+    "remote_save": job_remote_save,
+    "remote_restore": job_remote_restore,
+}
+
+
+def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str, *arguments: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
-        JOBS[job](rank, world, Path(directory))
+        JOBS[job](rank, world, Path(directory), *arguments)
     finally:
         dist.destroy_process_group()
 
 
-def launch(job: str, world: int, directory: Path, timeout: float = 120.0) -> None:
-    """Run ``job`` on ``world`` spawned ranks; raise if any fails or the whole takes over ``timeout``."""
+def launch(job: str, world: int, directory: Path, timeout: float = 120.0, arguments: tuple[str, ...] = ()) -> None:
+    """Run ``job`` on ``world`` spawned ranks (each gets ``arguments`` after the directory, and this
+    process's environment); raise if any fails or the whole takes over ``timeout``."""
     rendezvous = directory / f".rendezvous-{job}-{world}-{time.monotonic_ns()}"
     context = mp.start_processes(
-        _worker, args=(world, str(rendezvous), job, str(directory)), nprocs=world, join=False, start_method="spawn"
+        _worker, args=(world, str(rendezvous), job, str(directory), *arguments), nprocs=world, join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + timeout
     try:

@@ -5,12 +5,17 @@ tensor parallel), every rank calls ``save`` and ``restore``:
 
 1. Every rank takes its state with ``get_state_dict`` (its own shards, no gather); the
    coordinator (rank 0) also encodes the small replicated items (scheduler, ``extra``, its RNG
-   states) and creates the staging directory. The ranks exchange their outcome: if any failed,
-   every rank raises and nothing is written.
-2. ``dcp.save`` with :class:`SafetensorsWriter`: each rank writes its own chunks. Once every rank
-   has reported its files, the coordinator writes ``sharding.json``, ``state.json`` and
-   ``metadata.json`` and renames the staging directory into place. A failure on any rank fails
-   the save on every rank, and the staging directory is removed.
+   states) and begins a transaction on the manager's store: a staging directory on a local disk,
+   a fresh, invisible ``<name>@<transaction>`` prefix on an object store. The ranks exchange their
+   outcome and the transaction (plain strings): if any failed, every rank raises and nothing is
+   written.
+2. ``dcp.save`` with :class:`SafetensorsWriter`: each rank writes its own chunks under the
+   transaction's prefix, through its own manager's storage backend (streamed multipart uploads on
+   an object store). Once every rank has reported its files, the coordinator writes
+   ``sharding.json``, ``state.json`` and ``metadata.json`` and commits: the staging directory is
+   renamed into place, or the manifest written last makes the prefix visible. A failure on any
+   rank fails the save on every rank, and the transaction is aborted (its files removed; on an
+   object store what cannot be removed stays invisible and ``recover`` removes it later).
 3. The coordinator applies retention; the ranks exchange the outcome once more, so all return
    the same :class:`CheckpointInfo` or all raise.
 
@@ -28,7 +33,6 @@ import itertools
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,11 +40,12 @@ import torch.distributed as dist
 
 from .. import listing
 from ..async_save import pending_info
-from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
+from ..checkpoint import SHARDING_FILE, CheckpointInfo, as_path, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
 from ..metadata import git_provenance_in_background
 from ..reader import read_checkpoint
 from ..rng import restore_rng_state
+from ..storage import Transaction
 from ..writer import ShardedPart, Snapshot, write_snapshot
 
 if TYPE_CHECKING:
@@ -170,7 +175,7 @@ class _Save:
     action: str
     state: Any
     snapshot: Snapshot | None
-    staging: Path
+    txn: Transaction
     on_commit: Callable[[CheckpointInfo], None] | None
 
     @property
@@ -281,14 +286,14 @@ def _local_tensors(state: Any) -> tuple[dict[str, torch.Tensor], Callable[[dict[
 
 
 def _prepare(manager: CheckpointManager, arguments: dict[str, Any]) -> _Save:
-    """Step 1: every rank takes its state; the coordinator snapshots the small items and creates
-    the staging directory; the ranks agree, or all raise."""
+    """Step 1: every rank takes its state; the coordinator snapshots the small items and begins
+    the transaction; the ranks agree on it, or all raise."""
     epoch, step = arguments["epoch"], arguments["step"]
     group = coordination_group(manager.collective_timeout)
     rank = dist.get_rank(group)
     name = checkpoint_name(epoch, step)
     action = f"saving sharded checkpoint {name} in {manager.checkpoint_dir}"
-    staging = snapshot = state = None
+    txn = snapshot = state = None
     error: BaseException | None = None
     try:
         if manager._incremental is not None:
@@ -302,17 +307,16 @@ def _prepare(manager: CheckpointManager, arguments: dict[str, Any]) -> _Save:
             snapshot.pending_provenance = git_provenance_in_background(os.getcwd())  # folded in at commit
             manager._store.ensure_writable()
             manager._refuse_foreign(name)
-            staging = manager._store.staging_dir(name)
+            txn = manager._store.begin(name)
     except BaseException as exc:  # every rank must hear of it, whatever it is
         error = exc
     try:
-        staging_name = agree(group, action, error, staging.name if staging is not None else None, exchange=True)[0]
+        began = agree(group, action, error, (txn.name, txn.prefix) if txn is not None else None, exchange=True)[0]
     except BaseException:
-        if staging is not None:
-            manager._store.discard(staging)
+        if txn is not None:
+            manager._store.abort(txn)
         raise
-    staging_path = manager.checkpoint_dir / staging_name
-    return _Save(manager, group, rank, name, action, state, snapshot, staging_path, arguments["on_commit"])
+    return _Save(manager, group, rank, name, action, state, snapshot, Transaction(*began), arguments["on_commit"])
 
 
 def _finish(save: _Save) -> CheckpointInfo:
@@ -322,6 +326,7 @@ def _finish(save: _Save) -> CheckpointInfo:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from .dcp_storage import SafetensorsWriter
+    from .files import BackendShardFiles
     from .planners import JsonSavePlanner
 
     manager = save.manager
@@ -333,16 +338,17 @@ def _finish(save: _Save) -> CheckpointInfo:
             items=sharding.items(), files={**sharding.files, SHARDING_FILE: record}, world_size=sharding.world_size
         )
         with manager._lock:
-            committed.append(write_snapshot(manager._store, save.snapshot, staging=save.staging, **manager._signing()))
+            committed.append(write_snapshot(manager._store, save.snapshot, txn=save.txn, **manager._signing()))
 
-    writer = SafetensorsWriter(save.staging, on_commit=commit if save.coordinator else None)
+    files = BackendShardFiles(save.txn.prefix, manager._store.backend)
+    writer = SafetensorsWriter(files, on_commit=commit if save.coordinator else None)
     try:
         dcp.save(save.state, storage_writer=writer, planner=JsonSavePlanner(), process_group=save.group)
     except CheckpointException as exc:
-        if save.coordinator:
-            manager._store.discard(save.staging)
+        if save.coordinator:  # every rank has finished writing by now: nothing adds to the prefix after this
+            manager._store.abort(save.txn)
         _raise_dcp_failure(exc, save.action, save.rank)
-    summary = None
+    outcome = None
     error = None
     if save.coordinator:
         try:
@@ -350,13 +356,15 @@ def _finish(save: _Save) -> CheckpointInfo:
             manager._remember(info)
             manager._apply_retention(protect=info)
             manager._log_save(info)
-            summary = listing.summary(info)
+            outcome = (info.location, listing.summary(info))
             if save.on_commit is not None:
                 save.on_commit(info)
         except BaseException as exc:
             error = exc
-    summary = agree(save.group, save.action, error, summary, exchange=True)[0]
-    return committed[0] if save.coordinator else listing.info_from_summary(manager.checkpoint_dir / save.name, summary)
+    location, summary = agree(save.group, save.action, error, outcome, exchange=True)[0]
+    if save.coordinator:
+        return committed[0]
+    return listing.info_from_summary(as_path(location), summary, manager._store.backend)
 
 
 def restore_sharded(
@@ -377,6 +385,7 @@ def restore_sharded(
     from torch.distributed.checkpoint.api import CheckpointException
 
     from .dcp_storage import SafetensorsReader
+    from .files import BackendShardFiles
     from .planners import JsonLoadPlanner, check_compatible
 
     group = coordination_group(manager.collective_timeout)
@@ -386,7 +395,7 @@ def restore_sharded(
     error: BaseException | None = None
     others: dict[str, Any] = {}
     state: dict[str, Any] = {}
-    reader = SafetensorsReader(info.path, record=info.files.get(SHARDING_FILE))
+    reader = SafetensorsReader(BackendShardFiles(info.location, info.backend), record=info.files.get(SHARDING_FILE))
     full = not info.sharded
     try:
         _check_objects(model, optimizer)

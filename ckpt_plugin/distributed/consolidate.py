@@ -3,41 +3,45 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
 
 from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
-from ..storage import FileRecord
+from ..storage import LOCAL, Backend, FileRecord
 from .dcp_storage import read_full, read_sharding
-from .files import LocalShardFiles
+from .files import BackendShardFiles
 
 
 def read_sharded_items(
-    path: Path,
+    location: str | os.PathLike[str],
     records: Mapping[str, FileRecord],
     items: Iterable[str],
     *,
     verify: bool = True,
     map_location: Any = None,
+    backend: Backend = LOCAL,
 ) -> dict[str, Any]:
-    """The ``items`` of the sharded checkpoint in directory ``path``, consolidated into full tensors.
+    """The ``items`` of the sharded checkpoint at ``location`` (a directory, or a prefix on the
+    object store ``backend`` reaches), consolidated into full tensors.
 
     ``records`` are the file records of its ``metadata.json``. The optimizer's state comes back
     keyed by parameter index, as ``Optimizer.state_dict()`` gives it, so that it loads into a
     plain optimizer over the unsharded model.
     """
-    files = LocalShardFiles(path)
+    files = BackendShardFiles(location, backend)
     record = records.get(SHARDING_FILE)
+    where = backend.join(files.location, SHARDING_FILE)
     if verify and record is None:
-        raise CorruptCheckpointError(f"{path / SHARDING_FILE} has no recorded checksum in metadata.json")
-    where = str(path / SHARDING_FILE)
+        raise CorruptCheckpointError(f"{where} has no recorded checksum in metadata.json")
     sharding = read_sharding(files, record if verify else None, where=where)
     for name, recorded in sharding.files.items():
         if verify and records.get(name) != recorded:
-            raise CorruptCheckpointError(f"{path / name} is recorded differently in metadata.json and {SHARDING_FILE}")
+            raise CorruptCheckpointError(
+                f"{backend.join(files.location, name)} is recorded differently in metadata.json and {SHARDING_FILE}"
+            )
     wanted = list(items)
     state = read_full(files, sharding, items=wanted, verify=verify, where=where)
     if "optimizer" in state:

@@ -36,8 +36,8 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from .. import codec
 from ..format import documents
 from ..errors import ConfigurationError, CorruptCheckpointError
-from ..storage import FileRecord
-from .files import LocalShardFiles, ShardFiles
+from ..storage import FileRecord, backend_of, is_url
+from .files import BackendShardFiles, LocalShardFiles, ShardFiles
 from .layout import SHARDING_FILE, Chunk, Sharding, TensorEntry, chunk_key, file_kind, shard_file_name, unflatten
 from .planners import JsonLoadPlanner
 
@@ -50,6 +50,10 @@ class _StoredObject:
 
 
 def _files_at(location: str | os.PathLike[str] | ShardFiles) -> ShardFiles:
+    """The files at a local directory, at a URL (through the backend the URL names, configured by
+    the standard environment), or ``location`` itself when it already is a :class:`ShardFiles`."""
+    if is_url(location):
+        return BackendShardFiles(str(location), backend_of(str(location)))
     if isinstance(location, (str, os.PathLike)):
         return LocalShardFiles(location)
     return location
@@ -64,7 +68,8 @@ def _done(value: Any) -> Future[Any]:
 class SafetensorsWriter(StorageWriter):
     """Writes each rank's chunks as safetensors and the layout as ``sharding.json``.
 
-    ``location`` is a directory every rank can reach (or a :class:`ShardFiles`). ``on_commit``,
+    ``location`` is a directory every rank can reach, an object-store URL every rank writes under,
+    or a :class:`ShardFiles` (a :class:`BackendShardFiles` with configured storage). ``on_commit``,
     called on the coordinator after ``sharding.json`` is written, with the document and its file
     record, is where a caller commits the checkpoint; an exception it raises makes the save fail
     on every rank.
@@ -258,7 +263,7 @@ class SafetensorsReader(StorageReader):
         return dcp_metadata(self.sharding)
 
     def _where(self) -> str:
-        return str(getattr(self.files, "path", self.files))
+        return str(self.files)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data

@@ -1,9 +1,12 @@
 """The byte I/O of a sharded checkpoint, kept behind one small seam.
 
 Every read and write of a shard file or of ``sharding.json`` goes through a :class:`ShardFiles`.
-The one here works on a local (or shared, network-mounted) directory with the package's atomic,
-fsynced file primitives; a storage backend for object stores plugs in by providing the same four
-methods.
+:class:`BackendShardFiles` is the one implementation: the files under one location (a directory,
+or an object-store prefix every rank writes under) of any storage
+:class:`~ckpt_plugin.storage.Backend`, through the package's one write path and one read path
+(:mod:`ckpt_plugin.io.files`). Locally that is direct, fsynced I/O into a staging directory;
+remotely, streamed multipart uploads (bounded memory, no whole-file buffer) and parallel ranged
+GETs, every byte hashed on the way.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..io.files import read_bytes_file, stream_tensor_file, write_bytes_file, write_tensor_file
-from ..storage import FileRecord
+from ..storage import LOCAL, Backend, FileRecord
 from ..tensorformat import TensorSpec
 from .layout import is_plain_name
 
@@ -37,36 +40,51 @@ class ShardFiles(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
-class LocalShardFiles:
-    """The files of one sharded checkpoint in a directory every rank can reach.
+class BackendShardFiles:
+    """The files of one sharded checkpoint under ``location`` on ``backend``.
 
-    Files are created exclusively and fsynced. A tensor file is read once, front to back, straight
-    into the tensors ``destination`` names (new ones where it names none), and hashed in the same
-    pass; a mismatch with the record raises :class:`CorruptCheckpointError` naming the file, once
-    the bytes have landed.
+    ``location`` is a directory every rank can reach (the local file system, the default backend)
+    or a prefix on an object store (``s3://bucket/run/epoch_3@<transaction>``). Files are created
+    exclusively and made durable (fsynced, or the upload completed) before their record is
+    returned. A tensor file is read once, front to back, straight into the tensors
+    ``destination`` names (new ones where it names none), and hashed in the same pass; a mismatch
+    with the record raises :class:`CorruptCheckpointError` naming the file, once the bytes have
+    landed.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, location: str | os.PathLike[str], backend: Backend = LOCAL) -> None:
+        self.location = os.fspath(location)
+        self.backend = backend
 
     def __repr__(self) -> str:
-        return f"LocalShardFiles({str(self.path)!r})"
+        return f"{type(self).__name__}({self.location!r})"
 
-    def _file(self, name: str) -> Path:
+    def __str__(self) -> str:
+        return self.location
+
+    def _file(self, name: str) -> str:
         if not is_plain_name(name):
-            raise CorruptCheckpointError(f"{name!r} is not a plain file name inside {self.path}; refusing to use it")
-        return self.path / name
+            raise CorruptCheckpointError(f"{name!r} is not a plain file name inside {self.location}; refusing to use it")
+        return self.backend.join(self.location, name)
 
     def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
-        return write_tensor_file(self._file(name), tensors, SAFETENSORS_METADATA)
+        return write_tensor_file(self._file(name), tensors, SAFETENSORS_METADATA, backend=self.backend)
 
     def write_bytes(self, name: str, data: bytes) -> FileRecord:
-        return write_bytes_file(self._file(name), data)
+        return write_bytes_file(self._file(name), data, backend=self.backend)
 
     def read_bytes(self, name: str, record: FileRecord | None = None) -> bytes:
-        return read_bytes_file(self._file(name), record)
+        return read_bytes_file(self._file(name), record, backend=self.backend)
 
     def read_tensors(
         self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True
     ) -> dict[str, torch.Tensor]:
-        return stream_tensor_file(self._file(name), record, destination, verify=verify)
+        return stream_tensor_file(self._file(name), record, destination, verify=verify, backend=self.backend)
+
+
+class LocalShardFiles(BackendShardFiles):
+    """The files of one sharded checkpoint in a local (or shared, network-mounted) directory."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, LOCAL)
+        self.path = Path(path)
