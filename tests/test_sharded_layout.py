@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from ckpt_plugin import ConfigurationError, CorruptCheckpointError, EncodingError, IncompatibleCheckpointError
 from ckpt_plugin.distributed import (
+    BackendShardFiles,
     JsonLoadPlanner,
     JsonSavePlanner,
     LocalShardFiles,
@@ -25,6 +26,7 @@ from ckpt_plugin.distributed import (
     read_sharding,
 )
 from ckpt_plugin.distributed.layout import CHECKSUM_KEY, _checksum
+from ckpt_plugin.storage import backend_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -41,6 +43,30 @@ def state() -> dict:
 def saved(tmp_path):
     dcp.save(state(), storage_writer=SafetensorsWriter(tmp_path), planner=JsonSavePlanner())
     return tmp_path
+
+
+def test_the_storage_pair_takes_a_url_and_checks_every_byte_read():
+    import uuid
+
+    import fsspec
+
+    url = f"memory://sharded-{uuid.uuid4().hex[:12]}/ckpt"
+    dcp.save(state(), storage_writer=SafetensorsWriter(url), planner=JsonSavePlanner())
+    fs, path = fsspec.core.url_to_fs(url)
+    assert sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)) == ["model-r0-of-1.safetensors", "sharding.json"]
+    target = {"model": {"w": torch.zeros(4, 3), "b": torch.zeros(3, dtype=torch.int64)},
+              "optimizer": {"param_groups": [{"lr": 0.0, "betas": (0.0, 0.0), "params": [], "nan": 0.0}]}}
+    dcp.load(target, storage_reader=SafetensorsReader(url), planner=JsonLoadPlanner())
+    assert torch.equal(target["model"]["w"], state()["model"]["w"]) and target["optimizer"]["param_groups"][0]["lr"] == 0.5
+    shard = f"{path}/model-r0-of-1.safetensors"
+    data = bytearray(fs.cat_file(shard))
+    data[-1] ^= 0xFF
+    fs.pipe_file(shard, bytes(data))
+    with pytest.raises(BaseException, match="model-r0-of-1.safetensors does not match its recorded checksum"):
+        dcp.load(target, storage_reader=SafetensorsReader(url), planner=JsonLoadPlanner())
+    files = BackendShardFiles(url, backend_of(url))
+    with pytest.raises(CorruptCheckpointError, match="model-r0-of-1.safetensors"):
+        read_full(files, read_sharding(files))
 
 
 def test_round_trip_keeps_tuples_nan_and_dtypes_without_pickle(saved):
