@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .. import listing
+from .. import codec, listing
 from ..async_save import pending_info
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, as_path, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
@@ -100,6 +100,36 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+_KEPT: list[Any] = []
+"""The work objects (and tensors) of the last exchange. A gloo group's worker thread drops its
+reference to a finished collective's work a moment after the caller has woken up; if it held the
+last one, it would release the work's tensors, which takes the GIL, and a process exiting right
+after its last save or restore would abort when that thread asks for the GIL during interpreter
+shutdown. Keeping them here until the next exchange makes this thread the one that frees them."""
+
+
+def _run(collective: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``collective`` and wait for it; return its work, for :data:`_KEPT`."""
+    work = collective(*args, async_op=True, **kwargs)
+    work.wait()
+    return work
+
+
+def _gather_bytes(group: Any, payload: bytes) -> list[bytes]:
+    """Every rank's ``payload``, in rank order (two all-gathers: the sizes, then the padded bytes)."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    kept: list[Any] = [_run(dist.all_gather, sizes, size, group=group), size, sizes]
+    longest = max(int(each.item()) for each in sizes)
+    mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
+    mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    kept += [_run(dist.all_gather, gathered, mine, group=group), mine, gathered]
+    _KEPT[:] = kept
+    return [bytes(data[: int(length.item())].numpy()) for data, length in zip(gathered, sizes)]
+
+
 def agree(group: Any, action: str, error: BaseException | None, value: Any = None, *, exchange: bool = False) -> list[Any]:
     """Exchange every rank's outcome of a step (and, with ``exchange``, ``value``); return the
     values of all ranks. Every rank must pass the same ``exchange``.
@@ -110,12 +140,11 @@ def agree(group: Any, action: str, error: BaseException | None, value: Any = Non
     try:
         if not exchange:  # the common case costs one small all-reduce
             failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+            _KEPT[:] = [_run(dist.all_reduce, failed, op=dist.ReduceOp.MAX, group=group), failed]
             if not failed.item():
                 return []
         mine = (None if error is None else _describe(error), value)
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, mine, group=group)
+        gathered = [codec.from_json(codec.loads(data)) for data in _gather_bytes(group, codec.dumps(codec.to_json(mine)))]
     except RuntimeError as exc:
         raise DistributedCheckpointError(
             f"{action}: the ranks could not exchange their outcome ({exc}); a rank may have died or stopped "
