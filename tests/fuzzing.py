@@ -7,7 +7,9 @@ re-records every checksum that covers the file (file records, ``metadata_checksu
 checksums of the records), as an attacker who can write the directory would, so that the parsers
 themselves are reached. Then every reader runs: listing, ``load_latest``, ``load`` with and without
 verification, ``restore``, and the registry's versions, validation records, loads, production and
-history.
+history. The run also holds sharded checkpoints, saved by two FSDP2 ranks (spawned once, when the
+run is built), read back consolidated in one process; a mutated shard file is re-recorded in
+``sharding.json`` and that in ``metadata.json``, as an attacker would.
 
 A case passes when every reader returns data or raises :class:`CheckpointError`, nothing outside
 the case's directory changed, and every value that came back is plain data.
@@ -33,7 +35,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, codec, listing
-from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
+from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, SHARDING_FILE, metadata_checksum
+from ckpt_plugin.distributed.layout import CHECKSUM_KEY as SHARDING_CHECKSUM_KEY
+from ckpt_plugin.distributed.layout import _checksum as sharding_checksum
 from ckpt_plugin.format import documents
 from ckpt_plugin.storage import checksum_bytes
 
@@ -51,6 +55,9 @@ TARGETS = [
     "validated/history.jsonl",
     "production/model.json",
     "production/model.safetensors",
+    "sharded/epoch_1/sharding.json",
+    "sharded/epoch_1/metadata.json",
+    "sharded/epoch_1/model-r1-of-2.safetensors",
 ]
 KINDS = ["replace", "delete", "deep", "truncate", "flip"]
 HOSTILE_STRINGS = [
@@ -134,6 +141,11 @@ def build_golden(root: Path) -> None:
     registry = ArtifactRegistry(root / "checkpoints")
     registry.validate(1, "1.0.0")
     registry.promote("1.0.0")
+    from sharded_workers import launch
+
+    launch("fuzz_golden", 2, root)  # sharded/epoch_0, sharded/epoch_1
+    for leftover in root.glob(".rendezvous-*"):
+        leftover.unlink()
     (root / "outside").mkdir()
     (root / "outside" / "canary.bin").write_bytes(b"canary" * 10)
     shutil.copy(root / "checkpoints" / "epoch_0" / "model.safetensors", root / "outside" / "model.safetensors")
@@ -240,10 +252,13 @@ def mutate_file(path: Path, mutation: Mutation) -> None:
 def _reseal_self(path: Path, document: dict[str, Any]) -> None:
     """Record a document's own checksum again, where it keeps one and it can be computed."""
     key = METADATA_CHECKSUM_KEY if path.name == METADATA_FILE else documents.SEAL_KEY
-    if path.name not in ("metadata.json", "validation.json", "model.json", ".listing.json"):
+    if path.name not in ("metadata.json", "validation.json", "model.json", ".listing.json", SHARDING_FILE):
         return
     try:
-        document[key] = metadata_checksum(document) if key == METADATA_CHECKSUM_KEY else documents.checksum(documents.canonical(document))
+        if path.name == SHARDING_FILE:
+            document[SHARDING_CHECKSUM_KEY] = sharding_checksum(document)
+        else:
+            document[key] = metadata_checksum(document) if key == METADATA_CHECKSUM_KEY else documents.checksum(documents.canonical(document))
     except (TypeError, ValueError, RecursionError):
         pass
 
@@ -252,7 +267,11 @@ def rerecord(root: Path, target: str) -> None:
     """Update every checksum that covers ``target`` after it changed, as an attacker would."""
     path = root / target
     directory = path.parent
-    if target.startswith("checkpoints/epoch_") and path.name != METADATA_FILE:
+    if target.startswith("sharded/epoch_") and path.name.endswith(".safetensors"):
+        _record_in(directory / SHARDING_FILE, path.name, path.read_bytes(), SHARDING_CHECKSUM_KEY)
+        _record_in(directory / METADATA_FILE, path.name, path.read_bytes(), METADATA_CHECKSUM_KEY)
+        path = directory / SHARDING_FILE
+    if target.startswith(("checkpoints/epoch_", "sharded/epoch_")) and path.name != METADATA_FILE:
         _record_in(directory / METADATA_FILE, path.name, path.read_bytes(), METADATA_CHECKSUM_KEY)
     elif target.startswith("validated/v1.0.0/") and path.name != "validation.json":
         _record_in(directory / "validation.json", path.name, path.read_bytes(), documents.SEAL_KEY)
@@ -263,7 +282,10 @@ def rerecord(root: Path, target: str) -> None:
 def _record_in(record_path: Path, name: str, data: bytes, key: str) -> None:
     document = json.loads(record_path.read_bytes())
     document["files"][name] = {"size": len(data), "checksum": checksum_bytes(data)}
-    document[key] = metadata_checksum(document) if key == METADATA_CHECKSUM_KEY else documents.checksum(documents.canonical(document))
+    if key == SHARDING_CHECKSUM_KEY:
+        document[key] = sharding_checksum(document)
+    else:
+        document[key] = metadata_checksum(document) if key == METADATA_CHECKSUM_KEY else documents.checksum(documents.canonical(document))
     record_path.write_bytes(json.dumps(document).encode())
 
 
@@ -284,6 +306,16 @@ def readers(root: Path) -> list[tuple[str, Callable[[], Any]]]:
     def registry() -> ArtifactRegistry:
         return ArtifactRegistry(checkpoints)
 
+    def sharded() -> CheckpointManager:
+        return CheckpointManager(root / "sharded", max_checkpoints=None)
+
+    def restore_sharded() -> Any:
+        from sharded_workers import build, objects
+
+        model = build(1)
+        optimizer, scheduler = objects(model)
+        return sharded().restore(model, optimizer, scheduler, which=1, restore_rng=False)
+
     return [
         ("checkpoints", lambda: manager().checkpoints()),
         ("load_latest", lambda: manager().load_latest()),
@@ -298,6 +330,9 @@ def readers(root: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("load_production", lambda: registry().load_production()),
         ("load_production(verify=False)", lambda: registry().load_production(verify=False)),
         ("history", lambda: registry().history()),
+        ("sharded.load_latest", lambda: sharded().load_latest()),
+        ("sharded.load(verify=False)", lambda: sharded().load(epoch=1, verify=False)),
+        ("sharded.restore", restore_sharded),
     ]
 
 

@@ -383,7 +383,18 @@ def job_remote_restore(rank: int, world: int, directory: Path, url: str) -> None
     assert scheduler.last_epoch == 2
 
 
+def job_fuzz_golden(rank: int, world: int, directory: Path) -> None:
+    """Two sharded checkpoints in ``directory / "sharded"``, for the fuzzing harness to mutate."""
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    manager = CheckpointManager(directory / "sharded", max_checkpoints=None, collective_timeout=20)
+    for epoch in (0, 1):
+        loss = train_step(model, optimizer, scheduler, epoch)
+        manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler, extra={"note": (1, "x")})
+
+
 JOBS = {
+    "fuzz_golden": job_fuzz_golden,
     "save_and_fail": job_save_and_fail,
     "restore": job_restore,
     "remote_save": job_remote_save,
