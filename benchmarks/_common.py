@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -192,3 +195,31 @@ def scratch_dir(parent: str | None) -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent))
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server in its own process, so that the objects it holds in memory are not counted
+    in this process's peak memory."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the moto server did not start") from None
+            time.sleep(0.2)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
+    )
+    return server, endpoint

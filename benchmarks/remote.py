@@ -18,11 +18,6 @@ for the same cores as the client); both sides pay for it alike.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
-import time
 import warnings
 
 import torch
@@ -36,39 +31,12 @@ from _common import (
     print_table,
     scratch_dir,
     settle,
+    start_server,
     state_tensors,
 )
 
 from ckpt_plugin import CheckpointManager
 from ckpt_plugin.storage import fsspec as remote
-
-
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
-    """moto's S3 server in its own process, so that the objects it holds in memory are not counted
-    in this process's peak memory."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("the moto server did not start") from None
-            time.sleep(0.2)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
-    )
-    return server, endpoint
 
 
 def main() -> None:
