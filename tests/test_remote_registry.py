@@ -249,3 +249,24 @@ def test_places_need_a_parent_and_conditional_writes(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert registry.history() == []
+
+
+def test_an_interrupted_promotion_leaves_production_as_it_was(remote_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, weights = saved_run(remote_url, epochs=2)
+    registry = ArtifactRegistry(remote_url)
+    registry.validate(0, "1.0.0")
+    registry.validate(1, "2.0.0")
+    registry.promote("1.0.0")
+    before = objects(registry.production_dir)
+
+    def die(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ObjectStorePlaces, "switch", die)
+    with pytest.raises(KeyboardInterrupt):
+        registry.promote("2.0.0")
+    monkeypatch.undo()
+    assert registry.production()["version"] == "1.0.0"
+    assert_same_tree(registry.load_production()["model"], weights[0])
+    assert objects(registry.production_dir) == before  # the uploaded weights were removed
+    assert [event["event"] for event in registry.history()] == ["validate", "validate", "promote"]
