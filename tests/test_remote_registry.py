@@ -4,23 +4,31 @@ server (moto over HTTP) and ``memory://``."""
 
 from __future__ import annotations
 
+import json
 import threading
+import uuid
 import warnings
+from collections.abc import Iterator
 
 import fsspec
+import fuzzing
 import pytest
 import torch
 from core_helpers import assert_same_tree, objects
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from ckpt_plugin import (
     ArtifactRegistry,
+    CheckpointError,
     CheckpointManager,
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
 )
+from ckpt_plugin.format import documents
 from ckpt_plugin.registry_objects import ObjectStorePlaces
 from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
 
@@ -270,3 +278,70 @@ def test_an_interrupted_promotion_leaves_production_as_it_was(remote_url: str, m
     assert_same_tree(registry.load_production()["model"], weights[0])
     assert objects(registry.production_dir) == before  # the uploaded weights were removed
     assert [event["event"] for event in registry.history()] == ["validate", "validate", "promote"]
+
+
+# ---------------------------------------------------------------------- hostile registry objects
+
+_HOSTILE_TARGETS = ["validated/v1.0.0.json", "validated/history/{first}", "production/model.json"]
+
+
+@pytest.fixture(scope="module")
+def hostile_run() -> Iterator[str]:
+    url = f"memory://hostile-{uuid.uuid4().hex[:8]}/run/checkpoints"
+    saved_run(url, epochs=1)
+    registry = ArtifactRegistry(url)
+    registry.validate(0, "1.0.0")
+    registry.promote("1.0.0")
+    yield url
+    fsspec.filesystem("memory").rm(url.split("://", 1)[1].rsplit("/", 2)[0], recursive=True)
+
+
+@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    target=st.sampled_from(_HOSTILE_TARGETS),
+    document=fuzzing.json_values,
+    raw=st.binary(max_size=64),
+    how=st.sampled_from(["raw", "json", "edit"]),
+    key_index=st.integers(min_value=0, max_value=100),
+)
+def test_hostile_claims_pointers_and_history_objects_only_raise_checkpoint_errors(
+    hostile_run: str, target: str, document: object, raw: bytes, how: str, key_index: int
+) -> None:
+    """Whatever an attacker writes into the registry's own objects (garbage, any JSON, or the real
+    document with one key replaced and its self-checksum recomputed), every reader returns plain
+    data or raises a CheckpointError, and nothing is written."""
+    fs = fsspec.filesystem("memory")
+    run = hostile_run.split("://", 1)[1].rsplit("/", 1)[0]
+    if "{first}" in target:
+        target = target.format(first=sorted(fs.ls(f"{run}/validated/history", detail=False))[0].rsplit("/", 1)[-1])
+    key = f"{run}/{target}"
+    original = fs.cat_file(key)
+    before = objects(f"memory://{run}")
+    if how == "edit":
+        edited = json.loads(original)
+        field = sorted(edited)[key_index % len(edited)]
+        edited[field] = document
+        if documents.SEAL_KEY in edited:
+            edited = documents.seal(edited)
+        fs.pipe_file(key, json.dumps(edited).encode())
+    else:
+        fs.pipe_file(key, json.dumps(document).encode() if how == "json" else raw)
+    try:
+        registry = ArtifactRegistry(hostile_run)
+        for name, read in [
+            ("versions", registry.versions),
+            ("load", lambda: registry.load("1.0.0")),
+            ("production", registry.production),
+            ("load_production", registry.load_production),
+            ("history", registry.history),
+        ]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    value = read()
+                except CheckpointError:
+                    continue
+            assert fuzzing.non_data(value) is None, name
+        assert objects(f"memory://{run}") == before
+    finally:
+        fs.pipe_file(key, original)
