@@ -138,6 +138,20 @@ def check_consolidated_load(manager: CheckpointManager, reference_file: Path) ->
     return checkpoint
 
 
+def check_promotion(registry, manager: CheckpointManager) -> dict[str, torch.Tensor]:
+    """Validate and promote the latest sharded checkpoint of ``manager``: production holds its
+    consolidated weights, which load into the unsharded model; returns them."""
+    registry.validate(epoch="latest", version="1.0.0", checks=[lambda ckpt: ckpt["model"]["0.weight"].shape == (HIDDEN, 5)])
+    registry.promote("1.0.0")
+    expected = manager.load_latest()["model"]
+    production = registry.load_production()["model"]
+    assert production.keys() == expected.keys()
+    assert all(torch.equal(production[key], value) for key, value in expected.items())
+    build(9).load_state_dict(production, strict=True)
+    assert registry.load("1.0.0")["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    return expected
+
+
 def check_cli_export(location: str, config_file: Path, out: Path) -> None:
     """``ckpt export`` of epoch 2 at ``location`` writes one consolidated model, as safetensors and
     as a Hugging Face folder, equal to what a plain load gives; ``ckpt verify`` passes."""

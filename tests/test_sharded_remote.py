@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 
 from ckpt_plugin import CheckpointManager
-from sharded_workers import check_cli_export, check_consolidated_load, launch
+from sharded_workers import check_cli_export, check_consolidated_load, check_promotion, launch
 
 SHARD_FILES = [
     "metadata.json", "model-r0-of-2.safetensors", "model-r1-of-2.safetensors", "optim-r0-of-2.safetensors",
@@ -80,3 +80,10 @@ def test_restore_from_the_url_at_four_ranks_reshards_exactly(saved_remote):
 def test_cli_exports_a_consolidated_model_from_the_url(saved_remote, tmp_path):
     directory, url = saved_remote
     check_cli_export(url, directory / "reference_lr.txt", tmp_path)
+
+
+def test_the_registry_promotes_consolidated_weights_on_the_store(saved_remote):
+    from ckpt_plugin import ArtifactRegistry
+
+    _, url = saved_remote
+    check_promotion(ArtifactRegistry(url), CheckpointManager(url))

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
-from ..storage import LOCAL, Backend, FileRecord
+from ..storage import Backend, FileRecord, backend_of
 from .dcp_storage import read_full, read_sharding
 from .files import BackendShardFiles
 
@@ -22,15 +22,19 @@ def read_sharded_items(
     *,
     verify: bool = True,
     map_location: Any = None,
-    backend: Backend = LOCAL,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     """The ``items`` of the sharded checkpoint at ``location`` (a directory, or a prefix on the
-    object store ``backend`` reaches), consolidated into full tensors.
+    object store ``backend`` reaches), consolidated into full tensors. Without ``backend``, a URL
+    is reached with the store's standard environment (pass the caller's backend to use its
+    ``storage_options``) and a path on the local file system.
 
     ``records`` are the file records of its ``metadata.json``. The optimizer's state comes back
     keyed by parameter index, as ``Optimizer.state_dict()`` gives it, so that it loads into a
     plain optimizer over the unsharded model.
     """
+    if backend is None:
+        backend = backend_of(location)
     files = BackendShardFiles(location, backend)
     record = records.get(SHARDING_FILE)
     where = backend.join(files.location, SHARDING_FILE)
