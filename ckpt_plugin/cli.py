@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 import torch
 
-from . import codec, shards
+from . import shards
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
@@ -49,12 +49,13 @@ from .errors import (
     PromotionError,
     SignatureError,
 )
+from .format import codec
 from .io.files import copy_file, read_json, verify_file, write_bytes_file, write_tensor_file
-from .reader import open_item_files, read_checkpoint, read_info
+from .io.reader import open_item_files, read_checkpoint, read_info
+from .io.writer import SAFETENSORS_METADATA
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
 from .signing import SIGNATURE_FILE, verify_directory
 from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file, publish_made
-from .writer import SAFETENSORS_METADATA
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 HF_CONFIG_FILES = ("config.json", "generation_config.json")

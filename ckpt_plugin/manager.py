@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-from . import incremental as incremental_saves
-from . import listing, retention, savelog, signing, trash
-from .async_save import AsyncSaver, pending_info
+from . import listing, retention, savelog, signing
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint
 from .errors import (
     CheckpointError,
@@ -26,13 +24,15 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
+from .io import incremental as incremental_saves
+from .io.async_save import AsyncSaver, pending_info
+from .io.reader import Device, read_checkpoint, read_info
+from .io.restore import restore_checkpoint
+from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
-from .reader import Device, read_checkpoint, read_info
-from .restore import restore_checkpoint
 from .rng import capture_rng_state, restore_rng_state
-from .storage import LocalStore, is_url, open_store
+from .storage import LocalStore, is_url, open_store, trash
 from .storage.local import directory_identity
-from .writer import Snapshot, take_snapshot, write_snapshot
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
@@ -58,7 +58,7 @@ class CheckpointManager:
             resumed run continues bitwise identically.
         incremental: store the model as Hugging Face-style shards and hard-link the shards that did
             not change since the previous checkpoint instead of writing them again (frozen
-            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.incremental`.
+            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.io.incremental`.
         change_detection: how ``incremental`` finds unchanged tensors: ``"checksum"`` hashes every
             model tensor at each save; ``"version"`` trusts autograd version counters and hashes only
             tensors that were written to (writes through ``.data`` go unseen).

@@ -35,13 +35,13 @@ import torch
 import torch.distributed as dist
 
 from .. import listing
-from ..async_save import pending_info
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
+from ..io.async_save import pending_info
+from ..io.reader import read_checkpoint
+from ..io.writer import ShardedPart, Snapshot, write_snapshot
 from ..metadata import git_provenance_in_background
-from ..reader import read_checkpoint
 from ..rng import restore_rng_state
-from ..writer import ShardedPart, Snapshot, write_snapshot
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager

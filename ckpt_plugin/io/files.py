@@ -32,11 +32,10 @@ from typing import Any
 
 import torch
 
-from .. import tensorformat
 from ..errors import CorruptCheckpointError, StorageError
-from ..format import documents
+from ..format import documents, tensorformat
+from ..format.tensorformat import TensorSpec
 from ..storage import LOCAL, Backend, FileRecord, checksum_bytes, format_checksum, new_hasher
-from ..tensorformat import TensorSpec
 
 CHUNK_BYTES = 8 * 1024 * 1024
 """Bytes written, read and hashed at a time: small enough to be hashed from the CPU cache after

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from . import codec, shards
-from .checkpoint import (
+from .. import shards
+from ..checkpoint import (
     EXTRA_TENSORS_FILE,
     METADATA_FILE,
     MODEL_FILE,
@@ -32,10 +32,11 @@ from .checkpoint import (
     item_file,
     item_prefix,
 )
-from .errors import ConfigurationError
-from .format.names import is_plain_file_name
-from .io.files import write_bytes_file, write_tensor_file
-from .storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
+from ..errors import ConfigurationError
+from ..format import codec
+from ..format.names import is_plain_file_name
+from ..storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
+from .files import write_bytes_file, write_tensor_file
 
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 import xxhash
 
-from . import codec, shards
-from .checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
-from .io.files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
-from .storage import Backend, Commit, FileRecord
+from .. import shards
+from ..checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
+from ..format import codec
+from ..storage import Backend, Commit, FileRecord
+from .files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
 from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, Snapshot, write_snapshot
 
 DETECTION_MODES = ("checksum", "version")
