@@ -21,7 +21,17 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import MiB, build_state, interleaved_medians, machine, nbytes, peak_extra_rss, print_table, settle, state_tensors
+from _common import (
+    MiB,
+    build_state,
+    interleaved_medians,
+    machine,
+    nbytes,
+    peak_extra_rss,
+    print_table,
+    settle,
+    state_tensors,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from remote import start_server
