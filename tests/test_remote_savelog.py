@@ -95,3 +95,17 @@ def test_ckpt_plot_reads_a_bucket_with_storage_options(s3_bucket: str, s3_env: s
     assert marks["latest"] == "epoch_3_step_30" and output.stat().st_size > 0
     bad = CliRunner().invoke(cli.app, ["plot", url, "-o", str(output), "--storage-option", "endpoint_url"])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+def test_a_downloaded_bucket_log_reads_locally_too(remote_url: str, tmp_path: Path) -> None:
+    """A run copied from a bucket to a directory keeps its history (and a local log stays the
+    single-file ``.saves.jsonl``)."""
+    saved_run(remote_url, epochs=2)
+    fs, path = fsspec.core.url_to_fs(remote_url)
+    copy = tmp_path / "copy"
+    fs.get(f"{path}/{savelog.LOG_PREFIX}/", str(copy / savelog.LOG_PREFIX) + "/", recursive=True)
+    assert [entry["epoch"] for entry in savelog.read(copy)] == [0, 1]
+    local = CheckpointManager(copy)
+    local.save(torch.nn.Linear(3, 2), epoch=2)
+    assert (copy / savelog.LOG_FILE).is_file() and len(list((copy / savelog.LOG_PREFIX).iterdir())) == 2
+    assert [entry["epoch"] for entry in savelog.read(copy)] == [2, 0, 1]  # the lines come first

@@ -16,9 +16,9 @@ pytest.importorskip("model_signing")
 from security_helpers import key_pair
 from typer.testing import CliRunner
 
-from ckpt_plugin import CheckpointManager, SignatureError, cli
+from ckpt_plugin import CheckpointManager, SignatureError, StorageError, cli
 from ckpt_plugin.signing import SIGNATURE_FILE, sign_directory, sign_prefix, verify_prefix
-from ckpt_plugin.storage import LOCAL, backend_of
+from ckpt_plugin.storage import LOCAL, backend_of, faults
 from ckpt_plugin.storage.fsspec import ManifestStore
 
 
@@ -144,3 +144,32 @@ def test_ckpt_verify_key_checks_remote_signatures(s3_bucket: str, keys) -> None:
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli.app, ["verify", url, "--key", str(theirs), "--json"])
     assert result.exit_code == 1 and "does not verify" in result.output
+
+
+def test_a_failed_signature_upload_leaves_nothing_visible(remote_url: str, keys) -> None:
+    (private, ours), _ = keys
+    manager = save_signed(remote_url, private)
+    fs, path = fsspec.core.url_to_fs(remote_url)
+    fs.invalidate_cache()
+    before = sorted(fs.find(path))
+
+    def drop_signature(operation: str, key: str) -> None:
+        if operation == "create" and key.endswith(SIGNATURE_FILE):
+            raise faults.disk_full(key)
+
+    faults.inject(manager, hook=drop_signature)
+    with pytest.raises(StorageError, match=SIGNATURE_FILE):
+        manager.save(torch.nn.Linear(6, 3), epoch=1)
+    fs.invalidate_cache()
+    assert sorted(fs.find(path)) == before  # the prefix was removed, nothing was committed or logged
+    fresh = CheckpointManager(remote_url)
+    assert [info.epoch for info in fresh.checkpoints()] == [0]
+    fresh.load_latest(verify_with=ours)
+
+
+def test_an_asynchronous_signed_save_verifies(keys) -> None:
+    (private, ours), _ = keys
+    url = "memory://signed-async/run/checkpoints"
+    with CheckpointManager(url, signing_key=private, async_save=True) as manager:
+        manager.save(torch.nn.Linear(6, 3), epoch=0)
+    assert CheckpointManager(url).load_latest(verify_with=ours)["epoch"] == 0
