@@ -73,8 +73,8 @@ err = Console(stderr=True, highlight=False)
 Directory = Annotated[str, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into), or its URL (s3://bucket/run/checkpoints).")]
 Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', or a validated version such as v1.0.0.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
-ValidatedDir = Annotated[Optional[Path], typer.Option(help="Validated versions (default: validated/ beside DIR).")]
-ProductionDir = Annotated[Optional[Path], typer.Option(help="The production model (default: production/ beside DIR).")]
+ValidatedDir = Annotated[Optional[str], typer.Option(help="Validated versions, a path or URL (default: validated/ beside DIR).")]
+ProductionDir = Annotated[Optional[str], typer.Option(help="The production model, a path or URL (default: production/ beside DIR).")]
 StorageOptions = Annotated[
     Optional[list[str]],
     typer.Option("--storage-option", help="KEY=VALUE passed to the URL's fsspec file system (VALUE is read as JSON when it "
@@ -109,13 +109,17 @@ def _handled(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-def _registry(directory: str | Path, validated_dir: Path | None = None, production_dir: Path | None = None) -> ArtifactRegistry:
+def _registry(directory: str | Path, validated_dir: str | None = None, production_dir: str | None = None) -> ArtifactRegistry:
     """The registry of ``directory``: a local path, or an object store URL (configured by the store's
     standard environment, such as ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``)."""
     if is_url(str(directory)):
         return ArtifactRegistry(str(directory), validated_dir, production_dir)
     directory = Path(directory)
-    registry = ArtifactRegistry(directory, validated_dir, production_dir)
+    registry = ArtifactRegistry(
+        directory,
+        Path(validated_dir) if validated_dir is not None else None,
+        Path(production_dir) if production_dir is not None else None,
+    )
     if not directory.is_dir() and not registry.validated_dir.is_dir():
         raise CheckpointNotFoundError(
             f"{directory} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
@@ -387,9 +391,9 @@ def verify(
     registry = _registry(_existing(directory))
     infos, problems = _raw_listing(registry)
     files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
-    backend = infos[0].backend if infos else LOCAL  # every file of one registry is on one store
+    backend = registry.backend if registry.remote else LOCAL  # every file of one registry is on one store
     for version in registry.versions():
-        folder = registry.version_dir(version)
+        folder = str(registry.version_dir(version))
         try:
             records = registry.validation(version)["files"]
             if key is not None:
@@ -397,7 +401,7 @@ def verify(
         except (CorruptCheckpointError, SignatureError) as exc:
             problems.append({"path": str(folder), "error": str(exc)})
             continue
-        files += [(folder / name, FileRecord.from_json(record)) for name, record in records.items()]
+        files += [(backend.join(folder, name), FileRecord.from_json(record)) for name, record in records.items()]
     try:
         production = registry.production()
         if key is not None:
@@ -406,7 +410,7 @@ def verify(
         production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
     if production is not None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
-        files.append((registry.production_dir / PRODUCTION_MODEL_FILE, record))
+        files.append((backend.join(str(registry.production_dir), production.get("weights", PRODUCTION_MODEL_FILE)), record))
     if key is not None:
         for info in infos:
             if info.backend.fingerprint(info.file(SIGNATURE_FILE)) is not None:

@@ -14,6 +14,10 @@
 
 A validated version is immutable. ``production/`` is replaced as a whole directory with one
 atomic rename, so a reader sees the old model or the new one, never a mix.
+
+On an object store (``ArtifactRegistry("s3://bucket/run/checkpoints")``) the same layout holds, with
+conditional writes in place of the lock and the rename; :mod:`ckpt_plugin.registry_objects`
+describes it and how concurrent validations and promotions resolve.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ from .io.files import (
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
 from .reader import Device, open_item_files, read_checkpoint, read_info
-from .storage import FileRecord, LocalStore, append_line, checksum_bytes, is_url
+from .registry_objects import ObjectStorePlaces
+from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url
 from .writer import SAFETENSORS_METADATA
 
 VALIDATION_FILE = "validation.json"
@@ -67,6 +72,8 @@ PRODUCTION_FORMAT = "ckpt_plugin.production"
 FORMAT_VERSION = 1
 BUMPS = ("major", "minor", "patch")
 _LOAD_ATTEMPTS = 20
+_CLAIM_ATTEMPTS = 20
+_SWITCH_ATTEMPTS = 20
 
 Check = Callable[[dict[str, Any]], Any]
 ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]
@@ -157,14 +164,16 @@ class ArtifactRegistry:
     """The promotion pipeline over one checkpoint directory: raw -> validated -> production.
 
     Args:
-        checkpoint_dir: the directory a :class:`CheckpointManager` saves into. An object store URL
-            (``s3://bucket/run/checkpoints``) gives a read-only registry in this release: its raw
-            checkpoints can be listed, inspected and loaded, and it has no validated versions;
-            :meth:`validate`, :meth:`promote` and :meth:`rollback` raise :class:`ConfigurationError`.
+        checkpoint_dir: the directory a :class:`CheckpointManager` saves into, or its object store
+            URL (``s3://bucket/run/checkpoints``). On an object store, validating and promoting need
+            conditional writes (S3, and ``memory://`` within one process); see
+            :mod:`ckpt_plugin.registry_objects`.
         storage_options: the fsspec options of such a URL, as for :class:`CheckpointManager`.
-        validated_dir: where validated versions go; default ``validated/`` beside ``checkpoint_dir``.
+        validated_dir: where validated versions go; default ``validated/`` beside ``checkpoint_dir``
+            (a URL when ``checkpoint_dir`` is one).
         production_dir: what inference loads; default ``production/`` beside ``checkpoint_dir``.
-        lock_timeout: seconds to wait for another process's promotion before giving up.
+        lock_timeout: seconds to wait for another process's promotion before giving up (local
+            directories; an object store needs no lock).
     """
 
     def __init__(
@@ -180,10 +189,7 @@ class ArtifactRegistry:
         self._manager: CheckpointManager | None = None
         self.remote = is_url(str(checkpoint_dir))
         if self.remote:
-            if validated_dir is not None or production_dir is not None:
-                raise ConfigurationError("validated_dir and production_dir are not supported with an object store checkpoint_dir")
-            self.checkpoint_dir: Path | str = str(checkpoint_dir).rstrip("/")
-            self.validated_dir = self.production_dir = None  # type: ignore[assignment]
+            self._open_remote(str(checkpoint_dir), validated_dir, production_dir)
             return
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
         beside = self.checkpoint_dir.parent
@@ -198,6 +204,30 @@ class ArtifactRegistry:
         self._validated = LocalStore(self.validated_dir)
         self._production_parent = LocalStore(self.production_dir.parent)
         self._lock = filelock.FileLock(str(self.validated_dir / LOCK_FILE), timeout=lock_timeout)
+
+    def _open_remote(self, url: str, validated_dir: Any, production_dir: Any) -> None:
+        url = url.rstrip("/")
+        parent, _, name = url.rpartition("/")
+        if not name or parent.endswith(":/") or parent.endswith("://"):
+            raise ConfigurationError(
+                f"{url} has no parent prefix to hold validated/ and production/ beside it; save into a prefix "
+                "such as s3://bucket/run/checkpoints, or pass validated_dir= and production_dir="
+            )
+        places = {}
+        for label, given, default in (("validated_dir", validated_dir, "validated"), ("production_dir", production_dir, "production")):
+            chosen = str(given).rstrip("/") if given is not None else f"{parent}/{default}"
+            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:
+                raise ConfigurationError(f"{label} must be a URL on the same store as {url} when checkpoint_dir is one, not {given!r}")
+            places[label] = chosen
+        if len({url, places["validated_dir"], places["production_dir"]}) != 3:
+            raise ConfigurationError(
+                f"checkpoint_dir, validated_dir and production_dir must be three different places; got {url}, "
+                f"{places['validated_dir']} and {places['production_dir']}"
+            )
+        self.checkpoint_dir: Path | str = url
+        self.validated_dir: Path | str = places["validated_dir"]
+        self.production_dir: Path | str = places["production_dir"]
+        self._places = ObjectStorePlaces(self.validated_dir, self.production_dir, self.storage_options or None)
 
     def __repr__(self) -> str:
         return f"ArtifactRegistry({str(self.checkpoint_dir)!r}, validated_dir={str(self.validated_dir)!r}, production_dir={str(self.production_dir)!r})"
@@ -263,7 +293,8 @@ class ArtifactRegistry:
         private key's PEM file) the version is signed before it becomes visible; see
         :mod:`ckpt_plugin.signing` and ``verify_with=`` of :meth:`promote` and :meth:`load_production`.
         """
-        self._local_only("validate")
+        if self.remote:
+            self._places.require_conditional_writes("validating a version")
         if (version is None) == (bump is None):
             raise ConfigurationError("pass exactly one of version= (such as '1.0.0') or bump= ('major', 'minor' or 'patch')")
         wanted = parse_version(version) if version is not None else None
@@ -274,37 +305,28 @@ class ArtifactRegistry:
             self._refuse_existing(wanted)
 
         source = self.resolve(epoch, metric, mode)
-        metadata_bytes = read_bytes_file(source.path / METADATA_FILE)
-        info = parse_metadata(source.path, documents.load_json(metadata_bytes, str(source.path / METADATA_FILE)))
+        backend = source.backend
+        metadata_bytes = read_bytes_file(source.file(METADATA_FILE), backend=backend)
+        info = parse_metadata(source.location, documents.load_json(metadata_bytes, source.file(METADATA_FILE)), backend)
         advance = progress(f"validating {info.name}", 2 * info.size) if progress is not None else None
         for filename, file in info.files.items():
-            verify_file(info.path / filename, file, advance)
+            verify_file(info.file(filename), file, advance, backend=backend)
         results = run_checks(named, read_checkpoint(info, verify=False))
         failed = [result for result in results if not result["passed"]]
         if failed:
             reasons = "; ".join(f"{r['name']}" + (f" ({r['detail']})" if r["detail"] else "") for r in failed)
             raise PromotionError(
-                f"{info.path} failed {len(failed)} of {len(results)} checks: {reasons}. Nothing was validated; "
+                f"{info.location} failed {len(failed)} of {len(results)} checks: {reasons}. Nothing was validated; "
                 "fix the model or pick another checkpoint"
             )
 
         files = {**info.files, METADATA_FILE: FileRecord(len(metadata_bytes), checksum_bytes(metadata_bytes))}
+        if self.remote:
+            return self._validate_remote(info, metadata_bytes, files, results, wanted, bump, advance, signing_key)
         with self._locked():
             chosen = wanted if wanted is not None else next_version(self._parsed_versions(), bump)  # type: ignore[arg-type]
             self._refuse_existing(chosen)
-            record = {
-                "format": VALIDATED_FORMAT,
-                "format_version": FORMAT_VERSION,
-                "version": str(chosen),
-                "source": self._source_entry(info, files[METADATA_FILE]),
-                "metrics": codec.to_json(info.metrics, "metrics"),
-                "metric_for_best": info.metric_for_best,
-                "mode": info.mode,
-                "checks": results,
-                "files": {name: file.to_json() for name, file in files.items()},
-                "validated_at": utc_timestamp(),
-                "validated_by": _actor(),
-            }
+            record = self._validation_record(chosen, info, files, results)
             name = _directory_name(chosen)
             staging = self._validated.staging_dir(name)
             try:
@@ -322,6 +344,66 @@ class ArtifactRegistry:
             self._log("validate", chosen, source=record["source"])
         return _decoded(record)
 
+    def _validation_record(
+        self, version: Version, info: CheckpointInfo, files: Mapping[str, FileRecord], results: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return {
+            "format": VALIDATED_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": str(version),
+            "source": self._source_entry(info, files[METADATA_FILE]),
+            "metrics": codec.to_json(info.metrics, "metrics"),
+            "metric_for_best": info.metric_for_best,
+            "mode": info.mode,
+            "checks": results,
+            "files": {name: file.to_json() for name, file in files.items()},
+            "validated_at": utc_timestamp(),
+            "validated_by": _actor(),
+        }
+
+    def _validate_remote(
+        self,
+        info: CheckpointInfo,
+        metadata_bytes: bytes,
+        files: Mapping[str, FileRecord],
+        results: list[dict[str, Any]],
+        wanted: Version | None,
+        bump: str | None,
+        advance: Callable[[int], None] | None,
+        signing_key: Any,
+    ) -> dict[str, Any]:
+        """Write the version under a fresh prefix, then claim its name; a lost claim tries the next
+        version (``bump``) or refuses (an explicit version)."""
+        backend = info.backend
+        for _ in range(_CLAIM_ATTEMPTS):
+            chosen = wanted if wanted is not None else next_version(self._parsed_versions(), bump)  # type: ignore[arg-type]
+            self._refuse_existing(chosen)
+            record = documents.seal(self._validation_record(chosen, info, files, results))
+            name = _directory_name(chosen)
+            prefix = self._places.begin_version(name)
+            try:
+                for filename, file in info.files.items():
+                    copy_file(info.file(filename), backend.join(prefix, filename), file, advance, backend=backend)
+                write_bytes_file(backend.join(prefix, METADATA_FILE), metadata_bytes, backend=backend)
+                validation = write_bytes_file(backend.join(prefix, VALIDATION_FILE), codec.dumps(record), backend=backend)
+                if signing_key is not None:
+                    signing.sign_prefix(backend, prefix, signing_key)
+                claimed = self._places.claim(chosen, name, prefix, validation)
+            except BaseException:
+                self._places.discard(prefix)
+                raise
+            if claimed:
+                self._log("validate", chosen, source=record["source"], time=record["validated_at"])
+                return _decoded(record)
+            self._places.discard(prefix)
+            if wanted is not None:
+                self._refuse_existing(chosen)
+            advance = None  # the bytes were counted once
+        raise PromotionError(
+            f"other processes claimed {_CLAIM_ATTEMPTS} versions in {self.validated_dir} while this one was being "
+            "written; retry the validation"
+        )
+
     def versions(self) -> list[str]:
         """Every validated version, lowest first, compared semantically (1.10.0 after 1.9.0)."""
         return [str(version) for version in self._parsed_versions()]
@@ -330,19 +412,20 @@ class ArtifactRegistry:
         """The validation record of ``version``: source checkpoint, checksum, metrics and checks."""
         return _decoded(self._validation_document(parse_version(version)))
 
-    def version_dir(self, version: str | Version) -> Path:
-        """The directory of validated ``version`` (raises :class:`CheckpointNotFoundError` if none)."""
+    def version_dir(self, version: str | Version) -> Path | str:
+        """The directory of validated ``version`` (a URL on an object store; raises
+        :class:`CheckpointNotFoundError` if there is no such version)."""
         parsed = parse_version(version)
         self._validation_document(parsed)
-        return self.validated_dir / _directory_name(parsed)
+        return self._version_place(parsed)
 
     def checkpoint_info(self, version: str | Version) -> CheckpointInfo:
         """The validated ``version`` as a :class:`CheckpointInfo`, its metadata verified."""
         parsed = parse_version(version)
         document = self._validation_document(parsed)
-        path = self.validated_dir / _directory_name(parsed)
-        record = _record(document, METADATA_FILE, path / VALIDATION_FILE)
-        return read_info(path, record=record)
+        place = str(self._version_place(parsed))
+        record = _record(document, METADATA_FILE, self.backend.join(place, VALIDATION_FILE))
+        return read_info(place, self.backend, record=record)
 
     def load(
         self, version: str | Version, *, map_location: Device = None, verify: bool = True, verify_with: Any = None
@@ -360,7 +443,11 @@ class ArtifactRegistry:
     def verify_signature(self, version: str | Version, public_key: str | os.PathLike[str]) -> None:
         """Check that validated ``version`` is exactly what the owner of ``public_key`` signed
         (:class:`SignatureError` otherwise)."""
-        signing.verify_directory(self.version_dir(version), public_key)
+        place = self.version_dir(version)
+        if self.remote:
+            signing.verify_prefix(self.backend, str(place), public_key)
+        else:
+            signing.verify_directory(place, public_key)
 
     # ------------------------------------------------------------------ production
 
@@ -373,8 +460,9 @@ class ArtifactRegistry:
         ``progress`` reports the bytes read, for progress bars. With ``verify_with`` (a public key's
         PEM file) a version whose signature does not verify is refused (:class:`SignatureError`).
         """
-        self._local_only("promote")
         parsed = parse_version(version)
+        if self.remote:
+            return self._promote_remote(parsed, progress, verify_with)
         with self._locked():
             if verify_with is not None:
                 self.verify_signature(parsed, verify_with)
@@ -392,7 +480,8 @@ class ArtifactRegistry:
 
     def rollback(self, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
         """Put the previously promoted version back into production; returns :meth:`production`."""
-        self._local_only("rollback")
+        if self.remote:
+            return self._rollback_remote(progress)
         with self._locked():
             current = self._production_document()
             if current is None:
@@ -406,6 +495,90 @@ class ArtifactRegistry:
             document = self._switch(parse_version(target), stack, progress)
             self._log("rollback", target, source=document["source"], previous=current["version"])
         return _public(document)
+
+    def _promote_remote(self, version: Version, progress: ProgressFactory | None, verify_with: Any) -> dict[str, Any]:
+        """Upload the weights once, then switch the pointer on top of whatever production is by then."""
+        self._places.require_conditional_writes("promoting a version")
+        if verify_with is not None:
+            self.verify_signature(version, verify_with)
+        self._recover_remote()
+        uploaded: tuple[str, FileRecord, Any] | None = None
+        try:
+            for _ in range(_SWITCH_ATTEMPTS):
+                pointer = self._places.read_pointer()
+                current = self._pointer_document(pointer)
+                if current is not None and current["version"] == str(version):
+                    return _public(current)
+                if uploaded is None:
+                    uploaded = self._upload_production_weights(version, progress)
+                stack = [*current["previous_versions"], current["version"]] if current is not None else []
+                document = self._production_record(version, stack, uploaded[2], uploaded[0], uploaded[1])
+                try:
+                    self._places.switch(codec.dumps(document), pointer)
+                except conditional.WriteConflict:
+                    continue
+                uploaded = None
+                if current is not None:
+                    self._places.drop_weights(current.get("weights", PRODUCTION_MODEL_FILE))
+                self._log(
+                    "promote", version, source=document["source"], previous=current["version"] if current else None,
+                    time=document["promoted_at"],
+                )
+                return _public(document)
+        finally:
+            if uploaded is not None:
+                self._places.drop_weights(uploaded[0])
+        raise PromotionError(f"production in {self.production_dir} changed {_SWITCH_ATTEMPTS} times during this promotion; retry")
+
+    def _rollback_remote(self, progress: ProgressFactory | None) -> dict[str, Any]:
+        """Switch back to the previous version, refusing if production changes meanwhile."""
+        self._places.require_conditional_writes("rolling back")
+        self._recover_remote()
+        pointer = self._places.read_pointer()
+        current = self._pointer_document(pointer)
+        if current is None:
+            raise PromotionError(f"nothing is in production at {self.production_dir}; promote a version first")
+        if not current["previous_versions"]:
+            raise PromotionError(
+                f"version {current['version']} is the first one promoted to {self.production_dir}; there is nothing to roll back to"
+            )
+        *stack, target = current["previous_versions"]
+        weights, record, model_tree = self._upload_production_weights(parse_version(target), progress)
+        document = self._production_record(parse_version(target), stack, model_tree, weights, record)
+        try:
+            self._places.switch(codec.dumps(document), pointer)
+        except conditional.WriteConflict:
+            self._places.drop_weights(weights)
+            raise PromotionError(
+                f"production in {self.production_dir} changed while rolling back from {current['version']}; "
+                "look at what is in production now (ckpt history) and roll back again if you still mean to"
+            ) from None
+        self._places.drop_weights(current.get("weights", PRODUCTION_MODEL_FILE))
+        self._log("rollback", target, source=document["source"], previous=current["version"], time=document["promoted_at"])
+        return _public(document)
+
+    def _upload_production_weights(self, version: Version, progress: ProgressFactory | None) -> tuple[str, FileRecord, Any]:
+        """Give production a new weights object for ``version``: its name, record and model layout."""
+        directory, files, model_tree, consolidated = self._production_source(version)
+        name = self._places.new_weights_name()
+        target = self._places.weights_key(name)
+        backend = self.backend
+        try:
+            if consolidated is not None:
+                record = write_tensor_file(target, consolidated, SAFETENSORS_METADATA, backend=backend)
+            else:
+                record = _publish_model(directory, files, target, version, progress, backend)
+        except BaseException:
+            self._places.drop_weights(name)
+            raise
+        return name, record, model_tree
+
+    def _recover_remote(self) -> None:
+        try:
+            current = self._pointer_document(self._places.read_pointer())
+        except CorruptCheckpointError:
+            return
+        self._places.recover(current.get("weights", PRODUCTION_MODEL_FILE) if current else None)
 
     def production(self) -> dict[str, Any] | None:
         """What is in production: version, source, metrics, checks, checksums, who promoted it and
@@ -433,13 +606,12 @@ class ArtifactRegistry:
             if verify_with is not None:
                 self._check_signed_production(document, verify_with)
                 verify = True
-            record = _record(document, PRODUCTION_MODEL_FILE, self.production_dir / PRODUCTION_RECORD_FILE)
+            record = _record(document, PRODUCTION_MODEL_FILE, self._production_file(PRODUCTION_RECORD_FILE))
+            weights = self._production_file(document.get("weights", PRODUCTION_MODEL_FILE))
             try:
                 # Read into private memory rather than mapping the file: the served weights must not
                 # change when someone edits or truncates a file that shares their inode.
-                tensors = stream_tensor_file(
-                    self.production_dir / PRODUCTION_MODEL_FILE, record, lambda spec: None, verify=verify
-                )
+                tensors = stream_tensor_file(weights, record, lambda spec: None, verify=verify, backend=self.backend)
             except CorruptCheckpointError:
                 if self._production_bytes() == before:
                     raise
@@ -453,7 +625,7 @@ class ArtifactRegistry:
             tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         public = _public(document)
         return {
-            "model": codec.decode(document["model"], tensors, str(self.production_dir / PRODUCTION_RECORD_FILE), "model"),
+            "model": codec.decode(document["model"], tensors, self._production_file(PRODUCTION_RECORD_FILE), "model"),
             "version": document["version"],
             "epoch": document["source"]["epoch"],
             "metrics": public["metrics"],
@@ -465,7 +637,7 @@ class ArtifactRegistry:
         """The audit log, oldest first: one dict per validate, promote and rollback, with ``time``,
         ``event``, ``version``, ``source`` (checkpoint path, epoch, checksum), ``user`` and ``host``."""
         if self.remote:
-            return []
+            return self._places.history()
         path = self.validated_dir / HISTORY_FILE
         if not path.is_file():
             return []
@@ -493,48 +665,72 @@ class ArtifactRegistry:
                 f"{self._lock.timeout} s; wait for its promotion to finish and retry"
             ) from None
 
-    def _local_only(self, action: str) -> None:
-        if self.remote:
-            raise ConfigurationError(
-                f"cannot {action} in {self.checkpoint_dir}: validated versions and production live on a local "
-                "file system in this release; copy the checkpoint to a local directory and use a registry there"
-            )
+    @property
+    def backend(self) -> Backend:
+        """What reaches the validated versions and production (the local file system, or the object store)."""
+        return self._places.backend if self.remote else LOCAL
+
+    def _version_place(self, version: Version) -> Path | str:
+        """Where validated ``version`` lives (whether or not it exists)."""
+        name = _directory_name(version)
+        if not self.remote:
+            return self.validated_dir / name
+        found = self._places.version_location(name)
+        if found is None:
+            raise CheckpointNotFoundError(f"version {version} is not validated in {self.validated_dir}")
+        return found[0]
+
+    def _production_file(self, filename: str) -> str:
+        return self.backend.join(str(self.production_dir), filename)
 
     def _parsed_versions(self) -> list[Version]:
         if self.remote:
-            return []
+            names = self._places.version_names()
+        else:
+            names = [entry.name for entry in self._validated.entries() if (Path(entry.path) / VALIDATION_FILE).is_file()]
         found = []
-        for entry in self._validated.entries():
+        for name in names:
             try:
-                version = parse_version(entry.name[1:])
+                version = parse_version(name[1:])
             except PromotionError:
                 continue
-            if entry.name == _directory_name(version) and (Path(entry.path) / VALIDATION_FILE).is_file():
+            if name == _directory_name(version):
                 found.append(version)
         return sorted(found)
 
     def _refuse_existing(self, version: Version) -> None:
-        if (self.validated_dir / _directory_name(version)).exists():
+        if self.remote:
+            taken = self.backend.fingerprint(self._places.claim_key(_directory_name(version))) is not None
+        else:
+            taken = (self.validated_dir / _directory_name(version)).exists()
+        if taken:
             raise PromotionError(
                 f"version {version} is already validated in {self.validated_dir} and validated versions are "
                 "immutable; choose a new version, or bump the highest one"
             )
 
     def _validation_document(self, version: Version) -> dict[str, Any]:
+        record: FileRecord | None = None
         if self.remote:
-            raise CheckpointNotFoundError(f"version {version} is not validated: {self.checkpoint_dir} has no validated versions")
-        path = self.validated_dir / _directory_name(version) / VALIDATION_FILE
-        if not path.is_file():
+            found = self._places.version_location(_directory_name(version))
+            path: Any = None if found is None else self.backend.join(found[0], VALIDATION_FILE)
+            record = None if found is None else found[1]
+        else:
+            path = self.validated_dir / _directory_name(version) / VALIDATION_FILE
+            path = path if path.is_file() else None
+        if path is None:
             existing = ", ".join(self.versions()) or "none"
             raise CheckpointNotFoundError(f"version {version} is not validated in {self.validated_dir}; validated versions: {existing}")
-        document = read_json(path)
+        document = read_json(path, record, backend=self.backend)
         documents.check_seal(document, str(path))
+        if document["version"] != str(version):
+            raise CorruptCheckpointError(f"{path} records version {document['version']}, not {version}; the record is damaged")
         return document
 
     @staticmethod
     def _source_entry(info: CheckpointInfo, metadata: FileRecord) -> dict[str, Any]:
         return {
-            "path": str(info.path.resolve()),
+            "path": info.location if is_url(info.location) else str(Path(info.location).resolve()),
             "name": info.name,
             "epoch": info.epoch,
             "step": info.step,
@@ -544,7 +740,12 @@ class ArtifactRegistry:
 
     def _production_bytes(self) -> bytes | None:
         if self.remote:
-            return None
+            try:
+                return read_bytes_file(self._places.pointer_key, backend=self.backend)
+            except CorruptCheckpointError:  # how the read path reports a missing file
+                if self.backend.fingerprint(self._places.pointer_key) is not None:
+                    raise
+                return None
         path = self.production_dir / PRODUCTION_RECORD_FILE
         try:
             return read_bytes_file(path)
@@ -557,7 +758,7 @@ class ArtifactRegistry:
         data = self._production_bytes() if data is None else data
         if data is None:
             return None
-        where = str(self.production_dir / PRODUCTION_RECORD_FILE)
+        where = self._production_file(PRODUCTION_RECORD_FILE)
         try:
             document = documents.parse(data, PRODUCTION_RECORD_FILE, where)
             documents.check_seal(document, where)
@@ -565,35 +766,47 @@ class ArtifactRegistry:
             raise CorruptCheckpointError(f"{exc}; promote a version again to replace it") from None
         return document
 
-    def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
-        """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""
+    def _production_source(self, version: Version) -> tuple[str, dict[str, FileRecord], Any, dict[str, torch.Tensor] | None]:
+        """Where validated ``version`` lives, its file records, its model's layout and, for a sharded
+        checkpoint, its model consolidated into full tensors (production holds the full weights)."""
         validation = self._validation_document(version)
-        directory = self.validated_dir / _directory_name(version)
+        directory = str(self._version_place(version))
+        backend = self.backend
         files = {name: FileRecord.from_json(record) for name, record in validation["files"].items()}
-        where = directory / VALIDATION_FILE
-        metadata = read_json(directory / METADATA_FILE, _record(validation, METADATA_FILE, where))
-        parse_metadata(directory, metadata)
-        state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, where))
+        where = backend.join(directory, VALIDATION_FILE)
+        metadata = read_json(backend.join(directory, METADATA_FILE), _record(validation, METADATA_FILE, where), backend=backend)
+        parse_metadata(directory, metadata, backend)
+        state = read_json(backend.join(directory, STATE_FILE), _record(validation, STATE_FILE, where), backend=backend)
         if "model" not in state["items"]:
-            raise CorruptCheckpointError(f"{directory / STATE_FILE} holds no model; validate a complete checkpoint")
-        consolidated = None
-        if state["items"]["model"].get("sharded"):
-            from .distributed.consolidate import read_sharded_items
+            raise CorruptCheckpointError(f"{backend.join(directory, STATE_FILE)} holds no model; validate a complete checkpoint")
+        if not state["items"]["model"].get("sharded"):
+            return directory, files, state["items"]["model"].get("tree"), None
+        from .distributed.consolidate import read_sharded_items
 
-            consolidated = read_sharded_items(directory, files, ["model"])["model"]
-            model_tree = {key: {codec.TENSOR: key} for key in consolidated}
-        else:
-            model_tree = state["items"]["model"].get("tree")
+        consolidated = read_sharded_items(_place_arg(directory), files, ["model"])["model"]
+        return directory, files, {key: {codec.TENSOR: key} for key in consolidated}, consolidated
+
+    def _production_record(
+        self, version: Version, previous_versions: list[str], model_tree: Any, weights: str, record: FileRecord
+    ) -> dict[str, Any]:
+        """The sealed production record of ``version`` whose weights are the file ``weights``."""
+        validation = self._validation_document(version)
+        directory = str(self._version_place(version))
+        backend = self.backend
+        metadata = read_json(
+            backend.join(directory, METADATA_FILE), _record(validation, METADATA_FILE, backend.join(directory, VALIDATION_FILE)),
+            backend=backend,
+        )
         document = {
             "format": PRODUCTION_FORMAT,
             "format_version": FORMAT_VERSION,
             "version": str(version),
-            "source": {**validation["source"], "validated_path": str(directory.resolve())},
+            "source": {**validation["source"], "validated_path": directory if self.remote else str(Path(directory).resolve())},
             "metrics": validation["metrics"],
             "metric_for_best": validation["metric_for_best"],
             "mode": validation["mode"],
             "checks": validation["checks"],
-            "files": {},
+            "files": {PRODUCTION_MODEL_FILE: record.to_json()},
             "tied": _aliases(model_tree),
             "config": metadata.get("config"),
             "validated_at": validation["validated_at"],
@@ -603,23 +816,39 @@ class ArtifactRegistry:
             "previous_versions": previous_versions,
             "model": model_tree,
         }
+        if weights != PRODUCTION_MODEL_FILE:
+            document["weights"] = weights
+        return documents.seal(document)
+
+    def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
+        """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""
+        directory, files, model_tree, consolidated = self._production_source(version)
         place, parent = self._production_place()
         parent.ensure_writable()
         parent.recover(only=place.name)
         staging = parent.staging_dir(place.name)
         try:
-            if consolidated is not None:  # a sharded checkpoint: production holds the full weights
+            if consolidated is not None:
                 record = write_tensor_file(staging / PRODUCTION_MODEL_FILE, consolidated, SAFETENSORS_METADATA)
             else:
-                record = _publish_model(directory, files, staging, version, progress)
-            document["files"][PRODUCTION_MODEL_FILE] = record.to_json()
-            document = documents.seal(document)
+                record = _publish_model(directory, files, str(staging / PRODUCTION_MODEL_FILE), version, progress)
+            document = self._production_record(version, previous_versions, model_tree, PRODUCTION_MODEL_FILE, record)
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
             parent.publish(staging, place.name)
         except BaseException:
             parent.discard(staging)
             raise
         return document
+
+    def _pointer_document(self, pointer: conditional.Versioned | None) -> dict[str, Any] | None:
+        """The production record a conditional read returned; a damaged one is replaced with a warning."""
+        if pointer is None:
+            return None
+        try:
+            return self._production_document(pointer.data)
+        except CorruptCheckpointError as exc:
+            warnings.warn(f"replacing a damaged production model: {exc}", UserWarning, stacklevel=3)
+            return None
 
     def verify_production_signature(self, public_key: str | os.PathLike[str]) -> None:
         """Check that production is a validated version signed with the private half of ``public_key``,
@@ -634,16 +863,20 @@ class ArtifactRegistry:
         signed checksum of the weights, and its signed model layout."""
         version = parse_version(document["version"])
         self.verify_signature(version, public_key)
-        directory = self.validated_dir / _directory_name(version)
+        directory = str(self._version_place(version))
         validation = self._validation_document(version)
         signed = validation["files"].get(MODEL_FILE)
-        where = self.production_dir / PRODUCTION_RECORD_FILE
+        where = self._production_file(PRODUCTION_RECORD_FILE)
         if signed is None or document["files"].get(PRODUCTION_MODEL_FILE) != signed:
             raise SignatureError(
                 f"{where} records weights that are not the signed weights of version {version} (a sharded model's "
                 "joined file cannot be tied to its signature either); promote a signed version again"
             )
-        state = read_json(directory / STATE_FILE, _record(validation, STATE_FILE, directory / VALIDATION_FILE))
+        backend = self.backend
+        state = read_json(
+            backend.join(directory, STATE_FILE), _record(validation, STATE_FILE, backend.join(directory, VALIDATION_FILE)),
+            backend=backend,
+        )
         if state["items"].get("model", {}).get("tree") != document["model"]:
             raise SignatureError(f"{where} lays the weights out unlike signed version {version}; promote it again")
 
@@ -661,24 +894,34 @@ class ArtifactRegistry:
         return place, LocalStore(place.parent)
 
     def _log(self, event: str, version: Version | str, **fields: Any) -> None:
+        """Record an event; ``time`` (default: now) is when it took effect, which orders the history."""
         entry = {"time": utc_timestamp(), "event": event, "version": str(version), **fields, **_actor()}
-        append_line(self.validated_dir / HISTORY_FILE, codec.dumps(entry))
+        if self.remote:
+            self._places.log(entry)
+        else:
+            append_line(self.validated_dir / HISTORY_FILE, codec.dumps(entry))
 
 
 def _publish_model(
-    directory: Path, files: Mapping[str, FileRecord], staging: Path, version: Version, progress: ProgressFactory | None
+    directory: str,
+    files: Mapping[str, FileRecord],
+    target: str,
+    version: Version,
+    progress: ProgressFactory | None,
+    backend: Backend = LOCAL,
 ) -> FileRecord:
-    """Give ``staging`` the production ``model.safetensors``: the version's own file, linked or
-    copied, or, for a model stored as shards (an incremental checkpoint), the shards joined into one."""
+    """Give ``target`` the production weights: the version's own model file, linked or copied
+    (server-side on an object store), or, for a model stored as shards (an incremental checkpoint),
+    the shards joined into one."""
     sources = shards.item_files(files, MODEL_FILE)
     if sources == [MODEL_FILE]:
         advance = progress(f"promoting {version}", files[MODEL_FILE].size) if progress is not None else None
-        copy_file(directory / MODEL_FILE, staging / PRODUCTION_MODEL_FILE, files[MODEL_FILE], advance)
+        copy_file(backend.join(directory, MODEL_FILE), target, files[MODEL_FILE], advance, backend=backend)
         return files[MODEL_FILE]
     if not sources:
         raise CorruptCheckpointError(f"{directory} holds no model weights; validate a complete checkpoint")
-    tensors = open_item_files(directory, files, sources[0])
-    return write_tensor_file(staging / PRODUCTION_MODEL_FILE, tensors, SAFETENSORS_METADATA)
+    tensors = open_item_files(directory, files, sources[0], backend=backend)
+    return write_tensor_file(target, tensors, SAFETENSORS_METADATA, backend=backend)
 
 
 def _record(document: Mapping[str, Any], filename: str, where: Path) -> FileRecord:
@@ -687,6 +930,10 @@ def _record(document: Mapping[str, Any], filename: str, where: Path) -> FileReco
     if record is None:
         raise CorruptCheckpointError(f"{where} records no checksum for {filename}; the record is damaged: validate the checkpoint again")
     return FileRecord.from_json(record)
+
+
+def _place_arg(directory: str) -> Any:
+    return directory if is_url(directory) else Path(directory)
 
 
 def _directory_name(version: Version) -> str:

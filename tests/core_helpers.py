@@ -128,3 +128,15 @@ def save_full(manager: Any, epoch: int, state: tuple[Any, Any, Any] | None = Non
     return manager.save(model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                         metrics={"loss": 1.0 / (epoch + 1)}, config={"lr": 0.1},
                         extra={"note": "x", "t": torch.arange(4)}, **kwargs)
+
+
+def objects(url: str) -> list[str]:
+    """Every object under the object store ``url``, relative to it, sorted."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    try:
+        return sorted(name[len(path) :].lstrip("/") for name in fs.find(path))
+    except FileNotFoundError:
+        return []

@@ -411,8 +411,21 @@ def test_list_show_verify_diff_and_export_take_object_store_urls(tmp_path: Path,
     code, _, stderr = ckpt("export", url, "latest", "--to", "hf", "--output", tmp_path / "hf")
     assert code == 0, stderr
     assert torch.equal(load_file(tmp_path / "hf" / "model.safetensors")["weight"], model.weight)
+    validated = ckpt_json("validate", url, "0", "--version", "1.0.0")
+    assert validated["version"] == "1.0.0" and validated["source"]["epoch"] == 0
+    assert ckpt_json("validate", url, "best", "--bump", "minor")["version"] == "1.1.0"
     code, _, stderr = ckpt("validate", url, "best", "--version", "1.0.0")
-    assert code == 2 and "local" in stderr
+    assert code == 1 and "already validated" in stderr
+    code, stdout, stderr = ckpt("promote", url, "1.0.0")
+    assert code == 0 and "1.0.0" in stdout, stderr
+    code, stdout, stderr = ckpt("promote", url, "1.1.0")
+    assert code == 0, stderr
+    versions = ckpt_json("versions", url)
+    assert [(v["version"], v["production"]) for v in versions] == [("1.0.0", False), ("1.1.0", True)]
+    assert ckpt_json("rollback", url)["version"] == "1.0.0"
+    assert [event["event"] for event in ckpt_json("history", url)] == ["validate", "validate", "promote", "promote", "rollback"]
+    verified = ckpt_json("verify", url)
+    assert verified["ok"] and verified["files"] > 2 * len(manager.checkpoints()[0].files)
 
     fs, _ = fsspec.core.url_to_fs(url)
     target = fs._strip_protocol(manager.latest().file("model.safetensors"))

@@ -8,7 +8,7 @@ import time
 import fsspec
 import pytest
 import torch
-from core_helpers import assert_same_tree
+from core_helpers import assert_same_tree, objects
 from torch import nn
 
 from ckpt_plugin import CheckpointManager, CorruptCheckpointError, StorageError, savelog
@@ -23,16 +23,6 @@ def training_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
     model(torch.randn(8, 16)).sum().backward()
     optimizer.step()
     return model, optimizer
-
-
-def objects(url: str) -> list[str]:
-    """Every object under ``url``, relative to it."""
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache()
-    try:
-        return sorted(name[len(path) :].lstrip("/") for name in fs.find(path))
-    except FileNotFoundError:
-        return []
 
 
 def prefixes(url: str) -> list[str]:

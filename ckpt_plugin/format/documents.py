@@ -161,6 +161,19 @@ class ProductionDoc(_VersionRecordDoc, kw_only=True):
     promoted_by: ActorDoc
     previous_versions: list[Text]
     model: Any
+    weights: FileName = "model.safetensors"
+    """The file beside ``model.json`` that holds the weights (unique per promotion on an object store)."""
+
+
+class VersionClaimDoc(_Doc, kw_only=True):
+    """``validated/v<version>.json`` on an object store: the claim that makes a version visible,
+    naming the prefix that holds it and the checksum of its ``validation.json``."""
+
+    format: Literal["ckpt_plugin.version"]
+    format_version: Literal[1]
+    version: Text
+    location: FileName
+    validation: FileRecordDoc
 
 
 class HistoryEventDoc(_Doc, kw_only=True):

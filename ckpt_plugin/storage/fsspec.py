@@ -271,6 +271,8 @@ class FsspecBackend:
         if protocol in ("s3", "s3a"):
             for key, value in S3_DEFAULT_OPTIONS.items():
                 options.setdefault(key, value)
+        elif protocol in ("file", "local"):
+            options.setdefault("auto_mkdir", True)  # as an object store does, create parents on write
         try:
             self.fs, path = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as exc:
@@ -278,7 +280,7 @@ class FsspecBackend:
                                "(s3fs, gcsfs, adlfs) or fix the URL") from exc
         self.root = url.rstrip("/")
         self._root_path = path.rstrip("/")
-        self._protocol = protocol
+        self.protocol = protocol
         self.multipart = type(self.fs).__name__ == "S3FileSystem"
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -418,10 +420,10 @@ def _fingerprint(info: Mapping[str, Any]) -> str:
     tag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     if tag:
         return str(tag).strip('"')
-    return f"{info.get('size')}:{_modified(info)}"
+    return f"{info.get('size')}:{modified_time(info)}"
 
 
-def _modified(info: Mapping[str, Any]) -> float | None:
+def modified_time(info: Mapping[str, Any]) -> float | None:
     """The modification time of a listed object, in seconds since the epoch, where the store gives one."""
     for key in ("LastModified", "last_modified", "mtime", "created", "updated", "timeCreated"):
         value = info.get(key)
@@ -492,7 +494,7 @@ class ManifestStore:
                 continue
             prefix = self.backend.join(self.root, top)
             committed, newest, fingerprint = found.setdefault(name, {}).get(prefix, (False, None, ""))
-            modified = _modified(info)
+            modified = modified_time(info)
             if modified is not None and (newest is None or modified > newest):
                 newest = modified
             if rest == METADATA_FILE:

@@ -1,0 +1,209 @@
+"""Where the registry keeps validated versions, production and history on an object store.
+
+An object store has neither a directory rename nor a lock, so the local registry's two tools (a
+file lock around every change, a rename to publish) are replaced by conditional writes
+(:mod:`ckpt_plugin.storage.conditional`)::
+
+    s3://bucket/run/checkpoints/...                  the raw checkpoints (a manager's manifest store)
+    s3://bucket/run/validated/
+      v1.0.0@<transaction>/                          the version's files, written first (invisible)
+        model.safetensors, state.json, metadata.json, validation.json[, model.sig]
+      v1.0.0.json                                    the claim: created only if absent, it makes the
+                                                     version visible and names its prefix
+      history/<transaction>.json                     one object per validate, promote and rollback
+    s3://bucket/run/production/
+      model.json                                     the production pointer: replaced only if unchanged
+      model@<transaction>.safetensors                the weights it names (one object per promotion)
+
+How races resolve:
+
+- **Two validations of one version.** Both write their files under their own prefix; only one
+  creation of ``v1.0.0.json`` succeeds (``If-None-Match: *``). The other removes its prefix, and
+  raises :class:`~ckpt_plugin.errors.PromotionError` when the version was asked for by name, or
+  takes the next version when it was asked for by ``bump``. A validated version never changes.
+- **Two promotions.** Each reads ``model.json`` with its ETag, uploads its weights under a new
+  name, and replaces ``model.json`` only if the ETag is unchanged (``If-Match``). The loser reads
+  the new production and tries again on top of it, so ``previous_versions`` always records the
+  promotions in the order they took effect, and no promotion is lost. A rollback that loses the
+  race is refused instead, because what it would roll back has changed under it.
+- **Readers** read ``model.json``, then the weights it names, and check every byte against the
+  checksum it records; a reader that raced a promotion reads again.
+- **History** objects are never rewritten, so concurrent writers cannot lose each other's events.
+
+Leftovers of a writer that died (a version prefix nobody claimed, weights nobody points at) are
+removed after a grace period, as for checkpoints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from packaging.version import Version
+
+from . import codec
+from .errors import CorruptCheckpointError, StorageError
+from .format import documents
+from .io.files import read_json
+from .storage import FileRecord, conditional
+from .storage.fsspec import STALE_SECONDS, TXN_SEPARATOR, FsspecBackend, modified_time, new_transaction_id
+
+CLAIM_FORMAT = "ckpt_plugin.version"
+HISTORY_PREFIX = "history"
+POINTER_FILE = "model.json"
+WEIGHTS_STEM = "model"
+WEIGHTS_SUFFIX = ".safetensors"
+
+
+class ObjectStorePlaces:
+    """The validated and production places of one registry on an object store (see the module notes)."""
+
+    def __init__(self, validated_url: str, production_url: str, storage_options: Mapping[str, Any] | None = None,
+                 *, grace_seconds: float = STALE_SECONDS) -> None:
+        self.backend = FsspecBackend(validated_url, storage_options)
+        self.validated = validated_url.rstrip("/")
+        self.production = production_url.rstrip("/")
+        self.grace_seconds = grace_seconds
+
+    def require_conditional_writes(self, action: str) -> None:
+        conditional.require(self.backend, action)
+
+    # ------------------------------------------------------------------ validated versions
+
+    def claim_key(self, directory_name: str) -> str:
+        return self.backend.join(self.validated, f"{directory_name}.json")
+
+    def version_names(self) -> list[str]:
+        """The directory names (``v1.0.0``) of every claimed version, in no order."""
+        return [name[: -len(".json")] for name in self.backend.list(self.validated) if name.endswith(".json")]
+
+    def version_location(self, directory_name: str) -> tuple[str, FileRecord] | None:
+        """The prefix holding claimed version ``directory_name`` and the record of its ``validation.json``."""
+        key = self.claim_key(directory_name)
+        try:
+            data = self.backend.read_bytes(key)
+        except FileNotFoundError:
+            return None
+        claim = documents.validate(documents.load_json(data, key), documents.VersionClaimDoc, key)
+        wanted = directory_name[1:]
+        if claim["version"] != wanted or not claim["location"].startswith(f"{directory_name}{TXN_SEPARATOR}"):
+            raise CorruptCheckpointError(f"{key} claims {claim['version']} at {claim['location']}, not version {wanted}; "
+                                         "the claim was altered: restore it or validate the version again under a new number")
+        return self.backend.join(self.validated, claim["location"]), FileRecord.from_json(claim["validation"])
+
+    def begin_version(self, directory_name: str) -> str:
+        """A fresh, invisible prefix for the files of a new version."""
+        return self.backend.join(self.validated, f"{directory_name}{TXN_SEPARATOR}{new_transaction_id()}")
+
+    def claim(self, version: Version, directory_name: str, prefix: str, validation: FileRecord) -> bool:
+        """Make the version written under ``prefix`` visible, unless someone claimed it first (False)."""
+        document = {
+            "format": CLAIM_FORMAT,
+            "format_version": 1,
+            "version": str(version),
+            "location": prefix.rstrip("/").rsplit("/", 1)[-1],
+            "validation": validation.to_json(),
+        }
+        try:
+            conditional.write(self.backend, self.claim_key(directory_name), codec.dumps(document), None)
+        except conditional.WriteConflict:
+            return False
+        return True
+
+    def discard(self, prefix: str) -> None:
+        """Remove what a validation that did not claim its version wrote (recovered later if this fails)."""
+        try:
+            self.backend.delete_tree(prefix)
+        except StorageError:
+            pass
+
+    # ------------------------------------------------------------------ production
+
+    @property
+    def pointer_key(self) -> str:
+        return self.backend.join(self.production, POINTER_FILE)
+
+    def read_pointer(self) -> conditional.Versioned | None:
+        return conditional.read(self.backend, self.pointer_key)
+
+    def switch(self, document: bytes, expected: conditional.Versioned | None) -> None:
+        """Replace the production pointer with ``document`` if it is still ``expected``
+        (:class:`~ckpt_plugin.storage.conditional.WriteConflict` otherwise)."""
+        conditional.write(self.backend, self.pointer_key, document, expected)
+
+    def new_weights_name(self) -> str:
+        return f"{WEIGHTS_STEM}{TXN_SEPARATOR}{new_transaction_id()}{WEIGHTS_SUFFIX}"
+
+    def weights_key(self, name: str) -> str:
+        return self.backend.join(self.production, name)
+
+    def drop_weights(self, name: str) -> None:
+        """Remove weights no pointer names any more (a reader still on them reads the pointer again)."""
+        if name.startswith(f"{WEIGHTS_STEM}{TXN_SEPARATOR}"):
+            try:
+                self.backend.delete(self.weights_key(name))
+            except StorageError as exc:
+                warnings.warn(f"could not remove the replaced production weights {name} ({exc}); "
+                              "they are removed by a later promotion", UserWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ history
+
+    def log(self, entry: Mapping[str, Any]) -> None:
+        """Store one event as an object of its own, named to sort by the event's ``time``: the time its
+        record was made, which for two racing changes is before the winner's write and after the
+        loser's re-read, so the history lists changes in the order they took effect."""
+        at = datetime.datetime.fromisoformat(entry["time"])
+        name = f"{int(at.timestamp() * 1_000_000):016x}{secrets.token_hex(4)}.json"
+        key = self.backend.join(self.validated, HISTORY_PREFIX, name)
+        conditional.write(self.backend, key, codec.dumps(dict(entry)), None)
+
+    def history(self) -> list[dict[str, Any]]:
+        prefix = self.backend.join(self.validated, HISTORY_PREFIX)
+        events = []
+        for name in sorted(self.backend.list(prefix)):
+            key = self.backend.join(prefix, name)
+            try:
+                events.append(documents.validate(read_json(key, backend=self.backend), documents.HistoryEventDoc, key))
+            except (CorruptCheckpointError, FileNotFoundError):
+                warnings.warn(f"skipping {key}: it is not a complete history record", UserWarning, stacklevel=3)
+        return events
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self, pointed_weights: str | None) -> None:
+        """Remove version prefixes nobody claimed and weights nobody points at, once they are older
+        than the grace period (a live writer may still be about to claim or point at them)."""
+        now = time.time()
+        claimed = set()
+        for directory_name in self.version_names():
+            try:
+                found = self.version_location(directory_name)
+            except CorruptCheckpointError:
+                continue
+            if found is not None:
+                claimed.add(found[0].rsplit("/", 1)[-1])
+        for place, keep in ((self.validated, claimed), (self.production, {pointed_weights, POINTER_FILE})):
+            for name, info in self._top_level(place).items():
+                if TXN_SEPARATOR not in name or name in keep:
+                    continue
+                modified = info.get("modified")
+                if modified is not None and now - modified > self.grace_seconds:
+                    self.backend.delete_tree(self.backend.join(place, name))
+
+    def _top_level(self, place: str) -> dict[str, dict[str, Any]]:
+        """``{name: {"modified": newest modification}}`` of every entry directly under ``place``."""
+        found: dict[str, dict[str, Any]] = {}
+        for relative, info in self.backend.walk(place).items():
+            top = relative.partition("/")[0]
+            modified = modified_time(info)
+            entry = found.setdefault(top, {"modified": modified})
+            if modified is not None and (entry["modified"] is None or modified > entry["modified"]):
+                entry["modified"] = modified
+        return found
+
+
+__all__ = ["ObjectStorePlaces"]

@@ -1,0 +1,134 @@
+"""Compare-and-swap on one object: what replaces a file lock where there is no file system.
+
+An object store cannot lock, but S3 (since 2024) accepts conditional writes: a PUT with
+``If-None-Match: *`` succeeds only when the key does not exist, and one with ``If-Match: <ETag>``
+only when the object is still the one the writer read. Two writers that read the same state and
+both try to replace it therefore cannot both succeed: the second gets ``412 Precondition Failed``,
+reads the new state and decides again. That is all the registry needs on an object store:
+
+- claiming a version name (create-if-absent), so a validated version is written once, and
+- switching the production pointer (replace-if-unchanged), so concurrent promotions serialize.
+
+Supported here: ``s3://`` (through s3fs and botocore) and ``memory://`` (one process, under a
+lock). Other stores raise :class:`~ckpt_plugin.errors.ConfigurationError` naming what works.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import checksum_bytes
+from .fsspec import FsspecBackend, requests
+
+SUPPORTED = ("s3", "s3a", "memory")
+
+
+class WriteConflict(Exception):
+    """A conditional write found the object changed (or present) since it was read."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """The bytes of an object together with the tag that identifies exactly this version of it."""
+
+    data: bytes
+    tag: str
+
+
+def supports(backend: Any) -> bool:
+    """Whether ``backend`` can do conditional writes."""
+    return isinstance(backend, FsspecBackend) and backend.protocol in SUPPORTED
+
+
+def require(backend: Any, what: str) -> None:
+    """Raise :class:`ConfigurationError` naming ``what`` needs conditional writes, unless ``backend`` has them."""
+    if not supports(backend):
+        raise ConfigurationError(
+            f"{what} on {backend.root} needs conditional writes, which this release implements for s3:// "
+            "(and memory://); keep the registry on S3 or on a local directory"
+        )
+
+
+def read(backend: FsspecBackend, key: str) -> Versioned | None:
+    """The object at ``key`` with its tag, or None when there is none."""
+    require(backend, "a conditional read")
+    if backend.protocol == "memory":
+        with _MEMORY_LOCK:
+            data = _memory_bytes(backend, key)
+        return None if data is None else Versioned(data, checksum_bytes(data))
+    from fsspec.asyn import sync
+
+    bucket, name, _ = backend.fs.split_path(backend.path_of(key))
+    try:
+        with requests("read", key):
+            data, tag = sync(backend.fs.loop, _s3_get, backend.fs, bucket, name)
+    except FileNotFoundError:
+        return None
+    return Versioned(data, tag)
+
+
+def write(backend: FsspecBackend, key: str, data: bytes, expected: Versioned | None) -> None:
+    """Write ``data`` at ``key`` if the object there is still ``expected`` (absent when None).
+
+    Raises :class:`WriteConflict` when another writer got there first, and
+    :class:`~ckpt_plugin.errors.StorageError` for a failure of the store.
+    """
+    require(backend, "a conditional write")
+    if backend.protocol == "memory":
+        with _MEMORY_LOCK:
+            current = _memory_bytes(backend, key)
+            if (current is None) != (expected is None) or (
+                current is not None and expected is not None and checksum_bytes(current) != expected.tag
+            ):
+                raise WriteConflict(key)
+            backend.fs.pipe_file(backend.path_of(key), data)
+        return
+    bucket, name, _ = backend.fs.split_path(backend.path_of(key))
+    condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected.tag}
+    try:
+        with requests("write", key):
+            backend.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=data, **condition)
+    except (FileExistsError, OSError) as exc:
+        if _precondition_failed(exc):
+            raise WriteConflict(key) from None
+        raise
+    finally:
+        backend.fs.invalidate_cache(backend.path_of(key))
+
+
+_MEMORY_LOCK = threading.Lock()
+
+
+def _memory_bytes(backend: FsspecBackend, key: str) -> bytes | None:
+    try:
+        return bytes(backend.fs.cat_file(backend.path_of(key)))
+    except FileNotFoundError:
+        return None
+
+
+async def _s3_get(fs: Any, bucket: str, name: str) -> tuple[bytes, str]:
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=name)
+    body = response["Body"]
+    try:
+        data = await body.read()
+    finally:
+        body.close()
+    return data, response["ETag"]
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is S3's 412, or the 409 it gives two racing conditional writes."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+__all__ = ["SUPPORTED", "Versioned", "WriteConflict", "read", "require", "supports", "write"]
