@@ -173,3 +173,20 @@ def test_an_asynchronous_signed_save_verifies(keys) -> None:
     with CheckpointManager(url, signing_key=private, async_save=True) as manager:
         manager.save(torch.nn.Linear(6, 3), epoch=0)
     assert CheckpointManager(url).load_latest(verify_with=ours)["epoch"] == 0
+
+
+def test_the_registry_signs_and_verifies_versions_on_an_object_store(remote_url: str, keys) -> None:
+    from ckpt_plugin import ArtifactRegistry
+
+    (private, ours), (_, theirs) = keys
+    save_signed(remote_url, private, epochs=2)
+    registry = ArtifactRegistry(remote_url)
+    registry.validate(1, "1.0.0", signing_key=private)
+    registry.validate(0, "1.1.0")  # unsigned
+    registry.verify_signature("1.0.0", ours)
+    with pytest.raises(SignatureError):
+        registry.verify_signature("1.0.0", theirs)
+    with pytest.raises(SignatureError, match="not signed"):
+        registry.promote("1.1.0", verify_with=ours)
+    registry.promote("1.0.0", verify_with=ours)
+    assert registry.load_production(verify_with=ours)["version"] == "1.0.0"
