@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ckpt_plugin import CheckpointManager, cli, savelog
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, cli, savelog
 from ckpt_plugin.storage import backend_of
 from ckpt_plugin.storage.fsspec import ManifestStore
 
@@ -85,6 +85,9 @@ def test_ckpt_plot_reads_a_bucket_with_storage_options(s3_bucket: str, s3_env: s
     pytest.importorskip("matplotlib")
     url = f"s3://{s3_bucket}/run/checkpoints"
     saved_run(url)
+    registry = ArtifactRegistry(url)
+    registry.validate("latest", "1.0.0")
+    registry.promote("1.0.0")
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the option says where the store is
     output = tmp_path / "run.png"
     result = CliRunner().invoke(cli.app, ["plot", url, "-o", str(output), "--storage-option", f"endpoint_url={s3_env}", "--json"])
@@ -93,6 +96,8 @@ def test_ckpt_plot_reads_a_bucket_with_storage_options(s3_bucket: str, s3_env: s
     assert marks["kept"] == ["epoch_3_step_30"]
     assert marks["pruned"] == ["epoch_0_step_0", "epoch_1_step_10", "epoch_2_step_20"]
     assert marks["latest"] == "epoch_3_step_30" and output.stat().st_size > 0
+    assert marks["validated"] == {"1.0.0": "epoch_3_step_30"}
+    assert marks["production"] == {"version": "1.0.0", "checkpoint": "epoch_3_step_30"}
     bad = CliRunner().invoke(cli.app, ["plot", url, "-o", str(output), "--storage-option", "endpoint_url"])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
 
