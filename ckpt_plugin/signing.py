@@ -25,8 +25,10 @@ commits: the signature covers ``metadata.json`` (digested from the bytes about t
 written inside the prefix, so a signed checkpoint is never visible without its signature.
 
 Needs the ``signing`` extra: ``pip install 'ckpt-plugin[signing]'``. Remote signing builds
-model-signing's manifest from digests, which uses one name of the library that is not public
-(``Digest``); the extra pins the version range (``model-signing>=1.1,<1.2``) that the tests cover.
+model-signing's manifest from digests with the library's ``manifest`` module (not yet declared
+stable) and one private name (``Digest``), and hands it to the public ``signing.Config`` and
+``verifying.Config`` through a ``hashing.Config`` subclass; the extra pins the version range
+(``model-signing>=1.1,<1.2``) that the tests cover.
 """
 
 from __future__ import annotations
