@@ -184,7 +184,8 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys, threading, time, warnings
     import torch
-    from ckpt_plugin import CheckpointManager, trash
+    from ckpt_plugin import CheckpointManager
+    from ckpt_plugin.storage import trash
 
     warnings.simplefilter("ignore")
     real = trash.remove_now

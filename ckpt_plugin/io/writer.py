@@ -38,6 +38,9 @@ from ..format.names import is_plain_file_name
 from ..storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
 from .files import write_bytes_file, write_tensor_file
 
+BeforeCommit = Callable[[Backend, str, Mapping[str, bytes]], object]
+"""A hook run just before a checkpoint commits (see ``before_commit`` of :func:`write_snapshot`)."""
+
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
 
@@ -143,7 +146,7 @@ def write_snapshot(
     store: Commit,
     snapshot: Snapshot,
     write_model: ModelWriter | None = None,
-    before_commit: Callable[[Path], object] | None = None,
+    before_commit: BeforeCommit | None = None,
     *,
     staging: Path | None = None,
 ) -> CheckpointInfo:
@@ -151,8 +154,11 @@ def write_snapshot(
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
     model and reuses unchanged shards); every other step, the commit included, is shared.
-    ``before_commit`` is called with the complete staging directory (to sign it, say); it needs a
-    local checkpoint directory. ``staging`` is a local staging directory that already holds files
+    ``before_commit`` (to sign the checkpoint, say) is called once every file is under the
+    transaction's prefix, with the backend, the prefix, and the files the commit itself will write
+    (name to bytes: ``metadata.json`` on an object store, where writing it is the commit; nothing
+    locally, where it is written before the directory is renamed into place). What it writes under
+    the prefix commits with the checkpoint. ``staging`` is a local staging directory that already holds files
     (those of ``snapshot.sharded``).
     """
     backend = store.backend
@@ -188,12 +194,13 @@ def write_snapshot(
         manifest = codec.dumps(metadata)
         if before_commit is None:
             location = store.commit(txn, manifest)
-        else:
-            if not isinstance(store, LocalStore):
-                raise ConfigurationError("signing checkpoints needs a local checkpoint_dir in this release")
+        elif isinstance(store, LocalStore):
             write_bytes_file(backend.join(txn.prefix, METADATA_FILE), manifest, backend=backend)
-            before_commit(Path(txn.prefix))
+            before_commit(backend, txn.prefix, {})
             location = os.fspath(store.publish(Path(txn.prefix), snapshot.name))
+        else:
+            before_commit(backend, txn.prefix, {METADATA_FILE: manifest})
+            location = store.commit(txn, manifest)
     except BaseException:
         store.abort(txn)
         raise
