@@ -19,11 +19,10 @@ import subprocess
 import sys
 
 import torch
-
 from _common import interleaved_medians, machine
-from ckpt_plugin import codec
+
 from ckpt_plugin.checkpoint import build_metadata
-from ckpt_plugin.format import documents
+from ckpt_plugin.format import codec, documents
 from ckpt_plugin.storage import FileRecord
 
 

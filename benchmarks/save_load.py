@@ -55,8 +55,9 @@ from _common import (
 )
 
 import ckpt_plugin.storage.local
-from ckpt_plugin import CheckpointManager, trash
+from ckpt_plugin import CheckpointManager
 from ckpt_plugin.io.files import tensor_bytes
+from ckpt_plugin.storage import trash
 
 
 class NullHasher:

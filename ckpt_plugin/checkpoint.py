@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import codec
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
-from .format import documents
+from .format import codec, documents
 from .storage import LOCAL, Backend, FileRecord, checksum_bytes, is_url
 from .storage.fsspec import TXN_SEPARATOR
 

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 import torch
 
-from . import codec, shards
+from . import shards
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .errors import (
     CheckpointError,
@@ -49,12 +49,13 @@ from .errors import (
     PromotionError,
     SignatureError,
 )
+from .format import codec
 from .io.files import copy_file, read_json, verify_file, write_bytes_file, write_tensor_file
-from .reader import open_item_files, read_checkpoint, read_info
+from .io.reader import open_item_files, read_checkpoint, read_info
+from .io.writer import SAFETENSORS_METADATA
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
-from .signing import SIGNATURE_FILE, verify_directory
+from .signing import SIGNATURE_FILE, verify_prefix
 from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file, publish_made
-from .writer import SAFETENSORS_METADATA
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -75,6 +76,12 @@ Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', 
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 ValidatedDir = Annotated[Optional[str], typer.Option(help="Validated versions, a path or URL (default: validated/ beside DIR).")]
 ProductionDir = Annotated[Optional[str], typer.Option(help="The production model, a path or URL (default: production/ beside DIR).")]
+StorageOptions = Annotated[
+    Optional[list[str]],
+    typer.Option("--storage-option", help="KEY=VALUE passed to the URL's fsspec file system (VALUE is read as JSON when it "
+                 "parses, else as text), e.g. endpoint_url=http://localhost:9000 or client_kwargs='{\"region_name\": \"eu-west-1\"}'; "
+                 "repeat for more. Without any, the store's standard environment applies (AWS_ENDPOINT_URL, ...)."),
+]
 
 
 class ExportFormat(str, enum.Enum):
@@ -120,6 +127,21 @@ def _registry(directory: str | Path, validated_dir: str | None = None, productio
             "directory (what CheckpointManager saved into), or --validated-dir"
         )
     return registry
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` pairs as fsspec storage options (None when there are none)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, separator, text = pair.partition("=")
+        if not separator or not key.strip():
+            raise ConfigurationError(f"--storage-option {pair!r} is not KEY=VALUE; write it as endpoint_url=http://host:9000")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        options[key.strip()] = value
+    return options or None
 
 
 def _existing(directory: str | Path) -> str | Path:
@@ -392,9 +414,9 @@ def verify(
         files.append((backend.join(str(registry.production_dir), production.get("weights", PRODUCTION_MODEL_FILE)), record))
     if key is not None:
         for info in infos:
-            if isinstance(info.path, Path) and (info.path / SIGNATURE_FILE).is_file():
+            if info.backend.fingerprint(info.file(SIGNATURE_FILE)) is not None:
                 try:
-                    verify_directory(info.path, key)
+                    verify_prefix(info.backend, info.location, key)
                 except SignatureError as exc:
                     problems.append({"path": str(info.path), "error": str(exc)})
     with Bars() as bars:
@@ -772,13 +794,19 @@ def plot(
     output: Annotated[Path, typer.Option("--output", "-o", help="run.png, run.svg or run.html.")] = Path("run.png"),
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
+    storage_option: StorageOptions = None,
     as_json: AsJson = False,
 ) -> None:
     """Plot the recorded metrics of every checkpoint ever saved (pruned ones too), marking the kept,
-    pruned, best and latest checkpoints and the validated and production versions."""
+    pruned, best and latest checkpoints and the validated and production versions. DIR may be a
+    URL (s3://bucket/run/checkpoints); its save log is the .saves/ objects there."""
     from .plot import plot_run, run_history
 
-    marks = plot_run(run_history(_existing(directory), validated_dir, production_dir), output)
+    options = _storage_options(storage_option)
+    if options and not is_url(str(directory)):
+        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
+    history = run_history(_existing(directory), validated_dir, production_dir, storage_options=options)
+    marks = plot_run(history, output)
     if as_json:
         _print_json({"output": str(output), **marks})
         return

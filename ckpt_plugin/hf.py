@@ -65,9 +65,9 @@ except ImportError:  # transformers releases before GreedyLR
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
 from .io.files import read_bytes_file
+from .io.restore import apply_state
 from .manager import CheckpointManager, check_top_k
 from .preemption import PreemptionWatch, describe
-from .restore import apply_state
 from .rng import restore_rng_state
 from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 

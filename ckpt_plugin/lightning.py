@@ -64,12 +64,13 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import codec, errors
+from . import errors
 from .checkpoint import METADATA_FILE, CheckpointInfo
 from .errors import CheckpointError, ConfigurationError, EncodingError
+from .format import codec
+from .io.reader import read_checkpoint, read_info
 from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
 from .preemption import PreemptionWatch, describe
-from .reader import read_checkpoint, read_info
 from .rng import capture_rng_state, portable_rng_state, restore_rng_state
 from .storage import is_url
 

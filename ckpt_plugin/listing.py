@@ -21,10 +21,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import codec
 from .checkpoint import CheckpointInfo, as_path
 from .errors import CheckpointError
-from .format import documents
+from .format import codec, documents
 from .storage import LOCAL, Backend, FileRecord
 
 CACHE_FILE = ".listing.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import threading
@@ -14,9 +13,7 @@ from typing import Any
 
 import torch
 
-from . import incremental as incremental_saves
-from . import listing, retention, savelog, signing, trash
-from .async_save import AsyncSaver, pending_info
+from . import listing, retention, savelog, signing
 from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint
 from .errors import (
     CheckpointError,
@@ -26,13 +23,15 @@ from .errors import (
     EncodingError,
     ForeignFileError,
 )
+from .io import incremental as incremental_saves
+from .io.async_save import AsyncSaver, pending_info
+from .io.reader import Device, read_checkpoint, read_info
+from .io.restore import restore_checkpoint
+from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
-from .reader import Device, read_checkpoint, read_info
-from .restore import restore_checkpoint
 from .rng import capture_rng_state, restore_rng_state
-from .storage import LocalStore, is_url, open_store
+from .storage import LocalStore, is_url, open_store, trash
 from .storage.local import directory_identity
-from .writer import Snapshot, take_snapshot, write_snapshot
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
@@ -58,7 +57,7 @@ class CheckpointManager:
             resumed run continues bitwise identically.
         incremental: store the model as Hugging Face-style shards and hard-link the shards that did
             not change since the previous checkpoint instead of writing them again (frozen
-            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.incremental`.
+            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.io.incremental`.
         change_detection: how ``incremental`` finds unchanged tensors: ``"checksum"`` hashes every
             model tensor at each save; ``"version"`` trusts autograd version counters and hashes only
             tensors that were written to (writes through ``.data`` go unseen).
@@ -71,8 +70,9 @@ class CheckpointManager:
             environment applies (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
             ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for S3).
         signing_key: an elliptic-curve private key (PEM file) that signs every checkpoint before it
-            commits (``model.sig`` in its directory; see :mod:`ckpt_plugin.signing`). Loads check it
-            when given ``verify_with=`` the public key. Needs the ``signing`` extra.
+            commits (``model.sig`` in its directory, or inside its prefix on an object store, written
+            before the manifest; see :mod:`ckpt_plugin.signing`). Loads check it when given
+            ``verify_with=`` the public key. Needs the ``signing`` extra.
         keep_top_k: never delete the ``k`` best checkpoints by ``metric_for_best``, besides the
             ``max_checkpoints`` most recent (Lightning's ``save_top_k``). Given, it replaces
             ``keep_best``.
@@ -277,7 +277,7 @@ class CheckpointManager:
         """The ``write_snapshot`` options that sign a checkpoint before it commits, when a key is set."""
         if self.signing_key is None:
             return {}
-        return {"before_commit": functools.partial(signing.sign_directory, private_key=self.signing_key)}
+        return {"before_commit": signing.signer(self.signing_key)}
 
     def _write(self, snapshot: Snapshot, seen: incremental_saves.Observation | None) -> CheckpointInfo:
         """Write, commit and prune: the part of a save that an asynchronous save runs in the background."""
@@ -303,12 +303,9 @@ class CheckpointManager:
         return list(self._policies)
 
     def _log_save(self, info: CheckpointInfo) -> None:
-        """Append the committed checkpoint to the save log; a failure there never fails the save.
-        An object store has no append: there the checkpoints' own manifests are the only record."""
-        if self.remote:
-            return
+        """Record the committed checkpoint in the save log; a failure there never fails the save."""
         try:
-            savelog.append(self.checkpoint_dir, info)
+            savelog.append(self.checkpoint_dir, info, backend=self._store.backend)
         except CheckpointError as exc:
             if not self._warned_log:
                 self._warned_log = True
@@ -565,7 +562,7 @@ class CheckpointManager:
         for _ in range(4):
             try:
                 if public_key is not None:
-                    signing.verify_directory(info.path, public_key)
+                    signing.verify_prefix(info.backend, info.location, public_key)
                 return read_checkpoint(info, **options)
             except CorruptCheckpointError:
                 current = next((c for c in self.checkpoints() if c.name == info.name), None)

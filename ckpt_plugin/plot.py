@@ -3,7 +3,9 @@
     history = run_history("checkpoints")           # the save log + the directory + the registry
     marks = plot_run(history, "run.png")           # .png, .svg or .html; returns what it marked
 
-Every save is a point, pruned ones included (the save log, ``.saves.jsonl``, outlives retention).
+Every save is a point, pruned ones included (the save log, ``.saves.jsonl`` in a directory or the
+``.saves/`` objects on an object store, outlives retention). ``checkpoint_dir`` may be a URL
+(``s3://bucket/run/checkpoints``), configured by ``storage_options`` or the store's environment.
 Points are marked as kept or pruned, and the best, the latest, each validated version and the
 production version are marked on top. The marks are also written into the file (PNG text chunk,
 SVG metadata, a JSON block in HTML) so tools and tests can check a picture against its directory.
@@ -25,6 +27,7 @@ from . import savelog
 from .errors import CheckpointNotFoundError, ConfigurationError
 from .manager import DEFAULT_METRIC, CheckpointManager
 from .registry import ArtifactRegistry
+from .storage import backend_of, is_url
 
 FORMATS = (".png", ".svg", ".html")
 MAX_PANELS = 9
@@ -46,7 +49,7 @@ class Point:
 class RunHistory:
     """Every checkpoint a directory ever saved, oldest first, and how they are marked."""
 
-    checkpoint_dir: Path
+    checkpoint_dir: Path | str
     points: list[Point]
     metric_for_best: str | None
     mode: str
@@ -76,17 +79,27 @@ class RunHistory:
 
 
 def run_history(
-    checkpoint_dir: str | Path, validated_dir: str | Path | None = None, production_dir: str | Path | None = None
+    checkpoint_dir: str | Path,
+    validated_dir: str | Path | None = None,
+    production_dir: str | Path | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> RunHistory:
-    """Gather the history of ``checkpoint_dir``: its save log, the checkpoints still on disk (also
-    those saved before the log existed), and the registry's validated and production versions."""
-    directory = Path(checkpoint_dir)
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"{directory} is not a directory; pass the checkpoint directory")
-    manager = CheckpointManager(directory, max_checkpoints=None)
+    """Gather the history of ``checkpoint_dir`` (a directory or a URL): its save log, the checkpoints
+    still there (also those saved before the log existed), and the registry's validated and
+    production versions. ``storage_options`` configure a URL's file system, as for
+    :class:`CheckpointManager`."""
+    directory: Path | str
+    if is_url(str(checkpoint_dir)):
+        directory = str(checkpoint_dir).rstrip("/")
+    else:
+        directory = Path(checkpoint_dir)
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(f"{directory} is not a directory; pass the checkpoint directory")
+    manager = CheckpointManager(directory, max_checkpoints=None, storage_options=storage_options)
     listed = {info.name: info for info in manager.checkpoints()}
     entries: dict[str, dict[str, Any]] = {}
-    for entry in savelog.read(directory):
+    for entry in savelog.read(directory, backend_of(directory, storage_options)):
         entries.pop(entry["name"], None)  # a re-save of the same name moves to its new place in time
         entries[entry["name"]] = entry
     for name, info in listed.items():
@@ -112,7 +125,7 @@ def run_history(
         mode=recorded["mode"] if recorded else "min",
     )
     _mark_best_and_latest(history, manager)
-    _mark_registry(history, ArtifactRegistry(directory, validated_dir, production_dir))
+    _mark_registry(history, ArtifactRegistry(directory, validated_dir, production_dir, storage_options=storage_options))
     return history
 
 
@@ -133,7 +146,7 @@ def _mark_best_and_latest(history: RunHistory, manager: CheckpointManager) -> No
 
 def _mark_registry(history: RunHistory, registry: ArtifactRegistry) -> None:
     by_name = {point.name: point for point in history.points}
-    if not registry.validated_dir.is_dir():
+    if registry.validated_dir is None or (isinstance(registry.validated_dir, Path) and not registry.validated_dir.is_dir()):
         return
     for version in registry.versions():
         source = registry.validation(version).get("source", {})

@@ -36,7 +36,7 @@ import filelock
 import torch
 from packaging.version import InvalidVersion, Version
 
-from . import codec, shards, signing
+from . import shards, signing
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from .errors import (
     CheckpointNotFoundError,
@@ -45,7 +45,7 @@ from .errors import (
     PromotionError,
     SignatureError,
 )
-from .format import documents
+from .format import codec, documents
 from .io.files import (
     copy_file,
     read_bytes_file,
@@ -55,12 +55,12 @@ from .io.files import (
     write_bytes_file,
     write_tensor_file,
 )
+from .io.reader import Device, open_item_files, read_checkpoint, read_info
+from .io.writer import SAFETENSORS_METADATA
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
-from .reader import Device, open_item_files, read_checkpoint, read_info
 from .registry_objects import ObjectStorePlaces
 from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url
-from .writer import SAFETENSORS_METADATA
 
 VALIDATION_FILE = "validation.json"
 HISTORY_FILE = "history.jsonl"

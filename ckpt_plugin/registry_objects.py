@@ -45,9 +45,8 @@ from typing import Any
 
 from packaging.version import Version
 
-from . import codec
 from .errors import CorruptCheckpointError, StorageError
-from .format import documents
+from .format import codec, documents
 from .io.files import read_json
 from .storage import FileRecord, conditional
 from .storage.fsspec import STALE_SECONDS, TXN_SEPARATOR, FsspecBackend, modified_time, new_transaction_id

@@ -1,10 +1,22 @@
-"""The save log: one JSON line per committed checkpoint, kept in ``.saves.jsonl`` in the checkpoint directory.
+"""The save log: one entry per committed checkpoint, beside the checkpoints.
 
 Retention deletes checkpoints; the log keeps what every save recorded, so the history of a run
 (``ckpt plot``) survives pruning. It is append-only and informational: nothing loads a checkpoint
-through it, a damaged line is skipped with a warning, and deleting the file loses only history.
+through it, a damaged entry is skipped with a warning, and deleting it loses only history.
 
-Each line is a flat JSON object::
+- In a local directory it is ``.saves.jsonl``, one JSON line per save, appended in one write.
+- An object store has no append, so there each save writes one small object of its own,
+  ``.saves/<time>-<name>-<random>.json``, after the checkpoint commits. The time (nanoseconds,
+  fixed-width hex) makes the names sort oldest first; the random part means that two writers
+  never write the same object. The prefix has no ``@`` transaction separator, so listing and
+  :meth:`~ckpt_plugin.storage.fsspec.ManifestStore.recover` never take it for a checkpoint or for
+  a dead writer's leftovers.
+
+:func:`read` reads both forms wherever they are (the lines of ``.saves.jsonl`` first, then the
+objects in name order), so a local run copied to a bucket, or a bucket's run downloaded, keeps its
+history.
+
+Each entry is a flat JSON object::
 
     {"event": "save", "name": "epoch_3_step_120", "epoch": 3, "step": 120, "time": "2026-...+00:00",
      "metric_for_best": "val_loss", "mode": "min", "metrics": {"val_loss": 0.41, "accuracy": 0.9}}
@@ -17,18 +29,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointInfo
 from .errors import CorruptCheckpointError
 from .format import documents
-from .io.files import read_bytes_file
-from .storage import append_line
+from .io.files import read_bytes_file, write_bytes_file
+from .storage import LOCAL, Backend, append_line, is_url
 
 LOG_FILE = ".saves.jsonl"
+LOG_PREFIX = ".saves"
+"""The prefix of the save log on an object store: one ``.json`` object per save."""
+READ_CONCURRENCY = 16
 
 
 def entry(info: CheckpointInfo) -> dict[str, Any]:
@@ -45,39 +64,74 @@ def entry(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
-def append(checkpoint_dir: Path, info: CheckpointInfo) -> None:
-    """Append the line of ``info`` to the directory's log in a single write.
+def append(checkpoint_dir: str | os.PathLike[str], info: CheckpointInfo, *, backend: Backend = LOCAL) -> None:
+    """Record ``info`` in the save log of ``checkpoint_dir`` (a directory, or a URL reached through
+    ``backend``).
 
-    Not fsynced: the log is history, not state. A power cut may lose its last lines or leave one
-    torn, which :func:`read` skips; the checkpoints themselves are committed durably as always.
+    Locally one line is appended in a single write, not fsynced: the log is history, not state. A
+    power cut may lose its last lines or leave one torn, which :func:`read` skips; the checkpoints
+    themselves are committed durably as always. On an object store one new object is written.
     """
     line = json.dumps(entry(info), sort_keys=True, allow_nan=False).encode("utf-8")
-    append_line(checkpoint_dir / LOG_FILE, line, durable=False)
+    if not is_url(os.fspath(checkpoint_dir)):
+        append_line(Path(checkpoint_dir) / LOG_FILE, line, durable=False)
+        return
+    name = f"{time.time_ns():016x}-{info.name}-{secrets.token_hex(4)}.json"
+    write_bytes_file(backend.join(os.fspath(checkpoint_dir), LOG_PREFIX, name), line, backend=backend)
 
 
-def read(checkpoint_dir: Path) -> list[dict[str, Any]]:
-    """Every well-formed save entry of the directory's log, oldest first; ``[]`` when there is no log.
+def read(checkpoint_dir: str | os.PathLike[str], backend: Backend = LOCAL) -> list[dict[str, Any]]:
+    """Every well-formed save entry of the log of ``checkpoint_dir`` (a directory, or a URL reached
+    through ``backend``), oldest first; ``[]`` when there is no log.
 
-    A line that is not a JSON object with a string ``name`` and whole-number ``epoch`` (a writer that
-    died mid-line, an edit by hand) is skipped with one warning naming its line number.
+    An entry that is not a JSON object with a string ``name`` and whole-number ``epoch`` (a writer
+    that died mid-line, an edit by hand) is skipped; one warning names every skipped line and object.
     """
-    path = Path(checkpoint_dir) / LOG_FILE
-    if not path.is_file():
-        return []
+    root = os.fspath(checkpoint_dir)
+    log, folder = backend.join(root, LOG_FILE), backend.join(root, LOG_PREFIX)
     entries: list[dict[str, Any]] = []
-    skipped: list[int] = []
-    for number, line in enumerate(read_bytes_file(path).splitlines(), 1):
+    bad_lines: list[int] = []
+    for number, line in enumerate(_lines(backend, log), 1):
         if not line.strip():
             continue
         parsed = _parse(line)
         if parsed is None:
-            skipped.append(number)
+            bad_lines.append(number)
         else:
             entries.append(parsed)
-    if skipped:
-        shown = ", ".join(str(number) for number in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-        warnings.warn(f"skipping malformed line(s) {shown} of {path}; every other line stands", UserWarning, stacklevel=2)
+    names = sorted(name for name in backend.list(folder) if name.endswith(".json"))
+    bad_objects: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(READ_CONCURRENCY, max(1, len(names))), thread_name_prefix="ckpt-log") as pool:
+        for name, data in zip(names, pool.map(lambda name: _object(backend, backend.join(folder, name)), names)):
+            parsed = None if data is None else _parse(data)
+            if parsed is None:
+                bad_objects.append(name)
+            else:
+                entries.append(parsed)
+    problems = [f"{kind} {_few(items)} of {where}" for kind, items, where in (
+        ("line(s)", bad_lines, log), ("object(s)", bad_objects, folder)) if items]
+    if problems:
+        warnings.warn(f"skipping malformed {' and '.join(problems)}; every other entry stands", UserWarning, stacklevel=2)
     return entries
+
+
+def _few(items: list[Any]) -> str:
+    return ", ".join(str(item) for item in items[:10]) + (" ..." if len(items) > 10 else "")
+
+
+def _lines(backend: Backend, location: str) -> list[bytes]:
+    try:
+        return backend.read_bytes(location).splitlines()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # no log
+        return []
+
+
+def _object(backend: Backend, location: str) -> bytes | None:
+    """One entry object; None when it is gone (deleted by hand between listing and reading)."""
+    try:
+        return read_bytes_file(location, backend=backend)
+    except (CorruptCheckpointError, FileNotFoundError):
+        return None
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

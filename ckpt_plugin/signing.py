@@ -15,19 +15,45 @@ transparency log) needs the network: sign a directory with ``model_signing sign 
 --signature DIR/model.sig`` and verify it with ``model_signing verify sigstore``; this module
 verifies only key signatures.
 
-Needs the ``signing`` extra: ``pip install 'ckpt-plugin[signing]'``.
+On an object store (``s3://...``) :func:`sign_prefix` and :func:`verify_prefix` do the same over a
+checkpoint's prefix without downloading it: every object under the prefix is streamed through the
+backend once (bounded memory, SHA-256), and model-signing's own manifest and signer turn those
+digests into a ``model.sig`` object inside the prefix. The signature is byte for byte what
+model-signing would produce for the prefix downloaded into a directory, so ``model_signing verify
+key`` accepts such a copy. A checkpoint saved with ``signing_key`` is signed before its manifest
+commits: the signature covers ``metadata.json`` (digested from the bytes about to be written) and is
+written inside the prefix, so a signed checkpoint is never visible without its signature.
+
+Needs the ``signing`` extra: ``pip install 'ckpt-plugin[signing]'``. Remote signing builds
+model-signing's manifest from digests with the library's ``manifest`` module (not yet declared
+stable) and one private name (``Digest``), and hands it to the public ``signing.Config`` and
+``verifying.Config`` through a ``hashing.Config`` subclass; the extra pins the version range
+(``model-signing>=1.1,<1.2``) that the tests cover.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
-from pathlib import Path
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
-from .errors import ConfigurationError, SignatureError
+from .errors import CheckpointError, ConfigurationError, SignatureError
+from .io.files import hash_file, write_bytes_file
+from .storage import Backend, is_url
 
 SIGNATURE_FILE = "model.sig"
+MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
+"""A signature is a few kilobytes per thousand files; anything this large is not one."""
 Key = Union[str, "os.PathLike[str]"]
+Location = Union[str, "os.PathLike[str]"]
+Signer = Callable[[Backend, str, Mapping[str, bytes]], str]
+"""The ``before_commit`` hook of :func:`~ckpt_plugin.io.writer.write_snapshot`: given the backend, the
+prefix that holds every file of a checkpoint, and the files its commit will write (name to bytes),
+it writes the signature inside the prefix and returns its location."""
 
 
 def _library() -> tuple[Any, Any, Any]:
@@ -86,4 +112,161 @@ def verify_directory(directory: str | os.PathLike[str], public_key: Key) -> None
         ) from None
 
 
-__all__ = ["SIGNATURE_FILE", "sign_directory", "verify_directory"]
+def sign_prefix(backend: Backend, prefix: Location, private_key: Key, *, password: str | None = None) -> str:
+    """Sign every file under ``prefix`` (a local directory or an object store prefix, reached
+    through ``backend``) with the elliptic-curve ``private_key`` (a PEM file), into
+    ``prefix/model.sig`` (replacing an older one). Returns the signature's location.
+
+    A local path goes to :func:`sign_directory`. On an object store every object under the prefix is
+    streamed through ``backend`` and hashed (SHA-256, bounded memory); the signature is the one
+    model-signing makes for the same files in a directory.
+    """
+    return _sign(backend, prefix, private_key, password, {})
+
+
+def verify_prefix(backend: Backend, prefix: Location, public_key: Key) -> None:
+    """Check that ``prefix`` (a local directory or an object store prefix, reached through
+    ``backend``) holds exactly the files signed in its ``model.sig``, unchanged, signed with the
+    private half of ``public_key`` (a PEM file).
+
+    Raises :class:`SignatureError` naming the prefix otherwise: no signature, another key, a file
+    changed, added or removed. A local path goes to :func:`verify_directory`; a failure of the store
+    itself stays a :class:`~ckpt_plugin.errors.StorageError`.
+    """
+    if not is_url(os.fspath(prefix)):
+        verify_directory(prefix, public_key)
+        return
+    _, _, verifying = _library()
+    prefix = os.fspath(prefix).rstrip("/")
+    key = _key_file(public_key, "public")
+    try:
+        signature = backend.read_bytes(backend.join(prefix, SIGNATURE_FILE))
+    except FileNotFoundError:
+        raise SignatureError(
+            f"{prefix} is not signed (no {SIGNATURE_FILE}); sign it, or load it without verify_with"
+        ) from None
+    if len(signature) > MAX_SIGNATURE_BYTES:
+        raise SignatureError(f"{backend.join(prefix, SIGNATURE_FILE)} is {len(signature)} bytes, not a signature")
+    with tempfile.TemporaryDirectory(prefix="ckpt-verify-") as scratch:
+        local = Path(scratch) / SIGNATURE_FILE
+        local.write_bytes(signature)
+        try:
+            config = verifying.Config().use_elliptic_key_verifier(public_key=key)
+            config.set_hashing_config(_prefix_hashing(backend, prefix, {})).verify(Path(scratch) / _model_name(prefix), local)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the library raises ValueError and others for a bad signature
+            raise SignatureError(
+                f"the signature of {prefix} does not verify with {key}: {str(exc)[:300]}; do not use this checkpoint"
+            ) from None
+
+
+def signer(private_key: Key, *, password: str | None = None) -> Signer:
+    """The hook that signs a checkpoint before it commits (``before_commit`` of
+    :func:`~ckpt_plugin.io.writer.write_snapshot`), locally and on object stores alike."""
+    _key_file(private_key, "private")  # a wrong path fails before any file is written
+    return functools.partial(_sign_pending, private_key=private_key, password=password)
+
+
+def _sign_pending(backend: Backend, prefix: str, pending: Mapping[str, bytes], *, private_key: Key, password: str | None) -> str:
+    return _sign(backend, prefix, private_key, password, pending)
+
+
+def _sign(backend: Backend, prefix: Location, private_key: Key, password: str | None, pending: Mapping[str, bytes]) -> str:
+    if not is_url(os.fspath(prefix)):
+        if pending:
+            raise ConfigurationError(f"sign {prefix} once every file is in it; {', '.join(pending)} are still to be written")
+        return os.fspath(sign_directory(prefix, private_key, password=password))
+    _, signing, _ = _library()
+    prefix = os.fspath(prefix).rstrip("/")
+    key = _key_file(private_key, "private")
+    target = backend.join(prefix, SIGNATURE_FILE)
+    backend.delete(target)
+    with tempfile.TemporaryDirectory(prefix="ckpt-sign-") as scratch:
+        local = Path(scratch) / SIGNATURE_FILE
+        try:
+            config = signing.Config().use_elliptic_key_signer(private_key=key, password=password)
+            config.set_hashing_config(_prefix_hashing(backend, prefix, pending)).sign(Path(scratch) / _model_name(prefix), local)
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"could not sign {prefix} with {key}: {exc}") from exc
+        write_bytes_file(target, local.read_bytes(), backend=backend)
+    return target
+
+
+def _model_name(prefix: str) -> str:
+    """What model-signing calls the model: the last component of its path (informative only)."""
+    return prefix.rstrip("/").rsplit("/", 1)[-1] or "model"
+
+
+@functools.lru_cache(maxsize=1)
+def _file_serialization() -> tuple[tuple[str, Any], ...]:
+    """The serialization that ``model_signing`` records when it signs a directory with ``model.sig``
+    inside: by files, SHA-256, no symbolic links, ``model.sig`` and git's files ignored. Taken from
+    the library itself (it hashes an empty directory), so both sign the same files the same way."""
+    hashing, _, _ = _library()
+    with tempfile.TemporaryDirectory(prefix="ckpt-sign-") as empty:
+        parameters = hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE]).hash(empty).serialization_type
+    if parameters.get("method") != "files" or parameters.get("hash_type") != "sha256":
+        raise ConfigurationError(
+            f"this model-signing release hashes by {parameters}, not by files with SHA-256; "
+            "install a version in the range the signing extra names (pip install 'ckpt-plugin[signing]')"
+        )
+    return tuple(sorted((name, tuple(value) if isinstance(value, list) else value) for name, value in parameters.items()))
+
+
+def _prefix_hashing(backend: Backend, prefix: str, pending: Mapping[str, bytes]) -> Any:
+    """model-signing's hashing configuration over the objects under ``prefix``; ``pending`` files
+    (name to bytes) count as if they were there already."""
+    hashing, _, _ = _library()
+
+    class PrefixHashing(hashing.Config):  # type: ignore[misc, name-defined]
+        """Hashes the objects under a prefix where the library would hash the files of a directory."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ignored: set[PurePosixPath] = set()
+
+        def add_ignored_paths(self, *, model_path: Any, paths: Iterable[Any]) -> None:
+            super().add_ignored_paths(model_path=model_path, paths=paths)
+            self.ignored.update(PurePosixPath(Path(path).as_posix()) for path in paths)
+
+        def hash(self, model_path: Any, *, files_to_hash: Iterable[Any] | None = None) -> Any:
+            if files_to_hash is not None:
+                raise ConfigurationError("verifying only some files of a signed prefix is not supported")
+            return prefix_manifest(backend, prefix, pending, self.ignored)
+
+    return PrefixHashing()
+
+
+def prefix_manifest(
+    backend: Backend, prefix: str, pending: Mapping[str, bytes] | None = None, ignored: Iterable[PurePosixPath] = ()
+) -> Any:
+    """model-signing's manifest (``model_signing.manifest.Manifest``) of the objects under
+    ``prefix``: each object's SHA-256, streamed through ``backend``, by its path relative to the
+    prefix. Objects the signature ignores (``model.sig``, git's files, ``ignored``) are left out;
+    ``pending`` files (name to bytes) count as if they were written already."""
+    from model_signing import manifest
+    from model_signing._hashing.hashing import Digest  # not public; the signing extra pins the range
+
+    pending = pending or {}
+    parameters = {name: list(value) if isinstance(value, tuple) else value for name, value in _file_serialization()}
+    skip = {PurePosixPath(path) for path in parameters.get("ignore_paths", ())} | set(ignored)
+    serialization = manifest.SerializationType.from_args(parameters)
+    walk = getattr(backend, "walk", None)
+    if walk is None:
+        raise ConfigurationError(f"signing needs a store that can list a prefix whole; {backend!r} cannot")
+    names = {name for name in walk(prefix) if name and name not in pending}
+    digests = {name: hashlib.sha256(data).digest() for name, data in pending.items()}
+    for name in sorted(names):
+        if any(PurePosixPath(name).is_relative_to(path) for path in skip):
+            continue
+        hasher = hashlib.sha256()
+        hash_file(backend.join(prefix, *name.split("/")), hasher, backend=backend)
+        digests[name] = hasher.digest()
+    items = [serialization.new_item(name, Digest(parameters["hash_type"], value)) for name, value in digests.items()]
+    return manifest.Manifest(_model_name(prefix), items, serialization)
+
+
+__all__ = ["SIGNATURE_FILE", "Signer", "prefix_manifest", "sign_directory", "sign_prefix", "signer", "verify_directory", "verify_prefix"]

@@ -34,11 +34,11 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, codec, listing
+from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, listing
 from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, SHARDING_FILE, metadata_checksum
 from ckpt_plugin.distributed.layout import CHECKSUM_KEY as SHARDING_CHECKSUM_KEY
 from ckpt_plugin.distributed.layout import _checksum as sharding_checksum
-from ckpt_plugin.format import documents
+from ckpt_plugin.format import codec, documents
 from ckpt_plugin.storage import checksum_bytes
 
 TARGETS = [

@@ -60,3 +60,15 @@ def reseal_record(path: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
     document = read_doc(path)
     edit(document)
     write_raw(path, json.dumps(documents.seal(document)).encode())
+
+
+def key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """A fresh elliptic-curve key pair (P-256) as PEM files: ``(name.pem, name.pub)``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public

@@ -21,7 +21,7 @@ from torch import nn
 
 import ckpt_plugin.manager as manager_module
 from ckpt_plugin import AsyncSaveError, CheckpointManager, StorageError
-from ckpt_plugin.staging import StagingBuffer
+from ckpt_plugin.io.staging import StagingBuffer
 
 ROOT = Path(__file__).resolve().parents[1]
 

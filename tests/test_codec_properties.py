@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from core_helpers import assert_same_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt_plugin import CheckpointManager, EncodingError, codec
-
-from core_helpers import assert_same_tree
+from ckpt_plugin import CheckpointManager, EncodingError
+from ckpt_plugin.format import codec
 
 # Strings a user might well have as keys that look like the codec's own markers.
 MARKER_LIKE = ["__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__dtype__", "__device__",

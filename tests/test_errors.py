@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import safetensors
 import torch
+from core_helpers import full_state, hidden_dirs, save_full, snapshot_tree, visible_names
+from spawned_workers import SpawnedWorkers
 
 import ckpt_plugin
 from ckpt_plugin import (
@@ -27,12 +29,8 @@ from ckpt_plugin import (
     EncodingError,
     ForeignFileError,
     StorageError,
-    trash,
 )
-
-from ckpt_plugin.storage import faults
-from core_helpers import full_state, hidden_dirs, save_full, snapshot_tree, visible_names
-from spawned_workers import SpawnedWorkers
+from ckpt_plugin.storage import faults, trash
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
 

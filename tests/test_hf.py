@@ -23,7 +23,7 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints  # noqa: E402
 
-import ckpt_plugin.writer  # noqa: E402
+import ckpt_plugin.io.writer  # noqa: E402
 from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback, Settings, eval_metric_name  # noqa: E402
 
@@ -558,14 +558,14 @@ class LinkProbe(TrainerCallback):
 
 def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeypatch):
     gate = threading.Semaphore(0)
-    real_write = ckpt_plugin.writer.write_tensor_file
+    real_write = ckpt_plugin.io.writer.write_tensor_file
 
     def held_write(path, tensors, metadata=None, **options):
         if Path(path).name == "model.safetensors":
             assert gate.acquire(timeout=60), "the save was never released"
         return real_write(path, tensors, metadata, **options)
 
-    monkeypatch.setattr(ckpt_plugin.writer, "write_tensor_file", held_write)
+    monkeypatch.setattr(ckpt_plugin.io.writer, "write_tensor_file", held_write)
     callback = CheckpointCallback(async_save=True)
     probe = LinkProbe(tmp_path, gate)
     trainer, _ = make_trainer(tmp_path, callback=callback)
@@ -583,14 +583,14 @@ def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeyp
 
 
 def test_a_failed_background_save_is_raised_when_training_ends(tmp_path, monkeypatch):
-    real_write = ckpt_plugin.writer.write_tensor_file
+    real_write = ckpt_plugin.io.writer.write_tensor_file
 
     def failing_write(path, tensors, metadata=None, **options):
         if "epoch_4_step_20" in str(Path(path).parent):
             raise RuntimeError("the disk went away")
         return real_write(path, tensors, metadata, **options)
 
-    monkeypatch.setattr(ckpt_plugin.writer, "write_tensor_file", failing_write)
+    monkeypatch.setattr(ckpt_plugin.io.writer, "write_tensor_file", failing_write)
     trainer, callback = make_trainer(tmp_path, callback=CheckpointCallback(async_save=True))
     with pytest.raises(AsyncSaveError, match="the disk went away"):
         trainer.train()
@@ -689,7 +689,7 @@ CRASHING_RUN = textwrap.dedent(
     sys.path[:0] = [{root!r}, {tests!r}]
     import torch
     torch.set_num_threads(1)
-    import ckpt_plugin.writer as writer
+    import ckpt_plugin.io.writer as writer
     from test_hf import make_trainer
     from pathlib import Path
     from ckpt_plugin.hf import CheckpointCallback

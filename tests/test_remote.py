@@ -11,7 +11,7 @@ import torch
 from core_helpers import assert_same_tree, objects
 from torch import nn
 
-from ckpt_plugin import CheckpointManager, CorruptCheckpointError, StorageError
+from ckpt_plugin import CheckpointManager, CorruptCheckpointError, StorageError, savelog
 from ckpt_plugin.storage import faults
 from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
 
@@ -26,7 +26,8 @@ def training_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def prefixes(url: str) -> list[str]:
-    return sorted({name.split("/", 1)[0] for name in objects(url)})
+    """The checkpoint prefixes under ``url`` (the save log's ``.saves/`` is none)."""
+    return sorted({name.split("/", 1)[0] for name in objects(url)} - {savelog.LOG_PREFIX})
 
 
 def test_save_list_load_restore_and_retention(remote_url: str) -> None:

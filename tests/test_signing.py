@@ -11,23 +11,13 @@ import pytest
 pytest.importorskip("model_signing")
 pytest.importorskip("OpenSSL")
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, SignatureError
 from ckpt_plugin import cli
 from ckpt_plugin.signing import SIGNATURE_FILE
 from core_helpers import tiny_training, train_one_step
-from security_helpers import read_doc, reseal_record, write_raw
-
-
-def key_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
+from security_helpers import key_pair, read_doc, reseal_record, write_raw
 
 
 @pytest.fixture

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from core_helpers import hidden_dirs, visible_names
 from safetensors.torch import load_file
 
-from ckpt_plugin import CheckpointManager, StorageError, directio, trash
-from ckpt_plugin.staging import TRIALS, StagingBuffer
+from ckpt_plugin import CheckpointManager, StorageError
 from ckpt_plugin.io.files import verify_file, write_tensor_file
-from core_helpers import hidden_dirs, visible_names
+from ckpt_plugin.io.staging import TRIALS, StagingBuffer
+from ckpt_plugin.storage import directio, trash
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +184,8 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import os, sys, threading, time, warnings
     import torch
-    from ckpt_plugin import CheckpointManager, trash
+    from ckpt_plugin import CheckpointManager
+    from ckpt_plugin.storage import trash
 
     warnings.simplefilter("ignore")
     real = trash.remove_now

@@ -38,15 +38,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from .. import codec, listing
-from ..async_save import pending_info
+from .. import listing
 from ..checkpoint import SHARDING_FILE, CheckpointInfo, as_path, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
+from ..io.async_save import pending_info
+from ..io.reader import read_checkpoint
+from ..io.writer import ShardedPart, Snapshot, write_snapshot
 from ..metadata import git_provenance_in_background
-from ..reader import read_checkpoint
+from ..format import codec
 from ..rng import restore_rng_state
 from ..storage import Transaction
-from ..writer import ShardedPart, Snapshot, write_snapshot
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager

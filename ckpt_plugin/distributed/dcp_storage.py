@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.futures import Future
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -30,12 +29,19 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
 
-from .. import codec
-from ..format import documents
 from ..errors import ConfigurationError, CorruptCheckpointError
+from ..format import codec, documents
 from ..storage import FileRecord, backend_of, is_url
 from .files import BackendShardFiles, LocalShardFiles, ShardFiles
 from .layout import SHARDING_FILE, Chunk, Sharding, TensorEntry, chunk_key, file_kind, shard_file_name, unflatten

@@ -19,9 +19,9 @@ from typing import Protocol
 import torch
 
 from ..errors import CorruptCheckpointError
+from ..format.tensorformat import TensorSpec
 from ..io.files import read_bytes_file, stream_tensor_file, write_bytes_file, write_tensor_file
 from ..storage import LOCAL, Backend, FileRecord
-from ..tensorformat import TensorSpec
 from .layout import is_plain_name
 
 Destination = Callable[[TensorSpec], "torch.Tensor | None"]

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .. import codec, tensorformat
 from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
+from ..format import codec, tensorformat
 from ..storage import FileRecord, checksum_bytes
 
 FORMAT_NAME = "ckpt_plugin.sharding"

@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, WriteItem, WriteItemType
 
-from .. import codec
 from ..errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ..format import codec
 
 
 def _is_tensor(value: Any) -> bool:

@@ -13,7 +13,8 @@ Reading: every read checks the bytes against the size and checksum recorded at s
 - :func:`stream_tensor_file` reads a safetensors file once, front to back, straight into the
   tensors that will hold its data, hashing each chunk right after it lands while the next chunks
   are being read (``preadv`` locally, ranged GETs remotely; both release the GIL).
-- :func:`verify_file` checks a file without keeping its data.
+- :func:`verify_file` checks a file without keeping its data, streaming it through
+  :func:`hash_file`, which feeds any hasher (SHA-256 for signatures, say) with bounded memory.
 
 Every function takes ``backend=`` (the local file system when omitted) and a location: an OS path
 for the local file system, a URL for an object store.
@@ -32,11 +33,10 @@ from typing import Any
 
 import torch
 
-from .. import tensorformat
 from ..errors import CorruptCheckpointError, StorageError
-from ..format import documents
+from ..format import documents, tensorformat
+from ..format.tensorformat import TensorSpec
 from ..storage import LOCAL, Backend, FileRecord, checksum_bytes, format_checksum, new_hasher
-from ..tensorformat import TensorSpec
 
 CHUNK_BYTES = 8 * 1024 * 1024
 """Bytes written, read and hashed at a time: small enough to be hashed from the CPU cache after
@@ -251,6 +251,29 @@ def verify_file(
     if size != record.size:
         check(shown, record, size, None)
     hasher = new_hasher()
+    size = hash_file(key, hasher, progress, backend=backend, size=size)
+    check(shown, record, size, format_checksum(hasher))
+
+
+def hash_file(
+    location: Any,
+    hasher: Any,
+    progress: Callable[[int], None] | None = None,
+    *,
+    backend: Backend = LOCAL,
+    size: int | None = None,
+) -> int:
+    """Feed every byte of ``location`` to ``hasher`` (anything with ``update``, such as a
+    ``hashlib`` object) in file order, through reused buffers with the backend's reads in flight;
+    return the byte count. Memory stays bounded whatever the file size: at most
+    ``max(read_concurrency, 2)`` chunks of the backend's read size.
+
+    ``progress`` is called with the byte count of every chunk read. A missing file raises
+    :class:`CorruptCheckpointError` naming it.
+    """
+    key = _key(location)
+    if size is None:
+        size = _size(key, backend)
     workers = max(1, backend.read_concurrency)
     step = _chunk_bytes(backend)
     chunks = [(offset, min(step, size - offset)) for offset in range(0, size, step)]
@@ -273,7 +296,7 @@ def verify_file(
         for future, _ in pending:
             future.cancel()
         wait([future for future, _ in pending])
-    check(shown, record, size, format_checksum(hasher))
+    return size
 
 
 def can_receive(tensor: torch.Tensor, spec: TensorSpec) -> bool:

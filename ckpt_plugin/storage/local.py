@@ -6,7 +6,7 @@ list only visible names, so they see whole checkpoints or nothing. Replacing an 
 checkpoint swaps the two directories in one ``renameat2(RENAME_EXCHANGE)`` where the kernel has it;
 elsewhere the old one is first renamed aside and put back by :meth:`LocalStore.recover` if the
 process dies in between. Deletion renames the directory aside before removing its files (in the
-background, see :mod:`ckpt_plugin.trash`), so a half-deleted checkpoint is never visible either.
+background, see :mod:`ckpt_plugin.storage.trash`), so a half-deleted checkpoint is never visible either.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import directio, trash
 from ..errors import CorruptCheckpointError, StorageError
+from . import directio, trash
 from .base import (
     METADATA_FILE,
     Entry,
@@ -76,7 +76,7 @@ class LocalSink:
     """A new local file being written: hashed as it grows, fsynced on :meth:`close`.
 
     A large file (its size known up front) is written with direct I/O where the file system allows
-    it (see :mod:`ckpt_plugin.directio`): the bytes go from memory to the disk without allocating
+    it (see :mod:`ckpt_plugin.storage.directio`): the bytes go from memory to the disk without allocating
     page cache for them, through two reused buffers. Otherwise each large chunk is hashed on a
     helper thread while the calling thread writes it (both release the GIL), and writeback to the
     disk is started as the file grows, so the final fsync has little left to wait for. Either way
@@ -507,7 +507,7 @@ class LocalStore:
     def remove(self, name: str) -> None:
         """Delete checkpoint ``name``: hide it with one rename, then remove its files in the background.
 
-        It is out of every listing when this returns; :func:`ckpt_plugin.trash.drain` waits until
+        It is out of every listing when this returns; :func:`ckpt_plugin.storage.trash.drain` waits until
         its files are gone, and :meth:`recover` removes what a dead process left of it.
         """
         hidden = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}.{name}"

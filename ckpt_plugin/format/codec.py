@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, EncodingError
-from .format.documents import within_depth as _within_depth
+from ..errors import CorruptCheckpointError, EncodingError
+from .documents import within_depth as _within_depth
 
 try:  # numpy is optional; RNG capture and user trees may hold its arrays and scalars.
     import numpy as _np

@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from . import codec
-from .checkpoint import STATE_FILE, CheckpointInfo
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
-from .io.files import Header, can_receive, read_header, read_json, stream_tensor_file, verify_file
+from ..checkpoint import STATE_FILE, CheckpointInfo
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
+from ..format import codec
+from ..format.tensorformat import TensorSpec
+from ..rng import restore_rng_state
+from ..storage import FileRecord
+from .files import Header, can_receive, read_header, read_json, stream_tensor_file, verify_file
 from .reader import item_shards, read_checkpoint
-from .rng import restore_rng_state
-from .storage import FileRecord
-from .tensorformat import TensorSpec
 
 
 class _Slot:

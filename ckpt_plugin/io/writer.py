@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from . import codec, shards
-from .checkpoint import (
+from .. import shards
+from ..checkpoint import (
     EXTRA_TENSORS_FILE,
     METADATA_FILE,
     MODEL_FILE,
@@ -32,10 +32,14 @@ from .checkpoint import (
     item_file,
     item_prefix,
 )
-from .errors import ConfigurationError
-from .format.names import is_plain_file_name
-from .io.files import write_bytes_file, write_tensor_file
-from .storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
+from ..errors import ConfigurationError
+from ..format import codec
+from ..format.names import is_plain_file_name
+from ..storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
+from .files import write_bytes_file, write_tensor_file
+
+BeforeCommit = Callable[[Backend, str, Mapping[str, bytes]], object]
+"""A hook run just before a checkpoint commits (see ``before_commit`` of :func:`write_snapshot`)."""
 
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
@@ -142,7 +146,7 @@ def write_snapshot(
     store: Commit,
     snapshot: Snapshot,
     write_model: ModelWriter | None = None,
-    before_commit: Callable[[Path], object] | None = None,
+    before_commit: BeforeCommit | None = None,
     *,
     txn: Transaction | None = None,
 ) -> CheckpointInfo:
@@ -150,9 +154,12 @@ def write_snapshot(
 
     ``write_model`` replaces the plain ``model.safetensors`` writer (the incremental writer shards the
     model and reuses unchanged shards); every other step, the commit included, is shared.
-    ``before_commit`` is called with the complete staging directory (to sign it, say); it needs a
-    local checkpoint directory. ``txn`` is a transaction begun on ``store`` whose prefix already
-    holds files (those of ``snapshot.sharded``, written by every rank); it is committed here.
+    ``before_commit`` (to sign the checkpoint, say) is called once every file is under the
+    transaction's prefix, with the backend, the prefix, and the files the commit itself will write
+    (name to bytes: ``metadata.json`` on an object store, where writing it is the commit; nothing
+    locally, where it is written before the directory is renamed into place). What it writes under
+    the prefix commits with the checkpoint. ``txn`` is a transaction begun on ``store`` whose prefix
+    already holds files (those of ``snapshot.sharded``, written by every rank); it is committed here.
     """
     backend = store.backend
     txn = store.begin(snapshot.name) if txn is None else txn
@@ -187,12 +194,13 @@ def write_snapshot(
         manifest = codec.dumps(metadata)
         if before_commit is None:
             location = store.commit(txn, manifest)
-        else:
-            if not isinstance(store, LocalStore):
-                raise ConfigurationError("signing checkpoints needs a local checkpoint_dir in this release")
+        elif isinstance(store, LocalStore):
             write_bytes_file(backend.join(txn.prefix, METADATA_FILE), manifest, backend=backend)
-            before_commit(Path(txn.prefix))
+            before_commit(backend, txn.prefix, {})
             location = os.fspath(store.publish(Path(txn.prefix), snapshot.name))
+        else:
+            before_commit(backend, txn.prefix, {METADATA_FILE: manifest})
+            location = store.commit(txn, manifest)
     except BaseException:
         store.abort(txn)
         raise

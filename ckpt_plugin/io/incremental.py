@@ -27,19 +27,19 @@ each of its files, shared or not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import xxhash
 
-from . import codec, shards
-from .checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
-from .io.files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
-from .storage import Backend, Commit, FileRecord
-from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, Snapshot, write_snapshot
+from .. import shards
+from ..checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
+from ..format import codec
+from ..storage import Backend, Commit, FileRecord
+from .files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
+from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, BeforeCommit, Snapshot, write_snapshot
 
 DETECTION_MODES = ("checksum", "version")
 SHARD_BYTES = 2 * 1024**3
@@ -162,7 +162,7 @@ class IncrementalWriter:
         self._base = _Base(info.location, info.backend, tensors, shard_list)
 
     def write(
-        self, store: Commit, snapshot: Snapshot, seen: Observation, before_commit: Callable[[Path], object] | None = None
+        self, store: Commit, snapshot: Snapshot, seen: Observation, before_commit: BeforeCommit | None = None
     ) -> CheckpointInfo:
         """Write ``snapshot`` with its model sharded, reusing the shards that did not change (a hard
         link locally, a server-side copy on an object store)."""

@@ -3,7 +3,7 @@
 :class:`AsyncSaver` wraps the synchronous pipeline rather than forking it. A save runs the same
 ``take snapshot -> write -> commit -> retention`` steps as a synchronous one; only the snapshot
 happens on the caller's thread, and its tensors are first copied into a reused
-:class:`~ckpt_plugin.staging.StagingBuffer`, so training may change its weights as soon as
+:class:`~ckpt_plugin.io.staging.StagingBuffer`, so training may change its weights as soon as
 ``save`` returns.
 
 - At most one save is in flight: a new save first waits for the previous one to finish.
@@ -24,11 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import TypeVar
 
-from .checkpoint import CheckpointInfo
-from .errors import AsyncSaveError, CheckpointError
+from ..checkpoint import CheckpointInfo
+from ..errors import AsyncSaveError, CheckpointError
+from ..format.tensorformat import dtype_code
+from ..storage import Commit
 from .staging import Staged, StagingBuffer
-from .storage import Commit
-from .tensorformat import dtype_code
 from .writer import Snapshot, snapshot_info
 
 T = TypeVar("T")

@@ -17,8 +17,8 @@ from typing import Annotated
 import msgspec
 import torch
 
-from .errors import CorruptCheckpointError, EncodingError
-from .format import documents
+from ..errors import CorruptCheckpointError, EncodingError
+from . import documents
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
-from . import codec, shards
-from .checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
-from .errors import CorruptCheckpointError
-from .io.files import open_tensor_file, read_json
-from .storage import LOCAL, Backend, FileRecord
+from .. import shards
+from ..checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
+from ..errors import CorruptCheckpointError
+from ..format import codec
+from ..storage import LOCAL, Backend, FileRecord
+from .files import open_tensor_file, read_json
 
 Device = str | torch.device | None
 
@@ -94,7 +95,7 @@ def read_checkpoint(
         if entry.get("sharded") is True and (items is None or item in items)
     ]
     if sharded:
-        from .distributed.consolidate import read_sharded_items
+        from ..distributed.consolidate import read_sharded_items
 
         result.update(
             read_sharded_items(
