@@ -30,11 +30,11 @@ from _common import (
     peak_extra_rss,
     print_table,
     settle,
+    start_server,
     state_tensors,
 )
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from remote import start_server
 
 from ckpt_plugin import CheckpointManager, savelog
 from ckpt_plugin.signing import verify_prefix
