@@ -783,7 +783,7 @@ class ArtifactRegistry:
             return directory, files, state["items"]["model"].get("tree"), None
         from .distributed.consolidate import read_sharded_items
 
-        consolidated = read_sharded_items(_place_arg(directory), files, ["model"])["model"]
+        consolidated = read_sharded_items(directory, files, ["model"], backend=self.backend)["model"]
         return directory, files, {key: {codec.TENSOR: key} for key in consolidated}, consolidated
 
     def _production_record(
@@ -930,10 +930,6 @@ def _record(document: Mapping[str, Any], filename: str, where: Path) -> FileReco
     if record is None:
         raise CorruptCheckpointError(f"{where} records no checksum for {filename}; the record is damaged: validate the checkpoint again")
     return FileRecord.from_json(record)
-
-
-def _place_arg(directory: str) -> Any:
-    return directory if is_url(directory) else Path(directory)
 
 
 def _directory_name(version: Version) -> str:

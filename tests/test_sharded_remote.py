@@ -82,8 +82,13 @@ def test_cli_exports_a_consolidated_model_from_the_url(saved_remote, tmp_path):
     check_cli_export(url, directory / "reference_lr.txt", tmp_path)
 
 
-def test_the_registry_promotes_consolidated_weights_on_the_store(saved_remote):
+def test_the_registry_promotes_consolidated_weights_on_the_store(saved_remote, s3_endpoint):
+    """With the store configured by storage_options alone (no endpoint or keys in the environment)."""
     from ckpt_plugin import ArtifactRegistry
 
     _, url = saved_remote
-    check_promotion(ArtifactRegistry(url), CheckpointManager(url))
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            patch.delenv(name)
+        check_promotion(ArtifactRegistry(url, storage_options=options), CheckpointManager(url, storage_options=options))
