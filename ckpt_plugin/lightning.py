@@ -222,9 +222,7 @@ class ManagerCheckpointIO(CheckpointIO):
         return checkpoint
 
     def _info(self, path: Any) -> CheckpointInfo | None:
-        if is_url(str(path)):
-            return self.manager.checkpoint_at(str(path).removesuffix("/" + METADATA_FILE))
-        return checkpoint_info(path)
+        return _manager_checkpoint(self.manager, path)
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove a file written through the fallback; the manager's checkpoints are pruned only by retention."""
@@ -247,6 +245,14 @@ class ManagerCheckpointIO(CheckpointIO):
                 "CheckpointIO plugin is configured"
             )
         return self.fallback
+
+
+def _manager_checkpoint(manager: CheckpointManager, path: Any) -> CheckpointInfo | None:
+    """The checkpoint Lightning names by ``path`` (a directory, or on an object store the URL of its
+    manifest, see :func:`_lightning_path`), or None when it is not one of ours."""
+    if is_url(str(path)):
+        return manager.checkpoint_at(str(path).removesuffix("/" + METADATA_FILE))
+    return checkpoint_info(path)
 
 
 def _lightning_path(info: CheckpointInfo | None) -> str | None:
@@ -787,7 +793,7 @@ def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager, *, ca
             request.error = exc
 
     def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        info = checkpoint_info(checkpoint_path) if os.path.isdir(checkpoint_path) else None
+        info = _manager_checkpoint(manager, checkpoint_path)
         if info is None:
             return own_load(checkpoint_path, weights_only=weights_only)
         if not info.sharded:

@@ -53,13 +53,14 @@ class Regressor(pl.LightningModule):
         return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)]
 
 
-def fit(work: Path, name: str, directory: str, max_epochs: int, ckpt_path: str | None = None) -> None:
+def fit(work: Path, name: str, directory: str, max_epochs: int, ckpt_path: str | None = None, base: str | None = None) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(64, 4, generator=generator)
     data = TensorDataset(inputs, inputs.sum(1))
-    callback = CheckpointCallback(work / directory, max_checkpoints=2, metric_for_best="val_loss")
+    place = f"{base}/{directory}" if base else work / directory
+    callback = CheckpointCallback(place, max_checkpoints=2, metric_for_best="val_loss")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_epochs=max_epochs, callbacks=[callback], logger=False, enable_progress_bar=False,
@@ -78,11 +79,13 @@ def fit(work: Path, name: str, directory: str, max_epochs: int, ckpt_path: str |
         (work / f"{name}.json").write_text(json.dumps(report))
 
 
-def main(work: str) -> None:
-    fit(Path(work), "straight", "straight", 4)
-    fit(Path(work), "first", "run", 2)
-    fit(Path(work), "resumed", "run", 4, ckpt_path="last")
+def main(work: str, base: str | None = None) -> None:
+    """Train straight, then in two parts with a resume; checkpoints go under ``work`` or, when
+    given, the object store URL ``base``."""
+    fit(Path(work), "straight", "straight", 4, base=base)
+    fit(Path(work), "first", "run", 2, base=base)
+    fit(Path(work), "resumed", "run", 4, ckpt_path="last", base=base)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
