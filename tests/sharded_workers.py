@@ -397,6 +397,19 @@ def job_remote_restore(rank: int, world: int, directory: Path, url: str) -> None
     assert scheduler.last_epoch == 2
 
 
+def job_signed_save(rank: int, world: int, directory: Path, location: str, private_key: str) -> None:
+    """Every rank writes its shards into a checkpoint that the coordinator signs before it commits."""
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    manager = CheckpointManager(location, signing_key=private_key, collective_timeout=20)
+    loss = train_step(model, optimizer, scheduler, 1)
+    info = manager.save(model, optimizer, epoch=1, metrics={"loss": loss}, scheduler=scheduler)
+    assert info.sharded and "signature" not in info.files, info.files
+    reference = full_state(model, optimizer)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory / "signed_reference.safetensors"))
+
+
 def job_fuzz_golden(rank: int, world: int, directory: Path) -> None:
     """Two sharded checkpoints in ``directory / "sharded"``, for the fuzzing harness to mutate."""
     model = shard(build(0), world)
@@ -413,6 +426,7 @@ JOBS = {
     "restore": job_restore,
     "remote_save": job_remote_save,
     "remote_restore": job_remote_restore,
+    "signed_save": job_signed_save,
 }
 
 

@@ -10,6 +10,7 @@ import uuid
 import fsspec
 import pytest
 import safetensors.torch
+import torch
 
 from ckpt_plugin import CheckpointManager
 from sharded_workers import check_cli_export, check_consolidated_load, check_promotion, launch
@@ -92,3 +93,31 @@ def test_the_registry_promotes_consolidated_weights_on_the_store(saved_remote, s
         for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             patch.delenv(name)
         check_promotion(ArtifactRegistry(url, storage_options=options), CheckpointManager(url, storage_options=options))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_signed_sharded_checkpoint_verifies_and_tampering_is_caught(where, saved_remote, tmp_path):
+    """The coordinator signs every rank's shards, on a local disk and on the store; a changed shard
+    fails the signature."""
+    pytest.importorskip("model_signing")
+    from security_helpers import key_pair
+
+    from ckpt_plugin import SignatureError
+
+    _, url = saved_remote
+    private, public = key_pair(tmp_path, "owner")
+    location = f"{url.rsplit('/', 1)[0]}/signed-{uuid.uuid4().hex[:6]}" if where == "s3" else str(tmp_path / "signed")
+    launch("signed_save", 2, tmp_path, arguments=(location, str(private)))
+    manager = CheckpointManager(location)
+    loaded = manager.load_latest(verify_with=public)
+    reference = safetensors.torch.load_file(str(tmp_path / "signed_reference.safetensors"))
+    assert all(torch.equal(loaded["model"][key.removeprefix("model/")], value)
+               for key, value in reference.items() if key.startswith("model/"))
+    shard = manager.latest().file("model-r1-of-2.safetensors")
+    fs, path = fsspec.core.url_to_fs(shard)
+    data = bytearray(fs.cat_file(path))
+    data[-1] ^= 0x01
+    fs.rm_file(path)
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(SignatureError):
+        CheckpointManager(location).load_latest(verify_with=public)
