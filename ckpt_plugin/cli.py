@@ -110,11 +110,20 @@ def _handled(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-def _registry(directory: str | Path, validated_dir: str | None = None, production_dir: str | None = None) -> ArtifactRegistry:
-    """The registry of ``directory``: a local path, or an object store URL (configured by the store's
-    standard environment, such as ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``)."""
+def _registry(
+    directory: str | Path,
+    validated_dir: str | None = None,
+    production_dir: str | None = None,
+    storage_option: list[str] | None = None,
+) -> ArtifactRegistry:
+    """The registry of ``directory``: a local path, or an object store URL (configured by
+    ``--storage-option`` pairs, else by the store's standard environment, such as
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``)."""
+    options = _storage_options(storage_option)
     if is_url(str(directory)):
-        return ArtifactRegistry(str(directory), validated_dir, production_dir)
+        return ArtifactRegistry(str(directory), validated_dir, production_dir, storage_options=options)
+    if options:
+        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
     directory = Path(directory)
     registry = ArtifactRegistry(
         directory,
@@ -291,9 +300,9 @@ def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list
 
 @app.command("list")
 @_handled
-def list_checkpoints(directory: Directory, as_json: AsJson = False) -> None:
+def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
     """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked."""
-    registry = _registry(_existing(directory))
+    registry = _registry(_existing(directory), storage_option=storage_option)
     infos = registry.manager.checkpoints()
     try:
         best = registry.resolve("best").name if infos else None
@@ -333,9 +342,9 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False) -> None:
 
 @app.command()
 @_handled
-def show(directory: Directory, epoch: Target, as_json: AsJson = False) -> None:
+def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
     """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
-    registry = _registry(_existing(directory))
+    registry = _registry(_existing(directory), storage_option=storage_option)
     info, version = _target(registry, epoch)
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     parse_metadata(info.location, metadata, info.backend)
@@ -383,13 +392,14 @@ def verify(
         typer.Option("--key", help="A public key (PEM): validated versions and production must carry a signature it verifies, "
                      "and so must every checkpoint that has one (needs the signing extra)."),
     ] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Check every file's checksum: the checkpoints in DIR, the validated versions and production.
 
     Exits with status 1 and names each damaged file when anything is corrupt (or, with --key,
     when a signature does not verify).
     """
-    registry = _registry(_existing(directory))
+    registry = _registry(_existing(directory), storage_option=storage_option)
     infos, problems = _raw_listing(registry)
     files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
     backend = registry.backend if registry.remote else LOCAL  # every file of one registry is on one store
@@ -441,9 +451,10 @@ def diff(
     b: Target,
     limit: Annotated[int, typer.Option(help="Show at most this many changed tensors in the table.")] = 20,
     as_json: AsJson = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Compare two checkpoints: their metrics, which model tensors changed, and by how much."""
-    registry = _registry(_existing(directory))
+    registry = _registry(_existing(directory), storage_option=storage_option)
     (info_a, _), (info_b, _) = _target(registry, a), _target(registry, b)
     with Bars() as bars:
         model_a = _read(info_a, ("model",), bars)["model"]
@@ -530,9 +541,10 @@ def validate(
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
     signing_key: Annotated[Optional[Path], typer.Option(help="Sign the version with this private key (PEM; signing extra).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Check a checkpoint and store it as an immutable, semantically versioned artifact."""
-    registry = _registry(_existing(directory), validated_dir, production_dir)
+    registry = _registry(_existing(directory), validated_dir, production_dir, storage_option=storage_option)
     if version is not None:
         _version(version)
     checks = dict(metric_check(expression) for expression in require or [])
@@ -589,9 +601,10 @@ def promote(
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Make a validated version the production model, atomically."""
-    registry = _registry(directory, validated_dir, production_dir)
+    registry = _registry(directory, validated_dir, production_dir, storage_option=storage_option)
     with Bars() as bars:
         record = registry.promote(_version(version), progress=bars)
     if as_json:
@@ -607,9 +620,10 @@ def rollback(
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Put the previously promoted version back into production."""
-    registry = _registry(directory, validated_dir, production_dir)
+    registry = _registry(directory, validated_dir, production_dir, storage_option=storage_option)
     with Bars() as bars:
         record = registry.rollback(progress=bars)
     if as_json:
@@ -625,9 +639,10 @@ def versions(
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """The validated versions, with the one in production marked."""
-    registry = _registry(directory, validated_dir, production_dir)
+    registry = _registry(directory, validated_dir, production_dir, storage_option=storage_option)
     production = registry.production()
     current = production["version"] if production else None
     rows = [{**registry.validation(version), "production": version == current} for version in registry.versions()]
@@ -649,9 +664,10 @@ def history(
     validated_dir: ValidatedDir = None,
     production_dir: ProductionDir = None,
     as_json: AsJson = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """The audit log: every validate, promote and rollback, with who, where and when."""
-    events = _registry(directory, validated_dir, production_dir).history()
+    events = _registry(directory, validated_dir, production_dir, storage_option=storage_option).history()
     if as_json:
         _print_json(events)
         return
@@ -676,9 +692,10 @@ def export(
     config: Annotated[Optional[Path], typer.Option(help="hf: a config.json to use instead of the checkpoint's config.")] = None,
     weights_only: Annotated[bool, typer.Option(help="pt: save only the model's state dict.")] = False,
     as_json: AsJson = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Export a checkpoint for other tools; never overwrites an existing output."""
-    registry = _registry(_existing(directory))
+    registry = _registry(_existing(directory), storage_option=storage_option)
     info, version = _target(registry, epoch)
     stem = f"v{version}" if version else info.name
     target = output or Path(f"{stem}-hf" if to is ExportFormat.hf else f"{stem}.{to.value}")

@@ -434,3 +434,33 @@ def test_list_show_verify_diff_and_export_take_object_store_urls(tmp_path: Path,
     fs.pipe_file(target, bytes(data))
     code, stdout, _ = ckpt("verify", url, "--json")
     assert code == 1 and "model.safetensors" in stdout
+
+
+def test_every_url_command_takes_storage_options_instead_of_the_environment(
+    tmp_path: Path, s3_bucket: str, s3_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"s3://{s3_bucket}/run/checkpoints"
+    manager = CheckpointManager(url, max_checkpoints=None)
+    model = nn.Linear(4, 3)
+    for epoch in range(2):
+        manager.save(model, epoch=epoch, metrics={"loss": 1.0 - epoch / 10})
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    store = ["--storage-option", f"endpoint_url={s3_env}", "--storage-option", "key=testing",
+             "--storage-option", "secret=testing"]
+    assert [row["epoch"] for row in ckpt_json("list", url, *store)["checkpoints"]] == [0, 1]
+    assert ckpt_json("show", url, "latest", *store)["epoch"] == 1
+    assert ckpt_json("diff", url, "0", "1", *store)["changed"] == 0
+    assert ckpt_json("validate", url, "latest", "--version", "1.0.0", *store)["version"] == "1.0.0"
+    assert ckpt_json("validate", url, "0", "--version", "0.9.0", *store)["version"] == "0.9.0"
+    assert ckpt_json("promote", url, "0.9.0", *store)["version"] == "0.9.0"
+    assert ckpt_json("promote", url, "1.0.0", *store)["version"] == "1.0.0"
+    assert ckpt_json("rollback", url, *store)["version"] == "0.9.0"
+    assert [v["version"] for v in ckpt_json("versions", url, *store)] == ["0.9.0", "1.0.0"]
+    assert [event["event"] for event in ckpt_json("history", url, *store)][-1] == "rollback"
+    assert ckpt_json("verify", url, *store)["ok"]
+    code, _, stderr = ckpt("export", url, "latest", "--to", "safetensors", "-o", tmp_path / "m.safetensors", *store)
+    assert code == 0, stderr
+    assert torch.equal(load_file(tmp_path / "m.safetensors")["weight"], model.weight)
+    code, _, stderr = ckpt("list", tmp_path, "--storage-option", "key=x")
+    assert code == 2 and "only applies to URLs" in stderr
