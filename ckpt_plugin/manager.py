@@ -22,6 +22,7 @@ from .errors import (
     CorruptCheckpointError,
     EncodingError,
     ForeignFileError,
+    StorageError,
 )
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
@@ -157,14 +158,25 @@ class CheckpointManager:
         self._warned_older_epoch = False
         self._warned_log = False
         self._warned_foreign: set[str] = set()
-        if self.remote:
+        if not self.remote:
+            assert isinstance(self.checkpoint_dir, Path)
+            if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
+                raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
+        if self.remote or self.checkpoint_dir.is_dir():  # type: ignore[union-attr]
+            self._recover()
+
+    def _recover(self) -> None:
+        """Clean up what dead writers left. Leftovers are invisible, so a reader that may not delete
+        (read-only credentials, a read-only mount) is warned and goes on; a save would fail later."""
+        try:
             self._store.recover()
-            return
-        assert isinstance(self.checkpoint_dir, Path)
-        if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
-            raise ConfigurationError(f"checkpoint_dir {self.checkpoint_dir} is a file, not a directory; choose another path")
-        if self.checkpoint_dir.is_dir():
-            self._store.recover()
+        except (StorageError, PermissionError) as exc:
+            warnings.warn(
+                f"could not clean up leftovers of interrupted saves in {self.checkpoint_dir} ({exc}); they stay "
+                "invisible, and the next manager with write access removes them",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def __repr__(self) -> str:
         return (

@@ -224,3 +224,25 @@ def test_random_kill_9_during_uploads(s3_bucket: str) -> None:
     manager._store.recover()
     committed = {info.location.rsplit("/", 1)[-1] for info in manager.checkpoints()}
     assert set(prefixes(url)) == committed  # only committed checkpoints remain
+
+
+def test_a_reader_that_may_not_delete_still_lists_and_loads(remote_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-only credentials: cleaning up a superseded prefix is refused, the reader is warned and reads on."""
+    manager = CheckpointManager(remote_url)
+    manager.save({"w": torch.arange(3.0)}, epoch=0, metrics={"loss": 1.0})
+    fs, root = fsspec.core.url_to_fs(remote_url)
+    [committed] = [name for name in prefixes(remote_url) if name.startswith("epoch_0")]
+    fs.copy(f"{root}/{committed}", f"{root}/epoch_0{TXN_SEPARATOR}0000000000000000dead", recursive=True)  # an older commit
+
+    def refused(self: object, key: str) -> None:
+        raise StorageError(13, f"could not delete {key}: AccessDenied")
+
+    monkeypatch.setattr("ckpt_plugin.storage.fsspec.FsspecBackend.delete", refused)
+    monkeypatch.setattr("ckpt_plugin.storage.fsspec.FsspecBackend.delete_tree", refused)
+    with pytest.warns(UserWarning, match="could not clean up leftovers"):
+        reader = CheckpointManager(remote_url)
+    assert [info.epoch for info in reader.checkpoints()] == [0]
+    assert torch.equal(reader.load_latest()["model"]["w"], torch.arange(3.0))
+    monkeypatch.undo()
+    CheckpointManager(remote_url)  # with write access the leftover goes
+    assert [name for name in prefixes(remote_url) if name.startswith("epoch_0")] == [committed]
