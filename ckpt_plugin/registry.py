@@ -29,6 +29,7 @@ import socket
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -410,20 +411,17 @@ class ArtifactRegistry:
 
     def validation(self, version: str | Version) -> dict[str, Any]:
         """The validation record of ``version``: source checkpoint, checksum, metrics and checks."""
-        return _decoded(self._validation_document(parse_version(version)))
+        return _decoded(self._located(parse_version(version))[1])
 
     def version_dir(self, version: str | Version) -> Path | str:
         """The directory of validated ``version`` (a URL on an object store; raises
         :class:`CheckpointNotFoundError` if there is no such version)."""
-        parsed = parse_version(version)
-        self._validation_document(parsed)
-        return self._version_place(parsed)
+        place = self._located(parse_version(version))[0]
+        return place if self.remote else Path(place)
 
     def checkpoint_info(self, version: str | Version) -> CheckpointInfo:
         """The validated ``version`` as a :class:`CheckpointInfo`, its metadata verified."""
-        parsed = parse_version(version)
-        document = self._validation_document(parsed)
-        place = str(self._version_place(parsed))
+        place, document = self._located(parse_version(version))
         record = _record(document, METADATA_FILE, self.backend.join(place, VALIDATION_FILE))
         return read_info(place, self.backend, record=record)
 
@@ -502,7 +500,8 @@ class ArtifactRegistry:
         if verify_with is not None:
             self.verify_signature(version, verify_with)
         self._recover_remote()
-        uploaded: tuple[str, FileRecord, Any] | None = None
+        source: _ProductionSource | None = None
+        uploaded: tuple[str, FileRecord] | None = None
         try:
             for _ in range(_SWITCH_ATTEMPTS):
                 pointer = self._places.read_pointer()
@@ -510,9 +509,11 @@ class ArtifactRegistry:
                 if current is not None and current["version"] == str(version):
                     return _public(current)
                 if uploaded is None:
-                    uploaded = self._upload_production_weights(version, progress)
+                    source = self._production_source(version)
+                    uploaded = self._upload_production_weights(source, progress)
+                assert source is not None
                 stack = [*current["previous_versions"], current["version"]] if current is not None else []
-                document = self._production_record(version, stack, uploaded[2], uploaded[0], uploaded[1])
+                document = self._production_record(source, stack, *uploaded)
                 try:
                     self._places.switch(codec.dumps(document), pointer)
                 except conditional.WriteConflict:
@@ -543,8 +544,9 @@ class ArtifactRegistry:
                 f"version {current['version']} is the first one promoted to {self.production_dir}; there is nothing to roll back to"
             )
         *stack, target = current["previous_versions"]
-        weights, record, model_tree = self._upload_production_weights(parse_version(target), progress)
-        document = self._production_record(parse_version(target), stack, model_tree, weights, record)
+        source = self._production_source(parse_version(target))
+        weights, record = self._upload_production_weights(source, progress)
+        document = self._production_record(source, stack, weights, record)
         try:
             self._places.switch(codec.dumps(document), pointer)
         except conditional.WriteConflict:
@@ -557,21 +559,15 @@ class ArtifactRegistry:
         self._log("rollback", target, source=document["source"], previous=current["version"], time=document["promoted_at"])
         return _public(document)
 
-    def _upload_production_weights(self, version: Version, progress: ProgressFactory | None) -> tuple[str, FileRecord, Any]:
-        """Give production a new weights object for ``version``: its name, record and model layout."""
-        directory, files, model_tree, consolidated = self._production_source(version)
+    def _upload_production_weights(self, source: _ProductionSource, progress: ProgressFactory | None) -> tuple[str, FileRecord]:
+        """Give production a new weights object for ``source``: its name and record."""
         name = self._places.new_weights_name()
-        target = self._places.weights_key(name)
-        backend = self.backend
         try:
-            if consolidated is not None:
-                record = write_tensor_file(target, consolidated, SAFETENSORS_METADATA, backend=backend)
-            else:
-                record = _publish_model(directory, files, target, version, progress, backend)
+            record = _publish_model(source, self._places.weights_key(name), progress, self.backend)
         except BaseException:
             self._places.drop_weights(name)
             raise
-        return name, record, model_tree
+        return name, record
 
     def _recover_remote(self) -> None:
         try:
@@ -670,16 +666,6 @@ class ArtifactRegistry:
         """What reaches the validated versions and production (the local file system, or the object store)."""
         return self._places.backend if self.remote else LOCAL
 
-    def _version_place(self, version: Version) -> Path | str:
-        """Where validated ``version`` lives (whether or not it exists)."""
-        name = _directory_name(version)
-        if not self.remote:
-            return self.validated_dir / name
-        found = self._places.version_location(name)
-        if found is None:
-            raise CheckpointNotFoundError(f"version {version} is not validated in {self.validated_dir}")
-        return found[0]
-
     def _production_file(self, filename: str) -> str:
         return self.backend.join(str(self.production_dir), filename)
 
@@ -709,23 +695,26 @@ class ArtifactRegistry:
                 "immutable; choose a new version, or bump the highest one"
             )
 
-    def _validation_document(self, version: Version) -> dict[str, Any]:
+    def _located(self, version: Version) -> tuple[str, dict[str, Any]]:
+        """Where validated ``version`` lives and its verified ``validation.json``
+        (:class:`CheckpointNotFoundError` when there is no such version)."""
         record: FileRecord | None = None
         if self.remote:
             found = self._places.version_location(_directory_name(version))
-            path: Any = None if found is None else self.backend.join(found[0], VALIDATION_FILE)
+            place = None if found is None else found[0]
             record = None if found is None else found[1]
         else:
-            path = self.validated_dir / _directory_name(version) / VALIDATION_FILE
-            path = path if path.is_file() else None
-        if path is None:
+            local = self.validated_dir / _directory_name(version)
+            place = str(local) if (local / VALIDATION_FILE).is_file() else None
+        if place is None:
             existing = ", ".join(self.versions()) or "none"
             raise CheckpointNotFoundError(f"version {version} is not validated in {self.validated_dir}; validated versions: {existing}")
+        path = self.backend.join(place, VALIDATION_FILE)
         document = read_json(path, record, backend=self.backend)
-        documents.check_seal(document, str(path))
+        documents.check_seal(document, path)
         if document["version"] != str(version):
             raise CorruptCheckpointError(f"{path} records version {document['version']}, not {version}; the record is damaged")
-        return document
+        return place, document
 
     @staticmethod
     def _source_entry(info: CheckpointInfo, metadata: FileRecord) -> dict[str, Any]:
@@ -766,11 +755,9 @@ class ArtifactRegistry:
             raise CorruptCheckpointError(f"{exc}; promote a version again to replace it") from None
         return document
 
-    def _production_source(self, version: Version) -> tuple[str, dict[str, FileRecord], Any, dict[str, torch.Tensor] | None]:
-        """Where validated ``version`` lives, its file records, its model's layout and, for a sharded
-        checkpoint, its model consolidated into full tensors (production holds the full weights)."""
-        validation = self._validation_document(version)
-        directory = str(self._version_place(version))
+    def _production_source(self, version: Version) -> _ProductionSource:
+        """Everything a promotion of validated ``version`` takes from it, read and verified once."""
+        directory, validation = self._located(version)
         backend = self.backend
         files = {name: FileRecord.from_json(record) for name, record in validation["files"].items()}
         where = backend.join(directory, VALIDATION_FILE)
@@ -779,42 +766,38 @@ class ArtifactRegistry:
         state = read_json(backend.join(directory, STATE_FILE), _record(validation, STATE_FILE, where), backend=backend)
         if "model" not in state["items"]:
             raise CorruptCheckpointError(f"{backend.join(directory, STATE_FILE)} holds no model; validate a complete checkpoint")
-        if not state["items"]["model"].get("sharded"):
-            return directory, files, state["items"]["model"].get("tree"), None
-        from .distributed.consolidate import read_sharded_items
+        source = _ProductionSource(version, directory, validation, metadata.get("config"), files, state["items"]["model"].get("tree"))
+        if state["items"]["model"].get("sharded"):
+            from .distributed.consolidate import read_sharded_items
 
-        consolidated = read_sharded_items(directory, files, ["model"], backend=self.backend)["model"]
-        return directory, files, {key: {codec.TENSOR: key} for key in consolidated}, consolidated
+            source.consolidated = read_sharded_items(directory, files, ["model"], backend=backend)["model"]
+            source.model_tree = {key: {codec.TENSOR: key} for key in source.consolidated}
+        return source
 
     def _production_record(
-        self, version: Version, previous_versions: list[str], model_tree: Any, weights: str, record: FileRecord
+        self, source: _ProductionSource, previous_versions: list[str], weights: str, record: FileRecord
     ) -> dict[str, Any]:
-        """The sealed production record of ``version`` whose weights are the file ``weights``."""
-        validation = self._validation_document(version)
-        directory = str(self._version_place(version))
-        backend = self.backend
-        metadata = read_json(
-            backend.join(directory, METADATA_FILE), _record(validation, METADATA_FILE, backend.join(directory, VALIDATION_FILE)),
-            backend=backend,
-        )
+        """The sealed production record of ``source`` whose weights are the file ``weights``."""
+        validation = source.validation
+        directory = source.directory
         document = {
             "format": PRODUCTION_FORMAT,
             "format_version": FORMAT_VERSION,
-            "version": str(version),
+            "version": str(source.version),
             "source": {**validation["source"], "validated_path": directory if self.remote else str(Path(directory).resolve())},
             "metrics": validation["metrics"],
             "metric_for_best": validation["metric_for_best"],
             "mode": validation["mode"],
             "checks": validation["checks"],
             "files": {PRODUCTION_MODEL_FILE: record.to_json()},
-            "tied": _aliases(model_tree),
-            "config": metadata.get("config"),
+            "tied": _aliases(source.model_tree),
+            "config": source.config,
             "validated_at": validation["validated_at"],
             "validated_by": validation["validated_by"],
             "promoted_at": utc_timestamp(),
             "promoted_by": _actor(),
             "previous_versions": previous_versions,
-            "model": model_tree,
+            "model": source.model_tree,
         }
         if weights != PRODUCTION_MODEL_FILE:
             document["weights"] = weights
@@ -822,17 +805,14 @@ class ArtifactRegistry:
 
     def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
         """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""
-        directory, files, model_tree, consolidated = self._production_source(version)
+        source = self._production_source(version)
         place, parent = self._production_place()
         parent.ensure_writable()
         parent.recover(only=place.name)
         staging = parent.staging_dir(place.name)
         try:
-            if consolidated is not None:
-                record = write_tensor_file(staging / PRODUCTION_MODEL_FILE, consolidated, SAFETENSORS_METADATA)
-            else:
-                record = _publish_model(directory, files, str(staging / PRODUCTION_MODEL_FILE), version, progress)
-            document = self._production_record(version, previous_versions, model_tree, PRODUCTION_MODEL_FILE, record)
+            record = _publish_model(source, str(staging / PRODUCTION_MODEL_FILE), progress)
+            document = self._production_record(source, previous_versions, PRODUCTION_MODEL_FILE, record)
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
             parent.publish(staging, place.name)
         except BaseException:
@@ -863,8 +843,7 @@ class ArtifactRegistry:
         signed checksum of the weights, and its signed model layout."""
         version = parse_version(document["version"])
         self.verify_signature(version, public_key)
-        directory = str(self._version_place(version))
-        validation = self._validation_document(version)
+        directory, validation = self._located(version)
         signed = validation["files"].get(MODEL_FILE)
         where = self._production_file(PRODUCTION_RECORD_FILE)
         if signed is None or document["files"].get(PRODUCTION_MODEL_FILE) != signed:
@@ -902,20 +881,30 @@ class ArtifactRegistry:
             append_line(self.validated_dir / HISTORY_FILE, codec.dumps(entry))
 
 
-def _publish_model(
-    directory: str,
-    files: Mapping[str, FileRecord],
-    target: str,
-    version: Version,
-    progress: ProgressFactory | None,
-    backend: Backend = LOCAL,
-) -> FileRecord:
+@dataclass
+class _ProductionSource:
+    """What a promotion takes from a validated version."""
+
+    version: Version
+    directory: str
+    validation: dict[str, Any]
+    config: Any
+    files: dict[str, FileRecord]
+    model_tree: Any
+    consolidated: dict[str, torch.Tensor] | None = None
+    """A sharded checkpoint's model joined into full tensors: production holds the full weights."""
+
+
+def _publish_model(source: _ProductionSource, target: str, progress: ProgressFactory | None, backend: Backend = LOCAL) -> FileRecord:
     """Give ``target`` the production weights: the version's own model file, linked or copied
-    (server-side on an object store), or, for a model stored as shards (an incremental checkpoint),
-    the shards joined into one."""
+    (server-side on an object store), or, for a model stored as shards (an incremental or a sharded
+    checkpoint), the shards joined into one."""
+    if source.consolidated is not None:
+        return write_tensor_file(target, source.consolidated, SAFETENSORS_METADATA, backend=backend)
+    files, directory = source.files, source.directory
     sources = shards.item_files(files, MODEL_FILE)
     if sources == [MODEL_FILE]:
-        advance = progress(f"promoting {version}", files[MODEL_FILE].size) if progress is not None else None
+        advance = progress(f"promoting {source.version}", files[MODEL_FILE].size) if progress is not None else None
         copy_file(backend.join(directory, MODEL_FILE), target, files[MODEL_FILE], advance, backend=backend)
         return files[MODEL_FILE]
     if not sources:
