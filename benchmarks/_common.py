@@ -197,9 +197,10 @@ def scratch_dir(parent: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent))
 
 
-def start_server() -> tuple[subprocess.Popen[bytes], str]:
+def start_server(bucket: str) -> tuple[subprocess.Popen[bytes], str]:
     """moto's S3 server in its own process, so that the objects it holds in memory are not counted
-    in this process's peak memory."""
+    in this process's peak memory, holding an empty ``bucket``; the standard ``AWS_*`` environment
+    points at it (child processes inherit it). Returns the server process and its endpoint."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -222,4 +223,7 @@ def start_server() -> tuple[subprocess.Popen[bytes], str]:
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
     )
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return server, endpoint

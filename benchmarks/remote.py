@@ -48,11 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    server, endpoint = start_server()
-    import boto3
+    server, endpoint = start_server("bench")
     import s3fs
 
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
     fs = s3fs.S3FileSystem()
     model, optimizer = build_state(args.hidden, args.layers)
     tensors = state_tensors(model, optimizer)

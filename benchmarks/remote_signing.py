@@ -56,10 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    server, endpoint = start_server()
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    server, endpoint = start_server("bench")
     model, optimizer = build_state(args.hidden, args.layers)
     tensors = state_tensors(model, optimizer)
     print(machine())

@@ -218,10 +218,7 @@ def main() -> None:
     server = None
     try:
         if options.remote:
-            import boto3
-
-            server, endpoint = start_server()  # sets the AWS_* environment, which the ranks inherit
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            server, _ = start_server(BUCKET)  # sets the AWS_* environment, which the ranks inherit
         mp.start_processes(worker, args=(str(root / ".rendezvous"), str(root), options.mib, options.rounds, options.remote),
                            nprocs=WORLD, start_method="spawn", join=True)
     finally:
