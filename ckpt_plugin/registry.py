@@ -45,6 +45,7 @@ from .errors import (
     CorruptCheckpointError,
     PromotionError,
     SignatureError,
+    StorageError,
 )
 from .format import codec, documents
 from .io.files import (
@@ -499,7 +500,6 @@ class ArtifactRegistry:
         self._places.require_conditional_writes("promoting a version")
         if verify_with is not None:
             self.verify_signature(version, verify_with)
-        self._recover_remote()
         source: _ProductionSource | None = None
         uploaded: tuple[str, FileRecord] | None = None
         try:
@@ -518,9 +518,8 @@ class ArtifactRegistry:
                     self._places.switch(codec.dumps(document), pointer)
                 except conditional.WriteConflict:
                     continue
-                uploaded = None
-                if current is not None:
-                    self._places.drop_weights(current.get("weights", PRODUCTION_MODEL_FILE))
+                weights, uploaded = uploaded[0], None  # pointed at now: never dropped below
+                self._tidy(current, weights)
                 self._log(
                     "promote", version, source=document["source"], previous=current["version"] if current else None,
                     time=document["promoted_at"],
@@ -534,7 +533,6 @@ class ArtifactRegistry:
     def _rollback_remote(self, progress: ProgressFactory | None) -> dict[str, Any]:
         """Switch back to the previous version, refusing if production changes meanwhile."""
         self._places.require_conditional_writes("rolling back")
-        self._recover_remote()
         pointer = self._places.read_pointer()
         current = self._pointer_document(pointer)
         if current is None:
@@ -555,7 +553,7 @@ class ArtifactRegistry:
                 f"production in {self.production_dir} changed while rolling back from {current['version']}; "
                 "look at what is in production now (ckpt history) and roll back again if you still mean to"
             ) from None
-        self._places.drop_weights(current.get("weights", PRODUCTION_MODEL_FILE))
+        self._tidy(current, weights)
         self._log("rollback", target, source=document["source"], previous=current["version"], time=document["promoted_at"])
         return _public(document)
 
@@ -569,12 +567,16 @@ class ArtifactRegistry:
             raise
         return name, record
 
-    def _recover_remote(self) -> None:
+    def _tidy(self, replaced: Mapping[str, Any] | None, weights: str) -> None:
+        """After production switched to ``weights``: delete the weights it replaced, and what dead
+        writers left. The switch has happened, so a failure here only warns."""
+        if replaced is not None:
+            self._places.drop_weights(replaced.get("weights", PRODUCTION_MODEL_FILE))
         try:
-            current = self._pointer_document(self._places.read_pointer())
-        except CorruptCheckpointError:
-            return
-        self._places.recover(current.get("weights", PRODUCTION_MODEL_FILE) if current else None)
+            self._places.recover(weights)
+        except StorageError as exc:
+            warnings.warn(f"could not clean up leftovers in {self.validated_dir} or {self.production_dir} ({exc}); "
+                          "a later promotion removes them", UserWarning, stacklevel=3)
 
     def production(self) -> dict[str, Any] | None:
         """What is in production: version, source, metrics, checks, checksums, who promoted it and
