@@ -31,7 +31,7 @@ How races resolve:
 - **History** objects are never rewritten, so concurrent writers cannot lose each other's events.
 
 Leftovers of a writer that died (a version prefix nobody claimed, weights nobody points at) are
-removed after a grace period, as for checkpoints.
+removed by the next promotion or rollback once older than a grace period, as for checkpoints.
 """
 
 from __future__ import annotations
