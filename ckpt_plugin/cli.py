@@ -31,9 +31,10 @@ try:
     import typer
     from rich.console import Console
     from rich.filesize import decimal as format_size
-    from rich.markup import escape
+    from rich.console import Group
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.table import Table
+    from rich.text import Text
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the ckpt command needs the cli extra: pip install 'ckpt-plugin[cli]'") from exc
 
@@ -41,6 +42,7 @@ import torch
 
 from . import shards
 from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
+from .display import visible
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -68,8 +70,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+
+class DataConsole(Console):
+    """A Rich console for output made of data: every string printed, in a table cell or a title
+    too, is shown as it is. Rich markup in it is not read (``[link=...]`` prints as written) and its
+    control characters are made visible (:func:`~ckpt_plugin.display.visible`), so a metric name,
+    a version or a user read from a checkpoint or a registry cannot style, link, clear or retitle
+    the terminal. The command's own styling is passed as :class:`rich.text.Text`."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(markup=False, highlight=False, emoji=False, **options)
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(visible(text), **{**options, "markup": False, "emoji": False, "highlight": False})
+
+
+out = DataConsole()
+err = DataConsole(stderr=True)
 
 Directory = Annotated[str, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into), or its URL (s3://bucket/run/checkpoints).")]
 Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', or a validated version such as v1.0.0.")]
@@ -94,20 +112,27 @@ class ExportFormat(str, enum.Enum):
 
 
 def _handled(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn ckpt_plugin errors into a one-line message and an exit status (JSON too with --json)."""
+    """Turn ckpt_plugin errors into a one-line message and an exit status (JSON too with --json),
+    and print warnings on stderr through the console, as data like everything else."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
         try:
-            command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                command(*args, **kwargs)
         except CheckpointError as exc:
             bad_input = isinstance(exc, (CheckpointNotFoundError, ConfigurationError))
             if kwargs.get("as_json"):
                 _print_json({"error": str(exc), "type": type(exc).__name__})
-            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            err.print(Text("error:", style="red"), str(exc), soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT if bad_input else EXIT_FAILED) from None
 
     return run
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    err.print(Text("warning:", style="yellow"), str(message), soft_wrap=True)
 
 
 def _registry(
@@ -328,9 +353,9 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_opti
         _print_json(summary)
         return
     if not rows:
-        out.print(f"no checkpoints in {escape(str(directory))}")
+        out.print(f"no checkpoints in {directory}")
     else:
-        table = Table("", "epoch", "step", "metrics", "size", "age", title=escape(str(directory)))
+        table = Table("", "epoch", "step", "metrics", "size", "age", title=str(directory))
         for info, row in zip(infos, rows):
             marks = " ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on)
             table.add_row(marks, str(info.epoch), "" if info.step is None else str(info.step),
@@ -373,12 +398,12 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_o
     table = Table(show_header=False, title=f"{info.name}" + (f" (version {version})" if version else ""))
     for key, value in details.items():
         if key == "files":
-            value = "\n".join(f"{name}  {format_size(record['size'])}  {record['checksum']}" for name, record in value.items())
+            value = Group(*(f"{name}  {format_size(record['size'])}  {record['checksum']}" for name, record in value.items()))
         elif key in ("config", "provenance", "validation"):
-            value = json.dumps(_plain(value), indent=1)
+            value = Group(*json.dumps(_plain(value), indent=1).splitlines())
         elif key == "metrics":
             value = _format_metrics(value)
-        table.add_row(key, escape(str(value)))
+        table.add_row(key, value if isinstance(value, Group) else str(value))
     out.print(table)
 
 
@@ -436,9 +461,9 @@ def verify(
         _print_json(report)
     else:
         for problem in problems:
-            err.print(f"[red]corrupt:[/red] {escape(problem['error'])}", soft_wrap=True)
-        status = "[green]ok[/green]" if not problems else f"[red]{len(problems)} problem(s)[/red]"
-        out.print(f"{status}: checked {len(files)} files, {format_size(report['bytes'])}")
+            err.print(Text("corrupt:", style="red"), problem["error"], soft_wrap=True)
+        status = Text("ok", style="green") if not problems else Text(f"{len(problems)} problem(s)", style="red")
+        out.print(status, f": checked {len(files)} files, {format_size(report['bytes'])}", sep="")
     if problems:
         raise typer.Exit(EXIT_FAILED)
 
@@ -480,7 +505,7 @@ def diff(
         return
     table = Table("metric", info_a.name, info_b.name, "b - a", title="metrics")
     for name, pair in metrics.items():
-        delta = pair["b"] - pair["a"] if all(isinstance(v, (int, float)) for v in pair.values()) else ""
+        delta = _difference(pair["a"], pair["b"])
         table.add_row(name, *(f"{v:.6g}" if isinstance(v, float) else str(v) for v in (pair["a"], pair["b"], delta)))
     out.print(table)
     table = Table("tensor", "change", "max |b - a|", title=f"{len(changed)} of {len(tensors)} model tensors changed")
@@ -491,6 +516,16 @@ def diff(
         out.print(f"largest absolute difference: {largest['max_abs_diff']:.6g} in {largest['name']}")
 
 
+def _difference(a: Any, b: Any) -> Any:
+    """``b - a`` for two numbers, else ``""`` (also when an integer is too large to meet a float)."""
+    if not all(isinstance(v, (int, float)) for v in (a, b)):
+        return ""
+    try:
+        return b - a
+    except OverflowError:
+        return ""
+
+
 def compare_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per tensor name of two state dicts: ``status`` (unchanged, changed, added, removed,
     or reshaped when the shape or dtype differs) and ``max_abs_diff`` where it can be computed."""
@@ -498,16 +533,36 @@ def compare_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str
     for name in dict.fromkeys([*a, *b]):
         x, y = a.get(name), b.get(name)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            status = "added" if x is None else "removed" if y is None else ("unchanged" if x == y else "changed")
+            status = "added" if x is None else "removed" if y is None else ("unchanged" if _same_value(x, y) else "changed")
             rows.append({"name": name, "status": status, "max_abs_diff": None})
         elif x.shape != y.shape or x.dtype != y.dtype:
             rows.append({"name": name, "status": "reshaped", "max_abs_diff": None,
                          "from": f"{x.dtype} {list(x.shape)}", "to": f"{y.dtype} {list(y.shape)}"})
-        elif torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+        elif _same_bits(x, y):
             rows.append({"name": name, "status": "unchanged", "max_abs_diff": 0.0})
         else:
             rows.append({"name": name, "status": "changed", "max_abs_diff": _max_abs_diff(x, y)})
     return rows
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same bytes (NaNs included)."""
+    return torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    """Whether two values of a state dict that are not both tensors are equal: lists, tuples and
+    dicts element by element, tensors inside them bit by bit, anything else with ``==``."""
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                and x.dtype == y.dtype and _same_bits(x, y))
+    if isinstance(x, Mapping) or isinstance(y, Mapping):
+        return (isinstance(x, Mapping) and isinstance(y, Mapping) and x.keys() == y.keys()
+                and all(_same_value(x[key], y[key]) for key in x))
+    if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+        return (type(x) is type(y) and len(x) == len(y)
+                and all(_same_value(p, q) for p, q in zip(x, y)))
+    return type(x) is type(y) and bool(x == y)
 
 
 def _max_abs_diff(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> float:
@@ -559,7 +614,7 @@ def validate(
     source = record["source"]
     out.print(f"validated {source['name']} as version {record['version']} ({_format_metrics(record['metrics'])})")
     for check in record["checks"]:
-        out.print(f"  [green]passed[/green] {escape(check['name'])}")
+        out.print(Text("  passed", style="green"), check["name"])
 
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
@@ -610,7 +665,7 @@ def promote(
     if as_json:
         _print_json(record)
     else:
-        out.print(f"production is now version {record['version']} ({record['source']['name']}) in {escape(str(registry.production_dir))}")
+        out.print(f"production is now version {record['version']} ({record['source']['name']}) in {registry.production_dir}")
 
 
 @app.command()
@@ -711,9 +766,9 @@ def export(
     if as_json:
         _print_json({"source": info.name, "format": to.value, "output": str(target), "notes": notes})
         return
-    out.print(f"exported {info.name} to {escape(str(target))}")
+    out.print(f"exported {info.name} to {target}")
     for note in notes:
-        err.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        err.print(Text("note:", style="yellow"), note, soft_wrap=True)
 
 
 def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:
@@ -828,7 +883,7 @@ def plot(
         _print_json({"output": str(output), **marks})
         return
     out.print(
-        f"wrote {escape(str(output))}: {len(marks['kept'])} kept and {len(marks['pruned'])} pruned checkpoints, "
+        f"wrote {output}: {len(marks['kept'])} kept and {len(marks['pruned'])} pruned checkpoints, "
         f"metrics {', '.join(marks['metrics']) or 'none'}"
     )
 

@@ -10,6 +10,9 @@ Points are marked as kept or pruned, and the best, the latest, each validated ve
 production version are marked on top. The marks are also written into the file (PNG text chunk,
 SVG metadata, a JSON block in HTML) so tools and tests can check a picture against its directory.
 Needs matplotlib (``pip install 'ckpt-plugin[plot]'``); it runs headless (Agg).
+
+Names are data: every label is drawn as written (no mathtext, no TeX, control characters made
+visible), and a metric that is not a finite float is left out of the picture.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import savelog
+from .display import visible
 from .errors import CheckpointNotFoundError, ConfigurationError
 from .manager import DEFAULT_METRIC, CheckpointManager
 from .registry import ArtifactRegistry
@@ -107,13 +111,13 @@ def run_history(
             "name": name,
             "epoch": info.epoch,
             "step": info.step,
-            "metrics": {key: float(value) for key, value in info.metrics.items() if _number(value)},
+            "metrics": {key: float(value) for key, value in info.metrics.items() if savelog.finite_number(value)},
             "metric_for_best": info.metric_for_best,
             "mode": info.mode,
         }
     ordered = sorted(entries.values(), key=lambda entry: (entry["epoch"], -1 if entry["step"] is None else entry["step"]))
     points = [
-        Point(e["name"], e["epoch"], e["step"], {k: float(v) for k, v in e["metrics"].items() if _number(v)}, e["name"] in listed)
+        Point(e["name"], e["epoch"], e["step"], {k: float(v) for k, v in e["metrics"].items() if savelog.finite_number(v)}, e["name"] in listed)
         for e in ordered
     ]
     recorded = next((e for e in reversed(ordered) if e.get("metric_for_best")), None)
@@ -214,7 +218,7 @@ def _figure(history: RunHistory) -> Any:
         axis.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 6), frameon=False)
-    figure.suptitle(str(history.checkpoint_dir), fontsize=9, y=0.0, va="bottom")
+    figure.suptitle(_label(history.checkpoint_dir), fontsize=9, y=0.0, va="bottom", **_AS_WRITTEN)
     return figure
 
 
@@ -249,9 +253,10 @@ def _panel(axis: Any, history: RunHistory, metric: str) -> None:
         versions_of.setdefault(name, []).append(f"v{version}" + (" (production)" if version == in_production else ""))
     for x, y, point in zip(xs, ys, points):
         if point.name in versions_of:
-            axis.annotate(", ".join(versions_of[point.name]), (x, y), textcoords="offset points", xytext=(6, 8), fontsize=8)
+            axis.annotate(_label(", ".join(versions_of[point.name])), (x, y), textcoords="offset points", xytext=(6, 8),
+                          fontsize=8, **_AS_WRITTEN)
     best = " (ranks best, " + history.mode + ")" if metric == history.metric_for_best else ""
-    axis.set_title(metric + best, fontsize=10)
+    axis.set_title(_label(metric) + best, fontsize=10, **_AS_WRITTEN)
     axis.set_xlabel(history.x_label)
     axis.grid(alpha=0.3)
     axis.margins(x=0.08, y=0.12)
@@ -260,7 +265,7 @@ def _panel(axis: Any, history: RunHistory, metric: str) -> None:
 def _html_page(history: RunHistory, svg: str, description: str) -> str:
     rows = "\n".join(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-            html.escape(point.name),
+            html.escape(visible(point.name)),
             point.epoch,
             "" if point.step is None else point.step,
             "kept" if point.kept else "pruned",
@@ -271,7 +276,7 @@ def _html_page(history: RunHistory, svg: str, description: str) -> str:
     start = svg.find("<svg")
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>ckpt plot: "
-        f"{html.escape(str(history.checkpoint_dir))}</title></head><body>\n{svg[start:]}\n"
+        f"{html.escape(visible(history.checkpoint_dir))}</title></head><body>\n{svg[start:]}\n"
         "<table><tr><th>checkpoint</th><th>epoch</th><th>step</th><th>state</th><th>marks</th></tr>\n"
         f"{rows}\n</table>\n<script type=\"application/json\" id=\"ckpt-marks\">{html.escape(description, quote=False)}</script>\n"
         "</body></html>\n"
@@ -282,8 +287,13 @@ def _close(figure: Any) -> None:
     figure.clear()
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+_AS_WRITTEN = {"parse_math": False, "usetex": False}
+"""Text properties that draw a label as written: ``$...$`` is not mathtext, nothing goes to TeX."""
+
+
+def _label(text: Any) -> str:
+    """A label for text read from a checkpoint or registry, its control characters made visible."""
+    return visible(text)
 
 
 __all__ = ["Point", "RunHistory", "plot_run", "run_history"]

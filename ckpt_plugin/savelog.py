@@ -48,6 +48,8 @@ LOG_FILE = ".saves.jsonl"
 LOG_PREFIX = ".saves"
 """The prefix of the save log on an object store: one ``.json`` object per save."""
 READ_CONCURRENCY = 16
+MAX_COUNT = 2**63 - 1
+"""The largest epoch or step an entry may record, as in ``metadata.json``."""
 
 
 def entry(info: CheckpointInfo) -> dict[str, Any]:
@@ -84,8 +86,9 @@ def read(checkpoint_dir: str | os.PathLike[str], backend: Backend = LOCAL) -> li
     """Every well-formed save entry of the log of ``checkpoint_dir`` (a directory, or a URL reached
     through ``backend``), oldest first; ``[]`` when there is no log.
 
-    An entry that is not a JSON object with a string ``name`` and whole-number ``epoch`` (a writer
-    that died mid-line, an edit by hand) is skipped; one warning names every skipped line and object.
+    An entry that is not a JSON object with a string ``name`` and whole-number ``epoch`` below
+    ``2**63`` (a writer that died mid-line, an edit by hand) is skipped, and so is every metric
+    that is not a finite float; one warning names every skipped line and object.
     """
     root = os.fspath(checkpoint_dir)
     log, folder = backend.join(root, LOG_FILE), backend.join(root, LOG_PREFIX)
@@ -153,16 +156,23 @@ def _parse(line: bytes) -> dict[str, Any] | None:
         "time": data.get("time") if isinstance(data.get("time"), str) else None,
         "metric_for_best": data.get("metric_for_best") if isinstance(data.get("metric_for_best"), str) else None,
         "mode": data.get("mode") if data.get("mode") in ("min", "max") else "min",
-        "metrics": {str(key): value for key, value in metrics.items() if _finite(value)},
+        "metrics": {str(key): value for key, value in metrics.items() if finite_number(value)},
     }
 
 
 def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A count as ``metadata.json`` records one: ``0 <= value < 2**63``."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def finite_number(value: Any) -> bool:
+    """A number that is a finite float (an integer too large for one, such as ``10**400``, is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _number(value: Any) -> Any:
