@@ -50,7 +50,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -905,6 +905,7 @@ def load_from_checkpoint(
     which: str | int = "best",
     map_location: Any = None,
     strict: bool | None = True,
+    instantiate: Collection[type] = (),
     **hparam_overrides: Any,
 ) -> ModuleOrData:
     """Rebuild a ``LightningModule`` (or ``LightningDataModule``) from a checkpoint, as
@@ -919,24 +920,135 @@ def load_from_checkpoint(
     constructor (the module's own; the datamodule's are kept for a ``LightningDataModule``
     class), ``on_load_checkpoint`` runs, the weights load with ``strict``, and the module is
     returned on the device of the loaded weights (CPU unless ``map_location`` says otherwise;
-    a callable or dict ``map_location`` loads to CPU). Raises
-    :class:`~ckpt_plugin.CheckpointNotFoundError` when there is no such checkpoint and
-    :class:`~ckpt_plugin.IncompatibleCheckpointError` for one not written by :class:`CheckpointCallback`.
+    a callable or dict ``map_location`` loads to CPU).
+
+    The hyper-parameters are plain data: nothing they name is imported or built. Those that
+    LightningCLI records (``_instantiator``, ``_class_path``, and ``class_path`` / ``init_args``
+    for a nested class) are refused, unless the class they name is in ``instantiate``: then a
+    ``_class_path`` picks that subclass of ``cls``, and each nested ``{"class_path": ...,
+    "init_args": {...}}`` is built as ``cls(**init_args)``. Strings stay strings (no callable is
+    looked up by name), and ``_instantiator`` is never called.
+
+    Raises :class:`~ckpt_plugin.CheckpointNotFoundError` when there is no such checkpoint and
+    :class:`~ckpt_plugin.IncompatibleCheckpointError` for one not written by
+    :class:`CheckpointCallback`, whose hyper-parameters name a class not in ``instantiate``, or
+    from which ``cls`` cannot be built (a hyper-parameter or weight the class does not accept).
     """
     from lightning.pytorch.core.saving import _load_state
 
     if not (isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))):
         raise ConfigurationError(f"load_from_checkpoint needs a LightningModule or LightningDataModule class, not {cls!r}")
+    allowed = _allowed_classes(instantiate)
     info = _resolve_checkpoint(Path(checkpoint_dir), which)
     loaded = read_checkpoint(info, map_location=_device(map_location))
     checkpoint = join_checkpoint({**loaded, "metadata": {**loaded.get("metadata", {}), "path": str(info.path)}})
-    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    target = _plain_hparams(cls, checkpoint, allowed, info.path)
     checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(hparam_overrides)
-    if issubclass(cls, pl.LightningDataModule):
-        return _load_state(cls, checkpoint, **hparam_overrides)  # type: ignore[return-value]
-    module = _load_state(cls, checkpoint, strict=strict, **hparam_overrides)
+    try:
+        if issubclass(target, pl.LightningDataModule):
+            return _load_state(target, checkpoint, **hparam_overrides)  # type: ignore[return-value]
+        module = _load_state(target, checkpoint, strict=strict, **hparam_overrides)
+    except (TypeError, ValueError, RuntimeError, LookupError, AttributeError) as exc:
+        raise errors.IncompatibleCheckpointError(
+            f"cannot rebuild {target.__name__} from {info.path}: {exc}; check that the class matches the one trained"
+        ) from exc
     device = next((t.device for t in checkpoint["state_dict"].values() if isinstance(t, torch.Tensor)), None)
     return module if device is None else module.to(device)  # type: ignore[return-value]
+
+
+_CODE_KEYS = ("_instantiator", "_class_path", "class_path", "init_args")
+"""Keys through which LightningCLI's hyper-parameters name code to import and call."""
+
+
+def _allowed_classes(instantiate: Collection[type]) -> dict[str, type]:
+    """``instantiate`` by the import path a ``class_path`` would name them with."""
+    if not isinstance(instantiate, Collection) or isinstance(instantiate, (str, bytes)) or not all(
+        isinstance(c, type) for c in instantiate
+    ):
+        raise ConfigurationError(f"instantiate takes the classes a checkpoint may build, such as [MyEncoder], not {instantiate!r}")
+    return {f"{c.__module__}.{c.__qualname__}": c for c in instantiate}
+
+
+def _plain_hparams(cls: type[ModuleOrData], checkpoint: dict[str, Any], allowed: dict[str, type], path: Any) -> type[ModuleOrData]:
+    """Make the hyper-parameters in ``checkpoint`` that ``cls`` is built from plain data, in place,
+    and return the class to build: ``cls``, or the allowed subclass a ``_class_path`` names.
+
+    Keys through which the hyper-parameters name code are refused unless the class is allowed;
+    allowed nested classes are built here, so Lightning's loader never instantiates anything."""
+    target: type[ModuleOrData] = cls
+    keys = [cls.CHECKPOINT_HYPER_PARAMS_KEY]
+    if issubclass(cls, pl.LightningModule):
+        from lightning.pytorch.core.saving import CHECKPOINT_PAST_HPARAMS_KEYS
+
+        keys += [key for key in CHECKPOINT_PAST_HPARAMS_KEYS if key in checkpoint]
+    for key in keys:
+        hparams = checkpoint.get(key)
+        if hparams is None:
+            hparams = checkpoint[key] = {}
+        if not isinstance(hparams, Mapping):
+            raise errors.IncompatibleCheckpointError(f"{path}: the hyper-parameters {key!r} are not a mapping but {type(hparams).__name__}")
+        hparams = dict(hparams)
+        class_path = None
+        if allowed:  # LightningCLI's top-level keys: its instantiator (never called) and the subclass to build
+            hparams.pop("_instantiator", None)
+            class_path = hparams.pop("_class_path", None)
+        if class_path is not None:
+            target = _allowed_class(class_path, allowed, path, f"{key}._class_path")
+            if not issubclass(target, cls):
+                raise errors.IncompatibleCheckpointError(
+                    f"{path}: {key}._class_path names {class_path!r}, which is not a subclass of {cls.__name__}"
+                )
+        checkpoint[key] = {name: _built(value, allowed, path, f"{key}.{name}") for name, value in hparams.items()}
+        _refuse_code_keys(checkpoint[key], path, key)
+    if not isinstance(checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_TYPE), (str, type(None))):
+        checkpoint[cls.CHECKPOINT_HYPER_PARAMS_TYPE] = None
+    return target
+
+
+def _built(value: Any, allowed: dict[str, type], path: Any, where: str) -> Any:
+    """``value`` with each ``{"class_path": ..., "init_args": ...}`` of an allowed class built."""
+    if not allowed:
+        return value
+    if isinstance(value, Mapping):
+        if "class_path" in value:
+            klass = _allowed_class(value["class_path"], allowed, path, f"{where}.class_path")
+            arguments = {**(value.get("init_args") or {}), **(value.get("dict_kwargs") or {})}
+            built = {name: _built(item, allowed, path, f"{where}.{name}") for name, item in arguments.items()}
+            try:
+                return klass(**built)
+            except (TypeError, ValueError) as exc:
+                raise errors.IncompatibleCheckpointError(f"{path}: cannot build {where} as {klass.__name__}: {exc}") from exc
+        return {name: _built(item, allowed, path, f"{where}.{name}") for name, item in value.items()}
+    if isinstance(value, list):
+        return [_built(item, allowed, path, f"{where}[{index}]") for index, item in enumerate(value)]
+    return value
+
+
+def _allowed_class(name: Any, allowed: dict[str, type], path: Any, where: str) -> type:
+    if isinstance(name, str) and name in allowed:
+        return allowed[name]
+    raise errors.IncompatibleCheckpointError(
+        f"{path}: the hyper-parameter {where} names the class {name!r}, which is not in instantiate=[...]; "
+        "a checkpoint never chooses what is imported or built: pass the classes you trust, e.g. instantiate=[MyEncoder]"
+    )
+
+
+def _refuse_code_keys(value: Any, path: Any, where: str) -> None:
+    """Refuse the first hyper-parameter that names code to import or call (see :data:`_CODE_KEYS`)."""
+    stack = [(value, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, Mapping):
+            named = next((key for key in _CODE_KEYS if key in node), None)
+            if named is not None:
+                raise errors.IncompatibleCheckpointError(
+                    f"{path}: the hyper-parameter {at}.{named} ({node[named]!r}) names code to import or build; "
+                    "hyper-parameters are loaded as plain data. If you trust this checkpoint, pass the classes "
+                    "it may build: load_from_checkpoint(..., instantiate=[MyEncoder])"
+                )
+            stack.extend((item, f"{at}.{key}") for key, item in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((item, f"{at}[{index}]") for index, item in enumerate(node))
 
 
 ModuleOrData = TypeVar("ModuleOrData", pl.LightningModule, pl.LightningDataModule)
