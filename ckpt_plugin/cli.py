@@ -53,7 +53,7 @@ from .errors import (
 )
 from .format import codec
 from .io.files import copy_file, read_json, verify_file, write_bytes_file, write_tensor_file
-from .io.reader import open_item_files, read_checkpoint, read_info
+from .io.reader import foreign_files, open_item_files, read_checkpoint, read_info
 from .io.writer import SAFETENSORS_METADATA
 from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
 from .signing import SIGNATURE_FILE, verify_prefix
@@ -421,11 +421,13 @@ def verify(
 ) -> None:
     """Check every file's checksum: the checkpoints in DIR, the validated versions and production.
 
-    Exits with status 1 and names each damaged file when anything is corrupt (or, with --key,
-    when a signature does not verify).
+    Exits with status 1 and names each damaged file when anything is corrupt, each file inside a
+    checkpoint that its metadata.json does not name (ckpt_plugin did not write it), and, with
+    --key, each signature that does not verify.
     """
     registry = _registry(_existing(directory), storage_option=storage_option)
     infos, problems = _raw_listing(registry)
+    problems += _foreign_files(infos)
     files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
     backend = registry.backend if registry.remote else LOCAL  # every file of one registry is on one store
     for version in registry.versions():
@@ -461,11 +463,22 @@ def verify(
         _print_json(report)
     else:
         for problem in problems:
-            err.print(Text("corrupt:", style="red"), problem["error"], soft_wrap=True)
+            err.print(Text("problem:", style="red"), problem["error"], soft_wrap=True)
         status = Text("ok", style="green") if not problems else Text(f"{len(problems)} problem(s)", style="red")
         out.print(status, f": checked {len(files)} files, {format_size(report['bytes'])}", sep="")
     if problems:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _foreign_files(infos: list[CheckpointInfo]) -> list[dict[str, str]]:
+    """A problem for each file inside a checkpoint that its format does not name."""
+    return [
+        {"path": info.file(name), "error": f"{info.file(name)} is not part of checkpoint {info.name}: its metadata.json "
+         "does not name it, so ckpt_plugin did not write it (tools that read whatever a checkpoint directory holds, "
+         "such as the Hugging Face Trainer's resume, would load it); remove it"}
+        for info in infos
+        for name in foreign_files(info)
+    ]
 
 
 @app.command()

@@ -25,7 +25,10 @@ How a callback alone takes the checkpoints over from the Trainer:
   no ``optimizer.pt``, ``scheduler.pt`` or ``rng_state.pth``, skips the rest. ``on_train_begin`` then
   restores the verified weights, the optimizer and the scheduler from the manager checkpoint of the
   resumed step, and the RNG states are put back exactly where the Trainer would put back its own: at
-  the start of the epoch, or after the skipped batches when the run stopped mid-epoch.
+  the start of the epoch, or after the skipped batches when the run stopped mid-epoch. Nothing is
+  unpickled: should the newest ``checkpoint-<step>`` hold any file its format does not name (a
+  planted ``rng_state.pth``, which the Trainer would ``torch.load``), the callback raises
+  :class:`~ckpt_plugin.ForeignFileError` when the Trainer is built and when training begins.
 * **Best model.** The Trainer never learns a best checkpoint path (``state.best_model_checkpoint``
   stays None while training), so neither its ``save_total_limit=1`` clean-up nor its path-based best
   loading runs. ``on_train_end`` loads the manager's best weights instead, after closing the manager
@@ -54,6 +57,7 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 try:
     from transformers.optimization import GreedyLR
@@ -63,8 +67,9 @@ except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
 from .checkpoint import CheckpointInfo
-from .errors import CheckpointNotFoundError, ConfigurationError, StorageError
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
 from .io.files import read_bytes_file
+from .io.reader import foreign_files, read_info
 from .io.restore import apply_state
 from .manager import CheckpointManager, check_top_k
 from .preemption import PreemptionWatch, describe
@@ -312,6 +317,29 @@ class CheckpointCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._attach(args)
+        self._refuse_foreign_files(args)
+
+    def _refuse_foreign_files(self, args: TrainingArguments) -> None:
+        """Refuse a Trainer whose ``resume_from_checkpoint=True`` would read files ckpt_plugin did not write.
+
+        The Trainer reads the checkpoint it resumes from before any callback runs, and hands
+        ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth``, ``pytorch_model.bin``
+        and the like to ``torch.load`` (a pickle loader) when it finds them. Our checkpoints hold
+        none of them, so when the newest ``checkpoint-<step>`` is one of ours (a link to one of the
+        manager's checkpoints, or a resume marker) and holds any file its format does not name, the
+        Trainer is refused, when it is built and again when training begins.
+        """
+        if args.output_dir is None:
+            return
+        unnamed = _foreign_resume_files(Path(args.output_dir), self.manager.checkpoint_dir)
+        if unnamed is not None and unnamed[1]:
+            path, names = unnamed
+            raise ForeignFileError(
+                f"{path} holds files that ckpt_plugin did not write: {', '.join(map(repr, names))}. "
+                "train(resume_from_checkpoint=True) would hand them to the Trainer, which unpickles such files "
+                f"(rng_state.pth, optimizer.pt, ...) with torch.load. Remove them (ckpt verify {self.manager.checkpoint_dir} "
+                "lists every one), or resume from a checkpoint you trust"
+            )
 
     def _attach(self, args: TrainingArguments) -> Settings:
         """Resolve the settings against ``args`` and build the manager (validating both once)."""
@@ -334,6 +362,7 @@ class CheckpointCallback(TrainerCallback):
     ) -> None:
         if self._manager is None:  # added with trainer.add_callback() after the Trainer was built
             self._attach(args)
+        self._refuse_foreign_files(args)
         self.manager.wait()  # a save left in flight by an earlier train() that raised
         _refuse_sharded(kwargs.get("model"))
         self._pending = False
@@ -730,6 +759,31 @@ def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
     for entry in store.entries():
         if entry.name != name and LINK_PATTERN.match(entry.name) and os.path.isfile(os.path.join(entry.path, REMOTE_MARKER_FILE)):
             store.remove(entry.name)
+
+
+MARKER_FILES = frozenset({TRAINER_STATE_FILE, REMOTE_MARKER_FILE, "model.safetensors"})
+"""What a resume marker (:func:`_mark_remote`) holds."""
+
+
+def _foreign_resume_files(output_dir: Path, checkpoint_dir: Path | str) -> tuple[Path, list[str]] | None:
+    """The checkpoint that ``resume_from_checkpoint=True`` would resume from in ``output_dir`` and the
+    files in it that its format does not name; None when there is none or it is not one of ours."""
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        return None
+    path = Path(last)
+    if (path / REMOTE_MARKER_FILE).is_file() and not path.is_symlink():
+        return path, sorted(set(os.listdir(path)) - MARKER_FILES)
+    target = Path(os.path.realpath(path))
+    if not (path.is_symlink() and isinstance(checkpoint_dir, Path) and _same_dir(target.parent, checkpoint_dir)):
+        return None
+    try:
+        return path, foreign_files(read_info(target))
+    except CheckpointError as exc:  # nothing vouches for its files: the Trainer must not read them
+        raise ForeignFileError(
+            f"{path} links to {target}, which train(resume_from_checkpoint=True) would read, but it is not a readable "
+            f"checkpoint ({exc}); remove the link or restore the checkpoint"
+        ) from exc
 
 
 def _any_rank(flag: bool, args: TrainingArguments) -> bool:

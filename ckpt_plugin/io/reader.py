@@ -11,6 +11,7 @@ from .. import shards
 from ..checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from ..errors import CorruptCheckpointError
 from ..format import codec
+from ..signing import SIGNATURE_FILE
 from ..storage import LOCAL, Backend, FileRecord
 from .files import open_tensor_file, read_json
 
@@ -21,6 +22,15 @@ def read_info(location: Any, backend: Backend = LOCAL, record: FileRecord | None
     """The :class:`CheckpointInfo` of the checkpoint at ``location``, from its verified ``metadata.json``."""
     location = str(location)
     return parse_metadata(location, read_json(backend.join(location, METADATA_FILE), record, backend=backend), backend)
+
+
+def foreign_files(info: CheckpointInfo) -> list[str]:
+    """The names inside the checkpoint ``info`` that its format does not name, sorted: anything
+    but ``metadata.json``, the files it records and the signature. ckpt_plugin never wrote them and
+    never reads them; a tool that reads whatever a directory holds (the HF Trainer's resume, which
+    unpickles ``rng_state.pth`` or ``optimizer.pt``) must not be given such a checkpoint."""
+    named = {METADATA_FILE, SIGNATURE_FILE, *info.files}
+    return sorted(name for name in info.backend.list(info.location) if name not in named)
 
 
 def item_shards(
