@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import listing, retention, savelog, signing
-from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, looks_like_checkpoint
+from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, checkpoint_name, looks_like_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -22,6 +22,7 @@ from .errors import (
     CorruptCheckpointError,
     EncodingError,
     ForeignFileError,
+    SignatureError,
     StorageError,
 )
 from .io import incremental as incremental_saves
@@ -158,6 +159,9 @@ class CheckpointManager:
         self._warned_older_epoch = False
         self._warned_log = False
         self._warned_foreign: set[str] = set()
+        self._from_cache: set[str] = set()
+        """Checkpoints listed from the summary cache alone: advisory until their metadata.json is read here."""
+        self._warned_cache = False
         if not self.remote:
             assert isinstance(self.checkpoint_dir, Path)
             if self.checkpoint_dir.exists() and not self.checkpoint_dir.is_dir():
@@ -369,7 +373,7 @@ class CheckpointManager:
             ) from None
 
     def _apply_retention(self, protect: CheckpointInfo | None = None) -> None:
-        found = self.checkpoints()
+        found = self._checkpoints_read_here() if self._policies else self.checkpoints()
         if protect is not None and found and found[-1].sort_key > protect.sort_key and not self._warned_older_epoch:
             self._warned_older_epoch = True
             warnings.warn(
@@ -448,7 +452,7 @@ class CheckpointManager:
             listing.save(self._store.root, {name: self._summaries[name] for name in found if name in self._summaries})
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
 
-    def _read_info(self, name: str, location: str) -> CheckpointInfo | None:
+    def _read_info(self, name: str, location: str, *, use_cache: bool = True) -> CheckpointInfo | None:
         backend = self._store.backend
         key = None
         if isinstance(self._store, LocalStore):  # the summary cache file is kept on local disks only
@@ -456,14 +460,17 @@ class CheckpointManager:
             if self._summaries is None:
                 self._summaries = listing.load(self._store.root)
             known = self._summaries.get(name)
-            if key is not None and known is not None and known[0] == key:
+            if use_cache and key is not None and known is not None and known[0] == key:
                 try:
-                    return listing.info_from_summary(Path(location), known[1])
+                    cached = listing.info_from_summary(Path(location), known[1], backend)
+                    self._from_cache.add(name)
+                    return cached
                 except (CheckpointError, KeyError, TypeError, ValueError):
                     pass
         try:
             info = read_info(location, backend)
             self._metadata_reads += 1
+            self._from_cache.discard(name)
             if key is not None and self._summaries is not None:
                 self._summaries[name] = (key, listing.summary(info))
             return info
@@ -487,13 +494,53 @@ class CheckpointManager:
             fingerprint = self._store.backend.fingerprint(info.file(METADATA_FILE)) or ""
         if fingerprint:
             self._listing[info.name] = (fingerprint, info)
+            self._from_cache.discard(info.name)
         else:  # pragma: no cover - removed by another process
             self._listing.pop(info.name, None)
 
+    def _checkpoints_read_here(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint as its own ``metadata.json`` says, oldest first.
+
+        The summary cache (``.listing.json``) is unkeyed: anyone who can write the directory can
+        write it. It speeds up :meth:`checkpoints`, but it never decides what retention deletes nor
+        what a signed load chooses: those decide by this listing, in which every entry that came
+        from the cache is read again from its ``metadata.json`` (once per process). An entry the
+        cache got wrong is corrected in the cache too, with a warning (shown once).
+        """
+        found = []
+        for info in self.checkpoints():
+            if info.name in self._from_cache:
+                info = self._read_here(info)
+            if info is not None:
+                found.append(info)
+        return sorted(found, key=lambda info: info.sort_key)
+
+    def _read_here(self, cached: CheckpointInfo) -> CheckpointInfo | None:
+        """``cached`` (an entry of the summary cache) read again from its ``metadata.json``."""
+        fingerprint = self._listing.get(cached.name, ("", cached))[0]
+        info = self._read_info(cached.name, cached.location, use_cache=False)
+        if info is None:
+            self._listing.pop(cached.name, None)
+            return None
+        self._listing[cached.name] = (fingerprint, info)
+        if listing.summary(info) == listing.summary(cached):
+            return info
+        if self._summaries is not None:
+            listing.save(self._store.root, {name: self._summaries[name] for name in self._listing if name in self._summaries})
+        if not self._warned_cache:
+            self._warned_cache = True
+            warnings.warn(
+                f"the listing cache {listing.CACHE_FILE} in {self.checkpoint_dir} disagrees with {cached.location}/"
+                f"{METADATA_FILE}; it is ignored for that checkpoint and rewritten. Something other than "
+                "ckpt_plugin edits that directory. (This warning is shown once.)",
+                UserWarning,
+                stacklevel=4,
+            )
+        return info
+
     def latest(self) -> CheckpointInfo | None:
         """The most recent checkpoint, or None when there is none."""
-        found = self.checkpoints()
-        return found[-1] if found else None
+        return _newest(self.checkpoints())
 
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
         """The best checkpoint by ``metric`` in ``mode``.
@@ -505,7 +552,9 @@ class CheckpointManager:
         directory holds no checkpoint; raises :class:`CheckpointNotFoundError` when checkpoints
         exist but none recorded the metric.
         """
-        found = self.checkpoints()
+        return self._best_of(self.checkpoints(), metric, mode)
+
+    def _best_of(self, found: list[CheckpointInfo], metric: str | None, mode: str | None) -> CheckpointInfo | None:
         metric, mode = self._ranking(found, metric, mode)
         if mode not in retention.MODES:
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -534,7 +583,9 @@ class CheckpointManager:
 
     def find(self, epoch: int, step: int | None = None) -> CheckpointInfo:
         """The checkpoint of ``epoch`` (the last step of it, unless ``step`` is given)."""
-        found = self.checkpoints()
+        return self._find_in(self.checkpoints(), epoch, step)
+
+    def _find_in(self, found: list[CheckpointInfo], epoch: int, step: int | None) -> CheckpointInfo:
         matches = [info for info in found if info.epoch == epoch and (step is None or info.step == step)]
         if not matches:
             existing = ", ".join(info.name.removeprefix("epoch_") for info in found) or "none"
@@ -570,11 +621,8 @@ class CheckpointManager:
         and some of the new one. The recorded checksums catch that; then the checkpoint is listed
         again, and only a mismatch against an unchanged listing is real damage.
         """
-        public_key = options.pop("verify_with", None)
         for _ in range(4):
             try:
-                if public_key is not None:
-                    signing.verify_prefix(info.backend, info.location, public_key)
                 return read_checkpoint(info, **options)
             except CorruptCheckpointError:
                 current = next((c for c in self.checkpoints() if c.name == info.name), None)
@@ -584,6 +632,44 @@ class CheckpointManager:
                     raise
                 info = current
         return read_checkpoint(info, **options)
+
+    def _load_signed(
+        self, choose: Callable[[list[CheckpointInfo]], CheckpointInfo | None], public_key: Any, **options: Any
+    ) -> dict[str, Any] | None:
+        """Load the checkpoint ``choose`` picks, with every value from bytes its signature covers.
+
+        ``choose`` picks from :meth:`_checkpoints_read_here` (never from the summary cache alone).
+        The chosen checkpoint is read once into private memory, its signature checked over those
+        bytes, and the checkpoint decoded from them (see :func:`~ckpt_plugin.signing.read_signed`).
+        Its signed ``metadata.json`` must name it (a signed ``epoch_1`` under ``epoch_7`` is
+        refused) and agree with what chose it; when it does not (the checkpoint was replaced
+        meanwhile), the choice is made again from a fresh read of the directory.
+        """
+        for _ in range(4):
+            candidates = [info for info in self._checkpoints_read_here() if _named_for(info)]
+            info = choose(candidates)
+            if info is None:
+                return None
+            checkpoint, signed = self._read_signed(info, public_key, **options)
+            if listing.summary(signed) == listing.summary(info):
+                return checkpoint
+            self._listing.pop(info.name, None)
+        raise CorruptCheckpointError(
+            f"the checkpoints in {self.checkpoint_dir} kept changing while a signed load chose among them; retry"
+        )
+
+    def _read_signed(self, info: CheckpointInfo, public_key: Any, **options: Any) -> tuple[dict[str, Any], CheckpointInfo]:
+        """Read ``info`` once, verify its signature over those bytes, and decode them: the checkpoint
+        and its :class:`CheckpointInfo` as its signed ``metadata.json`` says."""
+        copy = signing.read_signed(info.backend, info.location, public_key)
+        signed = read_info(info.location, copy)
+        if not _named_for(signed):
+            raise SignatureError(
+                f"{info.location} holds the signed checkpoint {checkpoint_name(signed.epoch, signed.step)}, not "
+                f"{signed.name}; a signature vouches for a checkpoint's content and its metadata.json names it. "
+                "Move it back under its own name, or delete it"
+            )
+        return read_checkpoint(signed, **options), signed
 
     def read(
         self,
@@ -614,15 +700,23 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Load the checkpoint of ``epoch`` (and ``step``), or raise :class:`CheckpointNotFoundError`
         naming the epochs that exist. With ``verify_with`` (a public key's PEM file) the checkpoint's
-        signature must verify first (:class:`SignatureError` otherwise)."""
+        signature must verify first (:class:`SignatureError` otherwise), and every value returned
+        comes from the bytes it covers."""
         self._settle()
-        return self._read(self.find(epoch, step), map_location=map_location, verify=verify, verify_with=verify_with)
+        if verify_with is not None:
+            loaded = self._load_signed(lambda found: self._find_in(found, epoch, step), verify_with, map_location=map_location)
+            assert loaded is not None
+            return loaded
+        return self._read(self.find(epoch, step), map_location=map_location, verify=verify)
 
     def load_latest(self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None) -> dict[str, Any] | None:
-        """Load the most recent checkpoint, or return None when the directory holds none."""
+        """Load the most recent checkpoint, or return None when the directory holds none. With
+        ``verify_with`` see :meth:`load`: the most recent checkpoint by the signed names and metadata."""
         self._settle()
+        if verify_with is not None:
+            return self._load_signed(_newest, verify_with, map_location=map_location)
         info = self.latest()
-        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify)
 
     def load_best(
         self,
@@ -633,10 +727,14 @@ class CheckpointManager:
         verify: bool = True,
         verify_with: Any = None,
     ) -> dict[str, Any] | None:
-        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
+        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`. With ``verify_with``
+        see :meth:`load`: the ranking is by metadata read from the directory, never by the listing
+        cache, and the chosen checkpoint's signed metrics must be the ones it was ranked by."""
         self._settle()
+        if verify_with is not None:
+            return self._load_signed(lambda found: self._best_of(found, metric, mode), verify_with, map_location=map_location)
         info = self.best(metric, mode)
-        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
+        return None if info is None else self._read(info, map_location=map_location, verify=verify)
 
     def restore(
         self,
@@ -708,6 +806,15 @@ class CheckpointManager:
         if isinstance(which, int) and not isinstance(which, bool):
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
+
+
+def _newest(found: list[CheckpointInfo]) -> CheckpointInfo | None:
+    return found[-1] if found else None
+
+
+def _named_for(info: CheckpointInfo) -> bool:
+    """Whether ``info``'s name is the one its metadata's epoch and step give it."""
+    return info.name == checkpoint_name(info.epoch, info.step)
 
 
 def _collective(model: Any) -> bool:

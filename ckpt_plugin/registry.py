@@ -433,9 +433,12 @@ class ArtifactRegistry:
         with its ``version`` added; every file is checked against its checksum unless ``verify`` is False.
         With ``verify_with`` (a public key's PEM file) the version's signature must verify first."""
         if verify_with is not None:
-            self.verify_signature(version, verify_with)
-        info = self.checkpoint_info(version)
-        checkpoint = read_checkpoint(info, map_location=map_location, verify=verify)
+            signed = self._signed_version(parse_version(version), verify_with, documents_only=False)
+            info = read_info(signed.directory, signed.copy, record=_record(signed.validation, METADATA_FILE, signed.where))
+            checkpoint = read_checkpoint(info, map_location=map_location)
+        else:
+            info = self.checkpoint_info(version)
+            checkpoint = read_checkpoint(info, map_location=map_location, verify=verify)
         checkpoint["version"] = str(parse_version(version))
         return checkpoint
 
@@ -596,40 +599,65 @@ class ArtifactRegistry:
         weights and layout of a validated version signed with its private half: the version's
         signature is verified, and the production weights are checked against its signed checksum.
         """
+        if verify_with is not None:
+            return self._load_signed_production(verify_with, map_location)
         for _ in range(_LOAD_ATTEMPTS):
             before = self._production_bytes()
             if before is None:
                 return None
             document = self._production_document(before)
-            if verify_with is not None:
-                self._check_signed_production(document, verify_with)
-                verify = True
             record = _record(document, PRODUCTION_MODEL_FILE, self._production_file(PRODUCTION_RECORD_FILE))
-            weights = self._production_file(document.get("weights", PRODUCTION_MODEL_FILE))
-            try:
-                # Read into private memory rather than mapping the file: the served weights must not
-                # change when someone edits or truncates a file that shares their inode.
-                tensors = stream_tensor_file(weights, record, lambda spec: None, verify=verify, backend=self.backend)
-            except CorruptCheckpointError:
-                if self._production_bytes() == before:
-                    raise
-                continue
-            if self._production_bytes() == before:
+            tensors = self._production_weights(document, record, verify, before)
+            if tensors is not None:
                 break
         else:
             raise PromotionError(f"{self.production_dir} changed {_LOAD_ATTEMPTS} times while loading; retry")
-        if map_location is not None:
-            device = torch.device(map_location)
-            tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         public = _public(document)
-        return {
-            "model": codec.decode(document["model"], tensors, self._production_file(PRODUCTION_RECORD_FILE), "model"),
-            "version": document["version"],
-            "epoch": document["source"]["epoch"],
-            "metrics": public["metrics"],
-            "config": public.get("config"),
-            "metadata": public,
-        }
+        model = codec.decode(document["model"], _on_device(tensors, map_location), self._production_file(PRODUCTION_RECORD_FILE), "model")
+        return _served(model, document["version"], document["source"]["epoch"], public["metrics"], public.get("config"), public)
+
+    def _production_weights(
+        self, document: Mapping[str, Any], record: FileRecord, verify: bool, before: bytes
+    ) -> dict[str, torch.Tensor] | None:
+        """The weights ``document`` names, read once into private memory and checked against
+        ``record``; None when production changed meanwhile (``before`` is what it was)."""
+        weights = self._production_file(document.get("weights", PRODUCTION_MODEL_FILE))
+        try:
+            # Read into private memory rather than mapping the file: the served weights must not
+            # change when someone edits or truncates a file that shares their inode.
+            tensors = stream_tensor_file(weights, record, lambda spec: None, verify=verify, backend=self.backend)
+        except CorruptCheckpointError:
+            if self._production_bytes() == before:
+                raise
+            return None
+        return tensors if self._production_bytes() == before else None
+
+    def _load_signed_production(self, public_key: Any, map_location: Device) -> dict[str, Any] | None:
+        """:meth:`load_production` with every value from bytes a signature covers.
+
+        ``model.json`` is not signed (a promotion needs no private key), so it only says which
+        version is in production and where its weights are. Everything returned comes from that
+        version's signed documents, read once: version, epoch, metrics, checks, source and config
+        from ``validation.json`` and ``metadata.json``, the layout from ``state.json``, and the
+        weights are checked against the signed checksum in the same pass that reads them. What only
+        the promotion knows (``previous_versions``, ``promoted_at``, ``promoted_by``) is left out;
+        :meth:`production` and :meth:`history` show it, unverified.
+        """
+        for _ in range(_LOAD_ATTEMPTS):
+            before = self._production_bytes()
+            if before is None:
+                return None
+            document = self._production_document(before)
+            signed = self._signed_production(document, public_key)
+            tensors = self._production_weights(document, signed.weights, True, before)
+            if tensors is not None:
+                break
+        else:
+            raise PromotionError(f"{self.production_dir} changed {_LOAD_ATTEMPTS} times while loading; retry")
+        public = {**_decoded(signed.validation), "config": codec.from_json(signed.metadata.get("config"))}
+        public["source"] = {**public["source"], "validated_path": signed.directory}
+        model = codec.decode(signed.model_tree, _on_device(tensors, map_location), signed.where, "model")
+        return _served(model, public["version"], public["source"]["epoch"], public["metrics"], public["config"], public)
 
     def history(self) -> list[dict[str, Any]]:
         """The audit log, oldest first: one dict per validate, promote and rollback, with ``time``,
@@ -838,28 +866,47 @@ class ArtifactRegistry:
         passes trivially)."""
         document = self._production_document()
         if document is not None:
-            self._check_signed_production(document, public_key)
+            signed = self._signed_production(document, public_key)
+            weights = self._production_file(document.get("weights", PRODUCTION_MODEL_FILE))
+            verify_file(weights, signed.weights, backend=self.backend)
 
-    def _check_signed_production(self, document: Mapping[str, Any], public_key: Any) -> None:
-        """Tie the production record to a signed validated version: the version's signature, its
-        signed checksum of the weights, and its signed model layout."""
+    def _signed_production(self, document: Mapping[str, Any], public_key: Any) -> _SignedVersion:
+        """The signed version production's ``document`` names, read once and verified; its weights
+        must be that version's signed weights, laid out as it signed them."""
         version = parse_version(document["version"])
-        self.verify_signature(version, public_key)
-        directory, validation = self._located(version)
-        signed = validation["files"].get(MODEL_FILE)
+        signed = self._signed_version(version, public_key)
         where = self._production_file(PRODUCTION_RECORD_FILE)
-        if signed is None or document["files"].get(PRODUCTION_MODEL_FILE) != signed:
+        recorded = signed.validation["files"].get(MODEL_FILE)
+        if recorded is None or document["files"].get(PRODUCTION_MODEL_FILE) != recorded:
             raise SignatureError(
                 f"{where} records weights that are not the signed weights of version {version} (a sharded model's "
                 "joined file cannot be tied to its signature either); promote a signed version again"
             )
-        backend = self.backend
-        state = read_json(
-            backend.join(directory, STATE_FILE), _record(validation, STATE_FILE, backend.join(directory, VALIDATION_FILE)),
-            backend=backend,
-        )
-        if state["items"].get("model", {}).get("tree") != document["model"]:
+        if signed.model_tree != document["model"]:
             raise SignatureError(f"{where} lays the weights out unlike signed version {version}; promote it again")
+        return signed
+
+    def _signed_version(self, version: Version, public_key: Any, *, documents_only: bool = True) -> _SignedVersion:
+        """Validated ``version`` read once into private memory, its signature checked over those
+        bytes; with ``documents_only`` its tensor files are only hashed. The signed
+        ``validation.json`` must name ``version``."""
+        directory = str(self.version_dir(version))
+        keep = (lambda name: name.endswith(".json")) if documents_only else None
+        copy = signing.read_signed(self.backend, directory, public_key, keep=keep)
+        where = copy.join(directory, VALIDATION_FILE)
+        validation = read_json(where, backend=copy)
+        documents.check_seal(validation, where)
+        if validation.get("version") != str(version):
+            raise SignatureError(
+                f"{directory} holds the signed version {validation.get('version')}, not {version}; validate it again"
+            )
+        metadata = read_json(copy.join(directory, METADATA_FILE), _record(validation, METADATA_FILE, where), backend=copy)
+        parse_metadata(directory, metadata, copy)
+        state = read_json(copy.join(directory, STATE_FILE), _record(validation, STATE_FILE, where), backend=copy)
+        model = state["items"].get("model", {})
+        recorded = validation["files"].get(MODEL_FILE)
+        weights = FileRecord.from_json(recorded) if recorded is not None else None
+        return _SignedVersion(directory, copy, where, validation, metadata, model.get("tree"), weights)  # type: ignore[arg-type]
 
     def _production_place(self) -> tuple[Path, LocalStore]:
         """Where a promotion writes: ``production_dir``, or, when that is a symbolic link, the
@@ -895,6 +942,31 @@ class _ProductionSource:
     model_tree: Any
     consolidated: dict[str, torch.Tensor] | None = None
     """A sharded checkpoint's model joined into full tensors: production holds the full weights."""
+
+
+@dataclass
+class _SignedVersion:
+    """A validated version's documents as its signature covers them (see ``_signed_version``)."""
+
+    directory: str
+    copy: Backend
+    where: str
+    validation: dict[str, Any]
+    metadata: dict[str, Any]
+    model_tree: Any
+    weights: FileRecord
+
+
+def _on_device(tensors: dict[str, torch.Tensor], map_location: Device) -> dict[str, torch.Tensor]:
+    if map_location is None:
+        return tensors
+    device = torch.device(map_location)
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def _served(model: Any, version: str, epoch: Any, metrics: Any, config: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`ArtifactRegistry.load_production` returns."""
+    return {"model": model, "version": version, "epoch": epoch, "metrics": metrics, "config": config, "metadata": metadata}
 
 
 def _publish_model(source: _ProductionSource, target: str, progress: ProgressFactory | None, backend: Backend = LOCAL) -> FileRecord:

@@ -44,6 +44,7 @@ from typing import Any, Union
 from .errors import CheckpointError, ConfigurationError, SignatureError
 from .io.files import hash_file, write_bytes_file
 from .storage import Backend, is_url
+from .storage.copies import PrivateCopyBackend
 
 SIGNATURE_FILE = "model.sig"
 MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
@@ -136,29 +137,109 @@ def verify_prefix(backend: Backend, prefix: Location, public_key: Key) -> None:
     if not is_url(os.fspath(prefix)):
         verify_directory(prefix, public_key)
         return
-    _, _, verifying = _library()
     prefix = os.fspath(prefix).rstrip("/")
     key = _key_file(public_key, "public")
+    _verify(prefix, _read_signature(backend, prefix), _prefix_hashing(backend, prefix, {}), key)
+
+
+def read_signed(
+    backend: Backend, location: Location, public_key: Key, *, keep: Callable[[str], bool] | None = None
+) -> PrivateCopyBackend:
+    """Read the signed checkpoint at ``location`` (a directory or an object store prefix) once, into
+    private memory, and check its ``model.sig`` against exactly those bytes: the signature must be
+    made with the private half of ``public_key`` and name every file, unchanged, and no other.
+
+    Returns a read-only backend over the private copies, at the files' usual locations, through
+    which the read path decodes the checkpoint: every value a load takes from it was verified, and
+    no file can change between the check and the use. ``keep(name)`` (a path relative to
+    ``location``) chooses the files to keep; the others are only hashed, streamed with bounded
+    memory. Raises :class:`SignatureError` naming the location otherwise.
+    """
+    location = os.fspath(location)
+    location = location.rstrip("/") if is_url(location) else location
+    key = _key_file(public_key, "public")
+    signature = _read_signature(backend, location)
+    buffers: dict[str, bytearray] = {}
+    digests: dict[str, bytes] = {}
+    for name in _signed_names(backend, location):
+        path = backend.join(location, *name.split("/"))
+        if keep is None or keep(name):
+            buffers[path] = _private_copy(backend, path)
+            digests[name] = hashlib.sha256(buffers[path]).digest()
+        else:
+            hasher = hashlib.sha256()
+            hash_file(path, hasher, backend=backend)
+            digests[name] = hasher.digest()
+    _verify(location, signature, _hashing(lambda ignored: _manifest(location, digests, ignored)), key)
+    return PrivateCopyBackend(backend, buffers)
+
+
+def _read_signature(backend: Backend, location: str) -> bytes:
+    where = backend.join(location, SIGNATURE_FILE)
     try:
-        signature = backend.read_bytes(backend.join(prefix, SIGNATURE_FILE))
+        if backend.size(where) > MAX_SIGNATURE_BYTES:
+            raise SignatureError(f"{where} is larger than any signature; do not use this checkpoint")
+        return backend.read_bytes(where)
     except FileNotFoundError:
         raise SignatureError(
-            f"{prefix} is not signed (no {SIGNATURE_FILE}); sign it, or load it without verify_with"
+            f"{location} is not signed (no {SIGNATURE_FILE}); sign it, or load it without verify_with"
         ) from None
-    if len(signature) > MAX_SIGNATURE_BYTES:
-        raise SignatureError(f"{backend.join(prefix, SIGNATURE_FILE)} is {len(signature)} bytes, not a signature")
+
+
+def _verify(location: str, signature: bytes, hashing_config: Any, key: Path) -> None:
+    """Check ``signature`` (the bytes of a ``model.sig``) against the manifest ``hashing_config`` gives."""
+    _, _, verifying = _library()
     with tempfile.TemporaryDirectory(prefix="ckpt-verify-") as scratch:
         local = Path(scratch) / SIGNATURE_FILE
         local.write_bytes(signature)
         try:
             config = verifying.Config().use_elliptic_key_verifier(public_key=key)
-            config.set_hashing_config(_prefix_hashing(backend, prefix, {})).verify(Path(scratch) / _model_name(prefix), local)
+            config.set_hashing_config(hashing_config).verify(Path(scratch) / _model_name(location), local)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - the library raises ValueError and others for a bad signature
             raise SignatureError(
-                f"the signature of {prefix} does not verify with {key}: {str(exc)[:300]}; do not use this checkpoint"
+                f"the signature of {location} does not verify with {key}: {str(exc)[:300]}; do not use this checkpoint"
             ) from None
+
+
+def _signed_names(backend: Backend, location: str) -> list[str]:
+    """Every file under ``location`` by its path relative to it (``/``-separated). A link or a
+    special file locally is refused: a signature covers plain files only."""
+    if is_url(location):
+        return sorted(name for name in backend.walk(location) if name)  # type: ignore[attr-defined]
+    names: list[str] = []
+    pending = [("", location)]
+    while pending:
+        relative, directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = f"{relative}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((f"{name}/", entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    names.append(name)
+                else:
+                    raise SignatureError(
+                        f"{entry.path} is a link or a special file, which no signature covers; do not use this checkpoint"
+                    )
+    return sorted(names)
+
+
+def _private_copy(backend: Backend, location: str) -> bytearray:
+    """The whole file at ``location``, read once into memory this process alone holds."""
+    try:
+        data = backend.read_all(location)
+    except FileNotFoundError:
+        raise SignatureError(f"{location} disappeared while its signature was being checked; retry") from None
+    if isinstance(data, bytearray):
+        return data
+    try:
+        return bytearray(data)
+    finally:
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()
 
 
 def signer(private_key: Key, *, password: str | None = None) -> Signer:
@@ -219,10 +300,15 @@ def _file_serialization() -> tuple[tuple[str, Any], ...]:
 def _prefix_hashing(backend: Backend, prefix: str, pending: Mapping[str, bytes]) -> Any:
     """model-signing's hashing configuration over the objects under ``prefix``; ``pending`` files
     (name to bytes) count as if they were there already."""
+    return _hashing(lambda ignored: prefix_manifest(backend, prefix, pending, ignored))
+
+
+def _hashing(manifest_of: Callable[[set[PurePosixPath]], Any]) -> Any:
+    """model-signing's hashing configuration whose manifest is ``manifest_of(ignored paths)``."""
     hashing, _, _ = _library()
 
-    class PrefixHashing(hashing.Config):  # type: ignore[misc, name-defined]
-        """Hashes the objects under a prefix where the library would hash the files of a directory."""
+    class ManifestHashing(hashing.Config):  # type: ignore[misc, name-defined]
+        """Gives model-signing a manifest made here where the library would hash the files of a directory."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -235,9 +321,9 @@ def _prefix_hashing(backend: Backend, prefix: str, pending: Mapping[str, bytes])
         def hash(self, model_path: Any, *, files_to_hash: Iterable[Any] | None = None) -> Any:
             if files_to_hash is not None:
                 raise ConfigurationError("verifying only some files of a signed prefix is not supported")
-            return prefix_manifest(backend, prefix, pending, self.ignored)
+            return manifest_of(self.ignored)
 
-    return PrefixHashing()
+    return ManifestHashing()
 
 
 def prefix_manifest(
@@ -247,26 +333,44 @@ def prefix_manifest(
     ``prefix``: each object's SHA-256, streamed through ``backend``, by its path relative to the
     prefix. Objects the signature ignores (``model.sig``, git's files, ``ignored``) are left out;
     ``pending`` files (name to bytes) count as if they were written already."""
-    from model_signing import manifest
-    from model_signing._hashing.hashing import Digest  # not public; the signing extra pins the range
-
     pending = pending or {}
-    parameters = {name: list(value) if isinstance(value, tuple) else value for name, value in _file_serialization()}
-    skip = {PurePosixPath(path) for path in parameters.get("ignore_paths", ())} | set(ignored)
-    serialization = manifest.SerializationType.from_args(parameters)
     walk = getattr(backend, "walk", None)
     if walk is None:
         raise ConfigurationError(f"signing needs a store that can list a prefix whole; {backend!r} cannot")
+    skipped = _skipped(ignored)
     names = {name for name in walk(prefix) if name and name not in pending}
     digests = {name: hashlib.sha256(data).digest() for name, data in pending.items()}
     for name in sorted(names):
-        if any(PurePosixPath(name).is_relative_to(path) for path in skip):
+        if skipped(name):
             continue
         hasher = hashlib.sha256()
         hash_file(backend.join(prefix, *name.split("/")), hasher, backend=backend)
         digests[name] = hasher.digest()
-    items = [serialization.new_item(name, Digest(parameters["hash_type"], value)) for name, value in digests.items()]
+    return _manifest(prefix, digests, ignored)
+
+
+def _skipped(ignored: Iterable[PurePosixPath]) -> Callable[[str], bool]:
+    """Whether a file (by its relative path) is one the signature leaves out."""
+    parameters = dict(_file_serialization())
+    skip = {PurePosixPath(path) for path in parameters.get("ignore_paths", ())} | set(ignored)
+    return lambda name: any(PurePosixPath(name).is_relative_to(path) for path in skip)
+
+
+def _manifest(prefix: str, digests: Mapping[str, bytes], ignored: Iterable[PurePosixPath]) -> Any:
+    """model-signing's manifest of the files ``digests`` names (relative path to SHA-256), less
+    those the signature leaves out."""
+    from model_signing import manifest
+    from model_signing._hashing.hashing import Digest  # not public; the signing extra pins the range
+
+    parameters = {name: list(value) if isinstance(value, tuple) else value for name, value in _file_serialization()}
+    serialization = manifest.SerializationType.from_args(parameters)
+    skipped = _skipped(ignored)
+    items = [
+        serialization.new_item(name, Digest(parameters["hash_type"], value))
+        for name, value in digests.items()
+        if not skipped(name)
+    ]
     return manifest.Manifest(_model_name(prefix), items, serialization)
 
 
-__all__ = ["SIGNATURE_FILE", "Signer", "prefix_manifest", "sign_directory", "sign_prefix", "signer", "verify_directory", "verify_prefix"]
+__all__ = ["SIGNATURE_FILE", "Signer", "prefix_manifest", "read_signed", "sign_directory", "sign_prefix", "signer", "verify_directory", "verify_prefix"]
