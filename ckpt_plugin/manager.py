@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
 import warnings
@@ -341,8 +340,7 @@ class CheckpointManager:
             self._first_save_checked = True
         if self._warned_missing_metric:
             return
-        value = metrics.get(self.metric_for_best)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        if retention.as_float(metrics.get(self.metric_for_best)) is not None:
             return
         self._warned_missing_metric = True
         recorded = ", ".join(sorted(metrics)) or "none"
@@ -899,7 +897,7 @@ def _scalar(name: str, value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):  # subclasses such as np.float64 become plain numbers
-        return float(value) if isinstance(value, float) else int(value)
+        return float(value) if isinstance(value, float) else _ranked_int(name, int(value))
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise EncodingError(f"metric {name!r} is a tensor of shape {tuple(value.shape)}; log one number per metric")
@@ -908,8 +906,20 @@ def _scalar(name: str, value: Any) -> Any:
     if callable(item) and getattr(value, "size", 1) == 1:
         result = item()
         if isinstance(result, (bool, int, float)):
-            return float(result) if isinstance(result, float) else result
+            return _scalar(name, result)
     raise EncodingError(f"metric {name!r} is {value!r}, not a number; log one number per metric")
+
+
+def _ranked_int(name: str, value: int) -> int:
+    """``value``, if a float can hold it (checkpoints are ranked by their metrics as floats)."""
+    try:
+        float(value)
+    except OverflowError:
+        raise ConfigurationError(
+            f"metric {name!r} is a whole number of {value.bit_length()} bits, too large for a float to rank; "
+            "log it as a float or on a smaller scale"
+        ) from None
+    return value
 
 
 def config_to_dict(config: Any) -> Any:

@@ -38,11 +38,20 @@ def order_key(epoch: int, step: int | None) -> tuple[int, int]:
 
 
 def metric_value(entry: RetentionEntry, metric: str) -> float | None:
-    """The entry's value for ``metric`` as a float, or None if it is missing, non-numeric or NaN."""
-    value = entry.metrics.get(metric)
+    """The entry's value for ``metric`` as a float, or None if it is missing, non-numeric, NaN, or a
+    whole number too large for a float (``10**400`` in a document someone edited): such a
+    checkpoint is never ranked, and never stops the ranking of the others."""
+    return as_float(entry.metrics.get(metric))
+
+
+def as_float(value: Any) -> float | None:
+    """``value`` as a float for ranking, or None if it is not a number, is NaN or overflows a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
     return None if math.isnan(value) else value
 
 

@@ -59,7 +59,12 @@ TARGETS = [
     "sharded/epoch_1/metadata.json",
     "sharded/epoch_1/model-r1-of-2.safetensors",
 ]
-KINDS = ["replace", "delete", "deep", "truncate", "flip"]
+KINDS = ["replace", "delete", "deep", "truncate", "flip", "overflow"]
+OVERFLOW_TEXTS = [
+    str(10**400), str(-(10**400)), "1e999", "-1e999", "1" + "0" * 5000, "[" * 3000 + "0" + "]" * 3000,
+]
+"""Numbers no float holds, as JSON text: what an ``overflow`` mutation puts in place of a number
+(10**400 itself, so that checksums can be recomputed over it; the others spliced in as text)."""
 HOSTILE_STRINGS = [
     "../../outside/canary.bin", "../outside", "/etc/passwd", "..", ".", "a/b", "model.safetensors",
     "optimizer.safetensors", "state.json", "nan", "inf", "F32", "V2000000000", "object", "save", "load",
@@ -184,16 +189,28 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 _DEEP = "\x00deep\x00"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _mutate_json(document: Any, mutation: Mutation) -> tuple[Any, str | None]:
-    """Apply ``mutation`` to a parsed document; returns it, and a deep-nesting text to splice in."""
+    """Apply ``mutation`` to a parsed document; returns it, and a text to splice in for the
+    placeholder (deep nesting, or a number no float holds)."""
     paths = _paths(document)
+    if mutation.kind == "overflow":  # aim at the numbers of the document, where there are any
+        paths = [path for path in paths if _is_number(_at(document, path))] or paths
     path = paths[mutation.where % len(paths)]
+    splice = None
     if mutation.kind == "deep":
         replacement: Any = _DEEP
+        splice = _deep(mutation.depth)
+    elif mutation.kind == "overflow":
+        text = OVERFLOW_TEXTS[mutation.byte % len(OVERFLOW_TEXTS)]
+        replacement, splice = (int(text), None) if text.lstrip("-").isdigit() and len(text) < 4000 else (_DEEP, text)
     else:
         replacement = mutation.value
     if not path:
-        return (replacement if mutation.kind != "delete" else {}), (_deep(mutation.depth) if mutation.kind == "deep" else None)
+        return (replacement if mutation.kind != "delete" else {}), splice
     parent = document
     for key in path[:-1]:
         parent = parent[key]
@@ -203,7 +220,13 @@ def _mutate_json(document: Any, mutation: Mutation) -> tuple[Any, str | None]:
         parent.pop(path[-1])
     else:
         parent[path[-1]] = replacement
-    return document, (_deep(mutation.depth) if mutation.kind == "deep" else None)
+    return document, splice
+
+
+def _at(document: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        document = document[key]
+    return document
 
 
 def _deep(depth: int) -> str:

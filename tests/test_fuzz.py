@@ -38,3 +38,14 @@ def test_the_unmutated_run_loads_through_every_reader(golden: Path, tmp_path: Pa
 def test_every_mutation_ends_in_a_correct_load_or_a_checkpoint_error(golden: Path, tmp_path: Path, mutation) -> None:
     failures = fuzzing.run_case(golden, tmp_path / "case", mutation)
     assert not failures, f"{mutation.describe()}: {failures}"
+
+
+@pytest.mark.parametrize("target", fuzzing.TARGETS)
+def test_overflowing_numbers_in_every_document_end_in_a_load_or_a_checkpoint_error(golden: Path, tmp_path: Path, target: str) -> None:
+    """The overflow class, in every document the harness covers: 10**400, -10**400, 1e999, -1e999,
+    a 5,000-digit integer and deeply nested arrays, each in place of a number of the document."""
+    for index, _ in enumerate(fuzzing.OVERFLOW_TEXTS):
+        for where in (0, 3, 11):
+            mutation = fuzzing.Mutation(target=target, kind="overflow", where=where, value=None, depth=2, byte=index)
+            failures = fuzzing.run_case(golden, tmp_path / "case", mutation)
+            assert not failures, f"{mutation.describe()}: {failures}"

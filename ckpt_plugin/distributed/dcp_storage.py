@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -43,8 +43,9 @@ from torch.futures import Future
 from ..errors import ConfigurationError, CorruptCheckpointError
 from ..format import codec, documents
 from ..storage import FileRecord, backend_of, is_url
+from ..io.files import Header
 from .files import BackendShardFiles, LocalShardFiles, ShardFiles
-from .layout import SHARDING_FILE, Chunk, Sharding, TensorEntry, chunk_key, file_kind, shard_file_name, unflatten
+from .layout import SHARDING_FILE, Chunk, PathError, Sharding, TensorEntry, chunk_key, file_kind, shard_file_name, unflatten
 from .planners import JsonLoadPlanner
 
 CommitHook = Callable[[Sharding, FileRecord], None]
@@ -200,6 +201,26 @@ class _ShardReader:
 
     def __init__(self, files: ShardFiles, sharding: Sharding, where: str, verify: bool) -> None:
         self.files, self.sharding, self.where, self.verify = files, sharding, where, verify
+        self.headers: dict[str, Header] = {}
+
+    def check_headers(self, per_file: Mapping[str, Iterable[tuple[str, Chunk]]]) -> None:
+        """Read the header of every file named (each checked against its record, its size against
+        the file's) and check that it holds each chunk as recorded, before anything is allocated
+        for them: the tensors then need no more memory than the files hold."""
+        for name, chunks in per_file.items():
+            header = self.headers[name] = self.files.read_header(name, self.sharding.files[name])
+            specs = header[1]
+            for key, chunk in chunks:
+                spec = specs.get(chunk.key)
+                if spec is None or spec.shape != chunk.sizes or spec.dtype != self.sharding.tensors[key].dtype:
+                    raise self._not_held(key, chunk)
+
+    def _not_held(self, key: str, chunk: Chunk) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.where}: {chunk.file} does not hold the chunk {chunk.key!r} of {key!r} as recorded "
+            f"(sizes {list(chunk.sizes)}, {self.sharding.tensors[key].dtype}); restore the file or delete "
+            "this checkpoint"
+        )
 
     def read(self, name: str, targets: dict[str, tuple[str, Chunk, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
         """Read file ``name``; ``targets`` maps each chunk key wanted from it to its tensor key, its
@@ -213,7 +234,9 @@ class _ShardReader:
             return tensor if spec.shape == chunk.sizes and spec.dtype == tensor.dtype else None
 
         try:
-            tensors = self.files.read_tensors(name, self.sharding.files[name], destination, verify=self.verify)
+            tensors = self.files.read_tensors(
+                name, self.sharding.files[name], destination, verify=self.verify, header=self.headers.pop(name, None)
+            )
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(
                 f"{exc}. Tensors being restored may hold part of its bytes; restore another checkpoint before using them"
@@ -221,11 +244,7 @@ class _ShardReader:
         for stored, (key, chunk, _) in targets.items():
             tensor = tensors.get(stored)
             if tensor is None or tuple(tensor.shape) != chunk.sizes or tensor.dtype != self.sharding.tensors[key].dtype:
-                raise CorruptCheckpointError(
-                    f"{self.where}: {chunk.file} does not hold the chunk {chunk.key!r} of {key!r} as recorded "
-                    f"(sizes {list(chunk.sizes)}, {self.sharding.tensors[key].dtype}); restore the file or delete "
-                    "this checkpoint"
-                )
+                raise self._not_held(key, chunk)
         return tensors
 
 
@@ -349,12 +368,14 @@ def read_full(
     flat: dict[str, Any] = {}
     per_file: dict[str, list[tuple[str, Chunk]]] = {}
     for key, entry in sharding.tensors.items():
-        if not included(key):
-            continue
-        flat[key] = torch.empty(entry.shape, dtype=entry.dtype)
-        for chunk in entry.chunks:
-            per_file.setdefault(chunk.file, []).append((key, chunk))
+        if included(key):
+            for chunk in entry.chunks:
+                per_file.setdefault(chunk.file, []).append((key, chunk))
     reader = _ShardReader(files, sharding, where, verify)
+    reader.check_headers(per_file)
+    for key, entry in sharding.tensors.items():
+        if included(key):
+            flat[key] = torch.empty(entry.shape, dtype=entry.dtype)
     for name, chunks in per_file.items():
         targets = {chunk.key: (key, chunk, flat[key] if len(sharding.tensors[key].chunks) == 1 else None) for key, chunk in chunks}
         tensors = reader.read(name, targets)
@@ -375,5 +396,7 @@ def read_full(
                 raise CorruptCheckpointError(f"{where}: the stored value of {key!r} cannot be decoded ({exc})") from None
     try:
         return unflatten(flat, sharding.paths)
-    except (AssertionError, TypeError, IndexError, AttributeError) as exc:
-        raise CorruptCheckpointError(f"{where}: the key paths in {SHARDING_FILE} are inconsistent ({exc!r})") from None
+    except PathError as exc:
+        raise CorruptCheckpointError(
+            f"{where}: the key paths in {SHARDING_FILE} are inconsistent: {exc}; restore it or delete this checkpoint"
+        ) from None

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..format.tensorformat import TensorSpec
-from ..io.files import read_bytes_file, stream_tensor_file, write_bytes_file, write_tensor_file
+from ..io.files import Header, read_bytes_file, read_header, stream_tensor_file, write_bytes_file, write_tensor_file
 from ..storage import LOCAL, Backend, FileRecord
 from .layout import is_plain_name
 
@@ -35,8 +35,10 @@ class ShardFiles(Protocol):
     def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord: ...
     def write_bytes(self, name: str, data: bytes) -> FileRecord: ...
     def read_bytes(self, name: str, record: FileRecord | None = None) -> bytes: ...
+    def read_header(self, name: str, record: FileRecord | None) -> Header: ...
     def read_tensors(
-        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True
+        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True,
+        header: Header | None = None,
     ) -> dict[str, torch.Tensor]: ...
 
 
@@ -76,10 +78,17 @@ class BackendShardFiles:
     def read_bytes(self, name: str, record: FileRecord | None = None) -> bytes:
         return read_bytes_file(self._file(name), record, backend=self.backend)
 
+    def read_header(self, name: str, record: FileRecord | None) -> Header:
+        """The checked header of file ``name`` (its size checked against ``record`` first); no tensor data."""
+        return read_header(self._file(name), record, backend=self.backend)
+
     def read_tensors(
-        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True
+        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True,
+        header: Header | None = None,
     ) -> dict[str, torch.Tensor]:
-        return stream_tensor_file(self._file(name), record, destination, verify=verify, backend=self.backend)
+        return stream_tensor_file(
+            self._file(name), record, destination, verify=verify, header=header, backend=self.backend
+        )
 
 
 class LocalShardFiles(BackendShardFiles):

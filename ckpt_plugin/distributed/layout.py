@@ -16,8 +16,9 @@ raises :class:`~ckpt_plugin.errors.CorruptCheckpointError` naming the document a
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,7 +161,11 @@ class _Parser:
         data = self.mapping(data, "the document")
         if data.get("format") != FORMAT_NAME or data.get("format_version") != FORMAT_VERSION:
             raise self.fail(f"format {data.get('format')!r} version {data.get('format_version')!r} is not {FORMAT_NAME!r} {FORMAT_VERSION}")
-        if data.get(CHECKSUM_KEY) != _checksum(data):
+        try:
+            actual = _checksum(data)
+        except (ValueError, TypeError, RecursionError):  # a number JSON cannot write back (1e999 reads as inf)
+            actual = None
+        if data.get(CHECKSUM_KEY) != actual:
             raise CorruptCheckpointError(
                 f"{self.where} does not match its recorded checksum; the file is damaged: restore it or delete this checkpoint"
             )
@@ -190,7 +195,30 @@ class _Parser:
         both = set(sharding.tensors) & set(sharding.objects)
         if both:
             raise self.fail(f"{sorted(both)[0]!r} is both a tensor and an object")
+        self.check_stored_bytes(sharding)
         return sharding
+
+    def check_stored_bytes(self, sharding: Sharding) -> None:
+        """Each chunk is stored under a key of its own, and the chunks of a file need no more bytes
+        than the file is recorded to hold (a reader checks that record against the file itself
+        before it allocates anything): what the document declares is bounded by what the files hold."""
+        needed = dict.fromkeys(sharding.files, 0)
+        owners: dict[tuple[str, str], str] = {}
+        for key, entry in sharding.tensors.items():
+            for chunk in entry.chunks:
+                place = (chunk.file, chunk.key)
+                if place in owners:
+                    raise self.fail(
+                        f"chunks of {owners[place]!r} and {key!r} both name the stored chunk {chunk.key!r} of {chunk.file}"
+                    )
+                owners[place] = key
+                needed[chunk.file] += math.prod(chunk.sizes) * entry.dtype.itemsize
+                if needed[chunk.file] > sharding.files[chunk.file].size:
+                    raise self.fail(
+                        f"the chunks stored in {chunk.file} need {needed[chunk.file]} bytes or more (up to a chunk "
+                        f"of {key!r} of sizes {list(chunk.sizes)}), but the file is recorded with "
+                        f"{sharding.files[chunk.file].size}"
+                    )
 
     def tensor(self, key: str, entry: dict[str, Any], files: Mapping[str, FileRecord]) -> TensorEntry:
         try:
@@ -202,7 +230,6 @@ class _Parser:
         if not isinstance(chunks_data, list):
             raise self.fail(f"the chunks of {key!r} must be a list")
         chunks: list[Chunk] = []
-        covered = 0
         for index, chunk in enumerate(chunks_data):
             chunk = self.mapping(chunk, f"chunk {index} of {key!r}")
             offsets = self.ints(chunk.get("offsets"), f"the offsets of chunk {index} of {key!r}", len(shape))
@@ -213,50 +240,110 @@ class _Parser:
             if not isinstance(name, str) or name not in files or not isinstance(stored, str):
                 raise self.fail(f"chunk {index} of {key!r} names a file that is not listed, or no key")
             chunks.append(Chunk(offsets, sizes, name, stored))
-            covered += math.prod(sizes)
-        for i, first in enumerate(chunks):
-            for second in chunks[i + 1 :]:
-                if _overlap(first, second):
-                    raise self.fail(f"two chunks of {key!r} overlap, at offsets {list(first.offsets)} and {list(second.offsets)}")
-        if covered != math.prod(shape):
-            raise self.fail(f"the chunks of {key!r} cover {covered} of its {math.prod(shape)} elements")
+        problem = tiling_problem(shape, chunks)
+        if problem is not None:
+            raise self.fail(f"the chunks of {key!r} {problem}")
         return TensorEntry(dtype, shape, tuple(chunks))
 
 
-def _overlap(first: Chunk, second: Chunk) -> bool:
-    if not all(first.sizes) or not all(second.sizes):
-        return False
-    return all(
-        a < b + bs and b < a + as_
-        for a, as_, b, bs in zip(first.offsets, first.sizes, second.offsets, second.sizes)
-    )
+MAX_CORNERS = 1 << 22
+"""The most chunk corners :func:`tiling_problem` counts for one tensor (chunks times two to the
+number of dimensions the tensor is split along): real layouts split one to three dimensions."""
+
+
+def tiling_problem(shape: tuple[int, ...], chunks: Sequence[Chunk]) -> str | None:
+    """What keeps ``chunks`` (each inside ``shape``) from covering the tensor exactly once, or None.
+
+    The work is linear in the number of chunks. Write a chunk ``[a, b)`` as the signed sum of its
+    corners: its indicator is ``sum over corners c of (-1)**(number of coordinates of c taken from
+    b) * H_c``, where ``H_c`` is the indicator of the orthant ``x >= c``. The ``H_c`` of distinct
+    points are linearly independent, so the chunks cover every element exactly once if and only if
+    their corners, counted with these signs, add up to the signed corners of the whole tensor.
+    Dimensions that every chunk spans whole factor out and are left aside.
+    """
+    held = [chunk for chunk in chunks if all(chunk.sizes)]  # an empty chunk holds nothing
+    total = math.prod(shape)
+    covered = sum(math.prod(chunk.sizes) for chunk in held)
+    if covered > total:
+        return f"overlap: they hold {covered} elements for its {total}"
+    if covered < total:
+        return f"cover {covered} of its {total} elements"
+    if total == 0:
+        return None
+    split = [d for d in range(len(shape)) if any(c.offsets[d] != 0 or c.sizes[d] != shape[d] for c in held)]
+    if len(held) << len(split) > MAX_CORNERS:
+        return f"split it along {len(split)} dimensions into {len(held)} chunks, more than a layout this release reads"
+    signs = [(pick, -1 if sum(pick) % 2 else 1) for pick in itertools.product((False, True), repeat=len(split))]
+    counts: dict[tuple[int, ...], int] = {}
+    for chunk in held:
+        for pick, sign in signs:
+            corner = tuple(chunk.offsets[d] + chunk.sizes[d] if upper else chunk.offsets[d] for d, upper in zip(split, pick))
+            counts[corner] = counts.get(corner, 0) + sign
+    whole = {tuple(shape[d] if upper else 0 for d, upper in zip(split, pick)): sign for pick, sign in signs}
+    if {corner: count for corner, count in counts.items() if count} != whole:
+        return "overlap, and leave as many elements uncovered"
+    return None
+
+
+class PathError(ValueError):
+    """The key paths of a sharding document do not describe one tree; the message says where."""
+
+
+class _Branch(dict):  # type: ignore[type-arg]
+    """A node of the tree being rebuilt, as opposed to a stored value (which may be a dict too)."""
+
+    def __init__(self, path: tuple[PathItem, ...] = ()) -> None:
+        super().__init__()
+        self.path = path
 
 
 def unflatten(flat: Mapping[str, Any], paths: Mapping[str, tuple[PathItem, ...]]) -> dict[str, Any]:
-    """Rebuild the nested state from flattened keys and their paths (integers index lists)."""
-    root: dict[str, Any] = {}
+    """Rebuild the nested state from flattened keys and their paths (integers index lists).
+
+    Each path must end at a place of its own: never inside a stored value (a tensor's rows, a
+    stored dict), never where another key's value or branch is. The integer indices under one node
+    must be exactly ``0..n-1``, so the lists rebuilt hold as many items as there are keys. Raises
+    :class:`PathError` otherwise.
+    """
+    root = _Branch()
     for key, value in flat.items():
         path = paths.get(key, (key,))
-        node: Any = root
-        for here, after in zip(path[:-1], path[1:]):
-            empty: Any = [] if isinstance(after, int) else {}
-            node = _child(node, here, empty)
-        _put(node, path[-1], value)
-    return root
+        node = root
+        for depth, here in enumerate(path[:-1]):
+            if here not in node:
+                node[here] = _Branch(path[: depth + 1])
+            child = node[here]
+            if type(child) is not _Branch:
+                raise PathError(f"the path of {key!r} leads into the stored value at {list(path[: depth + 1])}")
+            node = child
+        if path[-1] in node:
+            raise PathError(f"the path of {key!r}, {list(path)}, is already taken by another key or its items")
+        node[path[-1]] = value
+    return _built(root)
 
 
-def _child(node: Any, key: PathItem, empty: Any) -> Any:
-    if isinstance(node, list):
-        assert isinstance(key, int)
-        node.extend([None] * (key + 1 - len(node)))
-        if node[key] is None:
-            node[key] = empty
-        return node[key]
-    return node.setdefault(key, empty)
+def _built(root: _Branch) -> dict[str, Any]:
+    """The plain tree of ``root``: branches with integer keys ``0..n-1`` become lists."""
+    done: dict[int, Any] = {}
+    stack: list[tuple[_Branch, bool]] = [(root, False)]
+    while stack:  # children before parents, without recursion
+        branch, expanded = stack.pop()
+        if not expanded:
+            stack.append((branch, True))
+            stack.extend((child, False) for child in branch.values() if type(child) is _Branch)
+            continue
+        items = {key: done.pop(id(child)) if type(child) is _Branch else child for key, child in branch.items()}
+        done[id(branch)] = _as_list(items, branch.path) if branch is not root else dict(items)
+    return done[id(root)]
 
 
-def _put(node: Any, key: PathItem, value: Any) -> None:
-    if isinstance(node, list):
-        assert isinstance(key, int)
-        node.extend([None] * (key + 1 - len(node)))
-    node[key] = value
+def _as_list(items: dict[PathItem, Any], path: tuple[PathItem, ...]) -> Any:
+    """``items`` as a list when its keys are list indices (exactly ``0..n-1``), else as they are."""
+    indices = [key for key in items if type(key) is int]
+    if not indices:
+        return items
+    if len(indices) != len(items):
+        raise PathError(f"the node at {list(path)} holds both names and list indices")
+    if set(indices) != set(range(len(indices))):
+        raise PathError(f"the list at {list(path)} has indices {sorted(indices)[:4]}..., not exactly 0..{len(indices) - 1}")
+    return [items[index] for index in range(len(indices))]

@@ -48,7 +48,7 @@ ask for more); a backend may also set its own ``read_chunk`` size."""
 
 Location = "str | os.PathLike[str]"
 Destination = Callable[[TensorSpec], "torch.Tensor | None"]
-Header = tuple[bytes, dict[str, TensorSpec], int]
+Header = tuple["bytes | bytearray", dict[str, TensorSpec], int]
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
@@ -323,12 +323,12 @@ def read_header(location: Any, record: FileRecord | None, *, backend: Backend = 
         check(location, record, size, None)
     prefix = bytearray(min(8, size))
     _read(backend, key, 0, memoryview(prefix))
-    header = bytes(prefix)
+    header = prefix
     if len(prefix) == 8:
         (length,) = struct.unpack("<Q", prefix)
-        body = bytearray(max(0, min(length, tensorformat.HEADER_LIMIT + 1, size - 8)))
-        _read(backend, key, 8, memoryview(body))
-        header += bytes(body)
+        header = bytearray(8 + max(0, min(length, tensorformat.HEADER_LIMIT + 1, size - 8)))  # read in place, never copied
+        header[:8] = prefix
+        _read(backend, key, 8, memoryview(header)[8:])
     specs, _ = tensorformat.parse(memoryview(header), size, str(location))
     return header, specs, size
 
