@@ -142,7 +142,9 @@ def promote_and_predict(directory: Path) -> None:
     for prediction, target in zip(predictions.tolist(), targets[:3].tolist()):
         print(f"  prediction {prediction:+.3f}  target {target:+.3f}")
     print(f"history: {', '.join(event['event'] + ' ' + event['version'] for event in registry.history())}")
-    print(f"inspect it all with: ckpt list {directory}; ckpt versions {directory}; ckpt history {directory}")
+    ckpt = Path(sys.executable).with_name("ckpt")
+    command = str(ckpt) if ckpt.exists() else "ckpt"
+    print(f"inspect it all with: {command} list {directory}; {command} versions {directory}; {command} history {directory}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The names README.md's code blocks use but do not define: a tiny model and its training objects.
+"""The names the documentation's code blocks use but do not define: a tiny model and its training objects.
 
-``tests/test_readme.py`` runs every fenced ``python`` block of the README as written. A block runs
-after the prelude named in an HTML comment just above it (``<!-- prelude: lightning -->``), or
-after ``torch`` when there is none. Blocks with the same prelude run in README order, in one
-namespace and one fresh working directory, so a later block sees what an earlier one saved.
+``conftest.py`` at the repository root runs every fenced ``python`` block of README.md and of
+``docs/`` as written. A block runs after the prelude named in an HTML comment just above it
+(``<!-- prelude: lightning -->``), or after ``torch`` when there is none. Within one page, blocks
+with the same prelude run in order, in one namespace and one fresh working directory, so a later
+block sees what an earlier one saved.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def torch_prelude() -> dict[str, Any]:
         "loss": 0.5,
         "train_one_epoch": train_one_epoch,
     }
+
+
+def run_prelude() -> dict[str, Any]:
+    """The ``torch`` prelude plus a run already saved: ``manager`` over ``checkpoints/`` holding
+    epochs 50, 100 and 120 (with ``loss`` and ``accuracy``), and ``CheckpointManager``."""
+    from ckpt_plugin import CheckpointManager
+
+    names = torch_prelude()
+    manager = CheckpointManager("checkpoints", max_checkpoints=5)
+    for epoch, loss, accuracy in ((50, 0.6, 0.91), (100, 0.5, 0.95), (120, 0.55, 0.94)):
+        manager.save(model=names["model"], optimizer=names["optimizer"], scheduler=names["scheduler"], epoch=epoch,
+                     metrics={"loss": loss, "accuracy": accuracy}, config=names["config_dict"])
+    return {**names, "manager": manager, "CheckpointManager": CheckpointManager}
 
 
 def lightning_prelude() -> dict[str, Any]:
@@ -91,4 +105,4 @@ def hf_prelude() -> dict[str, Any]:
     return {"model": tiny_gpt2(0), "train": Tokens(32, 1), "val": Tokens(8, 2)}
 
 
-PRELUDES = {"torch": torch_prelude, "lightning": lightning_prelude, "hf": hf_prelude}
+PRELUDES = {"torch": torch_prelude, "run": run_prelude, "lightning": lightning_prelude, "hf": hf_prelude}
