@@ -20,7 +20,7 @@ from ckpt_plugin.checkpoint import METADATA_FILE, STATE_FILE
 from ckpt_plugin.cli import app
 from ckpt_plugin.format import limits
 from ckpt_plugin.listing import CACHE_FILE
-from ckpt_plugin.storage import backend_of
+from ckpt_plugin.storage import backend_of, conditional
 
 pytestmark = pytest.mark.timeout(60)  # a FIFO read by today's code blocks forever: fail, never hang
 
@@ -181,17 +181,20 @@ def test_a_metadata_json_over_its_cap_is_refused_unread(tmp_path):
         assert names(directory) == ["epoch_0"]
 
 
-def test_an_object_over_its_cap_is_refused(tmp_path):
-    backend = backend_of("memory://guarded-door")
-    key = "memory://guarded-door/run/production/model.json"
-    backend.fs.pipe_file(backend.path_of(key), b" " * (limits.DOCUMENT_CAPS["model.json"] + 10))
-    try:
-        with pytest.raises(CorruptCheckpointError, match="model.json"):
+def test_an_object_over_its_cap_is_refused_and_one_within_is_read_whole(remote_url):
+    backend = backend_of(remote_url)
+    key = backend.join(remote_url, "production", "model.json")
+    cap = limits.DOCUMENT_CAPS["model.json"]
+    for size in (cap + 1, cap + 10):
+        backend.fs.pipe_file(backend.path_of(key), b" " * size)
+        with pytest.raises(CorruptCheckpointError, match=r"model\.json"):
             backend.read_bytes(key)
-        backend.fs.pipe_file(backend.path_of(key), b"")
-        assert backend.read_bytes(key) == b""
-    finally:
-        backend.fs.rm(backend.path_of("memory://guarded-door"), recursive=True)
+        with pytest.raises(CorruptCheckpointError, match=r"model\.json"):
+            conditional.read(backend, key)  # the registry's read of its production pointer
+    for size in (0, cap):
+        backend.fs.pipe_file(backend.path_of(key), b"x" * size)
+        assert len(backend.read_bytes(key)) == size
+        assert len(conditional.read(backend, key).data) == size
 
 
 # ---------------------------------------------------------------------- what is still read

@@ -113,11 +113,18 @@ async def _s3_get(fs: Any, bucket: str, name: str, cap: int) -> tuple[bytes, str
     """The object and its ETag, of which at most ``cap`` + 1 bytes are read (the guarded door's rule)."""
     response = await fs._call_s3("get_object", Bucket=bucket, Key=name)
     body = response["Body"]
+    parts: list[bytes] = []
+    received = 0
     try:
-        data = await body.read(cap + 1)
+        while received <= cap:  # a read returns what has arrived, up to the amount asked
+            part = await body.read(cap + 1 - received)
+            if not part:
+                break
+            parts.append(part)
+            received += len(part)
     finally:
         body.close()
-    return data, response["ETag"]
+    return b"".join(parts), response["ETag"]
 
 
 def _precondition_failed(exc: BaseException) -> bool:
