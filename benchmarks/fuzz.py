@@ -5,8 +5,9 @@
 Each case copies a real run (two checkpoints, a validated version, production, the audit log and
 the listing cache), mutates one file (JSON values replaced by other types and codec markers, keys
 deleted, deep nesting, numbers no float holds such as 10**400 and 1e999, safetensors header
-fields, truncation, flipped bytes), records every
-checksum again so that the parsers are reached, and runs every reader (see ``tests/fuzzing.py``).
+fields, truncation, flipped bytes; or a link to /dev/zero or out of the run, a FIFO or a directory
+in its place), records every checksum again so that the parsers are reached, and runs every reader
+(see ``tests/fuzzing.py``).
 A case passes when every reader returns plain data or raises ``CheckpointError`` and nothing
 outside the run's directories changed. Failures are printed with the mutation that caused them;
 the exit status is 1 if there was any.

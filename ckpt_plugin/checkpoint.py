@@ -19,7 +19,6 @@ nor ``optimizer.safetensors``: each rank's chunks are in ``model-r{rank}-of-{N}.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from .errors import CorruptCheckpointError, IncompatibleCheckpointError
 from .format import codec, documents
+from .format.names import CHECKPOINT_NAME, is_checkpoint_name
 from .storage import LOCAL, Backend, FileRecord, checksum_bytes, is_url
 from .storage.fsspec import TXN_SEPARATOR
 
@@ -38,7 +38,8 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 EXTRA_TENSORS_FILE = "state.safetensors"
 ITEM_FILES = {"model": MODEL_FILE, "optimizer": OPTIMIZER_FILE}
-NAME_PATTERN = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
+NAME_PATTERN = CHECKPOINT_NAME
+"""The grammar of checkpoint names (:data:`ckpt_plugin.format.names.CHECKPOINT_NAME`): use ``fullmatch``."""
 METADATA_CHECKSUM_KEY = "metadata_checksum"
 SHARDING_FILE = "sharding.json"
 
@@ -49,8 +50,8 @@ def checkpoint_name(epoch: int, step: int | None) -> str:
 
 
 def looks_like_checkpoint(name: str) -> bool:
-    """Whether ``name`` is one a manager would give a checkpoint directory."""
-    return NAME_PATTERN.match(name) is not None
+    """Whether ``name`` is exactly one a manager would give a checkpoint directory."""
+    return is_checkpoint_name(name)
 
 
 def item_file(item: str) -> str:

@@ -79,7 +79,7 @@ from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-LINK_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+LINK_PATTERN = re.compile(r"checkpoint-(0|[1-9][0-9]*)", re.ASCII)  # matched in full: only names this module makes
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 
 
@@ -610,7 +610,7 @@ class CheckpointCallback(TrainerCallback):
         try:
             set_link(output_dir / link, info.path)
             for name, target in symlinks(output_dir).items():
-                if name != link and LINK_PATTERN.match(name) and _same_dir(target.parent, self.manager.checkpoint_dir):
+                if name != link and LINK_PATTERN.fullmatch(name) and _same_dir(target.parent, self.manager.checkpoint_dir):
                     remove_link(output_dir / name)
         except StorageError as exc:
             if not self._warned_link:
@@ -757,7 +757,7 @@ def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
         store.discard(staging)
         raise
     for entry in store.entries():
-        if entry.name != name and LINK_PATTERN.match(entry.name) and os.path.isfile(os.path.join(entry.path, REMOTE_MARKER_FILE)):
+        if entry.name != name and LINK_PATTERN.fullmatch(entry.name) and os.path.isfile(os.path.join(entry.path, REMOTE_MARKER_FILE)):
             store.remove(entry.name)
 
 

@@ -101,9 +101,7 @@ def load(root: Path) -> dict[str, tuple[Identity, dict[str, Any]]]:
     damaged, edited, or written by another release)."""
     path = root / CACHE_FILE
     try:
-        if os.stat(path).st_size > documents.MAX_DOCUMENT_BYTES:
-            return {}
-        document = documents.load_json(path.read_bytes(), str(path))
+        document = documents.load_json(LOCAL.read_bytes(os.fspath(path)), str(path))
         if not isinstance(document, dict) or document.get("version") != CACHE_VERSION:
             return {}
         documents.check_seal(document, str(path))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import listing, retention, savelog, signing
-from .checkpoint import METADATA_FILE, NAME_PATTERN, CheckpointInfo, checkpoint_name, looks_like_checkpoint
+from .checkpoint import METADATA_FILE, CheckpointInfo, checkpoint_name, looks_like_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -24,6 +24,7 @@ from .errors import (
     SignatureError,
     StorageError,
 )
+from .format.names import parse_checkpoint_name
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
 from .io.reader import Device, read_checkpoint, read_info
@@ -597,10 +598,10 @@ class CheckpointManager:
     def _raise_if_unreadable(self, epoch: int, step: int | None, wanted: str) -> None:
         """Say why a directory on disk for ``epoch`` (and ``step``) is not listed as a checkpoint."""
         for entry in self._store.visible():
-            match = NAME_PATTERN.match(entry.name)
-            if match is None or int(match.group(1)) != epoch:
+            parsed = parse_checkpoint_name(entry.name)
+            if parsed is None or parsed[0] != epoch:
                 continue
-            if step is not None and (match.group(2) is None or int(match.group(2)) != step):
+            if step is not None and parsed[1] != step:
                 continue
             path = entry.location
             try:

@@ -127,6 +127,9 @@ def _lines(backend: Backend, location: str) -> list[bytes]:
         return backend.read_bytes(location).splitlines()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # no log
         return []
+    except CorruptCheckpointError as exc:  # a link, a FIFO, a device or a log over its cap: unread
+        warnings.warn(f"skipping the save log: {exc}", UserWarning, stacklevel=3)
+        return []
 
 
 def _object(backend: Backend, location: str) -> bytes | None:

@@ -5,9 +5,10 @@ It starts from a real run: two checkpoints (model, Adam, ``ReduceLROnPlateau``, 
 and the listing cache. Each case copies that tree, applies one structured mutation to one file, and
 re-records every checksum that covers the file (file records, ``metadata_checksum``, the self
 checksums of the records), as an attacker who can write the directory would, so that the parsers
-themselves are reached. Then every reader runs: listing, ``load_latest``, ``load`` with and without
+themselves are reached; or it puts a special file or link in the file's place (a link to
+``/dev/zero`` or out of the run, a FIFO, a directory). Then every reader runs: listing, ``load_latest``, ``load`` with and without
 verification, ``restore``, and the registry's versions, validation records, loads, production and
-history. The run also holds sharded checkpoints, saved by two FSDP2 ranks (spawned once, when the
+history, the save log and the history ``ckpt plot`` draws. The run also holds sharded checkpoints, saved by two FSDP2 ranks (spawned once, when the
 run is built), read back consolidated in one process; a mutated shard file is re-recorded in
 ``sharding.json`` and that in ``metadata.json``, as an attacker would.
 
@@ -34,11 +35,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, listing
+from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, listing, savelog
 from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, SHARDING_FILE, metadata_checksum
 from ckpt_plugin.distributed.layout import CHECKSUM_KEY as SHARDING_CHECKSUM_KEY
 from ckpt_plugin.distributed.layout import _checksum as sharding_checksum
 from ckpt_plugin.format import codec, documents
+from ckpt_plugin.plot import run_history
 from ckpt_plugin.storage import checksum_bytes
 
 TARGETS = [
@@ -55,6 +57,7 @@ TARGETS = [
     "validated/history.jsonl",
     "production/model.json",
     "production/model.safetensors",
+    "checkpoints/.saves.jsonl",
     "sharded/epoch_1/sharding.json",
     "sharded/epoch_1/metadata.json",
     "sharded/epoch_1/model-r1-of-2.safetensors",
@@ -65,6 +68,11 @@ OVERFLOW_TEXTS = [
 ]
 """Numbers no float holds, as JSON text: what an ``overflow`` mutation puts in place of a number
 (10**400 itself, so that checksums can be recomputed over it; the others spliced in as text)."""
+SPECIAL_KINDS = ["link_to_dev_zero", "link_outside", "fifo", "directory"]
+"""Special files and links put in place of the target: endless bytes, a copy of the target outside
+the run (so only the link is wrong; reading it through the link is a failure), a FIFO that never
+delivers a byte, a directory."""
+KINDS += SPECIAL_KINDS
 HOSTILE_STRINGS = [
     "../../outside/canary.bin", "../outside", "/etc/passwd", "..", ".", "a/b", "model.safetensors",
     "optimizer.safetensors", "state.json", "nan", "inf", "F32", "V2000000000", "object", "save", "load",
@@ -240,6 +248,20 @@ def _dumps(document: Any, deep: str | None) -> bytes:
     return text.encode()
 
 
+def plant_special(path: Path, kind: str, outside: Path) -> None:
+    """Put the special file or link ``kind`` (one of :data:`SPECIAL_KINDS`) in place of ``path``,
+    a link to ``outside`` for ``link_outside``."""
+    path.unlink()
+    if kind == "link_to_dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "link_outside":
+        path.symlink_to(os.path.relpath(outside, path.parent))
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+
+
 def mutate_file(path: Path, mutation: Mutation) -> None:
     """Apply ``mutation`` to the file ``path`` in place (byte edits, or structured JSON edits)."""
     data = path.read_bytes()
@@ -353,6 +375,8 @@ def readers(root: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("load_production", lambda: registry().load_production()),
         ("load_production(verify=False)", lambda: registry().load_production(verify=False)),
         ("history", lambda: registry().history()),
+        ("save_log", lambda: savelog.read(checkpoints)),
+        ("run_history", lambda: run_history(checkpoints)),
         ("sharded.load_latest", lambda: sharded().load_latest()),
         ("sharded.load(verify=False)", lambda: sharded().load(epoch=1, verify=False)),
         ("sharded.restore", restore_sharded),
@@ -392,9 +416,17 @@ def run_case(golden: Path, work: Path, mutation: Mutation) -> list[str]:
         shutil.rmtree(work)
     shutil.copytree(golden, work, symlinks=True)
     write_listing_cache(work / "checkpoints")
+    twin = work / "outside" / mutation.target.replace("/", "__")
+    if mutation.kind == "link_outside":  # the target's own bytes, outside the run: only the link is wrong
+        shutil.copyfile(work / mutation.target, twin)
     outside = snapshot(work / "outside")
-    mutate_file(work / mutation.target, mutation)
-    rerecord(work, mutation.target)
+    unread: int | None = None
+    if mutation.kind in SPECIAL_KINDS:
+        plant_special(work / mutation.target, mutation.kind, twin)
+        unread = _mark_unread(twin) if twin.exists() else None
+    else:
+        mutate_file(work / mutation.target, mutation)
+        rerecord(work, mutation.target)
     failures = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -409,6 +441,17 @@ def run_case(golden: Path, work: Path, mutation: Mutation) -> list[str]:
             bad = non_data(result)
             if bad is not None:
                 failures.append(f"{name} returned a non-data object at {bad}")
+    if unread is not None and os.stat(twin).st_atime_ns != unread:
+        failures.append(f"{twin} outside the run was read through the link at {mutation.target}")
     if snapshot(work / "outside") != outside:
         failures.append("a file outside the checkpoint directories changed")
     return failures
+
+
+def _mark_unread(path: Path) -> int:
+    """Set ``path``'s access time before its modification time, so that the next read of it moves
+    the access time (also under ``relatime``); return the access time set."""
+    status = os.stat(path)
+    unread = status.st_mtime_ns - 3600 * 10**9
+    os.utime(path, ns=(unread, status.st_mtime_ns))
+    return unread

@@ -49,3 +49,15 @@ def test_overflowing_numbers_in_every_document_end_in_a_load_or_a_checkpoint_err
             mutation = fuzzing.Mutation(target=target, kind="overflow", where=where, value=None, depth=2, byte=index)
             failures = fuzzing.run_case(golden, tmp_path / "case", mutation)
             assert not failures, f"{mutation.describe()}: {failures}"
+
+
+@pytest.mark.timeout(600)  # a reader that blocks on a FIFO fails here instead of hanging the suite
+@pytest.mark.parametrize("kind", fuzzing.SPECIAL_KINDS)
+def test_every_reader_refuses_or_skips_special_files_and_links_in_every_place(golden: Path, tmp_path: Path, kind: str) -> None:
+    failures = {}
+    for target in fuzzing.TARGETS:
+        mutation = fuzzing.Mutation(target, kind, 0, None, 2, 1)
+        problems = fuzzing.run_case(golden, tmp_path / "case", mutation)
+        if problems:
+            failures[target] = problems
+    assert not failures, f"{kind}: {failures}"

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError, StorageError
-from ..format import documents, tensorformat
+from ..format import documents, limits, tensorformat
 from ..format.tensorformat import TensorSpec
 from ..storage import LOCAL, Backend, FileRecord, checksum_bytes, format_checksum, new_hasher
 
@@ -209,7 +209,8 @@ def _read(backend: Backend, location: str, offset: int, into: memoryview) -> Non
 
 
 def read_bytes_file(location: Any, record: FileRecord | None = None, *, backend: Backend = LOCAL) -> bytes:
-    """Read a small file whole, checking it against ``record`` when one is given."""
+    """Read a small file whole, checking it against ``record`` when one is given; a file larger
+    than the cap of its kind is refused unread (see :mod:`ckpt_plugin.storage.door`)."""
     try:
         data = backend.read_bytes(_key(location))
     except FileNotFoundError:
@@ -222,12 +223,6 @@ def read_json(location: Any, record: FileRecord | None = None, *, backend: Backe
     """Parse and validate a JSON document of a checkpoint (its schema is chosen by its file name, see
     :mod:`ckpt_plugin.format.documents`), turning damage into :class:`CorruptCheckpointError`."""
     key = _key(location)
-    try:
-        size = backend.size(key)
-    except (OSError, CorruptCheckpointError):
-        size = 0  # reported by the read below
-    if size > documents.MAX_DOCUMENT_BYTES:
-        raise CorruptCheckpointError(f"{location} has {size} bytes, far more than any document ckpt_plugin writes; delete it")
     name = key.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     return documents.parse(read_bytes_file(location, record, backend=backend), name, str(location))
 
@@ -348,7 +343,7 @@ def open_tensor_file(
             size = backend.size(key)
             if size != record.size:
                 check(location, record, size, None)
-        mapped = backend.read_all(key)
+        mapped = backend.read_all(key, record.size if record is not None else limits.UNRECORDED_TENSOR_FILE_BYTES)
     except FileNotFoundError:
         raise missing(location) from None
     view = memoryview(mapped)

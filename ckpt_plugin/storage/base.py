@@ -95,12 +95,15 @@ class Backend(Protocol):
         """Fill ``into`` with the bytes of ``key`` from ``offset``; short files raise
         ``CorruptCheckpointError`` and a missing key :class:`FileNotFoundError`."""
 
-    def read_bytes(self, key: str) -> bytes:
-        """The whole (small) file at ``key``; :class:`FileNotFoundError` when it is missing."""
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The whole (small) file at ``key``; :class:`FileNotFoundError` when it is missing, and
+        ``CorruptCheckpointError`` when it has more than ``limit`` bytes (by default the cap of its
+        kind, :func:`ckpt_plugin.format.limits.cap_for`), found without reading more than that."""
 
-    def read_all(self, key: str) -> Any:
+    def read_all(self, key: str, limit: int | None = None) -> Any:
         """The whole file as a writable buffer the caller owns (a private, copy-on-write memory map
-        locally, so loading stays zero-copy); :class:`FileNotFoundError` when it is missing."""
+        locally, so loading stays zero-copy); :class:`FileNotFoundError` when it is missing, and
+        ``CorruptCheckpointError`` when it has more than ``limit`` bytes (by default its kind's cap)."""
 
     def size(self, key: str) -> int:
         """The size of ``key`` in bytes; :class:`FileNotFoundError` when it is missing."""

@@ -81,13 +81,13 @@ class FaultyBackend:
         self._enter("read_range", key)
         self.inner.read_range(key, offset, into)
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
         self._enter("read_bytes", key)
-        return self.inner.read_bytes(key)
+        return self.inner.read_bytes(key, limit)
 
-    def read_all(self, key: str) -> Any:
+    def read_all(self, key: str, limit: int | None = None) -> Any:
         self._enter("read_all", key)
-        return self.inner.read_all(key)
+        return self.inner.read_all(key, limit)
 
     def size(self, key: str) -> int:
         self._enter("size", key)

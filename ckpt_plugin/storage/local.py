@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import CorruptCheckpointError, StorageError
-from . import directio, trash
+from . import directio, door, trash
 from .base import (
     METADATA_FILE,
     Entry,
@@ -158,7 +157,8 @@ class LocalSink:
 
 class LocalBackend:
     """The local (POSIX) file system. Locations are OS paths; ``reuse`` is a hard link, ``read_all``
-    a private memory map and ``read_range`` one ``preadv``."""
+    a private memory map and ``read_range`` one ``preadv``. Every read opens the file through the
+    guarded door (:mod:`.door`): no link followed, regular files only, sizes capped."""
 
     read_concurrency = 2
 
@@ -175,25 +175,17 @@ class LocalBackend:
         return LocalSink(os.fspath(key), size)
 
     def read_range(self, key: str, offset: int, into: memoryview) -> None:
-        fd = os.open(key, os.O_RDONLY)
+        fd, _ = _guarded(door.open_file, key)
         try:
             read_exactly(fd, key, into, offset)
         finally:
             os.close(fd)
 
-    def read_bytes(self, key: str) -> bytes:
-        try:
-            with open(key, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise _storage_error(exc, "read", key) from exc
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return _guarded(door.read_file, key, limit)
 
-    def read_all(self, key: str) -> Any:
-        with open(key, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else bytearray()
+    def read_all(self, key: str, limit: int | None = None) -> Any:
+        return _guarded(door.map_file, key, limit)
 
     def size(self, key: str) -> int:
         return os.stat(key).st_size
@@ -233,6 +225,17 @@ class LocalBackend:
 
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def _guarded(read: Callable[..., Any], key: str, *args: Any) -> Any:
+    """``read(key, *args)``, one of the door's reads, with a failure of the file system as a
+    :class:`StorageError` (a missing file stays :class:`FileNotFoundError`)."""
+    try:
+        return read(key, *args)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _storage_error(exc, "read", key) from exc
 
 
 LOCAL = LocalBackend()
@@ -283,11 +286,12 @@ def append_line(path: Path, data: bytes, *, durable: bool = True) -> None:
     ``durable`` is False (for a log whose last lines may be lost in a power cut).
 
     A last line left unterminated by a writer that died is terminated first, so it never runs
-    into the new one. Callers that append concurrently must hold a lock.
+    into the new one. Callers that append concurrently must hold a lock. The log must be a regular
+    file, not a link (:func:`.door.open_log`; ``CorruptCheckpointError`` otherwise).
     """
     line = data.rstrip(b"\n") + b"\n"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = door.open_log(os.fspath(path))
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
