@@ -36,6 +36,13 @@ from .storage.local import directory_identity
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
+_CHOOSE_ATTEMPTS = 20
+"""How many checkpoints :meth:`CheckpointManager.load_latest` and ``load_best`` try when each is
+deleted while it is being read."""
+
+
+class _DeletedWhileReading(CheckpointNotFoundError):
+    """The checkpoint being read was deleted meanwhile (by retention, say)."""
 
 
 class CheckpointManager:
@@ -579,11 +586,27 @@ class CheckpointManager:
             except CorruptCheckpointError:
                 current = next((c for c in self.checkpoints() if c.name == info.name), None)
                 if current is None:
-                    raise CheckpointNotFoundError(f"{info.path} was deleted while it was being read") from None
+                    raise _DeletedWhileReading(f"{info.path} was deleted while it was being read") from None
                 if current.files == info.files:
                     raise
                 info = current
         return read_checkpoint(info, **options)
+
+    def _read_chosen(self, choose: Callable[[], CheckpointInfo | None], **options: Any) -> dict[str, Any] | None:
+        """Read the checkpoint ``choose`` picks (None when it picks none); when retention deletes it
+        while it is being read, pick again from what is left."""
+        for _ in range(_CHOOSE_ATTEMPTS):
+            info = choose()
+            if info is None:
+                return None
+            try:
+                return self._read(info, **options)
+            except _DeletedWhileReading:
+                continue
+        raise CheckpointNotFoundError(
+            f"{_CHOOSE_ATTEMPTS} checkpoints in {self.checkpoint_dir} were deleted while they were being read; "
+            "another writer's retention keeps too few of them for this reader: raise its max_checkpoints, or retry"
+        )
 
     def read(
         self,
@@ -619,10 +642,10 @@ class CheckpointManager:
         return self._read(self.find(epoch, step), map_location=map_location, verify=verify, verify_with=verify_with)
 
     def load_latest(self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None) -> dict[str, Any] | None:
-        """Load the most recent checkpoint, or return None when the directory holds none."""
+        """Load the most recent checkpoint, or return None when the directory holds none. When another
+        writer's retention deletes it while it is being read, the next most recent is loaded."""
         self._settle()
-        info = self.latest()
-        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
+        return self._read_chosen(self.latest, map_location=map_location, verify=verify, verify_with=verify_with)
 
     def load_best(
         self,
@@ -633,10 +656,12 @@ class CheckpointManager:
         verify: bool = True,
         verify_with: Any = None,
     ) -> dict[str, Any] | None:
-        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`."""
+        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`. When another writer's
+        retention deletes it while it is being read, the next best is loaded."""
         self._settle()
-        info = self.best(metric, mode)
-        return None if info is None else self._read(info, map_location=map_location, verify=verify, verify_with=verify_with)
+        return self._read_chosen(
+            lambda: self.best(metric, mode), map_location=map_location, verify=verify, verify_with=verify_with
+        )
 
     def restore(
         self,
