@@ -37,6 +37,13 @@ from .storage.local import directory_identity
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
+_CHOOSE_ATTEMPTS = 20
+"""How many checkpoints :meth:`CheckpointManager.load_latest` and ``load_best`` try when each is
+deleted while it is being read."""
+
+
+class _DeletedWhileReading(CheckpointNotFoundError):
+    """The checkpoint being read was deleted meanwhile (by retention, say)."""
 
 
 class CheckpointManager:
@@ -626,7 +633,7 @@ class CheckpointManager:
             except CorruptCheckpointError:
                 current = next((c for c in self.checkpoints() if c.name == info.name), None)
                 if current is None:
-                    raise CheckpointNotFoundError(f"{info.path} was deleted while it was being read") from None
+                    raise _DeletedWhileReading(f"{info.path} was deleted while it was being read") from None
                 if current.files == info.files:
                     raise
                 info = current
@@ -670,6 +677,22 @@ class CheckpointManager:
             )
         return read_checkpoint(signed, **options), signed
 
+    def _read_chosen(self, choose: Callable[[], CheckpointInfo | None], **options: Any) -> dict[str, Any] | None:
+        """Read the checkpoint ``choose`` picks (None when it picks none); when retention deletes it
+        while it is being read, pick again from what is left."""
+        for _ in range(_CHOOSE_ATTEMPTS):
+            info = choose()
+            if info is None:
+                return None
+            try:
+                return self._read(info, **options)
+            except _DeletedWhileReading:
+                continue
+        raise CheckpointNotFoundError(
+            f"{_CHOOSE_ATTEMPTS} checkpoints in {self.checkpoint_dir} were deleted while they were being read; "
+            "another writer's retention keeps too few of them for this reader: raise its max_checkpoints, or retry"
+        )
+
     def read(
         self,
         info: CheckpointInfo,
@@ -709,13 +732,13 @@ class CheckpointManager:
         return self._read(self.find(epoch, step), map_location=map_location, verify=verify)
 
     def load_latest(self, *, map_location: Device = None, verify: bool = True, verify_with: Any = None) -> dict[str, Any] | None:
-        """Load the most recent checkpoint, or return None when the directory holds none. With
+        """Load the most recent checkpoint, or return None when the directory holds none. When another
+        writer's retention deletes it while it is being read, the next most recent is loaded. With
         ``verify_with`` see :meth:`load`: the most recent checkpoint by the signed names and metadata."""
         self._settle()
         if verify_with is not None:
             return self._load_signed(_newest, verify_with, map_location=map_location)
-        info = self.latest()
-        return None if info is None else self._read(info, map_location=map_location, verify=verify)
+        return self._read_chosen(self.latest, map_location=map_location, verify=verify)
 
     def load_best(
         self,
@@ -726,14 +749,14 @@ class CheckpointManager:
         verify: bool = True,
         verify_with: Any = None,
     ) -> dict[str, Any] | None:
-        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`. With ``verify_with``
+        """Load the best checkpoint by any recorded ``metric``; see :meth:`best`. When another writer's
+        retention deletes it while it is being read, the next best is loaded. With ``verify_with``
         see :meth:`load`: the ranking is by metadata read from the directory, never by the listing
         cache, and the chosen checkpoint's signed metrics must be the ones it was ranked by."""
         self._settle()
         if verify_with is not None:
             return self._load_signed(lambda found: self._best_of(found, metric, mode), verify_with, map_location=map_location)
-        info = self.best(metric, mode)
-        return None if info is None else self._read(info, map_location=map_location, verify=verify)
+        return self._read_chosen(lambda: self.best(metric, mode), map_location=map_location, verify=verify)
 
     def restore(
         self,

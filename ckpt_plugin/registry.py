@@ -7,6 +7,7 @@
       v1.0.0/                  the checkpoint's files, hard-linked (or copied) and verified, plus
         validation.json        the version, the source checkpoint and its checksum, every check's result
       history.jsonl            the audit log: one JSON object per validate, promote and rollback
+      .history-intent.json     the event of the change under way, written before it takes effect
       .registry.lock           serializes writers across processes
     production/
       model.safetensors        the weights, plain safetensors
@@ -14,6 +15,12 @@
 
 A validated version is immutable. ``production/`` is replaced as a whole directory with one
 atomic rename, so a reader sees the old model or the new one, never a mix.
+
+The history always matches what took effect, even after a kill at any instant: each change first
+writes its event as an intent, then takes effect, then appends the event and drops the intent. An
+intent left by a dead writer is an event if its change took effect (the version is validated, or
+production is what it promoted) and is dropped otherwise: :meth:`ArtifactRegistry.history` reads
+it so, and the next change records or drops it for good.
 
 On an object store (``ArtifactRegistry("s3://bucket/run/checkpoints")``) the same layout holds, with
 conditional writes in place of the lock and the rename; :mod:`ckpt_plugin.registry_objects`
@@ -62,10 +69,12 @@ from .io.writer import SAFETENSORS_METADATA
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
 from .registry_objects import ObjectStorePlaces
-from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url
+from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url, publish_file
 
 VALIDATION_FILE = "validation.json"
 HISTORY_FILE = "history.jsonl"
+INTENT_FILE = ".history-intent.json"
+"""The event of the change being made, written before the change takes effect (see ``_intend``)."""
 LOCK_FILE = ".registry.lock"
 PRODUCTION_MODEL_FILE = "model.safetensors"
 PRODUCTION_RECORD_FILE = "model.json"
@@ -331,6 +340,7 @@ class ArtifactRegistry:
             record = self._validation_record(chosen, info, files, results)
             name = _directory_name(chosen)
             staging = self._validated.staging_dir(name)
+            event = None
             try:
                 for filename, file in info.files.items():
                     copy_file(info.path / filename, staging / filename, file, advance)
@@ -339,11 +349,14 @@ class ArtifactRegistry:
                 write_bytes_file(staging / VALIDATION_FILE, codec.dumps(record))
                 if signing_key is not None:
                     signing.sign_directory(staging, signing_key)
+                event = self._event("validate", chosen, source=record["source"], time=record["validated_at"])
+                self._intend(event)
                 self._validated.publish(staging, name)
             except BaseException:
                 self._validated.discard(staging)
+                self._settle_after_failure(event)
                 raise
-            self._log("validate", chosen, source=record["source"])
+            self._record(event)
         return _decoded(record)
 
     def _validation_record(
@@ -383,6 +396,7 @@ class ArtifactRegistry:
             record = documents.seal(self._validation_record(chosen, info, files, results))
             name = _directory_name(chosen)
             prefix = self._places.begin_version(name)
+            event = None
             try:
                 for filename, file in info.files.items():
                     copy_file(info.file(filename), backend.join(prefix, filename), file, advance, backend=backend)
@@ -390,13 +404,17 @@ class ArtifactRegistry:
                 validation = write_bytes_file(backend.join(prefix, VALIDATION_FILE), codec.dumps(record), backend=backend)
                 if signing_key is not None:
                     signing.sign_prefix(backend, prefix, signing_key)
+                event = self._event("validate", chosen, source=record["source"], time=record["validated_at"])
+                self._places.intend(event)
                 claimed = self._places.claim(chosen, name, prefix, validation)
             except BaseException:
+                self._settle_after_failure(event)
                 self._places.discard(prefix)
                 raise
             if claimed:
-                self._log("validate", chosen, source=record["source"], time=record["validated_at"])
+                self._record(event)
                 return _decoded(record)
+            self._places.drop_intent(event)
             self._places.discard(prefix)
             if wanted is not None:
                 self._refuse_existing(chosen)
@@ -476,8 +494,7 @@ class ArtifactRegistry:
             if current is not None and current["version"] == str(parsed):
                 return _public(current)
             stack = [*current["previous_versions"], current["version"]] if current is not None else []
-            document = self._switch(parsed, stack, progress)
-            self._log("promote", parsed, source=document["source"], previous=current["version"] if current else None)
+            document = self._switch(parsed, stack, progress, "promote", current["version"] if current else None)
         return _public(document)
 
     def rollback(self, *, progress: ProgressFactory | None = None) -> dict[str, Any]:
@@ -494,8 +511,7 @@ class ArtifactRegistry:
                     "there is nothing to roll back to"
                 )
             *stack, target = current["previous_versions"]
-            document = self._switch(parse_version(target), stack, progress)
-            self._log("rollback", target, source=document["source"], previous=current["version"])
+            document = self._switch(parse_version(target), stack, progress, "rollback", current["version"])
         return _public(document)
 
     def _promote_remote(self, version: Version, progress: ProgressFactory | None, verify_with: Any) -> dict[str, Any]:
@@ -509,6 +525,7 @@ class ArtifactRegistry:
             for _ in range(_SWITCH_ATTEMPTS):
                 pointer = self._places.read_pointer()
                 current = self._pointer_document(pointer)
+                self._settle_intents(current)
                 if current is not None and current["version"] == str(version):
                     return _public(current)
                 if uploaded is None:
@@ -517,16 +534,22 @@ class ArtifactRegistry:
                 assert source is not None
                 stack = [*current["previous_versions"], current["version"]] if current is not None else []
                 document = self._production_record(source, stack, *uploaded)
-                try:
-                    self._places.switch(codec.dumps(document), pointer)
-                except conditional.WriteConflict:
-                    continue
-                weights, uploaded = uploaded[0], None  # pointed at now: never dropped below
-                self._tidy(current, weights)
-                self._log(
+                event = self._event(
                     "promote", version, source=document["source"], previous=current["version"] if current else None,
                     time=document["promoted_at"],
                 )
+                self._places.intend(event)
+                try:
+                    self._places.switch(codec.dumps(document), pointer)
+                except conditional.WriteConflict:
+                    self._places.drop_intent(event)
+                    continue
+                except BaseException:
+                    self._settle_after_failure(event)
+                    raise
+                weights, uploaded = uploaded[0], None  # pointed at now: never dropped below
+                self._record(event)
+                self._tidy(current, weights)
                 return _public(document)
         finally:
             if uploaded is not None:
@@ -538,6 +561,7 @@ class ArtifactRegistry:
         self._places.require_conditional_writes("rolling back")
         pointer = self._places.read_pointer()
         current = self._pointer_document(pointer)
+        self._settle_intents(current)
         if current is None:
             raise PromotionError(f"nothing is in production at {self.production_dir}; promote a version first")
         if not current["previous_versions"]:
@@ -548,16 +572,22 @@ class ArtifactRegistry:
         source = self._production_source(parse_version(target))
         weights, record = self._upload_production_weights(source, progress)
         document = self._production_record(source, stack, weights, record)
+        event = self._event("rollback", target, source=document["source"], previous=current["version"], time=document["promoted_at"])
+        self._places.intend(event)
         try:
             self._places.switch(codec.dumps(document), pointer)
         except conditional.WriteConflict:
+            self._places.drop_intent(event)
             self._places.drop_weights(weights)
             raise PromotionError(
                 f"production in {self.production_dir} changed while rolling back from {current['version']}; "
                 "look at what is in production now (ckpt history) and roll back again if you still mean to"
             ) from None
+        except BaseException:
+            self._settle_after_failure(event)
+            raise
+        self._record(event)
         self._tidy(current, weights)
-        self._log("rollback", target, source=document["source"], previous=current["version"], time=document["promoted_at"])
         return _public(document)
 
     def _upload_production_weights(self, source: _ProductionSource, progress: ProgressFactory | None) -> tuple[str, FileRecord]:
@@ -663,7 +693,22 @@ class ArtifactRegistry:
         """The audit log, oldest first: one dict per validate, promote and rollback, with ``time``,
         ``event``, ``version``, ``source`` (checkpoint path, epoch, checksum), ``user`` and ``host``."""
         if self.remote:
-            return self._places.history()
+            events = self._places.history()
+            pending = [event for event in self._places.intents() if event not in events]
+        else:
+            events = self._recorded_events()
+            intent = self._pending_intent()
+            pending = [] if intent is None or intent in events else [intent]
+        production = _Unread
+        for event in pending:
+            if event["event"] != "validate" and production is _Unread:
+                production = self._readable_production()
+            if self._took_effect(event, production):
+                events.append(event)
+        return sorted(events, key=self._places.event_name) if self.remote and pending else events
+
+    def _recorded_events(self) -> list[dict[str, Any]]:
+        """The events of the local ``history.jsonl``, in the order they were appended."""
         path = self.validated_dir / HISTORY_FILE
         if not path.is_file():
             return []
@@ -684,6 +729,7 @@ class ArtifactRegistry:
             with self._lock:
                 self._validated.recover()
                 self._production_parent.recover(only=self.production_dir.name)
+                self._settle_intents(self._readable_production())
                 yield
         except filelock.Timeout:
             raise PromotionError(
@@ -833,21 +879,29 @@ class ArtifactRegistry:
             document["weights"] = weights
         return documents.seal(document)
 
-    def _switch(self, version: Version, previous_versions: list[str], progress: ProgressFactory | None) -> dict[str, Any]:
-        """Replace ``production/`` with ``version`` in one atomic rename. The caller holds the lock."""
+    def _switch(
+        self, version: Version, previous_versions: list[str], progress: ProgressFactory | None, event: str, previous: str | None
+    ) -> dict[str, Any]:
+        """Replace ``production/`` with ``version`` in one atomic rename, and record the ``event``
+        (promote or rollback from version ``previous``). The caller holds the lock."""
         source = self._production_source(version)
         place, parent = self._production_place()
         parent.ensure_writable()
         parent.recover(only=place.name)
         staging = parent.staging_dir(place.name)
+        entry = None
         try:
             record = _publish_model(source, str(staging / PRODUCTION_MODEL_FILE), progress)
             document = self._production_record(source, previous_versions, PRODUCTION_MODEL_FILE, record)
             write_bytes_file(staging / PRODUCTION_RECORD_FILE, codec.dumps(document))
+            entry = self._event(event, version, source=document["source"], previous=previous, time=document["promoted_at"])
+            self._intend(entry)
             parent.publish(staging, place.name)
         except BaseException:
             parent.discard(staging)
+            self._settle_after_failure(entry)
             raise
+        self._record(entry)
         return document
 
     def _pointer_document(self, pointer: conditional.Versioned | None) -> dict[str, Any] | None:
@@ -921,13 +975,90 @@ class ArtifactRegistry:
             )
         return place, LocalStore(place.parent)
 
-    def _log(self, event: str, version: Version | str, **fields: Any) -> None:
-        """Record an event; ``time`` (default: now) is when it took effect, which orders the history."""
-        entry = {"time": utc_timestamp(), "event": event, "version": str(version), **fields, **_actor()}
+    @staticmethod
+    def _event(event: str, version: Version | str, *, time: str, **fields: Any) -> dict[str, Any]:
+        """A history event; ``time`` is the one the change records (``validated_at`` or
+        ``promoted_at``), which orders the history and tells whether the change took effect."""
+        return {"time": time, "event": event, "version": str(version), **fields, **_actor()}
+
+    def _intend(self, entry: dict[str, Any]) -> None:
+        """Write ``entry`` as the intent of the change about to take effect (the caller holds the lock,
+        and any earlier intent was settled when it took it)."""
+        if self.remote:
+            self._places.intend(entry)
+            return
+        path = self.validated_dir / INTENT_FILE
+        path.unlink(missing_ok=True)
+        publish_file(path, lambda handle: handle.write(codec.dumps(entry)))
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        """Append the event of a change that took effect, then drop its intent."""
         if self.remote:
             self._places.log(entry)
-        else:
+            self._places.drop_intent(entry)
+            return
+        append_line(self.validated_dir / HISTORY_FILE, codec.dumps(entry))
+        (self.validated_dir / INTENT_FILE).unlink(missing_ok=True)
+
+    def _pending_intent(self) -> dict[str, Any] | None:
+        """The local intent a writer left, or None (also for one cut short, whose change never began)."""
+        path = self.validated_dir / INTENT_FILE
+        try:
+            return documents.validate(documents.load_json(read_bytes_file(path), str(path)), documents.HistoryEventDoc, str(path))
+        except CorruptCheckpointError:
+            return None
+
+    def _settle_after_failure(self, entry: dict[str, Any] | None) -> None:
+        """After the change of intent ``entry`` failed: record its event if it took effect all the
+        same (a failure after the change), else drop the intent."""
+        if entry is None:
+            return
+        try:
+            if self._took_effect(entry, self._readable_production()):
+                self._record(entry)
+            elif self.remote:
+                self._places.drop_intent(entry)
+            else:
+                (self.validated_dir / INTENT_FILE).unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - the failure on its way out says more; the next change settles it
+            pass
+
+    def _settle_intents(self, production: Mapping[str, Any] | None) -> None:
+        """Turn the intents of changes that took effect into events, and drop those of changes that
+        did not (on an object store: once they are older than a live writer could be)."""
+        if self.remote:
+            for entry in self._places.intents():
+                if self._took_effect(entry, production):
+                    self._record(entry)
+                elif self._places.is_stale(entry):
+                    self._places.drop_intent(entry)
+            return
+        entry = self._pending_intent()
+        if entry is not None and self._took_effect(entry, production) and entry not in self._recorded_events():
             append_line(self.validated_dir / HISTORY_FILE, codec.dumps(entry))
+        (self.validated_dir / INTENT_FILE).unlink(missing_ok=True)
+
+    def _took_effect(self, entry: Mapping[str, Any], production: Mapping[str, Any] | None) -> bool:
+        """Whether the change of the intent ``entry`` took effect: its version is validated with its
+        time, or production is the version it promoted at its time. A later change settles every
+        earlier intent first, so production is the latest promotion's."""
+        try:
+            if entry["event"] == "validate":
+                return self._located(parse_version(entry["version"]))[1]["validated_at"] == entry["time"]
+        except (CheckpointNotFoundError, CorruptCheckpointError, PromotionError):
+            return False
+        return production is not None and (production["version"], production["promoted_at"]) == (entry["version"], entry["time"])
+
+    def _readable_production(self) -> dict[str, Any] | None:
+        """The production record, or None when there is none or it is damaged."""
+        try:
+            return self._production_document()
+        except CorruptCheckpointError:
+            return None
+
+
+_Unread: Any = object()
+"""Production not read yet."""
 
 
 @dataclass

@@ -10,7 +10,9 @@ file lock around every change, a rename to publish) are replaced by conditional 
         model.safetensors, state.json, metadata.json, validation.json[, model.sig]
       v1.0.0.json                                    the claim: created only if absent, it makes the
                                                      version visible and names its prefix
-      history/<transaction>.json                     one object per validate, promote and rollback
+      history/<time><hash>.json                      one object per validate, promote and rollback
+      history-pending/<time><hash>.json              the event of a change under way, written before
+                                                     it takes effect and removed once it is recorded
     s3://bucket/run/production/
       model.json                                     the production pointer: replaced only if unchanged
       model@<transaction>.safetensors                the weights it names (one object per promotion)
@@ -29,6 +31,12 @@ How races resolve:
 - **Readers** read ``model.json``, then the weights it names, and check every byte against the
   checksum it records; a reader that raced a promotion reads again.
 - **History** objects are never rewritten, so concurrent writers cannot lose each other's events.
+  Each change first writes its event under ``history-pending/``; once the change took effect the
+  event is copied to ``history/`` under the same name (so recording it twice is harmless) and the
+  pending one removed. A writer killed in between leaves a pending event: it counts when its change
+  took effect (the claim names its version, or production is what it promoted; every promotion
+  records the pending event of the production it replaces before replacing it) and is removed once
+  older than the grace period otherwise.
 
 Leftovers of a writer that died (a version prefix nobody claimed, weights nobody points at) are
 removed by the next promotion or rollback once older than a grace period, as for checkpoints.
@@ -37,7 +45,7 @@ removed by the next promotion or rollback once older than a grace period, as for
 from __future__ import annotations
 
 import datetime
-import secrets
+import hashlib
 import time
 import warnings
 from collections.abc import Mapping
@@ -53,6 +61,7 @@ from .storage.fsspec import STALE_SECONDS, TXN_SEPARATOR, FsspecBackend, modifie
 
 CLAIM_FORMAT = "ckpt_plugin.version"
 HISTORY_PREFIX = "history"
+PENDING_PREFIX = "history-pending"
 POINTER_FILE = "model.json"
 WEIGHTS_STEM = "model"
 WEIGHTS_SUFFIX = ".safetensors"
@@ -151,24 +160,59 @@ class ObjectStorePlaces:
 
     # ------------------------------------------------------------------ history
 
-    def log(self, entry: Mapping[str, Any]) -> None:
-        """Store one event as an object of its own, named to sort by the event's ``time``: the time its
-        record was made, which for two racing changes is before the winner's write and after the
-        loser's re-read, so the history lists changes in the order they took effect."""
+    @staticmethod
+    def event_name(entry: Mapping[str, Any]) -> str:
+        """The object name of an event, the same for the same event, sorting by the event's ``time``:
+        the time its record was made, which for two racing changes is before the winner's write and
+        after the loser's re-read, so the history lists changes in the order they took effect."""
         at = datetime.datetime.fromisoformat(entry["time"])
-        name = f"{int(at.timestamp() * 1_000_000):016x}{secrets.token_hex(4)}.json"
-        key = self.backend.join(self.validated, HISTORY_PREFIX, name)
-        conditional.write(self.backend, key, codec.dumps(dict(entry)), None)
+        digest = hashlib.sha256(codec.dumps(dict(entry))).hexdigest()[:8]
+        return f"{int(at.timestamp() * 1_000_000):016x}{digest}.json"
+
+    def log(self, entry: Mapping[str, Any]) -> None:
+        """Store one event as an object of its own (already stored: nothing changes)."""
+        self._create(HISTORY_PREFIX, entry)
+
+    def intend(self, entry: Mapping[str, Any]) -> None:
+        """Store the event of a change about to take effect as pending."""
+        self._create(PENDING_PREFIX, entry)
+
+    def drop_intent(self, entry: Mapping[str, Any]) -> None:
+        """Remove a pending event (recorded, or its change will never take effect)."""
+        try:
+            self.backend.delete(self.backend.join(self.validated, PENDING_PREFIX, self.event_name(entry)))
+        except (FileNotFoundError, StorageError):
+            pass  # left for the next promotion to settle
+
+    def intents(self) -> list[dict[str, Any]]:
+        """The pending events, whole ones only (a writer may be writing one this moment)."""
+        return self._events(PENDING_PREFIX, quiet=True)
+
+    def is_stale(self, entry: Mapping[str, Any]) -> bool:
+        """Whether a pending event is older than any live writer's could be."""
+        return time.time() - datetime.datetime.fromisoformat(entry["time"]).timestamp() > self.grace_seconds
+
+    def _create(self, folder: str, entry: Mapping[str, Any]) -> None:
+        key = self.backend.join(self.validated, folder, self.event_name(entry))
+        try:
+            conditional.write(self.backend, key, codec.dumps(dict(entry)), None)
+        except conditional.WriteConflict:
+            pass  # the same event, stored already
 
     def history(self) -> list[dict[str, Any]]:
-        prefix = self.backend.join(self.validated, HISTORY_PREFIX)
+        """The recorded events, oldest first."""
+        return self._events(HISTORY_PREFIX)
+
+    def _events(self, folder: str, *, quiet: bool = False) -> list[dict[str, Any]]:
+        prefix = self.backend.join(self.validated, folder)
         events = []
         for name in sorted(self.backend.list(prefix)):
             key = self.backend.join(prefix, name)
             try:
                 events.append(documents.validate(read_json(key, backend=self.backend), documents.HistoryEventDoc, key))
             except (CorruptCheckpointError, FileNotFoundError):
-                warnings.warn(f"skipping {key}: it is not a complete history record", UserWarning, stacklevel=3)
+                if not quiet:
+                    warnings.warn(f"skipping {key}: it is not a complete history record", UserWarning, stacklevel=4)
         return events
 
     # ------------------------------------------------------------------ recovery

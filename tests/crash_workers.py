@@ -127,6 +127,43 @@ def save_under_file_size_limit(directory: str, limit: int) -> list[Any]:
     return ["no error"]
 
 
+def registry_change_and_crash(root: str, action: str, crash_at: int | None) -> list[list[str]]:
+    """Validate 1.0.2, promote 1.0.1, or roll back (after promoting 1.0.1), SIGKILLing this process
+    just before the ``crash_at``-th intercepted ``os`` call of that change.
+
+    Returns the intercepted calls (name and the last path components of their arguments) when not killed.
+    """
+    from ckpt_plugin import ArtifactRegistry
+
+    warnings.simplefilter("ignore")
+    registry = ArtifactRegistry(os.path.join(root, "checkpoints"))
+    if action == "rollback":
+        registry.promote("1.0.1")
+    calls: list[list[str]] = []
+    real = {name: getattr(os, name) for name in INTERCEPTED if hasattr(os, name)}
+
+    def wrap(name: str, function: Any) -> Any:
+        def intercepted(*args: Any, **kwargs: Any) -> Any:
+            calls.append([name, *(os.path.basename(str(arg)) for arg in args if isinstance(arg, (str, os.PathLike)))])
+            if len(calls) == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return function(*args, **kwargs)
+        return intercepted
+
+    for name, function in real.items():
+        setattr(os, name, wrap(name, function))
+    try:
+        if action == "validate":
+            registry.validate(2, "1.0.2")
+        elif action == "promote":
+            registry.promote("1.0.1")
+        else:
+            registry.rollback()
+    finally:
+        for name, function in real.items():
+            setattr(os, name, function)
+    return calls
+
 
 if __name__ == "__main__":
     function = globals()[sys.argv[1]]

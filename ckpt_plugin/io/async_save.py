@@ -8,22 +8,26 @@ happens on the caller's thread, and its tensors are first copied into a reused
 
 - At most one save is in flight: a new save first waits for the previous one to finish.
 - An error raised in the background is raised again by the next ``save``, ``wait`` or ``close``.
-- Every live saver is flushed at interpreter exit. The exit hook holds savers only weakly, so a
-  manager that is no longer referenced is not kept alive by it.
+- Every live saver is flushed at interpreter exit, when the main thread ends and before thread
+  pools stop taking work. A save that fails then is printed, and the process ends with a non-zero
+  status. The exit hook holds savers only weakly, so a manager that is no longer referenced is not
+  kept alive by it.
+- Once the interpreter is exiting, a save runs on the calling thread and raises its own error.
 """
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
+import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import TypeVar
 
+from .. import interpreter_exit
 from ..checkpoint import CheckpointInfo
 from ..errors import AsyncSaveError, CheckpointError
 from ..format.tensorformat import dtype_code
@@ -32,7 +36,6 @@ from .staging import Staged, StagingBuffer
 from .writer import Snapshot, snapshot_info
 
 T = TypeVar("T")
-_logger = logging.getLogger(__name__)
 
 
 class AsyncSaver:
@@ -65,7 +68,10 @@ class AsyncSaver:
             staged = self._stage(snapshot)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
-            self._in_flight = self._executor.submit(self._run, write, snapshot, staged)
+            self._in_flight = interpreter_exit.submit(self._executor, self._run, write, snapshot, staged)
+            if interpreter_exit.exiting():  # nobody is left to wait for it: finish it now
+                self._join()
+                self._raise_pending()
             return snapshot
 
     def wait(self) -> None:
@@ -129,15 +135,20 @@ class AsyncSaver:
 _LIVE: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 
 
-@atexit.register
 def _flush_at_exit() -> None:
+    """Finish every save in flight; print each failure and make the exit status say it failed."""
     for saver in list(_LIVE):
         if saver._pid != os.getpid():
             continue
         try:
             saver.wait()
-        except BaseException:  # noqa: BLE001 - nobody is left to raise it to
-            _logger.exception("a background checkpoint save failed at interpreter exit; it was not committed")
+        except BaseException as exc:  # noqa: BLE001 - nobody is left to raise it to
+            print("ckpt_plugin: a background checkpoint save failed at interpreter exit; it was not committed:", file=sys.stderr)
+            traceback.print_exception(exc, file=sys.stderr)
+            interpreter_exit.fail_exit_status()
+
+
+interpreter_exit.before_pools_stop(_flush_at_exit)
 
 
 def pending_info(store: Commit, snapshot: Snapshot) -> CheckpointInfo:

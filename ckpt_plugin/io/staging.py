@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .. import interpreter_exit
+
 try:
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy ships with every supported torch
@@ -186,7 +188,7 @@ class StagingBuffer:
         if halves[1]:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-stage")
-            helped = self._helper.submit(_copy_pairs, halves[1])
+            helped = interpreter_exit.submit(self._helper, _copy_pairs, halves[1])
         try:
             _copy_pairs(halves[0])
         finally:

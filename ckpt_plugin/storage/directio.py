@@ -22,6 +22,8 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from .. import interpreter_exit
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not a POSIX system: no direct I/O either
@@ -141,7 +143,7 @@ class DirectSink:
     def _submit(self, length: int) -> None:
         """Hand the current buffer's first ``length`` bytes to the writer thread; fill the other one."""
         self._wait()
-        self._pending = self._pool.submit(self._write_at, self._views[self._current][:length], self._offset)
+        self._pending = interpreter_exit.submit(self._pool, self._write_at, self._views[self._current][:length], self._offset)
         self._offset += self._filled
         self._current ^= 1
         self._filled = 0

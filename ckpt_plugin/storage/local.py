@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .. import interpreter_exit
 from ..errors import CorruptCheckpointError, StorageError
 from . import directio, door, trash
 from .base import (
@@ -110,7 +111,7 @@ class LocalSink:
             else:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
-                hashed = self._pool.submit(self._hasher.update, chunk)
+                hashed = interpreter_exit.submit(self._pool, self._hasher.update, chunk)
                 try:
                     _write_all(self._fd, chunk)
                 finally:
