@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 from ..errors import CorruptCheckpointError, StorageError
 from .base import Backend, checksum_bytes
+from .door import check_size
 
 
 class PrivateCopyBackend:
@@ -47,11 +48,14 @@ class PrivateCopyBackend:
             raise CorruptCheckpointError(f"{key} ends at byte {len(data)}, before byte {offset + len(into)}")
         into[:] = memoryview(data)[offset : offset + len(into)]
 
-    def read_bytes(self, key: str) -> bytes:
-        return bytes(self._buffer(key))
+    def read_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return bytes(self.read_all(key, limit))
 
-    def read_all(self, key: str) -> bytearray:
-        return self._buffer(key)
+    def read_all(self, key: str, limit: int | None = None) -> bytearray:
+        buffer = self._buffer(key)
+        if limit is not None:
+            check_size(key, len(buffer), limit)
+        return buffer
 
     def size(self, key: str) -> int:
         return len(self._buffer(key))
