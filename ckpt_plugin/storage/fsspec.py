@@ -61,7 +61,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..errors import CorruptCheckpointError, StorageError
-from . import door
+from . import door, reach
 from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum, new_hasher
 
 PART_BYTES = 32 * 1024 * 1024
@@ -70,7 +70,9 @@ READ_CHUNK_BYTES = 256 * 1024 * 1024
 READ_CONCURRENCY = 4
 STALE_SECONDS = 6 * 3600
 TXN_SEPARATOR = "@"
-S3_DEFAULT_OPTIONS: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}
+S3_DEFAULT_OPTIONS: dict[str, Any] = {
+    "config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": reach.CONNECT_TIMEOUT_SECONDS}
+}
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -283,6 +285,8 @@ class FsspecBackend:
         self._root_path = path.rstrip("/")
         self.protocol = protocol
         self.multipart = type(self.fs).__name__ == "S3FileSystem"
+        if self.multipart:
+            reach.check_s3(type(self.fs), options, self.root, self._root_path)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
