@@ -304,8 +304,11 @@ class CheckpointCallback(ModelCheckpoint):
             file system as for ``CheckpointManager``.
         max_checkpoints: keep this many most recent checkpoints; ``None`` keeps all.
         keep_best: never delete the best checkpoint by ``metric_for_best`` (``keep_top_k=1``).
+            Default: on when there is a ``metric_for_best``, off without one.
         metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``,
-            ``keep_top_k`` and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
+            ``keep_top_k`` and ``ckpt_path="best"``. ``None`` ranks nothing, as ``ModelCheckpoint``'s
+            ``monitor=None``: the ``max_checkpoints`` latest are kept, no metric needs to be logged,
+            and ``"best"`` is the latest (``keep_best=True`` or ``keep_top_k`` with it is refused).
         mode: ``"min"`` if a lower ``metric_for_best`` is better, ``"max"`` if a higher one is.
         every_n_epochs: save at the end of every n-th training epoch (after its validation). The
             default is 1 unless ``every_n_train_steps`` or ``train_time_interval`` is given; the three
@@ -367,7 +370,7 @@ class CheckpointCallback(ModelCheckpoint):
         self,
         checkpoint_dir: str | os.PathLike[str] = "checkpoints",
         max_checkpoints: int | None = 5,
-        keep_best: bool = True,
+        keep_best: bool | None = None,
         metric_for_best: str | None = "val_loss",
         mode: str = "min",
         every_n_epochs: int | None = None,
@@ -393,7 +396,7 @@ class CheckpointCallback(ModelCheckpoint):
             manager = CheckpointManager(
                 checkpoint_dir,
                 max_checkpoints,
-                keep_best,
+                _keep_best(keep_best, metric_for_best),
                 metric_for_best,
                 mode,
                 save_rng=False,
@@ -772,7 +775,8 @@ class CheckpointCallback(ModelCheckpoint):
             ranks = f", which keep_top_k={self.manager.keep_top_k} ranks checkpoints by," if self.manager.keep_top_k > 1 else ""
             raise ConfigurationError(
                 f"metric_for_best={metric!r}{ranks} is not among the logged metrics ({logged}); log it with "
-                f"self.log({metric!r}, value) or pass one of these (or None) as metric_for_best"
+                f"self.log({metric!r}, value), rank by one of these instead, or pass metric_for_best=None to rank "
+                "none and keep only the latest checkpoints"
             )
 
 
@@ -855,6 +859,19 @@ def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager, *, ca
 
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
     strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
+def _keep_best(keep_best: bool | None, metric_for_best: str | None) -> bool:
+    """``keep_best`` as given, or by default on exactly when there is a metric to rank by."""
+    if keep_best is None:
+        return metric_for_best is not None
+    if keep_best and metric_for_best is None:
+        raise ConfigurationError(
+            "keep_best=True keeps the best checkpoint by metric_for_best, but metric_for_best=None ranks none; "
+            "name the metric to rank by (one you log with self.log, e.g. metric_for_best='val_loss'), "
+            "or leave keep_best out to keep only the latest checkpoints"
+        )
+    return bool(keep_best)
 
 
 def _schedule(

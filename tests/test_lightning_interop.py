@@ -170,3 +170,25 @@ def test_with_the_callback_lightning_adds_no_model_checkpoint_and_writes_no_ckpt
     assert not list(tmp_path.rglob("*.ckpt"))
     with pytest.raises(MisconfigurationException, match="enable_checkpointing=False"):
         pl.Trainer(enable_checkpointing=False, callbacks=[CheckpointCallback(tmp_path / "ckpt")])
+
+
+def test_metric_for_best_none_ranks_nothing_and_keeps_the_latest(tmp_path):
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=2, metric_for_best=None)
+    assert (callback.manager.keep_best, callback.manager.metric_for_best, callback.monitor) == (False, None, None)
+    fit(tmp_path, 3, [callback], model=Tracked())  # logs train_loss and val_loss, no metric named "loss"
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_1_step_12", "epoch_2_step_18"]
+    assert callback.best_model_path == callback.last_model_path == str(callback.manager.latest().path)
+    latest = load_from_checkpoint(Tracked, tmp_path / "ckpt")  # "best" of a run that ranked nothing: the latest
+    assert torch.equal(latest.net[0].weight, callback.manager.load(epoch=2)["model"]["net.0.weight"])
+
+
+def test_keep_best_follows_metric_for_best_unless_given(tmp_path):
+    assert CheckpointCallback(tmp_path).manager.keep_best, "the default ranks by val_loss and keeps its best"
+    assert CheckpointCallback(tmp_path, metric_for_best="val_score", mode="max").manager.keep_best
+    assert not CheckpointCallback(tmp_path, keep_best=False).manager.keep_best
+    with pytest.raises(ConfigurationError, match="metric_for_best=None ranks none") as refused:
+        CheckpointCallback(tmp_path, metric_for_best=None, keep_best=True)
+    advice = str(refused.value).split(";", 1)[1]
+    assert "metric_for_best='val_loss'" in advice and "None" not in advice and "keep_best=True" not in advice
+    with pytest.raises(ConfigurationError, match="keep_top_k=2 .* pass metric_for_best"):
+        CheckpointCallback(tmp_path, metric_for_best=None, keep_top_k=2)
