@@ -440,6 +440,8 @@ class CheckpointCallback(TrainerCallback):
                 stacklevel=3,
             )
             return
+        if self.settings is not None and self.settings.should_save(args):
+            self._warn_if_before_latest(info)
         checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng"))
         apply_state("model", info.path, model.load_state_dict, checkpoint["model"])
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
@@ -457,6 +459,22 @@ class CheckpointCallback(TrainerCallback):
         self._rng = checkpoint.get("rng")
         self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
         self._saved_step = state.global_step
+
+    def _warn_if_before_latest(self, resumed: CheckpointInfo) -> None:
+        """Say what becomes of the later checkpoints when a run resumes from an earlier one."""
+        later = self.manager.later_than(resumed)
+        if not later:
+            return
+        self.manager._warned_older_epoch = True  # this message says it already, and accurately
+        warnings.warn(
+            f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
+            f"({', '.join(info.name for info in later)}) of the training that went on from it. This run replaces each "
+            "of them when it saves the same epoch and step; until then they count among the latest and the best "
+            "(load_latest(), best(), retention), while resume_from_checkpoint=True finds this run's newest save "
+            "through output_dir's checkpoint-<step>. To keep them, copy them elsewhere first",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _checkpoint_of_step(self, step: int) -> CheckpointInfo | None:
         matches = [info for info in self.manager.checkpoints() if info.step == step]

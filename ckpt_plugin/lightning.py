@@ -542,8 +542,12 @@ class CheckpointCallback(ModelCheckpoint):
             trainer.callbacks = [*others, self]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Say once, clearly, when a fresh run starts in a directory that already holds checkpoints."""
-        if trainer.ckpt_path is not None or self._warned_existing or not trainer.is_global_zero:
+        """Say once, clearly, when a fresh run starts in a directory that already holds checkpoints,
+        or when a run resumes from a checkpoint older than the latest."""
+        if self._warned_existing or not trainer.is_global_zero:
+            return
+        if trainer.ckpt_path is not None:
+            self._warn_if_resumed_before_latest(trainer.ckpt_path)
             return
         latest = self.manager.latest()
         if latest is None:
@@ -555,6 +559,20 @@ class CheckpointCallback(ModelCheckpoint):
             "fresh and its checkpoints are ranked among them by epoch and step. To continue that run pass "
             "ckpt_path='last' (or build the callback with auto_resume=True); to keep runs apart use a new "
             "checkpoint_dir"
+        )
+
+    def _warn_if_resumed_before_latest(self, ckpt_path: Any) -> None:
+        resumed = _checkpoint_to_load(self.manager, ckpt_path)
+        later = [] if resumed is None else self.manager.later_than(resumed)
+        if not later:
+            return
+        self._warned_existing = True
+        self.manager._warned_older_epoch = True  # this message says it already
+        rank_zero_warn(
+            f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
+            f"({', '.join(info.name for info in later)}) of the training that went on from it. This fit() replaces "
+            "each of them when it saves the same epoch and step; until then they count as the latest, so "
+            "ckpt_path='last' would resume from them. To keep them, copy them elsewhere first"
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

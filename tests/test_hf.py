@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -387,6 +388,22 @@ def test_metric_for_best_none_keeps_the_latest_checkpoints(tmp_path):
     trainer.train()
     assert (callback.manager.metric_for_best, callback.manager.keep_best) == (None, False)
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_3_step_15", "epoch_4_step_20"]
+
+
+def test_resuming_from_the_first_checkpoint_says_what_becomes_of_the_later_ones(tmp_path):
+    """The guide's train(resume_from_checkpoint=str(first.path))."""
+    trainer, callback = make_trainer(tmp_path, save_total_limit=3)
+    trainer.train()
+    first = callback.manager.checkpoints()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(first.path))
+    messages = [str(warning.message) for warning in caught]
+    said = [message for message in messages if "later checkpoints" in message]
+    assert len(said) == 1 and said[0].startswith("resuming from epoch_2_step_10")
+    assert "(epoch_3_step_15, epoch_4_step_20)" in said[0] and "replaces each of them" in said[0]
+    assert not [message for message in messages if "Start a new run" in message]
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_10", "epoch_3_step_15", "epoch_4_step_20"]
 
 
 # ---------------------------------------------------------------------- saving

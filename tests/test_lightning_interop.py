@@ -192,3 +192,14 @@ def test_keep_best_follows_metric_for_best_unless_given(tmp_path):
     assert "metric_for_best='val_loss'" in advice and "None" not in advice and "keep_best=True" not in advice
     with pytest.raises(ConfigurationError, match="keep_top_k=2 .* pass metric_for_best"):
         CheckpointCallback(tmp_path, metric_for_best=None, keep_top_k=2)
+
+
+def test_resuming_from_an_earlier_checkpoint_says_what_becomes_of_the_later_ones(tmp_path):
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=3)
+    fit(tmp_path, 3, [callback])
+    first = callback.manager.checkpoints()[0]
+    _, messages = fit(tmp_path, 3, [CheckpointCallback(tmp_path / "ckpt", max_checkpoints=3)], ckpt_path=str(first.path))
+    said = [message for message in messages if "later checkpoints" in message]
+    assert len(said) == 1 and said[0].startswith("resuming from epoch_0_step_6")
+    assert "epoch_1_step_12, epoch_2_step_18" in said[0] and "replaces each of them" in said[0]
+    assert not [message for message in messages if "Start a new run" in message]
