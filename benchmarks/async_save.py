@@ -32,6 +32,7 @@ import torch
 from _common import (
     MiB,
     build_state,
+    existing_dir,
     interleaved_times,
     load_average,
     machine,
@@ -44,6 +45,7 @@ from _common import (
     settle,
     spread,
     state_tensors,
+    whole_number,
 )
 
 from ckpt_plugin import CheckpointManager
@@ -52,14 +54,14 @@ from ckpt_plugin.io.staging import StagingBuffer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--dir", default=None, help="parent of the scratch directory (default: the system temp dir)")
-    parser.add_argument("--hidden", type=int, default=2090)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rounds", type=whole_number(3), default=7)
+    parser.add_argument(
+        "--dir", type=existing_dir, default=None, help="parent of the scratch directory (default: the system temp dir)"
+    )
+    parser.add_argument("--hidden", type=whole_number(), default=2090)
+    parser.add_argument("--layers", type=whole_number(), default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3")
 
     device = torch.device(args.device)
     model, optimizer = build_state(args.hidden, args.layers)

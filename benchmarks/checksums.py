@@ -15,13 +15,13 @@ import zlib
 import numpy as np
 import xxhash
 
-from _common import machine, median_time
+from _common import machine, median_time, whole_number
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mib", type=whole_number(), default=256)
+    parser.add_argument("--rounds", type=whole_number(), default=3)
     args = parser.parse_args()
     data = np.random.default_rng(0).integers(0, 256, size=args.mib * 2**20, dtype=np.uint8)
     view = memoryview(data)

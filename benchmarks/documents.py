@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import torch
-from _common import interleaved_medians, machine
+from _common import interleaved_medians, machine, whole_number
 
 from ckpt_plugin.checkpoint import build_metadata
 from ckpt_plugin.format import codec, documents
@@ -38,7 +38,7 @@ def import_ms(module: str, rounds: int, prelude: str = "") -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=whole_number(), default=7)
     args = parser.parse_args()
     print(machine())
     for module in ("msgspec", "pydantic.main"):

@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fuzzing  # noqa: E402
 
-from _common import machine  # noqa: E402
+from _common import machine, whole_number  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--report-every", type=int, default=1000)
+    parser.add_argument("--cases", type=whole_number(), default=1000)
+    parser.add_argument("--seed", type=whole_number(0), default=0)
+    parser.add_argument("--report-every", type=whole_number(), default=1000)
     args = parser.parse_args()
     print(machine())
     root = Path(tempfile.mkdtemp(prefix="ckpt-fuzz-"))

@@ -43,7 +43,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import machine  # noqa: E402
+from _common import machine, whole_number  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     DefaultFlowCallback,
@@ -263,12 +263,14 @@ def report_hooks(workdir: Path, options: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
+    parser.add_argument("--rounds", type=whole_number(3), default=3)
+    parser.add_argument("--layers", type=whole_number(), default=4)
+    parser.add_argument("--width", type=whole_number(4, multiple_of=4), default=256)
+    parser.add_argument("--vocab", type=whole_number(), default=4096)
+    parser.add_argument("--epochs", type=whole_number(), default=3)
+    parser.add_argument(
+        "--threads", type=whole_number(), default=1, help="torch CPU threads (1 is steadiest on a shared machine)"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--async-save", action="store_true", help="CheckpointCallback(async_save=True)")
     parser.add_argument(
@@ -276,15 +278,14 @@ def main() -> None:
     )
     parser.add_argument("--incremental", action="store_true", help="CheckpointCallback(incremental=True)")
     parser.add_argument(
-        "--hook-epochs", type=int, default=20, help="epochs of the hook-cost run (0 skips it; otherwise at least 3)"
+        "--hook-epochs",
+        type=whole_number(3, or_zero=True),
+        default=20,
+        help="epochs of the hook-cost run (0 skips it; otherwise at least 3)",
     )
     parser.add_argument("--hooks-only", action="store_true", help="measure only the cost of hooks that do not save")
     options = parser.parse_args()
     print(machine())
-    if options.rounds < 3:
-        sys.exit("use at least 3 rounds: the figures are medians")
-    if options.hook_epochs and options.hook_epochs < 3:
-        sys.exit("use at least 3 hook epochs, or 0 to skip the hook-cost run")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     Trainer._save_checkpoint = timed(Trainer._save_checkpoint)

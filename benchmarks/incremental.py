@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import existing_dir, machine, whole_number
 from torch import nn
 
 from ckpt_plugin import CheckpointInfo, CheckpointManager
@@ -93,13 +93,11 @@ def measure(args: argparse.Namespace, root: Path, with_optimizer: bool, detectio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=320, help="approximate size of the model")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--mib", type=whole_number(), default=320, help="approximate size of the model")
+    parser.add_argument("--rounds", type=whole_number(3), default=5)
+    parser.add_argument("--dir", type=existing_dir, default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
     print(machine())
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3")
     model, _ = build(args.mib)
     total = sum(p.numel() for p in model.parameters())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from _common import machine
+from _common import machine, whole_number
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -42,6 +42,8 @@ from ckpt_plugin.lightning import CheckpointCallback
 
 warnings.filterwarnings("ignore")
 WIDTH = 2048  # two 2048x2048 layers: 8.4 M parameters, ~32 MiB of weights, ~96 MiB with AdamW state
+HOOK_WARMUP_EPOCHS = 5
+"""The first epochs of a hook measurement, left out of its median (as is the last epoch, which ends the fit)."""
 
 
 class Wide(pl.LightningModule):
@@ -158,17 +160,22 @@ def non_saving_epoch_cost(kind: str, root: Path, epochs: int, steps_per_epoch: i
     trainer.fit(Tiny(), DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     if (root / kind).exists() and any((root / kind).iterdir()):
         raise RuntimeError(f"{kind} saved a checkpoint in a run that should never save")
-    warm = [per_epoch[epoch] for epoch in sorted(per_epoch) if 5 <= epoch < epochs - 1]
+    warm = [per_epoch[epoch] for epoch in sorted(per_epoch) if HOOK_WARMUP_EPOCHS <= epoch < epochs - 1]
     return statistics.median(warm)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=whole_number(), default=5)
+    parser.add_argument("--epochs", type=whole_number(), default=5)
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--async-save", action="store_true", help="run CheckpointCallback with async_save=True")
-    parser.add_argument("--hook-epochs", type=int, default=300, help="epochs of the non-saving epoch measurement")
+    parser.add_argument(
+        "--hook-epochs",
+        type=whole_number(HOOK_WARMUP_EPOCHS + 2),
+        default=300,
+        help=f"epochs of the non-saving epoch measurement (the first {HOOK_WARMUP_EPOCHS} and the last are not counted)",
+    )
     args = parser.parse_args()
     print(machine())
     scratch = args.dir or Path(tempfile.mkdtemp(prefix="ckpt_lightning_bench_"))
@@ -200,7 +207,7 @@ def main() -> None:
 
     costs = {kind: non_saving_epoch_cost(kind, scratch / "hooks", args.hook_epochs) for kind in ("ModelCheckpoint", "ckpt_plugin")}
     print(
-        f"non-saving epoch, hooks of the checkpoint callback (median of {args.hook_epochs - 6} epochs): "
+        f"non-saving epoch, hooks of the checkpoint callback (median of {args.hook_epochs - HOOK_WARMUP_EPOCHS - 1} epochs): "
         f"CheckpointCallback {costs['ckpt_plugin'] * 1e6:.1f} us, ModelCheckpoint {costs['ModelCheckpoint'] * 1e6:.1f} us "
         f"(ratio {costs['ckpt_plugin'] / costs['ModelCheckpoint']:.2f}; target < 1 ms)"
     )
@@ -209,7 +216,7 @@ def main() -> None:
     epochs = max(10, args.hook_epochs // 10)
     per_step = {kind: non_saving_epoch_cost(kind, scratch / "hooks", epochs, steps) / steps for kind in step_kinds}
     print(
-        f"non-saving step under every_n_train_steps, hooks per step (median of {epochs - 6} epochs of {steps} steps): "
+        f"non-saving step under every_n_train_steps, hooks per step (median of {epochs - HOOK_WARMUP_EPOCHS - 1} epochs of {steps} steps): "
         + ", ".join(f"{kind} {cost * 1e6:.1f} us" for kind, cost in per_step.items())
         + f" (ratios to ModelCheckpoint: {per_step['ckpt_plugin-steps'] / per_step['ModelCheckpoint-steps']:.2f}, "
         f"{per_step['ckpt_plugin-steps-preemption'] / per_step['ModelCheckpoint-steps']:.2f})"

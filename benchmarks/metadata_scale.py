@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine
+from _common import existing_dir, machine, whole_number
 
 BUDGET_MS = 100.0
 
@@ -121,13 +121,11 @@ def warm(run: Path, op: str, count: int, rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--count", type=whole_number(), default=1000)
+    parser.add_argument("--rounds", type=whole_number(3), default=5)
+    parser.add_argument("--dir", type=existing_dir, default=None)
     args = parser.parse_args()
     print(machine())
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         run = populate(Path(tmp), args.count)
         print(f"{args.count} checkpoints; median of {args.rounds} rounds after a warm-up; budget {BUDGET_MS:.0f} ms")

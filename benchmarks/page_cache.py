@@ -20,16 +20,18 @@ import os
 import shutil
 import time
 
-from _common import MiB, machine, scratch_dir, spread
+from _common import MiB, existing_dir, machine, scratch_dir, spread, whole_number
 
 PIECE = 8 * MiB
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dir", default=None, help="parent of the scratch directory (default: the system temp dir)")
-    parser.add_argument("--mib", type=int, default=400, help="MiB written per measurement")
+    parser.add_argument("--rounds", type=whole_number(), default=5)
+    parser.add_argument(
+        "--dir", type=existing_dir, default=None, help="parent of the scratch directory (default: the system temp dir)"
+    )
+    parser.add_argument("--mib", type=whole_number(), default=400, help="MiB written per measurement")
     args = parser.parse_args()
     direct = getattr(os, "O_DIRECT", 0)
     if not direct:

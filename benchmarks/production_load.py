@@ -15,15 +15,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import MiB, build_state, interleaved_medians, machine
+from _common import MiB, build_state, interleaved_medians, machine, whole_number
 from ckpt_plugin import ArtifactRegistry, CheckpointManager
 from ckpt_plugin.registry import PRODUCTION_MODEL_FILE
-from ckpt_plugin.storage import open_tensor_file
+from ckpt_plugin.io.files import open_tensor_file
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=whole_number(), default=5)
     args = parser.parse_args()
     print(machine())
     model, optimizer = build_state()

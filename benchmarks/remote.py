@@ -24,6 +24,7 @@ import torch
 from _common import (
     MiB,
     build_state,
+    existing_dir,
     interleaved_medians,
     machine,
     nbytes,
@@ -33,6 +34,7 @@ from _common import (
     settle,
     start_server,
     state_tensors,
+    whole_number,
 )
 
 from ckpt_plugin import CheckpointManager
@@ -41,10 +43,12 @@ from ckpt_plugin.storage import fsspec as remote
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dir", default=None, help="parent of the scratch directory (default: the system temp dir)")
-    parser.add_argument("--hidden", type=int, default=2090)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rounds", type=whole_number(), default=3)
+    parser.add_argument(
+        "--dir", type=existing_dir, default=None, help="parent of the scratch directory (default: the system temp dir)"
+    )
+    parser.add_argument("--hidden", type=whole_number(), default=2090)
+    parser.add_argument("--layers", type=whole_number(), default=8)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 

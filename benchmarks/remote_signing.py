@@ -32,6 +32,7 @@ from _common import (
     settle,
     start_server,
     state_tensors,
+    whole_number,
 )
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,9 +51,9 @@ def key_pair(directory: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=1045)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rounds", type=whole_number(), default=5)
+    parser.add_argument("--hidden", type=whole_number(), default=1045)
+    parser.add_argument("--layers", type=whole_number(), default=8)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine
+from _common import machine, whole_number
 from torch import nn
 
 from ckpt_plugin import CheckpointManager
@@ -91,15 +91,13 @@ def measure(args: argparse.Namespace, root: Path, live_state: bool) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=400, help="approximate size of model + Adam state")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mib", type=whole_number(), default=400, help="approximate size of model + Adam state")
+    parser.add_argument("--rounds", type=whole_number(3), default=5)
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write the files (default: a temporary directory)"
     )
     args = parser.parse_args()
     print(machine())
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         model, optimizer = trained(args.mib)

@@ -38,6 +38,7 @@ import xxhash
 from _common import (
     MiB,
     build_state,
+    existing_dir,
     fsync_file,
     interleaved_medians,
     interleaved_times,
@@ -52,6 +53,7 @@ from _common import (
     settle,
     spread,
     state_tensors,
+    whole_number,
 )
 
 import ckpt_plugin.storage.local
@@ -72,13 +74,13 @@ class NullHasher:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--dir", default=None, help="parent of the scratch directory (default: the system temp dir)")
-    parser.add_argument("--hidden", type=int, default=2090)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rounds", type=whole_number(3), default=9)
+    parser.add_argument(
+        "--dir", type=existing_dir, default=None, help="parent of the scratch directory (default: the system temp dir)"
+    )
+    parser.add_argument("--hidden", type=whole_number(), default=2090)
+    parser.add_argument("--layers", type=whole_number(), default=8)
     args = parser.parse_args()
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3")
 
     model, optimizer = build_state(args.hidden, args.layers)
     tensors = state_tensors(model, optimizer)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from _common import machine
+from _common import machine, whole_number
 from ckpt_plugin import CheckpointManager
 
 
@@ -30,8 +30,8 @@ def timed(fn: Callable[[], object]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--mib", type=int, default=4)
+    parser.add_argument("--rounds", type=whole_number(), default=15)
+    parser.add_argument("--mib", type=whole_number(), default=4)
     args = parser.parse_args()
     print(machine())
     side = int((args.mib * 2**20 / 4) ** 0.5)

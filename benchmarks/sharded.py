@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, scratch_dir, settle, start_server  # noqa: E402
+from _common import existing_dir, machine, print_table, scratch_dir, settle, start_server, whole_number  # noqa: E402
 
 WORLD = 2
 BUCKET = "bench-sharded"
@@ -209,9 +209,9 @@ def worker(rank: int, rendezvous: str, root: str, mib: int, rounds: int, remote:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=400, help="total state size in MiB (default 400)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up (default 5)")
-    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--mib", type=whole_number(), default=400, help="total state size in MiB (default 400)")
+    parser.add_argument("--rounds", type=whole_number(), default=5, help="timed rounds after the warm-up (default 5)")
+    parser.add_argument("--dir", type=existing_dir, default=None, help="where to write (default: a temporary directory)")
     parser.add_argument("--remote", action="store_true", help="write to S3 (a moto server started here) instead")
     options = parser.parse_args()
     root = scratch_dir(options.dir)

@@ -120,7 +120,7 @@ class Settings:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         max_checkpoints: int | None = FROM_ARGS,
         keep_best: bool | None = None,
-        metric_for_best: str | None = None,
+        metric_for_best: str | None = FROM_ARGS,
         mode: str | None = None,
         save_strategy: str | None = None,
         save_steps: float | None = None,
@@ -129,7 +129,10 @@ class Settings:
         save_only_model: bool | None = None,
         save_on_each_node: bool | None = None,
     ) -> Settings:
-        """Explicit values win; everything left out comes from ``args`` the way the Trainer reads it."""
+        """Explicit values win; everything left out comes from ``args`` the way the Trainer reads it.
+
+        ``metric_for_best=None`` ranks no checkpoint (whatever ``metric_for_best_model`` says), so
+        nothing that needs a best checkpoint may be asked for with it."""
         args_strategy = _value(args.save_strategy)
         if args_strategy not in SAVE_STRATEGIES:
             raise ConfigurationError(
@@ -145,18 +148,26 @@ class Settings:
             limit = args.save_total_limit
             max_checkpoints = limit if limit is not None and limit > 0 else None
         args_metric = None if args.metric_for_best_model is None else eval_metric_name(args.metric_for_best_model)
-        metric_for_best = args_metric if metric_for_best is None else eval_metric_name(metric_for_best)
+        ranks_none = metric_for_best is None
+        if metric_for_best is FROM_ARGS:
+            metric_for_best = args_metric
+        elif metric_for_best is not None:
+            metric_for_best = eval_metric_name(metric_for_best)
         same_metric = args_metric is not None and metric_for_best == args_metric
         if mode is None and same_metric and args.greater_is_better is not None:
             mode = "max" if args.greater_is_better else "min"
         if mode is None:
             mode = "min" if metric_for_best is None or metric_for_best.endswith("loss") else "max"
         load_best = args.load_best_model_at_end if load_best_model_at_end is None else load_best_model_at_end
+        strategy = args_strategy if save_strategy is None else save_strategy
+        if ranks_none:
+            _refuse_best_without_ranking(keep_best, load_best, load_best_model_at_end is None, strategy, save_strategy is None)
+        if keep_best and metric_for_best is None:
+            raise ConfigurationError("keep_best=True needs a metric: set metric_for_best_model or pass metric_for_best")
         if load_best and metric_for_best is None:
             raise ConfigurationError(
                 "load_best_model_at_end needs a metric: set metric_for_best_model or pass metric_for_best"
             )
-        strategy = args_strategy if save_strategy is None else save_strategy
         if strategy == "best" and metric_for_best is None:
             raise ConfigurationError("save_strategy='best' needs a metric: set metric_for_best_model or pass metric_for_best")
         if args_strategy == "best" and metric_for_best != args_metric:
@@ -174,7 +185,7 @@ class Settings:
         return cls(
             checkpoint_dir=_location(checkpoint_dir if checkpoint_dir is not None else args.output_dir),
             max_checkpoints=max_checkpoints,
-            keep_best=args.load_best_model_at_end if keep_best is None else keep_best,
+            keep_best=bool(args.load_best_model_at_end and metric_for_best is not None) if keep_best is None else keep_best,
             metric_for_best=metric_for_best,
             mode=mode,
             save_strategy=strategy,
@@ -203,6 +214,27 @@ class Settings:
         return (every > 0 and state.global_step % every == 0) or state.global_step >= state.max_steps
 
 
+def _refuse_best_without_ranking(
+    keep_best: bool | None, load_best: bool, load_best_from_args: bool, strategy: str, strategy_from_args: bool
+) -> None:
+    """Refuse, with ``metric_for_best=None``, each setting that needs a best checkpoint."""
+    from_args = " (from the TrainingArguments)"
+    conflicts = [
+        (keep_best, "keep_best=True", "drop keep_best"),
+        (load_best, "load_best_model_at_end=True" + (from_args if load_best_from_args else ""),
+         "pass load_best_model_at_end=False"),
+        (strategy == "best", "save_strategy='best'" + (from_args if strategy_from_args else ""),
+         "pass another save_strategy"),
+    ]
+    wanted = [(setting, fix) for on, setting, fix in conflicts if on]
+    if wanted:
+        raise ConfigurationError(
+            f"metric_for_best=None ranks no checkpoint, but {' and '.join(setting for setting, _ in wanted)} needs a "
+            "best one; name the metric to rank by (e.g. metric_for_best='eval_loss'), or "
+            + " and ".join(fix for _, fix in wanted)
+        )
+
+
 class CheckpointCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` whose :class:`~ckpt_plugin.CheckpointManager` replaces the
     Trainer's own checkpoints: safetensors and JSON, atomic, never a pickle.
@@ -212,9 +244,13 @@ class CheckpointCallback(TrainerCallback):
     Args:
         checkpoint_dir: where the checkpoints go; default ``output_dir``.
         max_checkpoints: keep this many most recent; default ``save_total_limit`` (None keeps all).
-        keep_best: never delete the best checkpoint; default ``load_best_model_at_end``.
+        keep_best: never delete the best checkpoint; default ``load_best_model_at_end`` (when there
+            is a metric to rank by).
         metric_for_best: the metric ranking checkpoints; default ``metric_for_best_model``. An ``eval_``
-            prefix is added when missing, as the Trainer does.
+            prefix is added when missing, as the Trainer does. ``None`` ranks none, whatever the
+            arguments say: the ``max_checkpoints`` latest are kept, no best is tracked or loaded,
+            and no metric is required (``keep_best``, ``load_best_model_at_end`` and
+            ``save_strategy="best"`` are refused with it).
         mode: ``"min"`` or ``"max"``; default from ``greater_is_better`` (else ``"min"`` for names
             ending in ``loss``, ``"max"`` otherwise).
         save_strategy: ``"steps"``, ``"epoch"``, ``"best"`` (save after each evaluation that improves
@@ -249,7 +285,7 @@ class CheckpointCallback(TrainerCallback):
         checkpoint_dir: str | os.PathLike[str] | None = None,
         max_checkpoints: int | None = FROM_ARGS,
         keep_best: bool | None = None,
-        metric_for_best: str | None = None,
+        metric_for_best: str | None = FROM_ARGS,
         mode: str | None = None,
         save_strategy: str | None = None,
         save_steps: float | None = None,
@@ -284,7 +320,7 @@ class CheckpointCallback(TrainerCallback):
             "save_only_model": save_only_model,
             "save_on_each_node": save_on_each_node,
         }
-        check_top_k(keep_top_k, metric_for_best, metric_known=False)  # the metric may come from the arguments
+        check_top_k(keep_top_k, metric_for_best, metric_known=metric_for_best is not FROM_ARGS)  # else from the arguments
         self.save_on_preemption = bool(save_on_preemption)
         self._preemption = PreemptionWatch()
         self._preempted = False
@@ -404,6 +440,8 @@ class CheckpointCallback(TrainerCallback):
                 stacklevel=3,
             )
             return
+        if self.settings is not None and self.settings.should_save(args):
+            self._warn_if_before_latest(info)
         checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng"))
         apply_state("model", info.path, model.load_state_dict, checkpoint["model"])
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
@@ -421,6 +459,22 @@ class CheckpointCallback(TrainerCallback):
         self._rng = checkpoint.get("rng")
         self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
         self._saved_step = state.global_step
+
+    def _warn_if_before_latest(self, resumed: CheckpointInfo) -> None:
+        """Say what becomes of the later checkpoints when a run resumes from an earlier one."""
+        later = self.manager.later_than(resumed)
+        if not later:
+            return
+        self.manager._warned_older_epoch = True  # this message says it already, and accurately
+        warnings.warn(
+            f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
+            f"({', '.join(info.name for info in later)}) of the training that went on from it. This run replaces each "
+            "of them when it saves the same epoch and step; until then they count among the latest and the best "
+            "(load_latest(), best(), retention), while resume_from_checkpoint=True finds this run's newest save "
+            "through output_dir's checkpoint-<step>. To keep them, copy them elsewhere first",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _checkpoint_of_step(self, step: int) -> CheckpointInfo | None:
         matches = [info for info in self.manager.checkpoints() if info.step == step]

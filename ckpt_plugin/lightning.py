@@ -72,7 +72,7 @@ from .io.reader import read_checkpoint, read_info
 from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
 from .preemption import PreemptionWatch, describe
 from .rng import capture_rng_state, portable_rng_state, restore_rng_state
-from .storage import is_url
+from .storage import is_url, open_store
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
 
@@ -206,7 +206,7 @@ class ManagerCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a ckpt_plugin checkpoint directory as Lightning's dict, or defer to the fallback."""
         self.manager.wait()  # the save in flight may be the checkpoint asked for
-        info = self._info(path)
+        info = _checkpoint_to_load(self.manager, path)
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         checkpoint = join_checkpoint(self.manager.read(info, map_location=_device(map_location)))
@@ -251,8 +251,39 @@ def _manager_checkpoint(manager: CheckpointManager, path: Any) -> CheckpointInfo
     """The checkpoint Lightning names by ``path`` (a directory, or on an object store the URL of its
     manifest, see :func:`_lightning_path`), or None when it is not one of ours."""
     if is_url(str(path)):
-        return manager.checkpoint_at(str(path).removesuffix("/" + METADATA_FILE))
+        return manager.checkpoint_at(_without_manifest(str(path)))
     return checkpoint_info(path)
+
+
+def _checkpoint_to_load(manager: CheckpointManager, path: Any) -> CheckpointInfo | None:
+    """The checkpoint a load of ``path`` reads: the one :func:`_manager_checkpoint` finds, or the
+    manager's latest when ``path`` is the manager's own directory (``fit(ckpt_path=checkpoint_dir)``
+    resumes as ``ckpt_path="last"`` does); None when ``path`` is not ours."""
+    if not _is_checkpoint_dir(manager, path):
+        return _manager_checkpoint(manager, path)
+    latest = manager.latest()
+    if latest is None:
+        raise errors.CheckpointNotFoundError(
+            f"{path} holds no checkpoint yet, so there is nothing to load; leave ckpt_path out to start fresh, "
+            "or pass ckpt_path='last', which resumes when there is a checkpoint and starts fresh when there is none"
+        )
+    return latest
+
+
+def _is_checkpoint_dir(manager: CheckpointManager, path: Any) -> bool:
+    """Whether ``path`` names the manager's ``checkpoint_dir`` itself (written as the manager was given it)."""
+    where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(where, str) or is_url(where) != manager.remote:
+        return False
+    if manager.remote:
+        return where.rstrip("/") == manager.checkpoint_dir  # the manager keeps its URL without the trailing "/"
+    return os.path.realpath(os.path.expanduser(where)) == os.path.realpath(manager.checkpoint_dir)
+
+
+def _without_manifest(location: str) -> str:
+    """The location of a checkpoint from that of its manifest (what Lightning gets on an object
+    store, see :func:`_lightning_path`); any other location as it is."""
+    return location.removesuffix("/" + METADATA_FILE)
 
 
 def _lightning_path(info: CheckpointInfo | None) -> str | None:
@@ -273,8 +304,11 @@ class CheckpointCallback(ModelCheckpoint):
             file system as for ``CheckpointManager``.
         max_checkpoints: keep this many most recent checkpoints; ``None`` keeps all.
         keep_best: never delete the best checkpoint by ``metric_for_best`` (``keep_top_k=1``).
+            Default: on when there is a ``metric_for_best``, off without one.
         metric_for_best: a metric logged with ``self.log`` that ranks checkpoints for ``keep_best``,
-            ``keep_top_k`` and ``ckpt_path="best"``; ``None`` makes ``"best"`` the latest.
+            ``keep_top_k`` and ``ckpt_path="best"``. ``None`` ranks nothing, as ``ModelCheckpoint``'s
+            ``monitor=None``: the ``max_checkpoints`` latest are kept, no metric needs to be logged,
+            and ``"best"`` is the latest (``keep_best=True`` or ``keep_top_k`` with it is refused).
         mode: ``"min"`` if a lower ``metric_for_best`` is better, ``"max"`` if a higher one is.
         every_n_epochs: save at the end of every n-th training epoch (after its validation). The
             default is 1 unless ``every_n_train_steps`` or ``train_time_interval`` is given; the three
@@ -320,9 +354,14 @@ class CheckpointCallback(ModelCheckpoint):
     ``fit()`` without ``ckpt_path``. The callback is therefore a ``ModelCheckpoint`` whose every
     saving hook is its own (it never writes a ``.ckpt`` file), and an ``OnExceptionCheckpoint`` only
     with ``auto_resume=True`` (the instance then becomes an :class:`AutoResumingCheckpointCallback`).
-    Being a checkpoint callback, it keeps Lightning from adding its default ``ModelCheckpoint``, and
-    Lightning refuses it, as any checkpoint callback, under ``Trainer(enable_checkpointing=False)``:
+    Being a checkpoint callback, it keeps Lightning from adding its default ``ModelCheckpoint``: with
+    it in ``callbacks`` no ``.ckpt`` file is written. ``Trainer(enable_checkpointing=False)`` refuses
+    every checkpoint callback, this one included, in the Trainer's constructor (before any callback
+    code runs), with a message about a ``ModelCheckpoint``, the class this callback derives from:
     leave that option at its default.
+
+    ``fit(ckpt_path=...)`` also takes one of the checkpoints' directories (or URLs), and the
+    ``checkpoint_dir`` itself, which resumes from the latest checkpoint as ``ckpt_path="last"`` does.
     """
 
     _STATE_KEY = "CheckpointCallback"
@@ -331,7 +370,7 @@ class CheckpointCallback(ModelCheckpoint):
         self,
         checkpoint_dir: str | os.PathLike[str] = "checkpoints",
         max_checkpoints: int | None = 5,
-        keep_best: bool = True,
+        keep_best: bool | None = None,
         metric_for_best: str | None = "val_loss",
         mode: str = "min",
         every_n_epochs: int | None = None,
@@ -357,7 +396,7 @@ class CheckpointCallback(ModelCheckpoint):
             manager = CheckpointManager(
                 checkpoint_dir,
                 max_checkpoints,
-                keep_best,
+                _keep_best(keep_best, metric_for_best),
                 metric_for_best,
                 mode,
                 save_rng=False,
@@ -503,8 +542,12 @@ class CheckpointCallback(ModelCheckpoint):
             trainer.callbacks = [*others, self]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Say once, clearly, when a fresh run starts in a directory that already holds checkpoints."""
-        if trainer.ckpt_path is not None or self._warned_existing or not trainer.is_global_zero:
+        """Say once, clearly, when a fresh run starts in a directory that already holds checkpoints,
+        or when a run resumes from a checkpoint older than the latest."""
+        if self._warned_existing or not trainer.is_global_zero:
+            return
+        if trainer.ckpt_path is not None:
+            self._warn_if_resumed_before_latest(trainer.ckpt_path)
             return
         latest = self.manager.latest()
         if latest is None:
@@ -516,6 +559,20 @@ class CheckpointCallback(ModelCheckpoint):
             "fresh and its checkpoints are ranked among them by epoch and step. To continue that run pass "
             "ckpt_path='last' (or build the callback with auto_resume=True); to keep runs apart use a new "
             "checkpoint_dir"
+        )
+
+    def _warn_if_resumed_before_latest(self, ckpt_path: Any) -> None:
+        resumed = _checkpoint_to_load(self.manager, ckpt_path)
+        later = [] if resumed is None else self.manager.later_than(resumed)
+        if not later:
+            return
+        self._warned_existing = True
+        self.manager._warned_older_epoch = True  # this message says it already
+        rank_zero_warn(
+            f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
+            f"({', '.join(info.name for info in later)}) of the training that went on from it. This fit() replaces "
+            "each of them when it saves the same epoch and step; until then they count as the latest, so "
+            "ckpt_path='last' would resume from them. To keep them, copy them elsewhere first"
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -736,7 +793,8 @@ class CheckpointCallback(ModelCheckpoint):
             ranks = f", which keep_top_k={self.manager.keep_top_k} ranks checkpoints by," if self.manager.keep_top_k > 1 else ""
             raise ConfigurationError(
                 f"metric_for_best={metric!r}{ranks} is not among the logged metrics ({logged}); log it with "
-                f"self.log({metric!r}, value) or pass one of these (or None) as metric_for_best"
+                f"self.log({metric!r}, value), rank by one of these instead, or pass metric_for_best=None to rank "
+                "none and keep only the latest checkpoints"
             )
 
 
@@ -793,7 +851,7 @@ def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager, *, ca
             request.error = exc
 
     def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        info = _manager_checkpoint(manager, checkpoint_path)
+        info = _checkpoint_to_load(manager, checkpoint_path)
         if info is None:
             return own_load(checkpoint_path, weights_only=weights_only)
         if not info.sharded:
@@ -819,6 +877,19 @@ def _install_sharded_hooks(strategy: Strategy, manager: CheckpointManager, *, ca
 
     strategy.save_checkpoint = save_checkpoint  # type: ignore[method-assign]
     strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
+def _keep_best(keep_best: bool | None, metric_for_best: str | None) -> bool:
+    """``keep_best`` as given, or by default on exactly when there is a metric to rank by."""
+    if keep_best is None:
+        return metric_for_best is not None
+    if keep_best and metric_for_best is None:
+        raise ConfigurationError(
+            "keep_best=True keeps the best checkpoint by metric_for_best, but metric_for_best=None ranks none; "
+            "name the metric to rank by (one you log with self.log, e.g. metric_for_best='val_loss'), "
+            "or leave keep_best out to keep only the latest checkpoints"
+        )
+    return bool(keep_best)
 
 
 def _schedule(
@@ -906,15 +977,24 @@ def load_from_checkpoint(
     map_location: Any = None,
     strict: bool | None = True,
     instantiate: Collection[type] = (),
+    *,
+    storage_options: Mapping[str, Any] | None = None,
     **hparam_overrides: Any,
 ) -> ModuleOrData:
     """Rebuild a ``LightningModule`` (or ``LightningDataModule``) from a checkpoint, as
     ``cls.load_from_checkpoint(path)`` does for a ``.ckpt`` file.
 
-    ``checkpoint_dir`` is the callback's directory, from which ``which`` (``"best"``, ``"latest"``
-    or an epoch number) picks the checkpoint, or one checkpoint directory itself. ``"best"``
-    ranks by the ``metric_for_best`` and ``mode`` the checkpoints recorded. Files are verified
-    against their checksums and nothing is unpickled.
+    Lightning's own classmethod ``cls.load_from_checkpoint`` reads one ``.ckpt`` file and cannot
+    read these checkpoint directories; call this function instead.
+
+    ``checkpoint_dir`` is the callback's ``checkpoint_dir`` (a local directory or an object store
+    URL such as ``s3://bucket/run/checkpoints``: any location ``CheckpointManager`` takes), from
+    which ``which`` (``"best"``, ``"latest"`` or an epoch number) picks the checkpoint, or one
+    checkpoint itself (its directory or URL, or the callback's ``best_model_path``).
+    ``storage_options`` configure the object store's fsspec file system as for
+    ``CheckpointManager``. ``"best"`` ranks by the ``metric_for_best`` and ``mode`` the checkpoints
+    recorded; when they recorded none (``metric_for_best=None``), ``"best"`` is the latest, as
+    ``ckpt_path="best"`` is. Files are verified against their checksums and nothing is unpickled.
 
     As in Lightning: the saved hyper-parameters, updated with ``hparam_overrides``, go to the
     constructor (the module's own; the datamodule's are kept for a ``LightningDataModule``
@@ -939,7 +1019,7 @@ def load_from_checkpoint(
     if not (isinstance(cls, type) and issubclass(cls, (pl.LightningModule, pl.LightningDataModule))):
         raise ConfigurationError(f"load_from_checkpoint needs a LightningModule or LightningDataModule class, not {cls!r}")
     allowed = _allowed_classes(instantiate)
-    info = _resolve_checkpoint(Path(checkpoint_dir), which)
+    info = _resolve_checkpoint(checkpoint_dir, which, storage_options)
     loaded = read_checkpoint(info, map_location=_device(map_location))
     checkpoint = join_checkpoint({**loaded, "metadata": {**loaded.get("metadata", {}), "path": str(info.path)}})
     target = _plain_hparams(cls, checkpoint, allowed, info.path)
@@ -1054,16 +1134,26 @@ def _refuse_code_keys(value: Any, path: Any, where: str) -> None:
 ModuleOrData = TypeVar("ModuleOrData", pl.LightningModule, pl.LightningDataModule)
 
 
-def _resolve_checkpoint(path: Path, which: str | int) -> CheckpointInfo:
-    info = checkpoint_info(path)
-    if info is not None:
-        return info
-    if not path.is_dir():
-        raise errors.CheckpointNotFoundError(f"{path} is not a directory; pass the CheckpointCallback's checkpoint_dir")
-    manager = CheckpointManager(path, max_checkpoints=None)
+def _resolve_checkpoint(
+    location: str | os.PathLike[str], which: str | int, storage_options: Mapping[str, Any] | None
+) -> CheckpointInfo:
+    """The checkpoint ``location`` names: one checkpoint, or a run's directory or URL, of which
+    ``which`` picks one (``"best"`` is the latest when no checkpoint recorded a ``metric_for_best``)."""
+    store = open_store(location, storage_options)  # as CheckpointManager opens it; refuses options for a local path
+    backend, root = store.backend, str(store.root)
+    one = _without_manifest(root)
+    if backend.fingerprint(backend.join(one, METADATA_FILE)) is not None:
+        return read_info(one, backend)
+    if not is_url(root) and not os.path.isdir(root):
+        raise errors.CheckpointNotFoundError(
+            f"{location} is not a directory; pass the CheckpointCallback's checkpoint_dir or one of its checkpoints"
+        )
+    manager = CheckpointManager(location, max_checkpoints=None, storage_options=storage_options)
+    if which == "best" and all(info.metric_for_best is None for info in manager.checkpoints()):
+        which = "latest"  # the run ranked nothing (metric_for_best=None): its best is its latest
     found = manager.resolve(which)
     if found is None:
-        raise errors.CheckpointNotFoundError(f"{path} holds no checkpoint yet")
+        raise errors.CheckpointNotFoundError(f"{manager.checkpoint_dir} holds no checkpoint yet")
     return found
 
 

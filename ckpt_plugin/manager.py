@@ -548,6 +548,11 @@ class CheckpointManager:
         """The most recent checkpoint, or None when there is none."""
         return _newest(self.checkpoints())
 
+    def later_than(self, info: CheckpointInfo) -> list[CheckpointInfo]:
+        """The checkpoints after ``info`` (by epoch, then step), oldest first: those that a run resumed
+        from ``info`` replaces as it saves the same epochs and steps again."""
+        return [entry for entry in self.checkpoints() if entry.sort_key > info.sort_key]
+
     def best(self, metric: str | None = None, mode: str | None = None) -> CheckpointInfo | None:
         """The best checkpoint by ``metric`` in ``mode``.
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -356,6 +357,53 @@ def test_a_callback_added_after_construction_takes_its_settings_at_train_time(tm
     trainer.train()
     assert [info.name for info in late.manager.checkpoints()] == ["epoch_1_step_5"]
     assert late.manager.max_checkpoints is None
+
+
+def test_metric_for_best_none_ranks_nothing_whatever_the_arguments_say(tmp_path):
+    args = training_args(tmp_path, load_best_model_at_end=False)  # metric_for_best_model="loss"
+    assert Settings.resolve(args).metric_for_best == "eval_loss", "left out, the metric comes from the arguments"
+    settings = Settings.resolve(args, metric_for_best=None)
+    assert (settings.metric_for_best, settings.keep_best, settings.load_best_at_end) == (None, False, False)
+
+    refusals = [
+        (dict(args=training_args(tmp_path)), r"load_best_model_at_end=True \(from the TrainingArguments\) needs a best one"),
+        (dict(args=args, keep_best=True), "keep_best=True needs a best one"),
+        (dict(args=args, save_strategy="best"), "save_strategy='best' needs a best one"),
+    ]
+    for options, message in refusals:
+        with pytest.raises(ConfigurationError, match="metric_for_best=None ranks no checkpoint, but " + message) as refused:
+            Settings.resolve(metric_for_best=None, **options)
+        advice = str(refused.value).split(";", 1)[1]
+        assert "metric_for_best='eval_loss'" in advice and "None" not in advice and "=True" not in advice
+    with pytest.raises(ConfigurationError, match="keep_top_k=2 .* pass metric_for_best"):
+        CheckpointCallback(metric_for_best=None, keep_top_k=2)
+    unranked = training_args(tmp_path, load_best_model_at_end=False, metric_for_best_model=None)
+    with pytest.raises(ConfigurationError, match="keep_best=True needs a metric"):
+        Settings.resolve(unranked, keep_best=True)
+
+
+def test_metric_for_best_none_keeps_the_latest_checkpoints(tmp_path):
+    callback = CheckpointCallback(metric_for_best=None, load_best_model_at_end=False)
+    trainer, _ = make_trainer(tmp_path, callback=callback)  # the arguments name metric_for_best_model="loss"
+    trainer.train()
+    assert (callback.manager.metric_for_best, callback.manager.keep_best) == (None, False)
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_3_step_15", "epoch_4_step_20"]
+
+
+def test_resuming_from_the_first_checkpoint_says_what_becomes_of_the_later_ones(tmp_path):
+    """The guide's train(resume_from_checkpoint=str(first.path))."""
+    trainer, callback = make_trainer(tmp_path, save_total_limit=3)
+    trainer.train()
+    first = callback.manager.checkpoints()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=str(first.path))
+    messages = [str(warning.message) for warning in caught]
+    said = [message for message in messages if "later checkpoints" in message]
+    assert len(said) == 1 and said[0].startswith("resuming from epoch_2_step_10")
+    assert "(epoch_3_step_15, epoch_4_step_20)" in said[0] and "replaces each of them" in said[0]
+    assert not [message for message in messages if "Start a new run" in message]
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_2_step_10", "epoch_3_step_15", "epoch_4_step_20"]
 
 
 # ---------------------------------------------------------------------- saving

@@ -11,7 +11,7 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from ckpt_plugin import CheckpointNotFoundError, IncompatibleCheckpointError  # noqa: E402
+from ckpt_plugin import CheckpointNotFoundError, ConfigurationError, IncompatibleCheckpointError  # noqa: E402
 from ckpt_plugin import CheckpointManager  # noqa: E402
 from ckpt_plugin.lightning import AutoResumingCheckpointCallback, CheckpointCallback, load_from_checkpoint  # noqa: E402
 from test_lightning import RegressionData, Regressor, fresh_model, make_trainer  # noqa: E402
@@ -119,3 +119,87 @@ def test_load_from_checkpoint_rebuilds_module_and_datamodule(tmp_path):
     plain.save(torch.nn.Linear(2, 2), epoch=0)
     with pytest.raises(IncompatibleCheckpointError, match="CheckpointCallback"):
         load_from_checkpoint(Tracked, tmp_path / "plain", which="latest")
+
+
+# ------------------------------------------------------------------ the paths a Lightning user tries first
+
+
+def test_load_from_checkpoint_reads_object_storage_urls(tmp_path, s3_bucket, s3_env, monkeypatch):
+    url = f"s3://{s3_bucket}/run/checkpoints"
+    scores = [0.5, 0.1, 0.4]
+    callback = CheckpointCallback(url, metric_for_best="val_score")
+    fit(tmp_path, 3, [callback], model=Tracked(hidden=12, val_scores=scores))
+    manager = CheckpointManager(url)
+    weights = {epoch: manager.load(epoch=epoch)["model"]["net.0.weight"] for epoch in (0, 1, 2)}
+
+    best = load_from_checkpoint(Tracked, url)
+    assert best.hparams.hidden == 12 and torch.equal(best.net[0].weight, weights[1])
+    assert torch.equal(load_from_checkpoint(Tracked, url + "/", which="latest").net[0].weight, weights[2])
+    one = manager.find(epoch=0)
+    assert torch.equal(load_from_checkpoint(Tracked, one.location).net[0].weight, weights[0])
+    assert torch.equal(load_from_checkpoint(Tracked, callback.best_model_path).net[0].weight, weights[1])
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the storage_options say where the store is now
+    options = {"endpoint_url": s3_env, "key": "testing", "secret": "testing"}
+    by_options = load_from_checkpoint(Tracked, url, which=2, storage_options=options)
+    assert torch.equal(by_options.net[0].weight, weights[2]) and "storage_options" not in by_options.extra
+    with pytest.raises(CheckpointNotFoundError, match="holds no checkpoint yet"):
+        load_from_checkpoint(Tracked, f"s3://{s3_bucket}/elsewhere", storage_options=options)
+    with pytest.raises(ConfigurationError, match="storage_options only apply to URLs"):
+        load_from_checkpoint(Tracked, tmp_path, storage_options=options)
+
+
+def test_fit_ckpt_path_takes_the_checkpoint_dir_and_resumes_from_its_latest(tmp_path):
+    fit(tmp_path, 2, [CheckpointCallback(tmp_path / "ckpt")])
+    trainer, _ = fit(tmp_path, 3, [CheckpointCallback(tmp_path / "ckpt")], ckpt_path=str(tmp_path / "ckpt"))
+    assert (trainer.global_step, trainer.current_epoch) == (18, 3), "resumed after epoch 1, as ckpt_path='last' does"
+    trainer, _ = fit(tmp_path, 4, [CheckpointCallback(tmp_path / "ckpt")], ckpt_path=tmp_path / "ckpt")
+    assert trainer.global_step == 24
+
+    with pytest.raises(CheckpointNotFoundError, match=r"holds no checkpoint yet.*ckpt_path='last'"):
+        fit(tmp_path, 1, [CheckpointCallback(tmp_path / "empty")], ckpt_path=str(tmp_path / "empty"))
+
+
+def test_with_the_callback_lightning_adds_no_model_checkpoint_and_writes_no_ckpt_file(tmp_path):
+    """What the guide says to do instead of enable_checkpointing=False, which Lightning refuses."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    callback = CheckpointCallback(tmp_path / "ckpt")
+    trainer, _ = fit(tmp_path, 1, [callback])
+    assert trainer.checkpoint_callbacks == [callback]
+    assert not list(tmp_path.rglob("*.ckpt"))
+    with pytest.raises(MisconfigurationException, match="enable_checkpointing=False"):
+        pl.Trainer(enable_checkpointing=False, callbacks=[CheckpointCallback(tmp_path / "ckpt")])
+
+
+def test_metric_for_best_none_ranks_nothing_and_keeps_the_latest(tmp_path):
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=2, metric_for_best=None)
+    assert (callback.manager.keep_best, callback.manager.metric_for_best, callback.monitor) == (False, None, None)
+    fit(tmp_path, 3, [callback], model=Tracked())  # logs train_loss and val_loss, no metric named "loss"
+    assert [info.name for info in callback.manager.checkpoints()] == ["epoch_1_step_12", "epoch_2_step_18"]
+    assert callback.best_model_path == callback.last_model_path == str(callback.manager.latest().path)
+    latest = load_from_checkpoint(Tracked, tmp_path / "ckpt")  # "best" of a run that ranked nothing: the latest
+    assert torch.equal(latest.net[0].weight, callback.manager.load(epoch=2)["model"]["net.0.weight"])
+
+
+def test_keep_best_follows_metric_for_best_unless_given(tmp_path):
+    assert CheckpointCallback(tmp_path).manager.keep_best, "the default ranks by val_loss and keeps its best"
+    assert CheckpointCallback(tmp_path, metric_for_best="val_score", mode="max").manager.keep_best
+    assert not CheckpointCallback(tmp_path, keep_best=False).manager.keep_best
+    with pytest.raises(ConfigurationError, match="metric_for_best=None ranks none") as refused:
+        CheckpointCallback(tmp_path, metric_for_best=None, keep_best=True)
+    advice = str(refused.value).split(";", 1)[1]
+    assert "metric_for_best='val_loss'" in advice and "None" not in advice and "keep_best=True" not in advice
+    with pytest.raises(ConfigurationError, match="keep_top_k=2 .* pass metric_for_best"):
+        CheckpointCallback(tmp_path, metric_for_best=None, keep_top_k=2)
+
+
+def test_resuming_from_an_earlier_checkpoint_says_what_becomes_of_the_later_ones(tmp_path):
+    callback = CheckpointCallback(tmp_path / "ckpt", max_checkpoints=3)
+    fit(tmp_path, 3, [callback])
+    first = callback.manager.checkpoints()[0]
+    _, messages = fit(tmp_path, 3, [CheckpointCallback(tmp_path / "ckpt", max_checkpoints=3)], ckpt_path=str(first.path))
+    said = [message for message in messages if "later checkpoints" in message]
+    assert len(said) == 1 and said[0].startswith("resuming from epoch_0_step_6")
+    assert "epoch_1_step_12, epoch_2_step_18" in said[0] and "replaces each of them" in said[0]
+    assert not [message for message in messages if "Start a new run" in message]
