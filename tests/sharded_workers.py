@@ -5,7 +5,10 @@ Started with ``torch.multiprocessing`` spawn by :func:`launch`, never forked.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -422,7 +425,54 @@ def job_fuzz_golden(rank: int, world: int, directory: Path) -> None:
         manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler, extra={"note": (1, "x")})
 
 
+def gloo_threads() -> set[int]:
+    """The ids of this process's gloo threads (each gloo group has a transport loop and workers)."""
+    found = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+        except OSError:  # ended meanwhile
+            continue
+        if name.startswith(("pt_gloo", "gloo")):
+            found.add(int(task))
+    return found
+
+
+def starve_gloo_threads() -> None:
+    """Pin this process to one CPU and give its gloo threads the idle scheduling class: they run
+    only while every other thread of the process waits. A gloo worker then still holds the last
+    collective's work when the rank goes on to exit, the widest window for an exit race."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    for task in gloo_threads():
+        os.sched_setscheduler(task, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _report_threads_left(known: set[int], report: Path) -> None:
+    left = gloo_threads() - known
+    if left:
+        report.write_text(f"{len(left)} gloo threads of the coordination groups were alive after the exit hooks")
+
+
+def job_exit_after_collective(rank: int, world: int, directory: Path) -> None:
+    """A collective save and restore, then the rank ends at once, gloo's threads starved of CPU.
+
+    Meant for ``launch(..., finalize=True)``: the rank exits through a normal interpreter exit,
+    which must not abort, and no thread of the library's coordination groups may outlive the exit
+    hooks (checked by a hook that runs after the library's, and reported in a file)."""
+    assert "ckpt_plugin.distributed.collective" not in sys.modules, "the check must be registered before the library's hook"
+    known: set[int] = set()
+    atexit.register(_report_threads_left, known, directory / f"threads-left-{rank}")  # runs after hooks registered later
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    known.update(gloo_threads())  # the default group's, which torch keeps after destroy_process_group
+    manager = manager_at(directory, collective_timeout=20)
+    manager.save(model, optimizer, epoch=1, metrics={"loss": 1.0}, scheduler=scheduler)
+    starve_gloo_threads()
+    assert manager.restore(model, optimizer, scheduler).epoch == 1
+
+
 JOBS = {
+    "exit_after_collective": job_exit_after_collective,
     "fuzz_golden": job_fuzz_golden,
     "save_and_fail": job_save_and_fail,
     "restore": job_restore,
@@ -432,7 +482,7 @@ JOBS = {
 }
 
 
-def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str, *arguments: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, finalize: bool, job: str, directory: str, *arguments: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -442,14 +492,37 @@ def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str, *a
         JOBS[job](rank, world, Path(directory), *arguments)
     finally:
         dist.destroy_process_group()
+    if not finalize:
+        _exit_without_finalizing()
 
 
-def launch(job: str, world: int, directory: Path, timeout: float = 120.0, arguments: tuple[str, ...] = ()) -> None:
+def _exit_without_finalizing() -> None:
+    """End this rank as a normal exit does (threads joined, exit hooks run: the library finishes
+    its saves and releases its groups), except that the interpreter is not finalized.
+
+    Torch keeps the default group, with its gloo threads, alive after ``destroy_process_group``
+    once functional collectives have run on it (FSDP2's ``full_tensor`` gathers, which
+    :func:`full_state` uses last in most jobs). A worker of that group may still hold the tensors
+    of the job's last gather when the rank exits; it frees them later, which needs the GIL, and
+    CPython ends a thread that asks for the GIL while the interpreter finalizes, in an unwind
+    that aborts the process ("terminate called without an active exception").
+    """
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
+
+
+def launch(job: str, world: int, directory: Path, timeout: float = 120.0, arguments: tuple[str, ...] = (),
+           finalize: bool = False) -> None:
     """Run ``job`` on ``world`` spawned ranks (each gets ``arguments`` after the directory, and this
-    process's environment); raise if any fails or the whole takes over ``timeout``."""
+    process's environment); raise if any fails or the whole takes over ``timeout``. With
+    ``finalize``, each rank ends through a complete interpreter exit; otherwise without the
+    interpreter's finalization (see :func:`_exit_without_finalizing`)."""
     rendezvous = directory / f".rendezvous-{job}-{world}-{time.monotonic_ns()}"
     context = mp.start_processes(
-        _worker, args=(world, str(rendezvous), job, str(directory), *arguments), nprocs=world, join=False,
+        _worker, args=(world, str(rendezvous), finalize, job, str(directory), *arguments), nprocs=world, join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout
