@@ -8,7 +8,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +16,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from rank_exit import end_without_finalizing
 
 from ckpt_plugin import (
     CheckpointManager,
@@ -493,25 +494,7 @@ def _worker(rank: int, world: int, rendezvous: str, finalize: bool, job: str, di
     finally:
         dist.destroy_process_group()
     if not finalize:
-        _exit_without_finalizing()
-
-
-def _exit_without_finalizing() -> None:
-    """End this rank as a normal exit does (threads joined, exit hooks run: the library finishes
-    its saves and releases its groups), except that the interpreter is not finalized.
-
-    Torch keeps the default group, with its gloo threads, alive after ``destroy_process_group``
-    once functional collectives have run on it (FSDP2's ``full_tensor`` gathers, which
-    :func:`full_state` uses last in most jobs). A worker of that group may still hold the tensors
-    of the job's last gather when the rank exits; it frees them later, which needs the GIL, and
-    CPython ends a thread that asks for the GIL while the interpreter finalizes, in an unwind
-    that aborts the process ("terminate called without an active exception").
-    """
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(0)
+        end_without_finalizing()
 
 
 def launch(job: str, world: int, directory: Path, timeout: float = 120.0, arguments: tuple[str, ...] = (),
@@ -519,7 +502,7 @@ def launch(job: str, world: int, directory: Path, timeout: float = 120.0, argume
     """Run ``job`` on ``world`` spawned ranks (each gets ``arguments`` after the directory, and this
     process's environment); raise if any fails or the whole takes over ``timeout``. With
     ``finalize``, each rank ends through a complete interpreter exit; otherwise without the
-    interpreter's finalization (see :func:`_exit_without_finalizing`)."""
+    interpreter's finalization (see :mod:`rank_exit`)."""
     rendezvous = directory / f".rendezvous-{job}-{world}-{time.monotonic_ns()}"
     context = mp.start_processes(
         _worker, args=(world, str(rendezvous), finalize, job, str(directory), *arguments), nprocs=world, join=False,
