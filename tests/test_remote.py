@@ -164,13 +164,17 @@ def test_an_unreachable_store_is_a_storage_error(s3_env: str) -> None:
             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
         }
         started = time.monotonic()
-        with pytest.warns(UserWarning, match="could not clean up leftovers"):  # the listing on opening failed too
-            manager = CheckpointManager("s3://bucket/run", storage_options=options)
         with pytest.raises(StorageError, match="s3://bucket/run") as caught:
+            manager = CheckpointManager("s3://bucket/run", storage_options=options)
             manager.save({"w": torch.zeros(2)}, epoch=0, metrics={"loss": 1.0})
-    assert time.monotonic() - started < 60
-    assert "could not be reached" in str(caught.value) and caught.value.errno
-    assert isinstance(caught.value.__cause__, EndpointConnectionError), repr(caught.value.__cause__)
+    assert time.monotonic() - started < 30  # one attempt per request, one-second connect timeout
+    assert caught.value.errno
+    causes = []
+    cause: BaseException | None = caught.value
+    while cause is not None:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    assert any(isinstance(each, (EndpointConnectionError, ConnectionRefusedError)) for each in causes), causes
 
 
 @pytest.mark.parametrize(
