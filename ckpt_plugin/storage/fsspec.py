@@ -309,9 +309,9 @@ class FsspecBackend:
             if self.multipart:
                 self.fs.connect()  # builds the client from the options now (no request), not at the first request
         except Exception as exc:
-            if not _refuses_options(exc):
-                raise storage_error(exc, "open", url) from exc
-            raise _invalid_options(exc, url, storage_options or {}) from exc
+            if storage_options and _refuses_options(exc):
+                raise _invalid_options(exc, url, storage_options) from exc
+            raise storage_error(exc, "open", url) from exc
         self.root = url.rstrip("/")
         self._root_path = path.rstrip("/")
         self.protocol = protocol
