@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_plugin.lightning import CheckpointCallback
+from rank_exit import end_without_finalizing
 
 
 class Regressor(pl.LightningModule):
@@ -89,3 +90,6 @@ def main(work: str, base: str | None = None) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    if torch.distributed.is_initialized():  # Lightning leaves the process group up
+        torch.distributed.destroy_process_group()
+    end_without_finalizing()  # see rank_exit: each rank ends right after a gather of FSDP2's

@@ -5,7 +5,9 @@ Started with ``torch.multiprocessing`` spawn by :func:`launch`, never forked.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +16,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from rank_exit import end_without_finalizing
 
 from ckpt_plugin import (
     CheckpointManager,
@@ -422,7 +426,54 @@ def job_fuzz_golden(rank: int, world: int, directory: Path) -> None:
         manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler, extra={"note": (1, "x")})
 
 
+def gloo_threads() -> set[int]:
+    """The ids of this process's gloo threads (each gloo group has a transport loop and workers)."""
+    found = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+        except OSError:  # ended meanwhile
+            continue
+        if name.startswith(("pt_gloo", "gloo")):
+            found.add(int(task))
+    return found
+
+
+def starve_gloo_threads() -> None:
+    """Pin this process to one CPU and give its gloo threads the idle scheduling class: they run
+    only while every other thread of the process waits. A gloo worker then still holds the last
+    collective's work when the rank goes on to exit, the widest window for an exit race."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    for task in gloo_threads():
+        os.sched_setscheduler(task, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _report_threads_left(known: set[int], report: Path) -> None:
+    left = gloo_threads() - known
+    if left:
+        report.write_text(f"{len(left)} gloo threads of the coordination groups were alive after the exit hooks")
+
+
+def job_exit_after_collective(rank: int, world: int, directory: Path) -> None:
+    """A collective save and restore, then the rank ends at once, gloo's threads starved of CPU.
+
+    Meant for ``launch(..., finalize=True)``: the rank exits through a normal interpreter exit,
+    which must not abort, and no thread of the library's coordination groups may outlive the exit
+    hooks (checked by a hook that runs after the library's, and reported in a file)."""
+    assert "ckpt_plugin.distributed.collective" not in sys.modules, "the check must be registered before the library's hook"
+    known: set[int] = set()
+    atexit.register(_report_threads_left, known, directory / f"threads-left-{rank}")  # runs after hooks registered later
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    known.update(gloo_threads())  # the default group's, which torch keeps after destroy_process_group
+    manager = manager_at(directory, collective_timeout=20)
+    manager.save(model, optimizer, epoch=1, metrics={"loss": 1.0}, scheduler=scheduler)
+    starve_gloo_threads()
+    assert manager.restore(model, optimizer, scheduler).epoch == 1
+
+
 JOBS = {
+    "exit_after_collective": job_exit_after_collective,
     "fuzz_golden": job_fuzz_golden,
     "save_and_fail": job_save_and_fail,
     "restore": job_restore,
@@ -432,7 +483,7 @@ JOBS = {
 }
 
 
-def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str, *arguments: str) -> None:
+def _worker(rank: int, world: int, rendezvous: str, finalize: bool, job: str, directory: str, *arguments: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -442,14 +493,19 @@ def _worker(rank: int, world: int, rendezvous: str, job: str, directory: str, *a
         JOBS[job](rank, world, Path(directory), *arguments)
     finally:
         dist.destroy_process_group()
+    if not finalize:
+        end_without_finalizing()
 
 
-def launch(job: str, world: int, directory: Path, timeout: float = 120.0, arguments: tuple[str, ...] = ()) -> None:
+def launch(job: str, world: int, directory: Path, timeout: float = 120.0, arguments: tuple[str, ...] = (),
+           finalize: bool = False) -> None:
     """Run ``job`` on ``world`` spawned ranks (each gets ``arguments`` after the directory, and this
-    process's environment); raise if any fails or the whole takes over ``timeout``."""
+    process's environment); raise if any fails or the whole takes over ``timeout``. With
+    ``finalize``, each rank ends through a complete interpreter exit; otherwise without the
+    interpreter's finalization (see :mod:`rank_exit`)."""
     rendezvous = directory / f".rendezvous-{job}-{world}-{time.monotonic_ns()}"
     context = mp.start_processes(
-        _worker, args=(world, str(rendezvous), job, str(directory), *arguments), nprocs=world, join=False,
+        _worker, args=(world, str(rendezvous), finalize, job, str(directory), *arguments), nprocs=world, join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout

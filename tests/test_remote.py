@@ -3,6 +3,7 @@ API server (moto over HTTP) and fsspec's ``memory://``, plus errors and injected
 
 from __future__ import annotations
 
+import socket
 import time
 
 import fsspec
@@ -11,8 +12,8 @@ import torch
 from core_helpers import assert_same_tree, objects
 from torch import nn
 
-from ckpt_plugin import CheckpointManager, CorruptCheckpointError, StorageError, savelog
-from ckpt_plugin.storage import faults
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError, savelog
+from ckpt_plugin.storage import backend_of, faults
 from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
 
 
@@ -153,15 +154,48 @@ def test_a_missing_bucket_is_a_storage_error_naming_the_url(s3_env: str) -> None
 
 
 def test_an_unreachable_store_is_a_storage_error(s3_env: str) -> None:
-    options = {
-        "endpoint_url": "http://127.0.0.1:9",
-        "retries": 1,
-        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
-    }
-    with pytest.raises(StorageError, match="s3://bucket/run") as caught:
-        manager = CheckpointManager("s3://bucket/run", storage_options=options)
-        manager.save({"w": torch.zeros(2)}, epoch=0, metrics={"loss": 1.0})
+    """A real connection to a closed port on this host: refused at once, after one attempt."""
+    from botocore.exceptions import EndpointConnectionError
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # held but never listening: connections to it are refused
+        options = {
+            "endpoint_url": f"http://127.0.0.1:{closed.getsockname()[1]}",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 1},
+        }
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="s3://bucket/run") as caught:
+            manager = CheckpointManager("s3://bucket/run", storage_options=options)
+            manager.save({"w": torch.zeros(2)}, epoch=0, metrics={"loss": 1.0})
+    assert time.monotonic() - started < 30  # one attempt per request, one-second connect timeout
     assert caught.value.errno
+    causes = []
+    cause: BaseException | None = caught.value
+    while cause is not None:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    assert any(isinstance(each, (EndpointConnectionError, ConnectionRefusedError)) for each in causes), causes
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"retries": 1}, "'retries'"),  # not an S3FileSystem argument: botocore's retries go in config_kwargs
+        ({"config_kwargs": {"retry": {"max_attempts": 1}}}, "'retry'"),
+        ({"client_kwargs": {"regionname": "us-east-1"}}, "'regionname'"),
+        ({"config_kwargs": {"retries": {"mode": "fast"}}}, "'mode'"),
+        ({"endpoint_url": "localhost 9000"}, "'endpoint_url'"),
+    ],
+)
+def test_an_invalid_storage_option_is_a_configuration_error_naming_it(s3_env: str, options: dict, named: str) -> None:
+    """Refused when the manager is built, before any request, and not taken for a storage failure."""
+    with pytest.raises(ConfigurationError, match=f"refused the option {named}") as caught:
+        CheckpointManager("s3://bucket/run", storage_options=options)
+    assert not isinstance(caught.value, StorageError)
+    with pytest.raises(ConfigurationError, match=named):
+        ArtifactRegistry("s3://bucket/run", storage_options=options)
+    with pytest.raises(ConfigurationError, match=named):
+        backend_of("s3://bucket/run", options)
 
 
 def test_storage_options_reach_the_store(s3_bucket: str, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:

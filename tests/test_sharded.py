@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import safetensors.torch
@@ -79,3 +80,12 @@ def test_cli_exports_one_consolidated_model_and_verifies_every_shard(saved_at_tw
     result = CliRunner().invoke(cli.app, ["show", directory, "2", "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["model_tensors"] == 4, result.output
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and sets the idle scheduling class")
+def test_a_rank_exits_cleanly_right_after_a_collective_restore(tmp_path):
+    """With gloo's threads starved of CPU and a normal interpreter exit: the exit hooks destroy the
+    library's coordination groups before the interpreter finalizes, and no rank aborts."""
+    launch("exit_after_collective", 2, tmp_path, finalize=True)
+    left = {path.name: path.read_text() for path in tmp_path.glob("threads-left-*")}
+    assert not left, left

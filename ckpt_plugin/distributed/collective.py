@@ -27,6 +27,7 @@ steps 2 and 3 run on its background thread.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import itertools
@@ -87,7 +88,8 @@ _GROUPS: dict[tuple[int, float], Any] = {}
 def coordination_group(timeout: float) -> Any:
     """A gloo group over all ranks whose collectives give up after ``timeout`` seconds.
 
-    Created on first use (a collective call: every rank must get here) and reused after that.
+    Created on first use (a collective call: every rank must get here) and reused after that,
+    until :func:`release_coordination_groups`.
     """
     key = (id(dist.group.WORLD), float(timeout))
     group = _GROUPS.get(key)
@@ -97,23 +99,34 @@ def coordination_group(timeout: float) -> Any:
     return group
 
 
+def release_coordination_groups() -> None:
+    """Destroy the gloo groups that collective saves and restores use, on this rank, now.
+
+    Each such group has worker threads of its own. Destroying the group joins them, and any
+    tensor one of them still holds from a finished exchange is freed while the interpreter can
+    still run code for it. An interpreter that shuts down with those threads alive may abort
+    ("terminate called without an active exception"): CPython ends any thread that asks for the
+    GIL once finalization has begun, and such a thread needs the GIL to free a tensor.
+
+    Interpreter exit calls this (an ``atexit`` hook, which runs after the asynchronous saves in
+    flight are finished and before finalization begins). The next collective save or restore
+    creates the groups again.
+    """
+    groups = list(_GROUPS.values())
+    _GROUPS.clear()
+    for group in groups:
+        try:
+            dist.destroy_process_group(group)
+        except (ValueError, RuntimeError):  # already gone with the default group it belonged to
+            pass
+    groups.clear()  # the last references: each group's threads are joined here
+
+
+atexit.register(release_coordination_groups)  # atexit hooks run after the asynchronous saves are flushed
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-_KEPT: list[Any] = []
-"""The work objects (and tensors) of the last exchange. A gloo group's worker thread drops its
-reference to a finished collective's work a moment after the caller has woken up; if it held the
-last one, it would release the work's tensors, which takes the GIL, and a process exiting right
-after its last save or restore would abort when that thread asks for the GIL during interpreter
-shutdown. Keeping them here until the next exchange makes this thread the one that frees them."""
-
-
-def _run(collective: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``collective`` and wait for it; return its work, for :data:`_KEPT`."""
-    work = collective(*args, async_op=True, **kwargs)
-    work.wait()
-    return work
 
 
 def _gather_bytes(group: Any, payload: bytes) -> list[bytes]:
@@ -121,13 +134,12 @@ def _gather_bytes(group: Any, payload: bytes) -> list[bytes]:
     world = dist.get_world_size(group)
     size = torch.tensor([len(payload)], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-    kept: list[Any] = [_run(dist.all_gather, sizes, size, group=group), size, sizes]
+    dist.all_gather(sizes, size, group=group)
     longest = max(int(each.item()) for each in sizes)
     mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
     mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
     gathered = [torch.empty_like(mine) for _ in range(world)]
-    kept += [_run(dist.all_gather, gathered, mine, group=group), mine, gathered]
-    _KEPT[:] = kept
+    dist.all_gather(gathered, mine, group=group)
     return [bytes(data[: int(length.item())].numpy()) for data, length in zip(gathered, sizes)]
 
 
@@ -141,7 +153,7 @@ def agree(group: Any, action: str, error: BaseException | None, value: Any = Non
     try:
         if not exchange:  # the common case costs one small all-reduce
             failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-            _KEPT[:] = [_run(dist.all_reduce, failed, op=dist.ReduceOp.MAX, group=group), failed]
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
             if not failed.item():
                 return []
         mine = (None if error is None else _describe(error), value)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import threading
 import time
@@ -60,7 +61,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ..errors import CorruptCheckpointError, StorageError
+from ..errors import ConfigurationError, CorruptCheckpointError, StorageError
 from . import door, reach
 from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum, new_hasher
 
@@ -100,6 +101,28 @@ def storage_error(exc: BaseException, action: str, url: str) -> StorageError:
     error = StorageError(number, f"could not {action} {url}: {text}; {hint}")
     error.filename = url
     return error
+
+
+def _refuses_options(exc: BaseException) -> bool:
+    """Whether building a file system or its client failed on the options it was given: an
+    unexpected keyword (``TypeError``), a bad value (``ValueError``), or botocore's
+    ``Invalid...Error`` for a setting it checks (retry mode, addressing style, region, ...)."""
+    return isinstance(exc, (TypeError, ValueError)) or type(exc).__name__.startswith("Invalid")
+
+
+def _invalid_options(exc: BaseException, url: str, given: Mapping[str, Any]) -> ConfigurationError:
+    """A :class:`ConfigurationError` naming the storage option that was refused, where the error says."""
+    found = re.search(r"keyword argument '([^']+)'|provided to \"([^\"]+)\"", str(exc))
+    name = next((group for group in found.groups() if group), None) if found else None
+    if name is None and str(exc).startswith("Invalid endpoint"):
+        name = "endpoint_url"
+    option = f"the option {name!r}" if name else "an option"
+    listed = ", ".join(sorted(given)) or "none"
+    return ConfigurationError(
+        f"storage_options for {url} are invalid: the file system refused {option} ({type(exc).__name__}: {exc}); "
+        f"options given: {listed}. Fix or remove it: each option must be an argument of the file system "
+        "(for s3fs, S3FileSystem's; botocore settings such as retries and timeouts go in config_kwargs)"
+    )
 
 
 @contextlib.contextmanager
@@ -277,14 +300,23 @@ class FsspecBackend:
         elif protocol in ("file", "local"):
             options.setdefault("auto_mkdir", True)  # as an object store does, create parents on write
         try:
-            self.fs, path = fsspec.core.url_to_fs(url, **options)
+            for each in protocol.split("::"):  # a chained URL (simplecache::s3://...) names several
+                fsspec.get_filesystem_class(each)
         except (ImportError, ValueError) as exc:
             raise StorageError(errno.EINVAL, f"cannot open {url}: {exc}; install the file system's fsspec package "
                                "(s3fs, gcsfs, adlfs) or fix the URL") from exc
+        try:
+            self.fs, path = fsspec.core.url_to_fs(url, **options)
+            self.multipart = type(self.fs).__name__ == "S3FileSystem"
+            if self.multipart:
+                self.fs.connect()  # builds the client from the options now (no request), not at the first request
+        except Exception as exc:
+            if storage_options and _refuses_options(exc):
+                raise _invalid_options(exc, url, storage_options) from exc
+            raise storage_error(exc, "open", url) from exc
         self.root = url.rstrip("/")
         self._root_path = path.rstrip("/")
         self.protocol = protocol
-        self.multipart = type(self.fs).__name__ == "S3FileSystem"
         if self.multipart:
             reach.check_s3(type(self.fs), options, self.root, self._root_path)
         self._pool: ThreadPoolExecutor | None = None
