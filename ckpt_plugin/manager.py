@@ -8,9 +8,7 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import listing, retention, savelog, signing
 from .checkpoint import METADATA_FILE, CheckpointInfo, checkpoint_name, looks_like_checkpoint
@@ -28,12 +26,14 @@ from .format.names import parse_checkpoint_name
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
 from .io.reader import Device, read_checkpoint, read_info
-from .io.restore import restore_checkpoint
 from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
 from .rng import capture_rng_state, restore_rng_state
 from .storage import LocalStore, is_url, open_store, trash
 from .storage.local import directory_identity
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
@@ -794,6 +794,8 @@ class CheckpointManager:
         if info.sharded:
             self._restore_consolidated(info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
             return info
+        from .io.restore import restore_checkpoint  # the tensor machinery loads on first use
+
         restore_checkpoint(
             info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
         )
@@ -882,6 +884,8 @@ def _current_dir() -> str | None:
 
 
 def _whole_number(value: Any, name: str) -> int:
+    import torch
+
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -918,6 +922,8 @@ def normalize_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _scalar(name: str, value: Any) -> Any:
+    import torch
+
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):  # subclasses such as np.float64 become plain numbers

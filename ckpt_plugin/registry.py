@@ -38,10 +38,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import filelock
-import torch
 from packaging.version import InvalidVersion, Version
 
 from . import shards, signing
@@ -70,6 +69,9 @@ from .manager import CheckpointManager
 from .metadata import utc_timestamp
 from .registry_objects import ObjectStorePlaces
 from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url, publish_file
+
+if TYPE_CHECKING:
+    import torch
 
 VALIDATION_FILE = "validation.json"
 HISTORY_FILE = "history.jsonl"
@@ -1091,6 +1093,8 @@ class _SignedVersion:
 def _on_device(tensors: dict[str, torch.Tensor], map_location: Device) -> dict[str, torch.Tensor]:
     if map_location is None:
         return tensors
+    import torch
+
     device = torch.device(map_location)
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 

@@ -172,14 +172,16 @@ def test_verify_covers_validated_versions_and_production(run: Path, monkeypatch)
 
 
 def test_progress_bar_only_for_big_reads(run: Path, monkeypatch) -> None:
+    from ckpt_plugin.io import files
+
     callbacks = []
-    real_verify = cli.verify_file
+    real_verify = files.verify_file
 
     def spy(path, record, progress=None, **options):
         callbacks.append(progress)
         real_verify(path, record, progress, **options)
 
-    monkeypatch.setattr(cli, "verify_file", spy)
+    monkeypatch.setattr(files, "verify_file", spy)  # the command imports it when it runs
     assert ckpt_json("verify", run)["ok"] is True
     assert callbacks and all(callback is None for callback in callbacks)  # a few kB: no bar
     callbacks.clear()
