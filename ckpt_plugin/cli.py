@@ -93,6 +93,12 @@ err = DataConsole(stderr=True)
 Directory = Annotated[str, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into), or its URL (s3://bucket/run/checkpoints).")]
 Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', or a validated version such as v1.0.0.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+MetricNames = Annotated[
+    Optional[str],
+    typer.Option("--metrics", help="The metrics to show, in order, separated by commas (e.g. eval_loss,eval_accuracy). "
+                 "Default: the ranking metric first, then the others, without the runtime and throughput counters "
+                 "of Hugging Face runs (eval_runtime, *_samples_per_second, total_flos, epoch, ...)."),
+]
 ValidatedDir = Annotated[Optional[str], typer.Option(help="Validated versions, a path or URL (default: validated/ beside DIR).")]
 ProductionDir = Annotated[Optional[str], typer.Option(help="The production model, a path or URL (default: production/ beside DIR).")]
 StorageOptions = Annotated[
@@ -367,14 +373,28 @@ def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list
 
 @app.command("list")
 @_handled
-def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
-    """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked."""
+def list_checkpoints(
+    directory: Directory,
+    as_json: AsJson = False,
+    storage_option: StorageOptions = None,
+    metrics: MetricNames = None,
+) -> None:
+    """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked.
+
+    The ranking metric comes first, then the other recorded metrics; the runtime and throughput
+    counters of a Hugging Face run (eval_runtime, *_samples_per_second, total_flos, epoch, ...) are
+    left out unless --metrics names them. --json holds every metric unless --metrics is given.
+    """
+    from .metric_choice import choose, parse_names
+    from .retention import best_index
+
+    requested = parse_names(metrics)
     registry = _registry(_existing(directory), storage_option=storage_option)
     infos = registry.manager.checkpoints()
-    try:
-        best = registry.resolve("best").name if infos else None
-    except (CheckpointNotFoundError, ConfigurationError):
-        best = None
+    ranking, mode = registry.manager.ranking(infos)
+    shown, hidden = choose((name for info in infos for name in info.metrics), ranking, requested)
+    index = best_index(infos, ranking, mode) if infos and mode in ("min", "max") else None  # what ``best`` resolves to
+    best = infos[index].name if index is not None else None
     latest = infos[-1].name if infos else None
     production = registry.production()
     rows = [
@@ -382,7 +402,7 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_opti
             "name": info.name,
             "epoch": info.epoch,
             "step": info.step,
-            "metrics": info.metrics,
+            "metrics": info.metrics if requested is None else {name: info.metrics[name] for name in shown if name in info.metrics},
             "size": info.size,
             "saved_at": info.timestamp,
             "best": info.name == best,
@@ -397,14 +417,47 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_opti
     if not rows:
         out.print(f"no checkpoints in {directory}")
     else:
-        table = Table("", "epoch", "step", "metrics", "size", "age", title=str(directory))
-        for info, row in zip(infos, rows):
-            marks = " ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on)
-            table.add_row(marks, str(info.epoch), "" if info.step is None else str(info.step),
-                          _format_metrics(info.metrics), format_size(info.size), _age(info.timestamp))
-        out.print(table)
+        ranked = f"metrics (best: {ranking}, {mode})" if best is not None else "metrics"
+        table = [
+            (" ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on),
+             str(info.epoch), "" if info.step is None else str(info.step),
+             _format_metrics({name: info.metrics[name] for name in shown if name in info.metrics}),
+             format_size(info.size), _age(info.timestamp))
+            for info, row in zip(infos, rows)
+        ]
+        _print_columns(str(directory), ("", "epoch", "step", ranked, "size", "age"), table, right={1, 2, 4})
+        if hidden:
+            out.print(f"not shown: {', '.join(hidden)} (choose with --metrics, e.g. --metrics {','.join([*shown[:1], hidden[0]])}; "
+                      "--json has every metric)", soft_wrap=True, style="dim")
     if summary["versions"]:
         out.print(f"validated: {', '.join(summary['versions'])}; production: {summary['production'] or 'none'}")
+
+
+def _print_columns(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> None:
+    """Print ``rows`` as aligned columns under ``title`` and a bold ``header``: one line per row,
+    cheap for thousands of rows (a Rich table measures and wraps every cell). The first column is
+    the row's marks, in green. Cells are data: their control characters are made visible."""
+    cells = [tuple(visible(cell) for cell in row) for row in [header, *rows]]
+    widths = [max(_width(row[column]) for row in cells) for column in range(len(header))]
+    text = Text(visible(title) + "\n", style="italic")
+    for index, row in enumerate(cells):
+        line = []
+        for column, (cell, width) in enumerate(zip(row, widths)):
+            padding = " " * (width - _width(cell))
+            line.append(padding + cell if column in right else cell if column == len(widths) - 1 else cell + padding)
+        if index == 0:
+            text.append("  ".join(line) + "\n", style="bold")
+        else:
+            text.append(line[0], style="green")
+            text.append("  " + "  ".join(line[1:]) + "\n")
+    out.print(text, soft_wrap=True, end="")
+
+
+def _width(cell: str) -> int:
+    """The columns ``cell`` takes in a terminal."""
+    from rich.cells import cell_len
+
+    return len(cell) if cell.isascii() else cell_len(cell)
 
 
 @app.command()
@@ -960,25 +1013,33 @@ def plot(
     production_dir: ProductionDir = None,
     storage_option: StorageOptions = None,
     as_json: AsJson = False,
+    metrics: MetricNames = None,
 ) -> None:
     """Plot the recorded metrics of every checkpoint ever saved (pruned ones too), marking the kept,
     pruned, best and latest checkpoints and the validated and production versions. DIR may be a
-    URL (s3://bucket/run/checkpoints); its save log is the .saves/ objects there."""
+    URL (s3://bucket/run/checkpoints); its save log is the .saves/ objects there.
+
+    One panel per metric, the ranking metric first; the runtime and throughput counters of a
+    Hugging Face run get none unless --metrics names them."""
+    from .metric_choice import parse_names
     from .plot import plot_run, run_history
     from .storage import is_url
 
+    requested = parse_names(metrics)
     options = _storage_options(storage_option)
     if options and not is_url(str(directory)):
         raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
     history = run_history(_existing(directory), validated_dir, production_dir, storage_options=options)
-    marks = plot_run(history, output)
+    marks = plot_run(history, output, requested)
     if as_json:
         _print_json({"output": str(output), **marks})
         return
     out.print(
         f"wrote {output}: {len(marks['kept'])} kept and {len(marks['pruned'])} pruned checkpoints, "
-        f"metrics {', '.join(marks['metrics']) or 'none'}"
+        f"metrics {', '.join(marks['panels']) or 'none'}", soft_wrap=True
     )
+    if marks["hidden"]:
+        out.print(f"not plotted: {', '.join(marks['hidden'])} (choose with --metrics)", soft_wrap=True, style="dim")
 
 
 def main() -> None:

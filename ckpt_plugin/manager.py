@@ -575,6 +575,12 @@ class CheckpointManager:
             )
         return found[index]
 
+    def ranking(self, found: list[CheckpointInfo] | None = None) -> tuple[str, str]:
+        """The metric and mode that :meth:`best` ranks by without arguments, over ``found`` (by
+        default the checkpoints listed now): the manager's ``metric_for_best``, else the one the
+        checkpoints recorded, else ``"loss"``."""
+        return self._ranking(self.checkpoints() if found is None else found, None, None)
+
     def _ranking(self, found: list[CheckpointInfo], metric: str | None, mode: str | None) -> tuple[str, str]:
         """The metric and mode that :meth:`best` ranks by (see there)."""
         if metric is None and self.metric_for_best is not None:
