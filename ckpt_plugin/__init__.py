@@ -24,6 +24,7 @@ from .errors import (
     PromotionError,
     SignatureError,
     StorageError,
+    UnsignedError,
 )
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ __all__ = [
     "PromotionError",
     "SignatureError",
     "StorageError",
+    "UnsignedError",
     "__version__",
     "capture_rng_state",
     "restore_rng_state",

@@ -50,6 +50,7 @@ from .errors import (
     CorruptCheckpointError,
     PromotionError,
     SignatureError,
+    UnsignedError,
 )
 
 if TYPE_CHECKING:
@@ -160,6 +161,11 @@ def _registry(
     if options:
         raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
     directory = Path(directory)
+    if not directory.is_dir() and validated_dir is None and production_dir is None:
+        raise CheckpointNotFoundError(
+            f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into), "
+            "or --validated-dir and --production-dir to use a registry without one"
+        )
     registry = ArtifactRegistry(
         directory,
         Path(validated_dir) if validated_dir is not None else None,
@@ -533,22 +539,27 @@ def verify(
     problems += _foreign_files(infos)
     files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
     backend = registry.backend if registry.remote else LOCAL  # every file of one registry is on one store
+    unsigned: dict[str, str] = {}  # version -> where it is
     for version in registry.versions():
         folder = str(registry.version_dir(version))
         try:
             records = registry.validation(version)["files"]
             if key is not None:
                 registry.verify_signature(version, key)
+        except UnsignedError:
+            unsigned[version] = folder
         except (CorruptCheckpointError, SignatureError) as exc:
             problems.append({"path": str(folder), "error": str(exc)})
             continue
         files += [(backend.join(folder, name), FileRecord.from_json(record)) for name, record in records.items()]
     try:
         production = registry.production()
-        if key is not None:
+        if key is not None and (production is None or production["version"] not in unsigned):
             registry.verify_production_signature(key)
     except (CorruptCheckpointError, SignatureError) as exc:
         production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
+    serving = production["version"] if production is not None else None
+    problems += [{"path": folder, "error": _unsigned(version, version == serving, directory)} for version, folder in unsigned.items()]
     if production is not None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
         files.append((backend.join(str(registry.production_dir), production.get("weights", PRODUCTION_MODEL_FILE)), record))
@@ -571,6 +582,17 @@ def verify(
         out.print(status, f": checked {len(files)} files, {format_size(report['bytes'])}", sep="")
     if problems:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _unsigned(version: str, in_production: bool, directory: str) -> str:
+    """What to do about a validated version that ``verify --key`` finds without a signature."""
+    served = " (the one in production)" if in_production else ""
+    return (
+        f"validated version v{version}{served} is not signed, so --key cannot vouch for it. A version never changes, "
+        f"so sign a new one: ckpt validate {directory} EPOCH --version NEW --signing-key PRIVATE_KEY.pem"
+        + (", then ckpt promote it" if in_production else "")
+        + "; or run ckpt verify without --key to check the checksums only"
+    )
 
 
 def _foreign_files(infos: list[CheckpointInfo]) -> list[dict[str, str]]:
@@ -730,6 +752,10 @@ def validate(
         _version(version)
     checks = dict(metric_check(expression) for expression in require or [])
     which: int | str = int(epoch) if epoch.isdigit() else epoch
+    if checks:  # a metric the checkpoint never recorded is a typo, found before any file is read
+        source = registry.resolve(which, metric, mode)
+        for name in checks:
+            _require_recorded(name.split()[0], source.metrics, source.name)
     with Bars() as bars:
         record = registry.validate(
             which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars, signing_key=signing_key
@@ -760,11 +786,20 @@ def metric_check(expression: str) -> tuple[str, Callable[[dict[str, Any]], bool]
 
     def check(checkpoint: dict[str, Any]) -> bool:
         metrics = checkpoint["metrics"]
-        if name not in metrics:
-            raise KeyError(f"the checkpoint records no metric {name!r} (it has: {', '.join(metrics) or 'none'})")
+        _require_recorded(name, metrics, checkpoint.get("metadata", {}).get("path", "the checkpoint"))
         return bool(compare(metrics[name], threshold))
 
     return f"{name} {symbol} {match.group(3)}", check  # type: ignore[union-attr]
+
+
+def _require_recorded(metric: str, metrics: Mapping[str, Any], checkpoint: str) -> None:
+    """Refuse a --require on a metric ``checkpoint`` did not record: a usage error (a typo, or the
+    wrong checkpoint), not a model that failed its check."""
+    if metric not in metrics:
+        raise ConfigurationError(
+            f"--require names metric {metric!r}, which {checkpoint} does not record; its metrics are: "
+            f"{', '.join(metrics) or 'none'}. Nothing was validated"
+        )
 
 
 def _version(text: str) -> str:

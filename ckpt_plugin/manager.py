@@ -600,12 +600,14 @@ class CheckpointManager:
     def _find_in(self, found: list[CheckpointInfo], epoch: int, step: int | None) -> CheckpointInfo:
         matches = [info for info in found if info.epoch == epoch and (step is None or info.step == step)]
         if not matches:
-            existing = ", ".join(info.name.removeprefix("epoch_") for info in found) or "none"
             wanted = f"epoch {epoch}" + ("" if step is None else f" step {step}")
             self._raise_if_unreadable(epoch, step, wanted)
-            raise CheckpointNotFoundError(
-                f"no checkpoint for {wanted} in {self.checkpoint_dir}; existing epochs: {existing}"
+            steps = sorted({info.step for info in found if info.epoch == epoch and info.step is not None})
+            existing = (
+                f"epoch {epoch} has step{'s' if len(steps) > 1 else ''} {_ranges(steps)}" if steps
+                else f"existing epochs: {_ranges(sorted({info.epoch for info in found})) or 'none'}"
             )
+            raise CheckpointNotFoundError(f"no checkpoint for {wanted} in {self.checkpoint_dir}; {existing}")
         return matches[-1]
 
     def _raise_if_unreadable(self, epoch: int, step: int | None, wanted: str) -> None:
@@ -840,6 +842,18 @@ class CheckpointManager:
 
 def _newest(found: list[CheckpointInfo]) -> CheckpointInfo | None:
     return found[-1] if found else None
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted whole numbers, a run of more than four written as its ends: ``[0, 1, 2, 3, 4, 5, 8, 9]``
+    as ``"0-5, 8, 9"``, so that a message about a long run stays one line."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 4 else ", ".join(map(str, run)) for run in runs)
 
 
 def _named_for(info: CheckpointInfo) -> bool:
