@@ -445,17 +445,22 @@ def _print_columns(title: str, header: tuple[str, ...], rows: list[tuple[str, ..
     the row's marks, in green. Cells are data: their control characters are made visible."""
     cells = [tuple(visible(cell) for cell in row) for row in [header, *rows]]
     widths = [max(_width(row[column]) for row in cells) for column in range(len(header))]
-    text = Text(visible(title) + "\n", style="italic")
+    lines, marks = [visible(title)], []  # marks: (start, end) of each non-empty first cell
+    offset = len(lines[0]) + 1
     for index, row in enumerate(cells):
         line = []
         for column, (cell, width) in enumerate(zip(row, widths)):
             padding = " " * (width - _width(cell))
             line.append(padding + cell if column in right else cell if column == len(widths) - 1 else cell + padding)
-        if index == 0:
-            text.append("  ".join(line) + "\n", style="bold")
-        else:
-            text.append(line[0], style="green")
-            text.append("  " + "  ".join(line[1:]) + "\n")
+        if index and row[0]:
+            marks.append((offset, offset + len(row[0])))
+        lines.append("  ".join(line))
+        offset += len(lines[-1]) + 1
+    text = Text("\n".join(lines) + "\n")  # one Text: styling spans is cheap, one Text per cell is not
+    text.stylize("italic", 0, len(lines[0]))
+    text.stylize("bold", len(lines[0]) + 1, len(lines[0]) + 1 + len(lines[1]))
+    for start, end in marks:
+        text.stylize("green", start, end)
     out.print(text, soft_wrap=True, end="")
 
 

@@ -519,10 +519,7 @@ class ArtifactRegistry:
             if current is None:
                 raise PromotionError(f"nothing is in production at {self.production_dir}; promote a version first")
             if not current["previous_versions"]:
-                raise PromotionError(
-                    f"version {current['version']} is the first one promoted to {self.production_dir}; "
-                    "there is nothing to roll back to"
-                )
+                raise PromotionError(_first_promotion(current["version"], self.production_dir))
             *stack, target = current["previous_versions"]
             document = self._switch(parse_version(target), stack, progress, "rollback", current["version"])
         return _public(document)
@@ -578,9 +575,7 @@ class ArtifactRegistry:
         if current is None:
             raise PromotionError(f"nothing is in production at {self.production_dir}; promote a version first")
         if not current["previous_versions"]:
-            raise PromotionError(
-                f"version {current['version']} is the first one promoted to {self.production_dir}; there is nothing to roll back to"
-            )
+            raise PromotionError(_first_promotion(current["version"], self.production_dir))
         *stack, target = current["previous_versions"]
         source = self._production_source(parse_version(target))
         weights, record = self._upload_production_weights(source, progress)
@@ -1120,6 +1115,14 @@ class _SignedVersion:
     metadata: dict[str, Any]
     model_tree: Any
     weights: FileRecord
+
+
+def _first_promotion(version: str, production_dir: Any) -> str:
+    """Why a rollback from the first promoted version is refused, and what to do."""
+    return (
+        f"version {version} is the first one promoted to {production_dir}; there is nothing to roll back to: a rollback "
+        "returns to the version promoted before the current one, so promote another version first"
+    )
 
 
 def _on_device(tensors: dict[str, torch.Tensor], map_location: Device) -> dict[str, torch.Tensor]:
