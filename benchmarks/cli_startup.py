@@ -79,22 +79,38 @@ def timed(command: list[str], before: object = None) -> tuple[float, float]:
     return wall, (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
 
 
+def at_least(minimum: int):  # noqa: ANN201 - an argparse type
+    """An argparse type: a whole number of at least ``minimum``, refused before anything runs."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def directory(text: str) -> Path:
+    """An argparse type: an existing directory."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not an existing directory")
+    return Path(text)
+
+
 def summary(samples: list[float]) -> str:
     return f"{statistics.median(samples):6.3f} s ({min(samples):.3f}-{max(samples):.3f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--count", type=int, default=1000, help="checkpoints in the listed directory (at least 1)")
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds after the warm-up (at least 3)")
-    parser.add_argument("--dir", type=Path, default=None, help="where to put the scratch directory")
+    parser.add_argument("--count", type=at_least(1), default=1000, help="checkpoints in the listed directory")
+    parser.add_argument("--rounds", type=at_least(3), default=9, help="timed rounds after the warm-up")
+    parser.add_argument("--dir", type=directory, default=None, help="where to put the scratch directory")
     args = parser.parse_args()
-    if args.count < 1:
-        parser.error("--count must be at least 1")
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3")
-    if args.dir is not None and not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a directory")
     print(machine())
     python = sys.executable
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:

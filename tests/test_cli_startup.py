@@ -107,3 +107,22 @@ def test_importing_the_package_loads_its_machinery_on_first_use() -> None:
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [(["--rounds", "2"], "--rounds: expected a whole number of at least 3, got 2"),
+                                           (["--count", "0"], "--count: expected a whole number of at least 1, got 0"),
+                                           (["--dir", "/nonexistent/place"], "is not an existing directory")])
+def test_the_startup_benchmark_refuses_bad_arguments_before_measuring(args: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "cli_startup.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_the_startup_benchmark_runs(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "cli_startup.py"), "--count", "20", "--rounds", "3",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "ckpt --help - python -c pass:" in done.stdout and "ckpt list over 20 checkpoints:" in done.stdout
+    assert "load average" in done.stdout and list(tmp_path.iterdir()) == []
