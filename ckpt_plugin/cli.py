@@ -13,8 +13,9 @@ Every command takes ``--json`` for scripts. Exit status: 0 on success, 1 when a 
 file is corrupt, 2 on bad input (a missing directory, an unknown epoch or version).
 
 The commands that read only metadata (``--help``, ``list``, ``show``, ``verify``, ``versions``,
-``history``) never import torch, so they start in a fraction of a second; ``diff``, ``export`` and
-the commands that copy tensors import it when they read them. For the same reason this module
+``history``) never import torch, so they start in a fraction of a second; ``diff``, ``export``,
+the commands that copy tensors and ``show`` of a per-rank sharded checkpoint import it when they
+read tensors. For the same reason this module
 imports the library's machinery inside the commands: ``--help`` loads only the command line.
 """
 
@@ -759,8 +760,8 @@ def validate(
     which: int | str = int(epoch) if epoch.isdigit() else epoch
     if checks:  # a metric the checkpoint never recorded is a typo, found before any file is read
         source = registry.resolve(which, metric, mode)
-        for name in checks:
-            _require_recorded(name.split()[0], source.metrics, source.name)
+        for expression in require or []:
+            _require_recorded(_EXPRESSION.match(expression).group(1), source.metrics, source.name)  # type: ignore[union-attr]
     with Bars() as bars:
         record = registry.validate(
             which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars, signing_key=signing_key
