@@ -8,7 +8,9 @@ Lightning and Hugging Face callbacks live in ``ckpt_plugin.lightning`` and ``ckp
 
 __version__ = "0.2.0"
 
-from .checkpoint import CheckpointInfo
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AsyncSaveError,
     CheckpointError,
@@ -22,10 +24,38 @@ from .errors import (
     PromotionError,
     SignatureError,
     StorageError,
+    UnsignedError,
 )
-from .manager import CheckpointManager
-from .registry import ArtifactRegistry
-from .rng import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointInfo
+    from .manager import CheckpointManager
+    from .registry import ArtifactRegistry
+    from .rng import capture_rng_state, restore_rng_state
+
+_LAZY = {
+    "CheckpointInfo": ".checkpoint",
+    "CheckpointManager": ".manager",
+    "ArtifactRegistry": ".registry",
+    "capture_rng_state": ".rng",
+    "restore_rng_state": ".rng",
+}
+"""Public names imported on first use, so that ``import ckpt_plugin.cli`` (and ``ckpt --help``)
+does not load the storage and checkpoint machinery it does not need."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "ArtifactRegistry",
@@ -43,6 +73,7 @@ __all__ = [
     "PromotionError",
     "SignatureError",
     "StorageError",
+    "UnsignedError",
     "__version__",
     "capture_rng_state",
     "restore_rng_state",

@@ -64,7 +64,11 @@ def item_prefix(item: str) -> str:
     return "" if item in ITEM_FILES else f"{item}/"
 
 
-@dataclass(frozen=True)
+REPR_METRICS = 3
+"""How many metrics the repr of a :class:`CheckpointInfo` shows (the ranking metric first)."""
+
+
+@dataclass(frozen=True, repr=False)
 class CheckpointInfo:
     """One committed checkpoint, as listed by :meth:`CheckpointManager.checkpoints`.
 
@@ -75,6 +79,8 @@ class CheckpointInfo:
     ``path`` is a :class:`~pathlib.Path` for a checkpoint on the local file system and a URL string
     (``s3://bucket/run/epoch_3@<transaction>``) for one on an object store; ``location`` is always
     the string, and ``backend`` the storage backend that reads it.
+
+    Its repr is short: the name, epoch, step and the first few metrics (the ranking metric first).
     """
 
     path: Path | str
@@ -87,6 +93,14 @@ class CheckpointInfo:
     files: dict[str, FileRecord] = field(default_factory=dict)
     items: tuple[str, ...] = ()
     backend: Backend = field(default=LOCAL, compare=False, repr=False)
+
+    def __repr__(self) -> str:
+        names = sorted(self.metrics, key=lambda name: name != self.metric_for_best)  # stable: the rest keep their order
+        shown = {name: _short(self.metrics[name]) for name in names[:REPR_METRICS]}
+        metrics = ", ".join(f"{name[:40]!r}: {value}" for name, value in shown.items())
+        if len(names) > REPR_METRICS:
+            metrics += f", ... +{len(names) - REPR_METRICS} more"
+        return f"CheckpointInfo(name={self.name!r}, epoch={self.epoch}, step={self.step}, metrics={{{metrics}}})"
 
     @property
     def name(self) -> str:
@@ -117,6 +131,11 @@ class CheckpointInfo:
     @property
     def sort_key(self) -> tuple[int, int]:
         return (self.epoch, -1 if self.step is None else self.step)
+
+
+def _short(value: Any) -> str:
+    """A metric as a repr shows it: a float to 4 significant digits, anything else as its repr, cut short."""
+    return repr(float(f"{value:.4g}")) if isinstance(value, float) else repr(value)[:40]
 
 
 def build_metadata(

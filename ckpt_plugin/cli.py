@@ -11,6 +11,12 @@
 
 Every command takes ``--json`` for scripts. Exit status: 0 on success, 1 when a check fails or a
 file is corrupt, 2 on bad input (a missing directory, an unknown epoch or version).
+
+The commands that read only metadata (``--help``, ``list``, ``show``, ``verify``, ``versions``,
+``history``) never import torch, so they start in a fraction of a second; ``diff``, ``export``,
+the commands that copy tensors and ``show`` of a per-rank sharded checkpoint import it when they
+read tensors. For the same reason this module
+imports the library's machinery inside the commands: ``--help`` loads only the command line.
 """
 
 from __future__ import annotations
@@ -25,23 +31,18 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Optional
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Optional
 
 try:
     import typer
     from rich.console import Console
     from rich.filesize import decimal as format_size
     from rich.console import Group
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.table import Table
     from rich.text import Text
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the ckpt command needs the cli extra: pip install 'ckpt-plugin[cli]'") from exc
 
-import torch
-
-from . import shards
-from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, looks_like_checkpoint, parse_metadata
 from .display import visible
 from .errors import (
     CheckpointError,
@@ -50,14 +51,16 @@ from .errors import (
     CorruptCheckpointError,
     PromotionError,
     SignatureError,
+    UnsignedError,
 )
-from .format import codec
-from .io.files import copy_file, read_json, verify_file, write_bytes_file, write_tensor_file
-from .io.reader import foreign_files, open_item_files, read_checkpoint, read_info
-from .io.writer import SAFETENSORS_METADATA
-from .registry import PRODUCTION_MODEL_FILE, ArtifactRegistry, parse_version
-from .signing import SIGNATURE_FILE, verify_prefix
-from .storage import LOCAL, Backend, FileRecord, LocalStore, is_url, publish_file, publish_made
+
+if TYPE_CHECKING:
+    import torch
+    from rich.progress import Progress
+
+    from .checkpoint import CheckpointInfo
+    from .registry import ArtifactRegistry
+    from .storage import Backend, FileRecord
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -92,6 +95,12 @@ err = DataConsole(stderr=True)
 Directory = Annotated[str, typer.Argument(help="The checkpoint directory (what CheckpointManager saved into), or its URL (s3://bucket/run/checkpoints).")]
 Target = Annotated[str, typer.Argument(help="An epoch number, 'best', 'latest', or a validated version such as v1.0.0.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+MetricNames = Annotated[
+    Optional[str],
+    typer.Option("--metrics", help="The metrics to show, in order, separated by commas (e.g. eval_loss,eval_accuracy). "
+                 "Default: the ranking metric first, then the others, without the runtime and throughput counters "
+                 "of Hugging Face runs (eval_runtime, *_samples_per_second, total_flos, epoch, ...)."),
+]
 ValidatedDir = Annotated[Optional[str], typer.Option(help="Validated versions, a path or URL (default: validated/ beside DIR).")]
 ProductionDir = Annotated[Optional[str], typer.Option(help="The production model, a path or URL (default: production/ beside DIR).")]
 StorageOptions = Annotated[
@@ -144,12 +153,20 @@ def _registry(
     """The registry of ``directory``: a local path, or an object store URL (configured by
     ``--storage-option`` pairs, else by the store's standard environment, such as
     ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``)."""
+    from .registry import ArtifactRegistry
+    from .storage import is_url
+
     options = _storage_options(storage_option)
     if is_url(str(directory)):
         return ArtifactRegistry(str(directory), validated_dir, production_dir, storage_options=options)
     if options:
         raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
     directory = Path(directory)
+    if not directory.is_dir() and validated_dir is None and production_dir is None:
+        raise CheckpointNotFoundError(
+            f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into), "
+            "or --validated-dir and --production-dir to use a registry without one"
+        )
     registry = ArtifactRegistry(
         directory,
         Path(validated_dir) if validated_dir is not None else None,
@@ -179,6 +196,8 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
 
 
 def _existing(directory: str | Path) -> str | Path:
+    from .storage import is_url
+
     if is_url(str(directory)):
         return str(directory)
     directory = Path(directory)
@@ -231,6 +250,8 @@ class Bars:
         if total < PROGRESS_MIN_BYTES:
             return None
         if self._progress is None:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
             columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
             self._progress = Progress(*columns, console=err, transient=True)
             self._progress.start()
@@ -245,8 +266,13 @@ class Bars:
             self._progress.stop()
 
 
-def _verify_all(files: list[tuple[Any, FileRecord]], label: str, bars: Bars, backend: Backend = LOCAL) -> list[dict[str, str]]:
-    """Check every file against its record; return one problem per damaged or missing file."""
+def _verify_all(files: list[tuple[Any, FileRecord]], label: str, bars: Bars, backend: Backend | None = None) -> list[dict[str, str]]:
+    """Check every file against its record (on ``backend``, the local file system when None);
+    return one problem per damaged or missing file."""
+    from .io.files import verify_file
+    from .storage import LOCAL
+
+    backend = backend or LOCAL
     problems = []
     advance = bars(label, sum(record.size for _, record in files))
     for path, record in files:
@@ -259,6 +285,8 @@ def _verify_all(files: list[tuple[Any, FileRecord]], label: str, bars: Bars, bac
 
 def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str | None]:
     """The checkpoint an EPOCH argument names, and its version when it is a validated one."""
+    from .registry import parse_version
+
     if spec in ("best", "latest"):
         return registry.resolve(spec), None
     if spec.isdigit():
@@ -274,6 +302,9 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
 
 def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
     """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
+    from .checkpoint import STATE_FILE
+    from .io.reader import read_checkpoint
+
     needed = {*_model_files(info), STATE_FILE} if items == ("model",) else set(info.files)
     problems = _verify_all(
         [(info.file(name), info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars, info.backend
@@ -285,6 +316,9 @@ def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> di
 
 def _model_files(info: CheckpointInfo) -> list[str]:
     """The files that hold the model of ``info``: one file, HF-style shards and index, or per-rank shards."""
+    from . import shards
+    from .checkpoint import MODEL_FILE
+
     if info.sharded:
         from .distributed.consolidate import model_files
 
@@ -298,11 +332,32 @@ def _model_tensors(info: CheckpointInfo, verify: bool = False) -> dict[str, torc
         from .distributed.consolidate import read_sharded_items
 
         return read_sharded_items(info.location, info.files, ["model"], verify=verify, backend=info.backend)["model"]
+    from .io.reader import open_item_files
+
     return open_item_files(info.location, info.files, _model_files(info)[0], verify=verify, backend=info.backend)
+
+
+def _model_shapes(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
+    """The shape of every model tensor, from the safetensors headers alone (no tensor is read, and
+    torch is not imported), or from the consolidated tensors of a per-rank sharded checkpoint."""
+    from .io.files import read_header
+    from .io.reader import item_shards
+
+    if info.sharded:
+        return {name: tuple(tensor.shape) for name, tensor in _model_tensors(info).items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in item_shards(info.location, info.files, _model_files(info)[0], verify=False, backend=info.backend):
+        _, specs, _ = read_header(info.file(name), info.files.get(name), backend=info.backend)
+        shapes.update((tensor, spec.shape) for tensor, spec in specs.items())
+    return shapes
 
 
 def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
     """The checkpoints of the directory, and a problem for each one named like a checkpoint that cannot be read."""
+    from .checkpoint import METADATA_FILE, looks_like_checkpoint
+    from .io.reader import read_info
+    from .storage import LocalStore
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # each unreadable one is reported as a problem below
         infos = registry.manager.checkpoints()
@@ -325,14 +380,28 @@ def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list
 
 @app.command("list")
 @_handled
-def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
-    """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked."""
+def list_checkpoints(
+    directory: Directory,
+    as_json: AsJson = False,
+    storage_option: StorageOptions = None,
+    metrics: MetricNames = None,
+) -> None:
+    """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked.
+
+    The ranking metric comes first, then the other recorded metrics; the runtime and throughput
+    counters of a Hugging Face run (eval_runtime, *_samples_per_second, total_flos, epoch, ...) are
+    left out unless --metrics names them. --json holds every metric unless --metrics is given.
+    """
+    from .metric_choice import choose, parse_names
+    from .retention import best_index
+
+    requested = parse_names(metrics)
     registry = _registry(_existing(directory), storage_option=storage_option)
     infos = registry.manager.checkpoints()
-    try:
-        best = registry.resolve("best").name if infos else None
-    except (CheckpointNotFoundError, ConfigurationError):
-        best = None
+    ranking, mode = registry.manager.ranking(infos)
+    shown, hidden = choose((name for info in infos for name in info.metrics), ranking, requested)
+    index = best_index(infos, ranking, mode) if infos and mode in ("min", "max") else None  # what ``best`` resolves to
+    best = infos[index].name if index is not None else None
     latest = infos[-1].name if infos else None
     production = registry.production()
     rows = [
@@ -340,7 +409,7 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_opti
             "name": info.name,
             "epoch": info.epoch,
             "step": info.step,
-            "metrics": info.metrics,
+            "metrics": info.metrics if requested is None else {name: info.metrics[name] for name in shown if name in info.metrics},
             "size": info.size,
             "saved_at": info.timestamp,
             "best": info.name == best,
@@ -355,25 +424,67 @@ def list_checkpoints(directory: Directory, as_json: AsJson = False, storage_opti
     if not rows:
         out.print(f"no checkpoints in {directory}")
     else:
-        table = Table("", "epoch", "step", "metrics", "size", "age", title=str(directory))
-        for info, row in zip(infos, rows):
-            marks = " ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on)
-            table.add_row(marks, str(info.epoch), "" if info.step is None else str(info.step),
-                          _format_metrics(info.metrics), format_size(info.size), _age(info.timestamp))
-        out.print(table)
+        ranked = f"metrics (best: {ranking}, {mode})" if best is not None else "metrics"
+        table = [
+            (" ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on),
+             str(info.epoch), "" if info.step is None else str(info.step),
+             _format_metrics({name: info.metrics[name] for name in shown if name in info.metrics}),
+             format_size(info.size), _age(info.timestamp))
+            for info, row in zip(infos, rows)
+        ]
+        _print_columns(str(directory), ("", "epoch", "step", ranked, "size", "age"), table, right={1, 2, 4})
+        if hidden:
+            out.print(f"not shown: {', '.join(hidden)} (choose with --metrics, e.g. --metrics {','.join([*shown[:1], hidden[0]])}; "
+                      "--json has every metric)", soft_wrap=True, style="dim")
     if summary["versions"]:
         out.print(f"validated: {', '.join(summary['versions'])}; production: {summary['production'] or 'none'}")
+
+
+def _print_columns(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> None:
+    """Print ``rows`` as aligned columns under ``title`` and a bold ``header``: one line per row,
+    cheap for thousands of rows (a Rich table measures and wraps every cell). The first column is
+    the row's marks, in green. Cells are data: their control characters are made visible."""
+    cells = [tuple(visible(cell) for cell in row) for row in [header, *rows]]
+    widths = [max(_width(row[column]) for row in cells) for column in range(len(header))]
+    lines, marks = [visible(title)], []  # marks: (start, end) of each non-empty first cell
+    offset = len(lines[0]) + 1
+    for index, row in enumerate(cells):
+        line = []
+        for column, (cell, width) in enumerate(zip(row, widths)):
+            padding = " " * (width - _width(cell))
+            line.append(padding + cell if column in right else cell if column == len(widths) - 1 else cell + padding)
+        if index and row[0]:
+            marks.append((offset, offset + len(row[0])))
+        lines.append("  ".join(line))
+        offset += len(lines[-1]) + 1
+    text = Text("\n".join(lines) + "\n")  # one Text: styling spans is cheap, one Text per cell is not
+    text.stylize("italic", 0, len(lines[0]))
+    text.stylize("bold", len(lines[0]) + 1, len(lines[0]) + 1 + len(lines[1]))
+    for start, end in marks:
+        text.stylize("green", start, end)
+    out.print(text, soft_wrap=True, end="")
+
+
+def _width(cell: str) -> int:
+    """The columns ``cell`` takes in a terminal."""
+    from rich.cells import cell_len
+
+    return len(cell) if cell.isascii() else cell_len(cell)
 
 
 @app.command()
 @_handled
 def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
     """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
+    from .checkpoint import METADATA_FILE, parse_metadata
+    from .format import codec
+    from .io.files import read_json
+
     registry = _registry(_existing(directory), storage_option=storage_option)
     info, version = _target(registry, epoch)
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     parse_metadata(info.location, metadata, info.backend)
-    model = _model_tensors(info)
+    model = _model_shapes(info)
     details: dict[str, Any] = {
         "name": info.name,
         "path": str(info.path),
@@ -385,7 +496,7 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_o
         "saved_at": info.timestamp,
         "items": list(info.items),
         "model_tensors": len(model),
-        "model_parameters": sum(tensor.numel() for tensor in model.values()),
+        "model_parameters": sum(math.prod(shape) for shape in model.values()),
         "files": {name: record.to_json() for name, record in info.files.items()},
         "config": codec.from_json(metadata.get("config")),
         "provenance": codec.from_json(metadata.get("metadata") or {}),
@@ -425,27 +536,36 @@ def verify(
     checkpoint that its metadata.json does not name (ckpt_plugin did not write it), and, with
     --key, each signature that does not verify.
     """
+    from .registry import PRODUCTION_MODEL_FILE
+    from .signing import SIGNATURE_FILE, verify_prefix
+    from .storage import LOCAL, FileRecord
+
     registry = _registry(_existing(directory), storage_option=storage_option)
     infos, problems = _raw_listing(registry)
     problems += _foreign_files(infos)
     files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
     backend = registry.backend if registry.remote else LOCAL  # every file of one registry is on one store
+    unsigned: dict[str, str] = {}  # version -> where it is
     for version in registry.versions():
         folder = str(registry.version_dir(version))
         try:
             records = registry.validation(version)["files"]
             if key is not None:
                 registry.verify_signature(version, key)
+        except UnsignedError:
+            unsigned[version] = folder
         except (CorruptCheckpointError, SignatureError) as exc:
             problems.append({"path": str(folder), "error": str(exc)})
             continue
         files += [(backend.join(folder, name), FileRecord.from_json(record)) for name, record in records.items()]
     try:
         production = registry.production()
-        if key is not None:
+        if key is not None and (production is None or production["version"] not in unsigned):
             registry.verify_production_signature(key)
     except (CorruptCheckpointError, SignatureError) as exc:
         production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
+    serving = production["version"] if production is not None else None
+    problems += [{"path": folder, "error": _unsigned(version, version == serving, directory)} for version, folder in unsigned.items()]
     if production is not None:
         record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
         files.append((backend.join(str(registry.production_dir), production.get("weights", PRODUCTION_MODEL_FILE)), record))
@@ -470,8 +590,21 @@ def verify(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _unsigned(version: str, in_production: bool, directory: str) -> str:
+    """What to do about a validated version that ``verify --key`` finds without a signature."""
+    served = " (the one in production)" if in_production else ""
+    return (
+        f"validated version v{version}{served} is not signed, so --key cannot vouch for it. A version never changes, "
+        f"so sign a new one: ckpt validate {directory} EPOCH --version NEW --signing-key PRIVATE_KEY.pem"
+        + (", then ckpt promote it" if in_production else "")
+        + "; or run ckpt verify without --key to check the checksums only"
+    )
+
+
 def _foreign_files(infos: list[CheckpointInfo]) -> list[dict[str, str]]:
     """A problem for each file inside a checkpoint that its format does not name."""
+    from .io.reader import foreign_files
+
     return [
         {"path": info.file(name), "error": f"{info.file(name)} is not part of checkpoint {info.name}: its metadata.json "
          "does not name it, so ckpt_plugin did not write it (tools that read whatever a checkpoint directory holds, "
@@ -542,6 +675,8 @@ def _difference(a: Any, b: Any) -> Any:
 def compare_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per tensor name of two state dicts: ``status`` (unchanged, changed, added, removed,
     or reshaped when the shape or dtype differs) and ``max_abs_diff`` where it can be computed."""
+    import torch
+
     rows = []
     for name in dict.fromkeys([*a, *b]):
         x, y = a.get(name), b.get(name)
@@ -560,12 +695,16 @@ def compare_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str
 
 def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether two tensors of one shape and dtype hold the same bytes (NaNs included)."""
+    import torch
+
     return torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
 
 
 def _same_value(x: Any, y: Any) -> bool:
     """Whether two values of a state dict that are not both tensors are equal: lists, tuples and
     dicts element by element, tensors inside them bit by bit, anything else with ``==``."""
+    import torch
+
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
         return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
                 and x.dtype == y.dtype and _same_bits(x, y))
@@ -580,6 +719,8 @@ def _same_value(x: Any, y: Any) -> bool:
 
 def _max_abs_diff(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> float:
     """The largest ``|y - x|``, in chunks to bound memory; NaN in both places counts as equal."""
+    import torch
+
     wide = torch.complex128 if x.is_complex() else torch.float64
     x, y = x.reshape(-1), y.reshape(-1)
     largest = 0.0
@@ -617,6 +758,10 @@ def validate(
         _version(version)
     checks = dict(metric_check(expression) for expression in require or [])
     which: int | str = int(epoch) if epoch.isdigit() else epoch
+    if checks:  # a metric the checkpoint never recorded is a typo, found before any file is read
+        source = registry.resolve(which, metric, mode)
+        for expression in require or []:
+            _require_recorded(_EXPRESSION.match(expression).group(1), source.metrics, source.name)  # type: ignore[union-attr]
     with Bars() as bars:
         record = registry.validate(
             which, version, bump=bump, checks=checks, metric=metric, mode=mode, progress=bars, signing_key=signing_key
@@ -647,14 +792,25 @@ def metric_check(expression: str) -> tuple[str, Callable[[dict[str, Any]], bool]
 
     def check(checkpoint: dict[str, Any]) -> bool:
         metrics = checkpoint["metrics"]
-        if name not in metrics:
-            raise KeyError(f"the checkpoint records no metric {name!r} (it has: {', '.join(metrics) or 'none'})")
+        _require_recorded(name, metrics, checkpoint.get("metadata", {}).get("path", "the checkpoint"))
         return bool(compare(metrics[name], threshold))
 
     return f"{name} {symbol} {match.group(3)}", check  # type: ignore[union-attr]
 
 
+def _require_recorded(metric: str, metrics: Mapping[str, Any], checkpoint: str) -> None:
+    """Refuse a --require on a metric ``checkpoint`` did not record: a usage error (a typo, or the
+    wrong checkpoint), not a model that failed its check."""
+    if metric not in metrics:
+        raise ConfigurationError(
+            f"--require names metric {metric!r}, which {checkpoint} does not record; its metrics are: "
+            f"{', '.join(metrics) or 'none'}. Nothing was validated"
+        )
+
+
 def _version(text: str) -> str:
+    from .registry import parse_version
+
     try:
         return str(parse_version(text))
     except PromotionError as exc:
@@ -792,6 +948,10 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
     holds (every Hugging Face callback checkpoint does), or the model config it recorded. A
     checkpoint with neither cannot give a folder that ``from_pretrained`` loads, so it is refused.
     """
+    from .io.files import copy_file, write_bytes_file
+    from .registry import PRODUCTION_MODEL_FILE
+    from .storage import LOCAL, LocalStore
+
     extra_files = [name for name in HF_CONFIG_FILES if name in info.files]
     if config_file is not None:
         config_bytes: bytes | None = config_file.read_bytes()
@@ -825,6 +985,10 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
 def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
     """The model config a checkpoint recorded (its config, or the config's ``"model"`` entry), or a
     :class:`ConfigurationError` saying why no loadable folder can be written without ``--config``."""
+    from .checkpoint import METADATA_FILE, parse_metadata
+    from .format import codec
+    from .io.files import read_json
+
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     parse_metadata(info.location, metadata, info.backend)
     config = codec.from_json(metadata.get("config"), info.file(METADATA_FILE), "config")
@@ -840,12 +1004,17 @@ def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
 
 def _model_weights(info: CheckpointInfo, target: Path, bars: Bars) -> FileRecord:
     """Write the full model of ``info`` as one safetensors file at the new path ``target``."""
+    from .io.files import write_tensor_file
+    from .io.writer import SAFETENSORS_METADATA
+
     _read(info, ("model",), bars)  # verifies the model's files, with a progress bar for big ones
     return write_tensor_file(target, _model_tensors(info), SAFETENSORS_METADATA)
 
 
 def export_safetensors(info: CheckpointInfo, target: Path, bars: Bars) -> list[str]:
     """Write the model's weights as one ``model.safetensors``-style file (shards consolidated)."""
+    from .storage import publish_made
+
     target.parent.mkdir(parents=True, exist_ok=True)
     publish_made(target, lambda temporary: _model_weights(info, temporary, bars))
     return []
@@ -860,6 +1029,10 @@ def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars
     else:
         keep = ("model", "optimizer", "scheduler", "epoch", "step", "metrics", "config", "extra")
         payload = {key: checkpoint[key] for key in keep if checkpoint.get(key) is not None}
+
+    import torch
+
+    from .storage import publish_file
 
     def write(handle: BinaryIO) -> None:
         torch.save(payload, handle)
@@ -881,24 +1054,33 @@ def plot(
     production_dir: ProductionDir = None,
     storage_option: StorageOptions = None,
     as_json: AsJson = False,
+    metrics: MetricNames = None,
 ) -> None:
     """Plot the recorded metrics of every checkpoint ever saved (pruned ones too), marking the kept,
     pruned, best and latest checkpoints and the validated and production versions. DIR may be a
-    URL (s3://bucket/run/checkpoints); its save log is the .saves/ objects there."""
-    from .plot import plot_run, run_history
+    URL (s3://bucket/run/checkpoints); its save log is the .saves/ objects there.
 
+    One panel per metric, the ranking metric first; the runtime and throughput counters of a
+    Hugging Face run get none unless --metrics names them."""
+    from .metric_choice import parse_names
+    from .plot import plot_run, run_history
+    from .storage import is_url
+
+    requested = parse_names(metrics)
     options = _storage_options(storage_option)
     if options and not is_url(str(directory)):
         raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
     history = run_history(_existing(directory), validated_dir, production_dir, storage_options=options)
-    marks = plot_run(history, output)
+    marks = plot_run(history, output, requested)
     if as_json:
         _print_json({"output": str(output), **marks})
         return
     out.print(
         f"wrote {output}: {len(marks['kept'])} kept and {len(marks['pruned'])} pruned checkpoints, "
-        f"metrics {', '.join(marks['metrics']) or 'none'}"
+        f"metrics {', '.join(marks['panels']) or 'none'}", soft_wrap=True
     )
+    if marks["hidden"]:
+        out.print(f"not plotted: {', '.join(marks['hidden'])} (choose with --metrics)", soft_wrap=True, style="dim")
 
 
 def main() -> None:

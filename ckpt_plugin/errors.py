@@ -56,3 +56,7 @@ class DistributedCheckpointError(CheckpointError):
 
 class SignatureError(CheckpointError):
     """A signature is missing or does not verify: the files are not what the key's owner signed."""
+
+
+class UnsignedError(SignatureError):
+    """A signature was required, but the checkpoint or version has none (no ``model.sig``)."""

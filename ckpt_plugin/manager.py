@@ -8,9 +8,7 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import listing, retention, savelog, signing
 from .checkpoint import METADATA_FILE, CheckpointInfo, checkpoint_name, looks_like_checkpoint
@@ -28,12 +26,14 @@ from .format.names import parse_checkpoint_name
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
 from .io.reader import Device, read_checkpoint, read_info
-from .io.restore import restore_checkpoint
 from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
 from .rng import capture_rng_state, restore_rng_state
 from .storage import LocalStore, is_url, open_store, trash
 from .storage.local import directory_identity
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""
@@ -580,6 +580,12 @@ class CheckpointManager:
             )
         return found[index]
 
+    def ranking(self, found: list[CheckpointInfo] | None = None) -> tuple[str, str]:
+        """The metric and mode that :meth:`best` ranks by without arguments, over ``found`` (by
+        default the checkpoints listed now): the manager's ``metric_for_best``, else the one the
+        checkpoints recorded, else ``"loss"``."""
+        return self._ranking(self.checkpoints() if found is None else found, None, None)
+
     def _ranking(self, found: list[CheckpointInfo], metric: str | None, mode: str | None) -> tuple[str, str]:
         """The metric and mode that :meth:`best` ranks by (see there)."""
         if metric is None and self.metric_for_best is not None:
@@ -599,12 +605,14 @@ class CheckpointManager:
     def _find_in(self, found: list[CheckpointInfo], epoch: int, step: int | None) -> CheckpointInfo:
         matches = [info for info in found if info.epoch == epoch and (step is None or info.step == step)]
         if not matches:
-            existing = ", ".join(info.name.removeprefix("epoch_") for info in found) or "none"
             wanted = f"epoch {epoch}" + ("" if step is None else f" step {step}")
             self._raise_if_unreadable(epoch, step, wanted)
-            raise CheckpointNotFoundError(
-                f"no checkpoint for {wanted} in {self.checkpoint_dir}; existing epochs: {existing}"
+            steps = sorted({info.step for info in found if info.epoch == epoch and info.step is not None})
+            existing = (
+                f"epoch {epoch} has step{'s' if len(steps) > 1 else ''} {_ranges(steps)}" if steps
+                else f"existing epochs: {_ranges(sorted({info.epoch for info in found})) or 'none'}"
             )
+            raise CheckpointNotFoundError(f"no checkpoint for {wanted} in {self.checkpoint_dir}; {existing}")
         return matches[-1]
 
     def _raise_if_unreadable(self, epoch: int, step: int | None, wanted: str) -> None:
@@ -799,6 +807,8 @@ class CheckpointManager:
         if info.sharded:
             self._restore_consolidated(info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
             return info
+        from .io.restore import restore_checkpoint  # the tensor machinery loads on first use
+
         restore_checkpoint(
             info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
         )
@@ -837,6 +847,18 @@ class CheckpointManager:
 
 def _newest(found: list[CheckpointInfo]) -> CheckpointInfo | None:
     return found[-1] if found else None
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted whole numbers, a run of more than four written as its ends: ``[0, 1, 2, 3, 4, 5, 8, 9]``
+    as ``"0-5, 8, 9"``, so that a message about a long run stays one line."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 4 else ", ".join(map(str, run)) for run in runs)
 
 
 def _named_for(info: CheckpointInfo) -> bool:
@@ -887,6 +909,8 @@ def _current_dir() -> str | None:
 
 
 def _whole_number(value: Any, name: str) -> int:
+    import torch
+
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -923,6 +947,8 @@ def normalize_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _scalar(name: str, value: Any) -> Any:
+    import torch
+
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):  # subclasses such as np.float64 become plain numbers

@@ -12,12 +12,12 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-import torch
-
 
 @functools.lru_cache(maxsize=1)
 def _library_versions() -> dict[str, str | None]:
     from importlib import metadata as importlib_metadata
+
+    import torch  # a save has imported it already
 
     from . import __version__
 

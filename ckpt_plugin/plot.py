@@ -2,6 +2,7 @@
 
     history = run_history("checkpoints")           # the save log + the directory + the registry
     marks = plot_run(history, "run.png")           # .png, .svg or .html; returns what it marked
+    plot_run(history, "run.svg", metrics=["eval_loss", "eval_runtime"])   # these panels, in this order
 
 Every save is a point, pruned ones included (the save log, ``.saves.jsonl`` in a directory or the
 ``.saves/`` objects on an object store, outlives retention). ``checkpoint_dir`` may be a URL
@@ -10,6 +11,11 @@ Points are marked as kept or pruned, and the best, the latest, each validated ve
 production version are marked on top. The marks are also written into the file (PNG text chunk,
 SVG metadata, a JSON block in HTML) so tools and tests can check a picture against its directory.
 Needs matplotlib (``pip install 'ckpt-plugin[plot]'``); it runs headless (Agg).
+
+One panel per metric: the ranking metric first, then the others; the runtime and throughput
+counters of a Hugging Face run (``eval_runtime``, ``*_samples_per_second``, ``total_flos``,
+``epoch``, ...) get no panel unless ``metrics`` names them (:mod:`ckpt_plugin.metric_choice`).
+The x axis (steps, or epochs when a checkpoint has no step) has whole-number ticks.
 
 Names are data: every label is drawn as written (no mathtext, no TeX, control characters made
 visible), and a metric that is not a finite float is left out of the picture.
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import savelog
+from . import metric_choice, savelog
 from .display import visible
 from .errors import CheckpointNotFoundError, ConfigurationError
 from .manager import DEFAULT_METRIC, CheckpointManager
@@ -68,7 +74,8 @@ class RunHistory:
         return point.step if self.x_label == "step" and point.step is not None else point.epoch
 
     def marks(self) -> dict[str, Any]:
-        """What the picture marks, by checkpoint name: kept, pruned, best, latest, validated, production."""
+        """What the picture marks, by checkpoint name: kept, pruned, best, latest, validated, production;
+        and ``metrics``, every metric recorded (sorted)."""
         named = {mark: [point.name for point in self.points if mark in point.marks] for mark in ("best", "latest")}
         return {
             "x": self.x_label,
@@ -168,25 +175,33 @@ def _mark_registry(history: RunHistory, registry: ArtifactRegistry) -> None:
                 by_name[name].marks.append("production")
 
 
-def plot_run(history: RunHistory, output: str | Path) -> dict[str, Any]:
-    """Draw ``history`` into ``output`` (``.png``, ``.svg`` or ``.html``); return :meth:`RunHistory.marks`."""
+def plot_run(history: RunHistory, output: str | Path, metrics: list[str] | None = None) -> dict[str, Any]:
+    """Draw ``history`` into ``output`` (``.png``, ``.svg`` or ``.html``); return :meth:`RunHistory.marks`
+    with ``panels`` (the metrics drawn, in order) and ``hidden`` (the recorded ones not drawn).
+
+    ``metrics`` chooses the panels; by default the ranking metric and the model's metrics are
+    drawn, and the runtime and throughput counters are not. A name no checkpoint recorded raises
+    :class:`ConfigurationError` naming the recorded ones.
+    """
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
         raise ConfigurationError(f"cannot write {output}: the picture is .png, .svg or .html")
     if not history.points:
         raise CheckpointNotFoundError(f"{history.checkpoint_dir} records no saved checkpoint to plot")
-    figure = _figure(history)
-    marks = history.marks()
+    panels, hidden = _panel_metrics(history, metrics)
+    figure = _figure(history, panels)
+    marks = {**history.marks(), "panels": panels, "hidden": hidden}
     description = json.dumps(marks, sort_keys=True)
     suffix = output.suffix.lower()
     output.parent.mkdir(parents=True, exist_ok=True)
+    fitted = {"bbox_inches": "tight", "pad_inches": 0.15}  # nothing drawn is clipped at an edge
     if suffix == ".png":
-        figure.savefig(output, dpi=110, metadata={"Description": description})
+        figure.savefig(output, dpi=110, metadata={"Description": description}, **fitted)
     elif suffix == ".svg":
-        figure.savefig(output, metadata={"Description": description})
+        figure.savefig(output, metadata={"Description": description}, **fitted)
     else:
         buffer = io.StringIO()
-        figure.savefig(buffer, format="svg")
+        figure.savefig(buffer, format="svg", **fitted)
         output.write_text(_html_page(history, buffer.getvalue(), description), encoding="utf-8")
     _close(figure)
     return marks
@@ -202,34 +217,46 @@ _STYLE = {
 }
 
 
-def _figure(history: RunHistory) -> Any:
+def _figure(history: RunHistory, metrics: list[str]) -> Any:
     try:  # a bare Figure draws with Agg and leaves pyplot's global state and backend alone
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ConfigurationError("ckpt plot needs matplotlib: pip install 'ckpt-plugin[plot]'") from exc
-    metrics = _panel_metrics(history)
+    metrics = metrics or ["(no metrics)"]
     columns = 1 if len(metrics) == 1 else 2 if len(metrics) <= 4 else 3
     rows = -(-len(metrics) // columns)
-    figure = Figure(figsize=(5.2 * columns, 3.4 * rows + 0.6), layout="constrained")
+    figure = Figure(figsize=(5.6 * columns, 3.4 * rows + 0.8), layout="constrained")
+    # The run's directory is the title and the legend sits below the panels; constrained layout
+    # keeps both clear of the panels and of their titles and x labels.
+    figure.suptitle(_wrapped(_label(history.checkpoint_dir), 60 * columns), fontsize=9, **_AS_WRITTEN)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for axis, metric in zip(axes, metrics):
         _panel(axis, history, metric)
     for axis in axes[len(metrics):]:
         axis.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 6), frameon=False)
-    figure.suptitle(_label(history.checkpoint_dir), fontsize=9, y=0.0, va="bottom", **_AS_WRITTEN)
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
     return figure
 
 
-def _panel_metrics(history: RunHistory) -> list[str]:
-    names = sorted({name for point in history.points for name in point.metrics})
-    if history.metric_for_best in names:  # the ranking metric first
-        names.remove(history.metric_for_best)
-        names.insert(0, history.metric_for_best)
-    if len(names) > MAX_PANELS:
-        warnings.warn(f"plotting the first {MAX_PANELS} of {len(names)} metrics", UserWarning, stacklevel=3)
-    return names[:MAX_PANELS] or ["(no metrics)"]
+def _panel_metrics(history: RunHistory, requested: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The metrics that get a panel, in order, and the recorded ones that do not."""
+    recorded = sorted({name for point in history.points for name in point.metrics})
+    shown, hidden = metric_choice.choose(recorded, history.metric_for_best, requested)
+    if len(shown) > MAX_PANELS:
+        warnings.warn(f"plotting the first {MAX_PANELS} of {len(shown)} metrics; choose them with --metrics",
+                      UserWarning, stacklevel=3)
+        shown, hidden = shown[:MAX_PANELS], hidden + shown[MAX_PANELS:]
+    return shown, hidden
+
+
+def _wrapped(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (at spaces, underscores and
+    slashes where it can), so that a long title does not run into its neighbour's."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width, break_on_hyphens=False) or [""]
+    return "\n".join(lines)
 
 
 def _panel(axis: Any, history: RunHistory, metric: str) -> None:
@@ -251,15 +278,27 @@ def _panel(axis: Any, history: RunHistory, metric: str) -> None:
     in_production = history.production[0] if history.production is not None else None
     for version, name in history.versions.items():
         versions_of.setdefault(name, []).append(f"v{version}" + (" (production)" if version == in_production else ""))
+    middle = (min(xs) + max(xs)) / 2 if xs else 0
     for x, y, point in zip(xs, ys, points):
-        if point.name in versions_of:
-            axis.annotate(_label(", ".join(versions_of[point.name])), (x, y), textcoords="offset points", xytext=(6, 8),
-                          fontsize=8, **_AS_WRITTEN)
-    best = " (ranks best, " + history.mode + ")" if metric == history.metric_for_best else ""
-    axis.set_title(_label(metric) + best, fontsize=10, **_AS_WRITTEN)
+        if point.name in versions_of:  # labels point inwards, so none runs off the right edge
+            inwards = x > middle
+            axis.annotate(_label(", ".join(versions_of[point.name])), (x, y), textcoords="offset points",
+                          xytext=(-6 if inwards else 6, 8), ha="right" if inwards else "left", fontsize=8, **_AS_WRITTEN)
+    title = _wrapped(_label(metric), 48)
+    if metric == history.metric_for_best:
+        title += f"\n(ranks best, {history.mode})"
+    axis.set_title(title, fontsize=10, **_AS_WRITTEN)
     axis.set_xlabel(history.x_label)
+    axis.xaxis.set_major_locator(_whole_numbers())
     axis.grid(alpha=0.3)
     axis.margins(x=0.08, y=0.12)
+
+
+def _whole_numbers() -> Any:
+    """Tick positions that are whole numbers only: epochs and steps have no halves."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _html_page(history: RunHistory, svg: str, description: str) -> str:

@@ -38,10 +38,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import filelock
-import torch
 from packaging.version import InvalidVersion, Version
 
 from . import shards, signing
@@ -70,6 +69,9 @@ from .manager import CheckpointManager
 from .metadata import utc_timestamp
 from .registry_objects import ObjectStorePlaces
 from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url, publish_file
+
+if TYPE_CHECKING:
+    import torch
 
 VALIDATION_FILE = "validation.json"
 HISTORY_FILE = "history.jsonl"
@@ -131,7 +133,9 @@ def run_checks(checks: Sequence[tuple[str, Check]], checkpoint: dict[str, Any]) 
     """Run every check on ``checkpoint``; a false result or an exception fails it.
 
     Returns one ``{"name", "passed", "detail"}`` record per check, in order. ``detail`` holds the
-    exception, or the returned value when it was not a plain bool.
+    exception, or the returned value when it was not a plain bool. A check that raises
+    :class:`ConfigurationError` says it was asked a wrong question (such as a metric the checkpoint
+    never recorded), not that the model failed: that error is raised as it is.
     """
     results = []
     for name, check in checks:
@@ -139,6 +143,8 @@ def run_checks(checks: Sequence[tuple[str, Check]], checkpoint: dict[str, Any]) 
             outcome = check(checkpoint)
             passed = bool(outcome)
             detail = None if isinstance(outcome, bool) else repr(outcome)[:200]
+        except ConfigurationError:
+            raise
         except Exception as exc:  # a check that raises fails the gate, whatever it raised
             passed, detail = False, f"{type(exc).__name__}: {exc}"
         results.append({"name": name, "passed": passed, "detail": detail})
@@ -183,6 +189,11 @@ class ArtifactRegistry:
         validated_dir: where validated versions go; default ``validated/`` beside ``checkpoint_dir``
             (a URL when ``checkpoint_dir`` is one).
         production_dir: what inference loads; default ``production/`` beside ``checkpoint_dir``.
+            The places beside a local ``checkpoint_dir`` are its own only when it exists: when it
+            does not exist as the registry is made (a mistyped name) and neither place is given,
+            every method that would read or write them raises :class:`CheckpointNotFoundError`
+            instead of serving the ``validated/`` and ``production/`` of another run. (Deleting the
+            raw checkpoints later breaks nothing; a new registry over them then needs the places.)
         lock_timeout: seconds to wait for another process's promotion before giving up (local
             directories; an object store needs no lock).
     """
@@ -203,6 +214,7 @@ class ArtifactRegistry:
             self._open_remote(str(checkpoint_dir), validated_dir, production_dir)
             return
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
+        self._unowned_places = validated_dir is None and production_dir is None and not self.checkpoint_dir.is_dir()
         beside = self.checkpoint_dir.parent
         self.validated_dir = Path(validated_dir).expanduser() if validated_dir is not None else beside / "validated"
         self.production_dir = Path(production_dir).expanduser() if production_dir is not None else beside / "production"
@@ -298,7 +310,8 @@ class ArtifactRegistry:
         Give either ``version`` (``"1.0.0"``) or ``bump`` (``"major"``, ``"minor"``, ``"patch"``: the
         next version after the highest validated one). ``checks`` are callables on the loaded
         checkpoint dict (or a mapping of name to callable); a false result or an exception fails
-        the gate, which raises :class:`PromotionError` and writes nothing. Returns the validation
+        the gate, which raises :class:`PromotionError` and writes nothing (a check that raises
+        :class:`ConfigurationError`, a question it cannot ask of this checkpoint, has that raised). Returns the validation
         record: version, source checkpoint and its checksum, metrics, and each check's result.
         ``progress`` reports the bytes read, for progress bars. With ``signing_key`` (an elliptic-curve
         private key's PEM file) the version is signed before it becomes visible; see
@@ -506,10 +519,7 @@ class ArtifactRegistry:
             if current is None:
                 raise PromotionError(f"nothing is in production at {self.production_dir}; promote a version first")
             if not current["previous_versions"]:
-                raise PromotionError(
-                    f"version {current['version']} is the first one promoted to {self.production_dir}; "
-                    "there is nothing to roll back to"
-                )
+                raise PromotionError(_first_promotion(current["version"], self.production_dir))
             *stack, target = current["previous_versions"]
             document = self._switch(parse_version(target), stack, progress, "rollback", current["version"])
         return _public(document)
@@ -565,9 +575,7 @@ class ArtifactRegistry:
         if current is None:
             raise PromotionError(f"nothing is in production at {self.production_dir}; promote a version first")
         if not current["previous_versions"]:
-            raise PromotionError(
-                f"version {current['version']} is the first one promoted to {self.production_dir}; there is nothing to roll back to"
-            )
+            raise PromotionError(_first_promotion(current["version"], self.production_dir))
         *stack, target = current["previous_versions"]
         source = self._production_source(parse_version(target))
         weights, record = self._upload_production_weights(source, progress)
@@ -709,6 +717,7 @@ class ArtifactRegistry:
 
     def _recorded_events(self) -> list[dict[str, Any]]:
         """The events of the local ``history.jsonl``, in the order they were appended."""
+        self._check_places()
         path = self.validated_dir / HISTORY_FILE
         if not path.is_file():
             return []
@@ -722,8 +731,20 @@ class ArtifactRegistry:
 
     # ------------------------------------------------------------------ internals
 
+    def _check_places(self) -> None:
+        """Refuse to use the default places beside a local checkpoint directory that did not exist
+        when the registry was made: they would be another run's (``ArtifactRegistry("chekpoints")``
+        beside ``production/``)."""
+        if not self.remote and self._unowned_places:
+            raise CheckpointNotFoundError(
+                f"{self.checkpoint_dir} does not exist, so the validated/ and production/ beside it are not its own; "
+                "pass the directory a CheckpointManager saved into, or validated_dir= and production_dir= to use "
+                "a registry without one"
+            )
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        self._check_places()
         self._validated.ensure_writable()
         try:
             with self._lock:
@@ -749,6 +770,7 @@ class ArtifactRegistry:
         if self.remote:
             names = self._places.version_names()
         else:
+            self._check_places()
             names = [entry.name for entry in self._validated.entries() if (Path(entry.path) / VALIDATION_FILE).is_file()]
         found = []
         for name in names:
@@ -764,6 +786,7 @@ class ArtifactRegistry:
         if self.remote:
             taken = self.backend.fingerprint(self._places.claim_key(_directory_name(version))) is not None
         else:
+            self._check_places()
             taken = (self.validated_dir / _directory_name(version)).exists()
         if taken:
             raise PromotionError(
@@ -780,11 +803,16 @@ class ArtifactRegistry:
             place = None if found is None else found[0]
             record = None if found is None else found[1]
         else:
+            self._check_places()
             local = self.validated_dir / _directory_name(version)
             place = str(local) if (local / VALIDATION_FILE).is_file() else None
         if place is None:
             existing = ", ".join(self.versions()) or "none"
-            raise CheckpointNotFoundError(f"version {version} is not validated in {self.validated_dir}; validated versions: {existing}")
+            raise CheckpointNotFoundError(
+                f"version {version} is not validated yet (validated versions: {existing}, in {self.validated_dir}); "
+                f"validate a checkpoint as that version first: ckpt validate {self.checkpoint_dir} EPOCH --version {version} "
+                "(or ArtifactRegistry.validate)"
+            )
         path = self.backend.join(place, VALIDATION_FILE)
         document = read_json(path, record, backend=self.backend)
         documents.check_seal(document, path)
@@ -811,6 +839,7 @@ class ArtifactRegistry:
                 if self.backend.fingerprint(self._places.pointer_key) is not None:
                     raise
                 return None
+        self._check_places()
         path = self.production_dir / PRODUCTION_RECORD_FILE
         try:
             return read_bytes_file(path)
@@ -1088,9 +1117,19 @@ class _SignedVersion:
     weights: FileRecord
 
 
+def _first_promotion(version: str, production_dir: Any) -> str:
+    """Why a rollback from the first promoted version is refused, and what to do."""
+    return (
+        f"version {version} is the first one promoted to {production_dir}; there is nothing to roll back to: a rollback "
+        "returns to the version promoted before the current one, so promote another version first"
+    )
+
+
 def _on_device(tensors: dict[str, torch.Tensor], map_location: Device) -> dict[str, torch.Tensor]:
     if map_location is None:
         return tensors
+    import torch
+
     device = torch.device(map_location)
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 

@@ -7,18 +7,23 @@ CUDA device's generator, numpy's global generator and Python's ``random`` contin
 from __future__ import annotations
 
 import random
+from types import ModuleType
 from typing import Any
 
-import torch
 
-try:
-    import numpy as _np
-except ImportError:  # pragma: no cover
-    _np = None
+def _numpy() -> ModuleType | None:
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy ships with every supported torch
+        return None
+    return numpy
 
 
 def capture_rng_state() -> dict[str, Any]:
     """The state of every global generator, as a tree the codec can store without pickle."""
+    import torch
+
+    _np = _numpy()
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -44,6 +49,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
     CUDA states are restored only where CUDA is available, for as many devices as both have.
     """
+    import torch
+
+    _np = _numpy()
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
     if "python" in state:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
-from .errors import CheckpointError, ConfigurationError, SignatureError
+from .errors import CheckpointError, ConfigurationError, SignatureError, UnsignedError
 from .io.files import hash_file, write_bytes_file
 from .storage import Backend, is_url
 from .storage.copies import PrivateCopyBackend
@@ -103,7 +103,7 @@ def verify_directory(directory: str | os.PathLike[str], public_key: Key) -> None
     signature = root / SIGNATURE_FILE
     key = _key_file(public_key, "public")
     if not signature.is_file():
-        raise SignatureError(f"{root} is not signed (no {SIGNATURE_FILE}); sign it, or load it without verify_with")
+        raise UnsignedError(f"{root} is not signed (no {SIGNATURE_FILE}); sign it, or load it without verify_with")
     try:
         config = verifying.Config().use_elliptic_key_verifier(public_key=key)
         config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[signature])).verify(root, signature)
@@ -181,7 +181,7 @@ def _read_signature(backend: Backend, location: str) -> bytes:
             raise SignatureError(f"{where} is larger than any signature; do not use this checkpoint")
         return backend.read_bytes(where)
     except FileNotFoundError:
-        raise SignatureError(
+        raise UnsignedError(
             f"{location} is not signed (no {SIGNATURE_FILE}); sign it, or load it without verify_with"
         ) from None
 

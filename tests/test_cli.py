@@ -117,7 +117,7 @@ def test_show_an_epoch_the_best_and_a_version(run: Path) -> None:
     assert code == 0 and "epoch_2" in stdout and "model.safetensors" in stdout
 
 
-@pytest.mark.parametrize("target, message", [("7", "existing epochs: 0, 1, 2, 3_step_30"), ("9.9.9", "validated versions: none"),
+@pytest.mark.parametrize("target, message", [("7", "existing epochs: 0, 1, 2, 3"), ("9.9.9", "validated versions: none"),
                                              ("first", "not an epoch number")])
 def test_show_an_unknown_epoch_or_version_exits_2(run: Path, target: str, message: str) -> None:
     code, _, stderr = ckpt("show", run, target)
@@ -172,14 +172,16 @@ def test_verify_covers_validated_versions_and_production(run: Path, monkeypatch)
 
 
 def test_progress_bar_only_for_big_reads(run: Path, monkeypatch) -> None:
+    from ckpt_plugin.io import files
+
     callbacks = []
-    real_verify = cli.verify_file
+    real_verify = files.verify_file
 
     def spy(path, record, progress=None, **options):
         callbacks.append(progress)
         real_verify(path, record, progress, **options)
 
-    monkeypatch.setattr(cli, "verify_file", spy)
+    monkeypatch.setattr(files, "verify_file", spy)  # the command imports it when it runs
     assert ckpt_json("verify", run)["ok"] is True
     assert callbacks and all(callback is None for callback in callbacks)  # a few kB: no bar
     callbacks.clear()
@@ -262,7 +264,7 @@ def test_a_failed_requirement_exits_1_and_validates_nothing(run: Path) -> None:
     code, _, stderr = ckpt("validate", run, "latest", "--version", "1.0.0", "--require", "accuracy>=0.9")
     assert code == 1 and "accuracy >= 0.9" in stderr and "Nothing was validated" in stderr
     code, _, stderr = ckpt("validate", run, "latest", "--version", "1.0.0", "--require", "f1>0.5")
-    assert code == 1 and "no metric 'f1'" in stderr
+    assert code == 2 and "metric 'f1', which" in stderr  # a metric never recorded is bad input, not a failed check
     assert not (run.parent / "validated").exists()
 
 
@@ -464,3 +466,54 @@ def test_every_url_command_takes_storage_options_instead_of_the_environment(
     assert torch.equal(load_file(tmp_path / "m.safetensors")["weight"], model.weight)
     code, _, stderr = ckpt("list", tmp_path, "--storage-option", "key=x")
     assert code == 2 and "only applies to URLs" in stderr
+
+
+# ---------------------------------------------------------------------- Hugging Face runs in the listing
+
+
+@pytest.fixture
+def hf_run(tmp_path: Path) -> Path:
+    """Metrics as the Hugging Face Trainer records them: the model's, its runtime counters, the epoch."""
+    directory = tmp_path / "hf"
+    manager = CheckpointManager(directory, max_checkpoints=None, metric_for_best="eval_loss")
+    for epoch in (1, 2):
+        manager.save(nn.Linear(2, 2), epoch=epoch, step=8 * epoch,
+                     metrics={"eval_runtime": 0.31, "eval_samples_per_second": 412.5, "eval_steps_per_second": 51.6,
+                              "epoch": float(epoch), "eval_accuracy": 0.5 * epoch, "eval_loss": 1.0 / epoch})
+    return directory
+
+
+def test_list_shows_the_ranking_metric_first_and_hides_runtime_counters(hf_run: Path) -> None:
+    code, stdout, _ = ckpt("list", hf_run)
+    assert code == 0
+    rows = [line for line in stdout.splitlines() if "eval_loss=" in line]
+    assert len(rows) == 2 and all(row.index("eval_loss=") < row.index("eval_accuracy=") for row in rows)
+    assert "eval_runtime=" not in stdout and "epoch=" not in stdout
+    assert "best: eval_loss, min" in stdout
+    assert "not shown: eval_runtime, eval_samples_per_second, eval_steps_per_second, epoch" in stdout
+    assert ckpt_json("list", hf_run)["checkpoints"][0]["metrics"]["eval_runtime"] == 0.31  # --json has them all
+
+
+def test_list_metrics_chooses_what_is_shown(hf_run: Path) -> None:
+    code, stdout, _ = ckpt("list", hf_run, "--metrics", "eval_runtime,eval_loss")
+    assert code == 0 and "eval_runtime=0.31  eval_loss=0.5" in stdout and "eval_accuracy=" not in stdout
+    rows = ckpt_json("list", hf_run, "--metrics", "eval_accuracy")["checkpoints"]
+    assert [row["metrics"] for row in rows] == [{"eval_accuracy": 0.5}, {"eval_accuracy": 1.0}]
+    code, _, stderr = ckpt("list", hf_run, "--metrics", "acuracy")
+    assert code == 2 and "'acuracy'" in stderr and "eval_loss" in stderr
+    code, _, stderr = ckpt("list", hf_run, "--metrics", " , ")
+    assert code == 2 and "names no metric" in stderr
+
+
+def test_list_prints_thousands_of_rows_as_aligned_columns(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    manager = CheckpointManager(directory, max_checkpoints=None)
+    for epoch in range(3):
+        manager.save(nn.Linear(2, 2), epoch=epoch, step=None if epoch < 2 else 1000, metrics={"loss": 1.0 / (epoch + 1)})
+    code, stdout, _ = ckpt("list", directory)
+    assert code == 0
+    lines = stdout.splitlines()
+    header = next(line for line in lines if "epoch" in line and "metrics" in line)
+    body = [line for line in lines if "loss=" in line]
+    assert len(body) == 3 and all(line.index("loss=") == header.index("metrics") for line in body)
+    assert body[-1].startswith("best latest") and not any(line.endswith(" ") for line in lines)

@@ -19,6 +19,10 @@ plain JSON would lose are wrapped in one-key marker objects so that they come ba
 
 Tensors that are the same view of the same memory (tied weights) are stored once: every later
 occurrence refers to the first one's name, and ``decode`` hands back one shared tensor object.
+
+Importing this module imports neither torch nor numpy, so that tools which only read metadata
+start fast: a value can only be a tensor or a numpy value when its library is already imported,
+and decoding imports torch or numpy only for a marker that needs it.
 """
 
 from __future__ import annotations
@@ -27,20 +31,18 @@ import base64
 import binascii
 import json
 import math
+import functools
 import pathlib
 import re
+import sys
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, EncodingError
 from .documents import within_depth as _within_depth
 
-try:  # numpy is optional; RNG capture and user trees may hold its arrays and scalars.
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy ships with every supported torch
-    _np = None
+if TYPE_CHECKING:
+    import torch
 
 TENSOR = "__tensor__"
 NDARRAY = "__ndarray__"
@@ -85,6 +87,9 @@ def tensor_identity(tensor: torch.Tensor) -> tuple[Any, ...]:
 class _Encoder:
     def __init__(self, root: str) -> None:
         self.root = root
+        # A tensor, dtype or device exists only once torch is imported, a numpy value once numpy is.
+        self._torch = sys.modules.get("torch")
+        self._np = sys.modules.get("numpy")
         self.tensors: dict[str, torch.Tensor] = {}
         self._names_by_identity: dict[tuple[Any, ...], str] = {}
         self._active: set[int] = set()
@@ -97,7 +102,7 @@ class _Encoder:
         return name
 
     def add_tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> str:
-        if tensor.is_sparse or tensor.layout != torch.strided:
+        if tensor.is_sparse or tensor.layout != self._torch.strided:
             raise EncodingError(
                 f"cannot store the {tensor.layout} tensor at {format_path(path)}: only dense "
                 "tensors are supported; convert it with .to_dense() first"
@@ -121,15 +126,16 @@ class _Encoder:
             return value
         if isinstance(value, int):
             return int(value)
+        torch, _np = self._torch, self._np
         if type(value) is not float and _np is not None and isinstance(value, _np.floating):
             return {NUMPY: value.dtype.name, "value": self.encode(float(value), path)}  # np.float64 is a float
         if isinstance(value, float):
             if math.isfinite(value):
                 return float(value)
             return {FLOAT: "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
-        if isinstance(value, torch.Tensor):
+        if torch is not None and isinstance(value, torch.Tensor):
             return {TENSOR: self.add_tensor(value, path)}
-        if isinstance(value, (torch.dtype, torch.device)):
+        if torch is not None and isinstance(value, (torch.dtype, torch.device)):
             return {DTYPE: str(value).removeprefix("torch.")} if isinstance(value, torch.dtype) else {DEVICE: str(value)}
         if isinstance(value, (bytes, bytearray)):
             return {BYTES: base64.b64encode(bytes(value)).decode("ascii")}
@@ -148,8 +154,11 @@ class _Encoder:
         )
 
     def encode_ndarray(self, array: Any, path: tuple[Any, ...]) -> dict[str, str]:
+        import torch
+
+        self._torch = torch
         try:
-            tensor = torch.from_numpy(_np.ascontiguousarray(array))
+            tensor = torch.from_numpy(self._np.ascontiguousarray(array))
         except TypeError as exc:
             raise EncodingError(
                 f"cannot store the numpy array of dtype {array.dtype} at {format_path(path)}: "
@@ -202,8 +211,23 @@ def encode(tree: Any, root: str = "state") -> tuple[Any, dict[str, torch.Tensor]
 MAX_TREE_DEPTH = 100
 """The deepest nesting of an encoded tree; deeper ones are refused when saved and when loaded."""
 
-DTYPES: dict[str, torch.dtype] = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-"""What ``__dtype__`` may name: the ``torch.dtype`` values of the torch namespace, nothing else."""
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """What ``__dtype__`` may name: the ``torch.dtype`` values of the torch namespace, nothing else
+    (also available as ``DTYPES``; imports torch)."""
+    import torch
+
+    return {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 NUMPY_SCALAR_TYPES = frozenset(
     {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"}
 )
@@ -314,13 +338,15 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor], de
             raise _Malformed(f"holds {value!r} under {FLOAT}; only 'nan', 'inf' and '-inf' are stored there")
         return _SPECIAL_FLOATS[value]
     if marker == DTYPE:
-        dtype = DTYPES.get(value) if type(value) is str else None
+        dtype = torch_dtypes().get(value) if type(value) is str else None
         if dtype is None:
             raise _Malformed(f"names {value!r} as a dtype, which is not a torch dtype")
         return dtype
     if marker == DEVICE:
         if type(value) is not str or _DEVICE.fullmatch(value) is None:
             raise _Malformed(f"holds {value!r} as a device, which is not a device name such as 'cpu' or 'cuda:0'")
+        import torch
+
         try:
             return torch.device(value)
         except (RuntimeError, ValueError) as exc:
@@ -335,13 +361,15 @@ def _decode_marker(node: dict[str, Any], tensors: Mapping[str, torch.Tensor], de
             raise _Malformed(f"holds a {type(value).__name__} as a path, not a string")
         return pathlib.Path(value)
     if marker == NUMPY:
-        if _np is None:  # pragma: no cover
-            raise ImportError("this checkpoint holds numpy scalars; install numpy to load it")
         if type(value) is not str or value not in NUMPY_SCALAR_TYPES:
             raise _Malformed(f"names {value!r} as a numpy scalar type; only numeric and bool types are stored")
         number = _decode(node["value"], tensors, depth + 1)
         if type(number) not in (int, float, bool):
             raise _Malformed(f"holds a {type(number).__name__} as the value of a numpy scalar, not a number")
+        try:
+            import numpy as _np  # ships with every supported torch
+        except ImportError:  # pragma: no cover
+            raise ImportError("this checkpoint holds numpy scalars; install numpy to load it") from None
         try:
             return _np.dtype(value).type(number)
         except (OverflowError, ValueError, TypeError) as exc:

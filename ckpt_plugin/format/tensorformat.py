@@ -8,43 +8,62 @@ the whole state into one buffer, which is what keeps a save's extra memory small
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import msgspec
-import torch
 
-from ..errors import CorruptCheckpointError, EncodingError
+from ..errors import CorruptCheckpointError, EncodingError, IncompatibleCheckpointError
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
+if TYPE_CHECKING:
+    import torch
+
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
 }
-for _name, _attr in (
-    ("U64", "uint64"),
-    ("U32", "uint32"),
-    ("U16", "uint16"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-    ("F8_E8M0", "float8_e8m0fnu"),
-):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
-_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+"""Each safetensors dtype code and the name of its ``torch`` dtype. Headers are parsed without
+torch (listing and inspecting read them); the dtypes themselves are looked up on first use."""
+_ITEM_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "C64": 8,
+    "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
+}
+"""Bytes per element of each code (the test suite checks them against torch's ``itemsize``)."""
+
+
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """The codes whose dtype this torch release has, and those dtypes."""
+    import torch
+
+    return {code: getattr(torch, name) for code, name in _DTYPE_NAMES.items() if hasattr(torch, name)}
+
+
+@functools.cache
+def _codes() -> dict[torch.dtype, str]:
+    return {dtype: code for code, dtype in _dtypes().items()}
+
 
 HEADER_LIMIT = 100 * 1024 * 1024
 """The largest header read, as the reference implementation allows. A header of empty tensors at
@@ -52,8 +71,7 @@ this size (about 1.7 million of them) parses in about 3 s and 0.5 GiB (``benchma
 METADATA_KEY = "__metadata__"
 MAX_DIMS = 64
 _Offset = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-_Code = Literal[tuple(_DTYPES)]  # type: ignore[valid-type]
-_ITEM_SIZES = {code: dtype.itemsize for code, dtype in _DTYPES.items()}
+_Code = Literal[tuple(_DTYPE_NAMES)]  # type: ignore[valid-type]
 
 
 class _Entry(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -73,7 +91,7 @@ class TensorSpec(msgspec.Struct, frozen=True, gc=False):
     """Where one tensor lies in a safetensors file (offsets are absolute, from the file start)."""
 
     name: str
-    dtype: torch.dtype
+    code: str
     shape: tuple[int, ...]
     start: int
     end: int
@@ -82,21 +100,39 @@ class TensorSpec(msgspec.Struct, frozen=True, gc=False):
     def nbytes(self) -> int:
         return self.end - self.start
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tensor's ``torch`` dtype (imports torch)."""
+        return dtype_of(self.code, self.name)
+
 
 def dtype_code(dtype: torch.dtype, name: str) -> str:
     """The safetensors code of ``dtype``, or an :class:`EncodingError` naming the tensor."""
+    codes = _codes()
     try:
-        return _CODES[dtype]
+        return codes[dtype]
     except KeyError:
         raise EncodingError(
             f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; supported: "
-            f"{', '.join(sorted(str(d).removeprefix('torch.') for d in _CODES))}"
+            f"{', '.join(sorted(str(d).removeprefix('torch.') for d in codes))}"
         ) from None
 
 
-def dtype_of(code: str) -> torch.dtype:
-    """The dtype of safetensors code ``code``; :class:`KeyError` for a code that is not on the list."""
-    return _DTYPES[code]
+def dtype_of(code: str, name: str | None = None) -> torch.dtype:
+    """The dtype of safetensors code ``code``; :class:`KeyError` for a code that is not on the list,
+    :class:`IncompatibleCheckpointError` for one this torch release has no dtype for."""
+    if code not in _DTYPE_NAMES:
+        raise KeyError(code)
+    try:
+        return _dtypes()[code]
+    except KeyError:
+        import torch
+
+        tensor = f"tensor {name!r} has" if name is not None else "it has"
+        raise IncompatibleCheckpointError(
+            f"{tensor} dtype {code} (torch.{_DTYPE_NAMES[code]}), which torch {torch.__version__} does not have; "
+            "upgrade torch to load it"
+        ) from None
 
 
 def plan(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
@@ -110,17 +146,18 @@ def plan(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
     if metadata:
         entries[METADATA_KEY] = {str(key): str(value) for key, value in metadata.items()}
     offset = 0
-    relative: list[tuple[str, torch.Tensor, int, int]] = []
+    relative: list[tuple[str, torch.Tensor, str, int, int]] = []
     for name in order:
         tensor = tensors[name]
         nbytes = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": dtype_code(tensor.dtype, name), "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        relative.append((name, tensor, offset, offset + nbytes))
+        code = dtype_code(tensor.dtype, name)
+        entries[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        relative.append((name, tensor, code, offset, offset + nbytes))
         offset += nbytes
     header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header += b" " * (-(8 + len(header)) % 8)
     data_start = 8 + len(header)
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape), data_start + b, data_start + e) for name, t, b, e in relative]
+    specs = [TensorSpec(name, code, tuple(t.shape), data_start + b, data_start + e) for name, t, code, b, e in relative]
     return struct.pack("<Q", len(header)) + header, specs
 
 
@@ -154,7 +191,7 @@ def parse(buffer: memoryview | bytes, file_size: int, filename: str) -> tuple[di
         raise corrupt(f"its {METADATA_KEY} is not a map of strings ({exc})") from None
     data_start = 8 + header_len
     specs: dict[str, TensorSpec] = members  # type: ignore[assignment]  # each member is replaced in place
-    decode_entry, prod, dtypes, item_sizes = _decode_entry, math.prod, _DTYPES, _ITEM_SIZES  # the loop runs per tensor
+    decode_entry, prod, item_sizes = _decode_entry, math.prod, _ITEM_SIZES  # the loop runs per tensor
     for name, member in members.items():
         try:
             entry = decode_entry(member)
@@ -171,7 +208,7 @@ def parse(buffer: memoryview | bytes, file_size: int, filename: str) -> tuple[di
             or (numel == 0 and len(shape) > 1 and prod(filter(None, shape)) >= 2**63)
         ):
             raise corrupt(_entry_problem(name, entry, data_start, file_size))
-        specs[name] = TensorSpec(name, dtypes[entry.dtype], shape, data_start + begin, data_start + end)
+        specs[name] = TensorSpec(name, entry.dtype, shape, data_start + begin, data_start + end)
     _check_tiling(specs, data_start, file_size, corrupt)
     return specs, metadata
 

@@ -29,14 +29,15 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, StorageError
 from ..format import documents, limits, tensorformat
 from ..format.tensorformat import TensorSpec
 from ..storage import LOCAL, Backend, FileRecord, checksum_bytes, format_checksum, new_hasher
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 8 * 1024 * 1024
 """Bytes written, read and hashed at a time: small enough to be hashed from the CPU cache after
@@ -96,6 +97,8 @@ def check(location: Any, record: FileRecord | None, size: int, checksum: str | N
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A flat byte view of ``tensor`` in CPU memory; copies only when it is not already one."""
+    import torch
+
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
@@ -296,6 +299,8 @@ def hash_file(
 
 def can_receive(tensor: torch.Tensor, spec: TensorSpec) -> bool:
     """Whether the file's bytes for ``spec`` can be read straight into ``tensor``'s memory."""
+    import torch
+
     return (
         tensor.device.type == "cpu"
         and tensor.dtype == spec.dtype
@@ -337,6 +342,8 @@ def open_tensor_file(
     never changes the file. With ``verify`` and a ``record``, the whole file is checked against the
     recorded checksum first.
     """
+    import torch
+
     key = _key(location)
     try:
         if record is not None:
@@ -362,6 +369,8 @@ def open_tensor_file(
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
+    import torch
+
     return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
 
 
@@ -383,6 +392,8 @@ def stream_tensor_file(
     file, after the bytes have landed (the caller decides what that means for its destinations).
     ``header`` is the result of an earlier :func:`read_header` of the same file.
     """
+    import torch
+
     key = _key(location)
     header_bytes, specs, _ = header if header is not None else read_header(key, record, backend=backend)
     hasher = new_hasher() if verify and record is not None else None

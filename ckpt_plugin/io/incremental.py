@@ -29,9 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
 
 from .. import shards
@@ -40,6 +39,9 @@ from ..format import codec
 from ..storage import Backend, Commit, FileRecord
 from .files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
 from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, BeforeCommit, Snapshot, write_snapshot
+
+if TYPE_CHECKING:
+    import torch
 
 DETECTION_MODES = ("checksum", "version")
 SHARD_BYTES = 2 * 1024**3
@@ -82,6 +84,8 @@ def observe(model: Any, state: Any, optimizer_state: Any = None) -> Observation:
     No fingerprints are taken when ``optimizer_state`` shows fused kernels: their writes are invisible
     to version counters, so every tensor is hashed instead.
     """
+    import torch
+
     fingerprints: dict[str, Fingerprint] = {}
     if isinstance(state, Mapping) and not uses_fused_kernels(optimizer_state):
         for key, value in state.items():

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Union
 
 from .. import shards
 from ..checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
@@ -15,7 +13,10 @@ from ..signing import SIGNATURE_FILE
 from ..storage import LOCAL, Backend, FileRecord
 from .files import open_tensor_file, read_json
 
-Device = str | torch.device | None
+if TYPE_CHECKING:
+    import torch
+
+Device = Union[str, "torch.device", None]
 
 
 def read_info(location: Any, backend: Backend = LOCAL, record: FileRecord | None = None) -> CheckpointInfo:
@@ -75,6 +76,8 @@ def read_checkpoint(
                 raise CorruptCheckpointError(f"{info.file(filename)} has no recorded checksum in {METADATA_FILE}")
             tensors = open_item_files(info.location, info.files, filename, verify=verify, backend=info.backend)
             if map_location is not None:
+                import torch
+
                 device = torch.device(map_location)
                 tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
             opened[filename] = tensors

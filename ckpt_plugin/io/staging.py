@@ -24,16 +24,12 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import interpreter_exit
 
-try:
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy ships with every supported torch
-    _np = None
+if TYPE_CHECKING:
+    import torch
 
 ALIGNMENT = 64
 SPLIT_BYTES = 1024 * 1024
@@ -108,6 +104,8 @@ class StagingBuffer:
         The copies stay valid until the next call: the caller must not stage again while the
         previous copies are still being read.
         """
+        import torch
+
         tensors = [tensor for group in groups for tensor in group.values()]
         offsets, total = [], 0
         for tensor in tensors:
@@ -147,6 +145,8 @@ class StagingBuffer:
         """Make the buffer hold ``total`` bytes; True when it had to be allocated."""
         if self._buffer is not None and self._buffer.numel() >= total and (not pinned or self.pinned):
             return False
+        import torch
+
         self._buffer = None  # free the old buffer before allocating its replacement
         self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pinned)
         return True
@@ -155,10 +155,18 @@ class StagingBuffer:
         assert self._buffer is not None
         count = tensor.numel() * tensor.element_size()
         if count == 0:
+            import torch
+
             return torch.empty(tensor.shape, dtype=tensor.dtype)
         return self._buffer[offset : offset + count].view(tensor.dtype).view(tensor.shape)
 
     def _copy_all(self, copies: list[torch.Tensor], tensors: list[torch.Tensor], method: str) -> list[Any]:
+        import torch
+
+        try:
+            import numpy as _np  # ships with every supported torch
+        except ImportError:  # pragma: no cover
+            _np = None
         halves: tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]] = ([], [])
         loads = [0, 0]
         on_cuda: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -197,6 +205,8 @@ class StagingBuffer:
         return events
 
     def _copy_from_cuda(self, device: torch.device, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        import torch
+
         current = torch.cuda.current_stream(device)
         stream = self._streams.get(device)
         if stream is None:
@@ -218,5 +228,7 @@ def _plain(tensor: torch.Tensor) -> bool:
 
 
 def _copy_pairs(pairs: list[tuple[Any, Any]]) -> None:
+    import numpy as _np
+
     for target, source in pairs:
         _np.copyto(target, source)

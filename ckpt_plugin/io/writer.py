@@ -13,9 +13,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .. import shards
 from ..checkpoint import (
@@ -37,6 +35,9 @@ from ..format import codec
 from ..format.names import is_plain_file_name
 from ..storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
 from .files import write_bytes_file, write_tensor_file
+
+if TYPE_CHECKING:
+    import torch
 
 BeforeCommit = Callable[[Backend, str, Mapping[str, bytes]], object]
 """A hook run just before a checkpoint commits (see ``before_commit`` of :func:`write_snapshot`)."""
@@ -137,7 +138,7 @@ def take_snapshot(
     return snapshot
 
 
-ModelWriter = Callable[[Backend, str, dict[str, torch.Tensor], dict[str, FileRecord], dict[str, Any]], None]
+ModelWriter = Callable[[Backend, str, "dict[str, torch.Tensor]", dict[str, FileRecord], dict[str, Any]], None]
 """Writes the model's tensors under a transaction's prefix (through the backend), adding each file it
 makes to the file records and noting in the ``state.json`` document where the model now lives."""
 
