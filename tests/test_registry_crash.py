@@ -101,3 +101,33 @@ def test_a_kill_between_a_change_and_its_history_event_loses_nothing(workers, tm
             assert_history_matches_state(registry, action)
         shutil.rmtree(root)
     assert crashes >= len(calls) - first - 2, "the child was not killed at the crash points"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["validate", "promote", "rollback"])
+def test_a_kill_while_the_intent_is_published_leaves_no_temporary_file(workers, tmp_path, action):
+    """The intent is published through a temporary file beside it; a writer killed before it links
+    the file into place, or before it removes the temporary, leaves it for the next change to remove."""
+    template = tmp_path / "template"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_template(template)
+    probe = tmp_path / "probe"
+    shutil.copytree(template, probe)
+    status, calls = workers.run("registry_change_and_crash", str(probe), action, None)
+    assert status == 0, f"the change failed without a crash: {status}"
+    temporary = [number for number, call in enumerate(calls, 1)
+                 if call[0] in ("link", "unlink") and call[1].startswith(".tmp.") and call[1].endswith(".history-intent.json")]
+    assert len(temporary) == 2, f"the intent was not published through a temporary file: {calls}"
+    for crash_at in temporary:
+        root = tmp_path / f"crash_{crash_at}"
+        shutil.copytree(template, root)
+        status, _ = workers.run("registry_change_and_crash", str(root), action, crash_at)
+        assert os.WIFSIGNALED(status), f"crash point {crash_at}: the child was not killed ({status})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            registry = ArtifactRegistry(root / "checkpoints")
+            registry.promote(registry.production()["version"])  # the next change cleans up after dead writers
+            assert_history_matches_state(registry, action)
+        left = sorted(name for name in os.listdir(root / "validated") if name.startswith(".tmp."))
+        assert left == [], f"crash point {crash_at} ({calls[crash_at - 1]}): the temporary stayed after the next change"
