@@ -443,12 +443,16 @@ class LocalStore:
 
     # ------------------------------------------------------------------ directories
 
-    def ensure_writable(self) -> None:
-        """Create the root if needed and prove it is writable, or raise :class:`StorageError`."""
+    def ensure_writable(self, entry: str = "probe") -> None:
+        """Create the root if needed and prove it is writable, or raise :class:`StorageError`.
+
+        The proof is a directory named like the staging directory of ``entry``, so that recovery
+        removes it if this process dies meanwhile, also recovery limited to that entry
+        (``recover(only=entry)``, for a root that holds more than this store's entries).
+        """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            # Named like a staging directory, so that recover() removes it if the process dies here.
-            probe = temporary_path(self.root / "probe")
+            probe = temporary_path(self.root / entry)
             probe.mkdir()
             probe.rmdir()
         except OSError as exc:
