@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from .checkpoint import CheckpointInfo, as_path
 from .errors import CheckpointError
 from .format import codec, documents
-from .storage import LOCAL, Backend, FileRecord
+from .storage import LOCAL, Backend, FileRecord, temporary_path
 
 CACHE_FILE = ".listing.json"
 CACHE_VERSION = 3
@@ -112,8 +111,9 @@ def load(root: Path) -> dict[str, tuple[Identity, dict[str, Any]]]:
 
 
 def save(root: Path, entries: Mapping[str, tuple[Identity, Mapping[str, Any]]]) -> None:
-    """Replace the cache atomically with ``entries``; failures are ignored (it is only a cache)."""
-    temporary = root / f"{CACHE_FILE}.{uuid.uuid4().hex[:12]}"
+    """Replace the cache atomically with ``entries``; failures are ignored (it is only a cache). A
+    writer that dies before the replacement leaves a temporary that recovery removes."""
+    temporary = temporary_path(root / CACHE_FILE)
     try:
         document = documents.seal({
             "version": CACHE_VERSION,

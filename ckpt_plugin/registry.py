@@ -915,7 +915,7 @@ class ArtifactRegistry:
         (promote or rollback from version ``previous``). The caller holds the lock."""
         source = self._production_source(version)
         place, parent = self._production_place()
-        parent.ensure_writable()
+        parent.ensure_writable(place.name)  # the parent is not the registry's: only production's leftovers are removed there
         parent.recover(only=place.name)
         staging = parent.staging_dir(place.name)
         entry = None

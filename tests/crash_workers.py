@@ -165,6 +165,20 @@ def registry_change_and_crash(root: str, action: str, crash_at: int | None) -> l
     return calls
 
 
+def save_listing_and_crash(directory: str) -> None:
+    """Write the listing cache of ``directory``, SIGKILLing this process just before the temporary
+    file replaces the cache."""
+    from pathlib import Path
+
+    from ckpt_plugin import listing
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = killed  # type: ignore[assignment]
+    listing.save(Path(directory), {})
+
+
 if __name__ == "__main__":
     function = globals()[sys.argv[1]]
     print("ready", flush=True)

@@ -124,9 +124,18 @@ class FaultyProxy:
 
 
 def _reset(connection: socket.socket) -> None:
-    """Close ``connection`` with a TCP reset rather than an orderly FIN."""
+    """Close ``connection`` with a TCP reset rather than an orderly FIN.
+
+    The other direction's thread may be blocked reading the same socket; closing the descriptor
+    alone would not wake it, and the socket (so the reset) would wait for that read forever.
+    Shutting down the reading side first wakes it and sends the peer nothing.
+    """
     try:
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        connection.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     try:

@@ -142,6 +142,17 @@ def test_random_kill_9_while_resaving_the_same_epoch(saver, tmp_path):
     assert last_returned >= 10
 
 
+def test_a_kill_while_the_listing_cache_is_written_leaves_nothing_after_the_next_open(saver, tmp_path):
+    directory = tmp_path / "run"
+    manager = fresh_manager(directory)
+    save_version(manager, 0, epoch=0)
+    status, _ = saver.run("save_listing_and_crash", str(directory))
+    assert os.WIFSIGNALED(status), f"the child was not killed ({status})"
+    assert any(name.startswith(".") and name != ".saves.jsonl" for name in os.listdir(directory)), "no temporary to clean up"
+    fresh_manager(directory)
+    assert sorted(name for name in os.listdir(directory) if name.startswith(".")) == [".saves.jsonl"]
+
+
 # ------------------------------------------------------------------ every crash point of one save
 
 def state_of(version: int) -> tuple[dict, dict]:

@@ -101,3 +101,41 @@ def test_a_kill_between_a_change_and_its_history_event_loses_nothing(workers, tm
             assert_history_matches_state(registry, action)
         shutil.rmtree(root)
     assert crashes >= len(calls) - first - 2, "the child was not killed at the crash points"
+
+
+def temporaries(calls: list[list[str]]) -> list[int]:
+    """The numbers (1-based) of the calls that end a temporary's life: the link of the intent's
+    temporary file into place and its unlink, and the removal of a probe directory."""
+    return [number for number, call in enumerate(calls, 1) if len(call) > 1 and call[1].startswith(".tmp.") and (
+        (call[0] in ("link", "unlink") and call[1].endswith("history-intent.json"))
+        or (call[0] == "rmdir" and call[1].endswith((".probe", ".production"))))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["validate", "promote", "rollback"])
+def test_a_kill_while_a_temporary_exists_leaves_none_after_the_next_change(workers, tmp_path, action):
+    """The intent is published through a temporary file beside it, and writability is proven by a
+    probe directory in validated/ and beside production/. A writer killed while one of them exists
+    leaves it for the next change to remove, wherever it is."""
+    template = tmp_path / "template"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_template(template)
+    probe = tmp_path / "probe"
+    shutil.copytree(template, probe)
+    status, calls = workers.run("registry_change_and_crash", str(probe), action, None)
+    assert status == 0, f"the change failed without a crash: {status}"
+    crash_points = temporaries(calls)
+    assert len(crash_points) >= 3 + (action != "validate"), f"the change made no temporaries: {calls}"
+    for crash_at in crash_points:
+        root = tmp_path / f"crash_{crash_at}"
+        shutil.copytree(template, root)
+        status, _ = workers.run("registry_change_and_crash", str(root), action, crash_at)
+        assert os.WIFSIGNALED(status), f"crash point {crash_at}: the child was not killed ({status})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            registry = ArtifactRegistry(root / "checkpoints")
+            registry.promote(registry.production()["version"])  # the next change cleans up after dead writers
+            assert_history_matches_state(registry, action)
+        left = sorted(name for place in (root, root / "validated") for name in os.listdir(place) if name.startswith(".tmp."))
+        assert left == [], f"crash point {crash_at} ({calls[crash_at - 1]}): a temporary stayed after the next change"

@@ -219,6 +219,25 @@ def test_large_files_go_up_in_parts(s3_bucket: str, monkeypatch: pytest.MonkeyPa
     assert torch.equal(CheckpointManager(f"s3://{s3_bucket}/run").load(0)["model"]["w"], state["w"])
 
 
+def test_an_upload_created_again_after_its_answer_was_lost_is_aborted(s3_bucket: str, s3_env: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create_multipart_upload whose answer is lost is sent again; the upload the first one
+    started, whose id the writer never learned, is aborted too."""
+    import boto3
+    from lost_responses import lost_responses
+
+    from ckpt_plugin.storage import fsspec as remote
+
+    monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)
+    state = {"w": torch.randn(3 * 1024 * 1024)}  # 12 MiB: three parts
+    with lost_responses("create_multipart_upload") as lost:
+        CheckpointManager(f"s3://{s3_bucket}/run").save(state, epoch=0, metrics={"loss": 1.0})
+    assert len(lost) == 1, "no upload was created twice"
+    assert torch.equal(CheckpointManager(f"s3://{s3_bucket}/run").load(0)["model"]["w"], state["w"])
+    uploads = boto3.client("s3", endpoint_url=s3_env).list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert uploads == [], f"uploads left open: {[upload['Key'] for upload in uploads]}"
+
+
 def test_local_paths_take_no_storage_options(tmp_path) -> None:
     from ckpt_plugin import ConfigurationError
 

@@ -280,6 +280,33 @@ def test_an_interrupted_promotion_leaves_production_as_it_was(remote_url: str, m
     assert [event["event"] for event in registry.history()] == ["validate", "validate", "promote"]
 
 
+def test_changes_whose_conditional_write_was_answered_late_take_effect_once(s3_bucket: str) -> None:
+    """A claim or a switch of production whose answer is lost is sent again and refused (412: the
+    object is no longer what the condition names, because the first one succeeded). That is the
+    change taking effect, not a race lost: the version stays validated with its files, production
+    keeps its weights, and the history records each change."""
+    from lost_responses import lost_responses
+
+    url = f"s3://{s3_bucket}/run/checkpoints"
+    _, weights = saved_run(url)
+    registry = ArtifactRegistry(url)
+    registry.validate(0, "1.0.0")
+    registry.promote("1.0.0")
+    conditional = lambda kwargs: "IfMatch" in kwargs or ("IfNoneMatch" in kwargs and kwargs["Key"].endswith("v1.0.1.json"))  # noqa: E731
+    with lost_responses("put_object", times=3, only=conditional) as lost:
+        assert registry.validate(1, "1.0.1")["version"] == "1.0.1"
+        assert registry.promote("1.0.1")["version"] == "1.0.1"
+        assert registry.rollback()["version"] == "1.0.0"
+    assert len(lost) == 3, "not every change was answered late"
+    assert_same_tree(registry.load("1.0.1")["model"], weights[1])
+    assert_same_tree(registry.load_production()["model"], weights[0])
+    history = [(event["event"], event["version"]) for event in ArtifactRegistry(url).history()]
+    assert history == [("validate", "1.0.0"), ("promote", "1.0.0"), ("validate", "1.0.1"), ("promote", "1.0.1"),
+                       ("rollback", "1.0.0")]
+    assert registry.promote("1.0.1")["version"] == "1.0.1"
+    assert_same_tree(registry.load_production()["model"], weights[1])
+
+
 # ---------------------------------------------------------------------- hostile registry objects
 
 _HOSTILE_TARGETS = ["validated/v1.0.0.json", "validated/history/{first}", "production/model.json"]

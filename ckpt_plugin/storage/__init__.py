@@ -42,6 +42,7 @@ from .local import (
     remove_link,
     set_link,
     symlinks,
+    temporary_path,
 )
 
 
@@ -100,4 +101,5 @@ __all__ = [
     "remove_link",
     "set_link",
     "symlinks",
+    "temporary_path",
 ]

@@ -9,6 +9,11 @@ reads the new state and decides again. That is all the registry needs on an obje
 - claiming a version name (create-if-absent), so a validated version is written once, and
 - switching the production pointer (replace-if-unchanged), so concurrent promotions serialize.
 
+A client sends a request again when its answer is lost (a connection reset after the server
+acted); the server then refuses the second copy of a conditional write because the first one
+succeeded. :func:`write` tells that from a lost race by reading the object back: holding exactly
+the bytes written, the write took effect.
+
 Supported here: ``s3://`` (through s3fs and botocore) and ``memory://`` (one process, under a
 lock). Other stores raise :class:`~ckpt_plugin.errors.ConfigurationError` naming what works.
 """
@@ -76,7 +81,8 @@ def write(backend: FsspecBackend, key: str, data: bytes, expected: Versioned | N
     """Write ``data`` at ``key`` if the object there is still ``expected`` (absent when None).
 
     Raises :class:`WriteConflict` when another writer got there first, and
-    :class:`~ckpt_plugin.errors.StorageError` for a failure of the store.
+    :class:`~ckpt_plugin.errors.StorageError` for a failure of the store. A write refused because
+    it had already taken effect (the client sent it again after losing its answer) succeeds.
     """
     require(backend, "a conditional write")
     if backend.protocol == "memory":
@@ -92,9 +98,14 @@ def write(backend: FsspecBackend, key: str, data: bytes, expected: Versioned | N
         with requests("write", key):
             backend.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=data, **condition)
     except (FileExistsError, OSError) as exc:
-        if _precondition_failed(exc):
+        if not _precondition_failed(exc):
+            raise
+        # The client sends a request again when its answer is lost (a connection reset after the
+        # server acted): then the refusal is of this very write, which took effect. The object
+        # holding exactly these bytes tells (every document written so records its time and actor).
+        current = read(backend, key)
+        if current is None or current.data != data:
             raise WriteConflict(key) from None
-        raise
     finally:
         backend.fs.invalidate_cache(backend.path_of(key))
 

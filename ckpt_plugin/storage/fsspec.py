@@ -20,7 +20,9 @@ An object store has no atomic directory rename, so a checkpoint is committed by 
 - A prefix with no manifest whose newest object is older than the grace period
   (``STALE_SECONDS``, six hours) is a dead writer's leftover, removed by :meth:`ManifestStore.recover`.
   Multipart uploads a killed writer left open hold no visible object at all; an S3 lifecycle rule
-  (``AbortIncompleteMultipartUpload``) reclaims their space.
+  (``AbortIncompleteMultipartUpload``) reclaims their space. A live writer leaves none: when the
+  client sent ``create_multipart_upload`` again after losing its answer, the writer also aborts
+  the upload it never learned of, once its file is complete.
 
 What this relies on: after a PUT returns, every GET and every LIST sees the new object (S3 has
 been strongly consistent for read-after-write, overwrite and list since December 2020; GCS and
@@ -270,6 +272,7 @@ class _MultipartUpload:
             UploadId=self._id,
             MultipartUpload={"Parts": parts},
         )
+        self._abort_strays()
 
     def abort(self) -> None:
         for future in self._parts:
@@ -280,7 +283,24 @@ class _MultipartUpload:
                     future.result(timeout=60)
                 except Exception:  # noqa: BLE001 - the upload is being abandoned
                     pass
-        self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._id)
+        try:
+            self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._id)
+        finally:
+            self._abort_strays()
+
+    def _abort_strays(self) -> None:
+        """Abort every other upload open at this key. The client sends ``create_multipart_upload``
+        again when its answer is lost (a connection reset after the server acted), and the upload
+        the first one started has an id this writer never learned. The key is under this writer's
+        own transaction prefix, so no other writer uploads to it. Best effort: what is left is
+        reclaimed by the bucket's lifecycle rule."""
+        try:
+            listed = self._fs.call_s3("list_multipart_uploads", Bucket=self._bucket, Prefix=self._key)
+            for upload in listed.get("Uploads", []):
+                if upload.get("Key") == self._key and upload.get("UploadId") != self._id:
+                    self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload["UploadId"])
+        except Exception:  # noqa: BLE001 - the file itself is complete (or abandoned) either way
+            pass
 
 
 class FsspecBackend:

@@ -46,6 +46,16 @@ STALE_STAGING_SECONDS = 6 * 3600
 _HOST_TAG = format(zlib.crc32(socket.gethostname().encode()), "08x")
 
 
+def temporary_path(path: Path) -> Path:
+    """A hidden name beside ``path`` for something this process writes before it takes ``path``'s
+    place (a staging directory, a file published by :func:`publish_made`, a probe).
+
+    The name is unmistakable (``.tmp.<host>.<pid>.<random>.<name>``) and records its writer, so
+    :meth:`LocalStore.recover` removes it, and only it, once that writer is dead.
+    """
+    return path.parent / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name.lstrip('.')}"
+
+
 def _storage_error(exc: OSError, action: str, path: Path | str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         hint = "the disk is full (or a size quota was hit); free space or choose another checkpoint_dir"
@@ -325,7 +335,7 @@ def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def publish_made(path: Path, make: Callable[[Path], object]) -> None:
     """Like :func:`publish_file`, for a ``make`` that creates and fsyncs the temporary file at the
     path it is given (such as :func:`write_tensor_file`)."""
-    temporary = path.parent / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{path.name}"
+    temporary = temporary_path(path)
     try:
         make(temporary)
         try:
@@ -433,12 +443,16 @@ class LocalStore:
 
     # ------------------------------------------------------------------ directories
 
-    def ensure_writable(self) -> None:
-        """Create the root if needed and prove it is writable, or raise :class:`StorageError`."""
+    def ensure_writable(self, entry: str = "probe") -> None:
+        """Create the root if needed and prove it is writable, or raise :class:`StorageError`.
+
+        The proof is a directory named like the staging directory of ``entry``, so that recovery
+        removes it if this process dies meanwhile, also recovery limited to that entry
+        (``recover(only=entry)``, for a root that holds more than this store's entries).
+        """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            # Named like a staging directory, so that recover() removes it if the process dies here.
-            probe = self.root / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.probe"
+            probe = temporary_path(self.root / entry)
             probe.mkdir()
             probe.rmdir()
         except OSError as exc:
@@ -446,7 +460,7 @@ class LocalStore:
 
     def staging_dir(self, name: str) -> Path:
         """Create and return a hidden directory in which to write checkpoint ``name``."""
-        path = self.root / f"{STAGING_PREFIX}{_HOST_TAG}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{name}"
+        path = temporary_path(self.root / name)
         try:
             path.mkdir()
         except OSError as exc:
@@ -525,11 +539,12 @@ class LocalStore:
         trash.dispose(hidden)
 
     def _remove_hidden(self, path: Path) -> None:
-        """Remove a hidden entry this store made: a link is unlinked, never followed."""
-        if path.is_symlink():
-            path.unlink(missing_ok=True)
-        else:
+        """Remove a hidden entry this store made: a directory with what it holds, or a file (a dead
+        writer's temporary); a link is unlinked, never followed."""
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def entries(self) -> Iterator[os.DirEntry[str]]:
         """The visible entries of the root (hidden staging and trash names are skipped)."""
