@@ -124,9 +124,19 @@ class FaultyProxy:
 
 
 def _reset(connection: socket.socket) -> None:
-    """Close ``connection`` with a TCP reset rather than an orderly FIN."""
+    """Close ``connection`` with a TCP reset rather than an orderly FIN.
+
+    The other pump of the connection may be blocked in ``recv`` on this very socket, and while it
+    is, ``close`` only drops the descriptor: the socket stays open and the peer learns nothing (a
+    client would then wait for an answer forever). Shutting the reading side first wakes that
+    ``recv``, so the close takes effect at once, and with ``SO_LINGER`` zero it sends the reset.
+    """
     try:
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        connection.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     try:
