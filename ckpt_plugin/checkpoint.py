@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError, IncompatibleCheckpointError
+from .errors import CorruptCheckpointError, ForeignFileError, IncompatibleCheckpointError
 from .format import codec, documents
-from .format.names import CHECKPOINT_NAME, is_checkpoint_name
+from .format.names import CHECKPOINT_NAME, checkpoint_name, is_checkpoint_name, parse_transaction_name
 from .storage import LOCAL, Backend, FileRecord, checksum_bytes, is_url
-from .storage.fsspec import TXN_SEPARATOR
 
-FORMAT_NAME = "ckpt_plugin.checkpoint"
+FORMAT_NAME = documents.CHECKPOINT_FORMAT
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 STATE_FILE = "state.json"
@@ -42,11 +41,6 @@ NAME_PATTERN = CHECKPOINT_NAME
 """The grammar of checkpoint names (:data:`ckpt_plugin.format.names.CHECKPOINT_NAME`): use ``fullmatch``."""
 METADATA_CHECKSUM_KEY = "metadata_checksum"
 SHARDING_FILE = "sharding.json"
-
-
-def checkpoint_name(epoch: int, step: int | None) -> str:
-    """The directory name of the checkpoint for ``epoch`` (and ``step``)."""
-    return f"epoch_{epoch}" if step is None else f"epoch_{epoch}_step_{step}"
 
 
 def looks_like_checkpoint(name: str) -> bool:
@@ -77,10 +71,9 @@ class CheckpointInfo:
     without being told; ``files`` maps every file to its recorded size and checksum.
 
     ``path`` is a :class:`~pathlib.Path` for a checkpoint on the local file system and a URL string
-    (``s3://bucket/run/epoch_3@<transaction>``) for one on an object store; ``location`` is always
-    the string, and ``backend`` the storage backend that reads it.
-
-    Its repr is short: the name, epoch, step and the first few metrics (the ranking metric first).
+    (``s3://bucket/run/epoch_3@<transaction>``, see :data:`~ckpt_plugin.format.names.TRANSACTION_NAME`)
+    for one on an object store; ``location`` is always the string, and ``backend`` the storage
+    backend that reads it.
     """
 
     path: Path | str
@@ -107,7 +100,8 @@ class CheckpointInfo:
         if isinstance(self.path, Path):
             return self.path.name
         last = self.path.rstrip("/").rsplit("/", 1)[-1]
-        return last.rpartition(TXN_SEPARATOR)[0] or last
+        prefix = parse_transaction_name(last, legacy=True)
+        return last if prefix is None else prefix.name
 
     @property
     def location(self) -> str:
@@ -150,9 +144,12 @@ def build_metadata(
     items: list[str],
     files: Mapping[str, FileRecord],
     sharding: Mapping[str, Any] | None = None,
+    transaction: str | None = None,
 ) -> dict[str, Any]:
     """The content of ``metadata.json``; ``config`` and ``metrics`` must already be JSON-encoded.
 
+    ``transaction`` is the id of the object-store transaction the checkpoint commits in (None
+    locally): the manifest names its own prefix, so that a copy of it elsewhere is told apart.
     The last key, ``metadata_checksum``, is the checksum of the compact JSON of all the others,
     so that damage to ``metadata.json`` itself is detected too.
     """
@@ -171,6 +168,8 @@ def build_metadata(
     }
     if sharding is not None:
         document["sharding"] = dict(sharding)
+    if transaction is not None:
+        document["transaction"] = transaction
     document[METADATA_CHECKSUM_KEY] = metadata_checksum(document)
     return document
 
@@ -221,6 +220,7 @@ def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend =
             "or delete this checkpoint"
         )
     documents.validate(data, documents.MetadataDoc, shown)
+    _check_transaction(path, data, shown)
     timestamp = data.get("metadata", {}).get("timestamp")
     return CheckpointInfo(
         path=path,
@@ -233,4 +233,20 @@ def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend =
         files={name: FileRecord.from_json(record) for name, record in data.get("files", {}).items()},
         items=tuple(data.get("items", ())),
         backend=backend,
+    )
+
+
+def _check_transaction(path: Path | str, data: Mapping[str, Any], shown: str) -> None:
+    """Refuse a checkpoint on an object store whose manifest names another transaction than the
+    prefix it lies under: a copy made outside ckpt_plugin, which is neither listed nor ever deleted."""
+    if isinstance(path, Path):
+        return
+    prefix = parse_transaction_name(path.rstrip("/").rsplit("/", 1)[-1], legacy=True)
+    if prefix is None or not is_checkpoint_name(prefix.name) or documents.names_transaction(data, prefix):
+        return
+    named = data.get("transaction")
+    raise ForeignFileError(
+        f"{shown} names transaction {named!r}, not {prefix.transaction!r}, the prefix it lies under: it was "
+        "copied there by something other than ckpt_plugin, so it is ignored and never deleted. Remove the copy, "
+        "or copy the checkpoint into a directory of its own"
     )

@@ -14,7 +14,11 @@
       model.json               version, source, metrics, checks, checksums, who promoted it and when
 
 A validated version is immutable. ``production/`` is replaced as a whole directory with one
-atomic rename, so a reader sees the old model or the new one, never a mix.
+atomic rename, so a reader sees the old model or the new one, never a mix. It holds only what a
+promotion writes: a promotion or rollback that finds anything else there (a file someone put beside
+the model) refuses with :class:`~ckpt_plugin.errors.ForeignFileError` instead of replacing it.
+Cleanup removes only hidden names of the exact forms the registry writes (staging, trash and
+writability-probe directories of dead writers); opening a registry removes the probes dead writers left.
 
 The history always matches what took effect, even after a kill at any instant: each change first
 writes its event as an intent, then takes effect, then appends the event and drops the intent. An
@@ -49,6 +53,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
+    ForeignFileError,
     PromotionError,
     SignatureError,
     StorageError,
@@ -82,6 +87,8 @@ PRODUCTION_MODEL_FILE = "model.safetensors"
 PRODUCTION_RECORD_FILE = "model.json"
 VALIDATED_FORMAT = "ckpt_plugin.validated"
 PRODUCTION_FORMAT = "ckpt_plugin.production"
+PRODUCTION_FILES = frozenset({PRODUCTION_MODEL_FILE, PRODUCTION_RECORD_FILE})
+"""Everything a local promotion writes into ``production/``."""
 FORMAT_VERSION = 1
 BUMPS = ("major", "minor", "patch")
 _LOAD_ATTEMPTS = 20
@@ -227,6 +234,11 @@ class ArtifactRegistry:
         self._validated = LocalStore(self.validated_dir)
         self._production_parent = LocalStore(self.production_dir.parent)
         self._lock = filelock.FileLock(str(self.validated_dir / LOCK_FILE), timeout=lock_timeout)
+        for store in (self._validated, self._production_parent):
+            try:
+                store.remove_dead_probes()
+            except OSError:  # a reader that may not delete: the next writer removes them
+                pass
 
     def _open_remote(self, url: str, validated_dir: Any, production_dir: Any) -> None:
         url = url.rstrip("/")
@@ -915,6 +927,7 @@ class ArtifactRegistry:
         (promote or rollback from version ``previous``). The caller holds the lock."""
         source = self._production_source(version)
         place, parent = self._production_place()
+        _refuse_foreign_production(place)
         parent.ensure_writable(place.name)  # the parent is not the registry's: only production's leftovers are removed there
         parent.recover(only=place.name)
         staging = parent.staging_dir(place.name)
@@ -1163,6 +1176,21 @@ def _record(document: Mapping[str, Any], filename: str, where: Path) -> FileReco
     if record is None:
         raise CorruptCheckpointError(f"{where} records no checksum for {filename}; the record is damaged: validate the checkpoint again")
     return FileRecord.from_json(record)
+
+
+def _refuse_foreign_production(place: Path) -> None:
+    """Raise :class:`ForeignFileError` when the production directory holds anything a promotion did
+    not write: replacing the directory would delete it."""
+    try:
+        foreign = sorted(name for name in os.listdir(place) if name not in PRODUCTION_FILES)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if foreign:
+        raise ForeignFileError(
+            f"{place} holds {', '.join(repr(name) for name in foreign)}, which ckpt_plugin did not write; a "
+            "promotion replaces the whole directory and would delete it. Move it out of the production directory "
+            "and promote again"
+        )
 
 
 def _directory_name(version: Version) -> str:

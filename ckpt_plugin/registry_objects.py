@@ -6,7 +6,8 @@ file lock around every change, a rename to publish) are replaced by conditional 
 
     s3://bucket/run/checkpoints/...                  the raw checkpoints (a manager's manifest store)
     s3://bucket/run/validated/
-      v1.0.0@<transaction>/                          the version's files, written first (invisible)
+      v1.0.0@<transaction>/                          the version's files, written first (invisible);
+                                                     <transaction> as for checkpoints: UTC time + random hex
         model.safetensors, state.json, metadata.json, validation.json[, model.sig]
       v1.0.0.json                                    the claim: created only if absent, it makes the
                                                      version visible and names its prefix
@@ -39,7 +40,13 @@ How races resolve:
   older than the grace period otherwise.
 
 Leftovers of a writer that died (a version prefix nobody claimed, weights nobody points at) are
-removed by the next promotion or rollback once older than a grace period, as for checkpoints.
+removed by the next promotion or rollback once older than a grace period, as for checkpoints, and
+so are the multipart uploads it left open. Only names this module writes are ever removed: a
+version prefix ``v<version>@<transaction>`` and weights ``model@<transaction>.safetensors``, with a
+transaction id of the strict form (:data:`~ckpt_plugin.format.names.TRANSACTION_NAME`). Anything
+else under ``validated/`` or ``production/`` (``archive@2024/``, ``notes@team.txt``,
+``model@backup.safetensors``) is foreign and left alone; so are the prefixes of release 0.2, except
+that weights a production pointer named are removed once it is replaced.
 """
 
 from __future__ import annotations
@@ -51,13 +58,20 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from .errors import CorruptCheckpointError, StorageError
 from .format import codec, documents
+from .format.names import TransactionName, parse_transaction_name, transaction_name
 from .io.files import read_json
 from .storage import FileRecord, conditional
-from .storage.fsspec import STALE_SECONDS, TXN_SEPARATOR, FsspecBackend, modified_time, new_transaction_id
+from .storage.fsspec import (
+    STALE_SECONDS,
+    FsspecBackend,
+    last_sign_of_life,
+    modified_time,
+    new_transaction_id,
+)
 
 CLAIM_FORMAT = "ckpt_plugin.version"
 HISTORY_PREFIX = "history"
@@ -98,14 +112,15 @@ class ObjectStorePlaces:
             return None
         claim = documents.validate(documents.load_json(data, key), documents.VersionClaimDoc, key)
         wanted = directory_name[1:]
-        if claim["version"] != wanted or not claim["location"].startswith(f"{directory_name}{TXN_SEPARATOR}"):
+        prefix = parse_transaction_name(claim["location"], legacy=True)
+        if claim["version"] != wanted or prefix is None or prefix.name != directory_name:
             raise CorruptCheckpointError(f"{key} claims {claim['version']} at {claim['location']}, not version {wanted}; "
                                          "the claim was altered: restore it or validate the version again under a new number")
         return self.backend.join(self.validated, claim["location"]), FileRecord.from_json(claim["validation"])
 
     def begin_version(self, directory_name: str) -> str:
         """A fresh, invisible prefix for the files of a new version."""
-        return self.backend.join(self.validated, f"{directory_name}{TXN_SEPARATOR}{new_transaction_id()}")
+        return self.backend.join(self.validated, transaction_name(directory_name, new_transaction_id()))
 
     def claim(self, version: Version, directory_name: str, prefix: str, validation: FileRecord) -> bool:
         """Make the version written under ``prefix`` visible, unless someone claimed it first (False)."""
@@ -123,7 +138,8 @@ class ObjectStorePlaces:
         return True
 
     def discard(self, prefix: str) -> None:
-        """Remove what a validation that did not claim its version wrote (recovered later if this fails)."""
+        """Remove what a validation that did not claim its version wrote, multipart uploads included
+        (recovered later if this fails)."""
         try:
             self.backend.delete_tree(prefix)
         except StorageError:
@@ -144,16 +160,17 @@ class ObjectStorePlaces:
         conditional.write(self.backend, self.pointer_key, document, expected)
 
     def new_weights_name(self) -> str:
-        return f"{WEIGHTS_STEM}{TXN_SEPARATOR}{new_transaction_id()}{WEIGHTS_SUFFIX}"
+        return f"{transaction_name(WEIGHTS_STEM, new_transaction_id())}{WEIGHTS_SUFFIX}"
 
     def weights_key(self, name: str) -> str:
         return self.backend.join(self.production, name)
 
     def drop_weights(self, name: str) -> None:
-        """Remove weights no pointer names any more (a reader still on them reads the pointer again)."""
-        if name.startswith(f"{WEIGHTS_STEM}{TXN_SEPARATOR}"):
+        """Remove weights no pointer names any more (a reader still on them reads the pointer again),
+        if their name is one this module gives weights (0.2's included), and any upload left open on it."""
+        if _weights_prefix(name, legacy=True) is not None:
             try:
-                self.backend.delete(self.weights_key(name))
+                self.backend.delete_tree(self.weights_key(name))
             except StorageError as exc:
                 warnings.warn(f"could not remove the replaced production weights {name} ({exc}); "
                               "they are removed by a later promotion", UserWarning, stacklevel=3)
@@ -219,7 +236,8 @@ class ObjectStorePlaces:
 
     def recover(self, pointed_weights: str | None) -> None:
         """Remove version prefixes nobody claimed and weights nobody points at, once they are older
-        than the grace period (a live writer may still be about to claim or point at them)."""
+        than the grace period (a live writer may still be about to claim or point at them), and the
+        multipart uploads a dead writer left under them. Only names of the strict form are touched."""
         now = time.time()
         claimed = set()
         for directory_name in self.version_names():
@@ -229,13 +247,26 @@ class ObjectStorePlaces:
                 continue
             if found is not None:
                 claimed.add(found[0].rsplit("/", 1)[-1])
-        for place, keep in ((self.validated, claimed), (self.production, {pointed_weights, POINTER_FILE})):
-            for name, info in self._top_level(place).items():
-                if TXN_SEPARATOR not in name or name in keep:
+        for place, owned, keep in (
+            (self.validated, _version_prefix, claimed),
+            (self.production, _weights_prefix, {pointed_weights}),
+        ):
+            top = self._top_level(place)
+            for name, info in top.items():
+                if owned(name) is None or name in keep:
                     continue
                 modified = info.get("modified")
                 if modified is not None and now - modified > self.grace_seconds:
                     self.backend.delete_tree(self.backend.join(place, name))
+            for upload in self.backend.open_uploads(place):
+                name = upload.entry_under(self.backend.path_of(place))
+                parsed = owned(name)
+                if parsed is None:
+                    continue
+                newest = top.get(name, {}).get("modified")
+                # under a kept name the object is complete already: an open upload there is an orphan
+                if name in keep or now - last_sign_of_life(parsed, upload, newest) > self.grace_seconds:
+                    self.backend.abort_upload(upload)
 
     def _top_level(self, place: str) -> dict[str, dict[str, Any]]:
         """``{name: {"modified": newest modification}}`` of every entry directly under ``place``."""
@@ -247,6 +278,26 @@ class ObjectStorePlaces:
             if modified is not None and (entry["modified"] is None or modified > entry["modified"]):
                 entry["modified"] = modified
         return found
+
+
+def _version_prefix(name: str) -> TransactionName | None:
+    """``name`` as the prefix of a validated version this module wrote (``v1.0.0@<transaction>``), or None."""
+    parsed = parse_transaction_name(name)
+    if parsed is None or not parsed.name.startswith("v"):
+        return None
+    try:
+        canonical = str(Version(parsed.name[1:])) == parsed.name[1:]
+    except InvalidVersion:
+        return None
+    return parsed if canonical else None
+
+
+def _weights_prefix(name: str, *, legacy: bool = False) -> TransactionName | None:
+    """``name`` as production weights this module wrote (``model@<transaction>.safetensors``), or None."""
+    if not name.endswith(WEIGHTS_SUFFIX):
+        return None
+    parsed = parse_transaction_name(name[: -len(WEIGHTS_SUFFIX)], legacy=legacy)
+    return parsed if parsed is not None and parsed.name == WEIGHTS_STEM else None
 
 
 __all__ = ["ObjectStorePlaces"]

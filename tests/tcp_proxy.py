@@ -126,9 +126,10 @@ class FaultyProxy:
 def _reset(connection: socket.socket) -> None:
     """Close ``connection`` with a TCP reset rather than an orderly FIN.
 
-    The other direction's thread may be blocked reading the same socket; closing the descriptor
-    alone would not wake it, and the socket (so the reset) would wait for that read forever.
-    Shutting down the reading side first wakes it and sends the peer nothing.
+    The other pump of the connection may be blocked in ``recv`` on this very socket, and while it
+    is, ``close`` only drops the descriptor: the socket stays open and the peer learns nothing (a
+    client would then wait for an answer forever). Shutting the reading side first wakes that
+    ``recv``, so the close takes effect at once, and with ``SO_LINGER`` zero it sends the reset.
     """
     try:
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
+import zlib
 from pathlib import Path
 
 import filelock
@@ -582,3 +584,46 @@ def test_a_damaged_model_card_is_reported_and_replaced_by_the_next_promotion(run
         registry.promote("1.1.0")
     assert registry.load_production()["version"] == "1.1.0"
     assert registry.history()[-1]["previous"] is None
+
+
+# ---------------------------------------------------------------------- writability probes of dead writers
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped): a writer killed while probing."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid
+
+
+def _probe_leftover(directory: Path, pid: int) -> Path:
+    """The writability probe a writer with ``pid`` on this host makes in ``directory``, left there."""
+    host = format(zlib.crc32(socket.gethostname().encode()), "08x")
+    probe = directory / f".tmp.{host}.{pid}.{uuid.uuid4().hex[:12]}.probe"
+    probe.mkdir(parents=True)
+    return probe
+
+
+def test_probe_leftovers_of_dead_writers_are_removed_on_the_next_open(run: Path) -> None:
+    """A kill inside a writability probe (promote probes the production directory's parent, which
+    the registry otherwise only cleans for ``production``) leaves a hidden directory; opening the
+    registry or the manager removes it, and a live writer's probe stays."""
+    registry = registry_of(run)
+    registry.validate(1, "1.0.0")
+    dead = _exited_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        in_run, in_validated, in_checkpoints = (_probe_leftover(place, dead) for place in
+                                                (run.parent, registry.validated_dir, run))
+        live_probe = _probe_leftover(run.parent, live.pid)
+        registry_of(run)
+        assert not in_run.exists() and not in_validated.exists()
+        CheckpointManager(run)
+        assert not in_checkpoints.exists()
+        again = _probe_leftover(run.parent, dead)
+        registry.promote("1.0.0")  # a promotion cleans the production parent's probes too
+        assert not again.exists()
+        assert live_probe.exists()
+    finally:
+        live.kill()
+        live.wait(timeout=60)

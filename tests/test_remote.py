@@ -14,7 +14,7 @@ from torch import nn
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError, savelog
 from ckpt_plugin.storage import backend_of, faults
-from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
+from ckpt_plugin.format.names import format_transaction_id, transaction_name
 
 
 def training_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -66,7 +66,7 @@ def test_uncommitted_prefixes_are_invisible_and_removed_after_the_grace_period(r
     manager = CheckpointManager(remote_url, max_checkpoints=None)
     manager.save({"w": torch.zeros(3)}, epoch=0, metrics={"loss": 1.0})
     fs, root = fsspec.core.url_to_fs(remote_url)
-    dead = f"{root}/epoch_5{TXN_SEPARATOR}0000000000000001deadbeef"
+    dead = f"{root}/{transaction_name('epoch_5', format_transaction_id(1, '00000000deadbeef'))}"
     fs.pipe_file(f"{dead}/model.safetensors", b"partial upload")  # a writer that died before its manifest
     assert [c.epoch for c in CheckpointManager(remote_url).checkpoints()] == [0]
     assert len(prefixes(remote_url)) == 2  # within the grace period: it may be a live writer
@@ -282,10 +282,14 @@ def test_random_kill_9_during_uploads(s3_bucket: str) -> None:
 def test_a_reader_that_may_not_delete_still_lists_and_loads(remote_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read-only credentials: cleaning up a superseded prefix is refused, the reader is warned and reads on."""
     manager = CheckpointManager(remote_url)
-    manager.save({"w": torch.arange(3.0)}, epoch=0, metrics={"loss": 1.0})
+    manager.save({"w": torch.zeros(3)}, epoch=0, metrics={"loss": 1.0})
     fs, root = fsspec.core.url_to_fs(remote_url)
+    [older] = [name for name in prefixes(remote_url) if name.startswith("epoch_0")]
+    fs.copy(f"{root}/{older}", f"{root}-aside/{older}", recursive=True)
+    manager.save({"w": torch.arange(3.0)}, epoch=0, metrics={"loss": 1.0})
     [committed] = [name for name in prefixes(remote_url) if name.startswith("epoch_0")]
-    fs.copy(f"{root}/{committed}", f"{root}/epoch_0{TXN_SEPARATOR}0000000000000000dead", recursive=True)  # an older commit
+    fs.copy(f"{root}-aside/{older}", f"{root}/{older}", recursive=True)  # an older commit whose cleanup was cut short
+    assert sorted(name for name in prefixes(remote_url) if name.startswith("epoch_0")) == sorted([older, committed])
 
     def refused(self: object, key: str) -> None:
         raise StorageError(13, f"could not delete {key}: AccessDenied")

@@ -30,7 +30,7 @@ from ckpt_plugin import (
 )
 from ckpt_plugin.format import documents
 from ckpt_plugin.registry_objects import ObjectStorePlaces
-from ckpt_plugin.storage.fsspec import TXN_SEPARATOR
+from ckpt_plugin.format.names import format_transaction_id, parse_transaction_name, transaction_name
 
 
 def parent(url: str) -> str:
@@ -60,7 +60,8 @@ def test_validate_promote_rollback_and_history_on_an_object_store(remote_url: st
     assert record["version"] == "1.0.0" and record["checks"] == [{"name": "accurate", "passed": True, "detail": None}]
     assert registry.validate(2, bump="minor")["version"] == "1.1.0"
     assert registry.versions() == ["1.0.0", "1.1.0"]
-    assert str(registry.version_dir("1.0.0")).startswith(f"{registry.validated_dir}/v1.0.0{TXN_SEPARATOR}")
+    parent_url, _, entry = str(registry.version_dir("1.0.0")).rpartition("/")
+    assert parent_url == registry.validated_dir and parse_transaction_name(entry).name == "v1.0.0"
     assert_same_tree(registry.load("1.1.0")["model"], weights[2])
 
     assert registry.production() is None and registry.load_production() is None
@@ -211,7 +212,8 @@ def test_an_interrupted_validation_leaves_no_version_and_is_cleaned_up(remote_ur
 
     # A writer killed before it could clean up: its prefix stays invisible and goes after the grace period.
     fs, path = fsspec.core.url_to_fs(registry.validated_dir)
-    fs.pipe_file(f"{path}/v1.0.0{TXN_SEPARATOR}0000000000000000dead/model.safetensors", b"partial")
+    dead = transaction_name("v1.0.0", format_transaction_id(0, "000000000000dead"))
+    fs.pipe_file(f"{path}/{dead}/model.safetensors", b"partial")
     assert registry.versions() == []
     registry.validate(0, "1.0.0")
     assert registry.versions() == ["1.0.0"]

@@ -24,19 +24,22 @@ import msgspec
 import xxhash
 
 from ..errors import CorruptCheckpointError
-from .names import FILE_NAME_PATTERN, MAX_NAME_BYTES
+from .names import FILE_NAME_PATTERN, MAX_NAME_BYTES, TRANSACTION_ID_PATTERN, TransactionName, checkpoint_name
 
 MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
 """The largest JSON document read (a ``state.json`` of a very large optimizer stays far below)."""
 MAX_DEPTH = 128
 """The deepest nesting of arrays and objects accepted in a document."""
 SEAL_KEY = "document_checksum"
+CHECKPOINT_FORMAT = "ckpt_plugin.checkpoint"
+"""The ``format`` of every checkpoint's ``metadata.json``."""
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 FileName = Annotated[str, msgspec.Meta(pattern=f"^{FILE_NAME_PATTERN}$", min_length=1, max_length=MAX_NAME_BYTES)]
 Checksum = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 Mode = Literal["min", "max"]
+TransactionId = Annotated[str, msgspec.Meta(pattern=rf"^{TRANSACTION_ID_PATTERN}\Z")]
 
 
 class _Doc(msgspec.Struct, kw_only=True):
@@ -62,6 +65,8 @@ class MetadataDoc(_Doc, kw_only=True):
     metadata: dict[str, Any] = {}
     items: list[str] = []
     files: dict[FileName, FileRecordDoc] = {}
+    transaction: Optional[TransactionId] = None
+    """The transaction whose prefix holds the checkpoint on an object store (absent locally and in 0.2)."""
     metadata_checksum: Checksum
 
 
@@ -260,6 +265,23 @@ def validate(document: Any, schema: type[_Doc], where: str) -> Any:
         detail = re.sub(r"`str` matching regex '.*' - at", "a plain file name (one path component) - at", str(exc))
         raise _corrupt(where, f"does not match its format: {detail}") from None
     return document
+
+
+def names_transaction(document: Any, prefix: TransactionName) -> bool:
+    """Whether ``document``, the parsed ``metadata.json`` found under the object-store prefix
+    ``prefix``, is the manifest ckpt_plugin committed there, and not a copy or a stranger's file.
+
+    The manifest of a checkpoint names its own transaction. One that release 0.2 wrote names none:
+    it must then be a checkpoint manifest of the very name of its prefix (its epoch and step).
+    """
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+        return False
+    if not prefix.legacy:
+        return document.get("transaction") == prefix.transaction
+    epoch, step = document.get("epoch"), document.get("step")
+    if "transaction" in document or type(epoch) is not int or not (step is None or type(step) is int):
+        return False
+    return checkpoint_name(epoch, step) == prefix.name
 
 
 def parse(data: bytes | str, filename: str, where: str) -> Any:

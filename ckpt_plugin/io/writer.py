@@ -191,6 +191,7 @@ def write_snapshot(
             items=snapshot.item_names(),
             files=files,
             sharding={"world_size": snapshot.sharded.world_size} if snapshot.sharded else None,
+            transaction=txn.id,
         )
         manifest = codec.dumps(metadata)
         if before_commit is None:

@@ -24,6 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import xxhash
 
+from ..format.names import parse_transaction_name
+
 CHECKSUM_ALGORITHM = "xxh3_64"
 METADATA_FILE = "metadata.json"
 """The manifest of a checkpoint, written last: its presence is what commits a checkpoint."""
@@ -137,6 +139,13 @@ class Transaction:
 
     name: str
     prefix: str
+
+    @property
+    def id(self) -> str | None:
+        """The transaction id that an object-store prefix ends with (``epoch_3@<id>``, see
+        :data:`~ckpt_plugin.format.names.TRANSACTION_NAME`); None for a local staging directory."""
+        parsed = parse_transaction_name(self.prefix.rstrip("/").rsplit("/", 1)[-1])
+        return None if parsed is None else parsed.transaction
 
 
 @dataclass(frozen=True)

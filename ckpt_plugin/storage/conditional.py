@@ -9,10 +9,12 @@ reads the new state and decides again. That is all the registry needs on an obje
 - claiming a version name (create-if-absent), so a validated version is written once, and
 - switching the production pointer (replace-if-unchanged), so concurrent promotions serialize.
 
-A client sends a request again when its answer is lost (a connection reset after the server
-acted); the server then refuses the second copy of a conditional write because the first one
-succeeded. :func:`write` tells that from a lost race by reading the object back: holding exactly
-the bytes written, the write took effect.
+A request whose answer is lost on the network is retried by the client, and the retry of a
+conditional write that took effect is refused (the object changed: by that very write). So a
+refusal is checked by reading the object back: when it holds exactly the bytes being written, the
+write took effect. Every document written here is unique (a claim names a prefix with a random
+transaction id, a pointer its own weights, an event its time and content), so equal bytes can only
+come from this write.
 
 Supported here: ``s3://`` (through s3fs and botocore) and ``memory://`` (one process, under a
 lock). Other stores raise :class:`~ckpt_plugin.errors.ConfigurationError` naming what works.
@@ -100,12 +102,11 @@ def write(backend: FsspecBackend, key: str, data: bytes, expected: Versioned | N
     except (FileExistsError, OSError) as exc:
         if not _precondition_failed(exc):
             raise
-        # The client sends a request again when its answer is lost (a connection reset after the
-        # server acted): then the refusal is of this very write, which took effect. The object
-        # holding exactly these bytes tells (every document written so records its time and actor).
+        backend.fs.invalidate_cache(backend.path_of(key))
         current = read(backend, key)
         if current is None or current.data != data:
             raise WriteConflict(key) from None
+        # else: this write took effect, and a retry after its answer was lost was refused
     finally:
         backend.fs.invalidate_cache(backend.path_of(key))
 

@@ -4,13 +4,14 @@ Commit without rename: the manifest protocol
 --------------------------------------------
 An object store has no atomic directory rename, so a checkpoint is committed by its manifest::
 
-    s3://bucket/run/epoch_3@0187a3c5e1f2a4b0c9d2e1f0/model.safetensors
-    s3://bucket/run/epoch_3@0187a3c5e1f2a4b0c9d2e1f0/...
-    s3://bucket/run/epoch_3@0187a3c5e1f2a4b0c9d2e1f0/metadata.json     <- written last: the commit
+    s3://bucket/run/epoch_3@20260105T143000.123456789Z-9f86d081884c7d65/model.safetensors
+    s3://bucket/run/epoch_3@20260105T143000.123456789Z-9f86d081884c7d65/...
+    s3://bucket/run/epoch_3@20260105T143000.123456789Z-9f86d081884c7d65/metadata.json   <- written last: the commit
 
 - Every file of a checkpoint goes under a prefix of its own, ``<name>@<transaction>``, where the
-  transaction id starts with the writer's clock in nanoseconds (hex, fixed width) and ends with
-  random bits, so ids sort by start time and never collide.
+  transaction id is the UTC time the writer began (fixed width, to the nanosecond) and 64 random
+  bits (:data:`~ckpt_plugin.format.names.TRANSACTION_NAME`), so ids sort by start time and never
+  collide. The manifest names its transaction (``"transaction"`` in ``metadata.json``).
 - ``metadata.json`` is written last, with one PUT. A prefix without it is invisible: listing shows
   only checkpoints whose manifest exists (and the manager then verifies the manifest's own checksum
   before it lists one).
@@ -19,10 +20,27 @@ An object store has no atomic directory rename, so a checkpoint is committed by 
   never half-deleted and visible).
 - A prefix with no manifest whose newest object is older than the grace period
   (``STALE_SECONDS``, six hours) is a dead writer's leftover, removed by :meth:`ManifestStore.recover`.
-  Multipart uploads a killed writer left open hold no visible object at all; an S3 lifecycle rule
-  (``AbortIncompleteMultipartUpload``) reclaims their space. A live writer leaves none: when the
-  client sent ``create_multipart_upload`` again after losing its answer, the writer also aborts
-  the upload it never learned of, once its file is complete.
+
+Only what this module wrote is ever deleted. A name is a checkpoint prefix only when it matches
+``<checkpoint name>@<transaction id>`` in full; anything else under the root (``epoch_1@manual-backup/``,
+``dataset@v1/``, ``alice@example.com/``) is foreign: never listed, never deleted. A committed prefix
+is deleted only when its manifest names that very transaction, so a copy of a checkpoint under
+another transaction's name is left alone too. Prefixes written by release 0.2
+(``epoch_3@<24 hex digits>``) are still listed and loaded; they are deleted (by retention or by a
+newer save of the name) only when their manifest is a checkpoint manifest of that very name, and a
+0.2 prefix without a manifest is never deleted (remove it by hand once no 0.2 writer runs).
+
+Multipart uploads
+-----------------
+Every multipart upload this module starts ends completed or aborted, on every path: a failed part,
+a failed completion, an error or interrupt in the caller. A request whose answer was lost is
+retried by the client, so a retried ``CreateMultipartUpload`` can leave a second upload of the same
+key that nobody knows the id of; once an upload is completed or aborted, every other upload still
+open on its key (a key no other writer uses: it lies under the writer's own transaction) is
+aborted too. Deleting a prefix aborts the uploads open under it, and :meth:`ManifestStore.recover`
+aborts those a killed writer left: at once under a committed prefix, after the grace period under
+an uncommitted one. An S3 lifecycle rule (``AbortIncompleteMultipartUpload``) remains a good
+backstop for prefixes this module does not own (0.2 leftovers).
 
 What this relies on: after a PUT returns, every GET and every LIST sees the new object (S3 has
 been strongly consistent for read-after-write, overwrite and list since December 2020; GCS and
@@ -61,21 +79,34 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, CorruptCheckpointError, StorageError
+from ..format import documents
+from ..format.names import (
+    TRANSACTION_SEPARATOR,
+    TransactionName,
+    format_transaction_id,
+    is_checkpoint_name,
+    parse_transaction_name,
+    transaction_name,
+)
 from . import door, reach
 from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum, new_hasher
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
+COPY_PART_BYTES = 512 * 1024 * 1024
+SINGLE_COPY_MAX_BYTES = 5 * 1024**3
+"""The largest object S3 copies in one request; larger ones are copied part by part (server-side)."""
 READ_CHUNK_BYTES = 256 * 1024 * 1024
 READ_CONCURRENCY = 4
 STALE_SECONDS = 6 * 3600
-TXN_SEPARATOR = "@"
 S3_DEFAULT_OPTIONS: dict[str, Any] = {
     "config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": reach.CONNECT_TIMEOUT_SECONDS}
 }
+TXN_SEPARATOR = TRANSACTION_SEPARATOR
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -146,7 +177,8 @@ class FsspecSink:
     """A file being uploaded: hashed as it goes, sent in parts, visible only after :meth:`close`.
 
     On S3 the parts of a multipart upload go up on background threads while the caller produces
-    the next ones; on other stores the file is written through fsspec's buffered writer.
+    the next ones; on other stores the file is written through fsspec's buffered writer. Whatever
+    fails, the upload is completed or aborted before the error reaches the caller.
     """
 
     def __init__(self, backend: FsspecBackend, key: str) -> None:
@@ -158,7 +190,7 @@ class FsspecSink:
         self._part_bytes = PART_BYTES
         self._buffer = bytearray(self._part_bytes if backend.multipart else 0)
         self._fill = 0
-        self._upload: _MultipartUpload | None = None
+        self._upload: MultipartUpload | None = None
         self._handle: Any = None
         self._closed = False
 
@@ -175,7 +207,7 @@ class FsspecSink:
                     data = data[take:]
                     if self._fill == self._part_bytes:  # hand the full part over, start a new one
                         if self._upload is None:
-                            self._upload = _MultipartUpload(self._backend, self._path)
+                            self._upload = MultipartUpload(self._backend, self._path)
                         self._upload.send(self._buffer)
                         self._buffer, self._fill = bytearray(self._part_bytes), 0
             else:
@@ -197,7 +229,7 @@ class FsspecSink:
                 else:
                     if rest:
                         self._upload.send(rest)
-                    self._upload.complete()
+                    self._upload.complete(self._size)
             else:
                 if self._handle is None:
                     self._backend.fs.pipe_file(self._path, b"")
@@ -231,23 +263,43 @@ class FsspecSink:
             pass
 
 
-class _MultipartUpload:
-    """An S3 multipart upload whose parts go up on a small thread pool, at most
-    ``UPLOAD_CONCURRENCY`` in flight (the caller blocks beyond that: bounded memory)."""
+class MultipartUpload:
+    """One S3 multipart upload of the key at ``path``, which ends completed or aborted.
+
+    Parts go up on a small thread pool, at most ``UPLOAD_CONCURRENCY`` in flight (the caller blocks
+    beyond that: bounded memory); a part is either bytes (:meth:`send`) or a byte range of another
+    object, copied by the server (:meth:`copy`). The key must be one only this writer uses (it lies
+    under the writer's own transaction): once the upload ends, every other upload left open on the
+    key is aborted, for those are what a retried ``CreateMultipartUpload`` whose answer was lost
+    started. The same holds when starting the upload fails.
+    """
 
     def __init__(self, backend: FsspecBackend, path: str) -> None:
+        self._backend = backend
         self._fs = backend.fs
         self._bucket, self._key, _ = self._fs.split_path(path)
-        self._id = self._fs.call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)["UploadId"]
         self._parts: list[Future[dict[str, Any]]] = []
         self._slots = threading.Semaphore(UPLOAD_CONCURRENCY)
         self._pool = backend.upload_pool()
+        try:
+            self._id = self._fs.call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)["UploadId"]
+        except BaseException:
+            self._abort_others()
+            raise
 
     def send(self, data: bytes | bytearray) -> None:
+        """Upload ``data`` as the next part."""
+        self._submit(self._part, data)
+
+    def copy(self, source: str, first: int, last: int) -> None:
+        """Make bytes ``first`` to ``last`` (inclusive) of the object at the path ``source`` the next part."""
+        self._submit(self._copied_part, source, first, last)
+
+    def _submit(self, work: Any, *args: Any) -> None:
         self._slots.acquire()
         number = len(self._parts) + 1
         try:
-            future = self._pool.submit(self._part, number, data)
+            future = self._pool.submit(work, number, *args)
         except BaseException:
             self._slots.release()
             raise
@@ -263,18 +315,41 @@ class _MultipartUpload:
         )
         return {"PartNumber": number, "ETag": out["ETag"]}
 
-    def complete(self) -> None:
-        parts = [future.result() for future in self._parts]
-        self._fs.call_s3(
-            "complete_multipart_upload",
-            Bucket=self._bucket,
-            Key=self._key,
-            UploadId=self._id,
-            MultipartUpload={"Parts": parts},
+    def _copied_part(self, number: int, source: str, first: int, last: int) -> dict[str, Any]:
+        bucket, key, _ = self._fs.split_path(source)
+        out = self._fs.call_s3(
+            "upload_part_copy", Bucket=self._bucket, Key=self._key, UploadId=self._id, PartNumber=number,
+            CopySource={"Bucket": bucket, "Key": key}, CopySourceRange=f"bytes={first}-{last}",
         )
-        self._abort_strays()
+        return {"PartNumber": number, "ETag": out["CopyPartResult"]["ETag"]}
+
+    def complete(self, size: int) -> None:
+        """Join the parts into the object (``size`` bytes in all); on any failure the caller aborts."""
+        parts = [future.result() for future in self._parts]
+        try:
+            self._fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._id,
+                MultipartUpload={"Parts": parts},
+            )
+        except Exception:
+            if not self._landed(size):  # a completion whose answer was lost is retried, and refused
+                raise
+        self._abort_others()
+
+    def _landed(self, size: int) -> bool:
+        """Whether the object of this upload's key exists with ``size`` bytes (no other writer uses the key)."""
+        path = f"{self._bucket}/{self._key}"
+        self._fs.invalidate_cache(path)
+        try:
+            return int(self._fs.info(path)["size"]) == size
+        except Exception:  # noqa: BLE001 - unknown: the completion stays failed
+            return False
 
     def abort(self) -> None:
+        """Give the upload up: wait for the parts in flight, then abort it (and any other on its key)."""
         for future in self._parts:
             future.cancel()
         for future in self._parts:
@@ -286,21 +361,33 @@ class _MultipartUpload:
         try:
             self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=self._id)
         finally:
-            self._abort_strays()
+            self._abort_others()
 
-    def _abort_strays(self) -> None:
-        """Abort every other upload open at this key. The client sends ``create_multipart_upload``
-        again when its answer is lost (a connection reset after the server acted), and the upload
-        the first one started has an id this writer never learned. The key is under this writer's
-        own transaction prefix, so no other writer uploads to it. Best effort: what is left is
-        reclaimed by the bucket's lifecycle rule."""
+    def _abort_others(self) -> None:
+        """Abort every upload still open on this key (best effort: recover() and the grace period
+        catch what a failing store leaves)."""
+        path = f"{self._bucket}/{self._key}"
         try:
-            listed = self._fs.call_s3("list_multipart_uploads", Bucket=self._bucket, Prefix=self._key)
-            for upload in listed.get("Uploads", []):
-                if upload.get("Key") == self._key and upload.get("UploadId") != self._id:
-                    self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload["UploadId"])
-        except Exception:  # noqa: BLE001 - the file itself is complete (or abandoned) either way
+            for upload in self._backend.open_uploads(self._backend.url_of(path)):
+                if upload.key == path:
+                    self._backend.abort_upload(upload)
+        except Exception:  # noqa: BLE001 - the store is failing; the upload stays for recover()
             pass
+
+
+@dataclass(frozen=True)
+class OpenUpload:
+    """A multipart upload that was neither completed nor aborted: its key (a path of the file
+    system, ``bucket/key``), its id, and when it began (seconds since the epoch, where known)."""
+
+    key: str
+    upload_id: str
+    initiated: float | None
+
+    def entry_under(self, place: str) -> str:
+        """The name directly under the path ``place`` that the upload's key lies in ("" outside it)."""
+        root = place.rstrip("/") + "/"
+        return self.key[len(root) :].partition("/")[0] if self.key.startswith(root) else ""
 
 
 class FsspecBackend:
@@ -454,20 +541,78 @@ class FsspecBackend:
     def reuse(self, src: str, dst: str) -> bool:
         try:
             with requests(f"copy {src} to", dst):
-                self.fs.copy(self.path_of(src), self.path_of(dst))
+                if self.multipart:
+                    self._copy_on_s3(self.path_of(src), self.path_of(dst))
+                else:
+                    self.fs.copy(self.path_of(src), self.path_of(dst))
         except FileNotFoundError:
             return False
         return True
+
+    def _copy_on_s3(self, source: str, target: str) -> None:
+        """Copy on the server: in one request up to :data:`SINGLE_COPY_MAX_BYTES`, part by part
+        beyond, through a :class:`MultipartUpload` (so the upload is aborted if the copy fails)."""
+        self.fs.invalidate_cache(source)
+        size = int(self.fs.info(source)["size"])
+        if size <= SINGLE_COPY_MAX_BYTES:
+            bucket, key, _ = self.fs.split_path(source)
+            target_bucket, target_key, _ = self.fs.split_path(target)
+            self.fs.call_s3(
+                "copy_object", Bucket=target_bucket, Key=target_key, CopySource={"Bucket": bucket, "Key": key}
+            )
+        else:
+            upload = MultipartUpload(self, target)
+            try:
+                for first in range(0, size, COPY_PART_BYTES):
+                    upload.copy(source, first, min(first + COPY_PART_BYTES, size) - 1)
+                upload.complete(size)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    upload.abort()
+                raise
+        self.fs.invalidate_cache(target)
 
     def delete(self, key: str) -> None:
         with requests("delete", key, missing_ok=True):
             self.fs.rm_file(self.path_of(key))
 
     def delete_tree(self, prefix: str) -> None:
-        path = self.path_of(prefix)
+        """Delete every object under ``prefix`` (or the object at it), and abort the multipart
+        uploads open there: what is given up is given up whole."""
+        path = self.path_of(prefix).rstrip("/")
         with requests("delete", prefix, missing_ok=True):
             self.fs.rm(path, recursive=True)
         self.fs.invalidate_cache(path)
+        for upload in self.open_uploads(prefix):
+            if upload.key == path or upload.key.startswith(f"{path}/"):
+                self.abort_upload(upload)
+
+    def open_uploads(self, prefix: str) -> list[OpenUpload]:
+        """The multipart uploads open on keys that start with ``prefix`` (a URL), on S3; none elsewhere."""
+        if not self.multipart:
+            return []
+        bucket, key, _ = self.fs.split_path(self.path_of(prefix))
+        found: list[OpenUpload] = []
+        page_from: dict[str, str] = {}
+        while True:
+            page: dict[str, Any] = {}
+            with requests("list the multipart uploads under", prefix, missing_ok=True):  # no bucket: none
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **page_from)
+            for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                found.append(OpenUpload(
+                    f"{bucket}/{upload['Key']}", upload["UploadId"],
+                    float(initiated.timestamp()) if hasattr(initiated, "timestamp") else None,
+                ))
+            if not page.get("IsTruncated"):
+                return found
+            page_from = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, upload: OpenUpload) -> None:
+        """Abort ``upload`` (already ended: nothing to do)."""
+        bucket, _, key = upload.key.partition("/")
+        with requests("abort the multipart upload of", self.url_of(upload.key), missing_ok=True):
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
 
     def walk(self, prefix: str) -> dict[str, dict[str, Any]]:
         """Every object under ``prefix`` with its details, by its path relative to ``prefix``."""
@@ -506,8 +651,20 @@ def modified_time(info: Mapping[str, Any]) -> float | None:
 
 
 def new_transaction_id() -> str:
-    """Sortable by start time, unique: 16 hex digits of nanoseconds, then 8 random ones."""
-    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+    """Sortable by start time, unique: the UTC time to the nanosecond, then 16 random hex digits
+    (:data:`~ckpt_plugin.format.names.TRANSACTION_NAME`)."""
+    return format_transaction_id(time.time_ns(), secrets.token_hex(8))
+
+
+@dataclass
+class _Prefix:
+    """One transaction prefix of the root, as listed: committed (its manifest exists) or not."""
+
+    url: str
+    parsed: TransactionName
+    committed: bool = False
+    newest: float | None = None
+    fingerprint: str = ""
 
 
 class ManifestStore:
@@ -530,7 +687,7 @@ class ManifestStore:
         """Nothing to create on an object store; a missing bucket fails the first upload."""
 
     def begin(self, name: str) -> Transaction:
-        return Transaction(name, self.backend.join(self.root, f"{name}{TXN_SEPARATOR}{new_transaction_id()}"))
+        return Transaction(name, self.backend.join(self.root, transaction_name(name, new_transaction_id())))
 
     def commit(self, txn: Transaction, manifest: bytes) -> str:
         sink = self.backend.create(self.backend.join(txn.prefix, METADATA_FILE))
@@ -540,9 +697,10 @@ class ManifestStore:
             sink.abort()
             raise
         sink.close()  # one PUT: the checkpoint is visible from here on
+        mine = parse_transaction_name(txn.prefix.rstrip("/").rsplit("/", 1)[-1])
         for older in self._prefixes(txn.name):
-            if older != txn.prefix and older < txn.prefix:
-                self._remove_prefix(older)
+            if mine is not None and older.parsed.order < mine.order:
+                self._remove_if_ours(older)
         return txn.prefix
 
     def abort(self, txn: Transaction) -> None:
@@ -551,61 +709,132 @@ class ManifestStore:
         except StorageError:
             pass  # removed later by recover() once the grace period has passed
 
-    def _scan(self) -> dict[str, dict[str, tuple[bool, float | None, str]]]:
-        """``{name: {prefix: (committed, newest modification, manifest fingerprint)}}``."""
-        found: dict[str, dict[str, tuple[bool, float | None, str]]] = {}
+    @staticmethod
+    def _owned(entry: str) -> TransactionName | None:
+        """``entry`` (a name directly under the root) as a checkpoint's transaction prefix, or None
+        when it is foreign (see the module notes): never listed, never deleted."""
+        parsed = parse_transaction_name(entry, legacy=True)
+        return parsed if parsed is not None and is_checkpoint_name(parsed.name) else None
+
+    def _scan(self) -> dict[str, dict[str, _Prefix]]:
+        """``{checkpoint name: {prefix url: prefix}}`` of every transaction prefix under the root."""
+        found: dict[str, dict[str, _Prefix]] = {}
         for relative, info in self.backend.walk(self.root).items():
             top, _, rest = relative.partition("/")
-            name, separator, _ = top.rpartition(TXN_SEPARATOR)
-            if not separator or not name or not rest:
+            parsed = self._owned(top)
+            if parsed is None or not rest:
                 continue
-            prefix = self.backend.join(self.root, top)
-            committed, newest, fingerprint = found.setdefault(name, {}).get(prefix, (False, None, ""))
+            url = self.backend.join(self.root, top)
+            prefix = found.setdefault(parsed.name, {}).setdefault(url, _Prefix(url, parsed))
             modified = modified_time(info)
-            if modified is not None and (newest is None or modified > newest):
-                newest = modified
+            if modified is not None and (prefix.newest is None or modified > prefix.newest):
+                prefix.newest = modified
             if rest == METADATA_FILE:
-                committed, fingerprint = True, _fingerprint(info)
-            found[name][prefix] = (committed, newest, fingerprint)
+                prefix.committed, prefix.fingerprint = True, _fingerprint(info)
         return found
 
-    def _prefixes(self, name: str) -> list[str]:
-        return [
-            self.backend.join(self.root, entry)
-            for entry in self.backend.list(self.root)
-            if entry.rpartition(TXN_SEPARATOR)[0] == name
-        ]
+    def _prefixes(self, name: str) -> list[_Prefix]:
+        """The transaction prefixes of checkpoint ``name`` (committed or not: not looked up)."""
+        found = []
+        for entry in self.backend.list(self.root):
+            parsed = self._owned(entry)
+            if parsed is not None and parsed.name == name:
+                found.append(_Prefix(self.backend.join(self.root, entry), parsed))
+        return found
+
+    def _agrees(self, prefix: _Prefix) -> bool | None:
+        """Whether the manifest under ``prefix`` is the one ckpt_plugin committed there (it names
+        this very transaction); None when there is no manifest (not committed)."""
+        key = self.backend.join(prefix.url, METADATA_FILE)
+        try:
+            data = self.backend.read_bytes(key)
+            return documents.names_transaction(documents.load_json(data, key), prefix.parsed)
+        except FileNotFoundError:
+            return None
+        except CorruptCheckpointError:  # oversized or not JSON: not a manifest this module wrote
+            return False
+
+    def _newest_committed(self, prefixes: list[_Prefix]) -> _Prefix | None:
+        """The newest committed prefix of one name; where there are several (a commit not yet
+        cleaned up, or a copy), the newest whose manifest names its own transaction."""
+        committed = sorted((prefix for prefix in prefixes if prefix.committed), key=lambda p: p.parsed.order)
+        if len(committed) <= 1:
+            return committed[-1] if committed else None
+        return next((prefix for prefix in reversed(committed) if self._agrees(prefix)), committed[-1])
 
     def visible(self) -> Iterator[Entry]:
         for name, prefixes in self._scan().items():
-            committed = sorted(prefix for prefix, (done, _, _) in prefixes.items() if done)
-            if committed:
-                yield Entry(name, committed[-1], prefixes[committed[-1]][2])
+            newest = self._newest_committed(list(prefixes.values()))
+            if newest is not None:
+                yield Entry(name, newest.url, newest.fingerprint)
 
     def location(self, name: str) -> str | None:
-        committed = sorted(
-            prefix for prefix in self._prefixes(name) if self.backend.fingerprint(self.backend.join(prefix, METADATA_FILE))
-        )
-        return committed[-1] if committed else None
+        prefixes = self._prefixes(name)
+        for prefix in prefixes:
+            prefix.committed = self.backend.fingerprint(self.backend.join(prefix.url, METADATA_FILE)) is not None
+        newest = self._newest_committed(prefixes)
+        return None if newest is None else newest.url
 
     def remove(self, name: str) -> None:
+        """Delete the committed prefixes of checkpoint ``name`` whose manifests are ours (an
+        uncommitted one may be a live writer's re-save; :meth:`recover` handles it)."""
         for prefix in self._prefixes(name):
-            self._remove_prefix(prefix)
+            self._remove_if_ours(prefix)
 
-    def _remove_prefix(self, prefix: str) -> None:
-        self.backend.delete(self.backend.join(prefix, METADATA_FILE))
-        self.backend.delete_tree(prefix)
+    def _remove_if_ours(self, prefix: _Prefix) -> bool:
+        """Delete ``prefix`` (manifest first, so it is never half-deleted and visible) when its
+        manifest names its own transaction; True when it was deleted."""
+        if not self._agrees(prefix):
+            return False
+        self.backend.delete(self.backend.join(prefix.url, METADATA_FILE))
+        self.backend.delete_tree(prefix.url)
+        return True
 
     def recover(self, only: str | None = None) -> None:
-        """Remove prefixes superseded by a newer commit, and uncommitted prefixes whose newest object
-        is older than the grace period (a live writer keeps adding objects, so it is left alone)."""
+        """Remove prefixes superseded by a newer commit, uncommitted prefixes whose newest object
+        is older than the grace period (a live writer keeps adding objects, so it is left alone),
+        and the multipart uploads dead writers left under prefixes of ours. Foreign names, copies,
+        and uncommitted 0.2 prefixes are never touched."""
         now = time.time()
-        for name, prefixes in self._scan().items():
+        scanned = self._scan()
+        for name, prefixes in scanned.items():
             if only is not None and name != only:
                 continue
-            committed = sorted(prefix for prefix, (done, _, _) in prefixes.items() if done)
-            for prefix, (done, newest, _) in prefixes.items():
-                if done and prefix != committed[-1]:
-                    self._remove_prefix(prefix)
-                elif not done and newest is not None and now - newest > self.grace_seconds:
-                    self.backend.delete_tree(prefix)
+            newest = self._newest_committed(list(prefixes.values()))
+            for prefix in prefixes.values():
+                if prefix is newest:
+                    continue
+                if prefix.committed:
+                    self._remove_if_ours(prefix)
+                elif not prefix.parsed.legacy and _older(prefix.newest, now, self.grace_seconds):
+                    self.backend.delete_tree(prefix.url)
+        self._abort_dead_uploads(scanned, only, now)
+
+    def _abort_dead_uploads(self, scanned: dict[str, dict[str, _Prefix]], only: str | None, now: float) -> None:
+        """Abort uploads under our prefixes that no live writer can complete: under a committed prefix
+        (its files were all complete before its manifest), or with no sign of life for longer than
+        the grace period (:func:`last_sign_of_life`)."""
+        root = self.backend.path_of(self.root)
+        for upload in self.backend.open_uploads(self.root):
+            top = upload.entry_under(root)
+            parsed = parse_transaction_name(top)  # 0.2 prefixes are not ours to judge
+            if parsed is None or not is_checkpoint_name(parsed.name) or (only is not None and parsed.name != only):
+                continue
+            prefix = scanned.get(parsed.name, {}).get(self.backend.join(self.root, top))
+            if prefix is not None and prefix.committed:
+                self.backend.abort_upload(upload)
+            elif _older(last_sign_of_life(parsed, upload, prefix.newest if prefix else None), now, self.grace_seconds):
+                self.backend.abort_upload(upload)
+
+
+def _older(moment: float | None, now: float, grace_seconds: float) -> bool:
+    """Whether ``moment`` (None: unknown) lies more than the grace period before ``now``."""
+    return moment is not None and now - moment > grace_seconds
+
+
+def last_sign_of_life(transaction: TransactionName, upload: OpenUpload, newest: float | None = None) -> float:
+    """The latest time a writer is known to have worked on ``upload`` of ``transaction``: when it
+    began the transaction (the id says), began the upload, or last wrote an object (``newest``),
+    in seconds since the epoch. Some servers report no useful upload time; the id always does."""
+    times = [transaction.started_ns / 1e9, upload.initiated, newest]
+    return max(t for t in times if t is not None)

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 from .. import interpreter_exit
 from ..errors import CorruptCheckpointError, StorageError
+from ..format.names import FILE_NAME_PATTERN
 from . import directio, door, trash
 from .base import (
     METADATA_FILE,
@@ -43,6 +44,8 @@ STAGING_PREFIX = ".tmp."
 TRASH_PREFIX = ".trash."
 REPLACED_PREFIX = ".replaced."
 STALE_STAGING_SECONDS = 6 * 3600
+PROBE_TAIL = "probe"
+"""The tail of the staging name :meth:`LocalStore.ensure_writable` creates and removes at once."""
 _HOST_TAG = format(zlib.crc32(socket.gethostname().encode()), "08x")
 
 
@@ -559,16 +562,12 @@ class LocalStore:
         replacement, and remove stale staging and trash directories. Live writers are left alone.
 
         With ``only``, just the leftovers of entry ``only`` are handled, for a root that also holds
-        files ckpt_plugin does not own.
+        files ckpt_plugin does not own; the writability probes of dead writers always are (every
+        user of the root makes them).
         """
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return
         now = time.time()
-        for entry in entries:
-            kind, tail, match = _hidden_kind(entry.name)
-            if kind is None or (only is not None and tail != only):
+        for entry, kind, tail, match in self._hidden_entries():
+            if only is not None and tail != only:
                 continue
             if kind == REPLACED_PREFIX:
                 original = self.root / tail
@@ -581,6 +580,28 @@ class LocalStore:
                 self._remove_hidden(Path(entry.path))
             elif self._staging_is_dead(match, entry, now):
                 self._remove_hidden(Path(entry.path))
+        if only is not None:
+            self.remove_dead_probes()
+
+    def remove_dead_probes(self) -> None:
+        """Remove the writability probes (:meth:`ensure_writable`) of writers that died while
+        making one, judged as staging directories are: by pid on this host, by age for others."""
+        now = time.time()
+        for entry, kind, tail, match in self._hidden_entries():
+            if kind == STAGING_PREFIX and tail == PROBE_TAIL and self._staging_is_dead(match, entry, now):
+                self._remove_hidden(Path(entry.path))
+
+    def _hidden_entries(self) -> Iterator[tuple[os.DirEntry[str], str, str, re.Match[str]]]:
+        """The entries of the root named exactly as this module names hidden ones, with their kind,
+        the entry they belong to and the parsed name."""
+        try:
+            entries = list(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            kind, tail, match = _hidden_kind(entry.name)
+            if kind is not None and match is not None:
+                yield entry, kind, tail, match
 
     @staticmethod
     def _staging_is_dead(match: re.Match[str], entry: os.DirEntry[str], now: float) -> bool:
@@ -609,11 +630,15 @@ def directory_identity(path: str) -> str:
 
 
 _COMMIT_ATTEMPTS = 8
+_TAIL = rf"(?P<tail>{FILE_NAME_PATTERN})"  # the entry a hidden name belongs to: a plain name, no control characters
 _HIDDEN_NAMES = {
-    STAGING_PREFIX: re.compile(r"\.tmp\.(?P<host>[0-9a-f]{8})\.(?P<pid>[0-9]{1,10})\.[0-9a-f]{12}\.(?P<tail>[^.].*)"),
-    TRASH_PREFIX: re.compile(r"\.trash\.[0-9a-f]{12}\.(?P<tail>[^.].*)"),
-    REPLACED_PREFIX: re.compile(r"\.replaced\.[0-9a-f]{12}\.(?P<tail>[^.].*)"),
+    STAGING_PREFIX: re.compile(
+        rf"\.tmp\.(?P<host>[0-9a-f]{{8}})\.(?P<pid>[0-9]{{1,10}})\.[0-9a-f]{{12}}\.{_TAIL}", re.ASCII
+    ),
+    TRASH_PREFIX: re.compile(rf"\.trash\.[0-9a-f]{{12}}\.{_TAIL}", re.ASCII),
+    REPLACED_PREFIX: re.compile(rf"\.replaced\.[0-9a-f]{{12}}\.{_TAIL}", re.ASCII),
 }
+"""The hidden names this module gives entries, matched in full; any other hidden name is foreign."""
 
 
 def _hidden_kind(name: str) -> tuple[str | None, str, re.Match[str] | None]:
