@@ -221,7 +221,7 @@ class ArtifactRegistry:
             self._open_remote(str(checkpoint_dir), validated_dir, production_dir)
             return
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
-        self._unowned_places = validated_dir is None and production_dir is None and not self.checkpoint_dir.is_dir()
+        self._default_places = validated_dir is None and production_dir is None
         beside = self.checkpoint_dir.parent
         self.validated_dir = Path(validated_dir).expanduser() if validated_dir is not None else beside / "validated"
         self.production_dir = Path(production_dir).expanduser() if production_dir is not None else beside / "production"
@@ -744,10 +744,10 @@ class ArtifactRegistry:
     # ------------------------------------------------------------------ internals
 
     def _check_places(self) -> None:
-        """Refuse to use the default places beside a local checkpoint directory that did not exist
-        when the registry was made: they would be another run's (``ArtifactRegistry("chekpoints")``
-        beside ``production/``)."""
-        if not self.remote and self._unowned_places:
+        """Refuse to change the default places beside a local checkpoint directory that does not
+        exist: they would be another run's (``ArtifactRegistry("chekpoints")`` beside
+        ``production/``). A registry made before the first save is fine once the run has saved."""
+        if not self.remote and self._default_places and not self.checkpoint_dir.is_dir():
             raise CheckpointNotFoundError(
                 f"{self.checkpoint_dir} does not exist, so the validated/ and production/ beside it are not its own; "
                 "pass the directory a CheckpointManager saved into, or validated_dir= and production_dir= to use "

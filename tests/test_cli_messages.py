@@ -102,6 +102,14 @@ def test_a_mistyped_directory_does_not_reach_the_registry_beside_it(run: Path, m
     assert ArtifactRegistry("checkpoints").versions() == ["1.0.0"]
 
 
+def test_a_registry_made_before_the_first_save_works_once_the_run_saved(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints")
+    registry = ArtifactRegistry(tmp_path / "run" / "checkpoints")  # as a script sets both up before training
+    manager.save(torch.nn.Linear(2, 2), epoch=1, metrics={"loss": 0.5})
+    assert registry.validate(1, "1.0.0")["version"] == "1.0.0"
+    assert registry.promote("1.0.0")["version"] == "1.0.0"
+
+
 def test_checkpoint_info_has_a_short_repr(run: Path) -> None:
     manager = CheckpointManager(run, metric_for_best="loss")
     manager.save(torch.nn.Linear(2, 2), epoch=90, step=900,
