@@ -17,34 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _args import existing_dir, whole_number  # noqa: F401 - the benchmarks import them from here
+
 MiB = 1024 * 1024
-
-
-def whole_number(minimum: int = 1, *, or_zero: bool = False, multiple_of: int = 1) -> Callable[[str], int]:
-    """An argparse ``type``: a whole number of at least ``minimum`` (or 0, when ``or_zero``) that is a
-    multiple of ``multiple_of``. Anything else ends the script with a usage error naming the option."""
-    wanted = f"a whole number of at least {minimum}" + (" (or 0)" if or_zero else "")
-    if multiple_of > 1:
-        wanted += f" that is a multiple of {multiple_of}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
-        if not (or_zero and value == 0) and (value < minimum or value % multiple_of):
-            raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
-        return value
-
-    return parse
-
-
-def existing_dir(text: str) -> Path:
-    """An argparse ``type``: a directory that exists (the benchmarks make their scratch directories in it)."""
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
-    return path
 
 
 def build_state(hidden: int = 2090, layers: int = 8, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:

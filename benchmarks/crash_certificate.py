@@ -51,6 +51,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from _args import number_between, whole_number  # noqa: E402
 from _common import machine  # noqa: E402
 from crashcert import checks, worker  # noqa: E402
 from crashcert.crash_points import points_of  # noqa: E402
@@ -555,21 +556,19 @@ def print_table(results: list[dict[str, Any]], total: float, jobs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=30, help="trials per scenario (half at crash points, half at random instants)")
+    parser.add_argument("--trials", type=whole_number(2), default=30, help="trials per scenario (half at crash points, half at random instants)")
     parser.add_argument("--scenario", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS),
                         help="scenarios to run (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1, help="trials run at once")
+    parser.add_argument("--seed", type=whole_number(0), default=0)
+    parser.add_argument("--jobs", type=whole_number(1), default=1, help="trials run at once")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--dir", help="parent of the scratch directory (default: the system temp directory)")
     parser.add_argument("--keep", action="store_true", help="keep every trial's directory (violating ones are kept anyway)")
     parser.add_argument("--only", nargs="+", help="run only these trials (such as crash-12 random-3), to reproduce one")
-    parser.add_argument("--reset-probability", type=float, default=0.01, help="per forwarded chunk, S3 scenarios")
-    parser.add_argument("--stall-probability", type=float, default=0.01, help="per forwarded chunk, S3 scenarios")
-    parser.add_argument("--stall-seconds", type=float, default=0.2)
+    parser.add_argument("--reset-probability", type=number_between(0.0, 1.0), default=0.01, help="per forwarded chunk, S3 scenarios")
+    parser.add_argument("--stall-probability", type=number_between(0.0, 1.0), default=0.01, help="per forwarded chunk, S3 scenarios")
+    parser.add_argument("--stall-seconds", type=number_between(0.0), default=0.2)
     args = parser.parse_args()
-    if args.trials < 2 or args.jobs < 1:
-        parser.error("--trials must be at least 2 (one of each kind) and --jobs at least 1")
     print(machine(), flush=True)
     print(f"seed {args.seed}, {args.trials} trials per scenario, {args.jobs} at once; scenarios: {' '.join(args.scenario)}",
           flush=True)

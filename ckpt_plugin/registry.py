@@ -221,7 +221,7 @@ class ArtifactRegistry:
             self._open_remote(str(checkpoint_dir), validated_dir, production_dir)
             return
         self.checkpoint_dir = Path(checkpoint_dir).expanduser()
-        self._default_places = validated_dir is None and production_dir is None
+        self._places_unproven = validated_dir is None and production_dir is None and not self.checkpoint_dir.is_dir()
         beside = self.checkpoint_dir.parent
         self.validated_dir = Path(validated_dir).expanduser() if validated_dir is not None else beside / "validated"
         self.production_dir = Path(production_dir).expanduser() if production_dir is not None else beside / "production"
@@ -744,10 +744,13 @@ class ArtifactRegistry:
     # ------------------------------------------------------------------ internals
 
     def _check_places(self) -> None:
-        """Refuse to change the default places beside a local checkpoint directory that does not
-        exist: they would be another run's (``ArtifactRegistry("chekpoints")`` beside
-        ``production/``). A registry made before the first save is fine once the run has saved."""
-        if not self.remote and self._default_places and not self.checkpoint_dir.is_dir():
+        """Refuse the default places beside a local checkpoint directory that has never existed
+        while this registry was in use: they would be another run's (``ArtifactRegistry("chekpoints")``
+        beside ``production/``). A registry made before the run's first save is fine once the run
+        has saved, and one whose raw checkpoints were deleted later keeps its versions."""
+        if not self.remote and self._places_unproven:
+            self._places_unproven = not self.checkpoint_dir.is_dir()
+        if not self.remote and self._places_unproven:
             raise CheckpointNotFoundError(
                 f"{self.checkpoint_dir} does not exist, so the validated/ and production/ beside it are not its own; "
                 "pass the directory a CheckpointManager saved into, or validated_dir= and production_dir= to use "

@@ -16,6 +16,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_common():  # type: ignore[no-untyped-def]
+    if str(BENCHMARKS) not in sys.path:  # as when a benchmark runs: its folder is on the path
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "_common.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -36,6 +38,8 @@ def test_no_benchmark_takes_an_unchecked_number():
 
 def test_whole_number_and_existing_dir(tmp_path):
     common = load_common()
+    args = sys.modules["_args"]
+    assert args.number_between(0.0, 1.0)("0.25") == 0.25
     assert common.whole_number()("3") == 3 and common.whole_number(0)("0") == 0
     assert common.whole_number(3, or_zero=True)("0") == 0 and common.whole_number(4, multiple_of=4)("8") == 8
     for parse, text, message in [
@@ -44,6 +48,9 @@ def test_whole_number_and_existing_dir(tmp_path):
         (common.whole_number(3, or_zero=True), "2", r"at least 3 \(or 0\), got 2"),
         (common.whole_number(4, multiple_of=4), "6", "that is a multiple of 4, got 6"),
         (common.existing_dir, str(tmp_path / "missing"), "is not an existing directory"),
+        (args.number_between(0.0, 1.0), "1.5", "expected a number from 0.0 to 1.0, got 1.5"),
+        (args.number_between(0.0, 1.0), "nan", "got nan"),
+        (args.number_between(0.0), "-0.2", "at least 0.0, got -0.2"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
