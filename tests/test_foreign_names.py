@@ -150,12 +150,7 @@ def test_foreign_objects_survive_retention_recover_resaves_promote_and_rollback(
     unpointed = f"{registry.production_dir}/model@{OURS}.safetensors"
     plant(unclaimed, {"model.safetensors": b"a validation that died before its claim"})
     plant(registry.production_dir, {f"model@{OURS}.safetensors": b"a promotion that died before its switch"})
-    registry.validate(3, "1.0.0")
-    registry.validate(3, "2.0.0")
-    registry.promote("1.0.0")
-    registry.promote("2.0.0")
-    registry.rollback()
-    assert registry.production()["version"] == "1.0.0"
+    every_registry_change(registry)
     assert not exists(unclaimed) and not exists(unpointed), "the registry's own leftovers were not cleaned up"
     assert_intact(remote_url, everything)
     assert_intact(registry.validated_dir, VALIDATED_PLANTS)
@@ -288,12 +283,7 @@ def test_foreign_files_survive_locally(tmp_path: Path) -> None:
         manager.save(weights(epoch), epoch=epoch, metrics={"loss": 1.0 / epoch})
     CheckpointManager(checkpoints)._store.recover()
     registry = ArtifactRegistry(checkpoints)
-    registry.validate(3, "1.0.0")
-    registry.validate(3, "2.0.0")
-    registry.promote("1.0.0")
-    registry.promote("2.0.0")
-    registry.rollback()
-    assert registry.production()["version"] == "1.0.0"
+    every_registry_change(registry)
     assert_files_intact(run, in_run)
     assert_files_intact(checkpoints, in_checkpoints)
     assert_files_intact(run / "validated", in_validated)
@@ -320,3 +310,13 @@ def test_a_promotion_never_replaces_files_it_did_not_write_in_production(tmp_pat
     registry.rollback()
     assert registry.production()["version"] == "1.0.0"
     assert [(event["event"], event["version"]) for event in registry.history()][-1] == ("rollback", "1.0.0")
+
+
+def every_registry_change(registry: ArtifactRegistry) -> None:
+    """Validate two versions of epoch 3, promote both, roll back: every operation that cleans up."""
+    registry.validate(3, "1.0.0")
+    registry.validate(3, "2.0.0")
+    registry.promote("1.0.0")
+    registry.promote("2.0.0")
+    registry.rollback()
+    assert registry.production()["version"] == "1.0.0"

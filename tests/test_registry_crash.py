@@ -71,10 +71,8 @@ def history_index(calls: list[list[str]]) -> int:
     raise AssertionError(f"the change did not append to the history: {calls}")
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("action", ["validate", "promote", "rollback"])
-def test_a_kill_between_a_change_and_its_history_event_loses_nothing(workers, tmp_path, action):
+def dry_run(workers, tmp_path: Path, action: str) -> tuple[Path, list[list[str]]]:
+    """A template registry, and the file-system calls ``action`` makes on a copy of it uninterrupted."""
     template = tmp_path / "template"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,6 +81,14 @@ def test_a_kill_between_a_change_and_its_history_event_loses_nothing(workers, tm
     shutil.copytree(template, probe)
     status, calls = workers.run("registry_change_and_crash", str(probe), action, None)
     assert status == 0, f"the change failed without a crash: {status}"
+    return template, calls
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("action", ["validate", "promote", "rollback"])
+def test_a_kill_between_a_change_and_its_history_event_loses_nothing(workers, tmp_path, action):
+    template, calls = dry_run(workers, tmp_path, action)
     first = max(1, history_index(calls) - CALLS_BEFORE_HISTORY)
     crashes = 0
     for crash_at in range(first, len(calls) + 2):
@@ -117,14 +123,7 @@ def test_a_kill_while_a_temporary_exists_leaves_none_after_the_next_change(worke
     """The intent is published through a temporary file beside it, and writability is proven by a
     probe directory in validated/ and beside production/. A writer killed while one of them exists
     leaves it for the next change to remove, wherever it is."""
-    template = tmp_path / "template"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_template(template)
-    probe = tmp_path / "probe"
-    shutil.copytree(template, probe)
-    status, calls = workers.run("registry_change_and_crash", str(probe), action, None)
-    assert status == 0, f"the change failed without a crash: {status}"
+    template, calls = dry_run(workers, tmp_path, action)
     crash_points = temporaries(calls)
     assert len(crash_points) >= 3 + (action != "validate"), f"the change made no temporaries: {calls}"
     for crash_at in crash_points:
