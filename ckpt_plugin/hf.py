@@ -71,9 +71,6 @@ except ImportError:  # transformers releases before GreedyLR
 from ._callback_core import ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
-from .io.files import read_bytes_file
-from .io.reader import foreign_files, read_info
-from .io.restore import apply_state
 from .manager import CheckpointManager
 from .rng import restore_rng_state
 from .storage import LocalStore, is_url, remove_link, set_link, symlinks
@@ -386,7 +383,7 @@ class CheckpointCallback(TrainerCallback):
         """
         if args.output_dir is None:
             return
-        unnamed = _foreign_resume_files(Path(args.output_dir), self.manager.checkpoint_dir)
+        unnamed = _foreign_resume_files(Path(args.output_dir), self.manager)
         if unnamed is not None and unnamed[1]:
             path, names = unnamed
             raise ForeignFileError(
@@ -463,7 +460,7 @@ class CheckpointCallback(TrainerCallback):
         if self.settings is not None and self.settings.should_save(args):
             self._warn_if_before_latest(info)
         checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng"))
-        apply_state("model", info.path, model.load_state_dict, checkpoint["model"])
+        self.manager.load_state_into(model, "model", checkpoint["model"], info)
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
             if target is None:
                 continue
@@ -474,7 +471,7 @@ class CheckpointCallback(TrainerCallback):
                     stacklevel=3,
                 )
                 continue
-            apply_state(name, info.path, target.load_state_dict, checkpoint[name])
+            self.manager.load_state_into(target, name, checkpoint[name], info)
         _replay_metric_scheduler(args, lr_scheduler, info)
         self._rng = checkpoint.get("rng")
         self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
@@ -485,7 +482,7 @@ class CheckpointCallback(TrainerCallback):
         later = self.manager.later_than(resumed)
         if not later:
             return
-        self.manager._warned_older_epoch = True  # this message says it already, and accurately
+        self.manager.acknowledge_later_checkpoints()  # this message says it already, and accurately
         warnings.warn(
             f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
             f"({', '.join(info.name for info in later)}) of the training that went on from it. This run replaces each "
@@ -670,7 +667,7 @@ class CheckpointCallback(TrainerCallback):
         :func:`_mark_remote`).
         """
         if not isinstance(info.path, Path):
-            _mark_remote(output_dir, info)
+            _mark_remote(self.manager, output_dir, info)
             return
         if not info.path.is_dir():  # an earlier run's later checkpoints outrank it and retention took it
             return
@@ -700,7 +697,7 @@ class CheckpointCallback(TrainerCallback):
             return
         if best is None:
             return
-        apply_state("model", best.path, model.load_state_dict, self.manager.read(best, items=("model",))["model"])
+        self.manager.load_state_into(model, "model", self.manager.read(best, items=("model",))["model"], best)
         state.best_model_checkpoint = str(best.path)
 
 
@@ -827,7 +824,7 @@ def _location(place: str | os.PathLike[str]) -> Path | str:
     return str(place) if is_url(str(place)) else Path(place)
 
 
-def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
+def _mark_remote(manager: CheckpointManager, output_dir: Path, info: CheckpointInfo) -> None:
     """Leave ``output_dir/checkpoint-<step>/`` for the Trainer to find when it resumes from a
     checkpoint on an object store: its ``trainer_state.json``, the URL of the checkpoint
     (``ckpt_plugin_checkpoint.json``) and an empty ``model.safetensors``, so that the Trainer
@@ -840,7 +837,7 @@ def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
     store.ensure_writable()
     staging = store.staging_dir(name)
     try:
-        trainer_state = read_bytes_file(info.file(TRAINER_STATE_FILE), info.files.get(TRAINER_STATE_FILE), backend=info.backend)
+        trainer_state = manager.read_file(info, TRAINER_STATE_FILE)
         (staging / TRAINER_STATE_FILE).write_bytes(trainer_state)
         (staging / REMOTE_MARKER_FILE).write_text(json.dumps({"checkpoint": info.location}))
         (staging / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
@@ -857,7 +854,7 @@ MARKER_FILES = frozenset({TRAINER_STATE_FILE, REMOTE_MARKER_FILE, "model.safeten
 """What a resume marker (:func:`_mark_remote`) holds."""
 
 
-def _foreign_resume_files(output_dir: Path, checkpoint_dir: Path | str) -> tuple[Path, list[str]] | None:
+def _foreign_resume_files(output_dir: Path, manager: CheckpointManager) -> tuple[Path, list[str]] | None:
     """The checkpoint that ``resume_from_checkpoint=True`` would resume from in ``output_dir`` and the
     files in it that its format does not name; None when there is none or it is not one of ours."""
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -867,10 +864,14 @@ def _foreign_resume_files(output_dir: Path, checkpoint_dir: Path | str) -> tuple
     if (path / REMOTE_MARKER_FILE).is_file() and not path.is_symlink():
         return path, sorted(set(os.listdir(path)) - MARKER_FILES)
     target = Path(os.path.realpath(path))
+    checkpoint_dir = manager.checkpoint_dir
     if not (path.is_symlink() and isinstance(checkpoint_dir, Path) and _same_dir(target.parent, checkpoint_dir)):
         return None
     try:
-        return path, foreign_files(read_info(target))
+        info = manager.checkpoint_at(target)
+        if info is None:
+            raise CheckpointNotFoundError(f"{target} holds no committed checkpoint")
+        return path, manager.foreign_files(info)
     except CheckpointError as exc:  # nothing vouches for its files: the Trainer must not read them
         raise ForeignFileError(
             f"{path} links to {target}, which train(resume_from_checkpoint=True) would read, but it is not a readable "

@@ -73,12 +73,10 @@ from ._callback_core import (
     check_metric_logged,
     check_ranking,
     given_manager,
-    plain_config,
     plain_metrics,
 )
 from .checkpoint import METADATA_FILE, CheckpointInfo
 from .errors import CheckpointError, ConfigurationError, EncodingError
-from .format import codec
 from .io.reader import read_checkpoint, read_info
 from .manager import CheckpointManager
 from .rng import capture_rng_state, portable_rng_state, restore_rng_state
@@ -530,7 +528,7 @@ class CheckpointCallback(ModelCheckpoint):
         if stage == "fit":
             self._run_after_other_checkpoint_callbacks(trainer)
             try:
-                codec.to_json(plain_config(_config_of(trainer, pl_module)), "config")
+                self.manager.check_config(_config_of(trainer, pl_module))
             except EncodingError as exc:
                 raise EncodingError(
                     f"{exc}. Checkpoints store the hyper-parameters as JSON; leave such values out with "
@@ -557,7 +555,7 @@ class CheckpointCallback(ModelCheckpoint):
         if latest is None:
             return
         self._warned_existing = True
-        self.manager._warned_older_epoch = True  # this message says it already
+        self.manager.acknowledge_later_checkpoints()  # this message says it already
         rank_zero_warn(
             f"{self.manager.checkpoint_dir} already holds checkpoints (up to {latest.name}); this fit() starts "
             "fresh and its checkpoints are ranked among them by epoch and step. To continue that run pass "
@@ -571,7 +569,7 @@ class CheckpointCallback(ModelCheckpoint):
         if not later:
             return
         self._warned_existing = True
-        self.manager._warned_older_epoch = True  # this message says it already
+        self.manager.acknowledge_later_checkpoints()  # this message says it already
         rank_zero_warn(
             f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
             f"({', '.join(info.name for info in later)}) of the training that went on from it. This fit() replaces "

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lightning.pytorch")
 pytest.importorskip("transformers")
 pytest.importorskip("model_signing")
 pytest.importorskip("OpenSSL")
 
-from ckpt_plugin import CheckpointManager, ConfigurationError, SignatureError  # noqa: E402
+from ckpt_plugin import (  # noqa: E402
+    CheckpointManager,
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    EncodingError,
+    IncompatibleCheckpointError,
+    SignatureError,
+)
 from ckpt_plugin import hf, lightning  # noqa: E402
 from ckpt_plugin._callback_core import ManagerOptions  # noqa: E402
 from ckpt_plugin.signing import SIGNATURE_FILE  # noqa: E402
@@ -108,3 +118,56 @@ def assert_signed(manager: CheckpointManager, public: Path, theirs: Path) -> Non
     with pytest.raises(SignatureError):
         manager.load_latest(verify_with=theirs)
 
+
+# ------------------------------------------------------------- the manager's operations the callbacks use
+
+
+def test_acknowledged_later_checkpoints_are_not_warned_about_again(tmp_path: Path) -> None:
+    from core_helpers import tiny_training
+
+    model, _ = tiny_training()
+    manager = CheckpointManager(tmp_path, max_checkpoints=None)
+    manager.save(model, epoch=2)
+    manager.acknowledge_later_checkpoints()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manager.save(model, epoch=1)
+    other = CheckpointManager(tmp_path, max_checkpoints=None)
+    with pytest.warns(UserWarning, match="already holds later checkpoints"):
+        other.save(model, epoch=0)
+
+
+def test_read_file_and_foreign_files_check_what_the_checkpoint_records(tmp_path: Path) -> None:
+    from core_helpers import tiny_training
+
+    model, _ = tiny_training()
+    manager = CheckpointManager(tmp_path)
+    info = manager.save(model, epoch=0, files={"notes.json": b'{"a": 1}'})
+    assert manager.read_file(info, "notes.json") == b'{"a": 1}'
+    with pytest.raises(CheckpointNotFoundError, match="records no file 'other.json'"):
+        manager.read_file(info, "other.json")
+    assert manager.foreign_files(info) == []
+    (Path(info.path) / "rng_state.pth").write_bytes(b"planted")
+    assert manager.foreign_files(info) == ["rng_state.pth"]
+    (Path(info.path) / "notes.json").write_bytes(b'{"a": 2}')
+    with pytest.raises(CorruptCheckpointError):
+        manager.read_file(info, "notes.json")
+
+
+def test_check_config_refuses_what_a_checkpoint_cannot_record(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    manager.check_config({"lr": 0.1, "layers": [1, 2]})
+    with pytest.raises(EncodingError, match="config"):
+        manager.check_config({"loss": object()})
+
+
+def test_load_state_into_names_the_checkpoint_the_target_refuses(tmp_path: Path) -> None:
+    from core_helpers import tiny_training
+
+    model, _ = tiny_training()
+    manager = CheckpointManager(tmp_path)
+    info = manager.save(model, epoch=0)
+    state = manager.read(info, items=("model",))["model"]
+    manager.load_state_into(model, "model", state, info)
+    with pytest.raises(IncompatibleCheckpointError, match=r"the model state in .*epoch_0 cannot be loaded"):
+        manager.load_state_into(torch.nn.Linear(3, 3), "model", state, info)
