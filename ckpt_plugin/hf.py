@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
@@ -66,13 +68,10 @@ try:
 except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
+from ._callback_core import ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
 from .checkpoint import CheckpointInfo
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
-from .io.files import read_bytes_file
-from .io.reader import foreign_files, read_info
-from .io.restore import apply_state
-from .manager import CheckpointManager, check_top_k
-from .preemption import PreemptionWatch, describe
+from .manager import CheckpointManager
 from .rng import restore_rng_state
 from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 
@@ -175,7 +174,7 @@ class Settings:
                 f"with TrainingArguments(save_strategy='best') the Trainer judges new bests by {args_metric!r}; "
                 f"drop metric_for_best={metric_for_best!r} or set metric_for_best_model to it"
             )
-        check_top_k(keep_top_k, metric_for_best)
+        check_ranking(keep_top_k, metric_for_best)
         if (keep_top_k or strategy == "best") and _value(args.eval_strategy) == "no":
             option = f"keep_top_k={keep_top_k}" if keep_top_k else "save_strategy='best'"
             raise ConfigurationError(
@@ -211,7 +210,7 @@ class Settings:
         if self.save_strategy != "steps":
             return False
         every = math.ceil(state.max_steps * self.save_steps) if self.save_steps < 1 else int(self.save_steps)
-        return (every > 0 and state.global_step % every == 0) or state.global_step >= state.max_steps
+        return SaveSchedule(every_n_steps=max(every, 0)).step_due(state.global_step) or state.global_step >= state.max_steps
 
 
 def _refuse_best_without_ranking(
@@ -263,8 +262,9 @@ class CheckpointCallback(TrainerCallback):
             save is raised at the next save or when training ends.
         incremental: store the model as shards and hard-link the shards that did not change since
             the previous checkpoint (frozen backbones, adapters). Unchanged tensors are found by
-            checksum: the manager's ``change_detection="version"`` is not offered, because the
-            Trainer's default fused AdamW updates weights without bumping their version counters.
+            checksum (``change_detection="checksum"``, the default); ``"version"`` trusts autograd
+            version counters, which the Trainer's default fused AdamW does not bump, so use it only
+            with an optimizer that does.
         keep_top_k: keep the k best checkpoints by ``metric_for_best`` besides the ``max_checkpoints``
             most recent (given, it replaces ``keep_best``).
         save_only_model: save only the model weights (no optimizer, scheduler or RNG state); default
@@ -276,8 +276,17 @@ class CheckpointCallback(TrainerCallback):
             Under DDP every rank stops after the same step when any rank is signalled. The next
             launch resumes with ``train(resume_from_checkpoint=True)``. The signal handlers found
             when training started are put back when it ends.
+        manager: a ready :class:`~ckpt_plugin.CheckpointManager` to use instead of building one;
+            its directory, retention and ranking then replace ``checkpoint_dir``,
+            ``max_checkpoints``, ``keep_best``, ``metric_for_best``, ``mode`` and ``keep_top_k``,
+            and passing any manager option beside it is refused.
+        storage_options, change_detection, signing_key, save_rng, require_metric, collective_timeout:
+            passed on to the manager as for ``CheckpointManager``, which takes every manager option:
+            ``signing_key`` signs each checkpoint; ``require_metric`` is off because saves may come
+            before the first evaluation.
 
-    The manager is :attr:`manager`, available once the callback is given to a ``Trainer``.
+    The manager is :attr:`manager`, available once the callback is given to a ``Trainer`` (at
+    once with ``manager=``).
     """
 
     def __init__(
@@ -298,7 +307,16 @@ class CheckpointCallback(TrainerCallback):
         save_on_each_node: bool | None = None,
         save_on_preemption: bool = False,
         storage_options: dict[str, Any] | None = None,
+        manager: CheckpointManager | None = None,
+        change_detection: str = "checksum",
+        signing_key: str | os.PathLike[str] | None = None,
+        save_rng: bool = True,
+        require_metric: bool | None = False,
+        collective_timeout: float = 600.0,
     ) -> None:
+        arguments = dict(locals())
+        self._manager: CheckpointManager | None = given_manager(manager, arguments, _DEFAULTS)
+        self._given_manager = self._manager
         if mode not in (None, "min", "max"):
             raise ConfigurationError(f"mode must be 'min' or 'max', not {mode!r}")
         if save_strategy not in (None, *SAVE_STRATEGIES):
@@ -320,18 +338,16 @@ class CheckpointCallback(TrainerCallback):
             "save_only_model": save_only_model,
             "save_on_each_node": save_on_each_node,
         }
-        check_top_k(keep_top_k, metric_for_best, metric_known=metric_for_best is not FROM_ARGS)  # else from the arguments
+        check_ranking(keep_top_k, metric_for_best, metric_known=metric_for_best is not FROM_ARGS)  # else from the arguments
         self.save_on_preemption = bool(save_on_preemption)
-        self._preemption = PreemptionWatch()
+        self._preemption = PreemptionStop(self.save_on_preemption)
         self._preempted = False
         self._best_value = None
         self._manager_options = {
-            "async_save": bool(async_save),
-            "incremental": bool(incremental),
-            "storage_options": storage_options,
+            name: arguments[name] for name in ManagerOptions.names() if name in arguments and name not in self._overrides
         }
+        """The manager options that TrainingArguments do not supply, passed on as given."""
         self.settings: Settings | None = None
-        self._manager: CheckpointManager | None = None
         self._pending = False
         self._saved_step: int | None = None
         self._last_train_log = 0
@@ -367,7 +383,7 @@ class CheckpointCallback(TrainerCallback):
         """
         if args.output_dir is None:
             return
-        unnamed = _foreign_resume_files(Path(args.output_dir), self.manager.checkpoint_dir)
+        unnamed = _foreign_resume_files(Path(args.output_dir), self.manager)
         if unnamed is not None and unnamed[1]:
             path, names = unnamed
             raise ForeignFileError(
@@ -378,19 +394,21 @@ class CheckpointCallback(TrainerCallback):
             )
 
     def _attach(self, args: TrainingArguments) -> Settings:
-        """Resolve the settings against ``args`` and build the manager (validating both once)."""
-        self.settings = Settings.resolve(args, **self._overrides)
-        s = self.settings
-        self._manager = CheckpointManager(
-            s.checkpoint_dir,
-            s.max_checkpoints,
-            s.keep_best,
-            s.metric_for_best,
-            s.mode,
+        """Resolve the settings against ``args`` and build the manager (validating both once); a
+        manager given as ``manager=`` supplies the settings it holds instead of ``args``."""
+        if self._given_manager is not None:
+            self.settings = Settings.resolve(args, **{**self._overrides, **_settings_of(self._given_manager)})
+            return self.settings
+        self.settings = s = Settings.resolve(args, **self._overrides)
+        self._manager = ManagerOptions(
+            checkpoint_dir=s.checkpoint_dir,
+            max_checkpoints=s.max_checkpoints,
+            keep_best=s.keep_best,
+            metric_for_best=s.metric_for_best,
+            mode=s.mode,
             keep_top_k=s.keep_top_k,
-            require_metric=False,  # train-time saves may come before the first evaluation
             **self._manager_options,
-        )
+        ).build()
         return self.settings
 
     def on_train_begin(
@@ -407,8 +425,7 @@ class CheckpointCallback(TrainerCallback):
         self._last_train_log = state.global_step
         self._preempted = False
         self._best_value: float | None = None
-        if self.save_on_preemption:
-            self._preemption.install()
+        self._preemption.start()
         if state.global_step > 0:
             self._resume(args, state, **kwargs)
         elif self.settings.should_save(args) and self.manager.checkpoints():
@@ -443,7 +460,7 @@ class CheckpointCallback(TrainerCallback):
         if self.settings is not None and self.settings.should_save(args):
             self._warn_if_before_latest(info)
         checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng"))
-        apply_state("model", info.path, model.load_state_dict, checkpoint["model"])
+        self.manager.load_state_into(model, "model", checkpoint["model"], info)
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
             if target is None:
                 continue
@@ -454,7 +471,7 @@ class CheckpointCallback(TrainerCallback):
                     stacklevel=3,
                 )
                 continue
-            apply_state(name, info.path, target.load_state_dict, checkpoint[name])
+            self.manager.load_state_into(target, name, checkpoint[name], info)
         _replay_metric_scheduler(args, lr_scheduler, info)
         self._rng = checkpoint.get("rng")
         self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
@@ -465,7 +482,7 @@ class CheckpointCallback(TrainerCallback):
         later = self.manager.later_than(resumed)
         if not later:
             return
-        self.manager._warned_older_epoch = True  # this message says it already, and accurately
+        self.manager.acknowledge_later_checkpoints()  # this message says it already, and accurately
         warnings.warn(
             f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
             f"({', '.join(info.name for info in later)}) of the training that went on from it. This run replaces each "
@@ -502,7 +519,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         settings = self.settings or self._attach(args)
-        if self.save_on_preemption and _any_rank(self._preemption.requested, args):
+        if self._preemption.requested(functools.partial(_any_rank, args=args)):
             self._stop_for_preemption(args, state, control, **kwargs)
             return control
         return self._request(args, state, control, settings.save_due_at_step(state), **kwargs)
@@ -525,15 +542,9 @@ class CheckpointCallback(TrainerCallback):
         control.should_training_stop = True
         if self._saved_step != state.global_step:
             self._save(args, state, None, **kwargs)
-        self.manager.wait()
-        self._preemption.uninstall()
+        message = self._preemption.stop(self.manager, state.global_step, "train(resume_from_checkpoint=True)")
         if self.settings is not None and self.settings.should_save(args):
-            warnings.warn(
-                f"received {describe(self._preemption.received)}: saved a checkpoint at step {state.global_step} in "
-                f"{self.manager.checkpoint_dir} and stopped training; resume with train(resume_from_checkpoint=True)",
-                UserWarning,
-                stacklevel=3,
-            )
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def _request(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any
@@ -594,20 +605,20 @@ class CheckpointCallback(TrainerCallback):
 
     def _check_metric(self, settings: Settings, metrics: dict[str, Any]) -> None:
         """An evaluation must report the metric that ``keep_top_k`` or ``save_strategy="best"`` ranks by."""
-        if not (settings.keep_top_k or settings.save_strategy == "best") or settings.metric_for_best in metrics:
+        if not (settings.keep_top_k or settings.save_strategy == "best"):
             return
-        logged = ", ".join(sorted(metrics)) or "none"
-        raise ConfigurationError(
-            f"metric_for_best={settings.metric_for_best!r}, which "
-            + ("keep_top_k" if settings.keep_top_k else "save_strategy='best'")
-            + f" ranks checkpoints by, is not among the evaluation metrics ({logged}); return it from "
-            "compute_metrics or pass one of these as metric_for_best (metric_for_best_model)"
+        check_metric_logged(
+            settings.metric_for_best,
+            metrics,
+            ranked_by=", which " + ("keep_top_k" if settings.keep_top_k else "save_strategy='best'") + " ranks checkpoints by,",
+            reported="evaluation",
+            fix="return it from compute_metrics or pass one of these as metric_for_best (metric_for_best_model)",
         )
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._preemption.uninstall()
+        self._preemption.end()
         self._flush(args, state, **kwargs)
         if self._manager is not None:
             self._manager.close()  # the last save commits (or its error is raised) before the best is read
@@ -656,7 +667,7 @@ class CheckpointCallback(TrainerCallback):
         :func:`_mark_remote`).
         """
         if not isinstance(info.path, Path):
-            _mark_remote(output_dir, info)
+            _mark_remote(self.manager, output_dir, info)
             return
         if not info.path.is_dir():  # an earlier run's later checkpoints outrank it and retention took it
             return
@@ -686,8 +697,32 @@ class CheckpointCallback(TrainerCallback):
             return
         if best is None:
             return
-        apply_state("model", best.path, model.load_state_dict, self.manager.read(best, items=("model",))["model"])
+        self.manager.load_state_into(model, "model", self.manager.read(best, items=("model",))["model"], best)
         state.best_model_checkpoint = str(best.path)
+
+
+_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(CheckpointCallback.__init__).parameters.items()}
+"""The callback's defaults: a manager option that differs from its default was given (see ``manager=``)."""
+
+
+def _settings_of(manager: CheckpointManager) -> dict[str, Any]:
+    """The :meth:`Settings.resolve` arguments a ready manager fixes: where and how it keeps checkpoints.
+
+    The Trainer reports evaluation metrics as ``eval_<name>``, so the manager must rank by such a name."""
+    metric = manager.metric_for_best
+    if metric is not None and eval_metric_name(metric) != metric:
+        raise ConfigurationError(
+            f"the manager ranks checkpoints by metric_for_best={metric!r}, but the Trainer reports evaluation metrics "
+            f"with an eval_ prefix; build it with metric_for_best={eval_metric_name(metric)!r}"
+        )
+    return {
+        "checkpoint_dir": manager.checkpoint_dir,
+        "max_checkpoints": manager.max_checkpoints,
+        "keep_best": manager.keep_best,
+        "metric_for_best": metric,
+        "mode": manager.mode,
+        "keep_top_k": manager.keep_top_k if manager.keep_top_k > 1 else None,
+    }
 
 
 def _refuse_sharded(model: Any) -> None:
@@ -789,7 +824,7 @@ def _location(place: str | os.PathLike[str]) -> Path | str:
     return str(place) if is_url(str(place)) else Path(place)
 
 
-def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
+def _mark_remote(manager: CheckpointManager, output_dir: Path, info: CheckpointInfo) -> None:
     """Leave ``output_dir/checkpoint-<step>/`` for the Trainer to find when it resumes from a
     checkpoint on an object store: its ``trainer_state.json``, the URL of the checkpoint
     (``ckpt_plugin_checkpoint.json``) and an empty ``model.safetensors``, so that the Trainer
@@ -802,7 +837,7 @@ def _mark_remote(output_dir: Path, info: CheckpointInfo) -> None:
     store.ensure_writable()
     staging = store.staging_dir(name)
     try:
-        trainer_state = read_bytes_file(info.file(TRAINER_STATE_FILE), info.files.get(TRAINER_STATE_FILE), backend=info.backend)
+        trainer_state = manager.read_file(info, TRAINER_STATE_FILE)
         (staging / TRAINER_STATE_FILE).write_bytes(trainer_state)
         (staging / REMOTE_MARKER_FILE).write_text(json.dumps({"checkpoint": info.location}))
         (staging / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
@@ -819,7 +854,7 @@ MARKER_FILES = frozenset({TRAINER_STATE_FILE, REMOTE_MARKER_FILE, "model.safeten
 """What a resume marker (:func:`_mark_remote`) holds."""
 
 
-def _foreign_resume_files(output_dir: Path, checkpoint_dir: Path | str) -> tuple[Path, list[str]] | None:
+def _foreign_resume_files(output_dir: Path, manager: CheckpointManager) -> tuple[Path, list[str]] | None:
     """The checkpoint that ``resume_from_checkpoint=True`` would resume from in ``output_dir`` and the
     files in it that its format does not name; None when there is none or it is not one of ours."""
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -829,10 +864,14 @@ def _foreign_resume_files(output_dir: Path, checkpoint_dir: Path | str) -> tuple
     if (path / REMOTE_MARKER_FILE).is_file() and not path.is_symlink():
         return path, sorted(set(os.listdir(path)) - MARKER_FILES)
     target = Path(os.path.realpath(path))
+    checkpoint_dir = manager.checkpoint_dir
     if not (path.is_symlink() and isinstance(checkpoint_dir, Path) and _same_dir(target.parent, checkpoint_dir)):
         return None
     try:
-        return path, foreign_files(read_info(target))
+        info = manager.checkpoint_at(target)
+        if info is None:
+            raise CheckpointNotFoundError(f"{target} holds no committed checkpoint")
+        return path, manager.foreign_files(info)
     except CheckpointError as exc:  # nothing vouches for its files: the Trainer must not read them
         raise ForeignFileError(
             f"{path} links to {target}, which train(resume_from_checkpoint=True) would read, but it is not a readable "

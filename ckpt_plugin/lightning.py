@@ -46,6 +46,7 @@ clock or preemption collective when those options are on).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import time
@@ -65,12 +66,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import errors
+from ._callback_core import (
+    ManagerOptions,
+    PreemptionStop,
+    SaveSchedule,
+    check_metric_logged,
+    check_ranking,
+    given_manager,
+    plain_metrics,
+)
 from .checkpoint import METADATA_FILE, CheckpointInfo
 from .errors import CheckpointError, ConfigurationError, EncodingError
-from .format import codec
 from .io.reader import read_checkpoint, read_info
-from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
-from .preemption import PreemptionWatch, describe
+from .manager import CheckpointManager
 from .rng import capture_rng_state, portable_rng_state, restore_rng_state
 from .storage import is_url, open_store
 
@@ -319,7 +327,9 @@ class CheckpointCallback(ModelCheckpoint):
         incremental: hard-link the model shards that did not change since the previous checkpoint
             instead of writing them again (frozen backbones, adapters); ``change_detection`` is
             ``"checksum"`` or ``"version"`` as for ``CheckpointManager``.
-        manager: a ready manager to use instead of the parameters above (except the schedule).
+        manager: a ready manager to use instead of building one; the manager options (every
+            ``CheckpointManager`` parameter) are then refused, the callback's own (schedule,
+            ``auto_resume``, ...) apply.
         auto_resume: make ``fit()`` without ``ckpt_path`` continue from the latest checkpoint in
             ``checkpoint_dir`` when there is one (for preemptible jobs that rerun the same command).
             Off by default: a fresh ``fit()`` starts fresh, and ``fit(ckpt_path="last")`` resumes.
@@ -341,6 +351,11 @@ class CheckpointCallback(ModelCheckpoint):
             every rank stops after the same step when any rank is signalled. Resume with
             ``fit(ckpt_path="last")``, or by rerunning ``fit()`` with ``auto_resume=True``. The signal handlers found at the start of training are put back
             when it ends.
+        signing_key, save_rng, require_metric, collective_timeout: as for ``CheckpointManager``,
+            which takes every manager option the callback passes on: ``signing_key`` signs each
+            checkpoint; ``save_rng`` is off because the callback's own state carries the RNG states
+            (on, the checkpoints record them too); ``require_metric`` is off because saves may come
+            before the first validation (the callback checks ``metric_for_best`` once one ran).
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
@@ -387,33 +402,19 @@ class CheckpointCallback(ModelCheckpoint):
         save_on_train_epoch_end: bool | None = None,
         save_weights_only: bool = False,
         save_on_preemption: bool = False,
+        signing_key: str | os.PathLike[str] | None = None,
+        save_rng: bool = False,
+        require_metric: bool | None = False,
+        collective_timeout: float = 600.0,
     ) -> None:
-        epochs, steps, interval = _schedule(every_n_epochs, every_n_train_steps, train_time_interval)
+        arguments = dict(locals())
+        schedule = SaveSchedule.exclusive(every_n_epochs, every_n_train_steps, train_time_interval, steps_name="every_n_train_steps")
         if save_on_train_epoch_end not in (None, True, False):
             raise ConfigurationError(f"save_on_train_epoch_end must be True, False or None, not {save_on_train_epoch_end!r}")
+        manager = given_manager(manager, arguments, _DEFAULTS)
         if manager is None:
-            check_top_k(keep_top_k, metric_for_best)
-            manager = CheckpointManager(
-                checkpoint_dir,
-                max_checkpoints,
-                _keep_best(keep_best, metric_for_best),
-                metric_for_best,
-                mode,
-                save_rng=False,
-                async_save=async_save,
-                incremental=incremental,
-                change_detection=change_detection,
-                storage_options=storage_options,
-                keep_top_k=keep_top_k,
-                require_metric=False,  # saves may come before the first validation; checked once it ran
-            )
-        elif not isinstance(manager, CheckpointManager):
-            raise ConfigurationError(f"manager must be a CheckpointManager, not {type(manager).__name__}")
-        elif async_save or incremental or change_detection != "checksum" or keep_top_k is not None or storage_options:
-            raise ConfigurationError(
-                "async_save, incremental, change_detection, keep_top_k and storage_options configure the manager "
-                "the callback builds; with manager=, pass them to CheckpointManager(...) instead"
-            )
+            check_ranking(keep_top_k, metric_for_best)
+            manager = ManagerOptions.of({**arguments, "keep_best": _keep_best(keep_best, metric_for_best)}).build()
         # ModelCheckpoint's own saving is off (save_top_k=0, no last): every saving hook is overridden below.
         super().__init__(
             dirpath=manager.checkpoint_dir,
@@ -421,16 +422,17 @@ class CheckpointCallback(ModelCheckpoint):
             mode=manager.mode,
             save_top_k=0,
             save_last=False,
-            every_n_epochs=epochs,
-            every_n_train_steps=steps,
-            train_time_interval=interval,
+            every_n_epochs=schedule.every_n_epochs,
+            every_n_train_steps=schedule.every_n_steps,
+            train_time_interval=schedule.time_interval,
             save_on_train_epoch_end=save_on_train_epoch_end,
             save_weights_only=bool(save_weights_only),
         )
         self.manager = manager
         self.auto_resume = bool(auto_resume)
-        self.every_n_train_steps = steps
-        self.train_time_interval = interval
+        self.schedule = schedule
+        self.every_n_train_steps = schedule.every_n_steps
+        self.train_time_interval = schedule.time_interval
         self.save_on_train_epoch_end = save_on_train_epoch_end
         self.save_on_preemption = bool(save_on_preemption)
         self.checkpoint_names: list[str] = []
@@ -441,7 +443,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_time_saved: float | None = None
         self._rng_at_first_batch: dict[str, Any] | None = None
         self._due_at_epoch_end = False
-        self._preemption = PreemptionWatch()
+        self._preemption = PreemptionStop(self.save_on_preemption)
         if self.auto_resume and not isinstance(self, OnExceptionCheckpoint):
             self.__class__ = _auto_resuming(type(self))
             for message in _AUTO_RESUME_NOTICES:  # Lightning's wording assumes a ModelCheckpoint in one process
@@ -526,7 +528,7 @@ class CheckpointCallback(ModelCheckpoint):
         if stage == "fit":
             self._run_after_other_checkpoint_callbacks(trainer)
             try:
-                codec.to_json(config_to_dict(_config_of(trainer, pl_module)), "config")
+                self.manager.check_config(_config_of(trainer, pl_module))
             except EncodingError as exc:
                 raise EncodingError(
                     f"{exc}. Checkpoints store the hyper-parameters as JSON; leave such values out with "
@@ -553,7 +555,7 @@ class CheckpointCallback(ModelCheckpoint):
         if latest is None:
             return
         self._warned_existing = True
-        self.manager._warned_older_epoch = True  # this message says it already
+        self.manager.acknowledge_later_checkpoints()  # this message says it already
         rank_zero_warn(
             f"{self.manager.checkpoint_dir} already holds checkpoints (up to {latest.name}); this fit() starts "
             "fresh and its checkpoints are ranked among them by epoch and step. To continue that run pass "
@@ -567,7 +569,7 @@ class CheckpointCallback(ModelCheckpoint):
         if not later:
             return
         self._warned_existing = True
-        self.manager._warned_older_epoch = True  # this message says it already
+        self.manager.acknowledge_later_checkpoints()  # this message says it already
         rank_zero_warn(
             f"resuming from {resumed.name}, but {self.manager.checkpoint_dir} also holds later checkpoints "
             f"({', '.join(info.name for info in later)}) of the training that went on from it. This fit() replaces "
@@ -580,8 +582,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_time_saved = time.monotonic()
         self._last_saved_step = trainer.global_step if trainer.ckpt_path else None
         self._due_at_epoch_end = False
-        if self.save_on_preemption:
-            self._preemption.install()
+        self._preemption.start()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """After resuming mid-epoch, put the RNG states back once the data iterator exists (it draws from them)."""
@@ -595,11 +596,11 @@ class CheckpointCallback(ModelCheckpoint):
         """Save every ``every_n_train_steps`` steps, once ``train_time_interval`` passed, or on preemption."""
         if trainer.fast_dev_run or not _step_completed(trainer, batch_idx):
             return
-        preempted = self.save_on_preemption and trainer.strategy.reduce_boolean_decision(self._preemption.requested, all=False)
-        due = bool(self.every_n_train_steps) and trainer.global_step % self.every_n_train_steps == 0
-        if self.train_time_interval is not None:
+        preempted = self._preemption.requested(functools.partial(trainer.strategy.reduce_boolean_decision, all=False))
+        due = self.schedule.step_due(trainer.global_step)
+        if self.schedule.time_interval is not None:
             elapsed = time.monotonic() - (self._last_time_saved or 0.0)
-            due = bool(trainer.strategy.broadcast(elapsed >= self.train_time_interval.total_seconds(), src=0)) or due
+            due = bool(trainer.strategy.broadcast(self.schedule.time_due(elapsed), src=0)) or due
         if not (due or preempted):
             return
         if not _mid_epoch(trainer):
@@ -629,14 +630,14 @@ class CheckpointCallback(ModelCheckpoint):
         due, self._due_at_epoch_end = self._due_at_epoch_end, False
         if self._saves_on_train_epoch_end(trainer) and self._epoch_due(trainer):
             self.save(trainer, pl_module)
-        preempted = self.save_on_preemption and trainer.strategy.reduce_boolean_decision(self._preemption.requested, all=False)
+        preempted = self._preemption.requested(functools.partial(trainer.strategy.reduce_boolean_decision, all=False))
         if (due or preempted) and self._last_saved_step != trainer.global_step:
             self.save(trainer, pl_module)
         if preempted:
             self._stop_for_preemption(trainer)
 
     def _epoch_due(self, trainer: pl.Trainer) -> bool:
-        return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return self.schedule.epoch_due(trainer.current_epoch)
 
     def _saves_on_train_epoch_end(self, trainer: pl.Trainer) -> bool:
         """``ModelCheckpoint``'s rule: at the end of the training epoch unless validation runs at other times."""
@@ -651,13 +652,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def _stop_for_preemption(self, trainer: pl.Trainer) -> None:
         """Wait for the checkpoint to be on disk, put the signal handlers back, and end ``fit``."""
-        self.manager.wait()
-        signal_name = describe(self._preemption.received)
-        self._preemption.uninstall()
-        rank_zero_warn(
-            f"received {signal_name}: saved a checkpoint at step {trainer.global_step} in {self.manager.checkpoint_dir} "
-            "and stopped training; resume with fit(..., ckpt_path='last')"
-        )
+        rank_zero_warn(self._preemption.stop(self.manager, trainer.global_step, "fit(..., ckpt_path='last')"))
         raise SIGTERMException()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -665,7 +660,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
-        self._preemption.uninstall()
+        self._preemption.end()
         if not self.manager.async_save:
             return
         error: CheckpointError | None = None
@@ -692,7 +687,7 @@ class CheckpointCallback(ModelCheckpoint):
         With asynchronous saves, wait for the save in flight so that it commits; if it failed,
         warn instead of hiding the exception that stopped training.
         """
-        self._preemption.uninstall()
+        self._preemption.end()
         try:
             self.manager.close()
         except Exception as error:  # noqa: BLE001 - the original exception is the one to raise
@@ -700,7 +695,7 @@ class CheckpointCallback(ModelCheckpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Flush and free the asynchronous staging buffer; keep every checkpoint."""
-        self._preemption.uninstall()
+        self._preemption.end()
         self._stage = None
         self._rng_at_first_batch = None
         if isinstance(trainer.strategy.checkpoint_io, ManagerCheckpointIO):
@@ -753,7 +748,7 @@ class CheckpointCallback(ModelCheckpoint):
         )
         if trainer.is_global_zero:
             try:
-                request.metrics = normalize_metrics(dict(trainer.callback_metrics))
+                request.metrics = plain_metrics(dict(trainer.callback_metrics))
                 self._check_best_metric(trainer, request.metrics)
             except CheckpointError as exc:
                 request.error = exc
@@ -785,17 +780,18 @@ class CheckpointCallback(ModelCheckpoint):
         return request.info
 
     def _check_best_metric(self, trainer: pl.Trainer, metrics: Mapping[str, Any]) -> None:
-        metric = self.manager.metric_for_best
-        if metric is None or metric in metrics:
+        """Once validation ran (or when there is none), the metric ranking checkpoints must be logged."""
+        if not (self._validated_since_save or not trainer.enable_validation):
             return
-        if self._validated_since_save or not trainer.enable_validation:
-            logged = ", ".join(sorted(metrics)) or "none"
-            ranks = f", which keep_top_k={self.manager.keep_top_k} ranks checkpoints by," if self.manager.keep_top_k > 1 else ""
-            raise ConfigurationError(
-                f"metric_for_best={metric!r}{ranks} is not among the logged metrics ({logged}); log it with "
-                f"self.log({metric!r}, value), rank by one of these instead, or pass metric_for_best=None to rank "
-                "none and keep only the latest checkpoints"
-            )
+        metric, keep_top_k = self.manager.metric_for_best, self.manager.keep_top_k
+        check_metric_logged(
+            metric,
+            metrics,
+            ranked_by=f", which keep_top_k={keep_top_k} ranks checkpoints by," if keep_top_k > 1 else "",
+            reported="logged",
+            fix=f"log it with self.log({metric!r}, value), rank by one of these instead, or pass metric_for_best=None "
+            "to rank none and keep only the latest checkpoints",
+        )
 
 
 def _sharded_strategy(strategy: Strategy) -> bool:
@@ -892,36 +888,6 @@ def _keep_best(keep_best: bool | None, metric_for_best: str | None) -> bool:
     return bool(keep_best)
 
 
-def _schedule(
-    every_n_epochs: int | None, every_n_train_steps: int | None, train_time_interval: timedelta | None
-) -> tuple[int, int, timedelta | None]:
-    """Validate the save schedule as ``ModelCheckpoint`` does: one trigger, ``every_n_epochs=1`` by default."""
-    for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigurationError(f"{name} must be a whole number of at least 0 (0 or None: off), not {value!r}")
-    if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
-        raise ConfigurationError(
-            f"train_time_interval must be a datetime.timedelta, not {train_time_interval!r}; e.g. timedelta(hours=1)"
-        )
-    given = [
-        f"{name}={value!r}"
-        for name, value, on in (
-            ("every_n_epochs", every_n_epochs, bool(every_n_epochs)),
-            ("every_n_train_steps", every_n_train_steps, bool(every_n_train_steps)),
-            ("train_time_interval", train_time_interval, train_time_interval is not None),
-        )
-        if on
-    ]
-    if len(given) > 1:
-        raise ConfigurationError(
-            f"{' and '.join(given)} are exclusive save schedules, as in ModelCheckpoint; keep one and drop the "
-            f"other{'s' if len(given) > 2 else ''}"
-        )
-    if every_n_epochs is None and every_n_train_steps is None and train_time_interval is None:
-        every_n_epochs = 1
-    return every_n_epochs or 0, every_n_train_steps or 0, train_time_interval
-
-
 def _step_completed(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether this batch ended an optimizer step (gradient accumulation); only then is a checkpoint consistent."""
     if not trainer.lightning_module.automatic_optimization:
@@ -933,6 +899,10 @@ def _step_completed(trainer: pl.Trainer, batch_idx: int) -> bool:
 def _mid_epoch(trainer: pl.Trainer) -> bool:
     """Whether a save now is taken inside a training epoch: more of its batches follow from the same iterator."""
     return not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(CheckpointCallback.__init__).parameters.items()}
+"""The callback's defaults: a manager option that differs from its default was given (see ``manager=``)."""
 
 
 class AutoResumingCheckpointCallback(OnExceptionCheckpoint, CheckpointCallback):

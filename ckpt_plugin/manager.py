@@ -22,10 +22,12 @@ from .errors import (
     SignatureError,
     StorageError,
 )
+from .format import codec
 from .format.names import parse_checkpoint_name
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
-from .io.reader import Device, read_checkpoint, read_info
+from .io.files import read_bytes_file
+from .io.reader import Device, foreign_files, read_checkpoint, read_info
 from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
 from .rng import capture_rng_state, restore_rng_state
@@ -399,6 +401,17 @@ class CheckpointManager:
         doomed = {info.name for info in retention.to_delete(checkpoints, self._policies, protect.sort_key if protect else None)}
         return [info for info in checkpoints if info.name not in doomed]
 
+    def acknowledge_later_checkpoints(self) -> None:
+        """Say that the caller has already told the user that ``checkpoint_dir`` holds checkpoints later
+        than the saves to come (a run resumed from an earlier checkpoint, or a fresh run in a used
+        directory): the manager's own warning about a save older than the latest is then not shown."""
+        self._warned_older_epoch = True
+
+    def check_config(self, config: Any) -> None:
+        """Raise :class:`EncodingError` when :meth:`save` could not record ``config`` (it must become
+        JSON: plain data, a dataclass, or an object with ``to_dict()``); check before training starts."""
+        codec.to_json(config_to_dict(config), "config")
+
     def wait(self) -> None:
         """Block until the asynchronous save in flight has committed, and raise its error if it failed.
 
@@ -719,6 +732,32 @@ class CheckpointManager:
         (``("model",)`` for inference)."""
         self._settle()
         return self._read(info, map_location=map_location, verify=verify, items=items)
+
+    def read_file(self, info: CheckpointInfo, name: str) -> bytes:
+        """The bytes of the file ``name`` that ``save(files=...)`` stored in checkpoint ``info``,
+        checked against the size and checksum the checkpoint records for it.
+
+        Raises :class:`CheckpointNotFoundError` when the checkpoint records no such file and
+        :class:`CorruptCheckpointError` when the file does not match its record."""
+        record = info.files.get(name)
+        if record is None:
+            raise CheckpointNotFoundError(f"{info.path} records no file {name!r}; it was not saved with files={{{name!r}: ...}}")
+        return read_bytes_file(info.file(name), record, backend=info.backend)
+
+    def foreign_files(self, info: CheckpointInfo) -> list[str]:
+        """The names in checkpoint ``info`` that its format does not name, sorted: files ckpt_plugin
+        never wrote and never reads, which a tool that reads whatever the directory holds (the HF
+        Trainer's resume unpickles ``rng_state.pth``) must not be handed."""
+        return foreign_files(info)
+
+    @staticmethod
+    def load_state_into(target: Any, item: str, state: Any, info: CheckpointInfo) -> None:
+        """Load ``state``, the ``item`` state (``"model"``, ``"optimizer"``, ...) that :meth:`read` gave
+        for checkpoint ``info``, into ``target`` with its ``load_state_dict``. Whatever ``target``
+        raises on that content becomes :class:`IncompatibleCheckpointError` naming the checkpoint."""
+        from .io.restore import apply_state  # the tensor machinery loads on first use
+
+        apply_state(item, info.path, target.load_state_dict, state)
 
     def checkpoint_at(self, location: str | os.PathLike[str]) -> CheckpointInfo | None:
         """The checkpoint at ``location`` (a path or URL inside ``checkpoint_dir``, as
