@@ -27,11 +27,11 @@ from typing import Any
 from .errors import CorruptCheckpointError, ForeignFileError, IncompatibleCheckpointError
 from .format import codec, documents
 from .format.names import CHECKPOINT_NAME, checkpoint_name, is_checkpoint_name, parse_transaction_name
-from .storage import LOCAL, Backend, FileRecord, checksum_bytes, is_url
+from .format.records import METADATA_FILE, FileRecord, checksum_bytes
+from .storage import LOCAL, Backend, is_url
 
 FORMAT_NAME = documents.CHECKPOINT_FORMAT
 FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
     from .checkpoint import CheckpointInfo
     from .registry import ArtifactRegistry
-    from .storage import Backend, FileRecord
+    from .format.records import FileRecord
+    from .storage import Backend
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -538,7 +539,8 @@ def verify(
     """
     from .registry import PRODUCTION_MODEL_FILE
     from .signing import SIGNATURE_FILE, verify_prefix
-    from .storage import LOCAL, FileRecord
+    from .format.records import FileRecord
+    from .storage import LOCAL
 
     registry = _registry(_existing(directory), storage_option=storage_option)
     infos, problems = _raw_listing(registry)

@@ -23,7 +23,8 @@ from typing import Any
 from .checkpoint import CheckpointInfo, as_path
 from .errors import CheckpointError
 from .format import codec, documents
-from .storage import LOCAL, Backend, FileRecord, temporary_path
+from .format.records import FileRecord
+from .storage import LOCAL, Backend, temporary_path
 
 CACHE_FILE = ".listing.json"
 CACHE_VERSION = 3

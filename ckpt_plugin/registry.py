@@ -73,7 +73,8 @@ from .io.writer import SAFETENSORS_METADATA
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
 from .registry_objects import ObjectStorePlaces
-from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url, publish_file
+from .format.records import FileRecord, checksum_bytes
+from .storage import LOCAL, Backend, LocalStore, append_line, conditional, is_url, publish_file
 
 if TYPE_CHECKING:
     import torch

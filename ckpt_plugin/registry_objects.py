@@ -64,7 +64,8 @@ from .errors import CorruptCheckpointError, StorageError
 from .format import codec, documents
 from .format.names import TransactionName, parse_transaction_name, transaction_name
 from .io.files import read_json
-from .storage import FileRecord, conditional
+from .format.records import FileRecord
+from .storage import conditional
 from .storage.fsspec import (
     STALE_SECONDS,
     FsspecBackend,

@@ -10,7 +10,8 @@ import torch
 
 from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
-from ..storage import Backend, FileRecord, backend_of
+from ..format.records import FileRecord
+from ..storage import Backend, backend_of
 from .dcp_storage import read_full, read_sharding
 from .files import BackendShardFiles
 

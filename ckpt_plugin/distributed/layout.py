@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
 from ..format import codec, tensorformat
-from ..storage import FileRecord, checksum_bytes
+from ..format.records import FileRecord, checksum_bytes
 
 FORMAT_NAME = "ckpt_plugin.sharding"
 FORMAT_VERSION = 1

@@ -10,7 +10,8 @@ from ..checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metada
 from ..errors import CorruptCheckpointError
 from ..format import codec
 from ..signing import SIGNATURE_FILE
-from ..storage import LOCAL, Backend, FileRecord
+from ..format.records import FileRecord
+from ..storage import LOCAL, Backend
 from .files import open_tensor_file, read_json
 
 if TYPE_CHECKING:

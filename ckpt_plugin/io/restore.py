@@ -32,7 +32,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
 from ..format import codec
 from ..format.tensorformat import TensorSpec
 from ..rng import restore_rng_state
-from ..storage import FileRecord
+from ..format.records import FileRecord
 from .files import Header, can_receive, read_header, read_json, stream_tensor_file, verify_file
 from .reader import item_shards, read_checkpoint
 

@@ -33,7 +33,8 @@ from ..checkpoint import (
 from ..errors import ConfigurationError
 from ..format import codec
 from ..format.names import is_plain_file_name
-from ..storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
+from ..format.records import FileRecord
+from ..storage import LOCAL, Backend, Commit, LocalStore, Transaction
 from .files import write_bytes_file, write_tensor_file
 
 if TYPE_CHECKING:

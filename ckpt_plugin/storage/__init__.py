@@ -15,19 +15,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .base import (
-    CHECKSUM_ALGORITHM,
-    METADATA_FILE,
-    Backend,
-    Commit,
-    Entry,
-    FileRecord,
-    Sink,
-    Transaction,
-    checksum_bytes,
-    format_checksum,
-    new_hasher,
-)
+from ..format.records import FileRecord, checksum_bytes
+from .base import Backend, Commit, Entry, Sink, Transaction
 from .fsspec import is_url
 from .local import (
     CHUNK_BYTES,
@@ -76,10 +65,8 @@ def backend_of(location: str | os.PathLike[str], storage_options: Mapping[str, A
 
 
 __all__ = [
-    "CHECKSUM_ALGORITHM",
     "CHUNK_BYTES",
     "LOCAL",
-    "METADATA_FILE",
     "STAGING_PREFIX",
     "Backend",
     "Commit",
@@ -92,10 +79,8 @@ __all__ = [
     "append_line",
     "backend_of",
     "checksum_bytes",
-    "format_checksum",
     "fsync_dir",
     "is_url",
-    "new_hasher",
     "open_store",
     "publish_file",
     "remove_link",

@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import StorageError
-from .base import Backend, FileRecord
+from ..format.records import FileRecord
+from .base import Backend
 
 Hook = Callable[[str, str], None]
 

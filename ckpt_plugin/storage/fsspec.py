@@ -93,7 +93,8 @@ from ..format.names import (
     transaction_name,
 )
 from . import door, reach
-from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum, new_hasher
+from ..format.records import METADATA_FILE, FileRecord, format_checksum, new_hasher
+from .base import Entry, Transaction
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
