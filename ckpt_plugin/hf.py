@@ -66,14 +66,14 @@ try:
 except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
-from .checkpoint import CheckpointInfo
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
 from .io.files import read_bytes_file
+from .io.info import CheckpointInfo
 from .io.reader import foreign_files, read_info
 from .io.restore import apply_state
+from .io.rng import restore_rng_state
 from .manager import CheckpointManager, check_top_k
 from .preemption import PreemptionWatch, describe
-from .rng import restore_rng_state
 from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 
 TRAINER_STATE_FILE = "trainer_state.json"

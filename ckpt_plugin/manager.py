@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import listing, retention, savelog, signing
-from .checkpoint import METADATA_FILE, CheckpointInfo, checkpoint_name, looks_like_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -22,13 +21,17 @@ from .errors import (
     SignatureError,
     StorageError,
 )
-from .format.names import parse_checkpoint_name
+from .format.layout import looks_like_checkpoint
+from .format.names import checkpoint_name, parse_checkpoint_name
+from .format.records import METADATA_FILE
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
-from .io.reader import Device, read_checkpoint, read_info
+from .io.info import CheckpointInfo
+from .io.reader import Device, read_info
+from .io.rng import capture_rng_state, restore_rng_state
 from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
-from .rng import capture_rng_state, restore_rng_state
+from .reading import read_checkpoint, read_sharded_items
 from .storage import LocalStore, is_url, open_store, trash
 from .storage.local import directory_identity
 
@@ -810,7 +813,14 @@ class CheckpointManager:
         from .io.restore import restore_checkpoint  # the tensor machinery loads on first use
 
         restore_checkpoint(
-            info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
+            info,
+            model,
+            optimizer,
+            scheduler,
+            strict=strict,
+            restore_rng=restore_rng,
+            atomic=atomic,
+            sharded_reader=read_sharded_items,
         )
         return info
 
