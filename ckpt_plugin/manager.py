@@ -32,8 +32,7 @@ from .io.rng import capture_rng_state, restore_rng_state
 from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
 from .reading import read_checkpoint, read_sharded_items
-from .storage import LocalStore, is_url, open_store, trash
-from .storage.local import directory_identity
+from .storage import Backend, LocalStore, directory_identity, is_url, open_store, trash, with_backend
 
 if TYPE_CHECKING:
     import torch
@@ -322,6 +321,16 @@ class CheckpointManager:
             self._apply_retention(protect=info)
             self._log_save(info)
         return info
+
+    def route_storage(self, wrap: Callable[[Backend], Backend]) -> Backend:
+        """Move this manager's bytes through ``wrap(backend)`` from now on, commits included, and
+        return that backend. The seam for wrapping storage, for example in a
+        :class:`~ckpt_plugin.storage.faults.FaultyBackend` that injects failures in tests
+        (:func:`ckpt_plugin.storage.faults.inject`), or in a wrapper that counts requests."""
+        with self._lock:
+            backend = wrap(self._store.backend)
+            self._store = with_backend(self._store, backend)
+        return backend
 
     @property
     def retention_policies(self) -> list[retention.RetentionPolicy]:

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..format.records import FileRecord, checksum_bytes
-from .base import Backend, Commit, Entry, Sink, Transaction
-from .fsspec import is_url
+from .base import Backend, Commit, Entry, Sink, Transaction, with_backend
+from .fsspec import STALE_SECONDS, is_url, new_transaction_id, remove_leftovers
 from .local import (
     CHUNK_BYTES,
     LOCAL,
@@ -25,6 +25,7 @@ from .local import (
     LocalBackend,
     LocalStore,
     append_line,
+    directory_identity,
     fsync_dir,
     publish_file,
     publish_made,
@@ -68,6 +69,7 @@ __all__ = [
     "CHUNK_BYTES",
     "LOCAL",
     "STAGING_PREFIX",
+    "STALE_SECONDS",
     "Backend",
     "Commit",
     "Entry",
@@ -79,12 +81,16 @@ __all__ = [
     "append_line",
     "backend_of",
     "checksum_bytes",
+    "directory_identity",
     "fsync_dir",
     "is_url",
+    "new_transaction_id",
     "open_store",
     "publish_file",
+    "remove_leftovers",
     "remove_link",
     "set_link",
     "symlinks",
     "temporary_path",
+    "with_backend",
 ]

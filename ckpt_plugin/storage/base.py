@@ -18,6 +18,7 @@ Nothing here knows what a safetensors file or a ``metadata.json`` document looks
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -152,3 +153,11 @@ class Commit(Protocol):
 
     def recover(self, only: str | None = None) -> None:
         """Clean up what dead writers left (after a grace period where liveness cannot be known)."""
+
+
+def with_backend(store: Commit, backend: Backend) -> Commit:
+    """A copy of the commit protocol ``store`` that moves its bytes through ``backend`` (a wrapper
+    of ``store.backend``, such as :class:`~ckpt_plugin.storage.faults.FaultyBackend`)."""
+    clone = copy.copy(store)
+    clone.backend = backend  # type: ignore[attr-defined]
+    return clone
