@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .registry import ArtifactRegistry
 
 _LAZY = {
-    "CheckpointInfo": ".checkpoint",
+    "CheckpointInfo": ".io.info",
     "CheckpointManager": ".manager",
     "ArtifactRegistry": ".registry",
     "capture_rng_state": ".io.rng",
