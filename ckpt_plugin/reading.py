@@ -7,29 +7,20 @@ sits below ``distributed/``, so it is given the reader instead of importing it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .format.records import FileRecord
 from .io import reader
 from .io.info import CheckpointInfo
-from .storage import Backend
 
 
-def read_sharded_items(
-    location: Any,
-    records: Mapping[str, FileRecord],
-    items: Iterable[str],
-    *,
-    verify: bool = True,
-    map_location: Any = None,
-    backend: Backend | None = None,
-) -> dict[str, Any]:
-    """:func:`ckpt_plugin.distributed.consolidate.read_sharded_items`, imported on first use
-    (it loads ``torch.distributed``)."""
-    from .distributed.consolidate import read_sharded_items as consolidate
+def _consolidate(*args: Any, **options: Any) -> dict[str, Any]:
+    from .distributed.consolidate import read_sharded_items as consolidate  # loads torch.distributed
 
-    return consolidate(location, records, items, verify=verify, map_location=map_location, backend=backend)
+    return consolidate(*args, **options)
+
+
+read_sharded_items: reader.ShardedReader = _consolidate
+""":func:`ckpt_plugin.distributed.consolidate.read_sharded_items`, imported on first use."""
 
 
 def read_checkpoint(info: CheckpointInfo, **options: Any) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from ..format.names import is_checkpoint_name, parse_transaction_name
 from ..format.records import METADATA_FILE, FileRecord
 from ..storage import LOCAL, Backend, is_url
 
-
 REPR_METRICS = 3
 """How many metrics the repr of a :class:`CheckpointInfo` shows (the ranking metric first)."""
 
