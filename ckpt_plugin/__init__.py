@@ -28,17 +28,17 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointInfo
+    from .io.info import CheckpointInfo
+    from .io.rng import capture_rng_state, restore_rng_state
     from .manager import CheckpointManager
     from .registry import ArtifactRegistry
-    from .rng import capture_rng_state, restore_rng_state
 
 _LAZY = {
-    "CheckpointInfo": ".checkpoint",
+    "CheckpointInfo": ".io.info",
     "CheckpointManager": ".manager",
     "ArtifactRegistry": ".registry",
-    "capture_rng_state": ".rng",
-    "restore_rng_state": ".rng",
+    "capture_rng_state": ".io.rng",
+    "restore_rng_state": ".io.rng",
 }
 """Public names imported on first use, so that ``import ckpt_plugin.cli`` (and ``ckpt --help``)
 does not load the storage and checkpoint machinery it does not need."""

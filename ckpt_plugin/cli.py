@@ -58,9 +58,10 @@ if TYPE_CHECKING:
     import torch
     from rich.progress import Progress
 
-    from .checkpoint import CheckpointInfo
+    from .format.records import FileRecord
+    from .io.info import CheckpointInfo
     from .registry import ArtifactRegistry
-    from .storage import Backend, FileRecord
+    from .storage import Backend
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
@@ -302,8 +303,8 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
 
 def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
     """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
-    from .checkpoint import STATE_FILE
-    from .io.reader import read_checkpoint
+    from .format.layout import STATE_FILE
+    from .reading import read_checkpoint
 
     needed = {*_model_files(info), STATE_FILE} if items == ("model",) else set(info.files)
     problems = _verify_all(
@@ -316,8 +317,8 @@ def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> di
 
 def _model_files(info: CheckpointInfo) -> list[str]:
     """The files that hold the model of ``info``: one file, HF-style shards and index, or per-rank shards."""
-    from . import shards
-    from .checkpoint import MODEL_FILE
+    from .format import shards
+    from .format.layout import MODEL_FILE
 
     if info.sharded:
         from .distributed.consolidate import model_files
@@ -354,7 +355,8 @@ def _model_shapes(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
 
 def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
     """The checkpoints of the directory, and a problem for each one named like a checkpoint that cannot be read."""
-    from .checkpoint import METADATA_FILE, looks_like_checkpoint
+    from .format.layout import looks_like_checkpoint
+    from .format.records import METADATA_FILE
     from .io.reader import read_info
     from .storage import LocalStore
 
@@ -476,9 +478,10 @@ def _width(cell: str) -> int:
 @_handled
 def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
     """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
-    from .checkpoint import METADATA_FILE, parse_metadata
     from .format import codec
+    from .format.records import METADATA_FILE
     from .io.files import read_json
+    from .io.info import parse_metadata
 
     registry = _registry(_existing(directory), storage_option=storage_option)
     info, version = _target(registry, epoch)
@@ -536,9 +539,11 @@ def verify(
     checkpoint that its metadata.json does not name (ckpt_plugin did not write it), and, with
     --key, each signature that does not verify.
     """
+    from .format.layout import SIGNATURE_FILE
+    from .format.records import FileRecord
     from .registry import PRODUCTION_MODEL_FILE
-    from .signing import SIGNATURE_FILE, verify_prefix
-    from .storage import LOCAL, FileRecord
+    from .signing import verify_prefix
+    from .storage import LOCAL
 
     registry = _registry(_existing(directory), storage_option=storage_option)
     infos, problems = _raw_listing(registry)
@@ -985,9 +990,10 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars
 def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
     """The model config a checkpoint recorded (its config, or the config's ``"model"`` entry), or a
     :class:`ConfigurationError` saying why no loadable folder can be written without ``--config``."""
-    from .checkpoint import METADATA_FILE, parse_metadata
     from .format import codec
+    from .format.records import METADATA_FILE
     from .io.files import read_json
+    from .io.info import parse_metadata
 
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     parse_metadata(info.location, metadata, info.backend)

@@ -69,10 +69,10 @@ except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
 from ._callback_core import ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
-from .checkpoint import CheckpointInfo
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
+from .io.info import CheckpointInfo
+from .io.rng import restore_rng_state
 from .manager import CheckpointManager
-from .rng import restore_rng_state
 from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 
 TRAINER_STATE_FILE = "trainer_state.json"

@@ -75,11 +75,13 @@ from ._callback_core import (
     given_manager,
     plain_metrics,
 )
-from .checkpoint import METADATA_FILE, CheckpointInfo
 from .errors import CheckpointError, ConfigurationError, EncodingError
-from .io.reader import read_checkpoint, read_info
+from .format.records import METADATA_FILE
+from .io.info import CheckpointInfo
+from .io.reader import read_info
+from .io.rng import capture_rng_state, portable_rng_state, restore_rng_state
 from .manager import CheckpointManager
-from .rng import capture_rng_state, portable_rng_state, restore_rng_state
+from .reading import read_checkpoint
 from .storage import is_url, open_store
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}

@@ -20,10 +20,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointInfo, as_path
 from .errors import CheckpointError
 from .format import codec, documents
-from .storage import LOCAL, Backend, FileRecord, temporary_path
+from .format.records import FileRecord
+from .io.info import CheckpointInfo, as_path
+from .storage import LOCAL, Backend, temporary_path
 
 CACHE_FILE = ".listing.json"
 CACHE_VERSION = 3

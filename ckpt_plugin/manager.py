@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import listing, retention, savelog, signing
-from .checkpoint import METADATA_FILE, CheckpointInfo, checkpoint_name, looks_like_checkpoint
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -23,16 +22,19 @@ from .errors import (
     StorageError,
 )
 from .format import codec
-from .format.names import parse_checkpoint_name
+from .format.layout import looks_like_checkpoint
+from .format.names import checkpoint_name, parse_checkpoint_name
+from .format.records import METADATA_FILE
 from .io import incremental as incremental_saves
 from .io.async_save import AsyncSaver, pending_info
 from .io.files import read_bytes_file
-from .io.reader import Device, foreign_files, read_checkpoint, read_info
+from .io.info import CheckpointInfo
+from .io.reader import Device, foreign_files, read_info
+from .io.rng import capture_rng_state, restore_rng_state
 from .io.writer import Snapshot, take_snapshot, write_snapshot
 from .metadata import git_provenance, git_provenance_in_background, provenance
-from .rng import capture_rng_state, restore_rng_state
-from .storage import LocalStore, is_url, open_store, trash
-from .storage.local import directory_identity
+from .reading import read_checkpoint, read_sharded_items
+from .storage import Backend, LocalStore, directory_identity, is_url, open_store, trash, with_backend
 
 if TYPE_CHECKING:
     import torch
@@ -321,6 +323,16 @@ class CheckpointManager:
             self._apply_retention(protect=info)
             self._log_save(info)
         return info
+
+    def route_storage(self, wrap: Callable[[Backend], Backend]) -> Backend:
+        """Move this manager's bytes through ``wrap(backend)`` from now on, commits included, and
+        return that backend. The seam for wrapping storage, for example in a
+        :class:`~ckpt_plugin.storage.faults.FaultyBackend` that injects failures in tests
+        (:func:`ckpt_plugin.storage.faults.inject`), or in a wrapper that counts requests."""
+        with self._lock:
+            backend = wrap(self._store.backend)
+            self._store = with_backend(self._store, backend)
+        return backend
 
     @property
     def retention_policies(self) -> list[retention.RetentionPolicy]:
@@ -849,7 +861,14 @@ class CheckpointManager:
         from .io.restore import restore_checkpoint  # the tensor machinery loads on first use
 
         restore_checkpoint(
-            info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic
+            info,
+            model,
+            optimizer,
+            scheduler,
+            strict=strict,
+            restore_rng=restore_rng,
+            atomic=atomic,
+            sharded_reader=read_sharded_items,
         )
         return info
 

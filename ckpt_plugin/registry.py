@@ -47,8 +47,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import filelock
 from packaging.version import InvalidVersion, Version
 
-from . import shards, signing
-from .checkpoint import METADATA_FILE, MODEL_FILE, STATE_FILE, CheckpointInfo, parse_metadata
+from . import signing
 from .errors import (
     CheckpointNotFoundError,
     ConfigurationError,
@@ -58,7 +57,9 @@ from .errors import (
     SignatureError,
     StorageError,
 )
-from .format import codec, documents
+from .format import codec, documents, shards
+from .format.layout import MODEL_FILE, STATE_FILE
+from .format.records import METADATA_FILE, FileRecord, checksum_bytes
 from .io.files import (
     copy_file,
     read_bytes_file,
@@ -68,12 +69,14 @@ from .io.files import (
     write_bytes_file,
     write_tensor_file,
 )
-from .io.reader import Device, open_item_files, read_checkpoint, read_info
+from .io.info import CheckpointInfo, parse_metadata
+from .io.reader import Device, open_item_files, read_info
 from .io.writer import SAFETENSORS_METADATA
 from .manager import CheckpointManager
 from .metadata import utc_timestamp
+from .reading import read_checkpoint
 from .registry_objects import ObjectStorePlaces
-from .storage import LOCAL, Backend, FileRecord, LocalStore, append_line, checksum_bytes, conditional, is_url, publish_file
+from .storage import LOCAL, Backend, LocalStore, append_line, conditional, is_url, publish_file
 
 if TYPE_CHECKING:
     import torch

@@ -63,15 +63,9 @@ from packaging.version import InvalidVersion, Version
 from .errors import CorruptCheckpointError, StorageError
 from .format import codec, documents
 from .format.names import TransactionName, parse_transaction_name, transaction_name
+from .format.records import FileRecord
 from .io.files import read_json
-from .storage import FileRecord, conditional
-from .storage.fsspec import (
-    STALE_SECONDS,
-    FsspecBackend,
-    last_sign_of_life,
-    modified_time,
-    new_transaction_id,
-)
+from .storage import STALE_SECONDS, backend_of, conditional, new_transaction_id, remove_leftovers
 
 CLAIM_FORMAT = "ckpt_plugin.version"
 HISTORY_PREFIX = "history"
@@ -86,7 +80,7 @@ class ObjectStorePlaces:
 
     def __init__(self, validated_url: str, production_url: str, storage_options: Mapping[str, Any] | None = None,
                  *, grace_seconds: float = STALE_SECONDS) -> None:
-        self.backend = FsspecBackend(validated_url, storage_options)
+        self.backend: Any = backend_of(validated_url, storage_options)  # an FsspecBackend: the places are URLs
         self.validated = validated_url.rstrip("/")
         self.production = production_url.rstrip("/")
         self.grace_seconds = grace_seconds
@@ -251,33 +245,7 @@ class ObjectStorePlaces:
             (self.validated, _version_prefix, claimed),
             (self.production, _weights_prefix, {pointed_weights}),
         ):
-            top = self._top_level(place)
-            for name, info in top.items():
-                if owned(name) is None or name in keep:
-                    continue
-                modified = info.get("modified")
-                if modified is not None and now - modified > self.grace_seconds:
-                    self.backend.delete_tree(self.backend.join(place, name))
-            for upload in self.backend.open_uploads(place):
-                name = upload.entry_under(self.backend.path_of(place))
-                parsed = owned(name)
-                if parsed is None:
-                    continue
-                newest = top.get(name, {}).get("modified")
-                # under a kept name the object is complete already: an open upload there is an orphan
-                if name in keep or now - last_sign_of_life(parsed, upload, newest) > self.grace_seconds:
-                    self.backend.abort_upload(upload)
-
-    def _top_level(self, place: str) -> dict[str, dict[str, Any]]:
-        """``{name: {"modified": newest modification}}`` of every entry directly under ``place``."""
-        found: dict[str, dict[str, Any]] = {}
-        for relative, info in self.backend.walk(place).items():
-            top = relative.partition("/")[0]
-            modified = modified_time(info)
-            entry = found.setdefault(top, {"modified": modified})
-            if modified is not None and (entry["modified"] is None or modified > entry["modified"]):
-                entry["modified"] = modified
-        return found
+            remove_leftovers(self.backend, place, owned, keep, self.grace_seconds, now)
 
 
 def _version_prefix(name: str) -> TransactionName | None:

@@ -38,10 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointInfo
 from .errors import CorruptCheckpointError
 from .format import documents
 from .io.files import read_bytes_file, write_bytes_file
+from .io.info import CheckpointInfo
 from .storage import LOCAL, Backend, append_line, is_url
 
 LOG_FILE = ".saves.jsonl"

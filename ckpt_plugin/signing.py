@@ -42,11 +42,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 from .errors import CheckpointError, ConfigurationError, SignatureError, UnsignedError
+from .format.layout import SIGNATURE_FILE
 from .io.files import hash_file, write_bytes_file
 from .storage import Backend, is_url
 from .storage.copies import PrivateCopyBackend
 
-SIGNATURE_FILE = "model.sig"
 MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
 """A signature is a few kilobytes per thousand files; anything this large is not one."""
 Key = Union[str, "os.PathLike[str]"]

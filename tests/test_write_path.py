@@ -321,3 +321,17 @@ def test_the_default_staging_buffer_times_both_methods_and_keeps_the_faster():
     assert buffer.method == "memcpy"
     with pytest.raises(ValueError, match="method"):
         StagingBuffer(method="dma")
+
+
+# ------------------------------------------------------------------ the storage seam
+
+
+def test_route_storage_moves_a_whole_save_through_the_wrapper_and_back_to_disk(tmp_path):
+    from ckpt_plugin.storage.faults import FaultyBackend
+
+    manager = CheckpointManager(tmp_path / "run")
+    spy = manager.route_storage(lambda backend: FaultyBackend(backend))
+    model = torch.nn.Linear(3, 2)
+    manager.save(model, epoch=0)
+    assert spy.calls["create"] >= 3 and spy.calls["close"] == spy.calls["create"], spy.calls  # every file, metadata.json too
+    assert torch.equal(CheckpointManager(tmp_path / "run").load(0)["model"]["weight"], model.weight)

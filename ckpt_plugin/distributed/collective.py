@@ -40,14 +40,16 @@ import torch
 import torch.distributed as dist
 
 from .. import listing
-from ..checkpoint import SHARDING_FILE, CheckpointInfo, as_path, checkpoint_name
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
+from ..format import codec
+from ..format.layout import SHARDING_FILE
+from ..format.names import checkpoint_name
 from ..io.async_save import pending_info
+from ..io.info import CheckpointInfo, as_path
 from ..io.reader import read_checkpoint
+from ..io.rng import restore_rng_state
 from ..io.writer import ShardedPart, Snapshot, write_snapshot
 from ..metadata import git_provenance_in_background
-from ..format import codec
-from ..rng import restore_rng_state
 from ..storage import Transaction
 
 if TYPE_CHECKING:
@@ -426,6 +428,7 @@ def restore_sharded(
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from .consolidate import read_sharded_items
     from .dcp_storage import SafetensorsReader
     from .files import BackendShardFiles
     from .planners import JsonLoadPlanner, check_compatible
@@ -449,7 +452,7 @@ def restore_sharded(
             ("rng", restore_rng),
         )
         small = tuple(item for item, wanted_item in wanted if wanted_item)
-        others = read_checkpoint(info, items=small) if small else {}
+        others = read_checkpoint(info, items=small, sharded_reader=read_sharded_items) if small else {}
         if full:  # saved by one process: every rank holds the full state, set_state_dict keeps its shards
             state = {"model": others["model"]}
             if optimizer is not None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
-from ..storage import Backend, FileRecord, backend_of
+from ..format.layout import SHARDING_FILE
+from ..format.records import FileRecord
+from ..storage import Backend, backend_of
 from .dcp_storage import read_full, read_sharding
 from .files import BackendShardFiles
 

@@ -42,10 +42,21 @@ from torch.futures import Future
 
 from ..errors import ConfigurationError, CorruptCheckpointError
 from ..format import codec, documents
-from ..storage import FileRecord, backend_of, is_url
+from ..format.records import FileRecord
 from ..io.files import Header
+from ..storage import backend_of, is_url
 from .files import BackendShardFiles, LocalShardFiles, ShardFiles
-from .layout import SHARDING_FILE, Chunk, PathError, Sharding, TensorEntry, chunk_key, file_kind, shard_file_name, unflatten
+from .layout import (
+    SHARDING_FILE,
+    Chunk,
+    PathError,
+    Sharding,
+    TensorEntry,
+    chunk_key,
+    file_kind,
+    shard_file_name,
+    unflatten,
+)
 from .planners import JsonLoadPlanner
 
 CommitHook = Callable[[Sharding, FileRecord], None]

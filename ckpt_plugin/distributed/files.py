@@ -19,9 +19,10 @@ from typing import Protocol
 import torch
 
 from ..errors import CorruptCheckpointError
+from ..format.records import FileRecord
 from ..format.tensorformat import TensorSpec
 from ..io.files import Header, read_bytes_file, read_header, stream_tensor_file, write_bytes_file, write_tensor_file
-from ..storage import LOCAL, Backend, FileRecord
+from ..storage import LOCAL, Backend
 from .layout import is_plain_name
 
 Destination = Callable[[TensorSpec], "torch.Tensor | None"]

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import SHARDING_FILE
 from ..errors import CorruptCheckpointError
 from ..format import codec, tensorformat
-from ..storage import FileRecord, checksum_bytes
+from ..format.layout import SHARDING_FILE
+from ..format.records import FileRecord, checksum_bytes
 
 FORMAT_NAME = "ckpt_plugin.sharding"
 FORMAT_VERSION = 1

@@ -1,4 +1,5 @@
-"""The on-disk format as pure data: document layouts, their validation, and file-name rules. No I/O.
+"""The on-disk format as pure data: the checkpoint layout (:mod:`.layout`), file records and checksums
+(:mod:`.records`), document layouts and their validation, and file-name rules. No I/O.
 
 Everything read from disk passes through here before it is used, so a checkpoint that came from
 anyone can at worst be refused with a :class:`~ckpt_plugin.errors.CorruptCheckpointError`.

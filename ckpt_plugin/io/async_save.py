@@ -28,10 +28,10 @@ from concurrent.futures import wait as wait_for
 from typing import TypeVar
 
 from .. import interpreter_exit
-from ..checkpoint import CheckpointInfo
 from ..errors import AsyncSaveError, CheckpointError
 from ..format.tensorformat import dtype_code
 from ..storage import Commit
+from .info import CheckpointInfo
 from .staging import Staged, StagingBuffer
 from .writer import Snapshot, snapshot_info
 

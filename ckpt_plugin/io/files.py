@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, StorageError
 from ..format import documents, limits, tensorformat
+from ..format.records import FileRecord, checksum_bytes, format_checksum, new_hasher
 from ..format.tensorformat import TensorSpec
-from ..storage import LOCAL, Backend, FileRecord, checksum_bytes, format_checksum, new_hasher
+from ..storage import LOCAL, Backend
 
 if TYPE_CHECKING:
     import torch

@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from .. import shards
-from ..checkpoint import MODEL_FILE, STATE_FILE, CheckpointInfo
-from ..format import codec
-from ..storage import Backend, Commit, FileRecord
+from ..format import codec, shards
+from ..format.layout import MODEL_FILE, STATE_FILE
+from ..format.records import FileRecord
+from ..storage import Backend, Commit
 from .files import read_header, read_json, tensor_bytes, write_bytes_file, write_tensor_file
+from .info import CheckpointInfo
 from .writer import MODEL_INDEX_FILE, SAFETENSORS_METADATA, BeforeCommit, Snapshot, write_snapshot
 
 if TYPE_CHECKING:

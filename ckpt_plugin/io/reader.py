@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
-from .. import shards
-from ..checkpoint import METADATA_FILE, STATE_FILE, CheckpointInfo, parse_metadata
 from ..errors import CorruptCheckpointError
-from ..format import codec
-from ..signing import SIGNATURE_FILE
-from ..storage import LOCAL, Backend, FileRecord
+from ..format import codec, shards
+from ..format.layout import SIGNATURE_FILE, STATE_FILE
+from ..format.records import METADATA_FILE, FileRecord
+from ..storage import LOCAL, Backend
 from .files import open_tensor_file, read_json
+from .info import CheckpointInfo, parse_metadata
 
 if TYPE_CHECKING:
     import torch
 
 Device = Union[str, "torch.device", None]
+
+
+class ShardedReader(Protocol):
+    """Reads the per-rank sharded items of a checkpoint back whole, as plain state trees.
+
+    The layers above ``io/`` pass one in (the package's is
+    :func:`ckpt_plugin.distributed.consolidate.read_sharded_items`), so that the read path needs
+    nothing of ``distributed/``.
+    """
+
+    def __call__(
+        self,
+        location: Any,
+        records: Mapping[str, FileRecord],
+        items: Iterable[str],
+        *,
+        verify: bool = ...,
+        map_location: Any = ...,
+        backend: Backend | None = ...,
+    ) -> dict[str, Any]: ...
 
 
 def read_info(location: Any, backend: Backend = LOCAL, record: FileRecord | None = None) -> CheckpointInfo:
@@ -57,12 +77,14 @@ def read_checkpoint(
     map_location: Device = None,
     verify: bool = True,
     items: tuple[str, ...] | None = None,
+    sharded_reader: ShardedReader,
 ) -> dict[str, Any]:
     """Load ``info`` as the dict described in the README (``model``, ``optimizer``, ``epoch``, ...).
 
     Tensors view the files through a private memory map until moved to ``map_location``. With
     ``verify`` every file is checked against its recorded size and checksum first. ``items``
     restricts which state trees are read (for example ``("model",)`` for inference).
+    ``sharded_reader`` reads the items stored as per-rank shards.
     """
     metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
     parse_metadata(info.location, metadata, info.backend)  # checks its layout; its files were recorded in ``info`` at listing
@@ -108,10 +130,8 @@ def read_checkpoint(
         if entry.get("sharded") is True and (items is None or item in items)
     ]
     if sharded:
-        from ..distributed.consolidate import read_sharded_items
-
         result.update(
-            read_sharded_items(
+            sharded_reader(
                 info.location, info.files, sharded, verify=verify, map_location=map_location, backend=info.backend
             )
         )

@@ -27,14 +27,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import STATE_FILE, CheckpointInfo
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError
 from ..format import codec
+from ..format.layout import STATE_FILE
+from ..format.records import FileRecord
 from ..format.tensorformat import TensorSpec
-from ..rng import restore_rng_state
-from ..storage import FileRecord
 from .files import Header, can_receive, read_header, read_json, stream_tensor_file, verify_file
-from .reader import item_shards, read_checkpoint
+from .info import CheckpointInfo
+from .reader import ShardedReader, item_shards, read_checkpoint
+from .rng import restore_rng_state
 
 
 class _Slot:
@@ -290,15 +291,16 @@ def restore_checkpoint(
     strict: bool = True,
     restore_rng: bool = True,
     atomic: bool = False,
+    sharded_reader: ShardedReader,
 ) -> None:
     """Load ``info`` into ``model`` (and ``optimizer``, ``scheduler``, the RNGs); see the module notes
-    for what happens when damage is found."""
+    for what happens when damage is found. ``sharded_reader`` reads any small item stored as shards."""
     state = read_json(info.file(STATE_FILE), _record(info, STATE_FILE), backend=info.backend)
     entries = state.get("items", {}) if isinstance(state, dict) else {}
     model_entry = _entry(entries, "model", info)
     optimizer_entry = _entry(entries, "optimizer", info) if optimizer is not None else None
     small = tuple(item for item, wanted in (("scheduler", scheduler is not None), ("rng", restore_rng)) if wanted)
-    others = read_checkpoint(info, items=small) if small else {}
+    others = read_checkpoint(info, items=small, sharded_reader=sharded_reader) if small else {}
     if scheduler is not None and others.get("scheduler") is None:
         raise CheckpointNotFoundError(
             f"{info.path} holds no scheduler state; pass scheduler=None to restore without it"

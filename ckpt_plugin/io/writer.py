@@ -15,26 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import shards
-from ..checkpoint import (
+from ..errors import ConfigurationError
+from ..format import codec, shards
+from ..format.layout import (
     EXTRA_TENSORS_FILE,
-    METADATA_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
     SHARDING_FILE,
     STATE_FILE,
-    CheckpointInfo,
-    as_path,
     build_metadata,
-    checkpoint_name,
     item_file,
     item_prefix,
 )
-from ..errors import ConfigurationError
-from ..format import codec
-from ..format.names import is_plain_file_name
-from ..storage import LOCAL, Backend, Commit, FileRecord, LocalStore, Transaction
+from ..format.names import checkpoint_name, is_plain_file_name
+from ..format.records import METADATA_FILE, FileRecord
+from ..storage import LOCAL, Backend, Commit, LocalStore, Transaction
 from .files import write_bytes_file, write_tensor_file
+from .info import CheckpointInfo, as_path
 
 if TYPE_CHECKING:
     import torch

@@ -15,20 +15,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .base import (
-    CHECKSUM_ALGORITHM,
-    METADATA_FILE,
-    Backend,
-    Commit,
-    Entry,
-    FileRecord,
-    Sink,
-    Transaction,
-    checksum_bytes,
-    format_checksum,
-    new_hasher,
-)
-from .fsspec import is_url
+from ..format.records import FileRecord, checksum_bytes
+from .base import Backend, Commit, Entry, Sink, Transaction, with_backend
+from .fsspec import STALE_SECONDS, is_url, new_transaction_id, remove_leftovers
 from .local import (
     CHUNK_BYTES,
     LOCAL,
@@ -36,6 +25,7 @@ from .local import (
     LocalBackend,
     LocalStore,
     append_line,
+    directory_identity,
     fsync_dir,
     publish_file,
     publish_made,
@@ -76,11 +66,10 @@ def backend_of(location: str | os.PathLike[str], storage_options: Mapping[str, A
 
 
 __all__ = [
-    "CHECKSUM_ALGORITHM",
     "CHUNK_BYTES",
     "LOCAL",
-    "METADATA_FILE",
     "STAGING_PREFIX",
+    "STALE_SECONDS",
     "Backend",
     "Commit",
     "Entry",
@@ -92,14 +81,16 @@ __all__ = [
     "append_line",
     "backend_of",
     "checksum_bytes",
-    "format_checksum",
+    "directory_identity",
     "fsync_dir",
     "is_url",
-    "new_hasher",
+    "new_transaction_id",
     "open_store",
     "publish_file",
+    "remove_leftovers",
     "remove_link",
     "set_link",
     "symlinks",
     "temporary_path",
+    "with_backend",
 ]

@@ -18,48 +18,13 @@ Nothing here knows what a safetensors file or a ``metadata.json`` document looks
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-import xxhash
-
 from ..format.names import parse_transaction_name
-
-CHECKSUM_ALGORITHM = "xxh3_64"
-METADATA_FILE = "metadata.json"
-"""The manifest of a checkpoint, written last: its presence is what commits a checkpoint."""
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """The size and checksum of one file of a checkpoint, as recorded in ``metadata.json``."""
-
-    size: int
-    checksum: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"size": self.size, "checksum": self.checksum}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, object]) -> FileRecord:
-        return cls(int(data["size"]), str(data["checksum"]))  # type: ignore[arg-type]
-
-
-def new_hasher() -> xxhash.xxh3_64:
-    """A fresh hasher of the recorded checksum algorithm."""
-    return xxhash.xxh3_64()
-
-
-def format_checksum(hasher: xxhash.xxh3_64) -> str:
-    """The recorded checksum string of everything ``hasher`` was given."""
-    return f"{CHECKSUM_ALGORITHM}:{hasher.hexdigest()}"
-
-
-def checksum_bytes(data: bytes | memoryview) -> str:
-    """The recorded checksum string of ``data``."""
-    return format_checksum(xxhash.xxh3_64(data))
-
+from ..format.records import FileRecord
 
 class Sink(Protocol):
     """One file being written. Bytes appear at the key only once :meth:`close` returns."""
@@ -188,3 +153,11 @@ class Commit(Protocol):
 
     def recover(self, only: str | None = None) -> None:
         """Clean up what dead writers left (after a grace period where liveness cannot be known)."""
+
+
+def with_backend(store: Commit, backend: Backend) -> Commit:
+    """A copy of the commit protocol ``store`` that moves its bytes through ``backend`` (a wrapper
+    of ``store.backend``, such as :class:`~ckpt_plugin.storage.faults.FaultyBackend`)."""
+    clone = copy.copy(store)
+    clone.backend = backend  # type: ignore[attr-defined]
+    return clone

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import checksum_bytes
+from ..format.records import checksum_bytes
 from .door import cap_for, check_size
 from .fsspec import FsspecBackend, requests
 

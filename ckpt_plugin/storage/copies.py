@@ -12,7 +12,8 @@ import errno
 from collections.abc import Iterator, Mapping
 
 from ..errors import CorruptCheckpointError, StorageError
-from .base import Backend, checksum_bytes
+from ..format.records import checksum_bytes
+from .base import Backend
 from .door import check_size
 
 

@@ -8,23 +8,23 @@
 - call a hook before every operation (``hook(operation, key)``), which may raise, or kill the
   process to test crash safety.
 
-:func:`with_backend` gives a commit protocol (a :class:`~ckpt_plugin.storage.local.LocalStore` or a
-:class:`~ckpt_plugin.storage.fsspec.ManifestStore`) the faulty backend, so a manager's whole save
-path, commit included, runs through it::
+:func:`inject` routes a manager's storage through a faulty backend by
+:meth:`CheckpointManager.route_storage <ckpt_plugin.CheckpointManager.route_storage>`, so its whole
+save path, commit included, runs through it::
 
-    store = with_backend(manager._store, FaultyBackend(manager._store.backend, fail_after_bytes=4096))
+    disk = inject(manager, fail_after_bytes=4096)
 """
 
 from __future__ import annotations
 
-import copy
 import errno
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import StorageError
-from .base import Backend, FileRecord
+from ..format.records import FileRecord
+from .base import Backend
 
 Hook = Callable[[str, str], None]
 
@@ -142,19 +142,12 @@ class FaultySink:
         self._inner.abort()
 
 
-def with_backend(store: Any, backend: Any) -> Any:
-    """A copy of the commit protocol ``store`` that moves its bytes through ``backend``."""
-    clone = copy.copy(store)
-    clone.backend = backend
-    return clone
-
-
 def inject(manager: Any, **faults: Any) -> FaultyBackend:
     """Route a :class:`~ckpt_plugin.CheckpointManager`'s storage through a new :class:`FaultyBackend`
-    configured with ``faults``, and return it (to inspect ``calls`` or change the budget)."""
-    backend = FaultyBackend(manager._store.backend, **faults)
-    manager._store = with_backend(manager._store, backend)
+    configured with ``faults`` (by its public :meth:`~ckpt_plugin.CheckpointManager.route_storage`),
+    and return it (to inspect ``calls`` or change the budget)."""
+    backend: FaultyBackend = manager.route_storage(lambda inner: FaultyBackend(inner, **faults))
     return backend
 
 
-__all__ = ["FaultyBackend", "FaultySink", "disk_full", "inject", "with_backend"]
+__all__ = ["FaultyBackend", "FaultySink", "disk_full", "inject"]

@@ -77,7 +77,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -85,15 +85,15 @@ from typing import Any
 from ..errors import ConfigurationError, CorruptCheckpointError, StorageError
 from ..format import documents
 from ..format.names import (
-    TRANSACTION_SEPARATOR,
     TransactionName,
     format_transaction_id,
     is_checkpoint_name,
     parse_transaction_name,
     transaction_name,
 )
+from ..format.records import METADATA_FILE, FileRecord, format_checksum, new_hasher
 from . import door, reach
-from .base import METADATA_FILE, Entry, FileRecord, Transaction, format_checksum, new_hasher
+from .base import Entry, Transaction
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
@@ -106,7 +106,6 @@ STALE_SECONDS = 6 * 3600
 S3_DEFAULT_OPTIONS: dict[str, Any] = {
     "config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}, "connect_timeout": reach.CONNECT_TIMEOUT_SECONDS}
 }
-TXN_SEPARATOR = TRANSACTION_SEPARATOR
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -830,6 +829,43 @@ class ManifestStore:
 def _older(moment: float | None, now: float, grace_seconds: float) -> bool:
     """Whether ``moment`` (None: unknown) lies more than the grace period before ``now``."""
     return moment is not None and now - moment > grace_seconds
+
+
+def remove_leftovers(
+    backend: FsspecBackend,
+    place: str,
+    owned: Callable[[str], TransactionName | None],
+    keep: Collection[str],
+    grace_seconds: float,
+    now: float,
+) -> None:
+    """Remove what writers that died left directly under ``place``: every entry whose name ``owned``
+    parses (a name of the strict form its owner writes) and that is not in ``keep``, once its newest
+    object is more than ``grace_seconds`` older than ``now``; and every multipart upload left open on
+    such a name, once the writer's last sign of life (:func:`last_sign_of_life`) is that old, or at
+    once under a kept name, whose object is complete already. Anything else is left alone."""
+    newest = _newest_under(backend, place)
+    for name, modified in newest.items():
+        if owned(name) is not None and name not in keep and _older(modified, now, grace_seconds):
+            backend.delete_tree(backend.join(place, name))
+    for upload in backend.open_uploads(place):
+        name = upload.entry_under(backend.path_of(place))
+        parsed = owned(name)
+        if parsed is None:
+            continue
+        if name in keep or _older(last_sign_of_life(parsed, upload, newest.get(name)), now, grace_seconds):
+            backend.abort_upload(upload)
+
+
+def _newest_under(backend: FsspecBackend, place: str) -> dict[str, float | None]:
+    """The newest modification time (None: unknown) of every entry directly under ``place``."""
+    found: dict[str, float | None] = {}
+    for relative, info in backend.walk(place).items():
+        top = relative.partition("/")[0]
+        modified = modified_time(info)
+        if top not in found or (modified is not None and (found[top] is None or modified > found[top])):
+            found[top] = modified
+    return found
 
 
 def last_sign_of_life(transaction: TransactionName, upload: OpenUpload, newest: float | None = None) -> float:

@@ -28,15 +28,9 @@ from typing import Any, BinaryIO
 from .. import interpreter_exit
 from ..errors import CorruptCheckpointError, StorageError
 from ..format.names import FILE_NAME_PATTERN
+from ..format.records import METADATA_FILE, FileRecord, format_checksum, new_hasher
 from . import directio, door, trash
-from .base import (
-    METADATA_FILE,
-    Entry,
-    FileRecord,
-    Transaction,
-    format_checksum,
-    new_hasher,
-)
+from .base import Entry, Transaction
 
 CHUNK_BYTES = 16 * 1024 * 1024
 PARALLEL_HASH_BYTES = 1024 * 1024
