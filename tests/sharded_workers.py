@@ -205,6 +205,8 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     if rank == 0:
         safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
         (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+    manager.wait()
+    dist.barrier()  # the coordinator logs and prunes after the other ranks' saves have returned
     committed = sorted(p.name for p in (directory / "ckpts").iterdir())
 
     # A rank that fails while writing its shards: no commit, every rank raises.
@@ -228,7 +230,8 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
         assert isinstance(error, DistributedCheckpointError) and "rank 1" in str(error), repr(error)
     manager.wait()  # an aborted transaction is hidden at once and deleted in the background
     dist.barrier()
-    assert sorted(p.name for p in (directory / "ckpts").iterdir()) == committed, "a failed save left files behind"
+    left = sorted(p.name for p in (directory / "ckpts").iterdir())
+    assert left == committed, f"a failed save left files behind: {sorted(set(left) - set(committed))}"
 
     # A rank that fails before writing anything (here: a state dict instead of the model).
     bad_model = model.state_dict() if rank == 1 else model
