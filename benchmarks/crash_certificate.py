@@ -293,7 +293,12 @@ class Certificate:
         if sorted(acked) != list(range(len(acked))):
             violations.append(f"acknowledgements out of order: {sorted(acked)}")
         count = len(acked)
-        killed = run["exitcode"] == -9 and not run["hung"]
+        # multiprocessing reports 255 when the forkserver's report of a child's exit never arrived;
+        # a worker that was killed (by us, or by itself at its crash point) and never said "done"
+        # was killed, and its store is checked like any other's.
+        status_lost = run["exitcode"] == 255 and run["counts"] is None and (
+            run["killed_after"] is not None or trial.crash is not None)
+        killed = (run["exitcode"] == -9 or status_lost) and not run["hung"]
         if run["hung"]:
             ended = "hung"
             violations.append(f"the worker hung for {WORKER_TIMEOUT:.0f} s (its stacks are in {directory}/worker.log)")
@@ -335,7 +340,7 @@ class Certificate:
         violations.extend(report["violations"])
         kind = "crash" if trial.crash is not None else "random" if trial.kill is not None else "dry-run"
         outcome = Outcome(trial.scenario, trial.name, kind, ended, count, interrupted, run["crash"], trial.kill,
-                          run["killed_after"], 0.0, violations, report["facts"])
+                          run["killed_after"], 0.0, violations, {**report["facts"], "exit_status_lost": status_lost})
         with self._lock:
             keep = self.args.keep or (violations and self.kept < KEEP_VIOLATING)
             self.kept += bool(violations and not self.args.keep)
@@ -509,6 +514,7 @@ def summarize(name: str, outcomes: list[Outcome], baseline: list[Outcome], plans
         "plans": plans["plans"],
         "not_killed": {state: sum(o.ended == state for o in outcomes) for state in ("finished", "failed", "error", "hung")},
         "interrupted_operation_took_effect": sum(took_effect(o) for o in outcomes),
+        "kills_whose_exit_status_was_lost": sum(bool(o.facts.get("exit_status_lost")) for o in outcomes),
         "uploads_cut_off_by_the_kill": sum(o.facts.get("uploads_cut_off_by_the_kill", 0) for o in outcomes),
         "violating_trials": len(violating),
         "violations": [{"trial": describe(o, seed), "kept": o.kept, "violations": o.violations} for o in violating],
@@ -541,6 +547,9 @@ def print_table(results: list[dict[str, Any]], total: float, jobs: int) -> None:
           f"taken effect (a save committed, a change made). s/trial, work, check: median seconds of one trial, of its\n"
           f"worker and of its check, on one of {jobs} lane(s); the total row's s/trial is wall time x lanes / trials.")
     for r in results:
+        if r.get("kills_whose_exit_status_was_lost"):
+            print(f"{r['scenario']}: {r['kills_whose_exit_status_was_lost']} kills whose exit status multiprocessing lost "
+                  "(reported as 255); counted as kills, their stores checked like every other")
         ended = {state: count for state, count in r["not_killed"].items() if count}
         if ended:
             print(f"{r['scenario']}: trials that ended without a kill: {ended}")
@@ -578,6 +587,10 @@ def main() -> None:
     try:
         for name in args.scenario:
             results.append(certificate.run_scenario(name))
+            if args.json is not None:  # a run stopped later keeps the scenarios it finished
+                args.json.write_text(json.dumps({"machine": machine(), "seed": args.seed, "jobs": args.jobs,
+                                                 "trials_per_scenario": args.trials, "partial": True,
+                                                 "scenarios": results}, indent=1, default=str))
     finally:
         faults = certificate.s3.faults() if certificate.s3 is not None else None
         certificate.close()
