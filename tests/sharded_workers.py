@@ -189,6 +189,19 @@ def expect(error_type: type[BaseException], call, text: str | None = None) -> Ba
 # ------------------------------------------------------------------ jobs
 
 
+def settled_entries(manager: CheckpointManager, directory: Path) -> list[str]:
+    """The entries of ``directory`` once every rank's save has settled, listed while no rank runs.
+
+    The coordinator logs and prunes after the other ranks' saves returned, and an aborted
+    transaction is hidden at once and deleted in the background: every rank waits for that, then
+    lists; and no rank begins its next save (with its probe and staging directory) before all did."""
+    manager.wait()
+    dist.barrier()
+    entries = sorted(p.name for p in directory.iterdir())
+    dist.barrier()
+    return entries
+
+
 def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     """Save at world 2; then a rank failing mid-save and before the save; then a bad restore;
     then a restore into a fresh sharded model; an asynchronous save; FSDP1; last, a rank that
@@ -205,9 +218,7 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     if rank == 0:
         safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
         (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
-    manager.wait()
-    dist.barrier()  # the coordinator logs and prunes after the other ranks' saves have returned
-    committed = sorted(p.name for p in (directory / "ckpts").iterdir())
+    committed = settled_entries(manager, directory / "ckpts")
 
     # A rank that fails while writing its shards: no commit, every rank raises.
     from ckpt_plugin.distributed import files as shard_files
@@ -228,18 +239,15 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
         assert isinstance(error, StorageError), repr(error)
     else:
         assert isinstance(error, DistributedCheckpointError) and "rank 1" in str(error), repr(error)
-    manager.wait()  # an aborted transaction is hidden at once and deleted in the background
-    dist.barrier()
-    left = sorted(p.name for p in (directory / "ckpts").iterdir())
-    assert left == committed, f"a failed save left files behind: {sorted(set(left) - set(committed))}"
+    left = settled_entries(manager, directory / "ckpts")
+    assert left == committed, f"a failed save left files behind: {left} after {committed}"
 
     # A rank that fails before writing anything (here: a state dict instead of the model).
     bad_model = model.state_dict() if rank == 1 else model
     error = expect(Exception, lambda: manager.save(bad_model, optimizer, epoch=3, metrics={"loss": 0.0}))
     assert ("rank 1" in str(error)) if rank == 0 else "sharded state dict too" in str(error), repr(error)
-    manager.wait()  # an aborted transaction is hidden at once and deleted in the background
-    dist.barrier()
-    assert sorted(p.name for p in (directory / "ckpts").iterdir()) == committed
+    left = settled_entries(manager, directory / "ckpts")
+    assert left == committed, f"a failed save left files behind: {left} after {committed}"
 
     # A model whose shapes differ cannot take the checkpoint: every rank names the tensor.
     wrong = shard(build(1, hidden=HIDDEN + 2), world)
