@@ -426,7 +426,13 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
 
     done = run("bad-metric", tmp_path / "bad")  # rank zero refuses to save: every rank must fail, none may hang
     assert done.returncode != 0
-    for report in reports("bad-metric"):
+    failed = [tmp_path / f"bad-metric-rank{rank}.json" for rank in (0, 1)]
+    if not failed[0].exists():
+        # Lightning's observer in the launching process (rank zero) kills it with SIGKILL within 5 s
+        # of another rank's failure; on a busy host that can come before rank zero wrote its report.
+        assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+        failed = failed[1:]
+    for report in (json.loads(path.read_text()) for path in failed):
         assert "ConfigurationError" in report["error"] and "never_logged" in report["error"]
 
 
