@@ -1,5 +1,9 @@
 """Fixtures shared by the storage tests: an S3 API server (moto, over HTTP on a free port) and
-fresh object-store URLs on it and on fsspec's in-memory file system."""
+fresh object-store URLs on it and on fsspec's in-memory file system; and which tests are slow.
+
+``-m "not slow"`` is the day-to-day subset. Besides the tests marked ``slow`` one by one, every
+test that talks to the S3 server and every test of a module whose tests start ranks, training
+processes or a kill harness of their own is slow."""
 
 from __future__ import annotations
 
@@ -9,6 +13,25 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
+
+PROCESS_MODULES = {
+    "test_async_exit", "test_cli_startup", "test_concurrent_saves", "test_crash", "test_crash_certificate",
+    "test_docs_site", "test_examples", "test_install", "test_registry_crash", "test_remote_uploads", "test_sharded",
+    "test_sharded_lightning", "test_sharded_remote",
+}
+"""Modules whose every test starts processes of its own (spawned ranks, training runs, killed savers)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        module = getattr(item, "module", None)
+        name = module.__name__.rpartition(".")[2] if module is not None else ""
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_s3 = "s3_endpoint" in getattr(item, "fixturenames", ()) or params.get("remote_url") == "s3"
+        if name in PROCESS_MODULES or on_s3:
+            item.add_marker(slow)
 
 
 def _free_port() -> int:

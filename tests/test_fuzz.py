@@ -32,6 +32,7 @@ def test_the_unmutated_run_loads_through_every_reader(golden: Path, tmp_path: Pa
         assert fuzzing.non_data(read()) is None, name
 
 
+@pytest.mark.slow
 @settings(max_examples=CASES, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutation=fuzzing.mutations)

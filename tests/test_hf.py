@@ -755,6 +755,7 @@ CRASHING_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_trap_a_crash_during_a_save_leaves_auto_resume_working(tmp_path, uninterrupted, async_save):
     """Killed in the middle of writing epoch 3 (on the background thread for an asynchronous save)."""
@@ -795,6 +796,7 @@ def test_checkpoints_on_object_storage_resume_bitwise_identical(tmp_path, uninte
     assert pickled_files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identical(tmp_path, uninterrupted):
     """The job is signalled during step 7 (mid-epoch 2), saves after it, stops, and resumes exactly."""
     expected, _ = uninterrupted("epoch")

@@ -622,6 +622,7 @@ def test_preemption_saves_stops_and_restores_the_previous_handlers(tmp_path: Pat
     assert (first_steps, rerun.global_step) == ([9], 30)
 
 
+@pytest.mark.slow
 def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identical(tmp_path: Path) -> None:
     reference = fresh_model(0)
     reference_trainer = make_trainer(tmp_path, 3, [CheckpointCallback(tmp_path / "reference")])
