@@ -51,6 +51,12 @@ class FaultyProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the proxy still holds: both sockets of each count once."""
+        with self._lock:
+            return len(self._open) // 2
+
     def start(self) -> "FaultyProxy":
         self._thread.start()
         return self
@@ -85,8 +91,9 @@ class FaultyProxy:
             with self._lock:
                 self.connections += 1
                 self._open.update((client, server))
+            ended: list[int] = []  # the directions that reached their end of stream
             for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, sink, ended), daemon=True).start()
 
     def _fate(self) -> str:
         with self._lock:
@@ -99,13 +106,20 @@ class FaultyProxy:
                 return "stall"
         return "pass"
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, ended: list[int]) -> None:
         try:
             source.settimeout(None)
             while not self._closed.is_set():
                 data = source.recv(_CHUNK)
                 if not data:
                     sink.shutdown(socket.SHUT_WR)
+                    with self._lock:
+                        ended.append(1)
+                        if len(ended) < 2:
+                            return  # the other direction still runs
+                        self._open.difference_update((source, sink))
+                    source.close()  # both directions ended: the connection is done
+                    sink.close()
                     return
                 fate = self._fate()
                 if fate == "reset":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -39,3 +40,36 @@ def test_a_reset_reaches_a_client_that_is_waiting_for_the_server():
     for connection in accepted:
         connection.close()
     server.close()
+
+
+def test_connections_that_end_in_order_release_their_sockets():
+    """A long run makes thousands of connections: each one that both sides end is closed by the
+    proxy, so its descriptors do not pile up until the process runs out of them."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def echo_once() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.sendall(connection.recv(16))
+
+    thread = threading.Thread(target=echo_once, daemon=True)
+    thread.start()
+    with FaultyProxy("127.0.0.1", server.getsockname()[1]) as proxy:
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+                client.sendall(b"ping")
+                assert client.recv(16) == b"ping"
+                client.shutdown(socket.SHUT_WR)
+                assert client.recv(16) == b""  # the server's end reached the client
+        deadline = time.monotonic() + 10
+        while proxy.open_connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.connections == 50 and proxy.open_connections == 0
+    stop.set()
+    server.close()
+    thread.join(5)
