@@ -45,6 +45,24 @@ def test_the_readme_names_the_install_commands():
     assert any(c[-2:] == ["-e", "."] for c in commands), "the README must install the core from the clone"
 
 
+def test_every_install_command_in_the_docs_installs_from_the_clone_with_extras_that_exist():
+    """The package is on no index: ``pip install ckpt-plugin[...]`` would fail on a fresh machine."""
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    found = 0
+    for page in pages:
+        for match in re.finditer(r"pip install ([^`\n]*)", page.read_text()):
+            arguments = match.group(1)
+            assert "ckpt-plugin" not in arguments and "ckpt_plugin" not in arguments, f"{page.name}: {match.group(0)}"
+            for named in re.findall(r"""-e ['"]?\.\[([a-z,]+)\]""", arguments):
+                found += 1
+                unknown = set(named.split(",")) - extras
+                assert not unknown, f"{page.name}: {match.group(0)} names extras that do not exist: {unknown}"
+    assert found >= 5
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_readme_install_commands_work_in_a_new_environment(tmp_path: Path) -> None:
