@@ -18,6 +18,7 @@ from typing import Any
 from ..format.records import FileRecord, checksum_bytes
 from .base import Backend, Commit, Entry, Sink, Transaction, with_backend
 from .fsspec import STALE_SECONDS, is_url, new_transaction_id, remove_leftovers
+from .location import Location
 from .local import (
     CHUNK_BYTES,
     LOCAL,
@@ -76,6 +77,7 @@ __all__ = [
     "FileRecord",
     "LocalBackend",
     "LocalStore",
+    "Location",
     "Sink",
     "Transaction",
     "append_line",

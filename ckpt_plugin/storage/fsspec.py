@@ -672,7 +672,7 @@ class ManifestStore:
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
                  backend: FsspecBackend | None = None, grace_seconds: float = STALE_SECONDS) -> None:
         self.backend = backend if backend is not None else FsspecBackend(url, storage_options)
-        self.root = self.backend.root
+        self.root = url.rstrip("/") if backend is not None else self.backend.root
         self.grace_seconds = grace_seconds
 
     def __repr__(self) -> str:
