@@ -23,7 +23,8 @@ from .format.records import METADATA_FILE
 from .io.files import copy_file, write_bytes_file, write_tensor_file
 from .io.info import CheckpointInfo
 from .io.writer import SAFETENSORS_METADATA
-from .storage import LOCAL, LocalStore, publish_file, publish_made
+from .local_dirs import publish_dir
+from .storage import LOCAL, publish_file, publish_made
 from .summary import recorded_metadata
 from .tensors import ProgressFactory, model_files, model_tensors, read_verified
 
@@ -89,10 +90,8 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None = Non
         config_bytes = None  # copied and verified with the weights
     else:
         config_bytes = json.dumps(plain(recorded_model_config(info)), indent=2, sort_keys=True).encode() + b"\n"
-    store = LocalStore(target.parent)
-    store.ensure_writable()
-    staging = store.staging_dir(target.name)
-    try:
+
+    def fill(staging: Path) -> None:
         if info.sharded:  # per-rank shards: consolidated into one model.safetensors
             write_model_file(info, staging / MODEL_FILE, progress)
             copied: list[str] = []
@@ -105,10 +104,8 @@ def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None = Non
                       reuse=False, backend=info.backend, target_backend=LOCAL)
         if config_bytes is not None:
             write_bytes_file(staging / HF_CONFIG_FILES[0], config_bytes)
-        store.publish(staging, target.name)
-    except BaseException:
-        store.discard(staging)
-        raise
+
+    publish_dir(target.parent, target.name, fill)
     return []
 
 

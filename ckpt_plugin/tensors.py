@@ -68,6 +68,14 @@ def model_tensors_of(manager: Any, which: str | int | CheckpointInfo = "latest",
     return model_tensors(info, map_location=map_location, verify=verify)
 
 
+def sharded_across_ranks(*objects: Any) -> bool:
+    """Whether any module or state dict among ``objects`` is sharded across ranks in a distributed
+    job (DTensors, an FSDP1 module, ShardedTensors): then only a collective save holds it whole."""
+    from .distributed.collective import holds_dtensors  # loads torch.distributed
+
+    return holds_dtensors(*objects)
+
+
 def model_shapes(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
     """The shape of every model tensor, from the safetensors headers alone (no tensor is read, and
     torch is not imported), or from the consolidated tensors of a per-rank sharded checkpoint."""
@@ -186,5 +194,6 @@ __all__ = [
     "model_tensors",
     "model_tensors_of",
     "read_verified",
+    "sharded_across_ranks",
     "verify_files",
 ]
