@@ -27,7 +27,7 @@ from .versions import parse_version
 if TYPE_CHECKING:
     import torch
 
-    from .core import ProgressFactory
+    from .verification import ProgressFactory
 
 _LOAD_ATTEMPTS = 20
 _SWITCH_ATTEMPTS = 20
