@@ -228,18 +228,15 @@ def test_async_names_are_the_checkpoints_once_committed(tmp_path: Path) -> None:
     assert callback.best_model_path.endswith("epoch_1_step_12")
 
 
-def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_plugin.manager as manager_module
+def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path) -> None:
+    from ckpt_plugin.storage import faults
 
-    write_snapshot = manager_module.write_snapshot
-
-    def fails_after_epoch_0(store, snapshot):  # type: ignore[no-untyped-def]
-        if snapshot.epoch > 0:
+    def fails_after_epoch_0(operation: str, key: str) -> None:
+        if operation == "create" and "epoch_0" not in key:
             raise OSError(28, "No space left on device")
-        return write_snapshot(store, snapshot)
 
-    monkeypatch.setattr(manager_module, "write_snapshot", fails_after_epoch_0)
     callback = CheckpointCallback(tmp_path / "ckpt", async_save=True)
+    faults.inject(callback.manager, hook=fails_after_epoch_0)
     with pytest.raises(AsyncSaveError, match="No space left on device"):
         make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
     assert [info.name for info in callback.manager.checkpoints()] == callback.checkpoint_names == ["epoch_0_step_6"]
@@ -247,19 +244,21 @@ def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path, mon
 
     # when training itself fails, a failed background save is reported without hiding that error
     callback = CheckpointCallback(tmp_path / "ckpt2", async_save=True)
+    faults.inject(callback.manager, hook=fails_after_epoch_0)
     with pytest.warns(UserWarning, match="No space left on device"), pytest.raises(RuntimeError, match="interrupted"):
         make_trainer(tmp_path, 5, [callback, Interrupt(2)]).fit(fresh_model(0), RegressionData())
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_6"]
 
 
 def test_an_epoch_that_does_not_save_lists_and_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_plugin.manager as manager_module
+    from ckpt_plugin import metadata
+    from ckpt_plugin.storage import LocalStore
 
     callback = CheckpointCallback(tmp_path / "ckpt", every_n_epochs=100, async_save=True)
     calls: list[str] = []
-    listing = type(callback.manager._store).visible
-    monkeypatch.setattr(type(callback.manager._store), "visible", lambda store: calls.append("list") or listing(store))
-    monkeypatch.setattr(manager_module, "git_provenance", lambda cwd: calls.append("git") or {})
+    listing = LocalStore.visible
+    monkeypatch.setattr(LocalStore, "visible", lambda store: calls.append("list") or listing(store))
+    monkeypatch.setattr(metadata, "git_provenance", lambda cwd: calls.append("git") or {})
 
     class Watch(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
