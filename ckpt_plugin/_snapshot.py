@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from ._options import SaveSettings
 from .errors import ConfigurationError, EncodingError
 from .io import incremental as incremental_saves
 from .io.rng import capture_rng_state
 from .io.writer import Snapshot, take_snapshot
 from .metadata import provenance
-from ._options import SaveSettings
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def snapshot_of(
 
 
 def current_dir() -> str | None:
+    """The working directory (where git provenance is asked), or None when it was deleted."""
     try:
         return os.getcwd()
     except OSError:
@@ -66,6 +67,7 @@ def current_dir() -> str | None:
 
 
 def whole_number(value: Any, name: str) -> int:
+    """``value`` (an int or a one-element tensor) as an int of at least 0, or :class:`ConfigurationError`."""
     import torch
 
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -76,6 +78,7 @@ def whole_number(value: Any, name: str) -> int:
 
 
 def state_of(obj: Any, label: str) -> Any:
+    """The state dict of ``obj`` (a live object, or already a state dict); None stays None."""
     if obj is None:
         return None
     if isinstance(obj, Mapping):
