@@ -35,14 +35,13 @@ import time
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError
 from .format import documents
 from .io.files import read_bytes_file, write_bytes_file
 from .io.info import CheckpointInfo
-from .storage import LOCAL, Backend, append_line, is_url
+from .storage import LOCAL, Backend
 
 LOG_FILE = ".saves.jsonl"
 LOG_PREFIX = ".saves"
@@ -75,8 +74,9 @@ def append(checkpoint_dir: str | os.PathLike[str], info: CheckpointInfo, *, back
     themselves are committed durably as always. On an object store one new object is written.
     """
     line = json.dumps(entry(info), sort_keys=True, allow_nan=False).encode("utf-8")
-    if not is_url(os.fspath(checkpoint_dir)):
-        append_line(Path(checkpoint_dir) / LOG_FILE, line, durable=False)
+    appends = getattr(backend, "append_line", None)
+    if appends is not None:
+        appends(backend.join(os.fspath(checkpoint_dir), LOG_FILE), line, durable=False)
         return
     name = f"{time.time_ns():016x}-{info.name}-{secrets.token_hex(4)}.json"
     write_bytes_file(backend.join(os.fspath(checkpoint_dir), LOG_PREFIX, name), line, backend=backend)

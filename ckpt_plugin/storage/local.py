@@ -179,6 +179,11 @@ class LocalBackend:
     def join(self, base: str, *names: str) -> str:
         return os.path.join(base, *names)
 
+    def append_line(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Append one line to the log file ``key`` in a single write (see :func:`append_line`). A
+        file system has appends; an object store has none, and a log there is one object per line."""
+        append_line(Path(key), data, durable=durable)
+
     def create(self, key: str, size: int | None = None) -> LocalSink:
         return LocalSink(os.fspath(key), size)
 
