@@ -57,7 +57,7 @@ class CheckpointStore:
         self._commit: Any = location.commit_store()
         self._lock = threading.RLock()
         self._listing = _Listing(self, local_disk=self._local_disk)
-        self._warned_log = self._warned_later = False
+        self._warned_log = self._warned_later = self._resumed = False
         if self._local_disk and location.path.exists() and not location.path.is_dir():
             raise ConfigurationError(f"checkpoint_dir {location.path} is a file, not a directory; choose another path")
         if not self._local_disk or location.path.is_dir():
@@ -166,10 +166,19 @@ class CheckpointStore:
                 "overwritten. Move it away or choose another checkpoint_dir"
             ) from None
 
+    def mark_resumed(self) -> None:
+        """The run resumed in this process: the next save's log entry says so."""
+        self._resumed = True
+
+    def save_log(self) -> list[dict[str, Any]]:
+        """The run's save log, oldest first (see :mod:`ckpt_plugin.savelog`)."""
+        return savelog.read(self.location.where, self.backend)
+
     def _log_save(self, info: CheckpointInfo) -> None:
         """Record the committed checkpoint in the save log; a failure there never fails the save."""
         try:
-            savelog.append(self.location.where, info, backend=self.backend)
+            savelog.append(self.location.where, info, backend=self.backend, resumed=self._resumed)
+            self._resumed = False
         except CheckpointError as exc:
             if not self._warned_log:
                 self._warned_log = True

@@ -21,7 +21,11 @@ import logging
 import math
 import re
 import statistics
+import time
 from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 from .errors import ConfigurationError
 
@@ -96,6 +100,11 @@ class AutoInterval:
     def cost(self) -> float | None:
         """``C``: the median cost of the recent saves, in seconds; ``None`` before the first."""
         return statistics.median(self._costs) if self._costs else None
+
+    @property
+    def failures(self) -> int:
+        """The failures counted so far (recorded, learned and seen)."""
+        return self._failures
 
     @property
     def mtbf(self) -> float:
@@ -231,3 +240,52 @@ class StepCosts:
     def writing(self) -> bool:
         """Whether a save's background write is still being measured."""
         return self._writing
+
+
+def learned_from_log(entries: list[dict[str, Any]]) -> tuple[int, float]:
+    """The failures and the seconds of training a run's save log records: each save marked
+    ``resumed`` is a restart after a failure or a preemption, and the time between consecutive
+    saves counts as observed except across a restart (that gap holds the downtime)."""
+    failures, observed, previous = 0, 0.0, None
+    for entry in entries:
+        when = _instant(entry.get("time"))
+        if entry.get("resumed"):
+            failures += 1
+        elif when is not None and previous is not None and when > previous:
+            observed += when - previous
+        previous = when if when is not None else previous
+    return failures, observed
+
+
+def _instant(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+class SaveCadence:
+    """``every="auto"`` for one manager: :class:`AutoInterval` fed by :class:`StepCosts`, asked
+    once per training step. ``clock`` is ``time.monotonic`` unless a test gives another."""
+
+    def __init__(self, interval: AutoInterval, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.costs = StepCosts(interval)
+        self.clock = clock
+        self.options: tuple[Any, ...] = ()
+
+    def due(self, writing: bool) -> bool:
+        """End a training step; whether a checkpoint is due now. ``writing``: a background save is running."""
+        now = self.clock()
+        if self.costs.writing and not writing:
+            self.costs.write_ended(now)
+        self.costs.step(now, writing)
+        return self.interval.due(now)
+
+    def save_began(self) -> None:
+        self.costs.save_began(self.clock())
+
+    def save_returned(self, in_background: bool) -> None:
+        self.costs.save_returned(self.clock(), in_background=in_background)

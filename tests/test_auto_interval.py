@@ -109,3 +109,40 @@ def test_each_change_of_interval_is_logged_once(caplog: pytest.LogCaptureFixture
         auto.record_save(50.0, blocked=9.0)  # the median moves with the third slow save
     changes = [r.getMessage() for r in caplog.records if "checkpoint interval" in r.getMessage()]
     assert len(changes) == 2, changes
+
+
+def test_the_save_log_records_restarts_and_the_time_between_them() -> None:
+    from ckpt_plugin.auto_interval import learned_from_log
+
+    entries = [
+        {"time": "2026-01-01T00:00:00+00:00"},
+        {"time": "2026-01-01T00:10:00+00:00"},
+        {"time": "2026-01-01T05:00:00+00:00", "resumed": True},  # the gap holds the downtime
+        {"time": "2026-01-01T05:20:00+00:00"},
+        {"time": None},
+    ]
+    assert learned_from_log(entries) == (1, 1800.0)
+
+
+def test_manager_due_measures_saves_and_learns_restarts_from_the_log(tmp_path) -> None:
+    import torch
+
+    from ckpt_plugin import CheckpointManager, savelog
+
+    model = torch.nn.Linear(4, 2)
+    manager = CheckpointManager(tmp_path, max_checkpoints=2)
+    manager.save(model, epoch=0)
+    assert manager.due(0, mtbf="1h", min_interval=0.001, max_interval=1000) is False  # the first call starts the clock
+    rule = manager.auto_interval
+    assert rule is not None and rule.cost is None
+    manager.save(model, epoch=1)
+    assert rule.cost is not None and rule.cost > 0  # the save was measured
+    assert rule.mtbf == 3600
+
+    resumed = CheckpointManager(tmp_path, max_checkpoints=2)
+    assert resumed.load_latest() is not None  # a resume: the next save's log entry says so
+    resumed.save(model, epoch=2)
+    assert [entry["resumed"] for entry in savelog.read(tmp_path)] == [False, False, True]
+    again = CheckpointManager(tmp_path, max_checkpoints=2)
+    again.due(0)
+    assert again.auto_interval is not None and again.auto_interval.failures == 1
