@@ -179,6 +179,11 @@ class LocalBackend:
     def join(self, base: str, *names: str) -> str:
         return os.path.join(base, *names)
 
+    def directory_of(self, key: str) -> Path:
+        """The directory ``key`` names, for a library that walks a directory itself (an object
+        store has no such path, and no such method)."""
+        return Path(key)
+
     def append_line(self, key: str, data: bytes, *, durable: bool = True) -> None:
         """Append one line to the log file ``key`` in a single write (see :func:`append_line`). A
         file system has appends; an object store has none, and a log there is one object per line."""
