@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-BRANCH = re.compile(r"\bis_url\(|\.remote\b|isinstance\([^)]*LocalStore")
+BRANCH = re.compile(r"\bis_url\(|\.remote\b|_local_disk\b|isinstance\([^)]*LocalStore")
 CONDITIONAL = re.compile(r"\b(if|elif|else|while)\b")
 ADAPTERS = ("cli.py", "hf.py", "lightning.py")
 
