@@ -109,7 +109,7 @@ def main() -> None:
             ("save / (torch.save + s3fs put_file)", f"{saves['ours'] / saves['torch']:.2f}x", "<= 1.0"),
             ("restore (verified) / (s3fs get_file + torch.load + load_state_dict)", f"{loads['ours'] / loads['torch']:.2f}x", "<= 0.8"),
             ("extra peak RSS during save", f"{extra_ours / MiB:.1f} MiB", f"<= {bound / MiB:.0f} MiB (upload)"),
-            ("  peak of the Python allocations of a save", f"{traced_ours / MiB:.1f} MiB", f"<= {bound / MiB:.0f} MiB (upload)"),
+            ("  peak of the Python allocations of a save", f"{traced_ours / MiB:.1f} MiB", "reported"),
             ("extra peak RSS of torch.save + put_file", f"{extra_torch / MiB:.1f} MiB", "reported"),
         ],
     )

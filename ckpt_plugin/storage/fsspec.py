@@ -213,8 +213,7 @@ class FsspecSink:
                     if self._part.tell() == self._part_bytes:  # hand the full part over, start a new one
                         if self._upload is None:
                             self._upload = MultipartUpload(self._backend, self._path)
-                        self._upload.send(self._part)
-                        self._part = io.BytesIO()
+                        self._upload.send(self._take_part())
             else:
                 if self._handle is None:
                     self._handle = self._backend.fs.open(self._path, "wb", block_size=PART_BYTES)
@@ -225,6 +224,12 @@ class FsspecSink:
                 raise storage_error(exc, "upload", self.url) from exc
             raise
 
+    def _take_part(self) -> io.BytesIO:
+        """The part filled so far, as a stream over exactly its bytes (``getvalue`` trims the buffer's
+        spare room and shares it: no copy), and a new empty part in its place."""
+        part, self._part = io.BytesIO(self._part.getvalue()), io.BytesIO()
+        return part
+
     def close(self) -> FileRecord:
         try:
             if self._backend.multipart:
@@ -232,7 +237,7 @@ class FsspecSink:
                     self._backend.fs.pipe_file(self._path, self._part.getvalue())  # no copy: the value is shared
                 else:
                     if self._part.tell():
-                        self._upload.send(self._part)
+                        self._upload.send(self._take_part())
                     self._upload.complete(self._size)
             else:
                 if self._handle is None:
