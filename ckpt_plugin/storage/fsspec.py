@@ -693,6 +693,9 @@ class _Prefix:
 class ManifestStore:
     """The manifest commit over an :class:`FsspecBackend`; see the module notes."""
 
+    summary_dir = None
+    """No summary cache file: listing an object store reads every manifest's fingerprint anyway."""
+
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
                  backend: FsspecBackend | None = None, grace_seconds: float = STALE_SECONDS) -> None:
         self.backend = backend if backend is not None else FsspecBackend(url, storage_options)
@@ -786,6 +789,19 @@ class ManifestStore:
         if len(committed) <= 1:
             return committed[-1] if committed else None
         return next((prefix for prefix in reversed(committed) if self._agrees(prefix)), committed[-1])
+
+    def identity(self, location: str) -> str:
+        """What changes whenever the checkpoint at ``location`` is replaced (its manifest's fingerprint)."""
+        return self.backend.fingerprint(self.backend.join(location, METADATA_FILE)) or ""
+
+    def occupant(self, name: str) -> None:
+        """Nothing is ever replaced in place: a save writes a prefix of its own."""
+        return None
+
+    def committed_at(self, location: str) -> str | None:
+        """``location`` when it is the newest committed prefix of its checkpoint, else None."""
+        wanted = str(location).rstrip("/")
+        return next((entry.location for entry in self.visible() if entry.location.rstrip("/") == wanted), None)
 
     def visible(self) -> Iterator[Entry]:
         for name, prefixes in self._scan().items():

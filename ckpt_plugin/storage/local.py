@@ -414,6 +414,25 @@ class LocalStore:
         return f"LocalStore({str(self.root)!r})"
 
     @property
+    def summary_dir(self) -> Path:
+        """Where a listing may keep its summary cache file: the directory itself."""
+        return self.root
+
+    def identity(self, location: str | os.PathLike[str]) -> str:
+        """What changes whenever the checkpoint at ``location`` is replaced (its directory's identity)."""
+        return directory_identity(location)
+
+    def occupant(self, name: str) -> Path | None:
+        """What a commit of ``name`` would replace in place, if anything is there."""
+        target = self.root / name
+        return target if os.path.lexists(target) else None
+
+    def committed_at(self, location: str | os.PathLike[str]) -> str | None:
+        """``location`` when a committed checkpoint is there (its ``metadata.json`` exists), else None."""
+        path = Path(location)
+        return os.fspath(path) if (path / METADATA_FILE).is_file() else None
+
+    @property
     def url(self) -> str:
         return str(self.root)
 

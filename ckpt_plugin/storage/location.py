@@ -104,6 +104,8 @@ class Location:
             from .fsspec import ManifestStore
 
             return ManifestStore(self.where, backend=self.backend())  # type: ignore[arg-type]
+        if self.where.exists() and not self.where.is_dir():
+            raise ConfigurationError(f"checkpoint_dir {self.where} is a file, not a directory; choose another path")
         from .local import LocalStore
 
         return LocalStore(self.where)
