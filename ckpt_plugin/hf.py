@@ -25,7 +25,10 @@ How a callback alone takes the checkpoints over from the Trainer:
   no ``optimizer.pt``, ``scheduler.pt`` or ``rng_state.pth``, skips the rest. ``on_train_begin`` then
   restores the verified weights, the optimizer and the scheduler from the manager checkpoint of the
   resumed step, and the RNG states are put back exactly where the Trainer would put back its own: at
-  the start of the epoch, or after the skipped batches when the run stopped mid-epoch. Nothing is
+  the start of the epoch, or after the skipped batches when the run stopped mid-epoch. With a
+  stateful train loader (accelerate's ``use_stateful_dataloader``) every checkpoint holds its
+  position as JSON and tensors, which goes back into the loader on a resume inside an epoch, and
+  the Trainer then skips no batch (see ``_DataResume``). Nothing is
   unpickled: should the newest ``checkpoint-<step>`` hold any file its format does not name (a
   planted ``rng_state.pth``, which the Trainer would ``torch.load``), the callback raises
   :class:`~ckpt_plugin.ForeignFileError` when the Trainer is built and when training begins.
@@ -869,6 +872,14 @@ class _DataResume:
             self._warn_replay(batches, saved is not None)
             return
         data_state.restore(loader, saved, world_size=args.world_size, path=info.path)
+        if args.dataloader_num_workers > 0 and hasattr(getattr(loader, "dataset", None), "__getitem__"):
+            warnings.warn(
+                "resuming a map-style dataset inside an epoch with dataloader_num_workers > 0: when it is shuffled, "
+                "the rest of the epoch may follow another order than the interrupted run drew, repeating some "
+                "samples and missing others; with dataloader_num_workers=0 it continues exactly",
+                UserWarning,
+                stacklevel=3,
+            )
         self.skip_setting, args.ignore_data_skip = args.ignore_data_skip, True
         self.offset, self.steps_in_epoch = batches, steps_in_epoch
 

@@ -132,3 +132,50 @@ def test_lightning_refuses_a_mid_epoch_state_saved_at_another_world_size(tmp_pat
     callback.load_state_dict({**saved, "mid_epoch": False, "world_size": 2})  # an epoch's end: any world size
     with pytest.raises(IncompatibleCheckpointError, match=r"by 2 process\(es\), and this run has 1"):
         callback.load_state_dict({**saved, "mid_epoch": True, "world_size": 2})
+
+
+def test_lightning_keeps_a_datamodules_own_state_in_the_checkpoint(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from ckpt_plugin.lightning import CheckpointCallback
+
+    class Data(pl.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.position = 0
+            self.loaded: dict | None = None
+
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            self.position += 7
+            data = torch.utils.data.TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+            return torch.utils.data.DataLoader(data, batch_size=4)
+
+        def state_dict(self) -> dict:
+            return {"position": self.position, "weights": torch.arange(3)}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.loaded = state
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(epochs: int, data: Data, ckpt_path: str | None) -> None:
+        trainer = pl.Trainer(
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[CheckpointCallback(tmp_path / "checkpoints", metric_for_best=None)],
+        )
+        trainer.fit(Module(), data, ckpt_path=ckpt_path)
+
+    fit(1, Data(), None)
+    resumed = Data()
+    fit(2, resumed, "last")
+    assert resumed.loaded is not None and resumed.loaded["position"] == 7
+    assert torch.equal(resumed.loaded["weights"], torch.arange(3))

