@@ -65,7 +65,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import errors
+from . import data_state, errors
 from ._callback_core import (
     ManagerOptions,
     PreemptionStop,
@@ -506,6 +506,7 @@ class CheckpointCallback(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Install :class:`ManagerCheckpointIO` on the strategy and check that the config can be stored."""
         self._stage = stage
+        self._world_size = trainer.world_size
         strategy = trainer.strategy
         if _sharded_strategy(strategy):
             _install_sharded_hooks(strategy, self.manager, callback_states=stage == "fit")
@@ -705,9 +706,14 @@ class CheckpointCallback(ModelCheckpoint):
         checkpoint, also the ``.ckpt`` files of a ``ModelCheckpoint`` beside this callback, which
         torch's weights-only loader must be able to read.
         """
-        return {"rng": portable_rng_state(capture_rng_state()), "mid_epoch": self._saving_mid_epoch}
+        return {
+            "rng": portable_rng_state(capture_rng_state()),
+            "mid_epoch": self._saving_mid_epoch,
+            "world_size": self._world_size,
+        }
 
     _saving_mid_epoch = False
+    _world_size = 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Put the global RNG states back when resuming a fit.
@@ -716,10 +722,15 @@ class CheckpointCallback(ModelCheckpoint):
         the global generator. At an epoch's end that is what the uninterrupted run did next, so the
         states are restored now; mid-epoch the uninterrupted run had drawn it already, so the states
         are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
-        when it is stateful) has been created.
+        when it is stateful) has been created. A mid-epoch state saved at another world size is
+        refused (:func:`ckpt_plugin.data_state.check_world_size`): each rank's loader position counts
+        the samples of its own shard.
         """
         if self._stage != "fit" or state_dict.get("rng") is None:
             return
+        if state_dict.get("mid_epoch") and "world_size" in state_dict:
+            # mid-epoch, the loader's position counts the samples of each rank's shard
+            data_state.check_world_size(state_dict, self._world_size, "the checkpoint resumed from")
         if state_dict.get("mid_epoch"):
             self._rng_at_first_batch = state_dict["rng"]
         else:
