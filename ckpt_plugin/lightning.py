@@ -67,6 +67,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import data_state, errors
 from ._callback_core import (
+    AutoSchedule,
     ManagerOptions,
     PreemptionStop,
     SaveSchedule,
@@ -352,6 +353,13 @@ class CheckpointCallback(ModelCheckpoint):
             checkpoint; ``save_rng`` is off because the callback's own state carries the RNG states
             (on, the checkpoints record them too); ``require_metric`` is off because saves may come
             before the first validation (the callback checks ``metric_for_best`` once one ran).
+        every: ``"auto"`` saves when :meth:`CheckpointManager.due <ckpt_plugin.CheckpointManager.due>`
+            says so: at the interval ``sqrt(2 * C * MTBF)`` (Young and Daly) for the measured save cost
+            ``C``, re-evaluated as it changes, with ``every_n_*`` and ``train_time_interval`` left out.
+            The final state is saved when training ends, and ``save_on_preemption`` stays in force.
+        mtbf, min_interval, max_interval: with ``every="auto"``: the mean time between failures
+            (seconds, or ``"6h"``; learned from the run's restarts when left out) and the bounds of
+            the interval.
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
@@ -402,9 +410,17 @@ class CheckpointCallback(ModelCheckpoint):
         save_rng: bool = False,
         require_metric: bool | None = False,
         collective_timeout: float = 600.0,
+        every: str | None = None,
+        mtbf: str | float | None = None,
+        min_interval: str | float = 10.0,
+        max_interval: str | float = "6h",
     ) -> None:
         arguments = dict(locals())
-        schedule = SaveSchedule.exclusive(every_n_epochs, every_n_train_steps, train_time_interval, steps_name="every_n_train_steps")
+        fixed = [f"{name}={value!r}" for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps),
+                                                          ("train_time_interval", train_time_interval)) if value]
+        auto = AutoSchedule.chosen(every, mtbf, min_interval, max_interval, fixed=fixed)
+        schedule = SaveSchedule() if auto else SaveSchedule.exclusive(
+            every_n_epochs, every_n_train_steps, train_time_interval, steps_name="every_n_train_steps")
         if save_on_train_epoch_end not in (None, True, False):
             raise ConfigurationError(f"save_on_train_epoch_end must be True, False or None, not {save_on_train_epoch_end!r}")
         manager = given_manager(manager, arguments, _DEFAULTS)
@@ -427,6 +443,7 @@ class CheckpointCallback(ModelCheckpoint):
         self.manager = manager
         self.auto_resume = bool(auto_resume)
         self.schedule = schedule
+        self.auto = auto
         self.every_n_train_steps = schedule.every_n_steps
         self.train_time_interval = schedule.time_interval
         self.save_on_train_epoch_end = save_on_train_epoch_end
@@ -598,6 +615,8 @@ class CheckpointCallback(ModelCheckpoint):
         if self.schedule.time_interval is not None:
             elapsed = time.monotonic() - (self._last_time_saved or 0.0)
             due = bool(trainer.strategy.broadcast(self.schedule.time_due(elapsed), src=0)) or due
+        if self.auto is not None:  # every rank measures; global rank 0 decides for all
+            due = bool(trainer.strategy.broadcast(self.auto.due(self.manager, trainer.global_step), src=0)) or due
         if not (due or preempted):
             return
         if not _mid_epoch(trainer):
@@ -653,7 +672,10 @@ class CheckpointCallback(ModelCheckpoint):
         raise SIGTERMException()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Nothing: the last epoch's checkpoint is already saved (``ModelCheckpoint`` would save "last" here)."""
+        """With ``every="auto"``, save the final state unless it is saved already; with a fixed
+        schedule the last epoch's checkpoint is saved by now (``ModelCheckpoint`` would save "last" here)."""
+        if self.auto is not None and not trainer.fast_dev_run and self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
