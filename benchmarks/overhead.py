@@ -20,7 +20,8 @@ overhead is how much longer its mean step takes than the same loop's without che
 A window starts with a save already in flight (as in steady state) and ends before the last save's
 write is waited for, so it holds as many writes as saves. Within every round the variants run in
 turn (in reverse order every other round) so that drifting load hits them alike; each figure is
-the median over ``--rounds`` rounds, with the spread. Our overhead is split into time blocked
+taken against the baseline of its own round, and the median over ``--rounds`` rounds is printed
+with the spread. Our overhead is split into time blocked
 (inside ``save()``) and interference: the extra time of the steps that overlap a background write,
 against the median step of the same window that overlaps none (or of the baseline window, when
 every step overlaps one). The CPU model and the load average are printed with each table.
@@ -197,29 +198,29 @@ def measure_state(state_mib: int, args: argparse.Namespace, root: Path) -> dict[
 
 
 def report(state_mib: int, every_list: list[int], results: dict[tuple[str, int], list[Window]]) -> None:
-    def overheads(name: str, every: int) -> list[float]:
-        base = statistics.median(w.mean_step for w in results[(BASELINES[name], 0)])
-        return [100 * (w.mean_step / base - 1) for w in results[(name, every)]]
+    """Each figure is taken against its baseline of the same round (load drifts between rounds),
+    then the median and range over rounds are printed."""
+
+    def per_round(name: str, every: int, figure: Callable[[Window, Window], float]) -> list[float]:
+        return [figure(window, base) for window, base in zip(results[(name, every)], results[(BASELINES[name], 0)])]
 
     def cell(values: list[float]) -> str:
-        return f"{statistics.median(values):+6.1f} ({min(values):+.1f}..{max(values):+.1f})"
+        return f"{statistics.median(values):+.1f} ({min(values):+.1f}..{max(values):+.1f})"
 
     print(f"\nstep-time overhead (%) at {state_mib} MiB, median (min..max) of rounds; load average now {load_average()}")
-    print(f"  {'variant':<12}" + "".join(f"{'N = ' + str(every):>24}" for every in every_list))
+    print(f"  {'variant':<12}" + "".join(f"{'N = ' + str(every):>26}" for every in every_list))
     for name in VARIANTS:
-        print(f"  {name:<12}" + "".join(f"{cell(overheads(name, every)):>24}" for every in every_list))
-    print("ours, split of the overhead (% of the plain loop's time): blocked in save() + interference of background writes")
-    base = statistics.median(w.mean_step for w in results[("loop", 0)])
-    quiet = statistics.median(w.quiet_step for w in results[("loop", 0)])
+        cells = [cell(per_round(name, every, lambda w, b: 100 * (w.mean_step / b.mean_step - 1))) for every in every_list]
+        print(f"  {name:<12}" + "".join(f"{text:>26}" for text in cells))
+    print("ours, the overhead split (% of the plain loop's step): blocked in save() / interference of background writes")
     for name in ("ours sync", "ours async"):
         parts = []
         for every in every_list:
-            windows = results[(name, every)]
-            blocked = statistics.median(100 * w.blocked_per_step / base for w in windows)
-            interference = statistics.median(100 * w.interference_per_step(quiet) / base for w in windows)
-            overlapped = statistics.median(w.overlapped_share for w in windows)
-            parts.append(f"{blocked:5.1f} + {interference:4.1f} ({overlapped:.0%} of steps)")
-        print(f"  {name:<12}" + "".join(f"{part:>30}" for part in parts))
+            blocked = per_round(name, every, lambda w, b: 100 * w.blocked_per_step / b.mean_step)
+            interference = per_round(name, every, lambda w, b: 100 * w.interference_per_step(b.quiet_step) / b.mean_step)
+            overlapped = statistics.median(w.overlapped_share for w in results[(name, every)])
+            parts.append(f"{cell(blocked)} / {cell(interference)} ({overlapped:.0%} of steps)")
+        print(f"  {name:<12}  " + "   ".join(parts))
 
 
 def main() -> None:
