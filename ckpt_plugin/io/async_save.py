@@ -13,6 +13,10 @@ happens on the caller's thread, and its tensors are first copied into a reused
   status. The exit hook holds savers only weakly, so a manager that is no longer referenced is not
   kept alive by it.
 - Once the interpreter is exiting, a save runs on the calling thread and raises its own error.
+- The background thread runs at a lower scheduling priority (``BACKGROUND_NICENESS``) where the
+  system allows it, and the threads it starts inherit it. On a machine whose cores training keeps
+  busy, the write then takes the time training leaves idle instead of stretching its steps; the
+  write may take longer, and a save that comes before it ends waits for it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from .staging import Staged, StagingBuffer
 from .writer import Snapshot, snapshot_info
 
 T = TypeVar("T")
+
+BACKGROUND_NICENESS = 10
+"""How much the background writer's niceness is raised (Linux per-thread ``setpriority``); 0 leaves it."""
 
 
 class AsyncSaver:
@@ -76,7 +83,7 @@ class AsyncSaver:
 
     @property
     def writing(self) -> bool:
-        """Whether a background save is still being written."""
+        """Whether a background save is still being written (a snapshot that does not block)."""
         in_flight = self._in_flight
         return in_flight is not None and not in_flight.done()
 
@@ -116,6 +123,8 @@ class AsyncSaver:
 
     def _run(self, write: Callable[[Snapshot], object], snapshot: Snapshot, staged: Staged) -> None:
         try:
+            if threading.current_thread() is not threading.main_thread():  # not run inline at exit
+                _lower_priority()
             staged.wait()
             write(snapshot)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's next save, wait or close
@@ -139,6 +148,20 @@ class AsyncSaver:
 
 
 _LIVE: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+_lowered = threading.local()
+
+
+def _lower_priority() -> None:
+    """Raise the calling thread's niceness by ``BACKGROUND_NICENESS``, once per thread (the kernel
+    cannot be asked to undo it: an unprivileged thread may only lower its own priority)."""
+    if getattr(_lowered, "done", False) or not BACKGROUND_NICENESS or not sys.platform.startswith("linux"):
+        return
+    _lowered.done = True
+    try:
+        thread = threading.get_native_id()  # on Linux a thread id names that thread alone
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICENESS))
+    except OSError:  # not permitted here (a sandbox, say): the write runs at the usual priority
+        pass
 
 
 def _flush_at_exit() -> None:
