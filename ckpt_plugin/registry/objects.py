@@ -106,7 +106,7 @@ class ObjectStorePlaces:
         places = {}
         for label, given, default in (("validated_dir", validated_dir, "validated"), ("production_dir", production_dir, "production")):
             chosen = str(given).rstrip("/") if given is not None else f"{parent}/{default}"
-            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:
+            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:  # refuses input, no branch of behaviour
                 raise ConfigurationError(f"{label} must be a URL on the same store as {url} when checkpoint_dir is one, not {given!r}")
             places[label] = chosen
         if len({url, places["validated_dir"], places["production_dir"]}) != 3:
