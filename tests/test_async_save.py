@@ -199,12 +199,12 @@ def test_at_most_one_save_in_flight(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
-def test_background_write_runs_at_a_lower_priority_and_says_when_it_runs(tmp_path, monkeypatch):
+def test_background_write_runs_at_a_lower_priority_and_says_when_it_runs(tmp_path):
     from ckpt_plugin.io import async_save
 
     model, optimizer = make_model()
-    gate = Gate(monkeypatch)
     manager = CheckpointManager(tmp_path, async_save=True, keep_best=False)
+    gate = Gate(manager)
     manager.save(model=model, optimizer=optimizer, epoch=0)
     assert gate.entered.wait(30)
     assert manager._saver.writing
