@@ -100,7 +100,7 @@ def spread(values: list[float]) -> str:
 def settle() -> None:
     """Let background deletions finish and flush dirty pages, so that no measurement pays for
     another's leftovers (saves in training are further apart than either)."""
-    from ckpt_plugin.storage import trash
+    from ckpt_plugin._storage import trash
 
     trash.drain()
     os.sync()

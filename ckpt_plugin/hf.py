@@ -71,11 +71,11 @@ try:
 except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
-from . import data_state
+from . import _data_state as data_state
 from ._callback_core import AutoSchedule, ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
 from . import CheckpointInfo, Location, restore_rng_state
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
-from .local_dirs import publish_dir, remove_dirs, remove_link, set_link, symlinks
+from ._local_dirs import publish_dir, remove_dirs, remove_link, set_link, symlinks
 from .manager import CheckpointManager
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -855,7 +855,7 @@ def _resumes_mid_epoch(args: TrainingArguments, state: TrainerState, train_datal
 class _DataResume:
     """The train data loader's position in the callback's checkpoints, and a resume that skips nothing.
 
-    A save keeps the loader's state (see :mod:`ckpt_plugin.data_state`) as of the optimizer step
+    A save keeps the loader's state (see :mod:`ckpt_plugin._data_state`) as of the optimizer step
     it belongs to. On a resume inside an epoch that state goes back into the Trainer's loader, and
     ``args.ignore_data_skip`` is raised until the first step begins, so the Trainer does not replay
     the epoch's first batches through ``skip_first_batches`` (which would also rebuild the loader

@@ -65,7 +65,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import data_state, errors
+from . import _data_state as data_state, errors
 from ._callback_core import (
     AutoSchedule,
     ManagerOptions,
@@ -77,7 +77,7 @@ from ._callback_core import (
     plain_metrics,
 )
 from . import CheckpointInfo, Location, capture_rng_state, portable_rng_state, restore_rng_state
-from .checkpoint import METADATA_FILE
+from ._checkpoint import METADATA_FILE
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager
 from .one_checkpoint import info_at, read_checkpoint
@@ -740,7 +740,7 @@ class CheckpointCallback(ModelCheckpoint):
         states are restored now; mid-epoch the uninterrupted run had drawn it already, so the states
         are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
         when it is stateful) has been created. A mid-epoch state saved at another world size is
-        refused (:func:`ckpt_plugin.data_state.check_world_size`): each rank's loader position counts
+        refused (:func:`ckpt_plugin._data_state.check_world_size`): each rank's loader position counts
         the samples of its own shard.
         """
         if self._stage != "fit" or state_dict.get("rng") is None:

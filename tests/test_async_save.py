@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ckpt_plugin import AsyncSaveError, CheckpointManager, StorageError
-from ckpt_plugin.io.staging import StagingBuffer
-from ckpt_plugin.storage import faults
+from ckpt_plugin._io.staging import StagingBuffer
+from ckpt_plugin._storage import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,7 @@ def test_at_most_one_save_in_flight(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
 def test_background_write_runs_at_a_lower_priority_and_says_when_it_runs(tmp_path):
-    from ckpt_plugin.io import async_save
+    from ckpt_plugin._io import async_save
 
     model, optimizer = make_model()
     manager = CheckpointManager(tmp_path, async_save=True, keep_best=False)
@@ -344,7 +344,7 @@ CHILD_EXIT = textwrap.dedent(
     import sys, time
     import torch
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.storage import faults
+    from ckpt_plugin._storage import faults
 
     held = []
     def slow(operation, key):

@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints  
 
 from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback, Settings, eval_metric_name  # noqa: E402
-from ckpt_plugin.storage.faults import FaultyBackend  # noqa: E402
+from ckpt_plugin._storage.faults import FaultyBackend  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TESTS = Path(__file__).resolve().parent
@@ -750,7 +750,7 @@ CRASHING_RUN = textwrap.dedent(
     sys.path[:0] = [{root!r}, {tests!r}]
     import torch
     torch.set_num_threads(1)
-    import ckpt_plugin.io.writer as writer
+    import ckpt_plugin._io.writer as writer
     from test_hf import make_trainer
     from pathlib import Path
     from ckpt_plugin.hf import CheckpointCallback

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, cli, savelog
-from ckpt_plugin.storage import backend_of
-from ckpt_plugin.storage.fsspec import ManifestStore
+from ckpt_plugin._storage import backend_of
+from ckpt_plugin._storage.fsspec import ManifestStore
 
 
 def log_objects(url: str) -> list[str]:
