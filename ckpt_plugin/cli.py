@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
     from . import CheckpointInfo
     from .registry import ArtifactRegistry
-    from ._storage import Location
+    from .storage import Location
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 EXIT_FAILED = 1
@@ -177,7 +177,7 @@ def _registry(
 def _location(directory: str | Path, storage_option: list[str] | None = None, *, must_exist: bool = False) -> Location:
     """DIR with its ``--storage-option`` pairs, decided once; with ``must_exist`` a local DIR must
     be a directory (an object-store prefix needs nothing made beforehand)."""
-    from ._storage import Location
+    from .storage import Location
 
     if must_exist and Location.of(directory).is_missing_directory():
         raise CheckpointNotFoundError(
