@@ -6,7 +6,7 @@ last N and the best, and loads the latest, a given epoch or the best by any metr
 Lightning and Hugging Face callbacks live in ``ckpt_plugin.lightning`` and ``ckpt_plugin.hf``.
 """
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 import importlib
 from typing import TYPE_CHECKING, Any

@@ -19,7 +19,7 @@ def _library_versions() -> dict[str, str | None]:
 
     import torch  # a save has imported it already
 
-    from . import __version__
+    from ._version import __version__
 
     try:
         safetensors_version: str | None = importlib_metadata.version("safetensors")
