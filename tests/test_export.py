@@ -21,11 +21,11 @@ from ckpt_plugin import (
     CorruptCheckpointError,
     Location,
     export,
-    local_dirs,
     one_checkpoint,
     summary,
     tensors,
 )
+from ckpt_plugin import _local_dirs as local_dirs
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, CorruptCheckpointError, savelog
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, CorruptCheckpointError
+from ckpt_plugin import _savelog as savelog
 from ckpt_plugin._checkpoint import METADATA_FILE, STATE_FILE
 from ckpt_plugin.cli import app
 from ckpt_plugin._format import limits

@@ -29,8 +29,8 @@ from ckpt_plugin import (
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
-    storage,
 )
+from ckpt_plugin import _storage as storage
 from ckpt_plugin.registry import next_version, parse_version
 from ckpt_plugin._storage import checksum_bytes, trash
 

@@ -12,7 +12,8 @@ import torch
 from core_helpers import assert_same_tree, objects, recover_now
 from torch import nn
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError, savelog
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError
+from ckpt_plugin import _savelog as savelog
 from ckpt_plugin._storage import backend_of, faults, open_store
 from ckpt_plugin._format.names import format_transaction_id, transaction_name
 

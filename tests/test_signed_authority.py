@@ -19,7 +19,8 @@ pytest.importorskip("model_signing")
 
 from security_helpers import key_pair, reseal_record
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, CheckpointNotFoundError, SignatureError, listing, signing
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, CheckpointNotFoundError, SignatureError, signing
+from ckpt_plugin import _listing as listing
 from ckpt_plugin._checkpoint import METADATA_FILE
 from ckpt_plugin._format import documents
 from ckpt_plugin._io.files import write_tensor_file
