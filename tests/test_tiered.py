@@ -298,3 +298,34 @@ def test_local_dir_on_dev_shm(memory_url: str) -> None:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_signed_checkpoint_is_signed_again_on_the_durable_tier(tmp_path: Path, memory_url: str) -> None:
+    pytest.importorskip("model_signing")
+    from security_helpers import key_pair
+
+    from ckpt_plugin import signing
+    from ckpt_plugin.errors import ConfigurationError
+
+    private, public = key_pair(tmp_path, "ours")
+    local = LocalStore(tmp_path / "local")
+    local.ensure_writable()
+    snapshot = take_snapshot({"model": state(5)}, epoch=5, step=None, metrics={"loss": 0.2}, config=None,
+                             metric_for_best="loss", mode="min", provenance={})
+    info = write_snapshot(local, snapshot, before_commit=signing.signer(private))
+    durable = open_store(memory_url)
+    with pytest.raises(ConfigurationError, match="signing_key"):
+        upload(info, durable)
+    assert list_committed(durable) == []
+    copy = upload(info, durable, signing_key=private)
+    signing.verify_prefix(durable.backend, copy.location, public)
+    checkpoint = read_checkpoint(read_info_signed(copy, public))
+    assert_same_tree(state(5), checkpoint["model"])
+
+
+def read_info_signed(info: CheckpointInfo, public: Path) -> CheckpointInfo:
+    """``info`` read from bytes its signature covers (as a load with ``verify_with`` reads it)."""
+    from ckpt_plugin import signing
+    from ckpt_plugin.io.reader import read_info
+
+    return read_info(info.location, signing.read_signed(info.backend, info.location, public))

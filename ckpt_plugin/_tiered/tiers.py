@@ -58,6 +58,7 @@ class Tiers:
     manager's retention policies, applied to the durable tier; ``keep_local`` local copies are kept
     besides the pending ones. ``signing_key`` signs the durable copies of signed checkpoints.
     ``local_listing`` and ``durable_listing`` list each tier (by default :func:`list_committed`).
+    ``on_durable(copy)`` runs after each upload commits (by default :meth:`retain_durable`).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Tiers:
         signing_key: str | os.PathLike[str] | None = None,
         local_listing: Listing | None = None,
         durable_listing: Listing | None = None,
+        on_durable: Callable[[CheckpointInfo], None] | None = None,
         attempts: int = 5,
         backoff: float = 0.5,
     ) -> None:
@@ -80,6 +82,7 @@ class Tiers:
         self.signing_key = signing_key
         self.local_listing: Listing = local_listing or (lambda: list_committed(self.local))
         self.durable_listing: Listing = durable_listing or (lambda: list_committed(self.durable))
+        self.on_durable: Callable[[CheckpointInfo], None] = on_durable or self.retain_durable
         self.journal = PendingJournal(Path(getattr(local, "root")))
         self._committing: set[int] = set()
         """Journal entries of this process whose local commit is still in progress."""
@@ -134,7 +137,7 @@ class Tiers:
             self.journal.done(name, seq)  # a damaged only copy can never be uploaded: say so once
             raise
         self.journal.done(name, seq)
-        self.retain_durable(copy)
+        self.on_durable(copy)
         self.retain_local()
 
     def _replaced(self, info: CheckpointInfo) -> bool:
@@ -191,32 +194,37 @@ class Tiers:
                 held[info.name] = held.get(info.name, ()) + (tier,)
         return held
 
-    def read(self, info: CheckpointInfo, read: Callable[[CheckpointInfo], Result]) -> Result:
+    def read(
+        self, info: CheckpointInfo, read: Callable[[CheckpointInfo], Result], *, also: tuple[type[BaseException], ...] = ()
+    ) -> Result:
         """``read(copy)`` of the fastest copy of checkpoint ``info`` that verifies: the local one,
-        else the durable one, with one warning. The durable copy's error is raised when both fail."""
-        local = self._local_copy(info)
+        else the durable one, with one warning. A local copy fails on damage, on a missing file, or
+        on an error of the kinds in ``also``; the durable copy's error is raised when both fail."""
+        local = self.local_copy(info)
         if local is not None:
             try:
                 return read(local)
-            except (CorruptCheckpointError, CheckpointNotFoundError, FileNotFoundError) as exc:
+            except (CorruptCheckpointError, CheckpointNotFoundError, FileNotFoundError, *also) as exc:
                 durable = self.durable_copy_of(local)
                 if durable is None:
                     raise
-                self._warn_fallback(local, durable, exc)
+                self.warn_fallback(local, durable, exc)
                 return read(durable)
         durable = self.durable_copy_of(info)
         if durable is None:
             raise CheckpointNotFoundError(f"{info.name} is in neither {self.local!r} nor {self.durable!r}")
         return read(durable)
 
-    def _local_copy(self, info: CheckpointInfo) -> CheckpointInfo | None:
+    def local_copy(self, info: CheckpointInfo) -> CheckpointInfo | None:
+        """The local copy of the checkpoint named as ``info``, or None."""
         return _copy_on(self.local, info)
 
     def durable_copy_of(self, info: CheckpointInfo) -> CheckpointInfo | None:
         """The durable copy of the checkpoint named as ``info``, or None."""
         return _copy_on(self.durable, info)
 
-    def _warn_fallback(self, local: CheckpointInfo, durable: CheckpointInfo, exc: BaseException) -> None:
+    def warn_fallback(self, local: CheckpointInfo, durable: CheckpointInfo, exc: BaseException) -> None:
+        """Warn (once) that the local copy failed and the durable one is read instead."""
         if self._warned_fallback:
             return
         self._warned_fallback = True
