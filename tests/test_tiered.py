@@ -300,7 +300,8 @@ def test_local_dir_on_dev_shm(memory_url: str) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_signed_checkpoint_is_signed_again_on_the_durable_tier(tmp_path: Path, memory_url: str) -> None:
+@pytest.mark.parametrize("durable_kind", ["memory", "directory"])
+def test_a_signed_checkpoint_is_signed_again_on_the_durable_tier(tmp_path: Path, memory_url: str, durable_kind: str) -> None:
     pytest.importorskip("model_signing")
     from security_helpers import key_pair
 
@@ -313,7 +314,8 @@ def test_a_signed_checkpoint_is_signed_again_on_the_durable_tier(tmp_path: Path,
     snapshot = take_snapshot({"model": state(5)}, epoch=5, step=None, metrics={"loss": 0.2}, config=None,
                              metric_for_best="loss", mode="min", provenance={})
     info = write_snapshot(local, snapshot, before_commit=signing.signer(private))
-    durable = open_store(memory_url)
+    durable = open_store(memory_url if durable_kind == "memory" else str(tmp_path / "durable"))
+    durable.ensure_writable()
     with pytest.raises(ConfigurationError, match="signing_key"):
         upload(info, durable)
     assert list_committed(durable) == []

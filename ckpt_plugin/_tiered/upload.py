@@ -17,6 +17,7 @@ file records, epoch, step and metrics), and the uploader then skips the upload.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,13 +48,14 @@ def upload(local: CheckpointInfo, durable: Commit, *, signing_key: str | os.Path
     backend = durable.backend
     txn = durable.begin(local.name)
     try:
+        digests: dict[str, bytes] = {}
         for name, record in sorted(local.files.items()):
-            stream_file(local.file(name), _under(backend, txn.prefix, name), record, source=local.backend, target=backend)
+            digests[name] = stream_file(
+                local.file(name), _under(backend, txn.prefix, name), record, source=local.backend, target=backend
+            )
         manifest = durable_manifest(document, txn.id)
         if signed:
-            from .. import signing  # the signing extra loads on first use
-
-            signing.signer(signing_key)(backend, txn.prefix, {METADATA_FILE: manifest})  # type: ignore[arg-type]
+            _sign(backend, txn.prefix, {**digests, METADATA_FILE: hashlib.sha256(manifest).digest()}, signing_key)
         location = durable.commit(txn, manifest)
     except BaseException:
         durable.abort(txn)
@@ -61,13 +63,15 @@ def upload(local: CheckpointInfo, durable: Commit, *, signing_key: str | os.Path
     return read_info(location, backend)
 
 
-def stream_file(source_key: str, target_key: str, record: FileRecord, *, source: Backend, target: Backend) -> None:
+def stream_file(source_key: str, target_key: str, record: FileRecord, *, source: Backend, target: Backend) -> bytes:
     """Stream the file ``source_key`` into a new file ``target_key`` on ``target``, checking the bytes
-    against ``record`` as they pass; on a mismatch nothing stays at ``target_key``. Memory stays
-    bounded by the read-ahead buffers of :func:`~ckpt_plugin.io.files.hash_file`."""
+    against ``record`` as they pass; on a mismatch nothing stays at ``target_key``. Returns the
+    SHA-256 digest of the bytes (for a signature). Memory stays bounded by the read-ahead buffers
+    of :func:`~ckpt_plugin.io.files.hash_file`."""
     sink = target.create(target_key, record.size)
+    feed = _Feed(sink)
     try:
-        size = hash_file(source_key, _Feed(sink), backend=source)
+        size = hash_file(source_key, feed, backend=source)
     except BaseException:
         sink.abort()
         raise
@@ -77,16 +81,26 @@ def stream_file(source_key: str, target_key: str, record: FileRecord, *, source:
     except CorruptCheckpointError:
         target.delete(target_key)
         raise
+    return feed.sha256.digest()
 
 
 class _Feed:
-    """Passes every chunk ``hash_file`` reads on to a sink, in file order."""
+    """Passes every chunk ``hash_file`` reads on to a sink, in file order, and hashes it (SHA-256)."""
 
     def __init__(self, sink: Any) -> None:
         self.sink = sink
+        self.sha256 = hashlib.sha256()
 
     def update(self, data: memoryview) -> None:
         self.sink.write(data)
+        self.sha256.update(data)
+
+
+def _sign(backend: Backend, prefix: str, digests: dict[str, bytes], signing_key: Any) -> None:
+    """Sign the durable copy from the digests taken while it was written (nothing is read back)."""
+    from ..signing import sign_digests  # the signing extra loads on first use
+
+    sign_digests(backend, prefix, digests, signing_key)
 
 
 def _under(backend: Backend, prefix: str, name: str) -> str:
