@@ -106,10 +106,11 @@ class Tiers:
         return seq
 
     def after_commit(self, info: CheckpointInfo, seq: int) -> None:
-        """Save ``seq``, ``info``, committed locally: start its upload and prune the local tier."""
+        """Save ``seq``, ``info``, committed locally: start its upload. (The local tier is pruned
+        after each upload, on the uploader's thread: nothing local can go before a copy is durable,
+        and the save does not wait for a listing of the durable tier.)"""
         self._committing.discard(seq)
         self.uploader.kick()
-        self.retain_local()
 
     def abandon(self, seq: int) -> None:
         """Save ``seq`` failed before its local commit. Its journal entry stays: the uploader drops

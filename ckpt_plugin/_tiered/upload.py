@@ -46,6 +46,7 @@ def upload(local: CheckpointInfo, durable: Commit, *, signing_key: str | os.Path
             "metadata.json, which names the durable transaction); pass the signing_key it was saved with"
         )
     backend = durable.backend
+    durable.ensure_writable()
     txn = durable.begin(local.name)
     try:
         digests: dict[str, bytes] = {}
