@@ -4,6 +4,7 @@ as the fast tier; ``memory://`` and the moto S3 server as the durable one)."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import uuid
 import warnings
@@ -17,7 +18,7 @@ from ckpt_plugin._tiered import PendingJournal, Tiers, list_committed
 from ckpt_plugin._tiered.journal import JOURNAL_FILE
 from ckpt_plugin._tiered.keep import local_to_delete, retired_names
 from ckpt_plugin._tiered.upload import durable_copy, upload
-from ckpt_plugin.errors import CorruptCheckpointError, UploadError
+from ckpt_plugin.errors import CorruptCheckpointError, StorageError, UploadError
 from ckpt_plugin.format import documents
 from ckpt_plugin.format.records import METADATA_FILE
 from ckpt_plugin.io.info import CheckpointInfo
@@ -331,3 +332,17 @@ def read_info_signed(info: CheckpointInfo, public: Path) -> CheckpointInfo:
     from ckpt_plugin.io.reader import read_info
 
     return read_info(info.location, signing.read_signed(info.backend, info.location, public))
+
+
+def test_an_unreachable_durable_tier_lists_the_local_copies_with_one_warning(tmp_path: Path, memory_url: str) -> None:
+    def unreachable() -> list[CheckpointInfo]:
+        raise StorageError(errno.ECONNREFUSED, "could not list memory://...: connection refused")
+
+    tiers = make_tiers(tmp_path, memory_url, durable_listing=unreachable)
+    snapshot = take_snapshot({"model": state(1)}, epoch=1, step=None, metrics={}, config=None,
+                             metric_for_best=None, mode="min", provenance={})
+    write_snapshot(tiers.local, snapshot)
+    with pytest.warns(UserWarning, match="cannot be listed") as caught:
+        assert names(tiers.checkpoints()) == ["epoch_1"]
+        assert names(tiers.checkpoints()) == ["epoch_1"]
+    assert len(caught) == 1

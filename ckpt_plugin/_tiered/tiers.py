@@ -90,7 +90,7 @@ class Tiers:
             self.journal, self._upload_one, ready=lambda name, seq: seq not in self._committing, attempts=attempts, backoff=backoff
         )
         self._retention_lock = threading.RLock()
-        self._warned_fallback = False
+        self._warned_fallback = self._warned_unreachable = False
 
     # ------------------------------------------------------------------ saving
 
@@ -182,8 +182,20 @@ class Tiers:
     # ------------------------------------------------------------------ listing and loading
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Every checkpoint of either tier, oldest first; the local copy where there is one."""
-        merged = {info.name: info for info in self.durable_listing()}
+        """Every checkpoint of either tier, oldest first; the local copy where there is one. When
+        the durable tier cannot be reached, the local copies alone, with one warning."""
+        try:
+            merged = {info.name: info for info in self.durable_listing()}
+        except (StorageError, OSError) as exc:
+            merged = {}
+            if not self._warned_unreachable:
+                self._warned_unreachable = True
+                warnings.warn(
+                    f"the durable tier {self.durable!r} cannot be listed ({exc}); listing the copies in local_dir only. "
+                    "(This warning is shown once.)",
+                    UserWarning,
+                    stacklevel=3,
+                )
         merged.update((info.name, info) for info in self.local_listing())
         return sorted(merged.values(), key=lambda info: info.sort_key)
 
