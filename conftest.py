@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sybil import Document, Example, Region, Sybil
 
 sys.path.insert(0, str(Path(__file__).parent / "tests"))
@@ -68,3 +69,11 @@ def _teardown(namespace: dict[str, Any]) -> None:
 pytest_collect_file = Sybil(
     parsers=[python_blocks], patterns=["README.md", "docs/*.md", "docs/**/*.md"], setup=_setup, teardown=_teardown
 ).pytest()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep every block of one document on one xdist worker (``--dist loadgroup``): later blocks
+    use what earlier ones saved, in the page's own namespace and directory."""
+    for item in items:
+        if item.path.suffix == ".md":
+            item.add_marker(pytest.mark.xdist_group(f"docs:{item.path}"))

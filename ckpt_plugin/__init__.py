@@ -30,15 +30,18 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .io.info import CheckpointInfo
-    from .io.rng import capture_rng_state, restore_rng_state
+    from .io.rng import capture_rng_state, portable_rng_state, restore_rng_state
     from .manager import CheckpointManager
     from .registry import ArtifactRegistry
+    from .storage import Location
 
 _LAZY = {
     "CheckpointInfo": ".io.info",
     "CheckpointManager": ".manager",
     "ArtifactRegistry": ".registry",
+    "Location": ".storage",
     "capture_rng_state": ".io.rng",
+    "portable_rng_state": ".io.rng",
     "restore_rng_state": ".io.rng",
 }
 """Public names imported on first use, so that ``import ckpt_plugin.cli`` (and ``ckpt --help``)
@@ -71,6 +74,7 @@ __all__ = [
     "EncodingError",
     "ForeignFileError",
     "IncompatibleCheckpointError",
+    "Location",
     "PromotionError",
     "SignatureError",
     "StorageError",
@@ -78,5 +82,6 @@ __all__ = [
     "UploadError",
     "__version__",
     "capture_rng_state",
+    "portable_rng_state",
     "restore_rng_state",
 ]

@@ -17,11 +17,14 @@ The commands that read only metadata (``--help``, ``list``, ``show``, ``verify``
 the commands that copy tensors and ``show`` of a per-rank sharded checkpoint import it when they
 read tensors. For the same reason this module
 imports the library's machinery inside the commands: ``--help`` loads only the command line.
+
+The commands parse their arguments, call the library's public operations (:mod:`ckpt_plugin.summary`
+for ``list`` and ``show``, :mod:`ckpt_plugin.tensors` for ``diff``, :mod:`ckpt_plugin.export`,
+:mod:`ckpt_plugin.plot` and :class:`~ckpt_plugin.ArtifactRegistry`) and print what they return.
 """
 
 from __future__ import annotations
 
-import datetime
 import enum
 import functools
 import json
@@ -31,7 +34,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 try:
     import typer
@@ -43,6 +46,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the ckpt command needs the cli extra: pip install 'ckpt-plugin[cli]'") from exc
 
+from .display import age as _age
+from .display import format_metrics as _format_metrics
+from .display import plain as _plain
 from .display import visible
 from .errors import (
     CheckpointError,
@@ -55,16 +61,14 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    import torch
     from rich.progress import Progress
 
     from .format.records import FileRecord
-    from .io.info import CheckpointInfo
+    from . import CheckpointInfo
     from .registry import ArtifactRegistry
-    from .storage import Backend
+    from .storage import Backend, Location
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
-HF_CONFIG_FILES = ("config.json", "generation_config.json")
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -150,35 +154,52 @@ def _registry(
     validated_dir: str | None = None,
     production_dir: str | None = None,
     storage_option: list[str] | None = None,
+    *,
+    must_exist: bool = False,
 ) -> ArtifactRegistry:
     """The registry of ``directory``: a local path, or an object store URL (configured by
     ``--storage-option`` pairs, else by the store's standard environment, such as
-    ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``)."""
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_ENDPOINT_URL``). With ``must_exist`` a local ``directory``
+    must be one."""
     from .registry import ArtifactRegistry
-    from .storage import is_url
 
-    options = _storage_options(storage_option)
-    if is_url(str(directory)):
-        return ArtifactRegistry(str(directory), validated_dir, production_dir, storage_options=options)
-    if options:
-        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
-    directory = Path(directory)
-    if not directory.is_dir() and validated_dir is None and production_dir is None:
+    location = _location(directory, storage_option, must_exist=must_exist)
+    folder = _local_dir(location)
+    if folder is not None and not folder.is_dir() and validated_dir is None and production_dir is None:
         raise CheckpointNotFoundError(
-            f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into), "
+            f"{folder} is not a directory; pass the checkpoint directory (what CheckpointManager saved into), "
             "or --validated-dir and --production-dir to use a registry without one"
         )
-    registry = ArtifactRegistry(
-        directory,
-        Path(validated_dir) if validated_dir is not None else None,
-        Path(production_dir) if production_dir is not None else None,
-    )
-    if not directory.is_dir() and not registry.validated_dir.is_dir():
+    registry = ArtifactRegistry(location.where, validated_dir, production_dir, storage_options=location.storage_options or None)
+    if folder is not None and not folder.is_dir() and not registry.validated_dir.is_dir():
         raise CheckpointNotFoundError(
-            f"{directory} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
+            f"{folder} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
             "directory (what CheckpointManager saved into), or --validated-dir"
         )
     return registry
+
+
+def _location(directory: str | Path, storage_option: list[str] | None = None, *, must_exist: bool = False) -> Location:
+    """DIR with its ``--storage-option`` pairs, decided once; with ``must_exist`` a local DIR must
+    be a directory (an object-store prefix needs nothing made beforehand)."""
+    from .storage import Location
+
+    folder = _local_dir(Location.of(directory))
+    if must_exist and folder is not None and not folder.is_dir():
+        raise CheckpointNotFoundError(
+            f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into)"
+        )
+    options = _storage_options(storage_option)
+    if options and folder is not None:
+        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
+    return Location.of(directory, options)
+
+
+def _local_dir(location: Location) -> Path | None:
+    """The local directory of ``location``, None for an object-store URL: only a local directory
+    can be checked for existence before anything is read (an object-store prefix exists once
+    something is written below it)."""
+    return None if location.remote else location.path
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -197,47 +218,11 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
 
 
 def _existing(directory: str | Path) -> str | Path:
-    from .storage import is_url
-
-    if is_url(str(directory)):
-        return str(directory)
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(
-            f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into)"
-        )
-    return directory
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as strict JSON data: tuples become lists, NaN and infinities become strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_plain(item) for item in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    return _location(directory, must_exist=True).where
 
 
 def _print_json(data: Any) -> None:
     print(json.dumps(_plain(data), indent=2, allow_nan=False))
-
-
-def _format_metrics(metrics: Mapping[str, Any]) -> str:
-    return "  ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in metrics.items())
-
-
-def _age(timestamp: str | None) -> str:
-    if not timestamp:
-        return "?"
-    seconds = (datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(timestamp)).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{max(seconds, 0):.0f}s ago"
 
 
 class Bars:
@@ -301,58 +286,6 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
     return registry.checkpoint_info(version), str(version)
 
 
-def _read(info: CheckpointInfo, items: tuple[str, ...] | None, bars: Bars) -> dict[str, Any]:
-    """Load ``info`` after verifying the files ``items`` need, with a progress bar for big ones."""
-    from .format.layout import STATE_FILE
-    from .reading import read_checkpoint
-
-    needed = {*_model_files(info), STATE_FILE} if items == ("model",) else set(info.files)
-    problems = _verify_all(
-        [(info.file(name), info.files[name]) for name in sorted(needed) if name in info.files], f"reading {info.name}", bars, info.backend
-    )
-    if problems:
-        raise CorruptCheckpointError(problems[0]["error"])
-    return read_checkpoint(info, verify=False, items=items)
-
-
-def _model_files(info: CheckpointInfo) -> list[str]:
-    """The files that hold the model of ``info``: one file, HF-style shards and index, or per-rank shards."""
-    from .format import shards
-    from .format.layout import MODEL_FILE
-
-    if info.sharded:
-        from .distributed.consolidate import model_files
-
-        return model_files(info.files)
-    return shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
-
-
-def _model_tensors(info: CheckpointInfo, verify: bool = False) -> dict[str, torch.Tensor]:
-    """The model's tensors, full (a sharded checkpoint is consolidated), without re-checking checksums."""
-    if info.sharded:
-        from .distributed.consolidate import read_sharded_items
-
-        return read_sharded_items(info.location, info.files, ["model"], verify=verify, backend=info.backend)["model"]
-    from .io.reader import open_item_files
-
-    return open_item_files(info.location, info.files, _model_files(info)[0], verify=verify, backend=info.backend)
-
-
-def _model_shapes(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
-    """The shape of every model tensor, from the safetensors headers alone (no tensor is read, and
-    torch is not imported), or from the consolidated tensors of a per-rank sharded checkpoint."""
-    from .io.files import read_header
-    from .io.reader import item_shards
-
-    if info.sharded:
-        return {name: tuple(tensor.shape) for name, tensor in _model_tensors(info).items()}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in item_shards(info.location, info.files, _model_files(info)[0], verify=False, backend=info.backend):
-        _, specs, _ = read_header(info.file(name), info.files.get(name), backend=info.backend)
-        shapes.update((tensor, spec.shape) for tensor, spec in specs.items())
-    return shapes
-
-
 def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
     """The checkpoints of the directory, and a problem for each one named like a checkpoint that cannot be read."""
     from .format.layout import looks_like_checkpoint
@@ -394,52 +327,32 @@ def list_checkpoints(
     counters of a Hugging Face run (eval_runtime, *_samples_per_second, total_flos, epoch, ...) are
     left out unless --metrics names them. --json holds every metric unless --metrics is given.
     """
-    from .metric_choice import choose, parse_names
-    from .retention import best_index
+    from .metric_choice import parse_names
+    from .summary import checkpoint_table
 
     requested = parse_names(metrics)
-    registry = _registry(_existing(directory), storage_option=storage_option)
-    infos = registry.manager.checkpoints()
-    ranking, mode = registry.manager.ranking(infos)
-    shown, hidden = choose((name for info in infos for name in info.metrics), ranking, requested)
-    index = best_index(infos, ranking, mode) if infos and mode in ("min", "max") else None  # what ``best`` resolves to
-    best = infos[index].name if index is not None else None
-    latest = infos[-1].name if infos else None
-    production = registry.production()
-    rows = [
-        {
-            "name": info.name,
-            "epoch": info.epoch,
-            "step": info.step,
-            "metrics": info.metrics if requested is None else {name: info.metrics[name] for name in shown if name in info.metrics},
-            "size": info.size,
-            "saved_at": info.timestamp,
-            "best": info.name == best,
-            "latest": info.name == latest,
-        }
-        for info in infos
-    ]
-    summary = {"checkpoints": rows, "versions": registry.versions(), "production": production["version"] if production else None}
+    listing = checkpoint_table(_registry(directory, storage_option=storage_option, must_exist=True), requested)
+    shown, hidden = listing.shown, listing.hidden
     if as_json:
-        _print_json(summary)
+        _print_json(listing.to_json())
         return
-    if not rows:
+    if not listing.rows:
         out.print(f"no checkpoints in {directory}")
     else:
-        ranked = f"metrics (best: {ranking}, {mode})" if best is not None else "metrics"
+        ranked = f"metrics (best: {listing.ranking}, {listing.mode})" if listing.best is not None else "metrics"
         table = [
             (" ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on),
              str(info.epoch), "" if info.step is None else str(info.step),
              _format_metrics({name: info.metrics[name] for name in shown if name in info.metrics}),
              format_size(info.size), _age(info.timestamp))
-            for info, row in zip(infos, rows)
+            for info, row in zip(listing.infos, listing.rows)
         ]
         _print_columns(str(directory), ("", "epoch", "step", ranked, "size", "age"), table, right={1, 2, 4})
         if hidden:
             out.print(f"not shown: {', '.join(hidden)} (choose with --metrics, e.g. --metrics {','.join([*shown[:1], hidden[0]])}; "
                       "--json has every metric)", soft_wrap=True, style="dim")
-    if summary["versions"]:
-        out.print(f"validated: {', '.join(summary['versions'])}; production: {summary['production'] or 'none'}")
+    if listing.versions:
+        out.print(f"validated: {', '.join(listing.versions)}; production: {listing.production or 'none'}")
 
 
 def _print_columns(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> None:
@@ -478,32 +391,11 @@ def _width(cell: str) -> int:
 @_handled
 def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
     """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
-    from .format import codec
-    from .format.records import METADATA_FILE
-    from .io.files import read_json
-    from .io.info import parse_metadata
+    from .summary import checkpoint_details
 
-    registry = _registry(_existing(directory), storage_option=storage_option)
+    registry = _registry(directory, storage_option=storage_option, must_exist=True)
     info, version = _target(registry, epoch)
-    metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
-    parse_metadata(info.location, metadata, info.backend)
-    model = _model_shapes(info)
-    details: dict[str, Any] = {
-        "name": info.name,
-        "path": str(info.path),
-        "epoch": info.epoch,
-        "step": info.step,
-        "metrics": info.metrics,
-        "metric_for_best": info.metric_for_best,
-        "mode": info.mode,
-        "saved_at": info.timestamp,
-        "items": list(info.items),
-        "model_tensors": len(model),
-        "model_parameters": sum(math.prod(shape) for shape in model.values()),
-        "files": {name: record.to_json() for name, record in info.files.items()},
-        "config": codec.from_json(metadata.get("config")),
-        "provenance": codec.from_json(metadata.get("metadata") or {}),
-    }
+    details = checkpoint_details(info)
     if version is not None:
         details["validation"] = registry.validation(version)
     if as_json:
@@ -630,11 +522,13 @@ def diff(
     storage_option: StorageOptions = None,
 ) -> None:
     """Compare two checkpoints: their metrics, which model tensors changed, and by how much."""
-    registry = _registry(_existing(directory), storage_option=storage_option)
+    from .tensors import read_verified
+
+    registry = _registry(directory, storage_option=storage_option, must_exist=True)
     (info_a, _), (info_b, _) = _target(registry, a), _target(registry, b)
     with Bars() as bars:
-        model_a = _read(info_a, ("model",), bars)["model"]
-        model_b = _read(info_b, ("model",), bars)["model"]
+        model_a = read_verified(info_a, ("model",), bars)["model"]
+        model_b = read_verified(info_b, ("model",), bars)["model"]
     tensors = compare_tensors(model_a, model_b)
     metrics = {
         name: {"a": info_a.metrics.get(name), "b": info_b.metrics.get(name)}
@@ -678,64 +572,10 @@ def _difference(a: Any, b: Any) -> Any:
 
 
 def compare_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per tensor name of two state dicts: ``status`` (unchanged, changed, added, removed,
-    or reshaped when the shape or dtype differs) and ``max_abs_diff`` where it can be computed."""
-    import torch
+    """:func:`ckpt_plugin.tensors.compare_tensors`, which ``ckpt diff`` prints."""
+    from .tensors import compare_tensors as compare
 
-    rows = []
-    for name in dict.fromkeys([*a, *b]):
-        x, y = a.get(name), b.get(name)
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            status = "added" if x is None else "removed" if y is None else ("unchanged" if _same_value(x, y) else "changed")
-            rows.append({"name": name, "status": status, "max_abs_diff": None})
-        elif x.shape != y.shape or x.dtype != y.dtype:
-            rows.append({"name": name, "status": "reshaped", "max_abs_diff": None,
-                         "from": f"{x.dtype} {list(x.shape)}", "to": f"{y.dtype} {list(y.shape)}"})
-        elif _same_bits(x, y):
-            rows.append({"name": name, "status": "unchanged", "max_abs_diff": 0.0})
-        else:
-            rows.append({"name": name, "status": "changed", "max_abs_diff": _max_abs_diff(x, y)})
-    return rows
-
-
-def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether two tensors of one shape and dtype hold the same bytes (NaNs included)."""
-    import torch
-
-    return torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
-
-
-def _same_value(x: Any, y: Any) -> bool:
-    """Whether two values of a state dict that are not both tensors are equal: lists, tuples and
-    dicts element by element, tensors inside them bit by bit, anything else with ``==``."""
-    import torch
-
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-                and x.dtype == y.dtype and _same_bits(x, y))
-    if isinstance(x, Mapping) or isinstance(y, Mapping):
-        return (isinstance(x, Mapping) and isinstance(y, Mapping) and x.keys() == y.keys()
-                and all(_same_value(x[key], y[key]) for key in x))
-    if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
-        return (type(x) is type(y) and len(x) == len(y)
-                and all(_same_value(p, q) for p, q in zip(x, y)))
-    return type(x) is type(y) and bool(x == y)
-
-
-def _max_abs_diff(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """The largest ``|y - x|``, in chunks to bound memory; NaN in both places counts as equal."""
-    import torch
-
-    wide = torch.complex128 if x.is_complex() else torch.float64
-    x, y = x.reshape(-1), y.reshape(-1)
-    largest = 0.0
-    for begin in range(0, x.numel(), chunk):
-        p, q = x[begin : begin + chunk].to(wide), y[begin : begin + chunk].to(wide)
-        difference = (q - p).abs()
-        both_nan = torch.isnan(p) & torch.isnan(q)
-        difference = torch.where(both_nan, torch.zeros_like(difference), difference).nan_to_num(nan=math.inf)
-        largest = max(largest, float(difference.max()))
-    return largest
+    return compare(a, b)
 
 
 # ---------------------------------------------------------------------- promotion
@@ -758,7 +598,7 @@ def validate(
     storage_option: StorageOptions = None,
 ) -> None:
     """Check a checkpoint and store it as an immutable, semantically versioned artifact."""
-    registry = _registry(_existing(directory), validated_dir, production_dir, storage_option=storage_option)
+    registry = _registry(directory, validated_dir, production_dir, storage_option=storage_option, must_exist=True)
     if version is not None:
         _version(version)
     checks = dict(metric_check(expression) for expression in require or [])
@@ -924,128 +764,20 @@ def export(
     storage_option: StorageOptions = None,
 ) -> None:
     """Export a checkpoint for other tools; never overwrites an existing output."""
-    registry = _registry(_existing(directory), storage_option=storage_option)
+    from .export import default_output
+    from .export import export as write
+
+    registry = _registry(directory, storage_option=storage_option, must_exist=True)
     info, version = _target(registry, epoch)
-    stem = f"v{version}" if version else info.name
-    target = output or Path(f"{stem}-hf" if to is ExportFormat.hf else f"{stem}.{to.value}")
-    if target.exists():
-        raise ConfigurationError(f"{target} already exists; choose another --output or remove it")
+    target = output or default_output(f"v{version}" if version else info.name, to.value)
     with Bars() as bars:
-        if to is ExportFormat.hf:
-            notes = export_hf(info, target, config, bars)
-        elif to is ExportFormat.safetensors:
-            notes = export_safetensors(info, target, bars)
-        else:
-            notes = export_pt(info, target, weights_only, bars)
+        notes = write(info, target, to.value, config_file=config, weights_only=weights_only, progress=bars)
     if as_json:
         _print_json({"source": info.name, "format": to.value, "output": str(target), "notes": notes})
         return
     out.print(f"exported {info.name} to {target}")
     for note in notes:
         err.print(Text("note:", style="yellow"), note, soft_wrap=True)
-
-
-def export_hf(info: CheckpointInfo, target: Path, config_file: Path | None, bars: Bars) -> list[str]:
-    """Write ``target/`` as ``save_pretrained`` lays it out: ``model.safetensors`` (or its shards and
-    index), ``config.json`` and, when the checkpoint has one, ``generation_config.json``.
-
-    The config is ``--config`` when given, else the model's own: the ``config.json`` the checkpoint
-    holds (every Hugging Face callback checkpoint does), or the model config it recorded. A
-    checkpoint with neither cannot give a folder that ``from_pretrained`` loads, so it is refused.
-    """
-    from .io.files import copy_file, write_bytes_file
-    from .registry import PRODUCTION_MODEL_FILE
-    from .storage import LOCAL, LocalStore
-
-    extra_files = [name for name in HF_CONFIG_FILES if name in info.files]
-    if config_file is not None:
-        config_bytes: bytes | None = config_file.read_bytes()
-        extra_files = [name for name in extra_files if name != HF_CONFIG_FILES[0]]
-    elif HF_CONFIG_FILES[0] in info.files:
-        config_bytes = None  # copied and verified with the weights
-    else:
-        config_bytes = json.dumps(_plain(_recorded_model_config(info)), indent=2, sort_keys=True).encode() + b"\n"
-    store = LocalStore(target.parent)
-    store.ensure_writable()
-    staging = store.staging_dir(target.name)
-    try:
-        if info.sharded:  # per-rank shards: consolidated into one model.safetensors
-            _model_weights(info, staging / PRODUCTION_MODEL_FILE, bars)
-            model_files: list[str] = []
-        else:
-            model_files = _model_files(info)
-        advance = bars(f"exporting {info.name}", sum(info.files[name].size for name in model_files if name in info.files))
-        for name in model_files + extra_files:  # model.safetensors, or the shards and their index; the configs
-            copy_file(info.file(name), staging / name, info.files[name], advance if name in model_files else None,
-                      reuse=False, backend=info.backend, target_backend=LOCAL)
-        if config_bytes is not None:
-            write_bytes_file(staging / HF_CONFIG_FILES[0], config_bytes)
-        store.publish(staging, target.name)
-    except BaseException:
-        store.discard(staging)
-        raise
-    return []
-
-
-def _recorded_model_config(info: CheckpointInfo) -> Mapping[str, Any]:
-    """The model config a checkpoint recorded (its config, or the config's ``"model"`` entry), or a
-    :class:`ConfigurationError` saying why no loadable folder can be written without ``--config``."""
-    from .format import codec
-    from .format.records import METADATA_FILE
-    from .io.files import read_json
-    from .io.info import parse_metadata
-
-    metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
-    parse_metadata(info.location, metadata, info.backend)
-    config = codec.from_json(metadata.get("config"), info.file(METADATA_FILE), "config")
-    for candidate in (config, config.get("model") if isinstance(config, Mapping) else None):
-        if isinstance(candidate, Mapping) and isinstance(candidate.get("model_type"), str):
-            return candidate
-    raise ConfigurationError(
-        f"{info.path} holds no config.json and records no model config with a 'model_type', so the exported "
-        "folder would not load with from_pretrained; pass --config with the model's config.json "
-        "(model.config.save_pretrained(dir) writes one)"
-    )
-
-
-def _model_weights(info: CheckpointInfo, target: Path, bars: Bars) -> FileRecord:
-    """Write the full model of ``info`` as one safetensors file at the new path ``target``."""
-    from .io.files import write_tensor_file
-    from .io.writer import SAFETENSORS_METADATA
-
-    _read(info, ("model",), bars)  # verifies the model's files, with a progress bar for big ones
-    return write_tensor_file(target, _model_tensors(info), SAFETENSORS_METADATA)
-
-
-def export_safetensors(info: CheckpointInfo, target: Path, bars: Bars) -> list[str]:
-    """Write the model's weights as one ``model.safetensors``-style file (shards consolidated)."""
-    from .storage import publish_made
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    publish_made(target, lambda temporary: _model_weights(info, temporary, bars))
-    return []
-
-
-def export_pt(info: CheckpointInfo, target: Path, weights_only: bool, bars: Bars) -> list[str]:
-    """Write a torch ``.pt`` file for tools that only read those: the model state dict, or the
-    checkpoint dict (model, optimizer, scheduler, epoch, step, metrics, config, extra)."""
-    checkpoint = _read(info, ("model",) if weights_only else None, bars)
-    if weights_only:
-        payload: Any = checkpoint["model"]
-    else:
-        keep = ("model", "optimizer", "scheduler", "epoch", "step", "metrics", "config", "extra")
-        payload = {key: checkpoint[key] for key in keep if checkpoint.get(key) is not None}
-
-    import torch
-
-    from .storage import publish_file
-
-    def write(handle: BinaryIO) -> None:
-        torch.save(payload, handle)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    publish_file(target, write)
-    return ["a .pt file is a pickle: load it only with weights_only=True, and only from sources you trust"]
 
 
 # ---------------------------------------------------------------------- plot
@@ -1070,13 +802,10 @@ def plot(
     Hugging Face run get none unless --metrics names them."""
     from .metric_choice import parse_names
     from .plot import plot_run, run_history
-    from .storage import is_url
 
     requested = parse_names(metrics)
-    options = _storage_options(storage_option)
-    if options and not is_url(str(directory)):
-        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
-    history = run_history(_existing(directory), validated_dir, production_dir, storage_options=options)
+    location = _location(directory, storage_option, must_exist=True)
+    history = run_history(location.where, validated_dir, production_dir, storage_options=location.storage_options or None)
     marks = plot_run(history, output, requested)
     if as_json:
         _print_json({"output": str(output), **marks})

@@ -69,11 +69,10 @@ except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
 from ._callback_core import ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
+from . import CheckpointInfo, Location, restore_rng_state
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
-from .io.info import CheckpointInfo
-from .io.rng import restore_rng_state
+from .local_dirs import publish_dir, remove_dirs, remove_link, set_link, symlinks
 from .manager import CheckpointManager
-from .storage import LocalStore, is_url, remove_link, set_link, symlinks
 
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
@@ -728,9 +727,9 @@ def _settings_of(manager: CheckpointManager) -> dict[str, Any]:
 def _refuse_sharded(model: Any) -> None:
     """Refuse a model sharded across ranks (accelerate FSDP): the Trainer resumes it from its own
     FSDP files, which the manager does not write, so its checkpoints could not be resumed."""
-    from .distributed.collective import holds_dtensors
+    from .tensors import sharded_across_ranks
 
-    if model is not None and holds_dtensors(model):
+    if model is not None and sharded_across_ranks(model):
         raise ConfigurationError(
             "ckpt_plugin.hf.CheckpointCallback does not support FSDP (the model's parameters are sharded "
             "across ranks): the Trainer reloads FSDP runs from its own files. Use the Trainer's checkpointing, "
@@ -821,7 +820,7 @@ EMPTY_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"
 
 
 def _location(place: str | os.PathLike[str]) -> Path | str:
-    return str(place) if is_url(str(place)) else Path(place)
+    return Location(place).where
 
 
 def _mark_remote(manager: CheckpointManager, output_dir: Path, info: CheckpointInfo) -> None:
@@ -833,21 +832,16 @@ def _mark_remote(manager: CheckpointManager, output_dir: Path, info: CheckpointI
     Older markers are removed; the directory appears whole through one rename.
     """
     name = f"checkpoint-{info.step}"
-    store = LocalStore(output_dir)
-    store.ensure_writable()
-    staging = store.staging_dir(name)
-    try:
+
+    def fill(staging: Path) -> None:
         trainer_state = manager.read_file(info, TRAINER_STATE_FILE)
         (staging / TRAINER_STATE_FILE).write_bytes(trainer_state)
         (staging / REMOTE_MARKER_FILE).write_text(json.dumps({"checkpoint": info.location}))
         (staging / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
-        store.publish(staging, name)
-    except BaseException:
-        store.discard(staging)
-        raise
-    for entry in store.entries():
-        if entry.name != name and LINK_PATTERN.fullmatch(entry.name) and os.path.isfile(os.path.join(entry.path, REMOTE_MARKER_FILE)):
-            store.remove(entry.name)
+
+    publish_dir(output_dir, name, fill)
+    remove_dirs(output_dir, lambda entry, path: entry != name and bool(LINK_PATTERN.fullmatch(entry))
+                and os.path.isfile(os.path.join(path, REMOTE_MARKER_FILE)))
 
 
 MARKER_FILES = frozenset({TRAINER_STATE_FILE, REMOTE_MARKER_FILE, "model.safetensors"})

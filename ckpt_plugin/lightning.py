@@ -75,14 +75,11 @@ from ._callback_core import (
     given_manager,
     plain_metrics,
 )
+from . import CheckpointInfo, Location, capture_rng_state, portable_rng_state, restore_rng_state
+from .checkpoint import METADATA_FILE
 from .errors import CheckpointError, ConfigurationError, EncodingError
-from .format.records import METADATA_FILE
-from .io.info import CheckpointInfo
-from .io.reader import read_info
-from .io.rng import capture_rng_state, portable_rng_state, restore_rng_state
 from .manager import CheckpointManager
-from .reading import read_checkpoint
-from .storage import is_url, open_store
+from .one_checkpoint import info_at, read_checkpoint
 
 _MOVED_TO_ITEMS = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler"}
 
@@ -126,10 +123,7 @@ def join_checkpoint(loaded: Mapping[str, Any]) -> dict[str, Any]:
 
 def checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo | None:
     """The :class:`CheckpointInfo` of ``path`` if it is a ckpt_plugin checkpoint directory, else None."""
-    path = Path(path)
-    if not (path / METADATA_FILE).is_file():
-        return None
-    return read_info(path)
+    return info_at(Path(path))
 
 
 @dataclass
@@ -260,7 +254,7 @@ class ManagerCheckpointIO(CheckpointIO):
 def _manager_checkpoint(manager: CheckpointManager, path: Any) -> CheckpointInfo | None:
     """The checkpoint Lightning names by ``path`` (a directory, or on an object store the URL of its
     manifest, see :func:`_lightning_path`), or None when it is not one of ours."""
-    if is_url(str(path)):
+    if Location(str(path)).remote:
         return manager.checkpoint_at(_without_manifest(str(path)))
     return checkpoint_info(path)
 
@@ -283,7 +277,7 @@ def _checkpoint_to_load(manager: CheckpointManager, path: Any) -> CheckpointInfo
 def _is_checkpoint_dir(manager: CheckpointManager, path: Any) -> bool:
     """Whether ``path`` names the manager's ``checkpoint_dir`` itself (written as the manager was given it)."""
     where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(where, str) or is_url(where) != manager.remote:
+    if not isinstance(where, str) or Location(where).remote != manager.remote:
         return False
     if manager.remote:
         return where.rstrip("/") == manager.checkpoint_dir  # the manager keeps its URL without the trailing "/"
@@ -302,7 +296,7 @@ def _lightning_path(info: CheckpointInfo | None) -> str | None:
     an object store has times for objects only)."""
     if info is None:
         return None
-    return info.file(METADATA_FILE) if is_url(info.location) else str(info.path)
+    return info.file(METADATA_FILE) if Location(info.location).remote else str(info.path)
 
 
 class CheckpointCallback(ModelCheckpoint):
@@ -1111,12 +1105,11 @@ def _resolve_checkpoint(
 ) -> CheckpointInfo:
     """The checkpoint ``location`` names: one checkpoint, or a run's directory or URL, of which
     ``which`` picks one (``"best"`` is the latest when no checkpoint recorded a ``metric_for_best``)."""
-    store = open_store(location, storage_options)  # as CheckpointManager opens it; refuses options for a local path
-    backend, root = store.backend, str(store.root)
-    one = _without_manifest(root)
-    if backend.fingerprint(backend.join(one, METADATA_FILE)) is not None:
-        return read_info(one, backend)
-    if not is_url(root) and not os.path.isdir(root):
+    place = Location.of(location, storage_options)  # as CheckpointManager takes it; refuses options for a local path
+    one = info_at(Location(_without_manifest(str(place)), place.storage_options))
+    if one is not None:
+        return one
+    if not place.remote and not place.path.is_dir():
         raise errors.CheckpointNotFoundError(
             f"{location} is not a directory; pass the CheckpointCallback's checkpoint_dir or one of its checkpoints"
         )

@@ -902,6 +902,14 @@ class CheckpointManager:
             return self.find(which)
         raise ConfigurationError(f"which must be 'latest', 'best' or an epoch number, not {which!r}")
 
+    def model_tensors(self, which: str | int | CheckpointInfo = "latest", *, map_location: Device = None,
+                      verify: bool = True) -> dict[str, Any]:
+        """The full model tensors of the checkpoint ``which`` names (see :meth:`resolve`), a per-rank
+        sharded one consolidated: :func:`ckpt_plugin.tensors.model_tensors`."""
+        from .tensors import model_tensors_of
+
+        return model_tensors_of(self, which, map_location=map_location, verify=verify)
+
 
 def _newest(found: list[CheckpointInfo]) -> CheckpointInfo | None:
     return found[-1] if found else None

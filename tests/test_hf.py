@@ -24,9 +24,9 @@ import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints  # noqa: E402
 
-import ckpt_plugin.io.writer  # noqa: E402
 from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback, Settings, eval_metric_name  # noqa: E402
+from ckpt_plugin.storage.faults import FaultyBackend  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TESTS = Path(__file__).resolve().parent
@@ -604,19 +604,17 @@ class LinkProbe(TrainerCallback):
         self.gate.release()
 
 
-def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeypatch):
+def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path):
     gate = threading.Semaphore(0)
-    real_write = ckpt_plugin.io.writer.write_tensor_file
 
-    def held_write(path, tensors, metadata=None, **options):
-        if Path(path).name == "model.safetensors":
+    def held_write(operation, key):
+        if operation == "create" and Path(key).name == "model.safetensors":
             assert gate.acquire(timeout=60), "the save was never released"
-        return real_write(path, tensors, metadata, **options)
 
-    monkeypatch.setattr(ckpt_plugin.io.writer, "write_tensor_file", held_write)
     callback = CheckpointCallback(async_save=True)
     probe = LinkProbe(tmp_path, gate)
     trainer, _ = make_trainer(tmp_path, callback=callback)
+    callback.manager.route_storage(lambda backend: FaultyBackend(backend, hook=held_write))
     trainer.add_callback(probe)
     trainer.train()
 
@@ -630,16 +628,13 @@ def test_async_link_only_ever_points_at_a_committed_checkpoint(tmp_path, monkeyp
     assert os.readlink(tmp_path / "checkpoint-20") == "epoch_4_step_20"
 
 
-def test_a_failed_background_save_is_raised_when_training_ends(tmp_path, monkeypatch):
-    real_write = ckpt_plugin.io.writer.write_tensor_file
-
-    def failing_write(path, tensors, metadata=None, **options):
-        if "epoch_4_step_20" in str(Path(path).parent):
+def test_a_failed_background_save_is_raised_when_training_ends(tmp_path):
+    def failing_write(operation, key):
+        if operation == "create" and "epoch_4_step_20" in str(Path(key).parent):
             raise RuntimeError("the disk went away")
-        return real_write(path, tensors, metadata, **options)
 
-    monkeypatch.setattr(ckpt_plugin.io.writer, "write_tensor_file", failing_write)
     trainer, callback = make_trainer(tmp_path, callback=CheckpointCallback(async_save=True))
+    callback.manager.route_storage(lambda backend: FaultyBackend(backend, hook=failing_write))
     with pytest.raises(AsyncSaveError, match="the disk went away"):
         trainer.train()
     assert trainer.state.global_step == 20

@@ -27,6 +27,7 @@ from ckpt_plugin import (  # noqa: E402
     IncompatibleCheckpointError,
 )
 from ckpt_plugin.lightning import CheckpointCallback, ManagerCheckpointIO  # noqa: E402
+from ckpt_plugin.storage.faults import FaultyBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(
@@ -228,25 +229,24 @@ def test_async_names_are_the_checkpoints_once_committed(tmp_path: Path) -> None:
     assert callback.best_model_path.endswith("epoch_1_step_12")
 
 
-def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_plugin.manager as manager_module
-
-    write_snapshot = manager_module.write_snapshot
-
-    def fails_after_epoch_0(store, snapshot):  # type: ignore[no-untyped-def]
-        if snapshot.epoch > 0:
+def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path) -> None:
+    def fails_after_epoch_0(operation: str, key: str) -> None:
+        staging = Path(key).parent.name  # .tmp.epoch_1_step_12.<random> while epoch 1 is written
+        if operation == "create" and "epoch_" in staging and "epoch_0_" not in staging:
             raise OSError(28, "No space left on device")
-        return write_snapshot(store, snapshot)
 
-    monkeypatch.setattr(manager_module, "write_snapshot", fails_after_epoch_0)
-    callback = CheckpointCallback(tmp_path / "ckpt", async_save=True)
+    def failing(callback: CheckpointCallback) -> CheckpointCallback:
+        callback.manager.route_storage(lambda backend: FaultyBackend(backend, hook=fails_after_epoch_0))
+        return callback
+
+    callback = failing(CheckpointCallback(tmp_path / "ckpt", async_save=True))
     with pytest.raises(AsyncSaveError, match="No space left on device"):
         make_trainer(tmp_path, 2, [callback]).fit(fresh_model(0), RegressionData())
     assert [info.name for info in callback.manager.checkpoints()] == callback.checkpoint_names == ["epoch_0_step_6"]
     callback.manager.load_latest()  # the committed checkpoint is intact
 
     # when training itself fails, a failed background save is reported without hiding that error
-    callback = CheckpointCallback(tmp_path / "ckpt2", async_save=True)
+    callback = failing(CheckpointCallback(tmp_path / "ckpt2", async_save=True))
     with pytest.warns(UserWarning, match="No space left on device"), pytest.raises(RuntimeError, match="interrupted"):
         make_trainer(tmp_path, 5, [callback, Interrupt(2)]).fit(fresh_model(0), RegressionData())
     assert [info.name for info in callback.manager.checkpoints()] == ["epoch_0_step_6"]

@@ -70,6 +70,14 @@ def test_registry_promotes_consolidated_weights(saved_at_two):
     assert all(torch.equal(production[key], value) for key, value in expected.items())
 
 
+def test_model_tensors_of_a_sharded_checkpoint_are_consolidated(saved_at_two):
+    manager = CheckpointManager(saved_at_two / "ckpts")
+    assert manager.find(2).sharded
+    full = manager.model_tensors(2, map_location="cpu")
+    expected = manager.load(epoch=2)["model"]
+    assert full.keys() == expected.keys() and all(torch.equal(full[key], value) for key, value in expected.items())
+
+
 def test_cli_exports_one_consolidated_model_and_verifies_every_shard(saved_at_two, tmp_path):
     from typer.testing import CliRunner
 

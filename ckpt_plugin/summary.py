@@ -1,0 +1,104 @@
+"""What a run holds, as plain data for people and scripts: the table of its checkpoints and the
+details of one of them. ``ckpt list`` and ``ckpt show`` print these; nothing here imports torch
+for a plain (not per-rank sharded) checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .format import codec
+from .format.records import METADATA_FILE
+from .io.files import read_json
+from .io.info import CheckpointInfo, parse_metadata
+from .metric_choice import choose
+from .retention import best_index
+from .tensors import model_parameters, model_shapes
+
+if TYPE_CHECKING:
+    from .registry import ArtifactRegistry
+
+
+@dataclass
+class CheckpointTable:
+    """The checkpoints of a run, oldest first, with the best and the latest marked.
+
+    ``shown`` are the metrics to show, the ranking metric first; ``hidden`` the recorded ones left
+    out (runtime and throughput counters, unless asked for). ``rows`` are the JSON rows: every
+    metric, or only ``shown`` when metrics were asked for by name.
+    """
+
+    infos: list[CheckpointInfo]
+    rows: list[dict[str, Any]]
+    shown: list[str]
+    hidden: list[str]
+    ranking: str
+    mode: str
+    best: str | None
+    versions: list[str]
+    production: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The table as ``ckpt list --json`` prints it."""
+        return {"checkpoints": self.rows, "versions": self.versions, "production": self.production}
+
+
+def checkpoint_table(registry: ArtifactRegistry, requested: list[str] | None = None) -> CheckpointTable:
+    """The checkpoints of ``registry``'s run and its versions; ``requested`` metric names (in
+    order) replace the default choice of metrics."""
+    infos = registry.manager.checkpoints()
+    ranking, mode = registry.manager.ranking(infos)
+    shown, hidden = choose((name for info in infos for name in info.metrics), ranking, requested)
+    index = best_index(infos, ranking, mode) if infos and mode in ("min", "max") else None  # what ``best`` resolves to
+    best = infos[index].name if index is not None else None
+    latest = infos[-1].name if infos else None
+    production = registry.production()
+    rows = [
+        {
+            "name": info.name,
+            "epoch": info.epoch,
+            "step": info.step,
+            "metrics": info.metrics if requested is None else {name: info.metrics[name] for name in shown if name in info.metrics},
+            "size": info.size,
+            "saved_at": info.timestamp,
+            "best": info.name == best,
+            "latest": info.name == latest,
+        }
+        for info in infos
+    ]
+    return CheckpointTable(infos, rows, list(shown), list(hidden), ranking, mode, best, registry.versions(),
+                           production["version"] if production else None)
+
+
+def recorded_metadata(info: CheckpointInfo) -> dict[str, Any]:
+    """The ``metadata.json`` of ``info``, checked against its format."""
+    metadata = read_json(info.file(METADATA_FILE), backend=info.backend)
+    parse_metadata(info.location, metadata, info.backend)
+    return metadata
+
+
+def checkpoint_details(info: CheckpointInfo) -> dict[str, Any]:
+    """Everything recorded about one checkpoint: metrics, config, provenance, the model's size,
+    and each file with its size and checksum."""
+    metadata = recorded_metadata(info)
+    model = model_shapes(info)
+    return {
+        "name": info.name,
+        "path": str(info.path),
+        "epoch": info.epoch,
+        "step": info.step,
+        "metrics": info.metrics,
+        "metric_for_best": info.metric_for_best,
+        "mode": info.mode,
+        "saved_at": info.timestamp,
+        "items": list(info.items),
+        "model_tensors": len(model),
+        "model_parameters": model_parameters(model),
+        "files": {name: record.to_json() for name, record in info.files.items()},
+        "config": codec.from_json(metadata.get("config")),
+        "provenance": codec.from_json(metadata.get("metadata") or {}),
+    }
+
+
+__all__ = ["CheckpointTable", "checkpoint_details", "checkpoint_table", "recorded_metadata"]
