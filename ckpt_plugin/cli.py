@@ -54,19 +54,15 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigurationError,
-    CorruptCheckpointError,
     PromotionError,
-    SignatureError,
-    UnsignedError,
 )
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from .format.records import FileRecord
     from . import CheckpointInfo
     from .registry import ArtifactRegistry
-    from .storage import Backend, Location
+    from .storage import Location
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 EXIT_FAILED = 1
@@ -252,23 +248,6 @@ class Bars:
             self._progress.stop()
 
 
-def _verify_all(files: list[tuple[Any, FileRecord]], label: str, bars: Bars, backend: Backend | None = None) -> list[dict[str, str]]:
-    """Check every file against its record (on ``backend``, the local file system when None);
-    return one problem per damaged or missing file."""
-    from .io.files import verify_file
-    from .storage import LOCAL
-
-    backend = backend or LOCAL
-    problems = []
-    advance = bars(label, sum(record.size for _, record in files))
-    for path, record in files:
-        try:
-            verify_file(path, record, advance, backend=backend)
-        except CorruptCheckpointError as exc:
-            problems.append({"path": str(path), "error": str(exc)})
-    return problems
-
-
 def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str | None]:
     """The checkpoint an EPOCH argument names, and its version when it is a validated one."""
     from .registry import parse_version
@@ -286,28 +265,6 @@ def _target(registry: ArtifactRegistry, spec: str) -> tuple[CheckpointInfo, str 
     return registry.checkpoint_info(version), str(version)
 
 
-def _raw_listing(registry: ArtifactRegistry) -> tuple[list[CheckpointInfo], list[dict[str, str]]]:
-    """The checkpoints of the directory, and a problem for each one named like a checkpoint that cannot be read."""
-    from .format.layout import looks_like_checkpoint
-    from .format.records import METADATA_FILE
-    from .io.reader import read_info
-    from .storage import LocalStore
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # each unreadable one is reported as a problem below
-        infos = registry.manager.checkpoints()
-    listed = {info.name for info in infos}
-    unreadable: list[dict[str, str]] = []
-    if registry.remote:  # only committed manifests are visible there; unreadable ones were warned about
-        return infos, unreadable
-    for entry in LocalStore(registry.checkpoint_dir).entries():
-        if looks_like_checkpoint(entry.name) and entry.name not in listed:
-            path = Path(entry.path)
-            try:
-                read_info(path)
-            except (CheckpointError, KeyError, TypeError, ValueError) as exc:
-                unreadable.append({"path": str(path / METADATA_FILE), "error": str(exc)})
-    return infos, unreadable
 
 
 # ---------------------------------------------------------------------- inspecting
@@ -431,84 +388,20 @@ def verify(
     checkpoint that its metadata.json does not name (ckpt_plugin did not write it), and, with
     --key, each signature that does not verify.
     """
-    from .format.layout import SIGNATURE_FILE
-    from .format.records import FileRecord
-    from .registry import PRODUCTION_MODEL_FILE
-    from .signing import verify_prefix
-    from .storage import LOCAL
-
     registry = _registry(_existing(directory), storage_option=storage_option)
-    infos, problems = _raw_listing(registry)
-    problems += _foreign_files(infos)
-    files = [(info.file(name), record) for info in infos for name, record in info.files.items()]
-    backend = registry.backend if registry.remote else LOCAL  # every file of one registry is on one store
-    unsigned: dict[str, str] = {}  # version -> where it is
-    for version in registry.versions():
-        folder = str(registry.version_dir(version))
-        try:
-            records = registry.validation(version)["files"]
-            if key is not None:
-                registry.verify_signature(version, key)
-        except UnsignedError:
-            unsigned[version] = folder
-        except (CorruptCheckpointError, SignatureError) as exc:
-            problems.append({"path": str(folder), "error": str(exc)})
-            continue
-        files += [(backend.join(folder, name), FileRecord.from_json(record)) for name, record in records.items()]
-    try:
-        production = registry.production()
-        if key is not None and (production is None or production["version"] not in unsigned):
-            registry.verify_production_signature(key)
-    except (CorruptCheckpointError, SignatureError) as exc:
-        production, problems = None, problems + [{"path": str(registry.production_dir), "error": str(exc)}]
-    serving = production["version"] if production is not None else None
-    problems += [{"path": folder, "error": _unsigned(version, version == serving, directory)} for version, folder in unsigned.items()]
-    if production is not None:
-        record = FileRecord.from_json(production["files"][PRODUCTION_MODEL_FILE])
-        files.append((backend.join(str(registry.production_dir), production.get("weights", PRODUCTION_MODEL_FILE)), record))
-    if key is not None:
-        for info in infos:
-            if info.backend.fingerprint(info.file(SIGNATURE_FILE)) is not None:
-                try:
-                    verify_prefix(info.backend, info.location, key)
-                except SignatureError as exc:
-                    problems.append({"path": str(info.path), "error": str(exc)})
     with Bars() as bars:
-        problems += _verify_all(files, "verifying", bars, backend)
-    report = {"ok": not problems, "files": len(files), "bytes": sum(record.size for _, record in files), "problems": problems}
+        found = registry.verify(key, progress=bars)
+    problems = [{"path": item.name, "error": item.problem} for item in found.problems]
+    report = {"ok": found.ok, "files": found.files, "bytes": found.bytes, "problems": problems}
     if as_json:
         _print_json(report)
     else:
         for problem in problems:
             err.print(Text("problem:", style="red"), problem["error"], soft_wrap=True)
         status = Text("ok", style="green") if not problems else Text(f"{len(problems)} problem(s)", style="red")
-        out.print(status, f": checked {len(files)} files, {format_size(report['bytes'])}", sep="")
+        out.print(status, f": checked {found.files} files, {format_size(report['bytes'])}", sep="")
     if problems:
         raise typer.Exit(EXIT_FAILED)
-
-
-def _unsigned(version: str, in_production: bool, directory: str) -> str:
-    """What to do about a validated version that ``verify --key`` finds without a signature."""
-    served = " (the one in production)" if in_production else ""
-    return (
-        f"validated version v{version}{served} is not signed, so --key cannot vouch for it. A version never changes, "
-        f"so sign a new one: ckpt validate {directory} EPOCH --version NEW --signing-key PRIVATE_KEY.pem"
-        + (", then ckpt promote it" if in_production else "")
-        + "; or run ckpt verify without --key to check the checksums only"
-    )
-
-
-def _foreign_files(infos: list[CheckpointInfo]) -> list[dict[str, str]]:
-    """A problem for each file inside a checkpoint that its format does not name."""
-    from .io.reader import foreign_files
-
-    return [
-        {"path": info.file(name), "error": f"{info.file(name)} is not part of checkpoint {info.name}: its metadata.json "
-         "does not name it, so ckpt_plugin did not write it (tools that read whatever a checkpoint directory holds, "
-         "such as the Hugging Face Trainer's resume, would load it); remove it"}
-        for info in infos
-        for name in foreign_files(info)
-    ]
 
 
 @app.command()

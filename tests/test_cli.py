@@ -172,16 +172,15 @@ def test_verify_covers_validated_versions_and_production(run: Path, monkeypatch)
 
 
 def test_progress_bar_only_for_big_reads(run: Path, monkeypatch) -> None:
-    from ckpt_plugin.io import files
-
     callbacks = []
-    real_verify = files.verify_file
+    real_bars = cli.Bars.__call__
 
-    def spy(path, record, progress=None, **options):
-        callbacks.append(progress)
-        real_verify(path, record, progress, **options)
+    def spy(self, label, total):  # the progress factory the command hands the registry's verify
+        callback = real_bars(self, label, total)
+        callbacks.append(callback)
+        return callback
 
-    monkeypatch.setattr(files, "verify_file", spy)  # the command imports it when it runs
+    monkeypatch.setattr(cli.Bars, "__call__", spy)
     assert ckpt_json("verify", run)["ok"] is True
     assert callbacks and all(callback is None for callback in callbacks)  # a few kB: no bar
     callbacks.clear()

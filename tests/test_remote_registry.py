@@ -29,7 +29,7 @@ from ckpt_plugin import (
     PromotionError,
 )
 from ckpt_plugin.format import documents
-from ckpt_plugin.registry_objects import ObjectStorePlaces
+from ckpt_plugin.registry.objects import ObjectStorePlaces
 from ckpt_plugin.format.names import format_transaction_id, parse_transaction_name, transaction_name
 
 
@@ -179,11 +179,11 @@ def test_a_promotion_that_loses_the_race_retries_on_top_of_the_winner(remote_url
     switch = ObjectStorePlaces.switch
     interleaved = []
 
-    def switch_after_a_rival(self: ObjectStorePlaces, document: bytes, expected: object) -> None:
+    def switch_after_a_rival(self: ObjectStorePlaces, staged: object, document: bytes, expected: object) -> None:
         if not interleaved:
             interleaved.append(True)
             ArtifactRegistry(remote_url).promote("1.1.0")  # lands between our read and our write
-        switch(self, document, expected)
+        switch(self, staged, document, expected)
 
     monkeypatch.setattr(ObjectStorePlaces, "switch", switch_after_a_rival)
     production = registry.promote("1.2.0")

@@ -51,21 +51,24 @@ that weights a production pointer named are removed once it is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from .errors import CorruptCheckpointError, StorageError
-from .format import codec, documents
-from .format.names import TransactionName, parse_transaction_name, transaction_name
-from .format.records import FileRecord
-from .io.files import read_json
-from .storage import STALE_SECONDS, backend_of, conditional, new_transaction_id, remove_leftovers
+from ..errors import ConfigurationError, CorruptCheckpointError, StorageError
+from ..format import codec, documents
+from ..format.names import TransactionName, parse_transaction_name, transaction_name
+from ..format.records import FileRecord
+from ..io.files import read_bytes_file, read_json
+from ..storage import STALE_SECONDS, Location, conditional, is_url, new_transaction_id, remove_leftovers
+from .places import Settle, StagedWeights
+from .records import PRODUCTION_MODEL_FILE
 
 CLAIM_FORMAT = "ckpt_plugin.version"
 HISTORY_PREFIX = "history"
@@ -79,14 +82,66 @@ class ObjectStorePlaces:
     """The validated and production places of one registry on an object store (see the module notes)."""
 
     def __init__(self, validated_url: str, production_url: str, storage_options: Mapping[str, Any] | None = None,
-                 *, grace_seconds: float = STALE_SECONDS) -> None:
-        self.backend: Any = backend_of(validated_url, storage_options)  # an FsspecBackend: the places are URLs
+                 *, grace_seconds: float = STALE_SECONDS, checkpoint_url: str | None = None) -> None:
+        self.backend: Any = Location(validated_url, storage_options).backend()  # an FsspecBackend: the places are URLs
         self.validated = validated_url.rstrip("/")
         self.production = production_url.rstrip("/")
         self.grace_seconds = grace_seconds
+        self.checkpoint_dir: str = checkpoint_url if checkpoint_url is not None else self.validated
+        self.validated_dir: str = self.validated
+        self.production_dir: str = self.production
+
+    @classmethod
+    def beside(cls, checkpoints: Location, validated_dir: Any, production_dir: Any) -> ObjectStorePlaces:
+        """The places of the registry over ``checkpoints``: the ones given (URLs on the same store),
+        else ``validated/`` and ``production/`` beside it."""
+        url = str(checkpoints).rstrip("/")
+        parent, _, name = url.rpartition("/")
+        if not name or parent.endswith(":/") or parent.endswith("://"):
+            raise ConfigurationError(
+                f"{url} has no parent prefix to hold validated/ and production/ beside it; save into a prefix "
+                "such as s3://bucket/run/checkpoints, or pass validated_dir= and production_dir="
+            )
+        places = {}
+        for label, given, default in (("validated_dir", validated_dir, "validated"), ("production_dir", production_dir, "production")):
+            chosen = str(given).rstrip("/") if given is not None else f"{parent}/{default}"
+            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:
+                raise ConfigurationError(f"{label} must be a URL on the same store as {url} when checkpoint_dir is one, not {given!r}")
+            places[label] = chosen
+        if len({url, places["validated_dir"], places["production_dir"]}) != 3:
+            raise ConfigurationError(
+                f"checkpoint_dir, validated_dir and production_dir must be three different places; got {url}, "
+                f"{places['validated_dir']} and {places['production_dir']}"
+            )
+        return cls(places["validated_dir"], places["production_dir"], checkpoints.storage_options or None, checkpoint_url=url)
 
     def require_conditional_writes(self, action: str) -> None:
         conditional.require(self.backend, action)
+
+    require_writes = require_conditional_writes
+
+    def check(self) -> None:
+        """The places on a store are always the ones named: nothing to prove."""
+
+    def require_checkpoints(self) -> None:
+        """A prefix exists once something is under it: the manager's listing says what is there."""
+
+    def writing(self, settle: Callable[[], None]) -> contextlib.AbstractContextManager[None]:
+        """No lock: every change is a conditional write, and each settles the intents it meets itself."""
+        return contextlib.nullcontext()
+
+    def absolute(self, location: str) -> str:
+        return location
+
+    def as_dir(self, place: str) -> str:
+        return place
+
+    def unreadable_checkpoints(self, listed: set[str]) -> list[tuple[str, str]]:
+        """None: only committed manifests are visible on a store, and unreadable ones are warned about."""
+        return []
+
+    def is_taken(self, directory_name: str) -> bool:
+        return self.backend.fingerprint(self.claim_key(directory_name)) is not None
 
     # ------------------------------------------------------------------ validated versions
 
@@ -148,10 +203,45 @@ class ObjectStorePlaces:
     def read_pointer(self) -> conditional.Versioned | None:
         return conditional.read(self.backend, self.pointer_key)
 
-    def switch(self, document: bytes, expected: conditional.Versioned | None) -> None:
+    read_production = read_pointer
+
+    def production_bytes(self) -> bytes | None:
+        """The production pointer's bytes, or None when nothing is in production."""
+        try:
+            return read_bytes_file(self.pointer_key, backend=self.backend)
+        except CorruptCheckpointError:  # how the read path reports a missing file
+            if self.backend.fingerprint(self.pointer_key) is not None:
+                raise
+            return None
+
+    def stage_weights(self, write: Callable[[str], FileRecord]) -> StagedWeights:
+        """Weights under a new name that no pointer names yet, written by ``write``."""
+        name = self.new_weights_name()
+        try:
+            record = write(self.weights_key(name))
+        except BaseException:
+            self.drop_weights(name)
+            raise
+        return StagedWeights(name, record)
+
+    def switch(self, staged: StagedWeights, document: bytes, expected: conditional.Versioned | None) -> None:
         """Replace the production pointer with ``document`` if it is still ``expected``
         (:class:`~ckpt_plugin.storage.conditional.WriteConflict` otherwise)."""
         conditional.write(self.backend, self.pointer_key, document, expected)
+
+    def drop_staged(self, staged: StagedWeights) -> None:
+        self.drop_weights(staged.name)
+
+    def tidy(self, replaced: Mapping[str, Any] | None, staged: StagedWeights) -> None:
+        """After production switched to ``staged``: delete the weights it replaced, and what dead
+        writers left. The switch has happened, so a failure here only warns."""
+        if replaced is not None:
+            self.drop_weights(replaced.get("weights", PRODUCTION_MODEL_FILE))
+        try:
+            self.recover(staged.name)
+        except StorageError as exc:
+            warnings.warn(f"could not clean up leftovers in {self.validated} or {self.production} ({exc}); "
+                          "a later promotion removes them", UserWarning, stacklevel=4)
 
     def new_weights_name(self) -> str:
         return f"{transaction_name(WEIGHTS_STEM, new_transaction_id())}{WEIGHTS_SUFFIX}"
@@ -183,6 +273,23 @@ class ObjectStorePlaces:
     def log(self, entry: Mapping[str, Any]) -> None:
         """Store one event as an object of its own (already stored: nothing changes)."""
         self._create(HISTORY_PREFIX, entry)
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        """Record the event of a change that took effect, then drop its intent."""
+        self.log(entry)
+        self.drop_intent(entry)
+
+    def settle_intents(self, took_effect: Settle) -> None:
+        """Record the pending events whose change took effect; drop those older than a live writer's."""
+        for entry in self.intents():
+            if took_effect(entry):
+                self.record(entry)
+            elif self.is_stale(entry):
+                self.drop_intent(entry)
+
+    def in_order(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Events in the order their changes took effect (see :meth:`event_name`)."""
+        return sorted(events, key=self.event_name)
 
     def intend(self, entry: Mapping[str, Any]) -> None:
         """Store the event of a change about to take effect as pending."""
