@@ -52,7 +52,7 @@ elif op == "best":
 elif op == "load_best":
     found = manager.load_best()["epoch"]
 else:
-    manager._apply_retention()
+    manager.apply_retention()
     found = len(manager.checkpoints())
 print(json.dumps({"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu, "found": found}))
 """
@@ -113,7 +113,7 @@ def warm(run: Path, op: str, count: int, rounds: int) -> float:
         elif op == "load_best":
             manager.load_best()
         else:
-            manager._apply_retention()
+            manager.apply_retention()
         if round_index:
             times.append(time.perf_counter() - start)
     return statistics.median(times)

@@ -140,3 +140,14 @@ def objects(url: str) -> list[str]:
         return sorted(name[len(path) :].lstrip("/") for name in fs.find(path))
     except FileNotFoundError:
         return []
+
+
+def recover_now(manager: Any) -> None:
+    """Remove what interrupted saves left in ``manager``'s checkpoint place at once: on an object
+    store every uncommitted prefix of ours then counts as dead (no grace period for live writers)."""
+    from ckpt_plugin.storage import open_store
+
+    store = open_store(manager.checkpoint_dir, manager.storage_options or None)
+    if hasattr(store, "grace_seconds"):
+        store.grace_seconds = 0
+    store.recover()

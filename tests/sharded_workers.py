@@ -372,15 +372,14 @@ def job_remote_save(rank: int, world: int, directory: Path, url: str) -> None:
     if rank == 0:
         safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
         (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
-    backend = manager._store.backend
+    backend = manager.route_storage(lambda backend: backend)
     before = sorted(backend.walk(url))
 
     # Rank 1's connection drops in the middle of its first upload: no commit, every rank raises.
-    real = manager._store
     if rank == 1:
         faults.inject(manager, fail_after_bytes=100)
     error = expect(Exception, lambda: manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}))
-    manager._store = real
+    manager.route_storage(lambda faulty: backend)
     if rank == 1:
         assert isinstance(error, StorageError) and "epoch_3@" in str(error), repr(error)
     else:

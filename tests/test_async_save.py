@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-import ckpt_plugin.manager as manager_module
 from ckpt_plugin import AsyncSaveError, CheckpointManager, StorageError
 from ckpt_plugin.io.staging import StagingBuffer
+from ckpt_plugin.storage import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,40 +58,38 @@ def assert_same(loaded: dict, model_state: dict, optim_state: dict) -> None:
 
 
 class Gate:
-    """Wraps ``write_snapshot`` so a test can hold background writes and see how many overlap."""
+    """Holds a manager's background writes at their first file until the test releases them, by a
+    hook of the fault-injecting backend; counts the saves that reached storage."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: BaseException | None = None) -> None:
+    def __init__(self, manager: CheckpointManager, fail: BaseException | None = None) -> None:
         self.release = threading.Event()
         self.entered = threading.Event()
         self.fail = fail
-        self.active = 0
-        self.max_active = 0
         self.calls = 0
+        self._prefixes: set[str] = set()
         self._lock = threading.Lock()
-        self._real = manager_module.write_snapshot
-        monkeypatch.setattr(manager_module, "write_snapshot", self)
+        faults.inject(manager, hook=self)
 
-    def __call__(self, store, snapshot):
-        with self._lock:
-            self.calls += 1
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
+    def __call__(self, operation: str, key: str) -> None:
+        if operation not in ("create", "reuse"):
+            return
+        with self._lock:  # each save writes under a prefix of its own: its first file is held
+            first = os.path.dirname(key) not in self._prefixes
+            self._prefixes.add(os.path.dirname(key))
+            self.calls += first
+        if not first:
+            return
         self.entered.set()
-        try:
-            assert self.release.wait(30), "the test never released the background write"
-            if self.fail is not None:
-                error, self.fail = self.fail, None
-                raise error
-            return self._real(store, snapshot)
-        finally:
-            with self._lock:
-                self.active -= 1
+        assert self.release.wait(30), "the test never released the background write"
+        if self.fail is not None:
+            error, self.fail = self.fail, None
+            raise error
 
 
-def test_weights_changed_right_after_save_do_not_leak(tmp_path, monkeypatch):
+def test_weights_changed_right_after_save_do_not_leak(tmp_path):
     model, optimizer = make_model()
-    gate = Gate(monkeypatch)
     manager = CheckpointManager(tmp_path, async_save=True)
+    gate = Gate(manager)
     expected_model, expected_optim = clone_state(model, optimizer)
     info = manager.save(model=model, optimizer=optimizer, epoch=1, metrics={"loss": 1.0})
     assert gate.entered.wait(30)
@@ -152,7 +150,7 @@ def test_tied_weights_are_staged_once_and_load_strictly(tmp_path):
 
 
 @pytest.mark.parametrize("detection", ["checksum", "version"])
-def test_incremental_async_saves_link_frozen_shards_and_stay_isolated(tmp_path, monkeypatch, detection):
+def test_incremental_async_saves_link_frozen_shards_and_stay_isolated(tmp_path, detection):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4))
     model[:2].requires_grad_(False)
@@ -165,8 +163,7 @@ def test_incremental_async_saves_link_frozen_shards_and_stay_isolated(tmp_path, 
     manager.wait()
     train_step(model, optimizer)
     expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    gate = Gate(monkeypatch)
-    monkeypatch.setattr(manager_module.incremental_saves.IncrementalWriter, "write", gated(gate, manager._incremental.write))
+    gate = Gate(manager)
     manager.save(model=model, optimizer=optimizer, epoch=2)
     assert gate.entered.wait(30)
     train_step(model, optimizer)  # the trained head changes while epoch 2 is being written
@@ -185,21 +182,10 @@ def test_incremental_async_saves_link_frozen_shards_and_stay_isolated(tmp_path, 
         assert torch.equal(loaded[name], tensor), name
 
 
-def gated(gate: Gate, write):
-    """Run an incremental writer's ``write`` behind ``gate``."""
-
-    def held(self, store, snapshot, seen):
-        gate.entered.set()
-        assert gate.release.wait(30)
-        return write(store, snapshot, seen)
-
-    return held
-
-
-def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
+def test_at_most_one_save_in_flight(tmp_path):
     model, optimizer = make_model()
-    gate = Gate(monkeypatch)
     manager = CheckpointManager(tmp_path, async_save=True, max_checkpoints=None, keep_best=False)
+    gate = Gate(manager)
     manager.save(model=model, optimizer=optimizer, epoch=0)
     assert gate.entered.wait(30)
     timer = threading.Timer(0.5, gate.release.set)
@@ -208,7 +194,7 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
     assert gate.release.is_set()
     manager.wait()
     timer.join()
-    assert gate.max_active == 1 and gate.calls == 2
+    assert gate.calls == 2
     assert [info.epoch for info in manager.checkpoints()] == [0, 1]
 
 
@@ -257,11 +243,10 @@ def test_staging_copies_every_kind_of_tensor(threads):
     assert torch.equal(copies["again"], big)
 
 
-def test_background_error_is_raised_at_the_next_save(tmp_path, monkeypatch):
+def test_background_error_is_raised_at_the_next_save(tmp_path):
     model, optimizer = make_model()
-    gate = Gate(monkeypatch, fail=StorageError(28, "could not write: the disk is full"))
-    gate.release.set()
     manager = CheckpointManager(tmp_path, async_save=True, keep_best=False)
+    Gate(manager, fail=StorageError(28, "could not write: the disk is full")).release.set()
     manager.save(model=model, optimizer=optimizer, epoch=0)
     with pytest.raises(StorageError, match="disk is full"):
         manager.save(model=model, optimizer=optimizer, epoch=1)
@@ -273,11 +258,10 @@ def test_background_error_is_raised_at_the_next_save(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["wait", "close", "context"])
-def test_background_error_is_raised_at_wait_close_and_exit(tmp_path, monkeypatch, how):
+def test_background_error_is_raised_at_wait_close_and_exit(tmp_path, how):
     model, optimizer = make_model()
-    gate = Gate(monkeypatch, fail=RuntimeError("boom"))
-    gate.release.set()
     manager = CheckpointManager(tmp_path, async_save=True, keep_best=False)
+    Gate(manager, fail=RuntimeError("boom")).release.set()
     with pytest.raises(AsyncSaveError, match="boom") as raised:
         if how == "context":
             with manager:
@@ -289,19 +273,19 @@ def test_background_error_is_raised_at_wait_close_and_exit(tmp_path, monkeypatch
     manager.wait()  # reported once, then cleared
 
 
-def test_context_exit_does_not_hide_the_original_exception(tmp_path, monkeypatch):
+def test_context_exit_does_not_hide_the_original_exception(tmp_path):
     model, _ = make_model()
-    Gate(monkeypatch, fail=RuntimeError("background")).release.set()
     with pytest.raises(KeyError, match="foreground"), pytest.warns(UserWarning, match="background"):
         with CheckpointManager(tmp_path, async_save=True, keep_best=False) as manager:
+            Gate(manager, fail=RuntimeError("background")).release.set()
             manager.save(model=model, epoch=0)
             raise KeyError("foreground")
 
 
-def test_loads_wait_for_the_save_in_flight(tmp_path, monkeypatch):
+def test_loads_wait_for_the_save_in_flight(tmp_path):
     model, optimizer = make_model()
-    gate = Gate(monkeypatch)
     manager = CheckpointManager(tmp_path, async_save=True, keep_best=False)
+    gate = Gate(manager)
     manager.save(model=model, optimizer=optimizer, epoch=4)
     assert manager.checkpoints() == []  # listing does not wait: not committed yet
     threading.Timer(0.2, gate.release.set).start()
@@ -337,15 +321,16 @@ CHILD_EXIT = textwrap.dedent(
     """
     import sys, time
     import torch
-    import ckpt_plugin.manager as manager_module
     from ckpt_plugin import CheckpointManager
+    from ckpt_plugin.storage import faults
 
-    real = manager_module.write_snapshot
-    def slow(store, snapshot):
-        time.sleep(1.0)  # still writing when the main thread ends
-        return real(store, snapshot)
-    manager_module.write_snapshot = slow
+    held = []
+    def slow(operation, key):
+        if operation == "create" and not held:
+            held.append(key)
+            time.sleep(1.0)  # still writing when the main thread ends
     manager = CheckpointManager(sys.argv[1], async_save=True, keep_best=False)
+    faults.inject(manager, hook=slow)
     manager.save(model={"w": torch.full((64,), 3.0)}, epoch=7)
     print("returned", flush=True)
     """

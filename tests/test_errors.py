@@ -171,11 +171,11 @@ def test_full_disk_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, bud
     for epoch in range(3):
         save_full(manager, epoch)
     before = snapshot_tree(tmp_path)
-    store = manager._store
+    real = manager.route_storage(lambda backend: backend)
     disk = faults.inject(manager, fail_after_bytes=budget, error=lambda key: _enospc(key))
     with pytest.raises(StorageError) as caught:
         save_full(manager, 3)
-    manager._store = store
+    manager.route_storage(lambda faulty: real)  # room again
     assert disk.triggered
     assert caught.value.errno == errno.ENOSPC
     assert "full" in str(caught.value) and str(tmp_path) in str(caught.value), str(caught.value)

@@ -19,10 +19,12 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from core_helpers import recover_now
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, ForeignFileError
 from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, metadata_checksum
 from ckpt_plugin.format.names import format_transaction_id, parse_transaction_name, transaction_name
+from ckpt_plugin.storage import open_store
 
 JAN_2026 = 1_767_225_600 * 10**9
 OURS = format_transaction_id(JAN_2026, "0123456789abcdef")
@@ -139,8 +141,7 @@ def test_foreign_objects_survive_retention_recover_resaves_promote_and_rollback(
     for epoch in (1, 2, 2, 3, 3):  # retention and re-saves of an epoch
         manager.save(weights(epoch), epoch=epoch, metrics={"loss": 1.0 / epoch})
     assert [info.name for info in manager.checkpoints()] == ["epoch_3"]
-    manager._store.grace_seconds = 0  # every uncommitted prefix of ours counts as dead
-    manager._store.recover()
+    recover_now(manager)  # every uncommitted prefix of ours counts as dead
     assert not exists(dead), "the library's own leftover was not cleaned up"
     assert_intact(remote_url, everything)
 
@@ -169,8 +170,7 @@ def test_a_copy_of_a_checkpoint_under_a_name_of_our_form_is_never_listed_nor_del
     fs.copy(f"{root}/{committed}", f"{root}/{newer}", recursive=True)
     reader = CheckpointManager(remote_url)
     assert [info.location.rsplit("/", 1)[-1] for info in reader.checkpoints()] == [committed]
-    reader._store.grace_seconds = 0
-    reader._store.recover()
+    recover_now(reader)
     reader.save(weights(2), epoch=1, metrics={"loss": 0.5})  # a re-save supersedes the original only
     names = object_names(remote_url)
     assert newer in names and committed not in names
@@ -212,8 +212,7 @@ def test_checkpoints_of_release_02_still_load_and_are_deleted_only_when_listed(r
         reader = CheckpointManager(remote_url, max_checkpoints=1, keep_best=False)
         assert [info.name for info in reader.checkpoints()] == ["epoch_1"]
     assert torch.equal(reader.load(1)["model"]["w"], weights(1)["w"])
-    reader._store.grace_seconds = 0
-    reader._store.recover()
+    recover_now(reader)
     reader.save(weights(3), epoch=3, metrics={"loss": 0.1})  # retention deletes the 0.2 checkpoint it listed
     names = object_names(remote_url)
     assert old not in names
@@ -281,7 +280,7 @@ def test_foreign_files_survive_locally(tmp_path: Path) -> None:
 
     for epoch in (1, 2, 2, 3, 3):
         manager.save(weights(epoch), epoch=epoch, metrics={"loss": 1.0 / epoch})
-    CheckpointManager(checkpoints)._store.recover()
+    open_store(checkpoints).recover()
     registry = ArtifactRegistry(checkpoints)
     every_registry_change(registry)
     assert_files_intact(run, in_run)

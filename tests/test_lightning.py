@@ -253,13 +253,14 @@ def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path) -> 
 
 
 def test_an_epoch_that_does_not_save_lists_and_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_plugin.manager as manager_module
+    from ckpt_plugin import metadata
+    from ckpt_plugin.storage import LocalStore
 
     callback = CheckpointCallback(tmp_path / "ckpt", every_n_epochs=100, async_save=True)
     calls: list[str] = []
-    listing = type(callback.manager._store).visible
-    monkeypatch.setattr(type(callback.manager._store), "visible", lambda store: calls.append("list") or listing(store))
-    monkeypatch.setattr(manager_module, "git_provenance", lambda cwd: calls.append("git") or {})
+    listing = LocalStore.visible
+    monkeypatch.setattr(LocalStore, "visible", lambda store: calls.append("list") or listing(store))
+    monkeypatch.setattr(metadata, "git_provenance", lambda cwd: calls.append("git") or {})
 
     class Watch(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]

@@ -9,11 +9,11 @@ import time
 import fsspec
 import pytest
 import torch
-from core_helpers import assert_same_tree, objects
+from core_helpers import assert_same_tree, objects, recover_now
 from torch import nn
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError, savelog
-from ckpt_plugin.storage import backend_of, faults
+from ckpt_plugin.storage import backend_of, faults, open_store
 from ckpt_plugin.format.names import format_transaction_id, transaction_name
 
 
@@ -71,9 +71,8 @@ def test_uncommitted_prefixes_are_invisible_and_removed_after_the_grace_period(r
     assert [c.epoch for c in CheckpointManager(remote_url).checkpoints()] == [0]
     assert len(prefixes(remote_url)) == 2  # within the grace period: it may be a live writer
     reader = CheckpointManager(remote_url)
-    reader._store.grace_seconds = 0
     time.sleep(0.01)
-    reader._store.recover()
+    recover_now(reader)
     assert len(prefixes(remote_url)) == 1 and [c.epoch for c in reader.checkpoints()] == [0]
 
 
@@ -115,7 +114,7 @@ def test_incremental_reuses_unchanged_shards_server_side(remote_url: str) -> Non
     assert spy.calls["reuse"] == 1  # the frozen backbone's shard was copied, not uploaded
     fresh = CheckpointManager(remote_url)
     assert_same_tree(model.state_dict(), fresh.load(1)["model"])
-    fresh._store.remove("epoch_0")
+    open_store(remote_url).remove("epoch_0")
     assert_same_tree(model.state_dict(), CheckpointManager(remote_url).load(1)["model"])
 
 
@@ -273,8 +272,7 @@ def test_random_kill_9_during_uploads(s3_bucket: str) -> None:
     finally:
         saver.close()
     manager = CheckpointManager(url)
-    manager._store.grace_seconds = 0
-    manager._store.recover()
+    recover_now(manager)
     committed = {info.location.rsplit("/", 1)[-1] for info in manager.checkpoints()}
     assert set(prefixes(url)) == committed  # only committed checkpoints remain
 

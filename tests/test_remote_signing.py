@@ -17,9 +17,9 @@ from security_helpers import key_pair
 from typer.testing import CliRunner
 
 from ckpt_plugin import CheckpointManager, SignatureError, StorageError, cli
+from ckpt_plugin.format.records import METADATA_FILE
 from ckpt_plugin.signing import SIGNATURE_FILE, sign_directory, sign_prefix, verify_prefix
 from ckpt_plugin.storage import LOCAL, backend_of, faults
-from ckpt_plugin.storage.fsspec import ManifestStore
 
 
 @pytest.fixture
@@ -74,18 +74,23 @@ def test_an_unsigned_remote_checkpoint_is_refused(remote_url: str, keys) -> None
         manager.load_latest(verify_with=ours)
 
 
-def test_the_signature_is_in_the_prefix_before_the_manifest_commits(keys, monkeypatch) -> None:
+def test_the_signature_is_in_the_prefix_before_the_manifest_commits(keys) -> None:
     (private, ours), _ = keys
-    seen: list[bool] = []
-    commit = ManifestStore.commit
-
-    def checked(self, txn, manifest):
-        seen.append(self.backend.fingerprint(self.backend.join(txn.prefix, SIGNATURE_FILE)) is not None)
-        return commit(self, txn, manifest)
-
-    monkeypatch.setattr(ManifestStore, "commit", checked)
     url = "memory://signed-before-commit/run/checkpoints"
-    manager = save_signed(url, private, epochs=2, incremental=True)  # the second save copies unchanged files
+    manager = CheckpointManager(url, max_checkpoints=None, signing_key=private, incremental=True)
+    seen: list[bool] = []
+
+    def manifest_written(operation: str, key: str) -> None:
+        if operation == "create" and key.endswith(f"/{METADATA_FILE}"):
+            prefix = key.rsplit("/", 1)[0]
+            seen.append(disk.inner.fingerprint(disk.inner.join(prefix, SIGNATURE_FILE)) is not None)
+
+    disk = faults.inject(manager, hook=manifest_written)
+    model = torch.nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for epoch in range(2):  # the second save copies unchanged files
+        model.weight.data.add_(1.0)
+        manager.save(model, optimizer, epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
     assert seen == [True, True]
     for info in manager.checkpoints():
         verify_prefix(info.backend, info.location, ours)

@@ -13,6 +13,7 @@ import time
 import boto3
 import pytest
 import torch
+from core_helpers import recover_now
 from tcp_proxy import FaultyProxy
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, CheckpointError, StorageError
@@ -146,9 +147,8 @@ def test_recover_aborts_uploads_dead_writers_left_under_prefixes_of_ours_only(s3
         client.create_multipart_upload(Bucket=s3_bucket, Key=key)
     CheckpointManager(url)  # opening recovers: within the grace period only the orphan can go
     assert open_uploads(s3_env, s3_bucket) == sorted([keys["dead"], keys["foreign"], keys["near miss"]])
-    manager._store.grace_seconds = 0
     time.sleep(1.1)  # the server records when an upload began to the second
-    manager._store.recover()
+    recover_now(manager)
     assert open_uploads(s3_env, s3_bucket) == sorted([keys["foreign"], keys["near miss"]])
 
 

@@ -5,24 +5,28 @@ tensor parallel), every rank calls ``save`` and ``restore``:
 
 1. Every rank takes its state with ``get_state_dict`` (its own shards, no gather); the
    coordinator (rank 0) also encodes the small replicated items (scheduler, ``extra``, its RNG
-   states) and begins a transaction on the manager's store: a staging directory on a local disk,
-   a fresh, invisible ``<name>@<transaction>`` prefix on an object store. The ranks exchange their
+   states) and begins a transaction on the manager's store
+   (:class:`~ckpt_plugin._store.CheckpointStore`): a staging directory on a local disk, a
+   fresh, invisible ``<name>@<transaction>`` prefix on an object store. The ranks exchange their
    outcome and the transaction (plain strings): if any failed, every rank raises and nothing is
    written.
 2. ``dcp.save`` with :class:`SafetensorsWriter`: each rank writes its own chunks under the
-   transaction's prefix, through its own manager's storage backend (streamed multipart uploads on
+   transaction's prefix, through its own store's backend (streamed multipart uploads on
    an object store). Once every rank has reported its files, the coordinator writes
    ``sharding.json``, ``state.json`` and ``metadata.json`` and commits: the staging directory is
    renamed into place, or the manifest written last makes the prefix visible. A failure on any
    rank fails the save on every rank, and the transaction is aborted (its files removed; on an
    object store what cannot be removed stays invisible and ``recover`` removes it later).
-3. The coordinator applies retention; the ranks exchange the outcome once more, so all return
-   the same :class:`CheckpointInfo` or all raise.
+3. The coordinator reports the commit to the store, which applies retention; the ranks exchange
+   the outcome once more, so all return the same :class:`CheckpointInfo` or all raise.
 
 Every exchange runs on a gloo group created with ``collective_timeout``, so a rank that never
 arrives makes the others fail after that many seconds instead of waiting forever. With
 ``async_save``, step 1 also copies each rank's local shards into the manager's staging buffer, and
 steps 2 and 3 run on its background thread.
+
+This module never sees the manager: it is handed the store, the manager's
+:class:`~ckpt_plugin._options.SaveSettings` and, for an asynchronous save, its saver.
 """
 
 from __future__ import annotations
@@ -34,27 +38,26 @@ import itertools
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import listing
+from .._options import SaveSettings
+from .._snapshot import SaveArguments, snapshot_of
+from .._store import CheckpointStore
 from ..errors import CheckpointError, ConfigurationError, DistributedCheckpointError, IncompatibleCheckpointError
 from ..format import codec
 from ..format.layout import SHARDING_FILE
 from ..format.names import checkpoint_name
-from ..io.async_save import pending_info
+from ..io.async_save import AsyncSaver
 from ..io.info import CheckpointInfo, as_path
 from ..io.reader import read_checkpoint
 from ..io.rng import restore_rng_state
-from ..io.writer import ShardedPart, Snapshot, write_snapshot
+from ..io.writer import ShardedPart, Snapshot
 from ..metadata import git_provenance_in_background
 from ..storage import Transaction
-
-if TYPE_CHECKING:
-    from ..manager import CheckpointManager
-
 
 def is_distributed() -> bool:
     """Whether this process is one rank of an initialized ``torch.distributed`` job."""
@@ -212,7 +215,7 @@ def _check_objects(model: Any, optimizer: Any) -> None:
 class _Save:
     """One collective save between its two halves: prepared on the caller's thread, then written."""
 
-    manager: CheckpointManager
+    store: CheckpointStore
     group: Any
     rank: int
     name: str
@@ -228,41 +231,34 @@ class _Save:
 
 
 def save_sharded(
-    manager: CheckpointManager,
-    *,
+    store: CheckpointStore,
+    settings: SaveSettings,
     model: Any,
     optimizer: Any,
-    epoch: int,
-    step: int | None,
-    metrics: dict[str, Any],
-    config: Any,
-    scheduler: Any,
-    extra: Any,
-    files: Mapping[str, bytes] | None,
+    arguments: SaveArguments,
+    *,
+    saver: AsyncSaver | None = None,
     on_commit: Callable[[CheckpointInfo], None] | None = None,
 ) -> CheckpointInfo:
     """The collective save described in the module notes; every rank calls it.
 
-    ``on_commit`` runs on the coordinator after retention; if it raises, every rank raises. With an
-    asynchronous manager, the local shards are copied into its staging buffer and the write, commit
-    and retention run on its background thread (the exchanges between ranks there use the
+    ``on_commit`` runs on the coordinator after retention; if it raises, every rank raises. With a
+    ``saver`` (an asynchronous manager's), the local shards are copied into its staging buffer and
+    the write, commit and retention run on its background thread (the exchanges between ranks there use the
     coordination group, which nothing else uses meanwhile: the next save, load or restore waits).
     """
-    arguments = dict(
-        model=model, optimizer=optimizer, epoch=epoch, step=step, metrics=metrics, config=config,
-        scheduler=scheduler, extra=extra, files=files, on_commit=on_commit,
-    )
-    if manager._saver is None or _holds_sharded_tensors(model):
-        return _finish(_prepare(manager, arguments))
+    request = _Request(store, settings, model, optimizer, arguments, on_commit)
+    if saver is None or _holds_sharded_tensors(model):
+        return _finish(_prepare(request))
     prepared: list[_Save] = []
     rebuild: list[Callable[[dict[str, torch.Tensor]], Any]] = []
 
     def take() -> Snapshot:
-        save = _prepare(manager, arguments)
+        save = _prepare(request)
         shards, rebuild_state = _local_tensors(save.state)
         snapshot = save.snapshot or Snapshot(
-            epoch=epoch, step=step, metrics=metrics, config=None, metric_for_best=manager.metric_for_best,
-            mode=manager.mode, provenance={},
+            epoch=arguments.epoch, step=arguments.step, metrics=arguments.metrics, config=None,
+            metric_for_best=settings.metric_for_best, mode=settings.mode, provenance={},
         )
         snapshot.items[_SHARDS] = (None, shards)
         prepared.append(save)
@@ -278,9 +274,9 @@ def save_sharded(
             save.snapshot = dataclasses.replace(snapshot, items=items)
         return _finish(save)
 
-    snapshot = manager._saver.save(take, write)
+    snapshot = saver.save(take, write)
     shown = dataclasses.replace(snapshot, items={k: v for k, v in snapshot.items.items() if k != _SHARDS})
-    return pending_info(manager._store, shown)
+    return store.pending(shown)
 
 
 _SHARDS = "\x00shards"
@@ -329,38 +325,45 @@ def _local_tensors(state: Any) -> tuple[dict[str, torch.Tensor], Callable[[dict[
     return tensors, rebuild
 
 
-def _prepare(manager: CheckpointManager, arguments: dict[str, Any]) -> _Save:
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One collective save as the manager asked for it."""
+
+    store: CheckpointStore
+    settings: SaveSettings
+    model: Any
+    optimizer: Any
+    arguments: SaveArguments
+    on_commit: Callable[[CheckpointInfo], None] | None
+
+
+def _prepare(request: _Request) -> _Save:
     """Step 1: every rank takes its state; the coordinator snapshots the small items and begins
     the transaction; the ranks agree on it, or all raise."""
-    epoch, step = arguments["epoch"], arguments["step"]
-    group = coordination_group(manager.collective_timeout)
+    store, settings, arguments = request.store, request.settings, request.arguments
+    group = coordination_group(settings.collective_timeout)
     rank = dist.get_rank(group)
-    name = checkpoint_name(epoch, step)
-    action = f"saving sharded checkpoint {name} in {manager.checkpoint_dir}"
+    name = checkpoint_name(arguments.epoch, arguments.step)
+    action = f"saving sharded checkpoint {name} in {store.location}"
     txn = snapshot = state = None
     error: BaseException | None = None
     try:
-        if manager._incremental is not None:
+        if settings.incremental:
             raise ConfigurationError("incremental=True is not supported for sharded (FSDP / DTensor) checkpoints")
-        state = _live_state(arguments["model"], arguments["optimizer"])
+        state = _live_state(request.model, request.optimizer)
         if rank == 0:
-            snapshot, _ = manager._take_snapshot(
-                None, None, epoch, arguments["metrics"], arguments["config"], step, arguments["scheduler"],
-                arguments["extra"], arguments["files"],
-            )
+            snapshot, _ = snapshot_of(settings, None, None, arguments)
             snapshot.pending_provenance = git_provenance_in_background(os.getcwd())  # folded in at commit
-            manager._store.ensure_writable()
-            manager._refuse_foreign(name)
-            txn = manager._store.begin(name)
+            txn = store.begin(name)
     except BaseException as exc:  # every rank must hear of it, whatever it is
         error = exc
     try:
         began = agree(group, action, error, (txn.name, txn.prefix) if txn is not None else None, exchange=True)[0]
     except BaseException:
         if txn is not None:
-            manager._store.abort(txn)
+            store.abort(txn)
         raise
-    return _Save(manager, group, rank, name, action, state, snapshot, Transaction(*began), arguments["on_commit"])
+    return _Save(store, group, rank, name, action, state, snapshot, Transaction(*began), request.on_commit)
 
 
 def _finish(save: _Save) -> CheckpointInfo:
@@ -373,7 +376,7 @@ def _finish(save: _Save) -> CheckpointInfo:
     from .files import BackendShardFiles
     from .planners import JsonSavePlanner
 
-    manager = save.manager
+    store = save.store
     committed: list[CheckpointInfo] = []
 
     def commit(sharding: Any, record: Any) -> None:
@@ -381,25 +384,22 @@ def _finish(save: _Save) -> CheckpointInfo:
         save.snapshot.sharded = ShardedPart(
             items=sharding.items(), files={**sharding.files, SHARDING_FILE: record}, world_size=sharding.world_size
         )
-        with manager._lock:
-            committed.append(write_snapshot(manager._store, save.snapshot, txn=save.txn, **manager._signing()))
+        committed.append(store.commit(save.snapshot, save.txn))
 
-    files = BackendShardFiles(save.txn.prefix, manager._store.backend)
+    files = BackendShardFiles(save.txn.prefix, store.backend)
     writer = SafetensorsWriter(files, on_commit=commit if save.coordinator else None)
     try:
         dcp.save(save.state, storage_writer=writer, planner=JsonSavePlanner(), process_group=save.group)
     except CheckpointException as exc:
         if save.coordinator:  # every rank has finished writing by now: nothing adds to the prefix after this
-            manager._store.abort(save.txn)
+            store.abort(save.txn)
         _raise_dcp_failure(exc, save.action, save.rank)
     outcome = None
     error = None
     if save.coordinator:
         try:
             info = committed[0]
-            manager._remember(info)
-            manager._apply_retention(protect=info)
-            manager._log_save(info)
+            store.committed(info)
             outcome = (info.location, listing.summary(info))
             if save.on_commit is not None:
                 save.on_commit(info)
@@ -408,11 +408,11 @@ def _finish(save: _Save) -> CheckpointInfo:
     location, summary = agree(save.group, save.action, error, outcome, exchange=True)[0]
     if save.coordinator:
         return committed[0]
-    return listing.info_from_summary(as_path(location), summary, manager._store.backend)
+    return listing.info_from_summary(as_path(location), summary, store.backend)
 
 
 def restore_sharded(
-    manager: CheckpointManager,
+    settings: SaveSettings,
     info: CheckpointInfo,
     model: Any,
     optimizer: Any,
@@ -433,7 +433,7 @@ def restore_sharded(
     from .files import BackendShardFiles
     from .planners import JsonLoadPlanner, check_compatible
 
-    group = coordination_group(manager.collective_timeout)
+    group = coordination_group(settings.collective_timeout)
     rank = dist.get_rank(group)
     action = f"restoring {info.path}"
     where = str(info.path)

@@ -8,7 +8,6 @@ lets an asynchronous save run the second on a background worker.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -29,15 +28,12 @@ from ..format.layout import (
 )
 from ..format.names import checkpoint_name, is_plain_file_name
 from ..format.records import METADATA_FILE, FileRecord
-from ..storage import LOCAL, Backend, Commit, LocalStore, Transaction
+from ..storage import LOCAL, Backend, BeforeCommit, Commit, Transaction
 from .files import write_bytes_file, write_tensor_file
 from .info import CheckpointInfo, as_path
 
 if TYPE_CHECKING:
     import torch
-
-BeforeCommit = Callable[[Backend, str, Mapping[str, bytes]], object]
-"""A hook run just before a checkpoint commits (see ``before_commit`` of :func:`write_snapshot`)."""
 
 SAFETENSORS_METADATA = {"format": "pt"}
 MODEL_INDEX_FILE = shards.index_name(MODEL_FILE)
@@ -191,15 +187,7 @@ def write_snapshot(
             transaction=txn.id,
         )
         manifest = codec.dumps(metadata)
-        if before_commit is None:
-            location = store.commit(txn, manifest)
-        elif isinstance(store, LocalStore):
-            write_bytes_file(backend.join(txn.prefix, METADATA_FILE), manifest, backend=backend)
-            before_commit(backend, txn.prefix, {})
-            location = os.fspath(store.publish(Path(txn.prefix), snapshot.name))
-        else:
-            before_commit(backend, txn.prefix, {METADATA_FILE: manifest})
-            location = store.commit(txn, manifest)
+        location = store.commit(txn, manifest, before_commit)
     except BaseException:
         store.abort(txn)
         raise

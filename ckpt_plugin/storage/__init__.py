@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..format.records import FileRecord, checksum_bytes
-from .base import Backend, Commit, Entry, Sink, Transaction, with_backend
+from .base import Backend, BeforeCommit, Commit, Entry, Sink, Transaction, with_backend
 from .fsspec import STALE_SECONDS, is_url, new_transaction_id, remove_leftovers
 from .location import Location
 from .local import (
@@ -72,6 +72,7 @@ __all__ = [
     "STAGING_PREFIX",
     "STALE_SECONDS",
     "Backend",
+    "BeforeCommit",
     "Commit",
     "Entry",
     "FileRecord",

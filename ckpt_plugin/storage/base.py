@@ -19,12 +19,16 @@ Nothing here knows what a safetensors file or a ``metadata.json`` document looks
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..format.names import parse_transaction_name
 from ..format.records import FileRecord
+
+BeforeCommit = Callable[["Backend", str, Mapping[str, bytes]], Any]
+"""A hook run on a complete checkpoint before it commits: ``(backend, prefix, pending files)``."""
+
 
 class Sink(Protocol):
     """One file being written. Bytes appear at the key only once :meth:`close` returns."""
@@ -135,9 +139,13 @@ class Commit(Protocol):
     def begin(self, name: str) -> Transaction:
         """Reserve a fresh, invisible prefix for a new checkpoint ``name``."""
 
-    def commit(self, txn: Transaction, manifest: bytes) -> str:
+    def commit(self, txn: Transaction, manifest: bytes, before_commit: BeforeCommit | None = None) -> str:
         """Write ``manifest`` as ``metadata.json`` and publish the checkpoint, replacing any older
-        one of that name; return its location. Nothing of it is visible before this returns."""
+        one of that name; return its location. Nothing of it is visible before this returns.
+
+        ``before_commit(backend, prefix, pending)`` runs once every file is written and before
+        the checkpoint becomes visible (to sign it); ``pending`` maps the names of files not
+        written yet (the manifest, on a store where it is the commit itself) to their bytes."""
 
     def abort(self, txn: Transaction) -> None:
         """Remove what a failed write left under ``txn.prefix``."""

@@ -93,7 +93,7 @@ from ..format.names import (
 )
 from ..format.records import METADATA_FILE, FileRecord, format_checksum, new_hasher
 from . import door, reach
-from .base import Entry, Transaction
+from .base import BeforeCommit, Entry, Transaction
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
@@ -688,7 +688,9 @@ class ManifestStore:
     def begin(self, name: str) -> Transaction:
         return Transaction(name, self.backend.join(self.root, transaction_name(name, new_transaction_id())))
 
-    def commit(self, txn: Transaction, manifest: bytes) -> str:
+    def commit(self, txn: Transaction, manifest: bytes, before_commit: BeforeCommit | None = None) -> str:
+        if before_commit is not None:  # the manifest is not written yet: the hook is handed its bytes
+            before_commit(self.backend, txn.prefix, {METADATA_FILE: manifest})
         sink = self.backend.create(self.backend.join(txn.prefix, METADATA_FILE))
         try:
             sink.write(manifest)

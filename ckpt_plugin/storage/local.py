@@ -30,7 +30,7 @@ from ..errors import CorruptCheckpointError, StorageError
 from ..format.names import FILE_NAME_PATTERN
 from ..format.records import METADATA_FILE, FileRecord, format_checksum, new_hasher
 from . import directio, door, trash
-from .base import Entry, Transaction
+from .base import BeforeCommit, Entry, Transaction
 
 CHUNK_BYTES = 16 * 1024 * 1024
 PARALLEL_HASH_BYTES = 1024 * 1024
@@ -414,8 +414,9 @@ class LocalStore:
         :meth:`ensure_writable`)."""
         return Transaction(name, os.fspath(self.staging_dir(name)))
 
-    def commit(self, txn: Transaction, manifest: bytes) -> str:
-        """Write ``manifest`` as ``metadata.json`` into the staging directory and rename it into place."""
+    def commit(self, txn: Transaction, manifest: bytes, before_commit: BeforeCommit | None = None) -> str:
+        """Write ``manifest`` as ``metadata.json`` into the staging directory and rename it into
+        place; ``before_commit`` runs on the complete staging directory, before the rename."""
         sink = self.backend.create(os.path.join(txn.prefix, METADATA_FILE))
         try:
             sink.write(manifest)
@@ -423,6 +424,8 @@ class LocalStore:
             sink.abort()
             raise
         sink.close()
+        if before_commit is not None:
+            before_commit(self.backend, txn.prefix, {})
         return os.fspath(self.publish(Path(txn.prefix), txn.name))
 
     def abort(self, txn: Transaction) -> None:
