@@ -283,6 +283,8 @@ class CheckpointCallback(TrainerCallback):
             passed on to the manager as for ``CheckpointManager``, which takes every manager option:
             ``signing_key`` signs each checkpoint; ``require_metric`` is off because saves may come
             before the first evaluation.
+        local_dir, keep_local, max_pending_uploads: as for ``CheckpointManager``: checkpoints
+            commit in ``local_dir`` and upload to ``checkpoint_dir`` in the background.
 
     The manager is :attr:`manager`, available once the callback is given to a ``Trainer`` (at
     once with ``manager=``).
@@ -312,6 +314,9 @@ class CheckpointCallback(TrainerCallback):
         save_rng: bool = True,
         require_metric: bool | None = False,
         collective_timeout: float = 600.0,
+        local_dir: str | os.PathLike[str] | None = None,
+        keep_local: int = 2,
+        max_pending_uploads: int = 2,
     ) -> None:
         arguments = dict(locals())
         self._manager: CheckpointManager | None = given_manager(manager, arguments, _DEFAULTS)

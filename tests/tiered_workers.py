@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ckpt_plugin._tiered import Tiers
-from ckpt_plugin.io.writer import take_snapshot, write_snapshot
-from ckpt_plugin.storage import LocalStore, open_store, with_backend
+from ckpt_plugin import CheckpointManager
 from ckpt_plugin.storage.faults import FaultyBackend
 
 
@@ -25,45 +23,36 @@ def state(version: int) -> dict[str, torch.Tensor]:
     return {"w": torch.full((1024, 1024), float(version)), "b": torch.arange(7, dtype=torch.float64) + version}
 
 
-def open_tiers(local_dir: str, durable_url: str, stall_on: str | None = None) -> Tiers:
-    """The tiers of the test run; with ``stall_on``, the upload of that checkpoint stalls in its first
-    file (after printing ``uploading <name>``) until the process is killed."""
-    local = LocalStore(Path(local_dir))
-    local.ensure_writable()
-    durable = open_store(durable_url)
-
-    def stall(operation: str, key: str) -> None:
-        if operation == "write" and stall_on is not None and f"/{stall_on}@" in key:
-            print(f"uploading {stall_on}", flush=True)
-            time.sleep(600)
-
-    durable = with_backend(durable, FaultyBackend(durable.backend, hook=stall))
-    return Tiers(local, durable, keep_local=1, backoff=0.05)
+def open_manager(local_dir: str, durable_url: str) -> CheckpointManager:
+    return CheckpointManager(durable_url, local_dir=local_dir, keep_local=1, max_pending_uploads=10, save_rng=False)
 
 
 def save_while_upload_stalls(local_dir: str, durable_url: str, count: int, stall_on: str) -> None:
     """Save ``count`` checkpoints, printing ``saved <epoch>`` as each save returns, while the upload of
-    ``stall_on`` stalls; then wait (until killed)."""
-    tiers = open_tiers(local_dir, durable_url, stall_on)
+    ``stall_on`` stalls in its first file (after printing ``uploading <name>``) until the process is
+    killed."""
+    manager = open_manager(local_dir, durable_url)
+
+    def stall(operation: str, key: str) -> None:
+        if operation == "write" and f"/{stall_on}@" in key:
+            print(f"uploading {stall_on}", flush=True)
+            time.sleep(600)
+
+    manager.route_storage(lambda inner: FaultyBackend(inner, hook=stall))
     for epoch in range(count):
-        snapshot = take_snapshot({"model": state(epoch)}, epoch=epoch, step=None, metrics={"loss": 1.0 / (epoch + 1)},
-                                 config=None, metric_for_best="loss", mode="min", provenance={})
-        seq = tiers.before_commit(snapshot.name)
-        info = write_snapshot(tiers.local, snapshot)
-        tiers.after_commit(info, seq)
+        manager.save(state(epoch), epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
         print(f"saved {epoch}", flush=True)
-    tiers.uploader.wait(timeout=600)
+    manager.wait()
 
 
 def resume(local_dir: str, durable_url: str) -> dict[str, list[str]]:
-    """Open the tiers again, finish the pending uploads, and say what each tier holds."""
-    tiers = open_tiers(local_dir, durable_url)
-    tiers.resume()
-    tiers.uploader.wait(timeout=120)
+    """Open a manager on the same tiers, let it finish the pending uploads, and say what each tier holds."""
+    manager = open_manager(local_dir, durable_url)
+    manager.wait()
     return {
-        "durable": [info.name for info in tiers.durable_listing()],
-        "local": [info.name for info in tiers.local_listing()],
-        "pending": [info.name for info in tiers.pending()],
+        "durable": [info.name for info in CheckpointManager(durable_url).checkpoints()],
+        "local": sorted(path.name for path in Path(local_dir).iterdir() if not path.name.startswith(".")),
+        "pending": [info.name for info in manager.pending_uploads()],
     }
 
 
