@@ -139,6 +139,22 @@ def peak_extra_rss(fn: Callable[[], object]) -> int:
     return (_status_kib("VmHWM") - before) * 1024
 
 
+def peak_python_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of Python allocations (bytes, bytearrays, buffers) made while ``fn`` runs and live at once.
+
+    From :mod:`tracemalloc`, so unlike the resident-set probe it also sees memory the allocator
+    reuses; it does not see torch's allocations (see :func:`peak_torch_bytes`).
+    """
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def peak_torch_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes of torch CPU allocations live at once while ``fn`` runs, from the profiler.
 

@@ -4,7 +4,8 @@
   defaults, so that a callback passes any of them through and builds its manager in one place.
 * :func:`given_manager`: the ready manager a callback was handed as ``manager=``, refused beside
   manager options.
-* :class:`SaveSchedule`: the step, epoch and time triggers of a save.
+* :class:`SaveSchedule`: the step, epoch and time triggers of a save; :class:`AutoSchedule`:
+  ``every="auto"``.
 * :class:`PreemptionStop`: ``save_on_preemption`` (watch the signals while training, stop after
   the save).
 * :func:`check_metric_logged`: the check that the metric ranking checkpoints was reported.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from .auto_interval import AutoInterval
 from .errors import ConfigurationError
 from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
 from .preemption import PreemptionWatch, describe
@@ -169,6 +171,39 @@ class SaveSchedule:
         return self.time_interval is not None and elapsed_seconds >= self.time_interval.total_seconds()
 
 
+@dataclass(frozen=True)
+class AutoSchedule:
+    """``every="auto"``: save when :meth:`CheckpointManager.due <ckpt_plugin.CheckpointManager.due>`
+    says so, at the interval Young and Daly's rule gives for the measured save cost and the MTBF
+    (``mtbf``, or learned from the run's restarts), clamped to ``[min_interval, max_interval]``."""
+
+    mtbf: str | float | None = None
+    min_interval: str | float = 10.0
+    max_interval: str | float = "6h"
+
+    @classmethod
+    def chosen(
+        cls, every: str | None, mtbf: str | float | None, min_interval: str | float, max_interval: str | float,
+        *, fixed: list[str],
+    ) -> AutoSchedule | None:
+        """The automatic schedule ``every`` asks for, or None; ``fixed`` names the fixed schedules
+        also given (``every_n_epochs=1``, ...), which ``every="auto"`` refuses."""
+        if every is None:
+            if mtbf is not None:
+                raise ConfigurationError(f"mtbf={mtbf!r} only applies with every='auto'; pass both, or drop mtbf")
+            return None
+        if every != "auto":
+            raise ConfigurationError(f"every must be 'auto' or left out, not {every!r}; for a fixed interval use the every_n_* options")
+        if fixed:
+            raise ConfigurationError(f"every='auto' chooses when to save by itself; drop {' and '.join(fixed)}")
+        AutoInterval(mtbf, min_interval=min_interval, max_interval=max_interval)  # refuses a bad duration now
+        return cls(mtbf, min_interval, max_interval)
+
+    def due(self, manager: CheckpointManager, step: int) -> bool:
+        """Whether ``manager`` should save after optimizer step ``step``; call once per step."""
+        return manager.due(step, mtbf=self.mtbf, min_interval=self.min_interval, max_interval=self.max_interval)
+
+
 # ----------------------------------------------------------------------------------------- preemption
 
 
@@ -229,6 +264,7 @@ def check_metric_logged(
 
 
 __all__ = [
+    "AutoSchedule",
     "ManagerOptions",
     "PreemptionStop",
     "SaveSchedule",

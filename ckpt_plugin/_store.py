@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import listing, retention, savelog, signing
-from .errors import CheckpointError, ConfigurationError, ForeignFileError, StorageError
+from .errors import CheckpointError, ForeignFileError, StorageError
 from .format.layout import looks_like_checkpoint
 from .format.records import METADATA_FILE
 from .io.async_save import pending_info
@@ -31,7 +31,7 @@ from .io.incremental import IncrementalWriter, Observation
 from .io.info import CheckpointInfo
 from .io.reader import read_info
 from .io.writer import Snapshot, write_snapshot
-from .storage import Backend, Entry, Location, Transaction, directory_identity, with_backend
+from .storage import Backend, Entry, Location, Transaction, with_backend
 
 
 class CheckpointStore:
@@ -51,16 +51,11 @@ class CheckpointStore:
         self.location = location
         self.policies: tuple[retention.RetentionPolicy, ...] = tuple(policies)
         self._signing_key = signing_key
-        # The one local/remote question: a summary cache file, directory identities and foreign
-        # directories that a save could replace in place exist on a local disk only.
-        self._local_disk = not location.remote
         self._commit: Any = location.commit_store()
         self._lock = threading.RLock()
-        self._listing = _Listing(self, local_disk=self._local_disk)
-        self._warned_log = self._warned_later = False
-        if self._local_disk and location.path.exists() and not location.path.is_dir():
-            raise ConfigurationError(f"checkpoint_dir {location.path} is a file, not a directory; choose another path")
-        if not self._local_disk or location.path.is_dir():
+        self._listing = _Listing(self)
+        self._warned_log = self._warned_later = self._resumed = False
+        if not location.is_missing_directory():
             self._recover()
 
     def _recover(self) -> None:
@@ -151,10 +146,8 @@ class CheckpointStore:
     def _refuse_foreign(self, name: str) -> None:
         """Refuse to replace anything at ``name`` but a checkpoint this release can read (on an object
         store a save never replaces anything in place: it writes a new prefix)."""
-        if not self._local_disk:
-            return
-        target = self.location.path / name
-        if not os.path.lexists(target):
+        target = self._commit.occupant(name)
+        if target is None:
             return
         try:
             if not (target / METADATA_FILE).is_file():
@@ -166,10 +159,19 @@ class CheckpointStore:
                 "overwritten. Move it away or choose another checkpoint_dir"
             ) from None
 
+    def mark_resumed(self) -> None:
+        """The run resumed in this process: the next save's log entry says so."""
+        self._resumed = True
+
+    def save_log(self) -> list[dict[str, Any]]:
+        """The run's save log, oldest first (see :mod:`ckpt_plugin.savelog`)."""
+        return savelog.read(self.location.where, self.backend)
+
     def _log_save(self, info: CheckpointInfo) -> None:
         """Record the committed checkpoint in the save log; a failure there never fails the save."""
         try:
-            savelog.append(self.location.where, info, backend=self.backend)
+            savelog.append(self.location.where, info, backend=self.backend, resumed=self._resumed)
+            self._resumed = False
         except CheckpointError as exc:
             if not self._warned_log:
                 self._warned_log = True
@@ -226,11 +228,17 @@ class CheckpointStore:
 
     def at(self, location: str | os.PathLike[str]) -> CheckpointInfo | None:
         """The checkpoint committed at ``location`` (a path or URL inside this store), or None."""
-        if self._local_disk:
-            path = Path(location)
-            return read_info(path, self.backend) if (path / METADATA_FILE).is_file() else None
-        wanted = str(location).rstrip("/")
-        return next((info for info in self.checkpoints() if info.location.rstrip("/") == wanted), None)
+        found = self._commit.committed_at(location)
+        return None if found is None else read_info(found, self.backend)
+
+    @property
+    def summary_dir(self) -> Path | None:
+        """Where the listing keeps its summary cache file, where the commit store has one."""
+        return self._commit.summary_dir
+
+    def identity(self, location: str) -> str:
+        """What changes whenever the checkpoint at ``location`` is replaced."""
+        return self._commit.identity(location)
 
 
 def newest(found: list[CheckpointInfo]) -> CheckpointInfo | None:
@@ -243,9 +251,8 @@ class _Listing:
     read at, and on a local disk the summary cache file (``.listing.json``) that spares reading
     every ``metadata.json`` in a new process."""
 
-    def __init__(self, store: CheckpointStore, *, local_disk: bool) -> None:
+    def __init__(self, store: CheckpointStore) -> None:
         self._store = store
-        self._local_disk = local_disk
         self._entries: dict[str, tuple[str, CheckpointInfo]] = {}
         self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
         self._metadata_reads = 0
@@ -298,11 +305,12 @@ class _Listing:
 
     def _save_summaries(self) -> None:
         assert self._summaries is not None
-        listing.save(self._store.location.path, {name: self._summaries[name] for name in self._entries if name in self._summaries})
+        assert self._store.summary_dir is not None
+        listing.save(self._store.summary_dir, {name: self._summaries[name] for name in self._entries if name in self._summaries})
 
     def _read_info(self, name: str, location: str, *, use_cache: bool = True) -> CheckpointInfo | None:
         key = None
-        if self._local_disk:  # the summary cache file is kept on local disks only
+        if self._store.summary_dir is not None:  # where the commit store keeps a summary cache file
             key = listing.identity(os.path.join(location, METADATA_FILE))
             cached = self._from_summary(name, location, key) if use_cache else None
             if cached is not None:
@@ -321,7 +329,7 @@ class _Listing:
 
     def _from_summary(self, name: str, location: str, key: listing.Identity | None) -> CheckpointInfo | None:
         if self._summaries is None:
-            self._summaries = listing.load(self._store.location.path)
+            self._summaries = listing.load(self._store.summary_dir)
         known = self._summaries.get(name)
         if key is None or known is None or known[0] != key:
             return None
@@ -345,10 +353,7 @@ class _Listing:
             )
 
     def remember(self, info: CheckpointInfo) -> None:
-        if self._local_disk:
-            fingerprint = directory_identity(info.location)
-        else:
-            fingerprint = self._store.backend.fingerprint(info.file(METADATA_FILE)) or ""
+        fingerprint = self._store.identity(info.location)
         if fingerprint:
             self._entries[info.name] = (fingerprint, info)
             self._from_cache.discard(info.name)

@@ -160,16 +160,15 @@ def _registry(
     from .registry import ArtifactRegistry
 
     location = _location(directory, storage_option, must_exist=must_exist)
-    folder = _local_dir(location)
-    if folder is not None and not folder.is_dir() and validated_dir is None and production_dir is None:
+    if location.is_missing_directory() and validated_dir is None and production_dir is None:
         raise CheckpointNotFoundError(
-            f"{folder} is not a directory; pass the checkpoint directory (what CheckpointManager saved into), "
+            f"{location} is not a directory; pass the checkpoint directory (what CheckpointManager saved into), "
             "or --validated-dir and --production-dir to use a registry without one"
         )
     registry = ArtifactRegistry(location.where, validated_dir, production_dir, storage_options=location.storage_options or None)
-    if folder is not None and not folder.is_dir() and not registry.validated_dir.is_dir():
+    if location.is_missing_directory() and not registry.validated_dir.is_dir():
         raise CheckpointNotFoundError(
-            f"{folder} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
+            f"{location} is not a directory and there is no {registry.validated_dir} beside it; pass the checkpoint "
             "directory (what CheckpointManager saved into), or --validated-dir"
         )
     return registry
@@ -180,22 +179,15 @@ def _location(directory: str | Path, storage_option: list[str] | None = None, *,
     be a directory (an object-store prefix needs nothing made beforehand)."""
     from .storage import Location
 
-    folder = _local_dir(Location.of(directory))
-    if must_exist and folder is not None and not folder.is_dir():
+    if must_exist and Location.of(directory).is_missing_directory():
         raise CheckpointNotFoundError(
             f"{directory} is not a directory; pass the checkpoint directory (what CheckpointManager saved into)"
         )
     options = _storage_options(storage_option)
-    if options and folder is not None:
-        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path")
-    return Location.of(directory, options)
-
-
-def _local_dir(location: Location) -> Path | None:
-    """The local directory of ``location``, None for an object-store URL: only a local directory
-    can be checked for existence before anything is read (an object-store prefix exists once
-    something is written below it)."""
-    return None if location.remote else location.path
+    try:
+        return Location.of(directory, options)
+    except ConfigurationError:  # options for a local path
+        raise ConfigurationError(f"--storage-option only applies to URLs such as s3://bucket/run; {directory} is a local path") from None
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, Any] | None:

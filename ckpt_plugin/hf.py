@@ -25,7 +25,10 @@ How a callback alone takes the checkpoints over from the Trainer:
   no ``optimizer.pt``, ``scheduler.pt`` or ``rng_state.pth``, skips the rest. ``on_train_begin`` then
   restores the verified weights, the optimizer and the scheduler from the manager checkpoint of the
   resumed step, and the RNG states are put back exactly where the Trainer would put back its own: at
-  the start of the epoch, or after the skipped batches when the run stopped mid-epoch. Nothing is
+  the start of the epoch, or after the skipped batches when the run stopped mid-epoch. With a
+  stateful train loader (accelerate's ``use_stateful_dataloader``) every checkpoint holds its
+  position as JSON and tensors, which goes back into the loader on a resume inside an epoch, and
+  the Trainer then skips no batch (see ``_DataResume``). Nothing is
   unpickled: should the newest ``checkpoint-<step>`` hold any file its format does not name (a
   planted ``rng_state.pth``, which the Trainer would ``torch.load``), the callback raises
   :class:`~ckpt_plugin.ForeignFileError` when the Trainer is built and when training begins.
@@ -68,6 +71,7 @@ try:
 except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
+from . import data_state
 from ._callback_core import ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
 from . import CheckpointInfo, Location, restore_rng_state
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
@@ -358,6 +362,7 @@ class CheckpointCallback(TrainerCallback):
         self._rng: dict[str, Any] | None = None
         self._rng_mid_epoch = False
         self._warned_link = False
+        self._data = _DataResume()
 
     @property
     def manager(self) -> CheckpointManager:
@@ -463,7 +468,7 @@ class CheckpointCallback(TrainerCallback):
             return
         if self.settings is not None and self.settings.should_save(args):
             self._warn_if_before_latest(info)
-        checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng"))
+        checkpoint = self.manager.read(info, items=("model", "optimizer", "scheduler", "rng", "extra"))
         self.manager.load_state_into(model, "model", checkpoint["model"], info)
         for name, target in (("optimizer", optimizer), ("scheduler", lr_scheduler)):
             if target is None:
@@ -480,6 +485,7 @@ class CheckpointCallback(TrainerCallback):
         self._rng = checkpoint.get("rng")
         self._rng_mid_epoch = _resumes_mid_epoch(args, state, train_dataloader)
         self._saved_step = state.global_step
+        self._data.resume(args, state, info, checkpoint.get("extra"), train_dataloader)
 
     def _warn_if_before_latest(self, resumed: CheckpointInfo) -> None:
         """Say what becomes of the later checkpoints when a run resumes from an earlier one."""
@@ -513,6 +519,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._flush(args, state, **kwargs)
+        self._data.started(args)
         if self._rng is not None and self._rng_mid_epoch:
             restore_rng_state(self._rng)
             self._rng = None
@@ -523,6 +530,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         settings = self.settings or self._attach(args)
+        self._data.correct_epoch(state)
         if self._preemption.requested(functools.partial(_any_rank, args=args)):
             self._stop_for_preemption(args, state, control, **kwargs)
             return control
@@ -532,6 +540,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         settings = self.settings or self._attach(args)
+        self._data.epoch_ended(args)
         if self._preempted:  # stopping: no evaluation or save at the end of the cut-short epoch
             control.should_save = control.should_evaluate = False
             return control
@@ -557,6 +566,8 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = False
             if self.settings is None or self.settings.save_strategy != "best":  # "best" saves only in on_evaluate
                 self._pending = self._pending or self._saved_step != state.global_step
+        if self._pending:  # a save owed at the next hook must hold the loader's position of this step
+            self._data.hold(args, kwargs.get("train_dataloader"))
         log_coming = control.should_log and state.global_step > self._last_train_log
         if self._pending and not control.should_evaluate and not log_coming:
             self._save(args, state, None, **kwargs)
@@ -623,6 +634,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._preemption.end()
+        self._data.started(args)
         self._flush(args, state, **kwargs)
         if self._manager is not None:
             self._manager.close()  # the last save commits (or its error is raised) before the best is read
@@ -642,11 +654,13 @@ class CheckpointCallback(TrainerCallback):
         model: torch.nn.Module,
         optimizer: Any = None,
         lr_scheduler: Any = None,
+        train_dataloader: Any = None,
         **_: Any,
     ) -> None:
         self._pending = False
         self._saved_step = state.global_step
         settings = self.settings or self._attach(args)
+        loader_state = self._data.state_to_save(args, train_dataloader)
         if not settings.should_save(args):
             return
         output_dir = Path(args.output_dir)
@@ -659,6 +673,7 @@ class CheckpointCallback(TrainerCallback):
             metrics=metrics or {},
             config=run_config(args, model),
             files={TRAINER_STATE_FILE: trainer_state_json(args, state, metrics), **pretrained_files(model)},
+            extra=None if loader_state is None else {data_state.DATA_STATE_KEY: loader_state},
             on_commit=lambda info: self._link_latest(output_dir, info),
         )
 
@@ -818,6 +833,106 @@ def _resumes_mid_epoch(args: TrainingArguments, state: TrainerState, train_datal
     accumulation = args.gradient_accumulation_steps
     updates_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
     return state.global_step % updates_per_epoch != 0
+
+
+class _DataResume:
+    """The train data loader's position in the callback's checkpoints, and a resume that skips nothing.
+
+    A save keeps the loader's state (see :mod:`ckpt_plugin.data_state`) as of the optimizer step
+    it belongs to. On a resume inside an epoch that state goes back into the Trainer's loader, and
+    ``args.ignore_data_skip`` is raised until the first step begins, so the Trainer does not replay
+    the epoch's first batches through ``skip_first_batches`` (which would also rebuild the loader
+    without its state). The Trainer then counts the resumed epoch's batches from 0, so the
+    fractional ``state.epoch`` it sets after each step is moved on by the batches not replayed.
+    A loader that is not stateful keeps the Trainer's skip, with one warning saying its cost.
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[str, Any] | None = None
+        self.offset = 0
+        self.steps_in_epoch = 0
+        self.skip_setting: bool | None = None
+        self.warned_replay = False
+
+    def hold(self, args: TrainingArguments, loader: Any) -> None:
+        """Keep the loader's position now, for a save that waits for the step's log or evaluation."""
+        if self.held is None:
+            self.held = data_state.capture(loader, world_size=args.world_size)
+
+    def state_to_save(self, args: TrainingArguments, loader: Any) -> dict[str, Any] | None:
+        """The loader state for the save being written: the one held for it, else the current one."""
+        held, self.held = self.held, None
+        return held if held is not None else data_state.capture(loader, world_size=args.world_size)
+
+    def resume(self, args: TrainingArguments, state: TrainerState, info: CheckpointInfo, extra: Any, loader: Any) -> None:
+        """Restore the loader's saved position and turn the Trainer's skip off for this epoch, or warn."""
+        self.held = None
+        batches, steps_in_epoch = _batches_trained_in_epoch(args, state, loader)
+        if batches == 0:
+            return
+        saved = extra.get(data_state.DATA_STATE_KEY) if isinstance(extra, dict) else None
+        accumulation = args.gradient_accumulation_steps
+        if saved is None or not data_state.is_stateful(loader) or (accumulation > 1 and steps_in_epoch % accumulation):
+            self._warn_replay(batches, saved is not None)
+            return
+        data_state.restore(loader, saved, world_size=args.world_size, path=info.path)
+        if args.dataloader_num_workers > 0 and hasattr(getattr(loader, "dataset", None), "__getitem__"):
+            warnings.warn(
+                "resuming a map-style dataset inside an epoch with dataloader_num_workers > 0: when it is shuffled, "
+                "the rest of the epoch may follow another order than the interrupted run drew, repeating some "
+                "samples and missing others; with dataloader_num_workers=0 it continues exactly",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.skip_setting, args.ignore_data_skip = args.ignore_data_skip, True
+        self.offset, self.steps_in_epoch = batches, steps_in_epoch
+
+    def started(self, args: TrainingArguments) -> None:
+        """Put ``ignore_data_skip`` back once the resumed epoch has begun without a skip."""
+        if self.skip_setting is not None:
+            args.ignore_data_skip, self.skip_setting = self.skip_setting, None
+
+    def correct_epoch(self, state: TrainerState) -> None:
+        """Count the batches trained before the resume in the resumed epoch's ``state.epoch``."""
+        if self.offset and state.epoch is not None:
+            state.epoch += self.offset / self.steps_in_epoch
+
+    def epoch_ended(self, args: TrainingArguments) -> None:
+        self.started(args)
+        self.offset = 0
+
+    def _warn_replay(self, batches: int, saved: bool) -> None:
+        if self.warned_replay:
+            return
+        self.warned_replay = True
+        why = (
+            "the checkpoint holds the loader's position, but this run's loader cannot take it back"
+            if saved
+            else "the training data loader is not stateful, so the checkpoint holds no position in the epoch"
+        )
+        warnings.warn(
+            f"resuming inside an epoch: {why}. The Trainer replays the epoch's first {batches} batches to skip them "
+            "(an iterable dataset loads every sample of them again). To resume in constant time, use a stateful "
+            "loader (torchdata): trainer.accelerator.dataloader_config.use_stateful_dataloader = True before "
+            "trainer.train(), with a map-style dataset or an iterable one that has state_dict()/load_state_dict() "
+            "(Hugging Face datasets' IterableDataset has), and gradient_accumulation_steps dividing an epoch's batches",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _batches_trained_in_epoch(args: TrainingArguments, state: TrainerState, loader: Any) -> tuple[int, int]:
+    """The batches the Trainer skips into the resumed epoch, and the batches of an epoch, as it counts them."""
+    accumulation = args.gradient_accumulation_steps
+    try:
+        steps_in_epoch = len(loader)
+        updates_per_epoch = max(steps_in_epoch // accumulation + int(steps_in_epoch % accumulation > 0), 1)
+    except TypeError:
+        updates_per_epoch = max(state.max_steps, 1)
+        steps_in_epoch = updates_per_epoch * accumulation
+    if args.ignore_data_skip:
+        return 0, steps_in_epoch
+    return (state.global_step % updates_per_epoch) * accumulation, steps_in_epoch
 
 
 REMOTE_MARKER_FILE = "ckpt_plugin_checkpoint.json"

@@ -65,8 +65,9 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import errors
+from . import data_state, errors
 from ._callback_core import (
+    AutoSchedule,
     ManagerOptions,
     PreemptionStop,
     SaveSchedule,
@@ -354,6 +355,13 @@ class CheckpointCallback(ModelCheckpoint):
             before the first validation (the callback checks ``metric_for_best`` once one ran).
         local_dir, keep_local, max_pending_uploads: as for ``CheckpointManager``: checkpoints
             commit in ``local_dir`` and upload to ``checkpoint_dir`` in the background.
+        every: ``"auto"`` saves when :meth:`CheckpointManager.due <ckpt_plugin.CheckpointManager.due>`
+            says so: at the interval ``sqrt(2 * C * MTBF)`` (Young and Daly) for the measured save cost
+            ``C``, re-evaluated as it changes, with ``every_n_*`` and ``train_time_interval`` left out.
+            The final state is saved when training ends, and ``save_on_preemption`` stays in force.
+        mtbf, min_interval, max_interval: with ``every="auto"``: the mean time between failures
+            (seconds, or ``"6h"``; learned from the run's restarts when left out) and the bounds of
+            the interval.
 
     Each checkpoint records ``trainer.callback_metrics`` as its metrics and the module's (and
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
@@ -407,9 +415,17 @@ class CheckpointCallback(ModelCheckpoint):
         local_dir: str | os.PathLike[str] | None = None,
         keep_local: int = 2,
         max_pending_uploads: int = 2,
+        every: str | None = None,
+        mtbf: str | float | None = None,
+        min_interval: str | float = 10.0,
+        max_interval: str | float = "6h",
     ) -> None:
         arguments = dict(locals())
-        schedule = SaveSchedule.exclusive(every_n_epochs, every_n_train_steps, train_time_interval, steps_name="every_n_train_steps")
+        fixed = [f"{name}={value!r}" for name, value in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps),
+                                                          ("train_time_interval", train_time_interval)) if value]
+        auto = AutoSchedule.chosen(every, mtbf, min_interval, max_interval, fixed=fixed)
+        schedule = SaveSchedule() if auto else SaveSchedule.exclusive(
+            every_n_epochs, every_n_train_steps, train_time_interval, steps_name="every_n_train_steps")
         if save_on_train_epoch_end not in (None, True, False):
             raise ConfigurationError(f"save_on_train_epoch_end must be True, False or None, not {save_on_train_epoch_end!r}")
         manager = given_manager(manager, arguments, _DEFAULTS)
@@ -432,6 +448,7 @@ class CheckpointCallback(ModelCheckpoint):
         self.manager = manager
         self.auto_resume = bool(auto_resume)
         self.schedule = schedule
+        self.auto = auto
         self.every_n_train_steps = schedule.every_n_steps
         self.train_time_interval = schedule.time_interval
         self.save_on_train_epoch_end = save_on_train_epoch_end
@@ -511,6 +528,7 @@ class CheckpointCallback(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Install :class:`ManagerCheckpointIO` on the strategy and check that the config can be stored."""
         self._stage = stage
+        self._world_size = trainer.world_size
         strategy = trainer.strategy
         if _sharded_strategy(strategy):
             _install_sharded_hooks(strategy, self.manager, callback_states=stage == "fit")
@@ -602,6 +620,8 @@ class CheckpointCallback(ModelCheckpoint):
         if self.schedule.time_interval is not None:
             elapsed = time.monotonic() - (self._last_time_saved or 0.0)
             due = bool(trainer.strategy.broadcast(self.schedule.time_due(elapsed), src=0)) or due
+        if self.auto is not None:  # every rank measures; global rank 0 decides for all
+            due = bool(trainer.strategy.broadcast(self.auto.due(self.manager, trainer.global_step), src=0)) or due
         if not (due or preempted):
             return
         if not _mid_epoch(trainer):
@@ -657,7 +677,10 @@ class CheckpointCallback(ModelCheckpoint):
         raise SIGTERMException()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Nothing: the last epoch's checkpoint is already saved (``ModelCheckpoint`` would save "last" here)."""
+        """With ``every="auto"``, save the final state unless it is saved already; with a fixed
+        schedule the last epoch's checkpoint is saved by now (``ModelCheckpoint`` would save "last" here)."""
+        if self.auto is not None and not trainer.fast_dev_run and self._last_saved_step != trainer.global_step:
+            self.save(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Wait for the last asynchronous save; raise its error (on every rank) if it failed."""
@@ -710,9 +733,14 @@ class CheckpointCallback(ModelCheckpoint):
         checkpoint, also the ``.ckpt`` files of a ``ModelCheckpoint`` beside this callback, which
         torch's weights-only loader must be able to read.
         """
-        return {"rng": portable_rng_state(capture_rng_state()), "mid_epoch": self._saving_mid_epoch}
+        return {
+            "rng": portable_rng_state(capture_rng_state()),
+            "mid_epoch": self._saving_mid_epoch,
+            "world_size": self._world_size,
+        }
 
     _saving_mid_epoch = False
+    _world_size = 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Put the global RNG states back when resuming a fit.
@@ -721,10 +749,15 @@ class CheckpointCallback(ModelCheckpoint):
         the global generator. At an epoch's end that is what the uninterrupted run did next, so the
         states are restored now; mid-epoch the uninterrupted run had drawn it already, so the states
         are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
-        when it is stateful) has been created.
+        when it is stateful) has been created. A mid-epoch state saved at another world size is
+        refused (:func:`ckpt_plugin.data_state.check_world_size`): each rank's loader position counts
+        the samples of its own shard.
         """
         if self._stage != "fit" or state_dict.get("rng") is None:
             return
+        if state_dict.get("mid_epoch") and "world_size" in state_dict:
+            # mid-epoch, the loader's position counts the samples of each rank's shard
+            data_state.check_world_size(state_dict, self._world_size, "the checkpoint resumed from")
         if state_dict.get("mid_epoch"):
             self._rng_at_first_batch = state_dict["rng"]
         else:

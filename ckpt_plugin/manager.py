@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import retention
 from ._loading import Loader, newest
+from .auto_interval import AutoInterval, SaveCadence, learned_from_log
 from ._options import DEFAULT_METRIC, BestMetricCheck, SaveSettings, check_top_k
 from ._saving import SaveStrategies
 from ._snapshot import SaveArguments, config_to_dict, normalize_metrics, whole_number
@@ -158,6 +159,8 @@ class CheckpointManager:
             )
             self._loader = TieredLoader(self._tiers, settings)
         self._saves = SaveStrategies(self._store, settings, self._saver)  # type: ignore[arg-type]
+        self._cadence: SaveCadence | None = None
+        self._saved_here = False
 
     def __repr__(self) -> str:
         return (
@@ -206,7 +209,13 @@ class CheckpointManager:
         metrics = normalize_metrics(metrics)
         self._check_metric(metrics)
         arguments = SaveArguments(epoch, step, metrics, config, scheduler, extra, files)
-        return self._saves.save(model, optimizer, arguments, on_commit, collective=_collective(model))
+        self._saved_here = True
+        if self._cadence is None:
+            return self._saves.save(model, optimizer, arguments, on_commit, collective=_collective(model))
+        self._cadence.save_began()
+        info = self._saves.save(model, optimizer, arguments, on_commit, collective=_collective(model))
+        self._cadence.save_returned(in_background=self._saver is not None and self._saver.writing)
+        return info
 
     def route_storage(self, wrap: Callable[[Backend], Backend]) -> Backend:
         """Move this manager's bytes through ``wrap(backend)`` from now on, commits included, and
@@ -285,6 +294,49 @@ class CheckpointManager:
         except CheckpointError as error:  # do not hide the exception already on its way out
             warnings.warn(f"a background save failed while another error was raised: {error}", UserWarning, stacklevel=2)
 
+    def _note_resume(self) -> None:
+        """A load before this process saved anything resumes the run: the next save's log entry
+        says so, which is how ``every="auto"`` learns how often the run fails."""
+        if not self._saved_here:
+            self._store.mark_resumed()
+
+    def due(
+        self,
+        step: int | None = None,
+        *,
+        mtbf: str | float | None = None,
+        min_interval: str | float = 10.0,
+        max_interval: str | float = "6h",
+    ) -> bool:
+        """Whether a checkpoint is due now: ``every="auto"`` for a plain training loop. Call it once
+        per training step and save when it says so::
+
+            for step, batch in enumerate(loader):
+                train_step(batch)
+                if manager.due(step):
+                    manager.save(model, optimizer, epoch=epoch, step=step)
+
+        The interval follows Young and Daly, ``T = sqrt(2 * C * MTBF)``: ``C`` is what recent saves
+        cost this loop (the time :meth:`save` blocked it, plus how much the steps that overlapped a
+        background write slowed down), and ``MTBF`` is ``mtbf`` (seconds, or ``"6h"``) or, when
+        left out, learned from the restarts the run's save log records (one a day until the first).
+        ``T`` is clamped to ``[min_interval, max_interval]``, re-evaluated after every save, and each
+        change is logged once (logger ``ckpt_plugin``, level INFO). The options are read on the
+        first call. See :mod:`ckpt_plugin.auto_interval`.
+        """
+        cadence = self._cadence
+        if cadence is None:
+            interval = AutoInterval(mtbf, min_interval=min_interval, max_interval=max_interval)
+            if mtbf is None:
+                interval.learn(*learned_from_log(self._store.save_log()))
+            cadence = self._cadence = SaveCadence(interval)
+        return cadence.due(writing=self._saver is not None and self._saver.writing)
+
+    @property
+    def auto_interval(self) -> AutoInterval | None:
+        """The rule :meth:`due` follows (its cost, MTBF and interval), once :meth:`due` was called."""
+        return None if self._cadence is None else self._cadence.interval
+
     def _settle(self) -> None:
         """Let the save in flight finish before reading, so a load sees this manager's own saves."""
         if self._saver is not None:
@@ -341,6 +393,8 @@ class CheckpointManager:
         :meth:`checkpoint_at`) as a checkpoint dict; ``items`` restricts which state trees are read
         (``("model",)`` for inference)."""
         self._settle()
+        if items is None or "optimizer" in items:  # training state: a resume, not an inference load
+            self._note_resume()
         return self._loader.read(info, map_location=map_location, verify=verify, items=items)
 
     def read_file(self, info: CheckpointInfo, name: str) -> bytes:
@@ -383,6 +437,7 @@ class CheckpointManager:
         signature must verify first (:class:`SignatureError` otherwise), and every value returned
         comes from the bytes it covers."""
         self._settle()
+        self._note_resume()
         if verify_with is not None:
             loaded = self._loader.load_signed(lambda found: self._loader.find_in(found, epoch, step), verify_with, map_location=map_location)
             assert loaded is not None
@@ -394,6 +449,7 @@ class CheckpointManager:
         writer's retention deletes it while it is being read, the next most recent is loaded. With
         ``verify_with`` see :meth:`load`: the most recent checkpoint by the signed names and metadata."""
         self._settle()
+        self._note_resume()
         if verify_with is not None:
             return self._loader.load_signed(newest, verify_with, map_location=map_location)
         return self._loader.read_chosen(self.latest, map_location=map_location, verify=verify)
@@ -412,6 +468,7 @@ class CheckpointManager:
         see :meth:`load`: the ranking is by metadata read from the directory, never by the listing
         cache, and the chosen checkpoint's signed metrics must be the ones it was ranked by."""
         self._settle()
+        self._note_resume()
         if verify_with is not None:
             return self._loader.load_signed(lambda found: self._loader.best_of(found, metric, mode), verify_with, map_location=map_location)
         return self._loader.read_chosen(lambda: self.best(metric, mode), map_location=map_location, verify=verify)
@@ -441,6 +498,7 @@ class CheckpointManager:
         A sharded checkpoint restores into plain objects in one process too.
         """
         self._settle()
+        self._note_resume()
         info = self.resolve(which)
         if info is None:
             return None

@@ -37,7 +37,7 @@ from .display import visible
 from .errors import CheckpointNotFoundError, ConfigurationError
 from .manager import DEFAULT_METRIC, CheckpointManager
 from .registry import ArtifactRegistry
-from .storage import backend_of, is_url
+from .storage import Location
 
 FORMATS = (".png", ".svg", ".html")
 MAX_PANELS = 9
@@ -100,17 +100,14 @@ def run_history(
     still there (also those saved before the log existed), and the registry's validated and
     production versions. ``storage_options`` configure a URL's file system, as for
     :class:`CheckpointManager`."""
-    directory: Path | str
-    if is_url(str(checkpoint_dir)):
-        directory = str(checkpoint_dir).rstrip("/")
-    else:
-        directory = Path(checkpoint_dir)
-        if not directory.is_dir():
-            raise CheckpointNotFoundError(f"{directory} is not a directory; pass the checkpoint directory")
-    manager = CheckpointManager(directory, max_checkpoints=None, storage_options=storage_options)
+    place = Location.of(checkpoint_dir, storage_options)  # one backend for the log, the checkpoints and the registry
+    if place.is_missing_directory():
+        raise CheckpointNotFoundError(f"{place} is not a directory; pass the checkpoint directory")
+    directory = place.where
+    manager = CheckpointManager(place, max_checkpoints=None)
     listed = {info.name: info for info in manager.checkpoints()}
     entries: dict[str, dict[str, Any]] = {}
-    for entry in savelog.read(directory, backend_of(directory, storage_options)):
+    for entry in savelog.read(directory, place.backend()):
         entries.pop(entry["name"], None)  # a re-save of the same name moves to its new place in time
         entries[entry["name"]] = entry
     for name, info in listed.items():
@@ -136,7 +133,7 @@ def run_history(
         mode=recorded["mode"] if recorded else "min",
     )
     _mark_best_and_latest(history, manager)
-    _mark_registry(history, ArtifactRegistry(directory, validated_dir, production_dir, storage_options=storage_options))
+    _mark_registry(history, ArtifactRegistry(place, validated_dir, production_dir))
     return history
 
 

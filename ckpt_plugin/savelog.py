@@ -35,14 +35,13 @@ import time
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError
 from .format import documents
 from .io.files import read_bytes_file, write_bytes_file
 from .io.info import CheckpointInfo
-from .storage import LOCAL, Backend, append_line, is_url
+from .storage import LOCAL, Backend
 
 LOG_FILE = ".saves.jsonl"
 LOG_PREFIX = ".saves"
@@ -52,9 +51,10 @@ MAX_COUNT = 2**63 - 1
 """The largest epoch or step an entry may record, as in ``metadata.json``."""
 
 
-def entry(info: CheckpointInfo) -> dict[str, Any]:
-    """The log line of the committed checkpoint ``info``."""
-    return {
+def entry(info: CheckpointInfo, *, resumed: bool = False) -> dict[str, Any]:
+    """The log line of the committed checkpoint ``info``; ``resumed`` marks the first save of a
+    process that resumed the run (what ``every="auto"`` learns the failure rate from)."""
+    line = {
         "event": "save",
         "name": info.name,
         "epoch": info.epoch,
@@ -64,9 +64,12 @@ def entry(info: CheckpointInfo) -> dict[str, Any]:
         "mode": info.mode,
         "metrics": {name: _number(value) for name, value in info.metrics.items()},
     }
+    if resumed:
+        line["resumed"] = True
+    return line
 
 
-def append(checkpoint_dir: str | os.PathLike[str], info: CheckpointInfo, *, backend: Backend = LOCAL) -> None:
+def append(checkpoint_dir: str | os.PathLike[str], info: CheckpointInfo, *, backend: Backend = LOCAL, resumed: bool = False) -> None:
     """Record ``info`` in the save log of ``checkpoint_dir`` (a directory, or a URL reached through
     ``backend``).
 
@@ -74,9 +77,10 @@ def append(checkpoint_dir: str | os.PathLike[str], info: CheckpointInfo, *, back
     power cut may lose its last lines or leave one torn, which :func:`read` skips; the checkpoints
     themselves are committed durably as always. On an object store one new object is written.
     """
-    line = json.dumps(entry(info), sort_keys=True, allow_nan=False).encode("utf-8")
-    if not is_url(os.fspath(checkpoint_dir)):
-        append_line(Path(checkpoint_dir) / LOG_FILE, line, durable=False)
+    line = json.dumps(entry(info, resumed=resumed), sort_keys=True, allow_nan=False).encode("utf-8")
+    appends = getattr(backend, "append_line", None)
+    if appends is not None:
+        appends(backend.join(os.fspath(checkpoint_dir), LOG_FILE), line, durable=False)
         return
     name = f"{time.time_ns():016x}-{info.name}-{secrets.token_hex(4)}.json"
     write_bytes_file(backend.join(os.fspath(checkpoint_dir), LOG_PREFIX, name), line, backend=backend)
@@ -160,6 +164,7 @@ def _parse(line: bytes) -> dict[str, Any] | None:
         "metric_for_best": data.get("metric_for_best") if isinstance(data.get("metric_for_best"), str) else None,
         "mode": data.get("mode") if data.get("mode") in ("min", "max") else "min",
         "metrics": {str(key): value for key, value in metrics.items() if finite_number(value)},
+        "resumed": data.get("resumed") is True,
     }
 
 

@@ -44,7 +44,7 @@ from typing import Any, Union
 from .errors import CheckpointError, ConfigurationError, SignatureError, UnsignedError
 from .format.layout import SIGNATURE_FILE
 from .io.files import hash_file, write_bytes_file
-from .storage import Backend, is_url
+from .storage import Backend
 from .storage.copies import PrivateCopyBackend
 
 MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
@@ -134,8 +134,9 @@ def verify_prefix(backend: Backend, prefix: Location, public_key: Key) -> None:
     changed, added or removed. A local path goes to :func:`verify_directory`; a failure of the store
     itself stays a :class:`~ckpt_plugin.errors.StorageError`.
     """
-    if not is_url(os.fspath(prefix)):
-        verify_directory(prefix, public_key)
+    directory = _directory(backend, prefix)
+    if directory is not None:
+        verify_directory(directory, public_key)
         return
     prefix = os.fspath(prefix).rstrip("/")
     key = _key_file(public_key, "public")
@@ -156,7 +157,7 @@ def read_signed(
     memory. Raises :class:`SignatureError` naming the location otherwise.
     """
     location = os.fspath(location)
-    location = location.rstrip("/") if is_url(location) else location
+    location = location.rstrip("/") or location
     key = _key_file(public_key, "public")
     signature = _read_signature(backend, location)
     buffers: dict[str, bytearray] = {}
@@ -172,6 +173,15 @@ def read_signed(
             digests[name] = hasher.digest()
     _verify(location, signature, _hashing(lambda ignored: _manifest(location, digests, ignored)), key)
     return PrivateCopyBackend(backend, buffers)
+
+
+def _directory(backend: Backend, location: Location) -> Path | None:
+    """The local directory ``location`` names, when ``backend`` reaches the local file system:
+    model-signing signs and verifies such a directory by its own walk, so a checkpoint directory
+    and one signed by model-signing's own tools verify alike. None on an object store, whose files
+    are hashed through the backend."""
+    directory_of = getattr(backend, "directory_of", None)
+    return None if directory_of is None else directory_of(os.fspath(location))
 
 
 def _read_signature(backend: Backend, location: str) -> bytes:
@@ -206,7 +216,7 @@ def _verify(location: str, signature: bytes, hashing_config: Any, key: Path) -> 
 def _signed_names(backend: Backend, location: str) -> list[str]:
     """Every file under ``location`` by its path relative to it (``/``-separated). A link or a
     special file locally is refused: a signature covers plain files only."""
-    if is_url(location):
+    if _directory(backend, location) is None:
         return sorted(name for name in backend.walk(location) if name)  # type: ignore[attr-defined]
     names: list[str] = []
     pending = [("", location)]
@@ -254,10 +264,11 @@ def _sign_pending(backend: Backend, prefix: str, pending: Mapping[str, bytes], *
 
 
 def _sign(backend: Backend, prefix: Location, private_key: Key, password: str | None, pending: Mapping[str, bytes]) -> str:
-    if not is_url(os.fspath(prefix)):
+    directory = _directory(backend, prefix)
+    if directory is not None:
         if pending:
             raise ConfigurationError(f"sign {prefix} once every file is in it; {', '.join(pending)} are still to be written")
-        return os.fspath(sign_directory(prefix, private_key, password=password))
+        return os.fspath(sign_directory(directory, private_key, password=password))
     prefix = os.fspath(prefix).rstrip("/")
     return _sign_manifest(backend, prefix, _prefix_hashing(backend, prefix, pending), private_key, password)
 

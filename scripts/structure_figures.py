@@ -1,5 +1,5 @@
 """Print the structural figures of the package: class and function sizes, local-versus-remote
-branches outside ``storage/``, private members reached across modules, and internal imports made
+branches (conditionals on them) outside ``storage/``, private members reached across modules, and internal imports made
 by the adapters.
 
     python scripts/structure_figures.py [package_dir]
@@ -14,7 +14,8 @@ import re
 import sys
 from pathlib import Path
 
-BRANCH = re.compile(r"\bis_url\(|\.remote\b|isinstance\([^)]*LocalStore")
+BRANCH = re.compile(r"\bis_url\(|\.remote\b|_local_disk\b|isinstance\([^)]*LocalStore")
+CONDITIONAL = re.compile(r"\b(if|elif|else|while)\b")
 ADAPTERS = ("cli.py", "hf.py", "lightning.py")
 
 
@@ -42,7 +43,7 @@ def _branches(package: Path) -> dict[str, int]:
         if relative.parts[0] == "storage":
             continue
         lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
-        count = sum(1 for line in lines if BRANCH.search(line))
+        count = sum(1 for line in lines if BRANCH.search(line) and CONDITIONAL.search(line))
         if count:
             found[str(relative)] = count
     return found

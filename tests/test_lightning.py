@@ -659,3 +659,28 @@ def test_sigterm_preempts_a_training_process_which_then_resumes_bitwise_identica
     trainer.fit(resumed, StatefulData(), ckpt_path="last")
     assert trainer.global_step == reference_trainer.global_step
     assert_same_weights(resumed, reference)
+
+
+def test_every_auto_saves_at_the_measured_interval_and_the_final_state(tmp_path: Path) -> None:
+    often = CheckpointCallback(tmp_path / "often", max_checkpoints=None, every="auto", mtbf="1h", min_interval=1e-6, max_interval=1e-6)
+    trainer = make_trainer(tmp_path, 2, [often])
+    trainer.fit(fresh_model(0), RegressionData())
+    steps = [info.step for info in often.manager.checkpoints()]
+    assert len(steps) >= 10 and steps[-1] == trainer.global_step == 12  # about every step, and the last one
+    assert often.manager.auto_interval is not None and often.manager.auto_interval.cost is not None
+
+    rarely = CheckpointCallback(tmp_path / "rarely", every="auto", mtbf="1d", min_interval="1h")
+    trainer = make_trainer(tmp_path, 2, [rarely])
+    trainer.fit(fresh_model(0), RegressionData())
+    assert [info.step for info in rarely.manager.checkpoints()] == [12]  # none due: the final state only
+
+
+def test_every_auto_refuses_a_fixed_schedule_beside_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="drop every_n_epochs=2"):
+        CheckpointCallback(tmp_path, every="auto", every_n_epochs=2)
+    with pytest.raises(ConfigurationError, match="only applies with every='auto'"):
+        CheckpointCallback(tmp_path, mtbf="6h")
+    with pytest.raises(ConfigurationError, match="every must be 'auto'"):
+        CheckpointCallback(tmp_path, every="hourly")
+    with pytest.raises(ConfigurationError, match="min_interval must be"):
+        CheckpointCallback(tmp_path, every="auto", min_interval="soon")

@@ -218,6 +218,57 @@ def test_large_files_go_up_in_parts(s3_bucket: str, monkeypatch: pytest.MonkeyPa
     assert torch.equal(CheckpointManager(f"s3://{s3_bucket}/run").load(0)["model"]["w"], state["w"])
 
 
+def upload_parts_seen(monkeypatch: pytest.MonkeyPatch, touch=None) -> list[object]:
+    """Record the body of every ``upload_part`` request s3fs is asked to make; ``touch(number, body)``
+    may change a body first."""
+    import s3fs
+
+    bodies: list[object] = []
+    call_s3 = s3fs.S3FileSystem.call_s3
+
+    def recording(self, method, *args, **kwargs):
+        if method == "upload_part":
+            bodies.append(kwargs["Body"])
+            if touch is not None:
+                touch(kwargs["PartNumber"], kwargs["Body"])
+        return call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", recording)
+    return bodies
+
+
+def test_parts_go_to_the_client_as_streams(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part handed over as bytes is copied whole by the HTTP client, once or twice per request in
+    flight; as a stream it is read in small chunks, and the memory of a save stays within its bound."""
+    from ckpt_plugin.storage import fsspec as remote
+
+    monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)
+    bodies = upload_parts_seen(monkeypatch)
+    state = {"w": torch.randn(3 * 1024 * 1024)}  # 12 MiB: three parts
+    CheckpointManager(f"s3://{s3_bucket}/run").save(state, epoch=0, metrics={"loss": 1.0})
+    assert len(bodies) == 3
+    assert all(hasattr(body, "read") and not isinstance(body, (bytes, bytearray, memoryview)) for body in bodies)
+    assert torch.equal(CheckpointManager(f"s3://{s3_bucket}/run").load(0)["model"]["w"], state["w"])
+
+
+def test_a_part_that_went_up_short_fails_the_save(s3_bucket: str, s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3fs retries a failed request with its body as the failure left it: a part re-sent from the
+    middle of its stream goes up short. The completed object is then too small, and the save fails
+    rather than commit it."""
+    import boto3
+
+    from ckpt_plugin.storage import fsspec as remote
+
+    monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)
+    upload_parts_seen(monkeypatch, touch=lambda number, body: body.seek(1024) if number == 3 else None)
+    manager = CheckpointManager(f"s3://{s3_bucket}/run")
+    with pytest.raises(StorageError, match="is not .* bytes long"):
+        manager.save({"w": torch.randn(3 * 1024 * 1024)}, epoch=0, metrics={"loss": 1.0})
+    assert CheckpointManager(f"s3://{s3_bucket}/run").checkpoints() == []
+    uploads = boto3.client("s3", endpoint_url=s3_env).list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert uploads == []
+
+
 def test_an_upload_created_again_after_its_answer_was_lost_is_aborted(s3_bucket: str, s3_env: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A create_multipart_upload whose answer is lost is sent again; the upload the first one

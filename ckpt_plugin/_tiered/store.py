@@ -120,6 +120,15 @@ class TieredStore:
     def pending(self, snapshot: Snapshot) -> CheckpointInfo:
         return self.local_store.pending(snapshot)
 
+    def mark_resumed(self) -> None:
+        """The run resumed in this process: the next save's log entries (in both tiers) say so."""
+        self.local_store.mark_resumed()
+        self.durable_store.mark_resumed()
+
+    def save_log(self) -> list[dict[str, Any]]:
+        """The run's save log as the durable tier keeps it (an entry is written there on upload)."""
+        return self.durable_store.save_log()
+
     # ------------------------------------------------------------------ uploads
 
     def pending_uploads(self) -> list[CheckpointInfo]:

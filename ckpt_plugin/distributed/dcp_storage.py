@@ -70,7 +70,7 @@ class _StoredObject:
 def _files_at(location: str | os.PathLike[str] | ShardFiles) -> ShardFiles:
     """The files at a local directory, at a URL (through the backend the URL names, configured by
     the standard environment), or ``location`` itself when it already is a :class:`ShardFiles`."""
-    if is_url(location):
+    if is_url(location):  # the edge: DCP users hand a path or a URL straight to the writer or reader
         return BackendShardFiles(str(location), backend_of(str(location)))
     if isinstance(location, (str, os.PathLike)):
         return LocalShardFiles(location)

@@ -74,6 +74,12 @@ class AsyncSaver:
                 self._raise_pending()
             return snapshot
 
+    @property
+    def writing(self) -> bool:
+        """Whether a background save is still being written."""
+        in_flight = self._in_flight
+        return in_flight is not None and not in_flight.done()
+
     def wait(self) -> None:
         """Block until the save in flight (if any) has committed; raise its error if it failed."""
         with self._lock:

@@ -17,7 +17,7 @@ from ..format import codec, documents
 from ..format.layout import FORMAT_NAME, FORMAT_VERSION, METADATA_CHECKSUM_KEY, SHARDING_FILE, metadata_checksum
 from ..format.names import is_checkpoint_name, parse_transaction_name
 from ..format.records import METADATA_FILE, FileRecord
-from ..storage import LOCAL, Backend, is_url
+from ..storage import LOCAL, Backend, Location
 
 REPR_METRICS = 3
 """How many metrics the repr of a :class:`CheckpointInfo` shows (the ranking metric first)."""
@@ -102,7 +102,7 @@ def _checksum_or_none(document: Mapping[str, Any]) -> str | None:
 
 def as_path(location: str | os.PathLike[str]) -> Path | str:
     """What :attr:`CheckpointInfo.path` holds for ``location``: a Path locally, the URL otherwise."""
-    return str(location) if is_url(location) else Path(location)
+    return Location(location).where
 
 
 def parse_metadata(path: Path | str, data: Mapping[str, Any], backend: Backend = LOCAL) -> CheckpointInfo:

@@ -94,9 +94,9 @@ class ArtifactRegistry(ProductionOperations):
         lock_timeout: float = 60.0,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.storage_options = dict(storage_options or {})
         self._manager: CheckpointManager | None = None
         self.location = Location.of(checkpoint_dir, storage_options)
+        self.storage_options = self.location.storage_options
         self.remote = self.location.remote
         # The one place that tells the kinds of places apart: every operation below runs one
         # algorithm over the Places protocol.
@@ -127,10 +127,7 @@ class ArtifactRegistry(ProductionOperations):
         """A read-only view of the raw checkpoints (it never saves, so it never prunes)."""
         if self._manager is None:
             self._places.require_checkpoints()
-            self._manager = CheckpointManager(
-                self.checkpoint_dir, max_checkpoints=None, keep_best=False, metric_for_best=None,
-                storage_options=self.storage_options or None,
-            )
+            self._manager = CheckpointManager(self.location, max_checkpoints=None, keep_best=False, metric_for_best=None)
         return self._manager
 
     def resolve(self, epoch: int | str = "best", metric: str | None = None, mode: str | None = None) -> CheckpointInfo:

@@ -82,8 +82,9 @@ class ObjectStorePlaces:
     """The validated and production places of one registry on an object store (see the module notes)."""
 
     def __init__(self, validated_url: str, production_url: str, storage_options: Mapping[str, Any] | None = None,
-                 *, grace_seconds: float = STALE_SECONDS, checkpoint_url: str | None = None) -> None:
-        self.backend: Any = Location(validated_url, storage_options).backend()  # an FsspecBackend: the places are URLs
+                 *, grace_seconds: float = STALE_SECONDS, checkpoint_url: str | None = None, backend: Any = None) -> None:
+        # an FsspecBackend: the places are URLs; the checkpoints' own when they share the store
+        self.backend: Any = backend if backend is not None else Location(validated_url, storage_options).backend()
         self.validated = validated_url.rstrip("/")
         self.production = production_url.rstrip("/")
         self.grace_seconds = grace_seconds
@@ -113,7 +114,8 @@ class ObjectStorePlaces:
                 f"checkpoint_dir, validated_dir and production_dir must be three different places; got {url}, "
                 f"{places['validated_dir']} and {places['production_dir']}"
             )
-        return cls(places["validated_dir"], places["production_dir"], checkpoints.storage_options or None, checkpoint_url=url)
+        return cls(places["validated_dir"], places["production_dir"], checkpoints.storage_options or None, checkpoint_url=url,
+                   backend=checkpoints.backend())
 
     def require_conditional_writes(self, action: str) -> None:
         conditional.require(self.backend, action)

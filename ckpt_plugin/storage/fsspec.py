@@ -51,7 +51,12 @@ Streaming and memory
 --------------------
 Files go up as multipart uploads in parts of ``PART_BYTES`` (32 MiB), uploaded by up to
 ``UPLOAD_CONCURRENCY`` threads, so a save holds at most ``PART_BYTES * (UPLOAD_CONCURRENCY + 1)``
-bytes (160 MiB) of upload buffers beyond the state itself, whatever the file size. Reads are
+bytes (160 MiB) of upload buffers beyond the state itself, whatever the file size, plus what the
+HTTP client reads of each part at a time to sign, checksum and send it (botocore 1 MiB, aiohttp
+256 KiB): ``UPLOAD_MEMORY_BYTES`` (164 MiB) in all. Each part goes to the client as a stream for
+that reason: handed over as bytes, aiohttp copies a whole part once or twice more per request in
+flight (a slice, and the socket's send buffer when the part does not fit the socket at once),
+which took the extra peak RSS of a 400 MiB save to 206-276 MiB. Reads are
 ranged GETs of up to ``READ_CHUNK_BYTES`` (256 MiB), ``READ_CONCURRENCY`` (4) in flight per file,
 copied into the destination tensors as they land, so a restore holds at most 1 GiB of responses
 at a time (one 256 MiB response for a file of that size or less). Few large ranges beat many
@@ -72,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import secrets
@@ -97,6 +103,8 @@ from .base import BeforeCommit, Entry, Transaction
 
 PART_BYTES = 32 * 1024 * 1024
 UPLOAD_CONCURRENCY = 4
+UPLOAD_MEMORY_BYTES = PART_BYTES * (UPLOAD_CONCURRENCY + 1) + UPLOAD_CONCURRENCY * 1024 * 1024
+"""The most an upload holds beyond the state: its parts, and the chunks the client reads of those in flight."""
 COPY_PART_BYTES = 512 * 1024 * 1024
 SINGLE_COPY_MAX_BYTES = 5 * 1024**3
 """The largest object S3 copies in one request; larger ones are copied part by part (server-side)."""
@@ -187,8 +195,7 @@ class FsspecSink:
         self._hasher = new_hasher()
         self._size = 0
         self._part_bytes = PART_BYTES
-        self._buffer = bytearray(self._part_bytes if backend.multipart else 0)
-        self._fill = 0
+        self._part = io.BytesIO()
         self._upload: MultipartUpload | None = None
         self._handle: Any = None
         self._closed = False
@@ -200,15 +207,13 @@ class FsspecSink:
         try:
             if self._backend.multipart:
                 while data:
-                    take = min(len(data), self._part_bytes - self._fill)
-                    self._buffer[self._fill : self._fill + take] = data[:take]
-                    self._fill += take
+                    take = min(len(data), self._part_bytes - self._part.tell())
+                    self._part.write(data[:take])
                     data = data[take:]
-                    if self._fill == self._part_bytes:  # hand the full part over, start a new one
+                    if self._part.tell() == self._part_bytes:  # hand the full part over, start a new one
                         if self._upload is None:
                             self._upload = MultipartUpload(self._backend, self._path)
-                        self._upload.send(self._buffer)
-                        self._buffer, self._fill = bytearray(self._part_bytes), 0
+                        self._upload.send(self._take_part())
             else:
                 if self._handle is None:
                     self._handle = self._backend.fs.open(self._path, "wb", block_size=PART_BYTES)
@@ -219,15 +224,20 @@ class FsspecSink:
                 raise storage_error(exc, "upload", self.url) from exc
             raise
 
+    def _take_part(self) -> io.BytesIO:
+        """The part filled so far, as a stream over exactly its bytes (``getvalue`` trims the buffer's
+        spare room and shares it: no copy), and a new empty part in its place."""
+        part, self._part = io.BytesIO(self._part.getvalue()), io.BytesIO()
+        return part
+
     def close(self) -> FileRecord:
         try:
             if self._backend.multipart:
-                rest = bytes(memoryview(self._buffer)[: self._fill])
                 if self._upload is None:
-                    self._backend.fs.pipe_file(self._path, rest)
+                    self._backend.fs.pipe_file(self._path, self._part.getvalue())  # no copy: the value is shared
                 else:
-                    if rest:
-                        self._upload.send(rest)
+                    if self._part.tell():
+                        self._upload.send(self._take_part())
                     self._upload.complete(self._size)
             else:
                 if self._handle is None:
@@ -239,7 +249,7 @@ class FsspecSink:
             if isinstance(exc, Exception):
                 raise storage_error(exc, "upload", self.url) from exc
             raise
-        self._buffer = bytearray()
+        self._part = io.BytesIO()
         self._closed = True
         return FileRecord(self._size, format_checksum(self._hasher))
 
@@ -247,7 +257,7 @@ class FsspecSink:
         if self._closed:
             return
         self._closed = True
-        self._buffer = bytearray()
+        self._part = io.BytesIO()
         try:
             if self._upload is not None:
                 self._upload.abort()
@@ -286,9 +296,14 @@ class MultipartUpload:
             self._abort_others()
             raise
 
-    def send(self, data: bytes | bytearray) -> None:
-        """Upload ``data`` as the next part."""
-        self._submit(self._part, data)
+    def send(self, part: io.BytesIO) -> None:
+        """Upload the bytes ``part`` holds as the next part; the upload owns ``part`` from here on.
+
+        A part goes up as a stream, read in small chunks: given as bytes, the HTTP client
+        (aiohttp) would copy it whole once or twice per request in flight (a slice, and the
+        socket transport's send buffer), beyond the part itself.
+        """
+        self._submit(self._part, part)
 
     def copy(self, source: str, first: int, last: int) -> None:
         """Make bytes ``first`` to ``last`` (inclusive) of the object at the path ``source`` the next part."""
@@ -308,10 +323,14 @@ class MultipartUpload:
         if failed is not None:
             failed.result()
 
-    def _part(self, number: int, data: bytes | bytearray) -> dict[str, Any]:
-        out = self._fs.call_s3(
-            "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._id, PartNumber=number, Body=data
-        )
+    def _part(self, number: int, part: io.BytesIO) -> dict[str, Any]:
+        try:
+            part.seek(0)
+            out = self._fs.call_s3(
+                "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._id, PartNumber=number, Body=part
+            )
+        finally:
+            part.close()  # frees the part now, before its slot is given to the next one
         return {"PartNumber": number, "ETag": out["ETag"]}
 
     def _copied_part(self, number: int, source: str, first: int, last: int) -> dict[str, Any]:
@@ -336,6 +355,11 @@ class MultipartUpload:
         except Exception:
             if not self._landed(size):  # a completion whose answer was lost is retried, and refused
                 raise
+        else:
+            # A request the file system retries itself reuses its body as it was left, so a part
+            # re-sent after a failure midway would go up short: the whole must have ``size`` bytes.
+            if not self._landed(size):
+                raise OSError(errno.EIO, f"the completed upload of {self._bucket}/{self._key} is not {size} bytes long")
         self._abort_others()
 
     def _landed(self, size: int) -> bool:
@@ -669,6 +693,9 @@ class _Prefix:
 class ManifestStore:
     """The manifest commit over an :class:`FsspecBackend`; see the module notes."""
 
+    summary_dir = None
+    """No summary cache file: listing an object store reads every manifest's fingerprint anyway."""
+
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
                  backend: FsspecBackend | None = None, grace_seconds: float = STALE_SECONDS) -> None:
         self.backend = backend if backend is not None else FsspecBackend(url, storage_options)
@@ -762,6 +789,19 @@ class ManifestStore:
         if len(committed) <= 1:
             return committed[-1] if committed else None
         return next((prefix for prefix in reversed(committed) if self._agrees(prefix)), committed[-1])
+
+    def identity(self, location: str) -> str:
+        """What changes whenever the checkpoint at ``location`` is replaced (its manifest's fingerprint)."""
+        return self.backend.fingerprint(self.backend.join(location, METADATA_FILE)) or ""
+
+    def occupant(self, name: str) -> None:
+        """Nothing is ever replaced in place: a save writes a prefix of its own."""
+        return None
+
+    def committed_at(self, location: str) -> str | None:
+        """``location`` when it is the newest committed prefix of its checkpoint, else None."""
+        wanted = str(location).rstrip("/")
+        return next((entry.location for entry in self.visible() if entry.location.rstrip("/") == wanted), None)
 
     def visible(self) -> Iterator[Entry]:
         for name, prefixes in self._scan().items():

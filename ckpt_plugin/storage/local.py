@@ -179,6 +179,16 @@ class LocalBackend:
     def join(self, base: str, *names: str) -> str:
         return os.path.join(base, *names)
 
+    def directory_of(self, key: str) -> Path:
+        """The directory ``key`` names, for a library that walks a directory itself (an object
+        store has no such path, and no such method)."""
+        return Path(key)
+
+    def append_line(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Append one line to the log file ``key`` in a single write (see :func:`append_line`). A
+        file system has appends; an object store has none, and a log there is one object per line."""
+        append_line(Path(key), data, durable=durable)
+
     def create(self, key: str, size: int | None = None) -> LocalSink:
         return LocalSink(os.fspath(key), size)
 
@@ -402,6 +412,25 @@ class LocalStore:
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
+
+    @property
+    def summary_dir(self) -> Path:
+        """Where a listing may keep its summary cache file: the directory itself."""
+        return self.root
+
+    def identity(self, location: str | os.PathLike[str]) -> str:
+        """What changes whenever the checkpoint at ``location`` is replaced (its directory's identity)."""
+        return directory_identity(location)
+
+    def occupant(self, name: str) -> Path | None:
+        """What a commit of ``name`` would replace in place, if anything is there."""
+        target = self.root / name
+        return target if os.path.lexists(target) else None
+
+    def committed_at(self, location: str | os.PathLike[str]) -> str | None:
+        """``location`` when a committed checkpoint is there (its ``metadata.json`` exists), else None."""
+        path = Path(location)
+        return os.fspath(path) if (path / METADATA_FILE).is_file() else None
 
     @property
     def url(self) -> str:

@@ -66,6 +66,23 @@ class Location:
             raise ConfigurationError(f"{self.where} is a URL, not a local directory")
         return self.where
 
+    def local_dir(self) -> Path | None:
+        """The local directory, or None for an object-store prefix (which has no directory of its own)."""
+        return None if isinstance(self.where, str) else self.where
+
+    def is_missing_directory(self) -> bool:
+        """Whether this is a local path with no directory there. An object-store prefix is never
+        missing: it exists once something is written below it, so only a listing can tell."""
+        return not isinstance(self.where, str) and not self.where.is_dir()
+
+    def same_place(self, other: Location | str | os.PathLike[str]) -> bool:
+        """Whether ``other`` names this place: the same URL (trailing ``/`` aside), or the same
+        directory once ``~`` and links are resolved."""
+        other = other if isinstance(other, Location) else Location(other)
+        if isinstance(self.where, str) or isinstance(other.where, str):
+            return self.where == other.where
+        return os.path.realpath(self.where) == os.path.realpath(other.where)
+
     def backend(self) -> Backend:
         """The backend that reaches this location, opened on first use and then shared."""
         with self._lock:
@@ -87,6 +104,8 @@ class Location:
             from .fsspec import ManifestStore
 
             return ManifestStore(self.where, backend=self.backend())  # type: ignore[arg-type]
+        if self.where.exists() and not self.where.is_dir():
+            raise ConfigurationError(f"checkpoint_dir {self.where} is a file, not a directory; choose another path")
         from .local import LocalStore
 
         return LocalStore(self.where)
