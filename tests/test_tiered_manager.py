@@ -1,6 +1,7 @@
 """``CheckpointManager(durable, local_dir=...)``: saves return once committed locally, uploads drain
-in the background, loads read the fastest copy that verifies, retention spans both tiers; with the
-durable tier on ``memory://`` (and a directory), the fast tier in a local directory or on /dev/shm."""
+in the background, loads read the fastest copy that verifies, retention spans both tiers. The
+durable tier is the moto S3 server and ``memory://`` (and a directory); the fast tier a local
+directory or /dev/shm."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def model_state(version: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def durable_url() -> str:
-    return f"memory://tiered-{uuid.uuid4().hex[:12]}/run/checkpoints"
+def durable_url(remote_url: str) -> str:
+    """The durable tier: a fresh URL on the moto S3 server and on ``memory://``."""
+    return remote_url
 
 
 def names(infos: list) -> list[str]:
