@@ -100,7 +100,7 @@ def spread(values: list[float]) -> str:
 def settle() -> None:
     """Let background deletions finish and flush dirty pages, so that no measurement pays for
     another's leftovers (saves in training are further apart than either)."""
-    from ckpt_plugin.storage import trash
+    from ckpt_plugin._storage import trash
 
     trash.drain()
     os.sync()
@@ -246,3 +246,58 @@ def start_server(bucket: str) -> tuple[subprocess.Popen[bytes], str]:
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return server, endpoint
+
+
+class Window:
+    """The steps of one measured stretch of training: each step's compute time, the time it was
+    blocked in a save after it, and whether a background write overlapped it."""
+
+    def __init__(self, computes: list[float], blocked: list[float], overlapped: list[bool]) -> None:
+        self.computes, self.blocked, self.overlapped = computes, blocked, overlapped
+
+    @property
+    def steps(self) -> int:
+        return len(self.computes)
+
+    @property
+    def mean_step(self) -> float:
+        """Seconds per step, saves included."""
+        return (sum(self.computes) + sum(self.blocked)) / self.steps
+
+    @property
+    def blocked_per_step(self) -> float:
+        return sum(self.blocked) / self.steps
+
+    @property
+    def quiet_step(self) -> float:
+        """The median compute time of the steps that no background write overlapped (nan if none)."""
+        quiet = [compute for compute, busy in zip(self.computes, self.overlapped) if not busy]
+        return statistics.median(quiet) if quiet else float("nan")
+
+    @property
+    def overlapped_share(self) -> float:
+        return sum(self.overlapped) / self.steps
+
+    def interference_per_step(self, baseline_quiet: float) -> float:
+        """Extra seconds per step of the steps a background write overlapped, against this window's
+        median quiet step (or ``baseline_quiet`` where every step overlapped a write)."""
+        quiet = self.quiet_step if any(not busy for busy in self.overlapped) else baseline_quiet
+        extra = sum(compute - quiet for compute, busy in zip(self.computes, self.overlapped) if busy)
+        return extra / self.steps
+
+
+class StepLog:
+    """Collects a :class:`Window` step by step."""
+
+    def __init__(self) -> None:
+        self.computes: list[float] = []
+        self.blocked: list[float] = []
+        self.overlapped: list[bool] = []
+
+    def add(self, compute: float, blocked: float = 0.0, overlapped: bool = False) -> None:
+        self.computes.append(compute)
+        self.blocked.append(blocked)
+        self.overlapped.append(overlapped)
+
+    def window(self) -> Window:
+        return Window(self.computes, self.blocked, self.overlapped)

@@ -49,7 +49,7 @@ from _common import (
 )
 
 from ckpt_plugin import CheckpointManager
-from ckpt_plugin.io.staging import StagingBuffer
+from ckpt_plugin._io.staging import StagingBuffer
 
 
 def main() -> None:

@@ -129,7 +129,7 @@ def failure_times(mtbf: float, restart: float, seed: int) -> Iterator[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=whole_number(), default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=whole_number(0), default=0)
     parser.add_argument("--mib", type=whole_number(), default=100)
     parser.add_argument("--saves", type=whole_number(), default=7)
     args = parser.parse_args()

@@ -46,7 +46,7 @@ def populate(root: Path, count: int) -> Path:
     from torch import nn
 
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, checkpoint_name, metadata_checksum
+    from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, checkpoint_name, metadata_checksum
 
     torch.manual_seed(0)
     model = nn.Linear(4, 2)

@@ -110,7 +110,7 @@ class Zygote:
         preload = ["__main__", "torch", "ckpt_plugin", "ckpt_plugin.registry", "core_helpers",
                    "crashcert.worker", "crashcert.checks"]
         if remote:
-            preload += ["s3fs", "boto3", "ckpt_plugin.storage.fsspec"]
+            preload += ["s3fs", "boto3", "ckpt_plugin._storage.fsspec"]
         self.context.set_forkserver_preload(preload)
 
     def run(self, target: Any, spec: dict[str, Any]) -> tuple[Any, Any]:

@@ -6,7 +6,7 @@ Import time is measured in fresh interpreters (``python -X importtime``, the cum
 top-level module, median of the rounds) for msgspec (used) and ``pydantic.main`` (pydantic's ``BaseModel``, the alternative), alone
 and in an interpreter that has already imported torch, as every user of ckpt_plugin has. Parse
 speed compares, in interleaved rounds, plain ``json.loads`` (no checks at all, what 0.1 did) with
-:func:`ckpt_plugin.format.documents.parse` (``json.loads``, the depth walk and the msgspec schema)
+:func:`ckpt_plugin._format.documents.parse` (``json.loads``, the depth walk and the msgspec schema)
 on a ``metadata.json`` of 2,000 files and a ``state.json`` of a 2,000-parameter Adam state.
 """
 
@@ -21,9 +21,9 @@ import sys
 import torch
 from _common import interleaved_medians, machine, whole_number
 
-from ckpt_plugin.checkpoint import build_metadata
-from ckpt_plugin.format import codec, documents
-from ckpt_plugin.storage import FileRecord
+from ckpt_plugin._checkpoint import build_metadata
+from ckpt_plugin._format import codec, documents
+from ckpt_plugin._storage import FileRecord
 
 
 def import_ms(module: str, rounds: int, prelude: str = "") -> float:

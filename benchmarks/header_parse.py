@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/header_parse.py [--case NAME ...]
 
 Each case is built on disk, then read in a fresh interpreter through the package's real read path
-(:func:`ckpt_plugin.io.files.read_header` for a safetensors file, ``read_sharding`` for a sharding
+(:func:`ckpt_plugin._io.files.read_header` for a safetensors file, ``read_sharding`` for a sharding
 document). The child reports the wall time of the read and its peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), and its RSS before the read (the interpreter with
 torch imported), so that the difference is what parsing cost. A read that is refused with a
@@ -33,8 +33,8 @@ import json, resource, sys, time
 from pathlib import Path
 import torch  # the baseline every user has
 from ckpt_plugin.errors import CheckpointError
-from ckpt_plugin.io.files import read_header
-from ckpt_plugin.distributed import LocalShardFiles, read_sharding
+from ckpt_plugin._io.files import read_header
+from ckpt_plugin._distributed import LocalShardFiles, read_sharding
 
 kind, path = sys.argv[1], Path(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -72,7 +72,7 @@ def empty_tensor_header(path: Path, *, count: int | None = None, header_bytes: i
 
 def many_chunks_sharding(directory: Path, chunks: int) -> None:
     """A sharding document with one tensor of ``chunks`` one-element chunks, checksummed."""
-    from ckpt_plugin.distributed.layout import CHECKSUM_KEY, FORMAT_NAME, FORMAT_VERSION, _checksum
+    from ckpt_plugin._distributed.layout import CHECKSUM_KEY, FORMAT_NAME, FORMAT_VERSION, _checksum
 
     document = {
         "format": FORMAT_NAME,
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--case", action="append", choices=["empty-1m", "empty-cap", "chunks-8000"])
     args = parser.parse_args()
     cases = args.case or ["empty-1m", "empty-cap", "chunks-8000"]
-    from ckpt_plugin.format import tensorformat
+    from ckpt_plugin._format import tensorformat
 
     print(machine())
     with tempfile.TemporaryDirectory(prefix="ckpt-header-") as scratch:

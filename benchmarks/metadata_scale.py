@@ -71,7 +71,7 @@ def populate(root: Path, count: int) -> Path:
     from torch import nn
 
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
+    from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))

@@ -18,7 +18,7 @@ from pathlib import Path
 from _common import MiB, build_state, interleaved_medians, machine, whole_number
 from ckpt_plugin import ArtifactRegistry, CheckpointManager
 from ckpt_plugin.registry import PRODUCTION_MODEL_FILE
-from ckpt_plugin.io.files import open_tensor_file
+from ckpt_plugin._io.files import open_tensor_file
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     registry.validate(0, "1.0.0")
     registry.promote("1.0.0")
     record = registry.production()["files"][PRODUCTION_MODEL_FILE]
-    from ckpt_plugin.storage import FileRecord
+    from ckpt_plugin._storage import FileRecord
 
     path, file = registry.production_dir / PRODUCTION_MODEL_FILE, FileRecord(record["size"], record["checksum"])
 

@@ -41,7 +41,7 @@ from _common import (
 )
 
 from ckpt_plugin import CheckpointManager
-from ckpt_plugin.storage import fsspec as remote
+from ckpt_plugin._storage import fsspec as remote
 
 
 def main() -> None:

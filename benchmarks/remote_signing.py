@@ -37,7 +37,8 @@ from _common import (
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ckpt_plugin import CheckpointManager, savelog
+from ckpt_plugin import CheckpointManager
+from ckpt_plugin import _savelog as savelog
 from ckpt_plugin.signing import verify_prefix
 
 

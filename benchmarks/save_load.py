@@ -56,10 +56,10 @@ from _common import (
     whole_number,
 )
 
-import ckpt_plugin.storage.local
+import ckpt_plugin._storage.local
 from ckpt_plugin import CheckpointManager
-from ckpt_plugin.io.files import tensor_bytes
-from ckpt_plugin.storage import trash
+from ckpt_plugin._io.files import tensor_bytes
+from ckpt_plugin._storage import trash
 
 
 class NullHasher:
@@ -150,7 +150,7 @@ def main() -> None:
     unhashed = CheckpointManager(root / "unhashed", max_checkpoints=2, keep_best=False, save_rng=False)
 
     def save_unhashed() -> None:
-        with mock.patch.object(ckpt_plugin.storage.local, "new_hasher", NullHasher):
+        with mock.patch.object(ckpt_plugin._storage.local, "new_hasher", NullHasher):
             unhashed.save(model=model, optimizer=optimizer, epoch=next(counter), metrics={"loss": 0.5})
 
     rounds = args.rounds

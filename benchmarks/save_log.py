@@ -20,7 +20,8 @@ from unittest import mock
 import torch
 
 from _common import machine, whole_number
-from ckpt_plugin import CheckpointManager, savelog
+from ckpt_plugin import CheckpointManager
+from ckpt_plugin import _savelog as savelog
 
 
 def timed(fn: Callable[[], object]) -> float:

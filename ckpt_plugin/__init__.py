@@ -6,7 +6,7 @@ last N and the best, and loads the latest, a given epoch or the best by any metr
 Lightning and Hugging Face callbacks live in ``ckpt_plugin.lightning`` and ``ckpt_plugin.hf``.
 """
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 import importlib
 from typing import TYPE_CHECKING, Any
@@ -29,20 +29,20 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .io.info import CheckpointInfo
-    from .io.rng import capture_rng_state, portable_rng_state, restore_rng_state
+    from ._io.info import CheckpointInfo
+    from ._io.rng import capture_rng_state, portable_rng_state, restore_rng_state
     from .manager import CheckpointManager
     from .registry import ArtifactRegistry
-    from .storage import Location
+    from ._storage import Location
 
 _LAZY = {
-    "CheckpointInfo": ".io.info",
+    "CheckpointInfo": "._io.info",
     "CheckpointManager": ".manager",
     "ArtifactRegistry": ".registry",
-    "Location": ".storage",
-    "capture_rng_state": ".io.rng",
-    "portable_rng_state": ".io.rng",
-    "restore_rng_state": ".io.rng",
+    "Location": "._storage",
+    "capture_rng_state": "._io.rng",
+    "portable_rng_state": "._io.rng",
+    "restore_rng_state": "._io.rng",
 }
 """Public names imported on first use, so that ``import ckpt_plugin.cli`` (and ``ckpt --help``)
 does not load the storage and checkpoint machinery it does not need."""

@@ -23,7 +23,7 @@ from typing import Any
 from .auto_interval import AutoInterval
 from .errors import ConfigurationError
 from .manager import CheckpointManager, check_top_k, config_to_dict, normalize_metrics
-from .preemption import PreemptionWatch, describe
+from ._preemption import PreemptionWatch, describe
 
 
 @dataclass(frozen=True)

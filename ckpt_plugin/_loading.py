@@ -7,15 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import listing, retention, signing
+from . import _listing as listing, _retention as retention, signing
 from ._options import DEFAULT_METRIC, SaveSettings
 from ._store import CheckpointStore, newest
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SignatureError
-from .format.names import checkpoint_name, parse_checkpoint_name
-from .io.info import CheckpointInfo
-from .io.reader import read_info
-from .io.rng import restore_rng_state
-from .reading import read_checkpoint, read_sharded_items
+from ._format.names import checkpoint_name, parse_checkpoint_name
+from ._io.info import CheckpointInfo
+from ._io.reader import read_info
+from ._io.rng import restore_rng_state
+from ._reading import read_checkpoint, read_sharded_items
 
 __all__ = ["CHOOSE_ATTEMPTS", "DeletedWhileReading", "Loader", "named_for", "newest", "ranges"]
 
@@ -178,15 +178,15 @@ class Loader:
     ) -> None:
         """Load ``info`` straight into live objects (see ``CheckpointManager.restore``): collectively
         when the model is sharded across ranks, consolidated when the checkpoint is sharded but the
-        objects are not, else through the single-pass restore of :mod:`ckpt_plugin.io.restore`."""
+        objects are not, else through the single-pass restore of :mod:`ckpt_plugin._io.restore`."""
         if collective:
-            from .distributed.collective import restore_sharded
+            from ._distributed.collective import restore_sharded
 
             restore_sharded(self.settings, info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
         elif info.sharded:
             self.restore_consolidated(info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
         else:
-            from .io.restore import restore_checkpoint  # the tensor machinery loads on first use
+            from ._io.restore import restore_checkpoint  # the tensor machinery loads on first use
 
             restore_checkpoint(
                 info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic,

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import retention
+from . import _retention as retention
 from .errors import ConfigurationError
-from .io.incremental import DETECTION_MODES
+from ._io.incremental import DETECTION_MODES
 
 DEFAULT_METRIC = "loss"
 """What ``keep_best`` and :meth:`CheckpointManager.best` rank by when nothing else says."""

@@ -1,22 +1,22 @@
 """The save strategies of a :class:`~ckpt_plugin.CheckpointManager`, all through its
 :class:`~ckpt_plugin._store.CheckpointStore`: plain or incremental (the model sharded, unchanged
 shards reused), written now or by the asynchronous saver in the background, or collective, where
-every rank of a distributed job writes its own shards (:mod:`ckpt_plugin.distributed.collective`)."""
+every rank of a distributed job writes its own shards (:mod:`ckpt_plugin._distributed.collective`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from . import metadata
+from . import _metadata as metadata
 from ._options import SaveSettings
 from ._snapshot import SaveArguments, current_dir, snapshot_of
 from ._store import CheckpointStore
-from .io.async_save import AsyncSaver
-from .io.incremental import IncrementalWriter, Observation
-from .io.info import CheckpointInfo
-from .io.writer import Snapshot
-from .storage import trash
+from ._io.async_save import AsyncSaver
+from ._io.incremental import IncrementalWriter, Observation
+from ._io.info import CheckpointInfo
+from ._io.writer import Snapshot
+from ._storage import trash
 
 OnCommit = Callable[[CheckpointInfo], None]
 
@@ -44,7 +44,7 @@ class SaveStrategies:
 
     def sharded(self, model: Any, optimizer: Any, arguments: SaveArguments, on_commit: OnCommit | None) -> CheckpointInfo:
         """The collective strategy: every rank writes its own shards, the coordinator commits."""
-        from .distributed.collective import save_sharded
+        from ._distributed.collective import save_sharded
 
         try:  # the save in flight commits first, and the checkpoints it dropped are gone
             if self._saver is not None:

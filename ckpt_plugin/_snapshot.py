@@ -1,5 +1,5 @@
 """What a save records: the arguments of :meth:`CheckpointManager.save` checked and turned into a
-:class:`~ckpt_plugin.io.writer.Snapshot` (metrics as plain numbers, ``config`` as plain data, each
+:class:`~ckpt_plugin._io.writer.Snapshot` (metrics as plain numbers, ``config`` as plain data, each
 state dict taken once, the RNG states when asked)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 from ._options import SaveSettings
 from .errors import ConfigurationError, EncodingError
-from .io import incremental as incremental_saves
-from .io.rng import capture_rng_state
-from .io.writer import Snapshot, take_snapshot
-from .metadata import provenance
+from ._io import incremental as incremental_saves
+from ._io.rng import capture_rng_state
+from ._io.writer import Snapshot, take_snapshot
+from ._metadata import provenance
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``CheckpointStore``: the one owner of the commit pipeline of a checkpoint directory or prefix.
 
-It holds the commit backend opened from a :class:`~ckpt_plugin.storage.Location`, the lock that
+It holds the commit backend opened from a :class:`~ckpt_plugin._storage.Location`, the lock that
 orders commits and retention, the listing cache, the retention policies, the save log and the
 signing key. Every save goes through it, whatever its strategy (plain, incremental, sharded):
 
@@ -22,20 +22,20 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import listing, retention, savelog, signing
+from . import _listing as listing, _retention as retention, _savelog as savelog, signing
 from .errors import CheckpointError, ForeignFileError, StorageError
-from .format.layout import looks_like_checkpoint
-from .format.records import METADATA_FILE
-from .io.async_save import pending_info
-from .io.incremental import IncrementalWriter, Observation
-from .io.info import CheckpointInfo
-from .io.reader import read_info
-from .io.writer import Snapshot, write_snapshot
-from .storage import Backend, Entry, Location, Transaction, with_backend
+from ._format.layout import looks_like_checkpoint
+from ._format.records import METADATA_FILE
+from ._io.async_save import pending_info
+from ._io.incremental import IncrementalWriter, Observation
+from ._io.info import CheckpointInfo
+from ._io.reader import read_info
+from ._io.writer import Snapshot, write_snapshot
+from ._storage import Backend, Entry, Location, Transaction, with_backend
 
 
 class CheckpointStore:
-    """The checkpoints at one :class:`~ckpt_plugin.storage.Location`: commit, list, retain.
+    """The checkpoints at one :class:`~ckpt_plugin._storage.Location`: commit, list, retain.
 
     ``policies`` are the retention policies applied after each commit (none: keep everything);
     ``signing_key`` (a PEM file) signs every checkpoint before it commits.
@@ -164,7 +164,7 @@ class CheckpointStore:
         self._resumed = True
 
     def save_log(self) -> list[dict[str, Any]]:
-        """The run's save log, oldest first (see :mod:`ckpt_plugin.savelog`)."""
+        """The run's save log, oldest first (see :mod:`ckpt_plugin._savelog`)."""
         return savelog.read(self.location.where, self.backend)
 
     def _log_save(self, info: CheckpointInfo) -> None:

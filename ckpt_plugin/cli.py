@@ -46,10 +46,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise SystemExit("the ckpt command needs the cli extra: pip install 'ckpt-plugin[cli]'") from exc
 
-from .display import age as _age
-from .display import format_metrics as _format_metrics
-from .display import plain as _plain
-from .display import visible
+from ._display import age as _age
+from ._display import format_metrics as _format_metrics
+from ._display import plain as _plain
+from ._display import visible
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -79,7 +79,7 @@ app = typer.Typer(
 class DataConsole(Console):
     """A Rich console for output made of data: every string printed, in a table cell or a title
     too, is shown as it is. Rich markup in it is not read (``[link=...]`` prints as written) and its
-    control characters are made visible (:func:`~ckpt_plugin.display.visible`), so a metric name,
+    control characters are made visible (:func:`~ckpt_plugin._display.visible`), so a metric name,
     a version or a user read from a checkpoint or a registry cannot style, link, clear or retitle
     the terminal. The command's own styling is passed as :class:`rich.text.Text`."""
 
@@ -276,7 +276,7 @@ def list_checkpoints(
     counters of a Hugging Face run (eval_runtime, *_samples_per_second, total_flos, epoch, ...) are
     left out unless --metrics names them. --json holds every metric unless --metrics is given.
     """
-    from .metric_choice import parse_names
+    from ._metric_choice import parse_names
     from .summary import checkpoint_table
 
     requested = parse_names(metrics)
@@ -685,7 +685,7 @@ def plot(
 
     One panel per metric, the ranking metric first; the runtime and throughput counters of a
     Hugging Face run get none unless --metrics names them."""
-    from .metric_choice import parse_names
+    from ._metric_choice import parse_names
     from .plot import plot_run, run_history
 
     requested = parse_names(metrics)

@@ -15,21 +15,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .display import plain
+from ._display import plain
 from .errors import ConfigurationError
-from .format import codec
-from .format.layout import MODEL_FILE
-from .format.records import METADATA_FILE
-from .io.files import copy_file, write_bytes_file, write_tensor_file
-from .io.info import CheckpointInfo
-from .io.writer import SAFETENSORS_METADATA
-from .local_dirs import publish_dir
-from .storage import LOCAL, publish_file, publish_made
+from ._format import codec
+from ._format.layout import MODEL_FILE
+from ._format.records import METADATA_FILE
+from ._io.files import copy_file, write_bytes_file, write_tensor_file
+from ._io.info import CheckpointInfo
+from ._io.writer import SAFETENSORS_METADATA
+from ._local_dirs import publish_dir
+from ._storage import LOCAL, publish_file, publish_made
 from .summary import recorded_metadata
 from .tensors import ProgressFactory, model_files, model_tensors, read_verified
 
 if TYPE_CHECKING:
-    from .format.records import FileRecord
+    from ._format.records import FileRecord
 
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
 PT_WARNING = "a .pt file is a pickle: load it only with weights_only=True, and only from sources you trust"

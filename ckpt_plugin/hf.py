@@ -71,11 +71,11 @@ try:
 except ImportError:  # transformers releases before GreedyLR
     METRIC_SCHEDULERS = (torch.optim.lr_scheduler.ReduceLROnPlateau,)
 
-from . import data_state
-from ._callback_core import ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
+from . import _data_state as data_state
+from ._callback_core import AutoSchedule, ManagerOptions, PreemptionStop, SaveSchedule, check_metric_logged, check_ranking, given_manager
 from . import CheckpointInfo, Location, restore_rng_state
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, ForeignFileError, StorageError
-from .local_dirs import publish_dir, remove_dirs, remove_link, set_link, symlinks
+from ._local_dirs import publish_dir, remove_dirs, remove_link, set_link, symlinks
 from .manager import CheckpointManager
 
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -289,6 +289,14 @@ class CheckpointCallback(TrainerCallback):
             before the first evaluation.
         local_dir, keep_local, max_pending_uploads: as for ``CheckpointManager``: checkpoints
             commit in ``local_dir`` and upload to ``checkpoint_dir`` in the background.
+        every: ``"auto"`` saves when :meth:`CheckpointManager.due <ckpt_plugin.CheckpointManager.due>`
+            says so, at the interval ``sqrt(2 * C * MTBF)`` (Young and Daly) for the measured save
+            cost ``C``, instead of the ``TrainingArguments``' save strategy (``save_strategy`` and
+            ``save_steps`` are then refused). The final state is saved when training ends, and
+            ``save_on_preemption`` stays in force.
+        mtbf, min_interval, max_interval: with ``every="auto"``: the mean time between failures
+            (seconds, or ``"6h"``; learned from the run's restarts when left out) and the bounds of
+            the interval.
 
     The manager is :attr:`manager`, available once the callback is given to a ``Trainer`` (at
     once with ``manager=``).
@@ -321,8 +329,14 @@ class CheckpointCallback(TrainerCallback):
         local_dir: str | os.PathLike[str] | None = None,
         keep_local: int = 2,
         max_pending_uploads: int = 2,
+        every: str | None = None,
+        mtbf: str | float | None = None,
+        min_interval: str | float = 10.0,
+        max_interval: str | float = "6h",
     ) -> None:
         arguments = dict(locals())
+        fixed = [f"{name}={value!r}" for name, value in (("save_strategy", save_strategy), ("save_steps", save_steps)) if value is not None]
+        self.auto = AutoSchedule.chosen(every, mtbf, min_interval, max_interval, fixed=fixed)
         self._manager: CheckpointManager | None = given_manager(manager, arguments, _DEFAULTS)
         self._given_manager = self._manager
         if mode not in (None, "min", "max"):
@@ -534,7 +548,11 @@ class CheckpointCallback(TrainerCallback):
         if self._preemption.requested(functools.partial(_any_rank, args=args)):
             self._stop_for_preemption(args, state, control, **kwargs)
             return control
-        return self._request(args, state, control, settings.save_due_at_step(state), **kwargs)
+        if self.auto is not None:  # every process measures; any process's "due" saves on all of them
+            due = _any_rank(self.auto.due(self.manager, state.global_step), args=args)
+        else:
+            due = settings.save_due_at_step(state)
+        return self._request(args, state, control, due, **kwargs)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -544,7 +562,7 @@ class CheckpointCallback(TrainerCallback):
         if self._preempted:  # stopping: no evaluation or save at the end of the cut-short epoch
             control.should_save = control.should_evaluate = False
             return control
-        return self._request(args, state, control, settings.save_strategy == "epoch", **kwargs)
+        return self._request(args, state, control, settings.save_strategy == "epoch" and self.auto is None, **kwargs)
 
     def _stop_for_preemption(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -562,6 +580,8 @@ class CheckpointCallback(TrainerCallback):
     def _request(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, due: bool, **kwargs: Any
     ) -> TrainerControl:
+        if self.auto is not None:
+            control.should_save = False  # the TrainingArguments' schedule gives way to every="auto"
         if control.should_save or due:
             control.should_save = False
             if self.settings is None or self.settings.save_strategy != "best":  # "best" saves only in on_evaluate
@@ -598,7 +618,7 @@ class CheckpointCallback(TrainerCallback):
         self._check_metric(settings, metrics or {})
         if control.should_save:
             control.should_save = False
-            if settings.save_strategy != "best":
+            if settings.save_strategy != "best" and self.auto is None:
                 self._pending = self._pending or self._saved_step != state.global_step
         if settings.save_strategy == "best" and metrics and settings.metric_for_best in metrics:
             value = float(metrics[settings.metric_for_best])
@@ -635,6 +655,8 @@ class CheckpointCallback(TrainerCallback):
     ) -> None:
         self._preemption.end()
         self._data.started(args)
+        if self.auto is not None and not self._preempted and self._saved_step != state.global_step:
+            self._pending = True  # every="auto" leaves a checkpoint of the final state
         self._flush(args, state, **kwargs)
         if self._manager is not None:
             self._manager.close()  # the last save commits (or its error is raised) before the best is read
@@ -838,7 +860,7 @@ def _resumes_mid_epoch(args: TrainingArguments, state: TrainerState, train_datal
 class _DataResume:
     """The train data loader's position in the callback's checkpoints, and a resume that skips nothing.
 
-    A save keeps the loader's state (see :mod:`ckpt_plugin.data_state`) as of the optimizer step
+    A save keeps the loader's state (see :mod:`ckpt_plugin._data_state`) as of the optimizer step
     it belongs to. On a resume inside an epoch that state goes back into the Trainer's loader, and
     ``args.ignore_data_skip`` is raised until the first step begins, so the Trainer does not replay
     the epoch's first batches through ``skip_first_batches`` (which would also rebuild the loader

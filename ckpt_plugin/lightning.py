@@ -65,7 +65,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from . import data_state, errors
+from . import _data_state as data_state, errors
 from ._callback_core import (
     AutoSchedule,
     ManagerOptions,
@@ -77,7 +77,7 @@ from ._callback_core import (
     plain_metrics,
 )
 from . import CheckpointInfo, Location, capture_rng_state, portable_rng_state, restore_rng_state
-from .checkpoint import METADATA_FILE
+from ._checkpoint import METADATA_FILE
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager
 from .one_checkpoint import info_at, read_checkpoint
@@ -255,9 +255,7 @@ class ManagerCheckpointIO(CheckpointIO):
 def _manager_checkpoint(manager: CheckpointManager, path: Any) -> CheckpointInfo | None:
     """The checkpoint Lightning names by ``path`` (a directory, or on an object store the URL of its
     manifest, see :func:`_lightning_path`), or None when it is not one of ours."""
-    if Location(str(path)).remote:
-        return manager.checkpoint_at(_without_manifest(str(path)))
-    return checkpoint_info(path)
+    return manager.checkpoint_at(_without_manifest(os.fspath(path)))
 
 
 def _checkpoint_to_load(manager: CheckpointManager, path: Any) -> CheckpointInfo | None:
@@ -278,11 +276,7 @@ def _checkpoint_to_load(manager: CheckpointManager, path: Any) -> CheckpointInfo
 def _is_checkpoint_dir(manager: CheckpointManager, path: Any) -> bool:
     """Whether ``path`` names the manager's ``checkpoint_dir`` itself (written as the manager was given it)."""
     where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(where, str) or Location(where).remote != manager.remote:
-        return False
-    if manager.remote:
-        return where.rstrip("/") == manager.checkpoint_dir  # the manager keeps its URL without the trailing "/"
-    return os.path.realpath(os.path.expanduser(where)) == os.path.realpath(manager.checkpoint_dir)
+    return isinstance(where, str) and Location(where).same_place(manager.checkpoint_dir)
 
 
 def _without_manifest(location: str) -> str:
@@ -297,6 +291,7 @@ def _lightning_path(info: CheckpointInfo | None) -> str | None:
     an object store has times for objects only)."""
     if info is None:
         return None
+    # The one local/remote branch here: Lightning reads a modification time, which a prefix lacks.
     return info.file(METADATA_FILE) if Location(info.location).remote else str(info.path)
 
 
@@ -750,7 +745,7 @@ class CheckpointCallback(ModelCheckpoint):
         states are restored now; mid-epoch the uninterrupted run had drawn it already, so the states
         are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
         when it is stateful) has been created. A mid-epoch state saved at another world size is
-        refused (:func:`ckpt_plugin.data_state.check_world_size`): each rank's loader position counts
+        refused (:func:`ckpt_plugin._data_state.check_world_size`): each rank's loader position counts
         the samples of its own shard.
         """
         if self._stage != "fit" or state_dict.get("rng") is None:
@@ -1147,7 +1142,7 @@ def _resolve_checkpoint(
     one = info_at(Location(_without_manifest(str(place)), place.storage_options))
     if one is not None:
         return one
-    if not place.remote and not place.path.is_dir():
+    if place.is_missing_directory():
         raise errors.CheckpointNotFoundError(
             f"{location} is not a directory; pass the CheckpointCallback's checkpoint_dir or one of its checkpoints"
         )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import retention
+from . import _retention as retention
 from ._loading import Loader, newest
 from .auto_interval import AutoInterval, SaveCadence, learned_from_log
 from ._options import DEFAULT_METRIC, BestMetricCheck, SaveSettings, check_top_k
@@ -24,12 +24,12 @@ from ._snapshot import SaveArguments, config_to_dict, normalize_metrics, whole_n
 from ._store import CheckpointStore
 from ._tiered.store import TieredLoader, TieredStore
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError
-from .format import codec
-from .io.async_save import AsyncSaver
-from .io.files import read_bytes_file
-from .io.info import CheckpointInfo
-from .io.reader import Device, foreign_files
-from .storage import Backend, Location, trash
+from ._format import codec
+from ._io.async_save import AsyncSaver
+from ._io.files import read_bytes_file
+from ._io.info import CheckpointInfo
+from ._io.reader import Device, foreign_files
+from ._storage import Backend, Location, trash
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +55,7 @@ class CheckpointManager:
             resumed run continues bitwise identically.
         incremental: store the model as Hugging Face-style shards and hard-link the shards that did
             not change since the previous checkpoint instead of writing them again (frozen
-            backbones, adapter fine-tuning). See :mod:`ckpt_plugin.io.incremental`.
+            backbones, adapter fine-tuning). See :mod:`ckpt_plugin._io.incremental`.
         change_detection: how ``incremental`` finds unchanged tensors: ``"checksum"`` hashes every
             model tensor at each save; ``"version"`` trusts autograd version counters and hashes only
             tensors that were written to (writes through ``.data`` go unseen).
@@ -98,7 +98,7 @@ class CheckpointManager:
     When ``torch.distributed`` is initialized and the model holds DTensors (FSDP2 ``fully_shard``,
     tensor parallel), :meth:`save` and :meth:`restore` are collective: every rank calls them, each
     rank writes and reads only its own shards, and a checkpoint restores at any world size. See
-    :mod:`ckpt_plugin.distributed.collective`.
+    :mod:`ckpt_plugin._distributed.collective`.
 
     Saving a checkpoint for an epoch (and step) that already exists replaces it atomically:
     readers see the old checkpoint or the new one, never a mix.
@@ -220,8 +220,8 @@ class CheckpointManager:
     def route_storage(self, wrap: Callable[[Backend], Backend]) -> Backend:
         """Move this manager's bytes through ``wrap(backend)`` from now on, commits included, and
         return that backend. The seam for wrapping storage, for example in a
-        :class:`~ckpt_plugin.storage.faults.FaultyBackend` that injects failures in tests
-        (:func:`ckpt_plugin.storage.faults.inject`), or in a wrapper that counts requests."""
+        :class:`~ckpt_plugin._storage.faults.FaultyBackend` that injects failures in tests
+        (:func:`ckpt_plugin._storage.faults.inject`), or in a wrapper that counts requests."""
         return self._store.route(wrap)
 
     @property
@@ -419,7 +419,7 @@ class CheckpointManager:
         """Load ``state``, the ``item`` state (``"model"``, ``"optimizer"``, ...) that :meth:`read` gave
         for checkpoint ``info``, into ``target`` with its ``load_state_dict``. Whatever ``target``
         raises on that content becomes :class:`IncompatibleCheckpointError` naming the checkpoint."""
-        from .io.restore import apply_state  # the tensor machinery loads on first use
+        from ._io.restore import apply_state  # the tensor machinery loads on first use
 
         apply_state(item, info.path, target.load_state_dict, state)
 
@@ -535,7 +535,7 @@ def _collective(model: Any) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    from .distributed.collective import holds_dtensors
+    from ._distributed.collective import holds_dtensors
 
     return holds_dtensors(model)
 

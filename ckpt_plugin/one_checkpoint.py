@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 
-from .format.records import METADATA_FILE
-from .io.info import CheckpointInfo
-from .io.reader import read_info
-from .reading import read_checkpoint
-from .storage import Location
+from ._format.records import METADATA_FILE
+from ._io.info import CheckpointInfo
+from ._io.reader import read_info
+from ._reading import read_checkpoint
+from ._storage import Location
 
 
 def info_at(where: Location | str | os.PathLike[str]) -> CheckpointInfo | None:

@@ -14,7 +14,7 @@ Needs matplotlib (``pip install 'ckpt-plugin[plot]'``); it runs headless (Agg).
 
 One panel per metric: the ranking metric first, then the others; the runtime and throughput
 counters of a Hugging Face run (``eval_runtime``, ``*_samples_per_second``, ``total_flos``,
-``epoch``, ...) get no panel unless ``metrics`` names them (:mod:`ckpt_plugin.metric_choice`).
+``epoch``, ...) get no panel unless ``metrics`` names them (:mod:`ckpt_plugin._metric_choice`).
 The x axis (steps, or epochs when a checkpoint has no step) has whole-number ticks.
 
 Names are data: every label is drawn as written (no mathtext, no TeX, control characters made
@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import metric_choice, savelog
-from .display import visible
+from . import _metric_choice as metric_choice, _savelog as savelog
+from ._display import visible
 from .errors import CheckpointNotFoundError, ConfigurationError
 from .manager import DEFAULT_METRIC, CheckpointManager
 from .registry import ArtifactRegistry
-from .storage import Location
+from ._storage import Location
 
 FORMATS = (".png", ".svg", ".html")
 MAX_PANELS = 9

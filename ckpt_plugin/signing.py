@@ -42,17 +42,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 from .errors import CheckpointError, ConfigurationError, SignatureError, UnsignedError
-from .format.layout import SIGNATURE_FILE
-from .io.files import hash_file, write_bytes_file
-from .storage import Backend
-from .storage.copies import PrivateCopyBackend
+from ._format.layout import SIGNATURE_FILE
+from ._io.files import hash_file, write_bytes_file
+from ._storage import Backend
+from ._storage.copies import PrivateCopyBackend
 
 MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
 """A signature is a few kilobytes per thousand files; anything this large is not one."""
 Key = Union[str, "os.PathLike[str]"]
 Location = Union[str, "os.PathLike[str]"]
 Signer = Callable[[Backend, str, Mapping[str, bytes]], str]
-"""The ``before_commit`` hook of :func:`~ckpt_plugin.io.writer.write_snapshot`: given the backend, the
+"""The ``before_commit`` hook of :func:`~ckpt_plugin._io.writer.write_snapshot`: given the backend, the
 prefix that holds every file of a checkpoint, and the files its commit will write (name to bytes),
 it writes the signature inside the prefix and returns its location."""
 
@@ -254,7 +254,7 @@ def _private_copy(backend: Backend, location: str) -> bytearray:
 
 def signer(private_key: Key, *, password: str | None = None) -> Signer:
     """The hook that signs a checkpoint before it commits (``before_commit`` of
-    :func:`~ckpt_plugin.io.writer.write_snapshot`), locally and on object stores alike."""
+    :func:`~ckpt_plugin._io.writer.write_snapshot`), locally and on object stores alike."""
     _key_file(private_key, "private")  # a wrong path fails before any file is written
     return functools.partial(_sign_pending, private_key=private_key, password=password)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .format import codec
-from .format.records import METADATA_FILE
-from .io.files import read_json
-from .io.info import CheckpointInfo, parse_metadata
-from .metric_choice import choose
-from .retention import best_index
+from ._format import codec
+from ._format.records import METADATA_FILE
+from ._io.files import read_json
+from ._io.info import CheckpointInfo, parse_metadata
+from ._metric_choice import choose
+from ._retention import best_index
 from .tensors import model_parameters, model_shapes
 
 if TYPE_CHECKING:

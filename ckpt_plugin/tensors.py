@@ -3,7 +3,7 @@ models differ.
 
 A plain checkpoint keeps its model in ``model.safetensors`` (or in Hugging Face-style shards and
 their index); a per-rank sharded one keeps a piece of every tensor in each rank's file, and its
-full tensors come from consolidating them (:mod:`ckpt_plugin.distributed.consolidate`). The
+full tensors come from consolidating them (:mod:`ckpt_plugin._distributed.consolidate`). The
 functions here hide that difference. Shapes come from the safetensors headers alone, so
 :func:`model_shapes` of a plain checkpoint does not import torch.
 """
@@ -15,17 +15,17 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .format import shards
-from .format.layout import MODEL_FILE, STATE_FILE
-from .io.files import read_header, verify_file
-from .io.info import CheckpointInfo
-from .io.reader import item_shards, open_item_files
-from .reading import read_checkpoint, read_sharded_items
+from ._format import shards
+from ._format.layout import MODEL_FILE, STATE_FILE
+from ._io.files import read_header, verify_file
+from ._io.info import CheckpointInfo
+from ._io.reader import item_shards, open_item_files
+from ._reading import read_checkpoint, read_sharded_items
 
 if TYPE_CHECKING:
     import torch
 
-    from .format.records import FileRecord
+    from ._format.records import FileRecord
 
 ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]
 """Given a label and a byte count, a callback advanced by the bytes read (or None for no bar)."""
@@ -34,7 +34,7 @@ ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]
 def model_files(info: CheckpointInfo) -> list[str]:
     """The files that hold the model of ``info``: one file, HF-style shards and index, or per-rank shards."""
     if info.sharded:
-        from .distributed.consolidate import model_files as sharded_model_files
+        from ._distributed.consolidate import model_files as sharded_model_files
 
         return sharded_model_files(info.files)
     return shards.item_files(info.files, MODEL_FILE) or [MODEL_FILE]
@@ -71,7 +71,7 @@ def model_tensors_of(manager: Any, which: str | int | CheckpointInfo = "latest",
 def sharded_across_ranks(*objects: Any) -> bool:
     """Whether any module or state dict among ``objects`` is sharded across ranks in a distributed
     job (DTensors, an FSDP1 module, ShardedTensors): then only a collective save holds it whole."""
-    from .distributed.collective import holds_dtensors  # loads torch.distributed
+    from ._distributed.collective import holds_dtensors  # loads torch.distributed
 
     return holds_dtensors(*objects)
 
@@ -99,7 +99,7 @@ def verify_files(
     """Check every ``(location, record)`` on ``backend`` (the local file system when None), with
     one ``progress`` bar labelled ``label``; return a problem (``path``, ``error``) for each damaged
     or missing file."""
-    from .storage import LOCAL
+    from ._storage import LOCAL
 
     files = list(files)
     advance = progress(label, sum(record.size for _, record in files)) if progress is not None else None

@@ -40,7 +40,7 @@ def _branches(package: Path) -> dict[str, int]:
     found: dict[str, int] = {}
     for path in _modules(package):
         relative = path.relative_to(package)
-        if relative.parts[0] == "storage":
+        if relative.parts[0] in ("storage", "_storage"):
             continue
         lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
         count = sum(1 for line in lines if BRANCH.search(line) and CONDITIONAL.search(line))

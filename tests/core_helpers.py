@@ -145,7 +145,7 @@ def objects(url: str) -> list[str]:
 def recover_now(manager: Any) -> None:
     """Remove what interrupted saves left in ``manager``'s checkpoint place at once: on an object
     store every uncommitted prefix of ours then counts as dead (no grace period for live writers)."""
-    from ckpt_plugin.storage import open_store
+    from ckpt_plugin._storage import open_store
 
     store = open_store(manager.checkpoint_dir, manager.storage_options or None)
     if hasattr(store, "grace_seconds"):

@@ -170,7 +170,7 @@ def save_listing_and_crash(directory: str) -> None:
     file replaces the cache."""
     from pathlib import Path
 
-    from ckpt_plugin import listing
+    from ckpt_plugin import _listing as listing
 
     def killed(*args: Any, **kwargs: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)

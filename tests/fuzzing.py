@@ -35,13 +35,15 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager, listing, savelog
-from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, SHARDING_FILE, metadata_checksum
-from ckpt_plugin.distributed.layout import CHECKSUM_KEY as SHARDING_CHECKSUM_KEY
-from ckpt_plugin.distributed.layout import _checksum as sharding_checksum
-from ckpt_plugin.format import codec, documents
+from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager
+from ckpt_plugin import _listing as listing
+from ckpt_plugin import _savelog as savelog
+from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, SHARDING_FILE, metadata_checksum
+from ckpt_plugin._distributed.layout import CHECKSUM_KEY as SHARDING_CHECKSUM_KEY
+from ckpt_plugin._distributed.layout import _checksum as sharding_checksum
+from ckpt_plugin._format import codec, documents
 from ckpt_plugin.plot import run_history
-from ckpt_plugin.storage import checksum_bytes
+from ckpt_plugin._storage import checksum_bytes
 
 TARGETS = [
     "checkpoints/epoch_1/metadata.json",

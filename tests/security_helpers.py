@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
-from ckpt_plugin.format import documents
-from ckpt_plugin.storage import checksum_bytes
+from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
+from ckpt_plugin._format import documents
+from ckpt_plugin._storage import checksum_bytes
 
 
 def read_doc(path: Path) -> Any:

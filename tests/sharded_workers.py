@@ -221,7 +221,7 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
     committed = settled_entries(manager, directory / "ckpts")
 
     # A rank that fails while writing its shards: no commit, every rank raises.
-    from ckpt_plugin.distributed import files as shard_files
+    from ckpt_plugin._distributed import files as shard_files
 
     original = shard_files.BackendShardFiles.write_tensors
 
@@ -277,7 +277,7 @@ def job_save_and_fail(rank: int, world: int, directory: Path) -> None:
 
     # A rank that never arrives: the other gives up after collective_timeout instead of hanging.
     short = manager_at(directory, collective_timeout=2)
-    from ckpt_plugin.distributed.collective import coordination_group
+    from ckpt_plugin._distributed.collective import coordination_group
 
     coordination_group(2.0)  # collective: both ranks create the short-timeout group
     dist.barrier()
@@ -357,7 +357,7 @@ def job_remote_save(rank: int, world: int, directory: Path, url: str) -> None:
     """All ranks write under one object-store prefix per checkpoint (the S3 server's endpoint and
     credentials come from the standard AWS environment); a rank failing mid-upload commits nothing;
     restore at this world size and an asynchronous save are exact."""
-    from ckpt_plugin.storage import faults
+    from ckpt_plugin._storage import faults
 
     model = shard(build(0), world)
     optimizer, scheduler = objects(model)
@@ -470,7 +470,7 @@ def job_exit_after_collective(rank: int, world: int, directory: Path) -> None:
     Meant for ``launch(..., finalize=True)``: the rank exits through a normal interpreter exit,
     which must not abort, and no thread of the library's coordination groups may outlive the exit
     hooks (checked by a hook that runs after the library's, and reported in a file)."""
-    assert "ckpt_plugin.distributed.collective" not in sys.modules, "the check must be registered before the library's hook"
+    assert "ckpt_plugin._distributed.collective" not in sys.modules, "the check must be registered before the library's hook"
     known: set[int] = set()
     atexit.register(_report_threads_left, known, directory / f"threads-left-{rank}")  # runs after hooks registered later
     model = shard(build(0), world)

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     import sys, time
     import torch
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.storage.faults import inject
+    from ckpt_plugin._storage.faults import inject
 
     path, megabytes, delay, seed, fail = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 

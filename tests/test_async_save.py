@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ckpt_plugin import AsyncSaveError, CheckpointManager, StorageError
-from ckpt_plugin.io.staging import StagingBuffer
-from ckpt_plugin.storage import faults
+from ckpt_plugin._io.staging import StagingBuffer
+from ckpt_plugin._storage import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,6 +198,28 @@ def test_at_most_one_save_in_flight(tmp_path):
     assert [info.epoch for info in manager.checkpoints()] == [0, 1]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_background_write_runs_at_a_lower_priority_and_says_when_it_runs(tmp_path):
+    from ckpt_plugin._io import async_save
+
+    model, optimizer = make_model()
+    manager = CheckpointManager(tmp_path, async_save=True, keep_best=False)
+    gate = Gate(manager)
+    manager.save(model=model, optimizer=optimizer, epoch=0)
+    assert gate.entered.wait(30)
+    assert manager._saver.writing
+    writers = [thread for thread in threading.enumerate() if thread.name.startswith("ckpt-save")]
+    assert writers
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    expected = min(19, own + async_save.BACKGROUND_NICENESS)
+    assert {os.getpriority(os.PRIO_PROCESS, thread.native_id) for thread in writers} == {expected}
+    gate.release.set()
+    manager.wait()
+    assert not manager._saver.writing
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own, "the caller's priority is untouched"
+    manager.close()
+
+
 def test_staging_buffer_is_reused_and_the_size_of_the_state(tmp_path):
     model, optimizer = make_model()
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -322,7 +344,7 @@ CHILD_EXIT = textwrap.dedent(
     import sys, time
     import torch
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.storage import faults
+    from ckpt_plugin._storage import faults
 
     held = []
     def slow(operation, key):

@@ -127,7 +127,8 @@ def test_the_save_log_records_restarts_and_the_time_between_them() -> None:
 def test_manager_due_measures_saves_and_learns_restarts_from_the_log(tmp_path) -> None:
     import torch
 
-    from ckpt_plugin import CheckpointManager, savelog
+    from ckpt_plugin import CheckpointManager
+    from ckpt_plugin import _savelog as savelog
 
     model = torch.nn.Linear(4, 2)
     manager = CheckpointManager(tmp_path, max_checkpoints=2)

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ckpt_plugin import CheckpointManager, ConfigurationError, CorruptCheckpointError
-from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
-from ckpt_plugin.distributed import LocalShardFiles, SafetensorsWriter, Sharding, JsonSavePlanner, read_full, read_sharding
-from ckpt_plugin.distributed.layout import CHECKSUM_KEY, FORMAT_NAME, FORMAT_VERSION, _checksum
-from ckpt_plugin.format import tensorformat
+from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, metadata_checksum
+from ckpt_plugin._distributed import LocalShardFiles, SafetensorsWriter, Sharding, JsonSavePlanner, read_full, read_sharding
+from ckpt_plugin._distributed.layout import CHECKSUM_KEY, FORMAT_NAME, FORMAT_VERSION, _checksum
+from ckpt_plugin._format import tensorformat
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -227,7 +227,7 @@ HEADER_CHILD = r"""
 import resource, sys
 from pathlib import Path
 import torch
-from ckpt_plugin.io.files import read_header
+from ckpt_plugin._io.files import read_header
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 _, specs, _ = read_header(sys.argv[1], None)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

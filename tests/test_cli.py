@@ -155,7 +155,7 @@ def test_verify_catches_a_truncated_file_and_an_unreadable_checkpoint(run: Path)
 
 
 def test_verify_covers_validated_versions_and_production(run: Path, monkeypatch) -> None:
-    from ckpt_plugin import storage
+    from ckpt_plugin import _storage as storage
 
     monkeypatch.setattr(storage.os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(18, "no links")))
     registry = ArtifactRegistry(run)

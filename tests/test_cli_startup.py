@@ -89,7 +89,7 @@ def test_a_command_that_reads_tensors_still_works_in_a_fresh_interpreter(run: Pa
 
 
 def test_the_torch_free_dtype_tables_agree_with_torch() -> None:
-    from ckpt_plugin.format import tensorformat
+    from ckpt_plugin._format import tensorformat
 
     for code, name in tensorformat._DTYPE_NAMES.items():
         dtype = getattr(torch, name, None)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_plugin import CheckpointManager, EncodingError
-from ckpt_plugin.format import codec
+from ckpt_plugin._format import codec
 
 # Strings a user might well have as keys that look like the codec's own markers.
 MARKER_LIKE = ["__tensor__", "__ndarray__", "__tuple__", "__dict__", "__float__", "__dtype__", "__device__",

@@ -1,4 +1,4 @@
-"""ckpt_plugin.data_state: a loader's position as JSON and tensors, checked against the world size;
+"""ckpt_plugin._data_state: a loader's position as JSON and tensors, checked against the world size;
 and the Hugging Face callback's resume with and without a stateful loader (in process)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckpt_plugin import CheckpointManager, EncodingError, IncompatibleCheckpointError
-from ckpt_plugin import data_state
+from ckpt_plugin import _data_state as data_state
 
 torchdata = pytest.importorskip("torchdata.stateful_dataloader")
 

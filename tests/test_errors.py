@@ -30,7 +30,7 @@ from ckpt_plugin import (
     ForeignFileError,
     StorageError,
 )
-from ckpt_plugin.storage import faults, trash
+from ckpt_plugin._storage import faults, trash
 
 PACKAGE_DIR = Path(ckpt_plugin.__file__).resolve().parent
 
@@ -185,7 +185,7 @@ def test_full_disk_mid_write_is_a_storage_error_and_leaves_nothing(tmp_path, bud
 
 
 def _enospc(key: str) -> StorageError:
-    from ckpt_plugin.storage.local import _storage_error
+    from ckpt_plugin._storage.local import _storage_error
 
     return _storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "write", key)
 

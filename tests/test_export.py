@@ -1,6 +1,6 @@
 """The public operations the ``ckpt`` command is built on: ckpt_plugin.export, ckpt_plugin.tensors
 (and CheckpointManager.model_tensors), ckpt_plugin.summary, ckpt_plugin.one_checkpoint and
-ckpt_plugin.local_dirs, called directly."""
+ckpt_plugin._local_dirs, called directly."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from ckpt_plugin import (
     CorruptCheckpointError,
     Location,
     export,
-    local_dirs,
     one_checkpoint,
     summary,
     tensors,
 )
+from ckpt_plugin import _local_dirs as local_dirs
 
 
 @pytest.fixture

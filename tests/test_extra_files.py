@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ckpt_plugin import CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError
-from ckpt_plugin.io.files import read_bytes_file
-from ckpt_plugin.storage import remove_link, set_link, symlinks
+from ckpt_plugin._io.files import read_bytes_file
+from ckpt_plugin._storage import remove_link, set_link, symlinks
 
 
 def test_extra_files_are_committed_and_checksummed(tmp_path):

@@ -22,9 +22,9 @@ import torch
 from core_helpers import recover_now
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, ForeignFileError
-from ckpt_plugin.checkpoint import METADATA_CHECKSUM_KEY, metadata_checksum
-from ckpt_plugin.format.names import format_transaction_id, parse_transaction_name, transaction_name
-from ckpt_plugin.storage import open_store
+from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, metadata_checksum
+from ckpt_plugin._format.names import format_transaction_id, parse_transaction_name, transaction_name
+from ckpt_plugin._storage import open_store
 
 JAN_2026 = 1_767_225_600 * 10**9
 OURS = format_transaction_id(JAN_2026, "0123456789abcdef")

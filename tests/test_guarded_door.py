@@ -15,12 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, CorruptCheckpointError, savelog
-from ckpt_plugin.checkpoint import METADATA_FILE, STATE_FILE
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, CorruptCheckpointError
+from ckpt_plugin import _savelog as savelog
+from ckpt_plugin._checkpoint import METADATA_FILE, STATE_FILE
 from ckpt_plugin.cli import app
-from ckpt_plugin.format import limits
-from ckpt_plugin.listing import CACHE_FILE
-from ckpt_plugin.storage import backend_of, conditional
+from ckpt_plugin._format import limits
+from ckpt_plugin._listing import CACHE_FILE
+from ckpt_plugin._storage import backend_of, conditional
 
 pytestmark = pytest.mark.timeout(60)  # a FIFO read by today's code blocks forever: fail, never hang
 

@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints  
 
 from ckpt_plugin import AsyncSaveError, CheckpointManager, ConfigurationError  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback, Settings, eval_metric_name  # noqa: E402
-from ckpt_plugin.storage.faults import FaultyBackend  # noqa: E402
+from ckpt_plugin._storage.faults import FaultyBackend  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 TESTS = Path(__file__).resolve().parent
@@ -322,6 +322,24 @@ def test_save_steps_as_a_fraction_of_the_training_steps(tmp_path):
     )
     trainer.train()
     assert [info.step for info in callback.manager.checkpoints()] == [5, 10, 15, 20]
+
+
+def test_every_auto_replaces_the_arguments_schedule_and_saves_the_final_state(tmp_path):
+    often = CheckpointCallback(every="auto", mtbf="1h", min_interval=1e-6, max_interval=1e-6, max_checkpoints=None)
+    trainer, callback = make_trainer(tmp_path / "often", callback=often, eval_strategy="no", load_best_model_at_end=False,
+                                     logging_strategy="no")
+    trainer.train()
+    steps = [info.step for info in callback.manager.checkpoints()]
+    assert steps == list(range(2, 21))  # due after every step (the first starts the clock), whatever save_strategy="epoch" says
+    assert callback.manager.auto_interval is not None and callback.manager.auto_interval.cost is not None
+
+    rarely = CheckpointCallback(every="auto", mtbf="1d", min_interval="1h")
+    trainer, callback = make_trainer(tmp_path / "rarely", callback=rarely, eval_strategy="no", load_best_model_at_end=False,
+                                     logging_strategy="no")
+    trainer.train()
+    assert [info.step for info in callback.manager.checkpoints()] == [20]  # none due: the final state only
+    with pytest.raises(ConfigurationError, match="drop save_strategy='steps'"):
+        CheckpointCallback(every="auto", save_strategy="steps")
 
 
 def test_save_only_model_and_save_on_each_node(tmp_path):
@@ -732,7 +750,7 @@ CRASHING_RUN = textwrap.dedent(
     sys.path[:0] = [{root!r}, {tests!r}]
     import torch
     torch.set_num_threads(1)
-    import ckpt_plugin.io.writer as writer
+    import ckpt_plugin._io.writer as writer
     from test_hf import make_trainer
     from pathlib import Path
     from ckpt_plugin.hf import CheckpointCallback

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Trainer  # noqa
 
 from ckpt_plugin import CheckpointManager  # noqa: E402
 from ckpt_plugin.hf import CheckpointCallback  # noqa: E402
-from ckpt_plugin.storage import checksum_bytes  # noqa: E402
+from ckpt_plugin._storage import checksum_bytes  # noqa: E402
 from test_hf import Tokens, make_trainer, tiny_gpt2  # noqa: E402
 
 typer_testing = pytest.importorskip("typer.testing")

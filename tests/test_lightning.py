@@ -27,7 +27,7 @@ from ckpt_plugin import (  # noqa: E402
     IncompatibleCheckpointError,
 )
 from ckpt_plugin.lightning import CheckpointCallback, ManagerCheckpointIO  # noqa: E402
-from ckpt_plugin.storage.faults import FaultyBackend  # noqa: E402
+from ckpt_plugin._storage.faults import FaultyBackend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(
@@ -253,8 +253,8 @@ def test_async_background_failure_surfaces_at_the_end_of_fit(tmp_path: Path) -> 
 
 
 def test_an_epoch_that_does_not_save_lists_and_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckpt_plugin import metadata
-    from ckpt_plugin.storage import LocalStore
+    from ckpt_plugin import _metadata as metadata
+    from ckpt_plugin._storage import LocalStore
 
     callback = CheckpointCallback(tmp_path / "ckpt", every_n_epochs=100, async_save=True)
     calls: list[str] = []

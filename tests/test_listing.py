@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ckpt_plugin import CheckpointManager
-from ckpt_plugin.listing import CACHE_FILE, REWRITE_AFTER_READS
+from ckpt_plugin._listing import CACHE_FILE, REWRITE_AFTER_READS
 
 
 def populate(root: Path, count: int) -> CheckpointManager:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt_plugin import CheckpointManager, CheckpointNotFoundError
-from ckpt_plugin.storage.faults import inject
+from ckpt_plugin._storage.faults import inject
 
 
 def weights(version: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_plugin.errors import ConfigurationError
-from ckpt_plugin.storage import LOCAL, Location
+from ckpt_plugin._storage import LOCAL, Location
 
 
 def test_a_local_path_is_a_directory_and_refuses_storage_options(tmp_path: Path) -> None:

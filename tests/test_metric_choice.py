@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_plugin.errors import ConfigurationError
-from ckpt_plugin.metric_choice import choose, is_counter, parse_names
+from ckpt_plugin._metric_choice import choose, is_counter, parse_names
 
 HF_EVAL = ["eval_loss", "eval_accuracy", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch"]
 HF_TRAIN = ["train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",

@@ -21,7 +21,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, cli, savelog
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, cli
+from ckpt_plugin import _savelog as savelog
 from security_helpers import reseal_metadata, reseal_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 typer_testing = pytest.importorskip("typer.testing")
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager  # noqa: E402
-from ckpt_plugin import savelog  # noqa: E402
+from ckpt_plugin import _savelog as savelog  # noqa: E402
 from ckpt_plugin.cli import app  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -29,10 +29,10 @@ from ckpt_plugin import (
     ConfigurationError,
     CorruptCheckpointError,
     PromotionError,
-    storage,
 )
+from ckpt_plugin import _storage as storage
 from ckpt_plugin.registry import next_version, parse_version
-from ckpt_plugin.storage import checksum_bytes, trash
+from ckpt_plugin._storage import checksum_bytes, trash
 
 LOSSES = [0.9, 0.3, 0.5, 0.6]  # epoch 1 is the best by loss; epoch 3 the latest
 REPO_ROOT = Path(__file__).resolve().parents[1]

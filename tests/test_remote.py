@@ -12,9 +12,10 @@ import torch
 from core_helpers import assert_same_tree, objects, recover_now
 from torch import nn
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError, savelog
-from ckpt_plugin.storage import backend_of, faults, open_store
-from ckpt_plugin.format.names import format_transaction_id, transaction_name
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, CorruptCheckpointError, StorageError
+from ckpt_plugin import _savelog as savelog
+from ckpt_plugin._storage import backend_of, faults, open_store
+from ckpt_plugin._format.names import format_transaction_id, transaction_name
 
 
 def training_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -206,7 +207,7 @@ def test_storage_options_reach_the_store(s3_bucket: str, s3_env: str, monkeypatc
 
 
 def test_large_files_go_up_in_parts(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckpt_plugin.storage import fsspec as remote
+    from ckpt_plugin._storage import fsspec as remote
 
     monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part
     state = {"w": torch.randn(4 * 1024 * 1024)}  # 16 MiB: four parts
@@ -240,7 +241,7 @@ def upload_parts_seen(monkeypatch: pytest.MonkeyPatch, touch=None) -> list[objec
 def test_parts_go_to_the_client_as_streams(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A part handed over as bytes is copied whole by the HTTP client, once or twice per request in
     flight; as a stream it is read in small chunks, and the memory of a save stays within its bound."""
-    from ckpt_plugin.storage import fsspec as remote
+    from ckpt_plugin._storage import fsspec as remote
 
     monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)
     bodies = upload_parts_seen(monkeypatch)
@@ -257,7 +258,7 @@ def test_a_part_that_went_up_short_fails_the_save(s3_bucket: str, s3_env: str, m
     rather than commit it."""
     import boto3
 
-    from ckpt_plugin.storage import fsspec as remote
+    from ckpt_plugin._storage import fsspec as remote
 
     monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)
     upload_parts_seen(monkeypatch, touch=lambda number, body: body.seek(1024) if number == 3 else None)
@@ -276,7 +277,7 @@ def test_an_upload_created_again_after_its_answer_was_lost_is_aborted(s3_bucket:
     import boto3
     from lost_responses import lost_responses
 
-    from ckpt_plugin.storage import fsspec as remote
+    from ckpt_plugin._storage import fsspec as remote
 
     monkeypatch.setattr(remote, "PART_BYTES", 5 * 1024 * 1024)
     state = {"w": torch.randn(3 * 1024 * 1024)}  # 12 MiB: three parts
@@ -343,8 +344,8 @@ def test_a_reader_that_may_not_delete_still_lists_and_loads(remote_url: str, mon
     def refused(self: object, key: str) -> None:
         raise StorageError(13, f"could not delete {key}: AccessDenied")
 
-    monkeypatch.setattr("ckpt_plugin.storage.fsspec.FsspecBackend.delete", refused)
-    monkeypatch.setattr("ckpt_plugin.storage.fsspec.FsspecBackend.delete_tree", refused)
+    monkeypatch.setattr("ckpt_plugin._storage.fsspec.FsspecBackend.delete", refused)
+    monkeypatch.setattr("ckpt_plugin._storage.fsspec.FsspecBackend.delete_tree", refused)
     with pytest.warns(UserWarning, match="could not clean up leftovers"):
         reader = CheckpointManager(remote_url)
     assert [info.epoch for info in reader.checkpoints()] == [0]

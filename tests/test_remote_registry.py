@@ -28,9 +28,9 @@ from ckpt_plugin import (
     CorruptCheckpointError,
     PromotionError,
 )
-from ckpt_plugin.format import documents
+from ckpt_plugin._format import documents
 from ckpt_plugin.registry.objects import ObjectStorePlaces
-from ckpt_plugin.format.names import format_transaction_id, parse_transaction_name, transaction_name
+from ckpt_plugin._format.names import format_transaction_id, parse_transaction_name, transaction_name
 
 
 def parent(url: str) -> str:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, cli, savelog
-from ckpt_plugin.storage import backend_of
-from ckpt_plugin.storage.fsspec import ManifestStore
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, cli
+from ckpt_plugin import _savelog as savelog
+from ckpt_plugin._storage import backend_of
+from ckpt_plugin._storage.fsspec import ManifestStore
 
 
 def log_objects(url: str) -> list[str]:

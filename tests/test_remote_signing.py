@@ -17,9 +17,9 @@ from security_helpers import key_pair
 from typer.testing import CliRunner
 
 from ckpt_plugin import CheckpointManager, SignatureError, StorageError, cli
-from ckpt_plugin.format.records import METADATA_FILE
+from ckpt_plugin._format.records import METADATA_FILE
 from ckpt_plugin.signing import SIGNATURE_FILE, sign_directory, sign_prefix, verify_prefix
-from ckpt_plugin.storage import LOCAL, backend_of, faults
+from ckpt_plugin._storage import LOCAL, backend_of, faults
 
 
 @pytest.fixture

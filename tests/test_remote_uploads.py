@@ -17,10 +17,10 @@ from core_helpers import recover_now
 from tcp_proxy import FaultyProxy
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, CheckpointError, StorageError
-from ckpt_plugin.format.names import format_transaction_id, transaction_name
-from ckpt_plugin.storage import conditional
-from ckpt_plugin.storage import fsspec as object_storage
-from ckpt_plugin.storage.fsspec import FsspecBackend
+from ckpt_plugin._format.names import format_transaction_id, transaction_name
+from ckpt_plugin._storage import conditional
+from ckpt_plugin._storage import fsspec as object_storage
+from ckpt_plugin._storage.fsspec import FsspecBackend
 
 PART = 256 * 1024
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ckpt_plugin import CheckpointManager, CorruptCheckpointError, IncompatibleCheckpointError
-from ckpt_plugin.format.tensorformat import parse
-from ckpt_plugin.io.restore import _fast_module
+from ckpt_plugin._format.tensorformat import parse
+from ckpt_plugin._io.restore import _fast_module
 
 
 class Net(nn.Module):

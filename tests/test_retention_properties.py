@@ -18,7 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt_plugin import CheckpointManager, retention
+from ckpt_plugin import CheckpointManager
+from ckpt_plugin import _retention as retention
 
 
 @dataclass(frozen=True)

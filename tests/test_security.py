@@ -29,10 +29,10 @@ from ckpt_plugin import (
     PromotionError,
     StorageError,
 )
-from ckpt_plugin.checkpoint import METADATA_FILE, STATE_FILE
-from ckpt_plugin.io.files import copy_file
+from ckpt_plugin._checkpoint import METADATA_FILE, STATE_FILE
+from ckpt_plugin._io.files import copy_file
 from ckpt_plugin.registry import parse_version
-from ckpt_plugin.storage import FileRecord, checksum_bytes, trash
+from ckpt_plugin._storage import FileRecord, checksum_bytes, trash
 
 
 def saved_run(root: Path, epochs: int = 2, **options) -> tuple[CheckpointManager, nn.Module, torch.optim.Optimizer, object]:
@@ -161,7 +161,7 @@ def test_planted_markers_never_decode_to_anything_but_data(run, tmp_path, plante
 
 
 def test_every_torch_dtype_round_trips_and_nothing_else_is_a_dtype():
-    from ckpt_plugin.format import codec
+    from ckpt_plugin._format import codec
 
     for name, dtype in codec.DTYPES.items():
         assert isinstance(dtype, torch.dtype)

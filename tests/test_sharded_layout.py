@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from ckpt_plugin import ConfigurationError, CorruptCheckpointError, EncodingError, IncompatibleCheckpointError
-from ckpt_plugin.distributed import (
+from ckpt_plugin._distributed import (
     BackendShardFiles,
     JsonLoadPlanner,
     JsonSavePlanner,
@@ -25,8 +25,8 @@ from ckpt_plugin.distributed import (
     read_full,
     read_sharding,
 )
-from ckpt_plugin.distributed.layout import CHECKSUM_KEY, _checksum
-from ckpt_plugin.storage import backend_of
+from ckpt_plugin._distributed.layout import CHECKSUM_KEY, _checksum
+from ckpt_plugin._storage import backend_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 

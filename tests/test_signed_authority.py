@@ -19,11 +19,12 @@ pytest.importorskip("model_signing")
 
 from security_helpers import key_pair, reseal_record
 
-from ckpt_plugin import ArtifactRegistry, CheckpointManager, CheckpointNotFoundError, SignatureError, listing, signing
-from ckpt_plugin.checkpoint import METADATA_FILE
-from ckpt_plugin.format import documents
-from ckpt_plugin.io.files import write_tensor_file
-from ckpt_plugin.storage import checksum_bytes, faults
+from ckpt_plugin import ArtifactRegistry, CheckpointManager, CheckpointNotFoundError, SignatureError, signing
+from ckpt_plugin import _listing as listing
+from ckpt_plugin._checkpoint import METADATA_FILE
+from ckpt_plugin._format import documents
+from ckpt_plugin._io.files import write_tensor_file
+from ckpt_plugin._storage import checksum_bytes, faults
 
 LOSSES = (0.5, 0.9, 0.3)
 """Per epoch: epoch 2 is both the latest and the best."""

@@ -50,7 +50,7 @@ def test_manager_checkpoints_are_signed_and_verified(signed, keys):
     directory = manager.checkpoint_dir / "epoch_1"
     metadata = read_doc(directory / "metadata.json")
     metadata["metrics"] = {"loss": {"__float__": "nan"}}
-    from ckpt_plugin.checkpoint import metadata_checksum
+    from ckpt_plugin._checkpoint import metadata_checksum
 
     metadata["metadata_checksum"] = metadata_checksum(metadata)
     write_raw(directory / "metadata.json", json.dumps(metadata).encode())

@@ -13,19 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_plugin import retention
+from ckpt_plugin import _retention as retention
 from ckpt_plugin._tiered import PendingJournal, Tiers, list_committed
 from ckpt_plugin._tiered.journal import JOURNAL_FILE
 from ckpt_plugin._tiered.keep import local_to_delete, retired_names
 from ckpt_plugin._tiered.upload import durable_copy, upload
 from ckpt_plugin.errors import CorruptCheckpointError, StorageError, UploadError
-from ckpt_plugin.format import documents
-from ckpt_plugin.format.records import METADATA_FILE
-from ckpt_plugin.io.info import CheckpointInfo
-from ckpt_plugin.io.writer import take_snapshot, write_snapshot
-from ckpt_plugin.reading import read_checkpoint
-from ckpt_plugin.storage import LocalStore, open_store, with_backend
-from ckpt_plugin.storage.faults import FaultyBackend
+from ckpt_plugin._format import documents
+from ckpt_plugin._format.records import METADATA_FILE
+from ckpt_plugin._io.info import CheckpointInfo
+from ckpt_plugin._io.writer import take_snapshot, write_snapshot
+from ckpt_plugin._reading import read_checkpoint
+from ckpt_plugin._storage import LocalStore, open_store, with_backend
+from ckpt_plugin._storage.faults import FaultyBackend
 
 from core_helpers import assert_same_tree
 
@@ -329,7 +329,7 @@ def test_a_signed_checkpoint_is_signed_again_on_the_durable_tier(tmp_path: Path,
 def read_info_signed(info: CheckpointInfo, public: Path) -> CheckpointInfo:
     """``info`` read from bytes its signature covers (as a load with ``verify_with`` reads it)."""
     from ckpt_plugin import signing
-    from ckpt_plugin.io.reader import read_info
+    from ckpt_plugin._io.reader import read_info
 
     return read_info(info.location, signing.read_signed(info.backend, info.location, public))
 

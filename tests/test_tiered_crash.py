@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_plugin.io.reader import read_info
-from ckpt_plugin.reading import read_checkpoint
-from ckpt_plugin.storage import open_store
+from ckpt_plugin._io.reader import read_info
+from ckpt_plugin._reading import read_checkpoint
+from ckpt_plugin._storage import open_store
 
 from spawned_workers import TESTS_DIR, SpawnedWorkers
 from tiered_workers import state

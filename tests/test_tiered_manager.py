@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ckpt_plugin import ArtifactRegistry, CheckpointManager, ConfigurationError, UploadError
-from ckpt_plugin.storage.faults import FaultyBackend
+from ckpt_plugin.storage import faults
 
 from core_helpers import assert_same_tree
 
@@ -52,7 +52,7 @@ class Gate:
 
 def gated(manager: CheckpointManager) -> Gate:
     gate = Gate()
-    manager.route_storage(lambda inner: FaultyBackend(inner, hook=gate))
+    manager.route_storage(lambda inner: faults.FaultyBackend(inner, hook=gate))
     return gate
 
 
@@ -77,7 +77,7 @@ def test_save_returns_once_committed_locally_and_wait_makes_it_durable(tmp_path:
 @pytest.mark.slow  # the default retries take about 8 s to give up
 def test_a_persistent_upload_failure_is_raised_by_wait_and_by_the_next_save(tmp_path: Path, durable_url: str) -> None:
     manager = CheckpointManager(durable_url, local_dir=tmp_path / "local", save_rng=False)
-    faulty = manager.route_storage(lambda inner: FaultyBackend(inner, fail_after_bytes=0))
+    faulty = manager.route_storage(lambda inner: faults.FaultyBackend(inner, fail_after_bytes=0))
     save(manager, 0)
     with pytest.raises(UploadError, match="epoch_0") as raised:
         manager.wait()
@@ -118,7 +118,7 @@ def test_async_save_combines_with_the_tiers(tmp_path: Path, durable_url: str) ->
 def test_retention_spans_the_tiers_and_never_deletes_the_only_copy(tmp_path: Path, durable_url: str) -> None:
     manager = CheckpointManager(durable_url, local_dir=tmp_path / "local", max_checkpoints=2, keep_local=1,
                                 max_pending_uploads=10, save_rng=False)
-    faulty = manager.route_storage(lambda inner: FaultyBackend(inner, fail_after_bytes=0))  # an outage, retried
+    faulty = manager.route_storage(lambda inner: faults.FaultyBackend(inner, fail_after_bytes=0))  # an outage, retried
     for epoch in range(4):
         save(manager, epoch)
     assert local_names(tmp_path / "local") == ["epoch_0", "epoch_1", "epoch_2", "epoch_3"]  # each the only copy

@@ -18,9 +18,9 @@ from core_helpers import hidden_dirs, visible_names
 from safetensors.torch import load_file
 
 from ckpt_plugin import CheckpointManager, StorageError
-from ckpt_plugin.io.files import verify_file, write_tensor_file
-from ckpt_plugin.io.staging import TRIALS, StagingBuffer
-from ckpt_plugin.storage import directio, trash
+from ckpt_plugin._io.files import verify_file, write_tensor_file
+from ckpt_plugin._io.staging import TRIALS, StagingBuffer
+from ckpt_plugin._storage import directio, trash
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ CRASH_SCRIPT = textwrap.dedent(
     import os, sys, threading, time, warnings
     import torch
     from ckpt_plugin import CheckpointManager
-    from ckpt_plugin.storage import trash
+    from ckpt_plugin._storage import trash
 
     warnings.simplefilter("ignore")
     real = trash.remove_now
@@ -327,7 +327,7 @@ def test_the_default_staging_buffer_times_both_methods_and_keeps_the_faster():
 
 
 def test_route_storage_moves_a_whole_save_through_the_wrapper_and_back_to_disk(tmp_path):
-    from ckpt_plugin.storage.faults import FaultyBackend
+    from ckpt_plugin._storage.faults import FaultyBackend
 
     manager = CheckpointManager(tmp_path / "run")
     spy = manager.route_storage(lambda backend: FaultyBackend(backend))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ckpt_plugin import CheckpointManager
-from ckpt_plugin.storage.faults import FaultyBackend
+from ckpt_plugin.storage import faults
 
 
 def state(version: int) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def save_while_upload_stalls(local_dir: str, durable_url: str, count: int, stall
             print(f"uploading {stall_on}", flush=True)
             time.sleep(600)
 
-    manager.route_storage(lambda inner: FaultyBackend(inner, hook=stall))
+    manager.route_storage(lambda inner: faults.FaultyBackend(inner, hook=stall))
     for epoch in range(count):
         manager.save(state(epoch), epoch=epoch, metrics={"loss": 1.0 / (epoch + 1)})
         print(f"saved {epoch}", flush=True)

@@ -56,7 +56,7 @@ class Checker:
         self.facts: dict[str, Any] = report["facts"]
 
     def check(self) -> None:
-        from ckpt_plugin.storage import trash
+        from ckpt_plugin._storage import trash
 
         if self.scenario.kind == "registry":
             self.check_registry()
@@ -71,7 +71,7 @@ class Checker:
     def check_checkpoints(self) -> None:
         from ckpt_plugin import CheckpointManager
         from ckpt_plugin.errors import CheckpointError
-        from ckpt_plugin.storage import trash
+        from ckpt_plugin._storage import trash
 
         manager = CheckpointManager(self.location, **self.scenario.manager_options, **self.options)
         trash.drain()
@@ -130,7 +130,7 @@ class Checker:
     def check_remote_prefixes(self, listed: list[Any]) -> None:
         """After the next open, one committed prefix per checkpoint; once the grace period has
         passed, recovery leaves no uncommitted prefix either."""
-        from ckpt_plugin.storage.fsspec import ManifestStore
+        from ckpt_plugin._storage.fsspec import ManifestStore
 
         visible = {info.location.rstrip("/").rsplit("/", 1)[-1] for info in listed}
         committed, uncommitted, other = self.remote_tops(self.location)
@@ -147,7 +147,7 @@ class Checker:
 
     def remote_tops(self, location: str) -> tuple[set[str], set[str], set[str]]:
         """The top-level names under ``location``: committed prefixes, uncommitted ones, and the rest."""
-        from ckpt_plugin.storage.fsspec import FsspecBackend
+        from ckpt_plugin._storage.fsspec import FsspecBackend
 
         objects = FsspecBackend(location, self.options["storage_options"]).walk(location)
         tops = {relative.partition("/")[0] for relative in objects}
@@ -258,7 +258,7 @@ class Checker:
     def check_remote_registry(self, registry: Any) -> None:
         """Once the grace period has passed, the next change leaves the claimed versions, the
         history, the pointer and the weights it points at, and nothing else."""
-        from ckpt_plugin.storage.fsspec import FsspecBackend
+        from ckpt_plugin._storage.fsspec import FsspecBackend
 
         pointed = registry.production().get("weights", "model.safetensors")
         registry._places.recover(pointed)

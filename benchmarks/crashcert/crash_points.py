@@ -72,7 +72,7 @@ class CrashPoints:
     # ------------------------------------------------------------------ installing
 
     def install_local(self) -> None:
-        import ckpt_plugin.storage.local as local
+        import ckpt_plugin._storage.local as local
 
         for name in LOCAL_CALLS:
             if hasattr(os, name):

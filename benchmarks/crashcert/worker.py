@@ -56,7 +56,7 @@ def run(spec: dict[str, Any], conn: Any) -> None:
     log = Log(spec["log"])
     uploads = Log(spec["uploads"]) if scenario.remote else None
     if scenario.remote:
-        import ckpt_plugin.storage.fsspec as remote
+        import ckpt_plugin._storage.fsspec as remote
 
         remote.PART_BYTES = REMOTE_PART_BYTES
         _track_uploads(uploads)
@@ -134,7 +134,7 @@ def _execute(scenario: Scenario, target: dict[str, Any], op: list[Any]) -> dict[
 
 
 def _finish(target: dict[str, Any]) -> None:
-    from ckpt_plugin.storage import trash
+    from ckpt_plugin._storage import trash
 
     try:
         target["manager"].close()

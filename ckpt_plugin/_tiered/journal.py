@@ -20,8 +20,8 @@ import json
 import threading
 from pathlib import Path
 
-from ..format.names import is_checkpoint_name
-from ..storage import LOCAL, append_line
+from .._format.names import is_checkpoint_name
+from .._storage import LOCAL, append_line
 
 JOURNAL_FILE = ".pending-uploads.jsonl"
 MAX_JOURNAL_BYTES = 64 * 1024 * 1024

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol, TypeVar
 
-from .. import retention
+from .. import _retention as retention
 
 
 class Named(retention.RetentionEntry, Protocol):

@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
-from .. import retention
+from .. import _retention as retention
 from .._loading import Loader
 from .._store import CheckpointStore
 from ..errors import ConfigurationError, CorruptCheckpointError, SignatureError
-from ..io.info import CheckpointInfo
-from ..io.writer import Snapshot
-from ..storage import Backend, Entry, Location, Transaction, with_backend
+from .._io.info import CheckpointInfo
+from .._io.writer import Snapshot
+from .._storage import Backend, Entry, Location, Transaction, with_backend
 from .tiers import Tiers
 
 

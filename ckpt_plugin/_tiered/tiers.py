@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import retention
+from .. import _retention as retention
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from ..format.layout import looks_like_checkpoint
-from ..io.info import CheckpointInfo
-from ..io.reader import read_info
-from ..storage import Commit
+from .._format.layout import looks_like_checkpoint
+from .._io.info import CheckpointInfo
+from .._io.reader import read_info
+from .._storage import Commit
 from . import keep
 from .journal import PendingJournal
 from .upload import durable_copy, upload

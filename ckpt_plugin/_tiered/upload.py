@@ -23,13 +23,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError, CorruptCheckpointError
-from ..format import codec
-from ..format.layout import METADATA_CHECKSUM_KEY, SIGNATURE_FILE, metadata_checksum
-from ..format.records import METADATA_FILE, FileRecord
-from ..io.files import check, hash_file, read_json
-from ..io.info import CheckpointInfo, parse_metadata
-from ..io.reader import read_info
-from ..storage import Backend, Commit
+from .._format import codec
+from .._format.layout import METADATA_CHECKSUM_KEY, SIGNATURE_FILE, metadata_checksum
+from .._format.records import METADATA_FILE, FileRecord
+from .._io.files import check, hash_file, read_json
+from .._io.info import CheckpointInfo, parse_metadata
+from .._io.reader import read_info
+from .._storage import Backend, Commit
 
 
 def upload(local: CheckpointInfo, durable: Commit, *, signing_key: str | os.PathLike[str] | None = None) -> CheckpointInfo:

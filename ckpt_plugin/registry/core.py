@@ -42,15 +42,15 @@ from packaging.version import Version
 
 from .. import signing
 from ..errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, PromotionError, SignatureError
-from ..format import codec, documents
-from ..format.layout import MODEL_FILE, STATE_FILE
-from ..format.records import METADATA_FILE, FileRecord, checksum_bytes
-from ..io.files import copy_file, read_bytes_file, read_json, verify_file, write_bytes_file
-from ..io.info import CheckpointInfo, parse_metadata
-from ..io.reader import Device, read_info
+from .._format import codec, documents
+from .._format.layout import MODEL_FILE, STATE_FILE
+from .._format.records import METADATA_FILE, FileRecord, checksum_bytes
+from .._io.files import copy_file, read_bytes_file, read_json, verify_file, write_bytes_file
+from .._io.info import CheckpointInfo, parse_metadata
+from .._io.reader import Device, read_info
 from ..manager import CheckpointManager
-from ..reading import read_checkpoint
-from ..storage import Backend, Location
+from .._reading import read_checkpoint
+from .._storage import Backend, Location
 from . import records
 from .checks import Check, named_checks, run_checks
 from .local import LocalPlaces

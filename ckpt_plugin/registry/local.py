@@ -14,12 +14,12 @@ import filelock
 from packaging.version import Version
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, ForeignFileError, PromotionError
-from ..format import codec, documents
-from ..format.layout import looks_like_checkpoint
-from ..format.records import METADATA_FILE, FileRecord
-from ..io.files import read_bytes_file, write_bytes_file
-from ..io.reader import read_info
-from ..storage import LOCAL, Backend, LocalStore, append_line, conditional, publish_file
+from .._format import codec, documents
+from .._format.layout import looks_like_checkpoint
+from .._format.records import METADATA_FILE, FileRecord
+from .._io.files import read_bytes_file, write_bytes_file
+from .._io.reader import read_info
+from .._storage import LOCAL, Backend, LocalStore, append_line, conditional, publish_file
 from .places import Settle, StagedWeights
 from .records import HISTORY_FILE, INTENT_FILE, LOCK_FILE, PRODUCTION_FILES, PRODUCTION_MODEL_FILE, PRODUCTION_RECORD_FILE, VALIDATION_FILE
 

@@ -2,7 +2,7 @@
 
 An object store has neither a directory rename nor a lock, so the local registry's two tools (a
 file lock around every change, a rename to publish) are replaced by conditional writes
-(:mod:`ckpt_plugin.storage.conditional`)::
+(:mod:`ckpt_plugin._storage.conditional`)::
 
     s3://bucket/run/checkpoints/...                  the raw checkpoints (a manager's manifest store)
     s3://bucket/run/validated/
@@ -43,7 +43,7 @@ Leftovers of a writer that died (a version prefix nobody claimed, weights nobody
 removed by the next promotion or rollback once older than a grace period, as for checkpoints, and
 so are the multipart uploads it left open. Only names this module writes are ever removed: a
 version prefix ``v<version>@<transaction>`` and weights ``model@<transaction>.safetensors``, with a
-transaction id of the strict form (:data:`~ckpt_plugin.format.names.TRANSACTION_NAME`). Anything
+transaction id of the strict form (:data:`~ckpt_plugin._format.names.TRANSACTION_NAME`). Anything
 else under ``validated/`` or ``production/`` (``archive@2024/``, ``notes@team.txt``,
 ``model@backup.safetensors``) is foreign and left alone; so are the prefixes of release 0.2, except
 that weights a production pointer named are removed once it is replaced.
@@ -62,11 +62,11 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from ..errors import ConfigurationError, CorruptCheckpointError, StorageError
-from ..format import codec, documents
-from ..format.names import TransactionName, parse_transaction_name, transaction_name
-from ..format.records import FileRecord
-from ..io.files import read_bytes_file, read_json
-from ..storage import STALE_SECONDS, Location, conditional, is_url, new_transaction_id, remove_leftovers
+from .._format import codec, documents
+from .._format.names import TransactionName, parse_transaction_name, transaction_name
+from .._format.records import FileRecord
+from .._io.files import read_bytes_file, read_json
+from .._storage import STALE_SECONDS, Location, conditional, is_url, new_transaction_id, remove_leftovers
 from .places import Settle, StagedWeights
 from .records import PRODUCTION_MODEL_FILE
 
@@ -106,7 +106,7 @@ class ObjectStorePlaces:
         places = {}
         for label, given, default in (("validated_dir", validated_dir, "validated"), ("production_dir", production_dir, "production")):
             chosen = str(given).rstrip("/") if given is not None else f"{parent}/{default}"
-            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:
+            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:  # refuses input, no branch of behaviour
                 raise ConfigurationError(f"{label} must be a URL on the same store as {url} when checkpoint_dir is one, not {given!r}")
             places[label] = chosen
         if len({url, places["validated_dir"], places["production_dir"]}) != 3:
@@ -228,7 +228,7 @@ class ObjectStorePlaces:
 
     def switch(self, staged: StagedWeights, document: bytes, expected: conditional.Versioned | None) -> None:
         """Replace the production pointer with ``document`` if it is still ``expected``
-        (:class:`~ckpt_plugin.storage.conditional.WriteConflict` otherwise)."""
+        (:class:`~ckpt_plugin._storage.conditional.WriteConflict` otherwise)."""
         conditional.write(self.backend, self.pointer_key, document, expected)
 
     def drop_staged(self, staged: StagedWeights) -> None:

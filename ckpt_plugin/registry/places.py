@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 from packaging.version import Version
 
-from ..format.records import FileRecord
-from ..storage import Backend, conditional
+from .._format.records import FileRecord
+from .._storage import Backend, conditional
 
 Settle = Callable[[Mapping[str, Any]], bool]
 """Whether the change of an intent took effect (it is then recorded, else dropped)."""

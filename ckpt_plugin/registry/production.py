@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from ..errors import CorruptCheckpointError, PromotionError, SignatureError
-from ..format import codec, documents, shards
-from ..format.layout import MODEL_FILE, STATE_FILE
-from ..format.records import METADATA_FILE, FileRecord
-from ..io.files import copy_file, read_json, stream_tensor_file, verify_file, write_tensor_file
-from ..io.info import parse_metadata
-from ..io.reader import Device, open_item_files
-from ..io.writer import SAFETENSORS_METADATA
-from ..storage import Backend, conditional
+from .._format import codec, documents, shards
+from .._format.layout import MODEL_FILE, STATE_FILE
+from .._format.records import METADATA_FILE, FileRecord
+from .._io.files import copy_file, read_json, stream_tensor_file, verify_file, write_tensor_file
+from .._io.info import parse_metadata
+from .._io.reader import Device, open_item_files
+from .._io.writer import SAFETENSORS_METADATA
+from .._storage import Backend, conditional
 from . import records
 from .history import HistoryOperations
 from .places import StagedWeights
@@ -281,7 +281,7 @@ class ProductionOperations(HistoryOperations):
             raise CorruptCheckpointError(f"{backend.join(directory, STATE_FILE)} holds no model; validate a complete checkpoint")
         source = ProductionSource(version, directory, validation, metadata.get("config"), files, state["items"]["model"].get("tree"))
         if state["items"]["model"].get("sharded"):
-            from ..distributed.consolidate import read_sharded_items
+            from .._distributed.consolidate import read_sharded_items
 
             source.consolidated = read_sharded_items(directory, files, ["model"], backend=backend)["model"]
             source.model_tree = {key: {codec.TENSOR: key} for key in source.consolidated}

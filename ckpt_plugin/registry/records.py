@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from ..errors import CorruptCheckpointError
-from ..format import codec, documents
-from ..format.records import METADATA_FILE, FileRecord
-from ..io.info import CheckpointInfo
-from ..metadata import utc_timestamp
+from .._format import codec, documents
+from .._format.records import METADATA_FILE, FileRecord
+from .._io.info import CheckpointInfo
+from .._metadata import utc_timestamp
 
 if TYPE_CHECKING:
     import torch
 
-    from ..storage import Backend
+    from .._storage import Backend
 
 VALIDATION_FILE = "validation.json"
 HISTORY_FILE = "history.jsonl"

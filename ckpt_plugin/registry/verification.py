@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .. import signing
 from ..errors import CorruptCheckpointError, SignatureError, UnsignedError
-from ..format.layout import SIGNATURE_FILE
-from ..format.records import FileRecord
-from ..io.files import verify_file
-from ..io.reader import foreign_files
+from .._format.layout import SIGNATURE_FILE
+from .._format.records import FileRecord
+from .._io.files import verify_file
+from .._io.reader import foreign_files
 from .records import PRODUCTION_MODEL_FILE
 
 if TYPE_CHECKING:
-    from ..io.info import CheckpointInfo
+    from .._io.info import CheckpointInfo
     from .core import ArtifactRegistry
 
 ProgressFactory = Callable[[str, int], Optional[Callable[[int], None]]]
