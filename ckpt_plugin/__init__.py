@@ -25,6 +25,7 @@ from .errors import (
     SignatureError,
     StorageError,
     UnsignedError,
+    UploadError,
 )
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ __all__ = [
     "SignatureError",
     "StorageError",
     "UnsignedError",
+    "UploadError",
     "__version__",
     "capture_rng_state",
     "portable_rng_state",

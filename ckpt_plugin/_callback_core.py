@@ -48,6 +48,9 @@ class ManagerOptions:
     keep_top_k: int | None = None
     require_metric: bool | None = None
     collective_timeout: float = 600.0
+    local_dir: str | os.PathLike[str] | None = None
+    keep_local: int = 2
+    max_pending_uploads: int = 2
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -60,3 +60,8 @@ class SignatureError(CheckpointError):
 
 class UnsignedError(SignatureError):
     """A signature was required, but the checkpoint or version has none (no ``model.sig``)."""
+
+
+class UploadError(CheckpointError):
+    """A checkpoint committed in ``local_dir`` could not be copied to the durable tier after every
+    retry. It stays in ``local_dir``, still pending, and its upload is tried again."""

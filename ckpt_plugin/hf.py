@@ -287,6 +287,8 @@ class CheckpointCallback(TrainerCallback):
             passed on to the manager as for ``CheckpointManager``, which takes every manager option:
             ``signing_key`` signs each checkpoint; ``require_metric`` is off because saves may come
             before the first evaluation.
+        local_dir, keep_local, max_pending_uploads: as for ``CheckpointManager``: checkpoints
+            commit in ``local_dir`` and upload to ``checkpoint_dir`` in the background.
         every: ``"auto"`` saves when :meth:`CheckpointManager.due <ckpt_plugin.CheckpointManager.due>`
             says so, at the interval ``sqrt(2 * C * MTBF)`` (Young and Daly) for the measured save
             cost ``C``, instead of the ``TrainingArguments``' save strategy (``save_strategy`` and
@@ -324,6 +326,9 @@ class CheckpointCallback(TrainerCallback):
         save_rng: bool = True,
         require_metric: bool | None = False,
         collective_timeout: float = 600.0,
+        local_dir: str | os.PathLike[str] | None = None,
+        keep_local: int = 2,
+        max_pending_uploads: int = 2,
         every: str | None = None,
         mtbf: str | float | None = None,
         min_interval: str | float = 10.0,

@@ -202,7 +202,7 @@ class ManagerCheckpointIO(CheckpointIO):
         the prediction is what the background worker will do.
         """
         manager = self.manager
-        manager.wait()
+        manager.wait(uploads=False)
         committed = manager.checkpoints()
         info = self._save(checkpoint, request)
         entries = sorted([entry for entry in committed if entry.name != info.name] + [info], key=lambda entry: entry.sort_key)
@@ -210,7 +210,7 @@ class ManagerCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a ckpt_plugin checkpoint directory as Lightning's dict, or defer to the fallback."""
-        self.manager.wait()  # the save in flight may be the checkpoint asked for
+        self.manager.wait(uploads=False)  # the save in flight may be the checkpoint asked for
         info = _checkpoint_to_load(self.manager, path)
         if info is None:
             return self._fallback("load", path).load_checkpoint(path, map_location=map_location, weights_only=weights_only)
@@ -348,6 +348,8 @@ class CheckpointCallback(ModelCheckpoint):
             checkpoint; ``save_rng`` is off because the callback's own state carries the RNG states
             (on, the checkpoints record them too); ``require_metric`` is off because saves may come
             before the first validation (the callback checks ``metric_for_best`` once one ran).
+        local_dir, keep_local, max_pending_uploads: as for ``CheckpointManager``: checkpoints
+            commit in ``local_dir`` and upload to ``checkpoint_dir`` in the background.
         every: ``"auto"`` saves when :meth:`CheckpointManager.due <ckpt_plugin.CheckpointManager.due>`
             says so: at the interval ``sqrt(2 * C * MTBF)`` (Young and Daly) for the measured save cost
             ``C``, re-evaluated as it changes, with ``every_n_*`` and ``train_time_interval`` left out.
@@ -405,6 +407,9 @@ class CheckpointCallback(ModelCheckpoint):
         save_rng: bool = False,
         require_metric: bool | None = False,
         collective_timeout: float = 600.0,
+        local_dir: str | os.PathLike[str] | None = None,
+        keep_local: int = 2,
+        max_pending_uploads: int = 2,
         every: str | None = None,
         mtbf: str | float | None = None,
         min_interval: str | float = 10.0,
@@ -481,7 +486,7 @@ class CheckpointCallback(ModelCheckpoint):
 
         Waits for the save in flight, so the checkpoint it is writing counts.
         """
-        self.manager.wait()
+        self.manager.wait(uploads=False)
         return _lightning_path(self.manager.latest())
 
     @property  # type: ignore[override]
@@ -501,7 +506,7 @@ class CheckpointCallback(ModelCheckpoint):
         """
         if self.manager.metric_for_best is None:
             return self.last_model_path
-        self.manager.wait()
+        self.manager.wait(uploads=False)
         return _lightning_path(self.manager.best()) or ""
 
     @best_model_path.setter

@@ -22,6 +22,7 @@ from ._options import DEFAULT_METRIC, BestMetricCheck, SaveSettings, check_top_k
 from ._saving import SaveStrategies
 from ._snapshot import SaveArguments, config_to_dict, normalize_metrics, whole_number
 from ._store import CheckpointStore
+from ._tiered.store import TieredLoader, TieredStore
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigurationError
 from ._format import codec
 from ._io.async_save import AsyncSaver
@@ -79,6 +80,20 @@ class CheckpointManager:
             evaluation, turn it off and check the metric once an evaluation has run.
         collective_timeout: seconds a rank waits for the others in a collective (sharded) save or
             restore before it fails instead of hanging.
+        local_dir: a fast local directory (an NVMe disk; ``/dev/shm/run`` for a RAM tier that
+            survives the process) that makes ``checkpoint_dir`` the durable tier: :meth:`save`
+            returns once the checkpoint is committed in ``local_dir``, and one background thread
+            uploads it to ``checkpoint_dir``, in save order, with retries. A process killed meanwhile
+            leaves its uploads pending, and the next manager with the same two tiers resumes them.
+            Loads read the local copy when it verifies, else the durable one. Retention
+            (``max_checkpoints``, ``keep_best``, ``keep_top_k``) governs the durable tier. One
+            manager per ``local_dir``; not for collective (sharded) saves yet.
+        keep_local: with ``local_dir``, how many of the newest checkpoints stay in ``local_dir`` once
+            durable (besides those whose upload is pending, which always stay).
+        max_pending_uploads: with ``local_dir``, how many uploads may be pending; beyond it
+            :meth:`save` waits for the oldest upload to finish. An upload that failed after its
+            retries is raised (:class:`~ckpt_plugin.errors.UploadError`) by the next :meth:`save` or
+            :meth:`wait`.
 
     When ``torch.distributed`` is initialized and the model holds DTensors (FSDP2 ``fully_shard``,
     tensor parallel), :meth:`save` and :meth:`restore` are collective: every rank calls them, each
@@ -106,6 +121,9 @@ class CheckpointManager:
         keep_top_k: int | None = None,
         require_metric: bool | None = None,
         collective_timeout: float = 600.0,
+        local_dir: str | os.PathLike[str] | None = None,
+        keep_local: int = 2,
+        max_pending_uploads: int = 2,
     ) -> None:
         self._settings = settings = SaveSettings.validated(
             max_checkpoints=max_checkpoints, keep_best=keep_best, metric_for_best=metric_for_best, mode=mode,
@@ -129,9 +147,18 @@ class CheckpointManager:
         self.collective_timeout = settings.collective_timeout
         self._saver = AsyncSaver() if settings.async_save else None
         self._check_metric = BestMetricCheck(settings)
-        self._store = CheckpointStore(location, policies=settings.retention_policies(), signing_key=signing_key)
-        self._saves = SaveStrategies(self._store, settings, self._saver)
-        self._loader = Loader(self._store, settings)
+        self.local_dir = None if local_dir is None else Path(local_dir).expanduser()
+        self._tiers: TieredStore | None = None
+        if local_dir is None:
+            self._store = CheckpointStore(location, policies=settings.retention_policies(), signing_key=signing_key)
+            self._loader = Loader(self._store, settings)
+        else:  # the tiered strategy: the same pipeline, committed in local_dir, then uploaded
+            self._store = self._tiers = TieredStore(
+                location, local_dir, policies=settings.retention_policies(), signing_key=signing_key,
+                keep_local=keep_local, max_pending_uploads=max_pending_uploads,
+            )
+            self._loader = TieredLoader(self._tiers, settings)
+        self._saves = SaveStrategies(self._store, settings, self._saver)  # type: ignore[arg-type]
         self._cadence: SaveCadence | None = None
         self._saved_here = False
 
@@ -222,8 +249,12 @@ class CheckpointManager:
         JSON: plain data, a dataclass, or an object with ``to_dict()``); check before training starts."""
         codec.to_json(config_to_dict(config), "config")
 
-    def wait(self) -> None:
+    def wait(self, *, uploads: bool = True) -> None:
         """Block until the asynchronous save in flight has committed, and raise its error if it failed.
+
+        With ``local_dir``, also until every pending upload is durable, raising
+        :class:`~ckpt_plugin.errors.UploadError` for one that failed after its retries; with
+        ``uploads=False``, only until the save in flight is committed in ``local_dir``.
 
         Also waits until the checkpoints that retention or a re-save dropped are deleted from the
         disk (they leave every listing at once, and their files are removed in the background).
@@ -231,6 +262,8 @@ class CheckpointManager:
         try:
             if self._saver is not None:
                 self._saver.wait()
+            if uploads and self._tiers is not None:
+                self._tiers.wait()
         finally:
             trash.drain()
 
@@ -239,8 +272,15 @@ class CheckpointManager:
         try:
             if self._saver is not None:
                 self._saver.close()
+            if self._tiers is not None:
+                self._tiers.wait()
         finally:
             trash.drain()
+
+    def pending_uploads(self) -> list[CheckpointInfo]:
+        """With ``local_dir``: the checkpoints committed there whose upload to the durable tier is
+        still pending, oldest first (empty without ``local_dir``)."""
+        return [] if self._tiers is None else self._tiers.pending_uploads()
 
     def __enter__(self) -> CheckpointManager:
         return self

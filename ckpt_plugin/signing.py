@@ -269,8 +269,23 @@ def _sign(backend: Backend, prefix: Location, private_key: Key, password: str | 
         if pending:
             raise ConfigurationError(f"sign {prefix} once every file is in it; {', '.join(pending)} are still to be written")
         return os.fspath(sign_directory(directory, private_key, password=password))
-    _, signing, _ = _library()
     prefix = os.fspath(prefix).rstrip("/")
+    return _sign_manifest(backend, prefix, _prefix_hashing(backend, prefix, pending), private_key, password)
+
+
+def sign_digests(
+    backend: Backend, prefix: str, digests: Mapping[str, bytes], private_key: Key, *, password: str | None = None
+) -> str:
+    """Sign the checkpoint directory or object-store ``prefix`` whose files have the SHA-256 ``digests`` (relative path to
+    digest, every file the signature covers), as their writer computed them while writing them, so
+    that nothing is read back; the signature goes to ``prefix/model.sig``. Returns its location."""
+    prefix = prefix.rstrip("/")
+    return _sign_manifest(backend, prefix, _hashing(lambda ignored: _manifest(prefix, digests, ignored)), private_key, password)
+
+
+def _sign_manifest(backend: Backend, prefix: str, hashing_config: Any, private_key: Key, password: str | None) -> str:
+    """Write ``prefix/model.sig``: the signature of the manifest ``hashing_config`` gives."""
+    _, signing, _ = _library()
     key = _key_file(private_key, "private")
     target = backend.join(prefix, SIGNATURE_FILE)
     backend.delete(target)
@@ -278,7 +293,7 @@ def _sign(backend: Backend, prefix: Location, private_key: Key, password: str | 
         local = Path(scratch) / SIGNATURE_FILE
         try:
             config = signing.Config().use_elliptic_key_signer(private_key=key, password=password)
-            config.set_hashing_config(_prefix_hashing(backend, prefix, pending)).sign(Path(scratch) / _model_name(prefix), local)
+            config.set_hashing_config(hashing_config).sign(Path(scratch) / _model_name(prefix), local)
         except CheckpointError:
             raise
         except (OSError, ValueError, TypeError) as exc:
@@ -384,4 +399,4 @@ def _manifest(prefix: str, digests: Mapping[str, bytes], ignored: Iterable[PureP
     return manifest.Manifest(_model_name(prefix), items, serialization)
 
 
-__all__ = ["SIGNATURE_FILE", "Signer", "prefix_manifest", "read_signed", "sign_directory", "sign_prefix", "signer", "verify_directory", "verify_prefix"]
+__all__ = ["SIGNATURE_FILE", "Signer", "prefix_manifest", "read_signed", "sign_digests", "sign_directory", "sign_prefix", "signer", "verify_directory", "verify_prefix"]

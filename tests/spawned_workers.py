@@ -28,7 +28,8 @@ WORKER_SCRIPT = TESTS_DIR / "crash_workers.py"
 class SpawnedWorkers:
     """Starts :mod:`crash_workers` functions in new interpreters and reads what they print."""
 
-    def __init__(self) -> None:
+    def __init__(self, script: Path = WORKER_SCRIPT) -> None:
+        self.script = script
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])}
         self.process: subprocess.Popen[str] | None = None
         self.lines: queue.Queue[str] = queue.Queue()
@@ -55,7 +56,7 @@ class SpawnedWorkers:
 
     def launch(self, call: str, *args: Any) -> int:
         """Start ``crash_workers.<call>(*args)`` in a new interpreter and return its pid at once."""
-        self.process = subprocess.Popen([sys.executable, "-u", str(WORKER_SCRIPT), call, json.dumps(list(args))],
+        self.process = subprocess.Popen([sys.executable, "-u", str(self.script), call, json.dumps(list(args))],
                                         stdout=subprocess.PIPE, text=True, env=self.env, start_new_session=True)
         threading.Thread(target=self._pump, args=(self.process,), daemon=True).start()
         return self.process.pid
