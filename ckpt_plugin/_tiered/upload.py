@@ -68,7 +68,7 @@ def stream_file(source_key: str, target_key: str, record: FileRecord, *, source:
     """Stream the file ``source_key`` into a new file ``target_key`` on ``target``, checking the bytes
     against ``record`` as they pass; on a mismatch nothing stays at ``target_key``. Returns the
     SHA-256 digest of the bytes (for a signature). Memory stays bounded by the read-ahead buffers
-    of :func:`~ckpt_plugin.io.files.hash_file`."""
+    of :func:`~ckpt_plugin._io.files.hash_file`."""
     sink = target.create(target_key, record.size)
     feed = _Feed(sink)
     try:
