@@ -269,6 +269,11 @@ def list_checkpoints(
     as_json: AsJson = False,
     storage_option: StorageOptions = None,
     metrics: MetricNames = None,
+    local_dir: Annotated[
+        Optional[Path],
+        typer.Option("--local-dir", help="The local tier of a tiered run (CheckpointManager(DIR, local_dir=...)): list the "
+                     "checkpoints of both tiers, where each has copies, and which uploads are pending."),
+    ] = None,
 ) -> None:
     """A table of the checkpoints: epoch, step, metrics, size and age, with the best and the latest marked.
 
@@ -280,7 +285,8 @@ def list_checkpoints(
     from .summary import checkpoint_table
 
     requested = parse_names(metrics)
-    listing = checkpoint_table(_registry(directory, storage_option=storage_option, must_exist=True), requested)
+    registry = _registry(directory, storage_option=storage_option, must_exist=local_dir is None)
+    listing = checkpoint_table(registry, requested, local_dir=local_dir)
     shown, hidden = listing.shown, listing.hidden
     if as_json:
         _print_json(listing.to_json())
@@ -293,15 +299,23 @@ def list_checkpoints(
             (" ".join(mark for mark, on in (("best", row["best"]), ("latest", row["latest"])) if on),
              str(info.epoch), "" if info.step is None else str(info.step),
              _format_metrics({name: info.metrics[name] for name in shown if name in info.metrics}),
-             format_size(info.size), _age(info.timestamp))
+             format_size(info.size), _age(info.timestamp), *_copies(row))
             for info, row in zip(listing.infos, listing.rows)
         ]
-        _print_columns(str(directory), ("", "epoch", "step", ranked, "size", "age"), table, right={1, 2, 4})
+        header = ("", "epoch", "step", ranked, "size", "age", *(("copies",) if local_dir is not None else ()))
+        _print_columns(str(directory), header, table, right={1, 2, 4})
         if hidden:
             out.print(f"not shown: {', '.join(hidden)} (choose with --metrics, e.g. --metrics {','.join([*shown[:1], hidden[0]])}; "
                       "--json has every metric)", soft_wrap=True, style="dim")
     if listing.versions:
         out.print(f"validated: {', '.join(listing.versions)}; production: {listing.production or 'none'}")
+
+
+def _copies(row: dict[str, Any]) -> tuple[str, ...]:
+    """The ``copies`` cell of a tiered run's row (none for a run in one place)."""
+    if "copies" not in row:
+        return ()
+    return ("+".join(row["copies"]) + (" (upload pending)" if row["pending"] else ""),)
 
 
 def _print_columns(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> None:

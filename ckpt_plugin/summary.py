@@ -5,6 +5,7 @@ for a plain (not per-rank sharded) checkpoint.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +45,21 @@ class CheckpointTable:
         return {"checkpoints": self.rows, "versions": self.versions, "production": self.production}
 
 
-def checkpoint_table(registry: ArtifactRegistry, requested: list[str] | None = None) -> CheckpointTable:
+def checkpoint_table(
+    registry: ArtifactRegistry, requested: list[str] | None = None, *, local_dir: str | os.PathLike[str] | None = None
+) -> CheckpointTable:
     """The checkpoints of ``registry``'s run and its versions; ``requested`` metric names (in
-    order) replace the default choice of metrics."""
-    infos = registry.manager.checkpoints()
+    order) replace the default choice of metrics. With ``local_dir`` (the local tier of a tiered
+    run, whose durable tier the registry reads) the checkpoints of both tiers are listed, and each
+    row says which tiers hold a copy (``copies``) and whether its upload is pending."""
+    copies = None
+    if local_dir is None:
+        infos = registry.manager.checkpoints()
+    else:
+        from ._tiered.copies import tier_copies
+
+        copies = tier_copies(registry.location, local_dir)
+        infos = copies.infos
     ranking, mode = registry.manager.ranking(infos)
     shown, hidden = choose((name for info in infos for name in info.metrics), ranking, requested)
     index = best_index(infos, ranking, mode) if infos and mode in ("min", "max") else None  # what ``best`` resolves to
@@ -64,6 +76,7 @@ def checkpoint_table(registry: ArtifactRegistry, requested: list[str] | None = N
             "saved_at": info.timestamp,
             "best": info.name == best,
             "latest": info.name == latest,
+            **({} if copies is None else {"copies": list(copies.held[info.name]), "pending": info.name in copies.pending}),
         }
         for info in infos
     ]

@@ -5,6 +5,7 @@ directory or /dev/shm."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import uuid
@@ -233,3 +234,28 @@ def test_signatures_are_checked_on_whichever_copy_is_read(tmp_path: Path, durabl
     damaged.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="durable copy"):
         assert_same_tree(model_state(1), manager.load_latest(verify_with=public)["model"])
+
+
+def test_ckpt_list_shows_where_each_checkpoint_has_copies_and_which_are_pending(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ckpt_plugin import cli
+
+    durable = tmp_path / "run" / "checkpoints"
+    manager = CheckpointManager(durable, local_dir=tmp_path / "local", keep_local=1, save_rng=False, max_checkpoints=None)
+    save(manager, 0)
+    save(manager, 1)
+    manager.wait()  # epoch_0 is durable only now (keep_local=1), epoch_1 in both tiers
+    gate = gated(manager)
+    save(manager, 2)  # held: local only, pending
+    assert gate.reached.wait(30)
+    runner = CliRunner()
+    listed = runner.invoke(cli.app, ["list", str(durable), "--local-dir", str(tmp_path / "local"), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {row["name"]: (row["copies"], row["pending"]) for row in json.loads(listed.output)["checkpoints"]}
+    assert rows == {"epoch_0": (["durable"], False), "epoch_1": (["durable", "local"], False), "epoch_2": (["local"], True)}
+    table = runner.invoke(cli.app, ["list", str(durable), "--local-dir", str(tmp_path / "local")])
+    assert "local (upload pending)" in table.output and "durable+local" in table.output
+    assert "copies" not in runner.invoke(cli.app, ["list", str(durable)]).output  # a run in one place: no column
+    gate.open()
+    manager.wait()

@@ -1,0 +1,37 @@
+"""Where each checkpoint of a tiered run has copies, read without opening a manager (which would
+resume the pending uploads): what ``ckpt list --local-dir`` shows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .._io.info import CheckpointInfo
+from .._storage import Location
+from .journal import PendingJournal
+from .tiers import list_committed
+
+
+@dataclass(frozen=True)
+class TierCopies:
+    """Every checkpoint of either tier, oldest first (the local copy where both tiers hold one),
+    the tiers holding each (``"local"``, ``"durable"``), and the names whose upload is pending."""
+
+    infos: list[CheckpointInfo]
+    held: dict[str, tuple[str, ...]]
+    pending: frozenset[str]
+
+
+def tier_copies(durable: Location, local_dir: str | os.PathLike[str]) -> TierCopies:
+    """The copies of the run whose durable tier is ``durable`` and whose local tier is ``local_dir``."""
+    local = Location.of(local_dir)
+    found: dict[str, CheckpointInfo] = {}
+    held: dict[str, tuple[str, ...]] = {}
+    for tier, place in (("durable", durable), ("local", local)):
+        if place.is_missing_directory():
+            continue
+        for info in list_committed(place.commit_store()):
+            found[info.name] = info
+            held[info.name] = held.get(info.name, ()) + (tier,)
+    pending = frozenset() if local.is_missing_directory() else frozenset(name for name, _ in PendingJournal(local.path).pending())
+    return TierCopies(sorted(found.values(), key=lambda info: info.sort_key), held, pending)
