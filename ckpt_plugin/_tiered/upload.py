@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigurationError, CorruptCheckpointError
@@ -29,39 +29,68 @@ from .._format.records import METADATA_FILE, FileRecord
 from .._io.files import check, hash_file, read_json
 from .._io.info import CheckpointInfo, parse_metadata
 from .._io.reader import read_info
-from .._storage import Backend, Commit
+from .._storage import Backend, Commit, Transaction
 
 
 def upload(local: CheckpointInfo, durable: Commit, *, signing_key: str | os.PathLike[str] | None = None) -> CheckpointInfo:
     """Copy the committed local checkpoint ``local`` into ``durable`` and commit it there; return the
     durable copy's record. Raises :class:`CorruptCheckpointError` naming the local file when a file
     does not match its record (nothing is committed then), and whatever the durable store raises."""
+    document = local_manifest(local, signing_key)
+    durable.ensure_writable()
+    txn = durable.begin(local.name)
+    try:
+        digests = stream_files(local, sorted(local.files), durable.backend, txn.prefix)
+        location = commit_copy(local, document, durable, txn, digests, signing_key=signing_key)
+    except BaseException:
+        durable.abort(txn)
+        raise
+    return read_info(location, durable.backend)
+
+
+def local_manifest(local: CheckpointInfo, signing_key: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The ``metadata.json`` of the local copy ``local``, once it is the one ``local`` was read
+    from and, when the copy is signed, a ``signing_key`` is at hand to sign its durable copy."""
     document = read_json(local.file(METADATA_FILE), backend=local.backend)
     if parse_metadata(local.location, document, local.backend).files != local.files:
         raise CorruptCheckpointError(f"{local.location} was replaced while it was being uploaded; upload it again")
-    signed = local.backend.fingerprint(local.file(SIGNATURE_FILE)) is not None
-    if signed and signing_key is None:
+    if is_signed(local) and signing_key is None:
         raise ConfigurationError(
             f"{local.location} is signed, and its durable copy must be signed again (its signature covers "
             "metadata.json, which names the durable transaction); pass the signing_key it was saved with"
         )
-    backend = durable.backend
-    durable.ensure_writable()
-    txn = durable.begin(local.name)
-    try:
-        digests: dict[str, bytes] = {}
-        for name, record in sorted(local.files.items()):
-            digests[name] = stream_file(
-                local.file(name), _under(backend, txn.prefix, name), record, source=local.backend, target=backend
-            )
-        manifest = durable_manifest(document, txn.id)
-        if signed:
-            _sign(backend, txn.prefix, {**digests, METADATA_FILE: hashlib.sha256(manifest).digest()}, signing_key)
-        location = durable.commit(txn, manifest)
-    except BaseException:
-        durable.abort(txn)
-        raise
-    return read_info(location, backend)
+    return document
+
+
+def is_signed(local: CheckpointInfo) -> bool:
+    """Whether the local copy ``local`` carries a signature."""
+    return local.backend.fingerprint(local.file(SIGNATURE_FILE)) is not None
+
+
+def stream_files(local: CheckpointInfo, names: Iterable[str], target: Backend, prefix: str) -> dict[str, bytes]:
+    """Stream the files ``names`` of ``local`` under ``prefix`` on ``target``, each checked against
+    its record; return their SHA-256 digests by name."""
+    return {
+        name: stream_file(local.file(name), _under(target, prefix, name), local.files[name], source=local.backend, target=target)
+        for name in names
+    }
+
+
+def commit_copy(
+    local: CheckpointInfo,
+    document: Mapping[str, Any],
+    durable: Commit,
+    txn: Transaction,
+    digests: Mapping[str, bytes],
+    *,
+    signing_key: str | os.PathLike[str] | None,
+) -> str:
+    """Commit the durable copy of ``local`` whose files (with ``digests``) are under ``txn``:
+    signed again when ``local`` is, then its manifest written last. Returns its location."""
+    manifest = durable_manifest(document, txn.id)
+    if is_signed(local):
+        _sign(durable.backend, txn.prefix, {**digests, METADATA_FILE: hashlib.sha256(manifest).digest()}, signing_key)
+    return durable.commit(txn, manifest)
 
 
 def stream_file(source_key: str, target_key: str, record: FileRecord, *, source: Backend, target: Backend) -> bytes:
