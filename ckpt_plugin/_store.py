@@ -125,6 +125,10 @@ class CheckpointStore:
             self.retain(protect=info)
             self._log_save(info)
 
+    def shared(self, info: CheckpointInfo, rank: int) -> None:
+        """On every rank of a collective save, once all know that ``info`` committed (nothing to do
+        here; a tiered store starts its upload)."""
+
     def abort(self, txn: Transaction) -> None:
         """Remove what the failed transaction ``txn`` left."""
         self._commit.abort(txn)

@@ -87,7 +87,10 @@ class CheckpointManager:
             leaves its uploads pending, and the next manager with the same two tiers resumes them.
             Loads read the local copy when it verifies, else the durable one. Retention
             (``max_checkpoints``, ``keep_best``, ``keep_top_k``) governs the durable tier. One
-            manager per ``local_dir``; not for collective (sharded) saves yet.
+            manager per ``local_dir``. A collective (sharded) save commits in the coordinator's
+            ``local_dir`` (which every rank must reach), then each rank uploads its own shard
+            files and the coordinator commits the durable copy once all have (see the tiered
+            guide).
         keep_local: with ``local_dir``, how many of the newest checkpoints stay in ``local_dir`` once
             durable (besides those whose upload is pending, which always stay).
         max_pending_uploads: with ``local_dir``, how many uploads may be pending; beyond it
@@ -156,6 +159,7 @@ class CheckpointManager:
             self._store = self._tiers = TieredStore(
                 location, local_dir, policies=settings.retention_policies(), signing_key=signing_key,
                 keep_local=keep_local, max_pending_uploads=max_pending_uploads,
+                collective_timeout=settings.collective_timeout,
             )
             self._loader = TieredLoader(self._tiers, settings)
         self._saves = SaveStrategies(self._store, settings, self._saver)  # type: ignore[arg-type]

@@ -482,6 +482,82 @@ def job_exit_after_collective(rank: int, world: int, directory: Path) -> None:
     assert manager.restore(model, optimizer, scheduler).epoch == 1
 
 
+def job_tiered_save(rank: int, world: int, directory: Path) -> None:
+    """Each rank uploads its own shards of each save from ``local_dir``; the coordinator commits
+    the durable copy once all have. A rank whose upload fails fails it on every rank, leaves nothing
+    in the durable tier, and the next ``wait`` raises it there and tries again."""
+    from ckpt_plugin import UploadError
+    from ckpt_plugin._storage import faults
+
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    durable = directory / "durable"
+    manager = CheckpointManager(durable, local_dir=directory / f"local-r{rank}", keep_local=1, max_checkpoints=3,
+                                metric_for_best="loss", mode="min", collective_timeout=20)
+    for epoch in (1, 2):
+        loss = train_step(model, optimizer, scheduler, epoch)
+        info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler)
+        assert info.sharded and Path(info.location).parent == directory / "local-r0", info.location
+    manager.wait()
+    assert manager.pending_uploads() == []
+    reference = full_state(model, optimizer)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
+        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+    assert sorted(path.name for path in durable.iterdir() if not path.name.startswith(".")) == ["epoch_1", "epoch_2"]
+    assert sorted(path.name for path in (directory / "local-r0").iterdir() if not path.name.startswith(".")) == ["epoch_2"]
+
+    backend = manager.route_storage(lambda backend: backend)
+    before = sorted(durable.rglob("*"))
+    if rank == 1:  # the durable tier drops rank 1's first upload midway
+        faults.inject(manager, fail_after_bytes=100)
+    info = manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}, scheduler=scheduler)
+    assert [each.name for each in manager.pending_uploads()] == ["epoch_3"]
+    error = expect(UploadError, manager.wait, "epoch_3")
+    assert isinstance(error.__cause__, StorageError if rank == 1 else DistributedCheckpointError), repr(error.__cause__)
+    dist.barrier()
+    assert sorted(durable.rglob("*")) == before, "a failed upload left files behind"
+    manager.route_storage(lambda faulty: backend)
+    manager.wait()  # tried again: durable now
+    assert manager.pending_uploads() == [] and (durable / "epoch_3" / "metadata.json").is_file()
+    manager.close()
+
+
+def job_tiered_restore(rank: int, world: int, directory: Path, epoch: str = "3") -> None:
+    """A new machine (an empty ``local_dir``) restores the tiered run from the durable tier alone."""
+    model = shard(build(7), world)
+    optimizer, scheduler = objects(model)
+    durable = directory / "durable"
+    manager = CheckpointManager(durable, local_dir=directory / f"fresh-{world}-r{rank}", collective_timeout=20)
+    info = manager.restore(model, optimizer, scheduler)
+    assert info is not None and info.epoch == int(epoch) and Path(info.location).parent == durable, info
+    reference = safetensors.torch.load_file(str(directory / "reference.safetensors")) if rank == 0 else {}
+    assert_exact(model, optimizer, reference)
+    assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
+
+
+def job_tiered_killed(rank: int, world: int, directory: Path) -> None:
+    """Epoch 1 becomes durable; then rank 1 is killed by a signal in the middle of uploading epoch 2
+    (and ``launch`` kills rank 0, waiting for it). Rank 0's journal keeps epoch 2 pending."""
+    from ckpt_plugin._storage import faults
+
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    manager = CheckpointManager(directory / "durable", local_dir=directory / f"local-r{rank}", collective_timeout=60)
+    manager.save(model, optimizer, epoch=1, scheduler=scheduler)
+    manager.wait()
+    train_step(model, optimizer, scheduler, 2)
+    reference = full_state(model, optimizer)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
+        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+    if rank == 1:
+        faults.inject(manager, hook=lambda operation, key: os.kill(os.getpid(), 9) if operation == "create" else None)
+    manager.save(model, optimizer, epoch=2, scheduler=scheduler)
+    manager.wait()
+    raise AssertionError("the upload of epoch 2 finished although rank 1 was killed during it")
+
+
 JOBS = {
     "exit_after_collective": job_exit_after_collective,
     "fuzz_golden": job_fuzz_golden,
@@ -490,6 +566,9 @@ JOBS = {
     "remote_save": job_remote_save,
     "remote_restore": job_remote_restore,
     "signed_save": job_signed_save,
+    "tiered_save": job_tiered_save,
+    "tiered_restore": job_tiered_restore,
+    "tiered_killed": job_tiered_killed,
 }
 
 

@@ -87,16 +87,17 @@ def holds_dtensors(*objects: Any) -> bool:
     return False
 
 
-_GROUPS: dict[tuple[int, float], Any] = {}
+_GROUPS: dict[tuple[int, float, str], Any] = {}
 
 
-def coordination_group(timeout: float) -> Any:
+def coordination_group(timeout: float, purpose: str = "saves") -> Any:
     """A gloo group over all ranks whose collectives give up after ``timeout`` seconds.
 
     Created on first use (a collective call: every rank must get here) and reused after that,
-    until :func:`release_coordination_groups`.
+    until :func:`release_coordination_groups`. Each ``purpose`` gets a group of its own, so that
+    work on one (the background uploads of a tiered manager) never interleaves with another's.
     """
-    key = (id(dist.group.WORLD), float(timeout))
+    key = (id(dist.group.WORLD), float(timeout), purpose)
     group = _GROUPS.get(key)
     if group is None:
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
@@ -406,9 +407,14 @@ def _finish(save: _Save) -> CheckpointInfo:
         except BaseException as exc:
             error = exc
     location, summary = agree(save.group, save.action, error, outcome, exchange=True)[0]
-    if save.coordinator:
-        return committed[0]
-    return listing.info_from_summary(as_path(location), summary, store.backend)
+    info = committed[0] if save.coordinator else listing.info_from_summary(as_path(location), summary, store.backend)
+    error = None
+    try:  # a tiered store starts the upload here, and waits while too many are pending
+        store.shared(info, save.rank)
+    except BaseException as exc:
+        error = exc
+    agree(save.group, save.action, error)
+    return info
 
 
 def restore_sharded(

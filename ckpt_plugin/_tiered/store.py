@@ -22,6 +22,7 @@ from ..errors import ConfigurationError, CorruptCheckpointError, SignatureError
 from .._io.info import CheckpointInfo
 from .._io.writer import Snapshot
 from .._storage import Backend, Entry, Location, Transaction, with_backend
+from .sharded import ShardedUploads
 from .tiers import Tiers
 
 
@@ -48,6 +49,7 @@ class TieredStore:
         signing_key: str | os.PathLike[str] | None = None,
         keep_local: int = 2,
         max_pending_uploads: int = 2,
+        collective_timeout: float = 600.0,
     ) -> None:
         check_tier_options(keep_local, max_pending_uploads)
         local = Location.of(local_dir)
@@ -55,6 +57,7 @@ class TieredStore:
             raise ConfigurationError(f"local_dir must be a local directory (or one on /dev/shm), not the URL {local}")
         self.location = durable
         self.max_pending_uploads = max_pending_uploads
+        self.collective_timeout = collective_timeout
         self.local_store = CheckpointStore(local, signing_key=signing_key)
         self.durable_store = CheckpointStore(durable, policies=policies, signing_key=signing_key)
         local_commit = local.commit_store()
@@ -70,6 +73,9 @@ class TieredStore:
             on_durable=self.durable_store.committed,
         )
         self._seqs: dict[str, int] = {}
+        self._sharded_txns: dict[str, tuple[str, int]] = {}
+        """The coordinator's sharded transactions in ``local_dir`` not yet committed: prefix to (name, seq)."""
+        self.sharded = ShardedUploads(self.tiers, signing_key)
         self.tiers.resume()
 
     # ------------------------------------------------------------------ what the save strategies use
@@ -90,15 +96,26 @@ class TieredStore:
         return backend
 
     def begin(self, name: str) -> Transaction:
-        raise ConfigurationError(
-            "a sharded (collective) save cannot use local_dir yet; leave local_dir out for a model sharded across ranks"
-        )
+        """The coordinator's transaction in ``local_dir`` for a sharded save of ``name``, written
+        ahead in the journal; its upload is not the background uploader's (see :meth:`shared`)."""
+        seq = self.tiers.before_commit(name)
+        try:
+            txn = self.local_store.begin(name)
+        except BaseException:
+            self.tiers.abandon(seq)
+            raise
+        self._seqs[name] = seq
+        self._sharded_txns[txn.prefix] = (name, seq)
+        return txn
 
     def commit(self, snapshot: Snapshot, txn: Transaction | None = None, **strategy: Any) -> CheckpointInfo:
         """Commit ``snapshot`` in ``local_dir`` (see ``CheckpointStore.commit``) once fewer than
-        ``max_pending_uploads`` uploads are pending; a persistent upload failure is raised first."""
+        ``max_pending_uploads`` uploads are pending; a persistent upload failure is raised first.
+        With ``txn`` (a sharded save's, from :meth:`begin`), into that transaction."""
         if txn is not None:
-            self.begin(snapshot.name)
+            info = self.local_store.commit(snapshot, txn)
+            self._sharded_txns.pop(txn.prefix, None)
+            return info
         self.tiers.uploader.wait_for_room(self.max_pending_uploads - 1)
         seq = self.tiers.before_commit(snapshot.name)
         try:
@@ -110,12 +127,26 @@ class TieredStore:
         return info
 
     def committed(self, info: CheckpointInfo) -> None:
-        """After the local commit of ``info``: log it locally, start its upload, prune ``local_dir``."""
+        """After the local commit of ``info``: log it locally, start its upload, prune ``local_dir``.
+        (A sharded save's upload starts in :meth:`shared`, on every rank.)"""
         self.local_store.committed(info)
-        self.tiers.after_commit(info, self._seqs.pop(info.name))
+        if not info.sharded:
+            self.tiers.after_commit(info, self._seqs.pop(info.name))
+
+    def shared(self, info: CheckpointInfo, rank: int) -> None:
+        """Every rank of a sharded save that committed ``info``: queue its upload, in which each
+        rank uploads its own files; then wait while more than ``max_pending_uploads`` are pending."""
+        self.sharded.add(info, self._seqs.pop(info.name, None), rank, self.collective_timeout)
+        self.sharded.wait(self.max_pending_uploads)
 
     def abort(self, txn: Transaction) -> None:
         self.local_store.abort(txn)
+        began = self._sharded_txns.pop(txn.prefix, None)
+        if began is not None:  # a sharded save that failed: the uploader drops its journal entry
+            name, seq = began
+            if self._seqs.get(name) == seq:
+                del self._seqs[name]
+            self.tiers.abandon(seq)
 
     def pending(self, snapshot: Snapshot) -> CheckpointInfo:
         return self.local_store.pending(snapshot)
@@ -132,11 +163,15 @@ class TieredStore:
     # ------------------------------------------------------------------ uploads
 
     def pending_uploads(self) -> list[CheckpointInfo]:
-        """The checkpoints committed in ``local_dir`` whose upload is pending, oldest first."""
-        return self.tiers.pending()
+        """The checkpoints committed in ``local_dir`` whose upload is pending, oldest first (on
+        every rank of a sharded save, those it still uploads shards of)."""
+        pending = self.tiers.pending()
+        names = {info.name for info in pending}
+        return pending + [info for info in self.sharded.pending() if info.name not in names]
 
     def wait(self) -> None:
         """Block until every pending upload is durable; raise a persistent upload failure."""
+        self.sharded.wait()
         self.tiers.uploader.wait()
 
     # ------------------------------------------------------------------ retention
