@@ -522,6 +522,11 @@ def job_tiered_save(rank: int, world: int, directory: Path) -> None:
     assert manager.pending_uploads() == [] and (durable / "epoch_3" / "metadata.json").is_file()
     manager.close()
 
+    # Asynchronous: the local commit and then the upload follow in the background.
+    check_async_save(CheckpointManager(directory / "async", local_dir=directory / f"async-r{rank}", async_save=True,
+                                       collective_timeout=20), model, optimizer, scheduler, world)
+    assert (directory / "async" / "epoch_7" / "metadata.json").is_file()
+
 
 def job_tiered_restore(rank: int, world: int, directory: Path, epoch: str = "3") -> None:
     """A new machine (an empty ``local_dir``) restores the tiered run from the durable tier alone."""
