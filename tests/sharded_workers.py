@@ -487,7 +487,7 @@ def job_tiered_save(rank: int, world: int, directory: Path) -> None:
     the durable copy once all have. A rank whose upload fails fails it on every rank, leaves nothing
     in the durable tier, and the next ``wait`` raises it there and tries again."""
     from ckpt_plugin import UploadError
-    from ckpt_plugin._storage import faults
+    from ckpt_plugin._storage import faults, trash
 
     model = shard(build(0), world)
     optimizer, scheduler = objects(model)
@@ -508,6 +508,8 @@ def job_tiered_save(rank: int, world: int, directory: Path) -> None:
     assert sorted(path.name for path in (directory / "local-r0").iterdir() if not path.name.startswith(".")) == ["epoch_2"]
 
     backend = manager.route_storage(lambda backend: backend)
+    trash.drain()  # retention's deletions run in the background on rank 0: let them end first
+    dist.barrier()
     before = sorted(durable.rglob("*"))
     if rank == 1:  # the durable tier drops rank 1's first upload midway
         faults.inject(manager, fail_after_bytes=100)
@@ -515,6 +517,7 @@ def job_tiered_save(rank: int, world: int, directory: Path) -> None:
     assert [each.name for each in manager.pending_uploads()] == ["epoch_3"]
     error = expect(UploadError, manager.wait, "epoch_3")
     assert isinstance(error.__cause__, StorageError if rank == 1 else DistributedCheckpointError), repr(error.__cause__)
+    trash.drain()
     dist.barrier()
     assert sorted(durable.rglob("*")) == before, "a failed upload left files behind"
     manager.route_storage(lambda faulty: backend)
