@@ -291,8 +291,7 @@ def _lightning_path(info: CheckpointInfo | None) -> str | None:
     an object store has times for objects only)."""
     if info is None:
         return None
-    # The one local/remote branch here: Lightning reads a modification time, which a prefix lacks.
-    return info.file(METADATA_FILE) if Location(info.location).remote else str(info.path)
+    return Location(info.location).dated_by(METADATA_FILE)  # Lightning reads the modification time of what it is given
 
 
 class CheckpointCallback(ModelCheckpoint):

@@ -50,3 +50,13 @@ def test_a_location_travels_to_another_process_with_its_options() -> None:
     copy = pickle.loads(pickle.dumps(place))
     assert copy == place and copy.storage_options == {"skip_instance_cache": True}
     assert copy.backend().root == "memory://bucket/run"
+
+
+def test_a_location_says_whether_another_is_on_its_store_and_what_dates_it(tmp_path: Path) -> None:
+    bucket = Location.of("s3://bucket/run/checkpoints")
+    assert bucket.same_store(Location.of("s3://bucket/run/validated"))
+    assert not bucket.same_store(Location.of("memory://bucket/run/validated"))
+    assert not bucket.same_store(Location.of(tmp_path))
+    assert Location.of(tmp_path).same_store(Location.of(tmp_path / "other"))
+    assert bucket.dated_by("metadata.json") == "s3://bucket/run/checkpoints/metadata.json"
+    assert Location.of(tmp_path / "epoch_1").dated_by("metadata.json") == str(tmp_path / "epoch_1")

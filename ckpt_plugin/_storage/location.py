@@ -83,6 +83,17 @@ class Location:
             return self.where == other.where
         return os.path.realpath(self.where) == os.path.realpath(other.where)
 
+    def same_store(self, other: Location) -> bool:
+        """Whether ``other`` is on the same kind of store: both URLs of one scheme, or both local."""
+        if isinstance(self.where, str) and isinstance(other.where, str):
+            return self.where.split("://", 1)[0] == other.where.split("://", 1)[0]
+        return isinstance(self.where, str) == isinstance(other.where, str)
+
+    def dated_by(self, name: str) -> str:
+        """What carries this place's modification time: the directory itself, or on an object store
+        (whose prefixes have no times) the object ``name`` inside it."""
+        return f"{self.where}/{name}" if isinstance(self.where, str) else str(self.where)
+
     def backend(self) -> Backend:
         """The backend that reaches this location, opened on first use and then shared."""
         with self._lock:

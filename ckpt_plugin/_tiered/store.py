@@ -53,7 +53,7 @@ class TieredStore:
     ) -> None:
         check_tier_options(keep_local, max_pending_uploads)
         local = Location.of(local_dir)
-        if local.remote:  # refuses input, no branch of behaviour
+        if local.local_dir() is None:
             raise ConfigurationError(f"local_dir must be a local directory (or one on /dev/shm), not the URL {local}")
         self.location = durable
         self.max_pending_uploads = max_pending_uploads

@@ -66,7 +66,7 @@ from .._format import codec, documents
 from .._format.names import TransactionName, parse_transaction_name, transaction_name
 from .._format.records import FileRecord
 from .._io.files import read_bytes_file, read_json
-from .._storage import STALE_SECONDS, Location, conditional, is_url, new_transaction_id, remove_leftovers
+from .._storage import STALE_SECONDS, Location, conditional, new_transaction_id, remove_leftovers
 from .places import Settle, StagedWeights
 from .records import PRODUCTION_MODEL_FILE
 
@@ -106,7 +106,7 @@ class ObjectStorePlaces:
         places = {}
         for label, given, default in (("validated_dir", validated_dir, "validated"), ("production_dir", production_dir, "production")):
             chosen = str(given).rstrip("/") if given is not None else f"{parent}/{default}"
-            if not is_url(chosen) or chosen.split("://", 1)[0] != url.split("://", 1)[0]:  # refuses input, no branch of behaviour
+            if not checkpoints.same_store(Location(chosen)):
                 raise ConfigurationError(f"{label} must be a URL on the same store as {url} when checkpoint_dir is one, not {given!r}")
             places[label] = chosen
         if len({url, places["validated_dir"], places["production_dir"]}) != 3:
