@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .errors import CheckpointError
 from ._format import codec, documents
 from ._format.records import FileRecord
@@ -29,6 +31,7 @@ from ._storage import LOCAL, Backend, temporary_path
 CACHE_FILE = ".listing.json"
 CACHE_VERSION = 3
 REWRITE_AFTER_READS = 16
+_SEAL_MARKER = f',"{documents.SEAL_KEY}":"'.encode("ascii")
 
 Identity = tuple[int, int, int, int]
 
@@ -74,9 +77,13 @@ def summary(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
-def info_from_summary(path: Path | str, data: Mapping[str, Any], backend: Backend = LOCAL) -> CheckpointInfo:
+def info_from_summary(
+    path: Path | str, data: Mapping[str, Any] | documents.SummaryDoc, backend: Backend = LOCAL
+) -> CheckpointInfo:
     """The :class:`CheckpointInfo` of ``path`` (a directory, or a URL on ``backend``) from its
-    cached :func:`summary`."""
+    cached :func:`summary` (as a dict, or as :func:`load` decoded it)."""
+    if isinstance(data, documents.SummaryDoc):
+        data = msgspec.structs.asdict(data)
     return CheckpointInfo(
         path=as_path(path),
         epoch=data["epoch"],
@@ -93,22 +100,41 @@ def info_from_summary(path: Path | str, data: Mapping[str, Any], backend: Backen
 
 def _summary_source(path: Path | str) -> str:
     """Where a summary came from, for error messages: the cache file locally, else the checkpoint."""
-    return str(path.parent / CACHE_FILE) if isinstance(path, Path) else f"the summary of {path}"
+    return os.path.join(os.path.dirname(path), CACHE_FILE) if isinstance(path, Path) else f"the summary of {path}"
 
 
-def load(root: Path) -> dict[str, tuple[Identity, dict[str, Any]]]:
+def load(root: Path) -> dict[str, tuple[Identity, documents.SummaryDoc]]:
     """The cached summaries by checkpoint name; empty when there is no usable cache (missing,
-    damaged, edited, or written by another release)."""
+    damaged, edited, or written by another release).
+
+    A cache is checked the way :func:`save` writes it: its seal covers the bytes before the seal
+    itself, and one typed decoding parses and validates the rest, so a new process does not parse,
+    walk and re-encode the whole document in Python.
+    """
     path = root / CACHE_FILE
     try:
-        document = documents.load_json(LOCAL.read_bytes(os.fspath(path)), str(path))
-        if not isinstance(document, dict) or document.get("version") != CACHE_VERSION:
+        data = LOCAL.read_bytes(os.fspath(path))
+        if len(data) > documents.MAX_DOCUMENT_BYTES or not _seal_matches(data):
             return {}
-        documents.check_seal(document, str(path))
-        documents.validate(document, documents.ListingDoc, str(path))
-    except (OSError, CheckpointError):
+        document = msgspec.json.decode(data, type=documents.ListingDoc, strict=True)
+    except (OSError, CheckpointError, msgspec.DecodeError, RecursionError):
         return {}
-    return {name: (tuple(entry["identity"]), entry["summary"]) for name, entry in document["entries"].items()}  # type: ignore[misc]
+    if document.version != CACHE_VERSION:
+        return {}
+    return {
+        name: (entry.identity, entry.summary)
+        for name, entry in document.entries.items()
+        if documents.within_depth(entry.summary.metrics, documents.MAX_DEPTH)
+    }
+
+
+def _seal_matches(data: bytes) -> bool:
+    """Whether ``data``, as :func:`save` wrote it, ends with the seal of the bytes before it."""
+    start = data.rfind(_SEAL_MARKER)
+    if start < 0 or not data.endswith(b'"}'):
+        return False
+    recorded = data[start + len(_SEAL_MARKER) : -2].decode("ascii", "replace")
+    return recorded == documents.checksum(data[:start] + b"}")
 
 
 def save(root: Path, entries: Mapping[str, tuple[Identity, Mapping[str, Any]]]) -> None:

@@ -258,7 +258,9 @@ class _Listing:
     def __init__(self, store: CheckpointStore) -> None:
         self._store = store
         self._entries: dict[str, tuple[str, CheckpointInfo]] = {}
-        self._summaries: dict[str, tuple[listing.Identity, dict[str, Any]]] | None = None
+        self._summaries: dict[str, tuple[listing.Identity, Any]] | None = None
+        """The summary cache by checkpoint name: an entry's parsed summary until it has been made
+        into a listed :class:`CheckpointInfo`, then None (the info is the summary's source from then on)."""
         self._metadata_reads = 0
         self._from_cache: set[str] = set()
         """Checkpoints listed from the summary cache alone: advisory until their metadata.json is read here."""
@@ -282,6 +284,8 @@ class _Listing:
                 if info is not None:
                     found[entry.name] = (entry.fingerprint, info)
         self._entries = found
+        if self._summaries is not None:  # the parsed cache is dropped once listed: fewer objects for the collector
+            self._summaries = {name: self._summaries[name] for name in found if name in self._summaries}
         if self._metadata_reads - read_before > listing.REWRITE_AFTER_READS and self._summaries is not None:
             self._save_summaries()
         return sorted((info for _, info in found.values()), key=lambda info: info.sort_key)
@@ -310,7 +314,12 @@ class _Listing:
     def _save_summaries(self) -> None:
         assert self._summaries is not None
         assert self._store.summary_dir is not None
-        listing.save(self._store.summary_dir, {name: self._summaries[name] for name in self._entries if name in self._summaries})
+        summaries = {}
+        for name, (_, info) in self._entries.items():
+            if name in self._summaries:
+                key, summary = self._summaries[name]
+                summaries[name] = (key, summary if isinstance(summary, dict) else listing.summary(info))
+        listing.save(self._store.summary_dir, summaries)
 
     def _read_info(self, name: str, location: str, *, use_cache: bool = True) -> CheckpointInfo | None:
         key = None
@@ -342,6 +351,7 @@ class _Listing:
         except (CheckpointError, KeyError, TypeError, ValueError):
             return None
         self._from_cache.add(name)
+        self._summaries[name] = (key, None)
         return cached
 
     def _warn_unreadable(self, name: str, location: str, exc: BaseException) -> None:

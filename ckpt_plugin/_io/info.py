@@ -102,6 +102,8 @@ def _checksum_or_none(document: Mapping[str, Any]) -> str | None:
 
 def as_path(location: str | os.PathLike[str]) -> Path | str:
     """What :attr:`CheckpointInfo.path` holds for ``location``: a Path locally, the URL otherwise."""
+    if isinstance(location, Path):  # already parsed: listing 1,000 checkpoints builds 1,000 of these
+        return location.expanduser()
     return Location(location).where
 
 
