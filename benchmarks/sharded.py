@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import existing_dir, machine, print_table, scratch_dir, settle, start_server, whole_number  # noqa: E402
+from _common import evict, existing_dir, machine, print_table, scratch_dir, settle, start_server, whole_number  # noqa: E402
 
 WORLD = 2
 BUCKET = "bench-sharded"
@@ -65,22 +65,6 @@ def build(mib: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return model, optimizer
-
-
-def evict(*directories: Path) -> None:
-    """Drop the files of ``directories`` from the page cache, so that a read comes from the disk.
-
-    Saves may write with direct I/O (no page cache) or through it; evicting both sides' files
-    makes the restores compare alike, as after a job restart."""
-    settle()
-    for directory in directories:
-        for path in directory.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
 
 
 def timed(fn, cold: tuple[Path, ...] = ()) -> float:  # type: ignore[no-untyped-def]
