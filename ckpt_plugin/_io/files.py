@@ -22,6 +22,7 @@ for the local file system, a URL for an object store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -426,6 +427,12 @@ def _pipeline(backend: Backend, key: str, chunks: list[tuple[memoryview, int]], 
     """Read every chunk (a view and its file offset, in file order), hashing each in order as soon
     as it has landed, with the backend's ``read_concurrency`` reads in flight. A backend with
     ``read_scatter`` gets adjacent chunks as one request of up to its ``read_chunk`` bytes."""
+    reading = getattr(backend, "reading", None)
+    with reading(key) if reading is not None and chunks else contextlib.nullcontext():
+        _read_in_order(backend, key, chunks, hasher)
+
+
+def _read_in_order(backend: Backend, key: str, chunks: list[tuple[memoryview, int]], hasher: Any) -> None:
     units = _coalesce(chunks, _chunk_bytes(backend)) if hasattr(backend, "read_scatter") else [
         (offset, [view]) for view, offset in chunks
     ]
