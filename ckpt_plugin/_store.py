@@ -382,7 +382,7 @@ class _Listing:
             self._entries.pop(cached.name, None)
             return None
         self._entries[cached.name] = (fingerprint, info)
-        if listing.summary(info) == listing.summary(cached):
+        if info == cached or listing.summary(info) == listing.summary(cached):  # NaN metrics differ from themselves
             return info
         if self._summaries is not None:
             self._save_summaries()
