@@ -9,7 +9,8 @@ Lightning starts its other ranks itself (``strategy="ddp"``); the Trainer's rank
 :mod:`exactly_once_worker`. SAMPLER ``default`` leaves the distributed sampling to the framework
 (Lightning wraps the sampler of ``StatefulDataLoader(shuffle=True)`` in its
 ``DistributedSamplerWrapper``; the Trainer shards accelerate's seeded sampler by batches);
-``distributed`` gives Lightning's loader torch's ``DistributedSampler``. MODE ``full`` trains two epochs, ``preempt`` sends
+``distributed`` gives Lightning's loader torch's ``DistributedSampler`` and ``resumable`` a
+:class:`ckpt_plugin.ResumableDistributedSampler`. MODE ``full`` trains two epochs, ``preempt`` sends
 every rank SIGTERM at optimizer step STOP_STEP (the callbacks save and stop), ``resume`` continues
 from the latest checkpoint. Each rank writes the ids of its steps and its warnings to
 ``OUTPUT_DIR/MODE-rank{N}.json``.
@@ -66,11 +67,14 @@ def lightning_run(output: Path, mode: str, processes: int, sampler: str, step: i
     from torch.utils.data import DistributedSampler
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    from ckpt_plugin import ResumableDistributedSampler
     from ckpt_plugin.lightning import CheckpointCallback
 
     def loader() -> StatefulDataLoader:
         if sampler == "distributed":
             return StatefulDataLoader(single.Ids(), batch_size=BATCH, sampler=DistributedSampler(single.Ids(), seed=3))
+        if sampler == "resumable":
+            return StatefulDataLoader(single.Ids(), batch_size=BATCH, sampler=ResumableDistributedSampler(single.Ids(), seed=3))
         return StatefulDataLoader(single.Ids(), batch_size=BATCH, shuffle=True)
 
     root = output / "run"

@@ -66,7 +66,7 @@ def assert_each_sample_once_per_epoch(ranks: list[list[list[int]]]) -> None:
         assert sorted(sample for ids in epoch for sample in ids) == list(range(SAMPLES))
 
 
-@pytest.mark.parametrize(("framework", "sampler"), [("lightning", "distributed"), ("hf", "default")])
+@pytest.mark.parametrize(("framework", "sampler"), [("lightning", "distributed"), ("lightning", "resumable"), ("hf", "default")])
 def test_a_preempted_ddp_run_sees_each_sample_once_per_epoch_in_the_uninterrupted_order(tmp_path, framework, sampler):
     steps_per_epoch = SAMPLES // BATCH // RANKS
     step = random.Random(f"ddp-{framework}-{sampler}").randint(2, steps_per_epoch - 2)
@@ -81,4 +81,29 @@ def test_a_preempted_ddp_run_sees_each_sample_once_per_epoch_in_the_uninterrupte
         assert step <= len(preempted[rank]["steps"]) < steps_per_epoch
         assert preempted[rank]["steps"] + resumed[rank]["steps"] == full[rank]["steps"]  # each rank's order
     assert_each_sample_once_per_epoch([preempted[rank]["steps"] + resumed[rank]["steps"] for rank in range(RANKS)])
+
+
+def split_epochs(steps: list[list[int]], first: int, per_epoch: int) -> list[list[int]]:
+    """A rank's ids by epoch, the first epoch holding ``first`` of them."""
+    ids = [sample for step in steps for sample in step]
+    return [ids[:first]] + [ids[start : start + per_epoch] for start in range(first, len(ids), per_epoch)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_lightning_resumes_an_epoch_at_another_world_size_with_each_sample_once(tmp_path, before, after):
+    """A ResumableDistributedSampler splits the rest of the interrupted epoch over the new ranks."""
+    steps_per_epoch = SAMPLES // BATCH // before
+    step = random.Random(f"resize-{before}-{after}").randint(2, steps_per_epoch - 2)
+    preempted = run("lightning", tmp_path, "preempt", processes=before, step=step, sampler="resumable")
+    resumed = run("lightning", tmp_path, "resume", processes=after, sampler="resumable")
+
+    trained = [sample for report in preempted for step_ids in report["steps"] for sample in step_ids]
+    assert all(step <= len(report["steps"]) < steps_per_epoch for report in preempted)
+    left = (SAMPLES - len(trained)) // after
+    resumed_epochs = [split_epochs(report["steps"], left, SAMPLES // after) for report in resumed]
+    assert [len(epochs_of_rank) for epochs_of_rank in resumed_epochs] == [2] * after
+    first = trained + [sample for epochs_of_rank in resumed_epochs for sample in epochs_of_rank[0]]
+    assert sorted(first) == list(range(SAMPLES))  # no repeat, no drop across the change
+    assert sorted(sample for epochs_of_rank in resumed_epochs for sample in epochs_of_rank[1]) == list(range(SAMPLES))
+    assert not any("replays" in message for report in resumed for message in report["warnings"])
 
