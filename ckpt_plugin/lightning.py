@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -597,6 +598,8 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_saved_step = trainer.global_step if trainer.ckpt_path else None
         self._due_at_epoch_end = False
         self._preemption.start()
+        if self._rng_at_first_batch is not None and trainer.world_size > 1:  # a mid-epoch resume
+            _warn_if_order_not_restored(trainer)
         if self._resplit_epoch:
             self._resplit_epoch = False
             _count_batches_left_after_resplit(trainer)
@@ -946,6 +949,22 @@ def _resumes_at_any_world_size(trainer: pl.Trainer) -> bool:
     the batches of several combined ones would not stay in step)."""
     loaders = _train_loaders(trainer)
     return len(loaders) == 1 and data_state.resumes_at_any_world_size(loaders[0])
+
+
+def _warn_if_order_not_restored(trainer: pl.Trainer) -> None:
+    """Say so when a mid-epoch resume under DDP cannot draw the interrupted epoch's order again.
+
+    Lightning shards a sampler it does not know (torchdata's ``RandomSampler``, which a
+    ``StatefulDataLoader(shuffle=True)`` builds) with a ``DistributedSamplerWrapper``, which keeps no
+    state: the resumed epoch is drawn from the wrapped sampler's generator as it is now."""
+    if all(data_state.sampler_of(loader, DistributedSamplerWrapper) is None for loader in _train_loaders(trainer)):
+        return
+    rank_zero_warn(
+        "resuming inside an epoch under DDP with Lightning's DistributedSamplerWrapper around the loader's own sampler "
+        "(torchdata's RandomSampler, from StatefulDataLoader(shuffle=True)): the wrapper keeps no position, so the rest "
+        "of the epoch follows another order and repeats some samples while missing others. Give the loader "
+        "sampler=ckpt_plugin.ResumableDistributedSampler(dataset) (or torch's DistributedSampler) to resume it exactly"
+    )
 
 
 def _count_batches_left_after_resplit(trainer: pl.Trainer) -> None:

@@ -107,3 +107,11 @@ def test_lightning_resumes_an_epoch_at_another_world_size_with_each_sample_once(
     assert sorted(sample for epochs_of_rank in resumed_epochs for sample in epochs_of_rank[1]) == list(range(SAMPLES))
     assert not any("replays" in message for report in resumed for message in report["warnings"])
 
+
+def test_lightning_says_when_ddp_shards_a_sampler_whose_order_a_resume_cannot_draw_again(tmp_path):
+    """StatefulDataLoader(shuffle=True) under DDP: Lightning wraps torchdata's RandomSampler in a
+    DistributedSamplerWrapper, which keeps no position; the resumed epoch repeats and misses samples."""
+    run("lightning", tmp_path, "preempt", step=2, sampler="default")
+    resumed = run("lightning", tmp_path, "resume", sampler="default")
+    assert any("DistributedSamplerWrapper" in message and "ResumableDistributedSampler" in message
+               for message in resumed[0]["warnings"])
