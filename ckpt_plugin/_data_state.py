@@ -103,8 +103,9 @@ def check_world_size(saved: Mapping[str, Any], world_size: int, path: Any) -> No
         "loader's position counts the samples of each process's shard, so resuming it here would repeat some samples "
         f"and drop others. Either resume with {saved_size} process(es), or resume from a checkpoint taken at the end "
         "of an epoch (ckpt list shows each checkpoint's epoch and step), which any world size can continue. For a "
-        "map-style dataset, a loader whose sampler is ckpt_plugin.ResumableDistributedSampler continues mid-epoch at "
-        "any world size (an iterable dataset's position cannot be split over another number of processes)"
+        "map-style dataset under Lightning or in a loop of your own, a loader whose sampler is "
+        "ckpt_plugin.ResumableDistributedSampler continues mid-epoch at any world size (an iterable dataset's position "
+        "cannot be split over another number of processes, and the Trainer's loaders shard a sampler of their own)"
     )
 
 
