@@ -34,12 +34,14 @@ if TYPE_CHECKING:
     from .manager import CheckpointManager
     from .registry import ArtifactRegistry
     from ._storage import Location
+    from .sampler import ResumableDistributedSampler
 
 _LAZY = {
     "CheckpointInfo": "._io.info",
     "CheckpointManager": ".manager",
     "ArtifactRegistry": ".registry",
     "Location": "._storage",
+    "ResumableDistributedSampler": ".sampler",
     "capture_rng_state": "._io.rng",
     "portable_rng_state": "._io.rng",
     "restore_rng_state": "._io.rng",
@@ -76,6 +78,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "Location",
     "PromotionError",
+    "ResumableDistributedSampler",
     "SignatureError",
     "StorageError",
     "UnsignedError",

@@ -5,8 +5,10 @@ A stateful loader (torchdata's ``StatefulDataLoader``, accelerate's loaders buil
 covers Hugging Face ``datasets`` iterable datasets) reports where it stands in the epoch: how many
 samples it has yielded, its sampler's generator, its dataset's own position. That state is a tree
 of dicts, lists, numbers, strings and tensors, which the manager's codec stores as JSON plus
-tensors. This module captures it with the world size it was taken at and puts it back, refusing a
-resume at another world size instead of silently repeating or dropping samples.
+tensors. This module captures it with the world size it was taken at and puts it back. A resume
+at another world size continues the epoch when a :class:`~ckpt_plugin.ResumableDistributedSampler`
+holds the position (it splits the rest of the epoch over the new ranks); any other position is
+refused there instead of silently repeating or dropping samples.
 
 Nothing here imports a training framework; the callbacks hand in the loader and the world size.
 """
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import EncodingError, IncompatibleCheckpointError
+from .sampler import ResumableDistributedSampler
 
 DATA_STATE_KEY = "data_loader"
 """The key of the loader's state in a checkpoint's ``extra`` tree."""
@@ -46,7 +49,27 @@ def capture(loader: Any, *, world_size: int) -> dict[str, Any] | None:
         return None
     state = loader.state_dict()
     check_plain(state, "state_dict()")
-    return {"format": FORMAT_VERSION, "world_size": int(world_size), "state": state}
+    return {
+        "format": FORMAT_VERSION,
+        "world_size": int(world_size),
+        "any_world_size": resumes_at_any_world_size(loader),
+        "state": state,
+    }
+
+
+def resumes_at_any_world_size(loader: Any) -> bool:
+    """Whether ``loader`` draws its samples from a :class:`~ckpt_plugin.ResumableDistributedSampler`,
+    whose position in an epoch continues at another world size."""
+    return sampler_of(loader, ResumableDistributedSampler) is not None
+
+
+def sampler_of(loader: Any, kind: type) -> Any:
+    """The sampler of type ``kind`` that ``loader`` draws from, itself or through its batch sampler, or None."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if isinstance(sampler, kind):
+            return sampler
+    return None
 
 
 def check_plain(tree: Any, where: str) -> None:
@@ -66,18 +89,23 @@ def check_plain(tree: Any, where: str) -> None:
 
 
 def check_world_size(saved: Mapping[str, Any], world_size: int, path: Any) -> None:
-    """Refuse to resume the loader state ``saved`` (from :func:`capture`) at another ``world_size``.
+    """Refuse to resume the loader state ``saved`` (from :func:`capture`) at another ``world_size``,
+    unless a :class:`~ckpt_plugin.ResumableDistributedSampler` held it.
 
     Each rank's sampler state counts the samples of its own shard; at another world size the shards
-    differ, so the rest of the epoch would repeat some samples and drop others."""
+    differ, so the rest of the epoch would repeat some samples and drop others. That sampler knows
+    the whole epoch's order and splits what is left of it over the new ranks instead."""
     saved_size = saved.get("world_size")
-    if saved_size == world_size:
+    if saved_size == world_size or saved.get("any_world_size") is True:
         return
     raise IncompatibleCheckpointError(
         f"{path} was saved inside an epoch by {saved_size} process(es), and this run has {world_size}: the data "
         "loader's position counts the samples of each process's shard, so resuming it here would repeat some samples "
         f"and drop others. Either resume with {saved_size} process(es), or resume from a checkpoint taken at the end "
-        "of an epoch (ckpt list shows each checkpoint's epoch and step), which any world size can continue"
+        "of an epoch (ckpt list shows each checkpoint's epoch and step), which any world size can continue. For a "
+        "map-style dataset under Lightning or in a loop of your own, a loader whose sampler is "
+        "ckpt_plugin.ResumableDistributedSampler continues mid-epoch at any world size (an iterable dataset's position "
+        "cannot be split over another number of processes, and the Trainer's loaders shard a sampler of their own)"
     )
 
 
@@ -98,4 +126,13 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-__all__ = ["DATA_STATE_KEY", "capture", "check_plain", "check_world_size", "is_stateful", "restore"]
+__all__ = [
+    "DATA_STATE_KEY",
+    "capture",
+    "check_plain",
+    "check_world_size",
+    "is_stateful",
+    "restore",
+    "resumes_at_any_world_size",
+    "sampler_of",
+]

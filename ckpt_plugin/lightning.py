@@ -60,6 +60,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -77,6 +78,7 @@ from ._callback_core import (
     plain_metrics,
 )
 from . import CheckpointInfo, Location, capture_rng_state, portable_rng_state, restore_rng_state
+from .sampler import ResumableDistributedSampler
 from ._checkpoint import METADATA_FILE
 from .errors import CheckpointError, ConfigurationError, EncodingError
 from .manager import CheckpointManager
@@ -596,6 +598,11 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_saved_step = trainer.global_step if trainer.ckpt_path else None
         self._due_at_epoch_end = False
         self._preemption.start()
+        if self._rng_at_first_batch is not None and trainer.world_size > 1:  # a mid-epoch resume
+            _warn_if_order_not_restored(trainer)
+        if self._resplit_epoch:
+            self._resplit_epoch = False
+            _count_batches_left_after_resplit(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """After resuming mid-epoch, put the RNG states back once the data iterator exists (it draws from them)."""
@@ -731,9 +738,12 @@ class CheckpointCallback(ModelCheckpoint):
             "rng": portable_rng_state(capture_rng_state()),
             "mid_epoch": self._saving_mid_epoch,
             "world_size": self._world_size,
+            "any_world_size": self._saving_any_world_size,
         }
 
     _saving_mid_epoch = False
+    _saving_any_world_size = False
+    _resplit_epoch = False
     _world_size = 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -745,13 +755,14 @@ class CheckpointCallback(ModelCheckpoint):
         are restored at the first batch, after the iterator (restored by its own ``load_state_dict``
         when it is stateful) has been created. A mid-epoch state saved at another world size is
         refused (:func:`ckpt_plugin._data_state.check_world_size`): each rank's loader position counts
-        the samples of its own shard.
+        the samples of its own shard, unless a ``ResumableDistributedSampler`` held it.
         """
         if self._stage != "fit" or state_dict.get("rng") is None:
             return
         if state_dict.get("mid_epoch") and "world_size" in state_dict:
             # mid-epoch, the loader's position counts the samples of each rank's shard
             data_state.check_world_size(state_dict, self._world_size, "the checkpoint resumed from")
+            self._resplit_epoch = state_dict["world_size"] != self._world_size
         if state_dict.get("mid_epoch"):
             self._rng_at_first_batch = state_dict["rng"]
         else:
@@ -787,10 +798,11 @@ class CheckpointCallback(ModelCheckpoint):
                     raise request.error
                 raise _error_type(problem["error_type"])(f"global rank 0 could not save the checkpoint: {problem['error']}")
         self._saving_mid_epoch = _mid_epoch(trainer)
+        self._saving_any_world_size = _resumes_at_any_world_size(trainer)
         try:
             trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=self.save_weights_only, storage_options=request)
         finally:
-            self._saving_mid_epoch = False
+            self._saving_mid_epoch = self._saving_any_world_size = False
         if trainer.is_global_zero and request.error is None and request.outcome is None:
             request.error = CheckpointError(
                 f"the {type(trainer.strategy).__name__} strategy did not pass the checkpoint to its CheckpointIO "
@@ -922,6 +934,55 @@ def _step_completed(trainer: pl.Trainer, batch_idx: int) -> bool:
         return True
     accumulate = trainer.accumulate_grad_batches
     return (batch_idx + 1) % accumulate == 0 or bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def _train_loaders(trainer: pl.Trainer) -> list[Any]:
+    """The train loaders as Lightning prepared them (with the samplers it put in)."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def _resumes_at_any_world_size(trainer: pl.Trainer) -> bool:
+    """Whether the train loader's position continues mid-epoch at another world size (one loader:
+    the batches of several combined ones would not stay in step)."""
+    loaders = _train_loaders(trainer)
+    return len(loaders) == 1 and data_state.resumes_at_any_world_size(loaders[0])
+
+
+def _warn_if_order_not_restored(trainer: pl.Trainer) -> None:
+    """Say so when a mid-epoch resume under DDP cannot draw the interrupted epoch's order again.
+
+    Lightning shards a sampler it does not know (torchdata's ``RandomSampler``, which a
+    ``StatefulDataLoader(shuffle=True)`` builds) with a ``DistributedSamplerWrapper``, which keeps no
+    state: the resumed epoch is drawn from the wrapped sampler's generator as it is now."""
+    if all(data_state.sampler_of(loader, DistributedSamplerWrapper) is None for loader in _train_loaders(trainer)):
+        return
+    rank_zero_warn(
+        "resuming inside an epoch under DDP with Lightning's DistributedSamplerWrapper around the loader's own sampler "
+        "(torchdata's RandomSampler, from StatefulDataLoader(shuffle=True)): the wrapper keeps no position, so the rest "
+        "of the epoch follows another order and repeats some samples while missing others. Give the loader "
+        "sampler=ckpt_plugin.ResumableDistributedSampler(dataset) (or torch's DistributedSampler) to resume it exactly"
+    )
+
+
+def _count_batches_left_after_resplit(trainer: pl.Trainer) -> None:
+    """After a mid-epoch resume at another world size, count the resumed epoch's batches done as
+    ``len(loader)`` less the batches this rank's loader has left, so that Lightning ends the epoch
+    (``is_last_batch``, its validation) at the loader's last batch.
+
+    Lightning restored the batches each rank had trained in the interrupted layout; the
+    ``ResumableDistributedSampler`` split what was left over this run's ranks, who have more or
+    fewer batches of it left."""
+    (loader,) = _train_loaders(trainer)  # saved as resumable at any world size only with one loader
+    left = data_state.sampler_of(loader, ResumableDistributedSampler).samples_left()
+    batches_left = left // loader.batch_size if loader.drop_last else -(-left // loader.batch_size)
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    shift = max(int(trainer.num_training_batches) - batches_left, 0) - current.ready
+    # moved together: a save at a batch's end holds one batch fewer completed, which Lightning adds back
+    current.ready, current.started = current.ready + shift, current.started + shift
+    current.processed, current.completed = current.processed + shift, current.completed + shift
 
 
 def _mid_epoch(trainer: pl.Trainer) -> bool:

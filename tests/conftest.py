@@ -17,7 +17,7 @@ import pytest
 
 PROCESS_MODULES = {
     "test_async_exit", "test_cli_startup", "test_concurrent_saves", "test_crash", "test_crash_certificate",
-    "test_docs_site", "test_examples", "test_exactly_once", "test_install", "test_registry_crash", "test_remote_uploads", "test_sharded",
+    "test_docs_site", "test_examples", "test_exactly_once", "test_exactly_once_ddp", "test_install", "test_registry_crash", "test_remote_uploads", "test_sharded",
     "test_sharded_lightning", "test_sharded_remote", "test_sharded_tiered", "test_tiered_crash",
 }
 """Modules whose every test starts processes of its own (spawned ranks, training runs, killed savers)."""

@@ -136,12 +136,9 @@ def hf_run(kind: str, workers: int, output: Path, mode: str, step: int | None) -
     return model.seen
 
 
-def lightning_run(kind: str, workers: int, output: Path, mode: str, step: int | None) -> list[list[int]]:
+def lightning_module(loader, step: int | None):  # type: ignore[no-untyped-def]
+    """A LightningModule training a :class:`Recorder` on ``loader()``, signalled at optimizer step ``step``."""
     import lightning.pytorch as pl
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
-    from ckpt_plugin.lightning import CheckpointCallback
 
     maybe_signal = signal_at(step)
 
@@ -160,12 +157,24 @@ def lightning_run(kind: str, workers: int, output: Path, mode: str, step: int | 
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
         def train_dataloader(self):  # type: ignore[no-untyped-def]
-            shuffle = kind == "map"
-            return StatefulDataLoader(dataset(kind), batch_size=BATCH, shuffle=shuffle, num_workers=workers)
+            return loader()
+
+    return Module()
+
+
+def lightning_run(kind: str, workers: int, output: Path, mode: str, step: int | None) -> list[list[int]]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from ckpt_plugin.lightning import CheckpointCallback
+
+    def loader() -> StatefulDataLoader:
+        return StatefulDataLoader(dataset(kind), batch_size=BATCH, shuffle=kind == "map", num_workers=workers)
 
     root = output / mode.replace("preempt", "resume")
     pl.seed_everything(3, verbose=False)
-    module = Module()
+    module = lightning_module(loader, step)
     trainer = pl.Trainer(
         default_root_dir=root, max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
