@@ -87,7 +87,8 @@ class CheckpointManager:
             leaves its uploads pending, and the next manager with the same two tiers resumes them.
             Loads read the local copy when it verifies, else the durable one. Retention
             (``max_checkpoints``, ``keep_best``, ``keep_top_k``) governs the durable tier. One
-            manager per ``local_dir``. A collective (sharded) save commits in the coordinator's
+            live manager per ``local_dir``: a second one raises :class:`ConfigurationError` until
+            the first is closed (or its process has ended). A collective (sharded) save commits in the coordinator's
             ``local_dir`` (which every rank must reach), then each rank uploads its own shard
             files and the coordinator commits the durable copy once all have (see the tiered
             guide).
@@ -272,13 +273,17 @@ class CheckpointManager:
             trash.drain()
 
     def close(self) -> None:
-        """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
+        """Flush like :meth:`wait` and free the asynchronous staging buffer. With ``local_dir``, give it
+        up: another manager may open it (this one takes it back on its next save). The manager
+        stays usable."""
         try:
             if self._saver is not None:
                 self._saver.close()
             if self._tiers is not None:
                 self._tiers.wait()
         finally:
+            if self._tiers is not None:
+                self._tiers.close()
             trash.drain()
 
     def pending_uploads(self) -> list[CheckpointInfo]:

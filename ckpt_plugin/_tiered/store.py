@@ -22,6 +22,7 @@ from ..errors import ConfigurationError, CorruptCheckpointError, SignatureError
 from .._io.info import CheckpointInfo
 from .._io.writer import Snapshot
 from .._storage import Backend, Entry, Location, Transaction, with_backend
+from .owner import LocalDirLock
 from .sharded import ShardedUploads
 from .tiers import Tiers
 
@@ -55,9 +56,23 @@ class TieredStore:
         local = Location.of(local_dir)
         if local.local_dir() is None:
             raise ConfigurationError(f"local_dir must be a local directory (or one on /dev/shm), not the URL {local}")
+        self.owner = LocalDirLock(local_dir)
+        self.owner.hold()
         self.location = durable
         self.max_pending_uploads = max_pending_uploads
         self.collective_timeout = collective_timeout
+        try:
+            self._open(local, policies, signing_key, keep_local)
+        except BaseException:
+            self.owner.release()
+            raise
+
+    def _open(
+        self, local: Location, policies: Sequence[retention.RetentionPolicy], signing_key: str | os.PathLike[str] | None,
+        keep_local: int,
+    ) -> None:
+        """Open both tiers and resume what an earlier manager of ``local_dir`` left pending."""
+        durable = self.location
         self.local_store = CheckpointStore(local, signing_key=signing_key)
         self.durable_store = CheckpointStore(durable, policies=policies, signing_key=signing_key)
         local_commit = local.commit_store()
@@ -98,6 +113,7 @@ class TieredStore:
     def begin(self, name: str) -> Transaction:
         """The coordinator's transaction in ``local_dir`` for a sharded save of ``name``, written
         ahead in the journal; its upload is not the background uploader's (see :meth:`shared`)."""
+        self.owner.hold()
         seq = self.tiers.before_commit(name)
         try:
             txn = self.local_store.begin(name)
@@ -112,6 +128,7 @@ class TieredStore:
         """Commit ``snapshot`` in ``local_dir`` (see ``CheckpointStore.commit``) once fewer than
         ``max_pending_uploads`` uploads are pending; a persistent upload failure is raised first.
         With ``txn`` (a sharded save's, from :meth:`begin`), into that transaction."""
+        self.owner.hold()
         if txn is not None:
             info = self.local_store.commit(snapshot, txn)
             self._sharded_txns.pop(txn.prefix, None)
@@ -173,6 +190,10 @@ class TieredStore:
         """Block until every pending upload is durable; raise a persistent upload failure."""
         self.sharded.wait()
         self.tiers.uploader.wait()
+
+    def close(self) -> None:
+        """Give ``local_dir`` up: another manager may open it now (the next save takes it back)."""
+        self.owner.release()
 
     # ------------------------------------------------------------------ retention
 
