@@ -181,7 +181,7 @@ def measure_blocking(args: Any, root: Path, model: Any, optimizer: Any, batch: t
             save(model, optimizer, epoch)
             blocked[name].append(time.perf_counter() - start)
     for manager in managers:
-        manager.wait()
+        manager.close()  # waits for the uploads, and gives local_dir up for the restores
     return blocked, proxies["tiered"].sent_up
 
 
@@ -204,6 +204,7 @@ def measure_restores(root: Path, model: Any, optimizer: Any, proxy: ThrottlingPr
                 manager = CheckpointManager(url, local_dir=where, save_rng=False, storage_options=options)
                 manager.restore(model, optimizer, which="latest")
                 times[name].append(time.perf_counter() - start)
+                manager.close()  # one live manager per local_dir
     return times
 
 

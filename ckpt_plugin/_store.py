@@ -125,9 +125,14 @@ class CheckpointStore:
             self.retain(protect=info)
             self._log_save(info)
 
-    def shared(self, info: CheckpointInfo, rank: int) -> None:
+    def rank_transaction(self, txn: Transaction, rank: int) -> Transaction:
+        """Where ``rank`` writes its files of the collective save ``txn``: into ``txn`` itself here
+        (a tiered store gives each rank a staging directory in its own ``local_dir``)."""
+        return txn
+
+    def shared(self, info: CheckpointInfo, rank: int, world_size: int) -> None:
         """On every rank of a collective save, once all know that ``info`` committed (nothing to do
-        here; a tiered store starts its upload)."""
+        here; a tiered store seals each rank's local copy and starts its upload)."""
 
     def abort(self, txn: Transaction) -> None:
         """Remove what the failed transaction ``txn`` left."""

@@ -87,10 +87,10 @@ class CheckpointManager:
             leaves its uploads pending, and the next manager with the same two tiers resumes them.
             Loads read the local copy when it verifies, else the durable one. Retention
             (``max_checkpoints``, ``keep_best``, ``keep_top_k``) governs the durable tier. One
-            manager per ``local_dir``. A collective (sharded) save commits in the coordinator's
-            ``local_dir`` (which every rank must reach), then each rank uploads its own shard
-            files and the coordinator commits the durable copy once all have (see the tiered
-            guide).
+            live manager per ``local_dir``: a second one raises :class:`ConfigurationError` until
+            the first is closed (or its process has ended). In a collective (sharded) save every
+            rank commits its own files to its own ``local_dir`` and uploads them itself; the
+            coordinator commits the durable copy once all have (see the tiered guide).
         keep_local: with ``local_dir``, how many of the newest checkpoints stay in ``local_dir`` once
             durable (besides those whose upload is pending, which always stay).
         max_pending_uploads: with ``local_dir``, how many uploads may be pending; beyond it
@@ -272,13 +272,17 @@ class CheckpointManager:
             trash.drain()
 
     def close(self) -> None:
-        """Flush like :meth:`wait` and free the asynchronous staging buffer. The manager stays usable."""
+        """Flush like :meth:`wait` and free the asynchronous staging buffer. With ``local_dir``, give it
+        up: another manager may open it (this one takes it back on its next save). The manager
+        stays usable."""
         try:
             if self._saver is not None:
                 self._saver.close()
             if self._tiers is not None:
                 self._tiers.wait()
         finally:
+            if self._tiers is not None:
+                self._tiers.close()
             trash.drain()
 
     def pending_uploads(self) -> list[CheckpointInfo]:
@@ -503,11 +507,14 @@ class CheckpointManager:
         """
         self._settle()
         self._note_resume()
+        collective = _collective(model)
+        if collective and self._tiers is not None:  # every rank chooses among the same checkpoints
+            self._tiers.settle_sharded()
         info = self.resolve(which)
         if info is None:
             return None
         self._loader.restore(
-            info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic, collective=_collective(model)
+            info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng, atomic=atomic, collective=collective
         )
         return info
 

@@ -482,71 +482,141 @@ def job_exit_after_collective(rank: int, world: int, directory: Path) -> None:
     assert manager.restore(model, optimizer, scheduler).epoch == 1
 
 
+def rank_copy(directory: Path, rank: int, name: str) -> Path:
+    """Where rank ``rank`` keeps its copy of the sharded checkpoint ``name`` (see ``_tiered/ranks.py``)."""
+    return directory / f"local-r{rank}" / ".sharded" / name
+
+
+def rank_copies(directory: Path, rank: int) -> list[str]:
+    found = directory / f"local-r{rank}" / ".sharded"
+    return sorted(path.name for path in found.iterdir() if not path.name.startswith(".")) if found.is_dir() else []
+
+
+def check_rank_copy(directory: Path, rank: int, world: int, name: str) -> None:
+    """Rank ``rank``'s copy of ``name`` in its own ``local_dir``: its own shard files and its record,
+    the coordinator's also the checkpoint's metadata."""
+    held = sorted(path.name for path in rank_copy(directory, rank, name).iterdir())
+    own = [f"model-r{rank}-of-{world}.safetensors", f"optim-r{rank}-of-{world}.safetensors"]
+    small = ["metadata.json", "sharding.json", "state.json", "state.safetensors"] if rank == 0 else []
+    assert held == sorted([*own, *small, "rank.json"]), held
+
+
+def save_epochs(manager: CheckpointManager, model, optimizer, scheduler, epochs) -> None:
+    for epoch in epochs:
+        loss = train_step(model, optimizer, scheduler, epoch)
+        info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler)
+        assert info.sharded and info.epoch == epoch, info
+
+
+def write_reference(directory: Path, rank: int, model, optimizer) -> None:
+    reference = full_state(model, optimizer)
+    if rank == 0:
+        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
+        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+
+
+def restore_exactly(manager: CheckpointManager, directory: Path, rank: int, world: int, epoch: int) -> None:
+    """A fresh model restores ``epoch`` through ``manager`` exactly as the reference was saved."""
+    model = shard(build(7), world)
+    optimizer, scheduler = objects(model)
+    info = manager.restore(model, optimizer, scheduler)
+    assert info is not None and info.epoch == epoch, info
+    reference = safetensors.torch.load_file(str(directory / "reference.safetensors")) if rank == 0 else {}
+    assert_exact(model, optimizer, reference)
+    assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
+
+
+def durable_reads(manager: CheckpointManager) -> list[str]:
+    """The keys the manager's durable tier is asked for from now on (its bytes routed through a hook)."""
+    from ckpt_plugin._storage import faults
+
+    touched: list[str] = []
+    faults.inject(manager, hook=lambda operation, key: touched.append(key))
+    return touched
+
+
+def check_local_restore(durable: str | Path, directory: Path, rank: int, world: int, epoch: int) -> None:
+    """A new manager on every rank restores at the saving world size, reading each rank's shards
+    from its own local copy; once a rank's local shard is damaged, that rank reads the durable one
+    instead, with one warning."""
+    import warnings
+
+    manager = CheckpointManager(durable, local_dir=directory / f"local-r{rank}", collective_timeout=30)
+    touched = durable_reads(manager)
+    own = f"-r{rank}-of-{world}.safetensors"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restore_exactly(manager, directory, rank, world, epoch)
+    assert not [key for key in touched if key.endswith(own)], touched
+    assert not [str(w.message) for w in caught if "local copy" in str(w.message)]
+    dist.barrier()
+    if rank == 1:
+        damaged = rank_copy(directory, rank, f"epoch_{epoch}") / f"model{own}"
+        data = bytearray(damaged.read_bytes())
+        data[-1] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+    touched.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restore_exactly(manager, directory, rank, world, epoch)
+        restore_exactly(manager, directory, rank, world, epoch)  # warned once
+    fallbacks = [str(w.message) for w in caught if "local copy" in str(w.message)]
+    assert len(fallbacks) == (1 if rank == 1 else 0), fallbacks
+    assert bool([key for key in touched if key.endswith(own)]) == (rank == 1), touched
+    manager.close()
+
+
 def job_tiered_save(rank: int, world: int, directory: Path) -> None:
-    """Each rank uploads its own shards of each save from ``local_dir``; the coordinator commits
-    the durable copy once all have. A rank whose upload fails fails it on every rank, leaves nothing
-    in the durable tier, and the next ``wait`` raises it there and tries again."""
+    """Each rank commits its own shards of each save to its own ``local_dir`` and uploads them; the
+    coordinator commits the durable copy once all have. A rank whose upload fails fails it on every
+    rank, leaves nothing in the durable tier, and the next ``wait`` raises it there and tries again.
+    A restore at this world size reads each rank's local shards."""
     from ckpt_plugin import UploadError
-    from ckpt_plugin._storage import faults, trash
+    from ckpt_plugin._storage import faults
 
     model = shard(build(0), world)
     optimizer, scheduler = objects(model)
     durable = directory / "durable"
     manager = CheckpointManager(durable, local_dir=directory / f"local-r{rank}", keep_local=1, max_checkpoints=3,
                                 metric_for_best="loss", mode="min", collective_timeout=20)
-    for epoch in (1, 2):
-        loss = train_step(model, optimizer, scheduler, epoch)
-        info = manager.save(model, optimizer, epoch=epoch, metrics={"loss": loss}, scheduler=scheduler)
-        assert info.sharded and Path(info.location).parent == directory / "local-r0", info.location
+    save_epochs(manager, model, optimizer, scheduler, (1, 2))
+    check_rank_copy(directory, rank, world, "epoch_2")
     manager.wait()
     assert manager.pending_uploads() == []
-    reference = full_state(model, optimizer)
-    if rank == 0:
-        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
-        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
     assert sorted(path.name for path in durable.iterdir() if not path.name.startswith(".")) == ["epoch_1", "epoch_2"]
-    assert sorted(path.name for path in (directory / "local-r0").iterdir() if not path.name.startswith(".")) == ["epoch_2"]
+    assert rank_copies(directory, rank) == ["epoch_2"]  # keep_local=1, on every rank
+    assert not [path for path in (directory / f"local-r{rank}").iterdir() if not path.name.startswith(".")]
 
     backend = manager.route_storage(lambda backend: backend)
-    trash.drain()  # retention's deletions run in the background on rank 0: let them end first
-    dist.barrier()
     before = sorted(durable.rglob("*"))
     if rank == 1:  # the durable tier drops rank 1's first upload midway
         faults.inject(manager, fail_after_bytes=100)
-    info = manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}, scheduler=scheduler)
+    manager.save(model, optimizer, epoch=3, metrics={"loss": 0.0}, scheduler=scheduler)
     assert [each.name for each in manager.pending_uploads()] == ["epoch_3"]
     error = expect(UploadError, manager.wait, "epoch_3")
     assert isinstance(error.__cause__, StorageError if rank == 1 else DistributedCheckpointError), repr(error.__cause__)
-    trash.drain()
     dist.barrier()
     assert sorted(durable.rglob("*")) == before, "a failed upload left files behind"
     manager.route_storage(lambda faulty: backend)
     manager.wait()  # tried again: durable now
     assert manager.pending_uploads() == [] and (durable / "epoch_3" / "metadata.json").is_file()
+    assert rank_copies(directory, rank) == ["epoch_3"]
+    write_reference(directory, rank, model, optimizer)
     manager.close()
-
-    # Asynchronous: the local commit and then the upload follow in the background.
-    check_async_save(CheckpointManager(directory / "async", local_dir=directory / f"async-r{rank}", async_save=True,
-                                       collective_timeout=20), model, optimizer, scheduler, world)
-    assert (directory / "async" / "epoch_7" / "metadata.json").is_file()
+    check_local_restore(durable, directory, rank, world, 3)
 
 
 def job_tiered_restore(rank: int, world: int, directory: Path, epoch: str = "3") -> None:
     """A new machine (an empty ``local_dir``) restores the tiered run from the durable tier alone."""
-    model = shard(build(7), world)
-    optimizer, scheduler = objects(model)
     durable = directory / "durable"
     manager = CheckpointManager(durable, local_dir=directory / f"fresh-{world}-r{rank}", collective_timeout=20)
-    info = manager.restore(model, optimizer, scheduler)
-    assert info is not None and info.epoch == int(epoch) and Path(info.location).parent == durable, info
-    reference = safetensors.torch.load_file(str(directory / "reference.safetensors")) if rank == 0 else {}
-    assert_exact(model, optimizer, reference)
-    assert repr(optimizer.param_groups[0]["lr"]) == (directory / "reference_lr.txt").read_text()
+    restore_exactly(manager, directory, rank, world, int(epoch))
+    assert Path(manager.latest().location).parent == durable
 
 
 def job_tiered_killed(rank: int, world: int, directory: Path) -> None:
     """Epoch 1 becomes durable; then rank 1 is killed by a signal in the middle of uploading epoch 2
-    (and ``launch`` kills rank 0, waiting for it). Rank 0's journal keeps epoch 2 pending."""
+    (and ``launch`` kills rank 0 with SIGKILL). Both ranks' journals keep epoch 2 pending."""
     from ckpt_plugin._storage import faults
 
     model = shard(build(0), world)
@@ -555,15 +625,54 @@ def job_tiered_killed(rank: int, world: int, directory: Path) -> None:
     manager.save(model, optimizer, epoch=1, scheduler=scheduler)
     manager.wait()
     train_step(model, optimizer, scheduler, 2)
-    reference = full_state(model, optimizer)
-    if rank == 0:
-        safetensors.torch.save_file(reference, str(directory / "reference.safetensors"))
-        (directory / "reference_lr.txt").write_text(repr(optimizer.param_groups[0]["lr"]))
+    write_reference(directory, rank, model, optimizer)
     if rank == 1:
         faults.inject(manager, hook=lambda operation, key: os.kill(os.getpid(), 9) if operation == "create" else None)
     manager.save(model, optimizer, epoch=2, scheduler=scheduler)
     manager.wait()
     raise AssertionError("the upload of epoch 2 finished although rank 1 was killed during it")
+
+
+def job_tiered_resume(rank: int, world: int, directory: Path) -> None:
+    """New managers on every rank, each on its own ``local_dir``, resume the upload of epoch 2 that
+    the killed ones left pending, then restore it from their local shards."""
+    durable = directory / "durable"
+    manager = CheckpointManager(durable, local_dir=directory / f"local-r{rank}", collective_timeout=60)
+    assert [info.name for info in manager.pending_uploads()] == ["epoch_2"]
+    manager.wait()
+    assert manager.pending_uploads() == []
+    assert sorted(path.name for path in durable.iterdir() if not path.name.startswith(".")) == ["epoch_1", "epoch_2"]
+    manager.close()
+    check_local_restore(durable, directory, rank, world, 2)
+
+
+def job_tiered_remote(rank: int, world: int, directory: Path, url: str, private_key: str = "") -> None:
+    """A sharded tiered run whose durable tier is ``url`` (an S3 server, reached through the
+    standard AWS environment), signed with ``private_key`` when one is given."""
+    model = shard(build(0), world)
+    optimizer, scheduler = objects(model)
+    manager = CheckpointManager(url, local_dir=directory / f"local-r{rank}", keep_local=1, collective_timeout=30,
+                                signing_key=private_key or None)
+    save_epochs(manager, model, optimizer, scheduler, (1, 2))
+    manager.wait()
+    assert manager.pending_uploads() == [] and rank_copies(directory, rank) == ["epoch_2"]
+    write_reference(directory, rank, model, optimizer)
+    manager.close()
+    check_local_restore(url, directory, rank, world, 2)
+
+
+def job_tiered_shared_local_dir(rank: int, world: int, directory: Path) -> None:
+    """Ranks given one ``local_dir`` are refused: the second manager says what to do instead."""
+    from ckpt_plugin import ConfigurationError
+
+    shared = directory / "shared-local"
+    manager = CheckpointManager(directory / "durable", local_dir=shared, collective_timeout=20) if rank == 0 else None
+    dist.barrier()
+    if rank == 1:
+        expect(ConfigurationError, lambda: CheckpointManager(directory / "durable", local_dir=shared), "own")
+    dist.barrier()
+    if manager is not None:
+        manager.close()
 
 
 JOBS = {
@@ -577,6 +686,9 @@ JOBS = {
     "tiered_save": job_tiered_save,
     "tiered_restore": job_tiered_restore,
     "tiered_killed": job_tiered_killed,
+    "tiered_resume": job_tiered_resume,
+    "tiered_remote": job_tiered_remote,
+    "tiered_shared_local_dir": job_tiered_shared_local_dir,
 }
 
 

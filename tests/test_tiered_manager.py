@@ -6,7 +6,11 @@ directory or /dev/shm."""
 from __future__ import annotations
 
 import json
+import os
+import select
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 import warnings
@@ -148,6 +152,7 @@ def test_a_corrupt_local_copy_falls_back_to_the_durable_one(tmp_path: Path, dura
     model = torch.nn.Linear(32, 32)  # restore reads the durable copy too, changing nothing before it
     state = {"weight": torch.zeros(32, 32), "bias": torch.zeros(32)}
     model.load_state_dict(state)
+    manager.close()  # one live manager per local_dir
     fresh = CheckpointManager(durable_url, local_dir=tmp_path / "local", save_rng=False)
     fresh.save({"weight": torch.ones(32, 32), "bias": torch.ones(32)}, epoch=4)
     fresh.wait()
@@ -259,3 +264,50 @@ def test_ckpt_list_shows_where_each_checkpoint_has_copies_and_which_are_pending(
     assert "copies" not in runner.invoke(cli.app, ["list", str(durable)]).output  # a run in one place: no column
     gate.open()
     manager.wait()
+
+
+def test_one_live_manager_per_local_dir_in_this_process(tmp_path: Path) -> None:
+    first = CheckpointManager(tmp_path / "durable", local_dir=tmp_path / "local", save_rng=False)
+    with pytest.raises(ConfigurationError, match="in use by another live CheckpointManager.*close"):
+        CheckpointManager(tmp_path / "durable", local_dir=tmp_path / "local", save_rng=False)
+    other = CheckpointManager(tmp_path / "durable", local_dir=tmp_path / "other", save_rng=False)  # its own local_dir
+    first.close()  # gives local_dir up
+    second = CheckpointManager(tmp_path / "durable", local_dir=tmp_path / "local", save_rng=False)
+    with pytest.raises(ConfigurationError, match="in use"):
+        save(first, 0)  # a closed manager takes local_dir back on its next save, unless another holds it
+    save(second, 0)
+    second.wait()
+    second.close()
+    other.close()
+    save(first, 1)
+    first.wait()
+    assert names(first.checkpoints()) == ["epoch_0", "epoch_1"]
+    first.close()
+
+
+def _holder(tmp_path: Path) -> subprocess.Popen[str]:
+    """Another process holding a manager on ``tmp_path / "local"``, once it printed ``ready``."""
+    script = (
+        "import sys; from ckpt_plugin import CheckpointManager; "
+        f"manager = CheckpointManager({str(tmp_path / 'durable')!r}, local_dir={str(tmp_path / 'local')!r}); "
+        "print('ready', flush=True); sys.stdin.read()"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    ready, _, _ = select.select([process.stdout], [], [], 120)
+    assert ready and process.stdout.readline().strip() == "ready", "the holder did not start"
+    return process
+
+
+def test_a_manager_in_another_process_holds_local_dir_until_it_is_killed(tmp_path: Path) -> None:
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(ConfigurationError, match="in use by another live CheckpointManager"):
+            CheckpointManager(tmp_path / "durable", local_dir=tmp_path / "local", save_rng=False)
+    finally:
+        holder.kill()  # SIGKILL: the OS releases its lock
+        holder.wait(timeout=30)
+    manager = CheckpointManager(tmp_path / "durable", local_dir=tmp_path / "local", save_rng=False)
+    save(manager, 0)
+    manager.wait()
+    manager.close()

@@ -387,13 +387,13 @@ def _finish(save: _Save) -> CheckpointInfo:
         )
         committed.append(store.commit(save.snapshot, save.txn))
 
-    files = BackendShardFiles(save.txn.prefix, store.backend)
-    writer = SafetensorsWriter(files, on_commit=commit if save.coordinator else None)
+    own = store.rank_transaction(save.txn, save.rank)  # a tiered store: this rank's own local_dir
+    writer = SafetensorsWriter(BackendShardFiles(own.prefix, store.backend), on_commit=commit if save.coordinator else None)
     try:
         dcp.save(save.state, storage_writer=writer, planner=JsonSavePlanner(), process_group=save.group)
     except CheckpointException as exc:
-        if save.coordinator:  # every rank has finished writing by now: nothing adds to the prefix after this
-            store.abort(save.txn)
+        if save.coordinator or own is not save.txn:  # every rank has finished writing by now: nothing adds to the prefix after this
+            store.abort(own)
         _raise_dcp_failure(exc, save.action, save.rank)
     outcome = None
     error = None
@@ -410,7 +410,7 @@ def _finish(save: _Save) -> CheckpointInfo:
     info = committed[0] if save.coordinator else listing.info_from_summary(as_path(location), summary, store.backend)
     error = None
     try:  # a tiered store starts the upload here, and waits while too many are pending
-        store.shared(info, save.rank)
+        store.shared(info, save.rank, dist.get_world_size(save.group))
     except BaseException as exc:
         error = exc
     agree(save.group, save.action, error)
@@ -426,17 +426,20 @@ def restore_sharded(
     *,
     strict: bool,
     restore_rng: bool,
+    local_files: Mapping[str, str] | None = None,
 ) -> None:
     """Load ``info`` into the DTensor-holding ``model`` (and ``optimizer``) at this world size,
     whatever the world size that saved it; every rank calls it. A checkpoint saved by one process
-    is read whole by every rank, which keeps its own shards of it."""
+    is read whole by every rank, which keeps its own shards of it. ``local_files`` (file name to a
+    local path holding the same bytes, such as this rank's copy in a tiered ``local_dir``) are read
+    from there instead."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
 
     from .consolidate import read_sharded_items
     from .dcp_storage import SafetensorsReader
-    from .files import BackendShardFiles
+    from .files import BackendShardFiles, PreferLocalShardFiles
     from .planners import JsonLoadPlanner, check_compatible
 
     group = coordination_group(settings.collective_timeout)
@@ -446,7 +449,8 @@ def restore_sharded(
     error: BaseException | None = None
     others: dict[str, Any] = {}
     state: dict[str, Any] = {}
-    reader = SafetensorsReader(BackendShardFiles(info.location, info.backend), record=info.files.get(SHARDING_FILE))
+    files = BackendShardFiles(info.location, info.backend)
+    reader = SafetensorsReader(PreferLocalShardFiles(files, local_files) if local_files else files, record=info.files.get(SHARDING_FILE))
     full = not info.sharded
     try:
         _check_objects(model, optimizer)

@@ -98,3 +98,37 @@ class LocalShardFiles(BackendShardFiles):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path, LOCAL)
         self.path = Path(path)
+
+
+class PreferLocalShardFiles:
+    """The files of one sharded checkpoint read from ``files``, except those in ``local`` (name to
+    a local path holding the same bytes, checked already), which are read from there."""
+
+    def __init__(self, files: ShardFiles, local: Mapping[str, str]) -> None:
+        self.files = files
+        self.local = dict(local)
+
+    def __str__(self) -> str:
+        return str(self.files)
+
+    def _of(self, name: str) -> ShardFiles:
+        path = self.local.get(name)
+        return self.files if path is None else BackendShardFiles(os.path.dirname(path), LOCAL)
+
+    def write_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> FileRecord:
+        raise NotImplementedError("a checkpoint read from two places is never written")
+
+    def write_bytes(self, name: str, data: bytes) -> FileRecord:
+        raise NotImplementedError("a checkpoint read from two places is never written")
+
+    def read_bytes(self, name: str, record: FileRecord | None = None) -> bytes:
+        return self._of(name).read_bytes(name, record)
+
+    def read_header(self, name: str, record: FileRecord | None) -> Header:
+        return self._of(name).read_header(name, record)
+
+    def read_tensors(
+        self, name: str, record: FileRecord | None, destination: Destination, verify: bool = True,
+        header: Header | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return self._of(name).read_tensors(name, record, destination, verify, header)

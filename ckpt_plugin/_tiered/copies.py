@@ -1,5 +1,6 @@
 """Where each checkpoint of a tiered run has copies, read without opening a manager (which would
-resume the pending uploads): what ``ckpt list --local-dir`` shows."""
+resume the pending uploads): what ``ckpt list --local-dir`` shows. A rank's copy of a sharded
+checkpoint (its own shards, see :mod:`.ranks`) counts as a local copy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from .._io.info import CheckpointInfo
 from .._storage import Location
 from .journal import PendingJournal
+from .ranks import RankCopies
 from .tiers import list_committed
 
 
@@ -33,5 +35,13 @@ def tier_copies(durable: Location, local_dir: str | os.PathLike[str]) -> TierCop
         for info in list_committed(place.commit_store()):
             found[info.name] = info
             held[info.name] = held.get(info.name, ()) + (tier,)
-    pending = frozenset() if local.is_missing_directory() else frozenset(name for name, _ in PendingJournal(local.path).pending())
+    if local.is_missing_directory():
+        return TierCopies(sorted(found.values(), key=lambda info: info.sort_key), held, frozenset())
+    ranks = RankCopies(local.path)
+    for record in ranks.records():
+        found.setdefault(record.name, ranks.info(record))
+        if "local" not in held.get(record.name, ()):
+            held[record.name] = held.get(record.name, ()) + ("local",)
+    journals = (PendingJournal(local.path), ranks.journal)
+    pending = frozenset(name for journal in journals for name, _ in journal.pending())
     return TierCopies(sorted(found.values(), key=lambda info: info.sort_key), held, pending)

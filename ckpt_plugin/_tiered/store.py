@@ -22,6 +22,8 @@ from ..errors import ConfigurationError, CorruptCheckpointError, SignatureError
 from .._io.info import CheckpointInfo
 from .._io.writer import Snapshot
 from .._storage import Backend, Entry, Location, Transaction, with_backend
+from .owner import LocalDirLock
+from .ranks import RankCopies
 from .sharded import ShardedUploads
 from .tiers import Tiers
 
@@ -55,9 +57,23 @@ class TieredStore:
         local = Location.of(local_dir)
         if local.local_dir() is None:
             raise ConfigurationError(f"local_dir must be a local directory (or one on /dev/shm), not the URL {local}")
+        self.owner = LocalDirLock(local_dir)
+        self.owner.hold()
         self.location = durable
         self.max_pending_uploads = max_pending_uploads
         self.collective_timeout = collective_timeout
+        try:
+            self._open(local, policies, signing_key, keep_local)
+        except BaseException:
+            self.owner.release()
+            raise
+
+    def _open(
+        self, local: Location, policies: Sequence[retention.RetentionPolicy], signing_key: str | os.PathLike[str] | None,
+        keep_local: int,
+    ) -> None:
+        """Open both tiers and resume what an earlier manager of ``local_dir`` left pending."""
+        durable = self.location
         self.local_store = CheckpointStore(local, signing_key=signing_key)
         self.durable_store = CheckpointStore(durable, policies=policies, signing_key=signing_key)
         local_commit = local.commit_store()
@@ -73,9 +89,16 @@ class TieredStore:
             on_durable=self.durable_store.committed,
         )
         self._seqs: dict[str, int] = {}
+        self.ranks = RankCopies(local.path)
+        self.rank_store = CheckpointStore(Location.of(self.ranks.root))
+        """The coordinator's copies of sharded checkpoints (unsigned: the durable copy is signed)."""
         self._sharded_txns: dict[str, tuple[str, int]] = {}
-        """The coordinator's sharded transactions in ``local_dir`` not yet committed: prefix to (name, seq)."""
-        self.sharded = ShardedUploads(self.tiers, signing_key)
+        """This rank's sharded transactions in ``local_dir`` not yet committed: prefix to (name, seq)."""
+        self._sharded: dict[str, tuple[int, Transaction | None]] = {}
+        """This rank's sharded saves written, not yet sealed: name to (seq, its staging, None on the coordinator)."""
+        self.sharded = ShardedUploads(
+            self.tiers, self.ranks, keep_local=keep_local, signing_key=signing_key, timeout=self.collective_timeout
+        )
         self.tiers.resume()
 
     # ------------------------------------------------------------------ what the save strategies use
@@ -96,15 +119,28 @@ class TieredStore:
         return backend
 
     def begin(self, name: str) -> Transaction:
-        """The coordinator's transaction in ``local_dir`` for a sharded save of ``name``, written
-        ahead in the journal; its upload is not the background uploader's (see :meth:`shared`)."""
-        seq = self.tiers.before_commit(name)
+        """The coordinator's transaction in its ``local_dir`` for a sharded save of ``name``, written
+        ahead in its journal of sharded uploads (see :meth:`shared`)."""
+        self.owner.hold()
+        return self._sharded_begin(name, self.rank_store.begin)
+
+    def rank_transaction(self, txn: Transaction, rank: int) -> Transaction:
+        """Where this rank writes its files of the sharded save ``txn`` (the coordinator's): its own
+        staging directory in its own ``local_dir``, written ahead in its journal."""
+        if rank == 0:
+            return txn
+        self.owner.hold()
+        own = self._sharded_begin(txn.name, self.ranks.begin)
+        self._sharded[txn.name] = (self._sharded_txns[own.prefix][1], own)
+        return own
+
+    def _sharded_begin(self, name: str, begin: Callable[[str], Transaction]) -> Transaction:
+        seq = self.ranks.journal.add(name)
         try:
-            txn = self.local_store.begin(name)
+            txn = begin(name)
         except BaseException:
-            self.tiers.abandon(seq)
+            self.ranks.journal.done(name, seq)
             raise
-        self._seqs[name] = seq
         self._sharded_txns[txn.prefix] = (name, seq)
         return txn
 
@@ -112,9 +148,10 @@ class TieredStore:
         """Commit ``snapshot`` in ``local_dir`` (see ``CheckpointStore.commit``) once fewer than
         ``max_pending_uploads`` uploads are pending; a persistent upload failure is raised first.
         With ``txn`` (a sharded save's, from :meth:`begin`), into that transaction."""
+        self.owner.hold()
         if txn is not None:
-            info = self.local_store.commit(snapshot, txn)
-            self._sharded_txns.pop(txn.prefix, None)
+            info = self.rank_store.commit(snapshot, txn)
+            self._sharded[info.name] = (self._sharded_txns.pop(txn.prefix)[1], None)
             return info
         self.tiers.uploader.wait_for_room(self.max_pending_uploads - 1)
         seq = self.tiers.before_commit(snapshot.name)
@@ -129,24 +166,30 @@ class TieredStore:
     def committed(self, info: CheckpointInfo) -> None:
         """After the local commit of ``info``: log it locally, start its upload, prune ``local_dir``.
         (A sharded save's upload starts in :meth:`shared`, on every rank.)"""
-        self.local_store.committed(info)
         if not info.sharded:
+            self.local_store.committed(info)
             self.tiers.after_commit(info, self._seqs.pop(info.name))
 
-    def shared(self, info: CheckpointInfo, rank: int) -> None:
-        """Every rank of a sharded save that committed ``info``: queue its upload, in which each
-        rank uploads its own files; then wait while more than ``max_pending_uploads`` are pending."""
-        self.sharded.add(info, self._seqs.pop(info.name, None), rank, self.collective_timeout)
+    def shared(self, info: CheckpointInfo, rank: int, world_size: int) -> None:
+        """Every rank of a sharded save that committed ``info``: seal this rank's copy in its
+        ``local_dir`` and queue its upload; then wait while more than ``max_pending_uploads`` are
+        pending."""
+        seq, staging = self._sharded.pop(info.name)
+        if staging is not None:
+            self._sharded_txns.pop(staging.prefix, None)
+        local = self.ranks.seal(info, rank, world_size, staging)
+        self.sharded.add(local, seq)
         self.sharded.wait(self.max_pending_uploads)
 
     def abort(self, txn: Transaction) -> None:
-        self.local_store.abort(txn)
         began = self._sharded_txns.pop(txn.prefix, None)
-        if began is not None:  # a sharded save that failed: the uploader drops its journal entry
-            name, seq = began
-            if self._seqs.get(name) == seq:
-                del self._seqs[name]
-            self.tiers.abandon(seq)
+        if began is None:
+            self.local_store.abort(txn)
+            return
+        self.ranks.abort(txn)  # a sharded save that failed before this rank's commit: nothing to upload
+        self.ranks.journal.done(*began)
+        if self._sharded.get(began[0], (None, None))[1] == txn:
+            del self._sharded[began[0]]
 
     def pending(self, snapshot: Snapshot) -> CheckpointInfo:
         return self.local_store.pending(snapshot)
@@ -173,6 +216,16 @@ class TieredStore:
         """Block until every pending upload is durable; raise a persistent upload failure."""
         self.sharded.wait()
         self.tiers.uploader.wait()
+
+    def close(self) -> None:
+        """Give ``local_dir`` up: another manager may open it now (the next save takes it back)."""
+        self.owner.release()
+
+    def settle_sharded(self) -> None:
+        """Every rank, before a collective restore chooses a checkpoint: finish the sharded uploads
+        that earlier managers left pending, so that every rank chooses among the same ones."""
+        self.sharded.resume()
+        self.sharded.wait()
 
     # ------------------------------------------------------------------ retention
 
@@ -224,6 +277,7 @@ class TieredLoader(Loader):
     def __init__(self, store: TieredStore, settings: Any) -> None:
         super().__init__(store, settings)  # type: ignore[arg-type]
         self.tiers = store.tiers
+        self.ranks = store.ranks
 
     def read(self, info: CheckpointInfo, **options: Any) -> dict[str, Any]:
         return self.tiers.read(info, lambda copy: super(TieredLoader, self).read(copy, **options))
@@ -233,6 +287,9 @@ class TieredLoader(Loader):
         return self.tiers.read(info, lambda copy: read(copy, public_key, **options), also=(SignatureError,))
 
     def restore(self, info: CheckpointInfo, model: Any, optimizer: Any, scheduler: Any, **options: Any) -> None:
+        if options.get("collective") and info.sharded:
+            strict, restore_rng = options["strict"], options["restore_rng"]
+            return self._restore_ranks(info, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng)
         restore = super().restore
         local = self.tiers.local_copy(info)
         if local is not None:
@@ -245,3 +302,17 @@ class TieredLoader(Loader):
                 self.tiers.warn_fallback(local, durable, exc)
                 return restore(durable, model, optimizer, scheduler, **options)
         return restore(self.tiers.durable_copy_of(info) or info, model, optimizer, scheduler, **options)
+
+    def _restore_ranks(
+        self, info: CheckpointInfo, model: Any, optimizer: Any, scheduler: Any, *, strict: bool, restore_rng: bool
+    ) -> None:
+        """A collective restore of the sharded checkpoint ``info``: every rank reads the files of its
+        own local copy when they verify (else the durable ones, with one warning), the rest from
+        the durable copy."""
+        from .._distributed.collective import restore_sharded  # torch.distributed loads on first use
+
+        durable = self.tiers.durable_copy_of(info) or info
+        restore_sharded(
+            self.settings, durable, model, optimizer, scheduler, strict=strict, restore_rng=restore_rng,
+            local_files=self.ranks.verified(durable),
+        )

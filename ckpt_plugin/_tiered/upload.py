@@ -84,11 +84,13 @@ def commit_copy(
     digests: Mapping[str, bytes],
     *,
     signing_key: str | os.PathLike[str] | None,
+    sign: bool | None = None,
 ) -> str:
     """Commit the durable copy of ``local`` whose files (with ``digests``) are under ``txn``:
-    signed again when ``local`` is, then its manifest written last. Returns its location."""
+    signed when ``sign`` says so (by default: again when ``local`` is), then its manifest written
+    last. Returns its location."""
     manifest = durable_manifest(document, txn.id)
-    if is_signed(local):
+    if is_signed(local) if sign is None else sign:
         _sign(durable.backend, txn.prefix, {**digests, METADATA_FILE: hashlib.sha256(manifest).digest()}, signing_key)
     return durable.commit(txn, manifest)
 
