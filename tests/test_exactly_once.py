@@ -33,11 +33,7 @@ def not_exact_yet(framework: str, kind: str, workers: int, reason: str):  # type
 
 CASES = [
     ("hf", "map", 0),
-    not_exact_yet(
-        "hf", "map", 2,
-        "with loader workers the resumed run continues another shuffled order than the interrupted run drew "
-        "(the callback warns)",
-    ),
+    ("hf", "map", 2),
     ("hf", "iterable", 0),
     ("hf", "iterable", 2),
     pytest.param("hf", "hf_iterable", 0, marks=pytest.mark.skipif(not HAS_DATASETS, reason="needs datasets")),
