@@ -111,9 +111,10 @@ def check_world_size(saved: Mapping[str, Any], world_size: int, path: Any) -> No
 
 def restore(loader: Any, saved: Mapping[str, Any], *, world_size: int, path: Any) -> None:
     """Put the state ``saved`` (from :func:`capture`) back into ``loader`` after checking it."""
-    if saved.get("format") != FORMAT_VERSION or "state" not in saved:
+    found = saved.get("format") if isinstance(saved, Mapping) else type(saved).__name__
+    if found != FORMAT_VERSION or "state" not in saved:
         raise IncompatibleCheckpointError(
-            f"{path} holds a data loader state of format {saved.get('format')!r}, which this version of ckpt_plugin "
+            f"{path} holds a data loader state of format {found!r}, which this version of ckpt_plugin "
             f"does not read (it reads format {FORMAT_VERSION})"
         )
     check_world_size(saved, world_size, path)

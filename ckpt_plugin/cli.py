@@ -353,7 +353,8 @@ def _width(cell: str) -> int:
 @app.command()
 @_handled
 def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_option: StorageOptions = None) -> None:
-    """Everything recorded about one checkpoint: metrics, config, provenance, files and checksums."""
+    """Everything recorded about one checkpoint: metrics, config, provenance, the data loaders' position,
+    files and checksums."""
     from .summary import checkpoint_details
 
     registry = _registry(directory, storage_option=storage_option, must_exist=True)
@@ -368,8 +369,10 @@ def show(directory: Directory, epoch: Target, as_json: AsJson = False, storage_o
     for key, value in details.items():
         if key == "files":
             value = Group(*(f"{name}  {format_size(record['size'])}  {record['checksum']}" for name, record in value.items()))
-        elif key in ("config", "provenance", "validation"):
+        elif key in ("config", "provenance", "validation") or (key == "data_loader" and value is not None):
             value = Group(*json.dumps(_plain(value), indent=1).splitlines())
+        elif key == "data_loader":
+            value = "none (no loader position saved)"
         elif key == "metrics":
             value = _format_metrics(value)
         table.add_row(key, value if isinstance(value, Group) else str(value))

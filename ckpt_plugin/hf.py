@@ -449,6 +449,7 @@ class CheckpointCallback(TrainerCallback):
         self._preempted = False
         self._best_value: float | None = None
         self._preemption.start()
+        self._data.drop_early_iterator(args, kwargs.get("train_dataloader"))
         if state.global_step > 0:
             self._resume(args, state, **kwargs)
         elif self.settings.should_save(args) and self.manager.checkpoints():
@@ -898,16 +899,22 @@ class _DataResume:
             self._warn_replay(batches, saved is not None)
             return
         data_state.restore(loader, saved, world_size=args.world_size, path=info.path)
-        if args.dataloader_num_workers > 0 and hasattr(getattr(loader, "dataset", None), "__getitem__"):
-            warnings.warn(
-                "resuming a map-style dataset inside an epoch with dataloader_num_workers > 0: when it is shuffled, "
-                "the rest of the epoch may follow another order than the interrupted run drew, repeating some "
-                "samples and missing others; with dataloader_num_workers=0 it continues exactly",
-                UserWarning,
-                stacklevel=3,
-            )
         self.skip_setting, args.ignore_data_skip = args.ignore_data_skip, True
         self.offset, self.steps_in_epoch = batches, steps_in_epoch
+
+    @staticmethod
+    def drop_early_iterator(args: TrainingArguments, loader: Any) -> None:
+        """Make the first epoch draw its order from the sampler the loader holds when training begins.
+
+        accelerate builds a stateful loader, asks it for its state, and only then installs its
+        seedable sampler. Asking makes torchdata start the loader's workers, which begin prefetching
+        from the Trainer's own ``RandomSampler`` (seeded from the global generator), and torchdata
+        keeps that iterator for the first epoch. A resumed run never uses it, so without this the
+        first epoch of a run with workers follows another order than its resume continues. An empty
+        state (torchdata's public way to reset a loader) discards that iterator.
+        """
+        if args.dataloader_num_workers > 0 and data_state.is_stateful(loader):
+            loader.load_state_dict({})
 
     def started(self, args: TrainingArguments) -> None:
         """Put ``ignore_data_skip`` back once the resumed epoch has begun without a skip."""

@@ -67,6 +67,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import _data_state as data_state, errors
+from ._lightning_loaders import LoaderPositions
 from ._callback_core import (
     AutoSchedule,
     ManagerOptions,
@@ -363,7 +364,9 @@ class CheckpointCallback(ModelCheckpoint):
     datamodule's) ``hparams`` as its config. ``fit(ckpt_path="last")`` restores everything
     Lightning checkpoints (loops, optimizers, schedulers, callback states, and the state of a
     stateful dataloader such as torchdata's ``StatefulDataLoader``) plus the global RNG states, so
-    a resumed run continues bitwise identically, also from a checkpoint taken mid-epoch.
+    a resumed run continues bitwise identically, also from a checkpoint taken mid-epoch. Where
+    Lightning's own record of the loader is not exact (an epoch's end with a sampler that owns its
+    generator, a loader without a length) the callback corrects it (:mod:`ckpt_plugin._lightning_loaders`).
     ``ckpt_path="best"`` loads the best.
 
     Lightning knows two kinds of checkpoint callbacks: it looks up ``ckpt_path="best"`` and
@@ -456,6 +459,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_saved_step: int | None = None
         self._last_time_saved: float | None = None
         self._rng_at_first_batch: dict[str, Any] | None = None
+        self._loaders = LoaderPositions()
         self._due_at_epoch_end = False
         self._preemption = PreemptionStop(self.save_on_preemption)
         if self.auto_resume and not isinstance(self, OnExceptionCheckpoint):
@@ -597,12 +601,18 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_time_saved = time.monotonic()
         self._last_saved_step = trainer.global_step if trainer.ckpt_path else None
         self._due_at_epoch_end = False
+        self._loaders.fit_started(trainer)
         self._preemption.start()
         if self._rng_at_first_batch is not None and trainer.world_size > 1:  # a mid-epoch resume
             _warn_if_order_not_restored(trainer)
         if self._resplit_epoch:
             self._resplit_epoch = False
             _count_batches_left_after_resplit(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume from an epoch's end, draw this epoch's order as the uninterrupted run did
+        (see :mod:`ckpt_plugin._lightning_loaders`)."""
+        self._loaders.epoch_started(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """After resuming mid-epoch, put the RNG states back once the data iterator exists (it draws from them)."""
@@ -614,6 +624,12 @@ class CheckpointCallback(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Save every ``every_n_train_steps`` steps, once ``train_time_interval`` passed, or on preemption."""
+        try:
+            self._save_if_due_after_batch(trainer, pl_module, batch_idx)
+        finally:
+            self._loaders.batch_ended(trainer)
+
+    def _save_if_due_after_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
         if trainer.fast_dev_run or not _step_completed(trainer, batch_idx):
             return
         preempted = self._preemption.requested(functools.partial(trainer.strategy.reduce_boolean_decision, all=False))
@@ -723,6 +739,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._preemption.end()
         self._stage = None
         self._rng_at_first_batch = None
+        self._loaders.ended()
         if isinstance(trainer.strategy.checkpoint_io, ManagerCheckpointIO):
             trainer.strategy.checkpoint_io.fitting = False
         self.manager.close()
@@ -734,17 +751,26 @@ class CheckpointCallback(ModelCheckpoint):
         checkpoint, also the ``.ckpt`` files of a ``ModelCheckpoint`` beside this callback, which
         torch's weights-only loader must be able to read.
         """
-        return {
+        state = {
             "rng": portable_rng_state(capture_rng_state()),
             "mid_epoch": self._saving_mid_epoch,
             "world_size": self._world_size,
             "any_world_size": self._saving_any_world_size,
         }
+        if self._saving_generators is not None:
+            state["sampler_generators"] = self._saving_generators
+        return state
 
     _saving_mid_epoch = False
     _saving_any_world_size = False
     _resplit_epoch = False
+    _saving_generators: list[list[torch.Tensor]] | None = None
     _world_size = 1
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Inside an epoch of a loader without a length, keep the position after the last batch trained
+        (Lightning's is one batch ahead; see :mod:`ckpt_plugin._lightning_loaders`)."""
+        self._loaders.correct(trainer, checkpoint, self._saving_mid_epoch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Put the global RNG states back when resuming a fit.
@@ -767,6 +793,8 @@ class CheckpointCallback(ModelCheckpoint):
             self._rng_at_first_batch = state_dict["rng"]
         else:
             restore_rng_state(state_dict["rng"])
+            if state_dict.get("sampler_generators"):
+                self._loaders.resumed_at_epoch_end(state_dict["rng"], state_dict["sampler_generators"])
 
 
     # ------------------------------------------------------------------------------------------- saving
@@ -799,10 +827,12 @@ class CheckpointCallback(ModelCheckpoint):
                 raise _error_type(problem["error_type"])(f"global rank 0 could not save the checkpoint: {problem['error']}")
         self._saving_mid_epoch = _mid_epoch(trainer)
         self._saving_any_world_size = _resumes_at_any_world_size(trainer)
+        self._saving_generators = None if self._saving_mid_epoch else self._loaders.generators_to_save(trainer)
         try:
             trainer.save_checkpoint(self.manager.checkpoint_dir, weights_only=self.save_weights_only, storage_options=request)
         finally:
             self._saving_mid_epoch = self._saving_any_world_size = False
+            self._saving_generators = None
         if trainer.is_global_zero and request.error is None and request.outcome is None:
             request.error = CheckpointError(
                 f"the {type(trainer.strategy).__name__} strategy did not pass the checkpoint to its CheckpointIO "

@@ -9,7 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._data_summary import summarize
 from ._format import codec
+from ._format.layout import STATE_FILE
 from ._format.records import METADATA_FILE
 from ._io.files import read_json
 from ._io.info import CheckpointInfo, parse_metadata
@@ -91,9 +93,18 @@ def recorded_metadata(info: CheckpointInfo) -> dict[str, Any]:
     return metadata
 
 
+def data_loader_state(info: CheckpointInfo) -> dict[str, Any] | None:
+    """What ``info`` records of the training data loaders' position (world size, format, each
+    loader's position where known), read from its checked ``state.json``; None when it holds none."""
+    if "extra" not in info.items or STATE_FILE not in info.files:
+        return None
+    state = read_json(info.file(STATE_FILE), info.files[STATE_FILE], backend=info.backend)
+    return summarize(state["items"].get("extra", {}).get("tree"))
+
+
 def checkpoint_details(info: CheckpointInfo) -> dict[str, Any]:
     """Everything recorded about one checkpoint: metrics, config, provenance, the model's size,
-    and each file with its size and checksum."""
+    the data loaders' position, and each file with its size and checksum."""
     metadata = recorded_metadata(info)
     model = model_shapes(info)
     return {
@@ -108,10 +119,11 @@ def checkpoint_details(info: CheckpointInfo) -> dict[str, Any]:
         "items": list(info.items),
         "model_tensors": len(model),
         "model_parameters": model_parameters(model),
+        "data_loader": data_loader_state(info),
         "files": {name: record.to_json() for name, record in info.files.items()},
         "config": codec.from_json(metadata.get("config")),
         "provenance": codec.from_json(metadata.get("metadata") or {}),
     }
 
 
-__all__ = ["CheckpointTable", "checkpoint_details", "checkpoint_table", "recorded_metadata"]
+__all__ = ["CheckpointTable", "checkpoint_details", "checkpoint_table", "data_loader_state", "recorded_metadata"]

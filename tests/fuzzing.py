@@ -1,13 +1,15 @@
 """A fuzzing harness over every reader of ckpt_plugin (used by the tests and ``benchmarks/fuzz.py``).
 
-It starts from a real run: two checkpoints (model, Adam, ``ReduceLROnPlateau``, RNG states and an
-``extra`` tree using every codec marker), a validated version, the production model, the audit log
+It starts from a real run: two checkpoints (model, Adam, ``ReduceLROnPlateau``, RNG states, an
+``extra`` tree using every codec marker, and a shuffled data loader's position inside an epoch, as
+the Hugging Face callback keeps it), a validated version, the production model, the audit log
 and the listing cache. Each case copies that tree, applies one structured mutation to one file, and
 re-records every checksum that covers the file (file records, ``metadata_checksum``, the self
 checksums of the records), as an attacker who can write the directory would, so that the parsers
 themselves are reached; or it puts a special file or link in the file's place (a link to
 ``/dev/zero`` or out of the run, a FIFO, a directory). Then every reader runs: listing, ``load_latest``, ``load`` with and without
-verification, ``restore``, and the registry's versions, validation records, loads, production and
+verification, ``restore``, what ``ckpt show`` says of the data loader's position, that position
+handed back to a loader, and the registry's versions, validation records, loads, production and
 history, the save log and the history ``ckpt plot`` draws. The run also holds sharded checkpoints, saved by two FSDP2 ranks (spawned once, when the
 run is built), read back consolidated in one process; a mutated shard file is re-recorded in
 ``sharding.json`` and that in ``metadata.json``, as an attacker would.
@@ -36,6 +38,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ckpt_plugin import ArtifactRegistry, CheckpointError, CheckpointManager
+from ckpt_plugin import _data_state as data_state
 from ckpt_plugin import _listing as listing
 from ckpt_plugin import _savelog as savelog
 from ckpt_plugin._checkpoint import METADATA_CHECKSUM_KEY, METADATA_FILE, SHARDING_FILE, metadata_checksum
@@ -43,6 +46,7 @@ from ckpt_plugin._distributed.layout import CHECKSUM_KEY as SHARDING_CHECKSUM_KE
 from ckpt_plugin._distributed.layout import _checksum as sharding_checksum
 from ckpt_plugin._format import codec, documents
 from ckpt_plugin.plot import run_history
+from ckpt_plugin.summary import data_loader_state
 from ckpt_plugin._storage import checksum_bytes
 
 TARGETS = [
@@ -116,19 +120,31 @@ class Mutation:
     value: Any
     depth: int
     byte: int
+    within: str = ""
+    """Aim a structured edit at the JSON paths (keys joined by ``/``) that start with this."""
 
     def describe(self) -> str:
-        return f"{self.kind} in {self.target} at {self.where} (value {self.value!r:.80}, depth {self.depth}, byte {self.byte})"
+        aim = f" within {self.within}" if self.within else ""
+        return f"{self.kind} in {self.target}{aim} at {self.where} (value {self.value!r:.80}, depth {self.depth}, byte {self.byte})"
 
 
-mutations = st.builds(
-    Mutation,
-    target=st.sampled_from(TARGETS),
-    kind=st.sampled_from(KINDS),
-    where=st.integers(min_value=0, max_value=10**6),
-    value=json_values,
-    depth=st.sampled_from([2, 50, 99, 101, 127, 129, 1000, 5000]),
-    byte=st.integers(min_value=1, max_value=255),
+DATA_STATE_PATHS = {
+    "checkpoints/epoch_1/state.json": f"items/extra/tree/{data_state.DATA_STATE_KEY}",
+    "checkpoints/epoch_1/state.safetensors": f"extra/{data_state.DATA_STATE_KEY}",  # its tensors' header entries
+}
+"""Where the data loader's position lives in the files of a checkpoint, for aimed mutations."""
+_fields = {
+    "where": st.integers(min_value=0, max_value=10**6),
+    "value": json_values,
+    "depth": st.sampled_from([2, 50, 99, 101, 127, 129, 1000, 5000]),
+    "byte": st.integers(min_value=1, max_value=255),
+}
+data_state_mutations = st.sampled_from(sorted(DATA_STATE_PATHS)).flatmap(
+    lambda target: st.builds(Mutation, target=st.just(target), kind=st.sampled_from(KINDS), within=st.just(DATA_STATE_PATHS[target]), **_fields)
+)
+mutations = st.one_of(
+    st.builds(Mutation, target=st.sampled_from(TARGETS), kind=st.sampled_from(KINDS), **_fields),
+    data_state_mutations,
 )
 
 
@@ -146,6 +162,7 @@ def build_golden(root: Path) -> None:
         "tuple": (1, 2.5, "x"), "set": {1, 2}, "int_keys": {1: "a"}, "dtype": torch.float16,
         "device": torch.device("cpu"), "bytes": b"\x00\x01", "path": pathlib.Path("a/b"), "nan": math.nan,
         "numpy": np.float32(1.5), "array": np.arange(3), "nested": [{"a": [1, {"b": None}]}],
+        data_state.DATA_STATE_KEY: loader_position(),
     }
     for epoch in range(2):
         model(torch.randn(2, 3)).sum().backward()
@@ -164,6 +181,30 @@ def build_golden(root: Path) -> None:
     (root / "outside").mkdir()
     (root / "outside" / "canary.bin").write_bytes(b"canary" * 10)
     shutil.copy(root / "checkpoints" / "epoch_0" / "model.safetensors", root / "outside" / "model.safetensors")
+
+
+def loader_position() -> dict[str, Any]:
+    """A shuffled ``StatefulDataLoader``'s position three batches into an epoch (its sampler's
+    generator is a tensor in it), as the Hugging Face callback saves it; a plain counter without torchdata."""
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        return {"format": data_state.FORMAT_VERSION, "world_size": 1, "state": {"_num_yielded": 3}}
+    loader = StatefulDataLoader(range(24), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    return data_state.capture(loader, world_size=1)
+
+
+class TakesState:
+    """A loader that takes back whatever position it is handed, to show what came back."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.state = state
 
 
 def new_objects() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -207,6 +248,8 @@ def _mutate_json(document: Any, mutation: Mutation) -> tuple[Any, str | None]:
     """Apply ``mutation`` to a parsed document; returns it, and a text to splice in for the
     placeholder (deep nesting, or a number no float holds)."""
     paths = _paths(document)
+    if mutation.within:
+        paths = [path for path in paths if "/".join(map(str, path)).startswith(mutation.within)] or paths
     if mutation.kind == "overflow":  # aim at the numbers of the document, where there are any
         paths = [path for path in paths if _is_number(_at(document, path))] or paths
     path = paths[mutation.where % len(paths)]
@@ -353,6 +396,16 @@ def readers(root: Path) -> list[tuple[str, Callable[[], Any]]]:
     def registry() -> ArtifactRegistry:
         return ArtifactRegistry(checkpoints)
 
+    def shown_position() -> Any:
+        return data_loader_state(manager().checkpoints()[-1])
+
+    def resumed_position() -> Any:
+        loader = TakesState()
+        extra = manager().load(epoch=1)["extra"]
+        saved = extra.get(data_state.DATA_STATE_KEY) if isinstance(extra, dict) else None  # as the callback reads it
+        data_state.restore(loader, saved, world_size=1, path=checkpoints / "epoch_1")
+        return loader.state
+
     def sharded() -> CheckpointManager:
         return CheckpointManager(root / "sharded", max_checkpoints=None)
 
@@ -369,6 +422,8 @@ def readers(root: Path) -> list[tuple[str, Callable[[], Any]]]:
         ("load(verify=False)", lambda: manager().load(epoch=1, verify=False)),
         ("load_best", lambda: manager().load_best(metric="loss")),
         ("restore", restore),
+        ("data_loader_state", shown_position),
+        ("data_state.restore", resumed_position),
         ("versions", lambda: registry().versions()),
         ("validation", lambda: registry().validation("1.0.0")),
         ("registry.load", lambda: registry().load("1.0.0")),

@@ -117,6 +117,36 @@ def test_show_an_epoch_the_best_and_a_version(run: Path) -> None:
     assert code == 0 and "epoch_2" in stdout and "model.safetensors" in stdout
 
 
+def test_show_says_whether_a_checkpoint_holds_a_data_loaders_position_and_where_it_stands(run: Path, tmp_path: Path) -> None:
+    torchdata = pytest.importorskip("torchdata.stateful_dataloader")
+    from ckpt_plugin import _data_state as data_state
+
+    assert ckpt_json("show", run, "1")["data_loader"] is None
+    code, stdout, _ = ckpt("show", run, "1")
+    assert code == 0 and "no loader position saved" in stdout
+
+    loader = torchdata.StatefulDataLoader(range(40), batch_size=4, shuffle=True)
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    lightning = {  # the layout Lightning's checkpoint dict gives the extra item, as the Lightning callback saves it
+        "loops": {"fit_loop": {"state_dict": {"combined_loader": [loader.state_dict()]}}},
+        "callbacks": {"CheckpointCallback{'monitor': None}": {"mid_epoch": True, "world_size": 2}},
+    }
+    manager = CheckpointManager(tmp_path / "with_data", max_checkpoints=None)
+    manager.save({"w": torch.zeros(1)}, epoch=0, extra={data_state.DATA_STATE_KEY: data_state.capture(loader, world_size=1)})
+    manager.save({"w": torch.zeros(1)}, epoch=1, extra={"lightning": lightning})
+    assert ckpt_json("show", tmp_path / "with_data", "0")["data_loader"] == {
+        "saved_by": "hf", "format": 1, "world_size": 1,
+        "loaders": [{"kind": "torchdata", "workers": 0, "batches": 3, "dataset_state": False, "epoch_finished": False}],
+    }
+    shown = ckpt_json("show", tmp_path / "with_data", "1")["data_loader"]
+    assert shown["saved_by"] == "lightning" and shown["world_size"] == 2 and shown["mid_epoch"] is True
+    assert shown["loaders"][0]["batches"] == 3
+    code, stdout, _ = ckpt("show", tmp_path / "with_data", "0")
+    assert code == 0 and '"batches": 3' in stdout and "data_loader" in stdout
+
+
 @pytest.mark.parametrize("target, message", [("7", "existing epochs: 0, 1, 2, 3"), ("9.9.9", "validated versions: none"),
                                              ("first", "not an epoch number")])
 def test_show_an_unknown_epoch_or_version_exits_2(run: Path, target: str, message: str) -> None:

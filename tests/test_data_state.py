@@ -179,3 +179,56 @@ def test_lightning_keeps_a_datamodules_own_state_in_the_checkpoint(tmp_path: Pat
     fit(2, resumed, "last")
     assert resumed.loaded is not None and resumed.loaded["position"] == 7
     assert torch.equal(resumed.loaded["weights"], torch.arange(3))
+
+
+def lightning_fit_without_length(root: Path, every_n_train_steps: int) -> tuple[CheckpointManager, list[str]]:
+    """Two epochs of 12 batches from an iterable dataset without ``__len__`` (Lightning reads a batch ahead)."""
+    pl = pytest.importorskip("lightning.pytorch")
+    import exactly_once_worker as worker
+    from ckpt_plugin.lightning import CheckpointCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = worker.Recorder()
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return self.model(**batch)["loss"]
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):  # type: ignore[no-untyped-def]
+            return torchdata.StatefulDataLoader(worker.IterIds(), batch_size=worker.BATCH)
+
+    callback = CheckpointCallback(root / "checkpoints", metric_for_best=None, every_n_train_steps=every_n_train_steps,
+                                  every_n_epochs=None, max_checkpoints=None)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root, callbacks=[callback])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Module())
+    return callback.manager, [str(w.message) for w in caught]
+
+
+def saved_dataset_position(manager: CheckpointManager, step: int) -> int:
+    info = next(info for info in manager.checkpoints() if info.step == step)
+    lightning = manager.read(info, items=("extra",))["extra"]["lightning"]
+    return lightning["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["dataset_state"]["position"]
+
+
+def test_lightning_saves_the_position_after_the_last_batch_trained_when_the_loader_has_no_length(
+    tmp_path: Path, on_path: None
+) -> None:
+    manager, messages = lightning_fit_without_length(tmp_path, 5)
+    assert saved_dataset_position(manager, 5) == 5 * 4  # Lightning's own state has read the sixth batch (24)
+    assert saved_dataset_position(manager, 10) == 10 * 4
+    assert not [message for message in messages if "batch ahead" in message]
+
+
+def test_lightning_warns_that_a_save_after_a_later_epochs_first_batch_is_one_batch_ahead(tmp_path: Path, on_path: None) -> None:
+    from ckpt_plugin._lightning_loaders import LOOKAHEAD_WARNING
+
+    manager, messages = lightning_fit_without_length(tmp_path, 13)  # the second epoch's first batch
+    assert saved_dataset_position(manager, 13) == 2 * 4
+    assert messages.count(LOOKAHEAD_WARNING) == 1

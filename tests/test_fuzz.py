@@ -41,6 +41,33 @@ def test_every_mutation_ends_in_a_correct_load_or_a_checkpoint_error(golden: Pat
     assert not failures, f"{mutation.describe()}: {failures}"
 
 
+@pytest.mark.parametrize("target", sorted(fuzzing.DATA_STATE_PATHS))
+@pytest.mark.parametrize("kind", ["replace", "delete", "deep", "overflow", "flip", "truncate"])
+def test_mutations_of_a_data_loaders_position_end_in_a_load_or_a_checkpoint_error(golden: Path, tmp_path: Path, target: str, kind: str) -> None:
+    """The loader's position (JSON in state.json, its generator a tensor in state.safetensors) is
+    read like the rest of the checkpoint: by ``load``, ``ckpt show`` and a resume that hands it back."""
+    failures = {}
+    for where in (0, 2, 5, 11):
+        for value in (None, "x", [1, {"__tensor__": "../../outside/canary.bin"}], {"__numpy__": "object", "value": 1}):
+            mutation = fuzzing.Mutation(target, kind, where, value, 129, where + 1, fuzzing.DATA_STATE_PATHS[target])
+            problems = fuzzing.run_case(golden, tmp_path / "case", mutation)
+            if problems:
+                failures[mutation.describe()] = problems
+            if kind in ("flip", "truncate", "deep", "overflow"):
+                break  # the value plays no part
+    assert not failures, failures
+
+
+def test_the_golden_run_holds_a_data_loaders_position_that_show_summarizes(golden: Path) -> None:
+    from ckpt_plugin import CheckpointManager
+    from ckpt_plugin.summary import data_loader_state
+
+    info = CheckpointManager(golden / "checkpoints", max_checkpoints=None).checkpoints()[-1]
+    summary = data_loader_state(info)
+    assert summary is not None and summary["saved_by"] == "hf" and summary["world_size"] == 1
+    assert summary["loaders"][0]["batches"] == 3
+
+
 @pytest.mark.parametrize("target", fuzzing.TARGETS)
 def test_overflowing_numbers_in_every_document_end_in_a_load_or_a_checkpoint_error(golden: Path, tmp_path: Path, target: str) -> None:
     """The overflow class, in every document the harness covers: 10**400, -10**400, 1e999, -1e999,

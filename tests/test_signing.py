@@ -96,3 +96,28 @@ def test_ckpt_verify_key(signed, keys):
     (registry.validated_dir / "v1.2.0" / "validation.json").unlink()
     assert runner.invoke(cli.app, ["verify", str(manager.checkpoint_dir), "--key", str(ours)]).exit_code == 0
     assert runner.invoke(cli.app, ["verify", str(manager.checkpoint_dir), "--key", str(theirs)]).exit_code == 1
+
+
+def test_a_signed_checkpoints_data_loader_state_is_covered_by_the_signature(tmp_path, keys):
+    """The loader's position lives in state.json and state.safetensors, whose checksums the signed
+    metadata records: rewriting it (and every checksum, as an attacker can) fails verification."""
+    torchdata = pytest.importorskip("torchdata.stateful_dataloader")
+    from ckpt_plugin import _data_state as data_state
+    from security_helpers import edit_document
+
+    (private, ours), _ = keys
+    loader = torchdata.StatefulDataLoader(range(40), batch_size=4, shuffle=True)
+    batches = iter(loader)
+    next(batches), next(batches)
+    model, optimizer = tiny_training()
+    manager = CheckpointManager(tmp_path / "checkpoints", max_checkpoints=None, signing_key=private)
+    info = manager.save(model, optimizer, epoch=0, extra={data_state.DATA_STATE_KEY: data_state.capture(loader, world_size=1)})
+    assert manager.load_latest(verify_with=ours)["extra"][data_state.DATA_STATE_KEY]["state"]["_num_yielded"] == 2
+
+    def skip_ahead(state):  # resume further into the epoch: samples would be dropped
+        state["items"]["extra"]["tree"][data_state.DATA_STATE_KEY]["state"]["_num_yielded"] = 9
+
+    edit_document(info.path, "state.json", skip_ahead)
+    assert manager.load_latest()["extra"][data_state.DATA_STATE_KEY]["state"]["_num_yielded"] == 9  # checksums agree
+    with pytest.raises(SignatureError, match="epoch_0"):
+        manager.load_latest(verify_with=ours)
