@@ -16,6 +16,9 @@ step begins, measured from just before the process was started:
 
 Goals (issue 23): ours is flat (90% within 1.2x of 10%), and at 90% ours takes at most 0.05x the
 Trainer's skip. Ratios are taken within one run, where the machine's load hits every way alike.
+Each way is also started from scratch (no checkpoint), which times what no resume can avoid:
+starting Python, importing the framework and building the trainer; the script prints what each
+resume adds to that.
 """
 
 from __future__ import annotations
@@ -181,13 +184,16 @@ def checkpoint_paths(way: str, directory: Path, saves: list[int]) -> dict[int, s
 
 
 def measure(way: str, root: Path, args: argparse.Namespace, steps: int, saves: list[int]) -> dict[int, float]:
-    """Train to the last point saving at each (no per-sample cost), then time a resume from each."""
+    """Train to the last point saving at each (no per-sample cost), then time a resume from each, and
+    (under the key 0) a start from scratch: what starting the process and building the trainer cost."""
     directory = root / way.replace(" ", "-")
     options = {"dir": str(directory), "samples": args.samples, "batch": args.batch, "steps": steps,
                "saves": saves, "cost_s": args.cost_ms / 1000}
     run_child(way, options, None, None)
     paths = checkpoint_paths(way, directory, saves)
-    return {step: run_child(way, options, root / "first-step", paths[step]) for step in saves}
+    times = {step: run_child(way, options, root / "first-step", paths[step]) for step in saves}
+    times[0] = run_child(way, options, root / "first-step", None)
+    return times
 
 
 def main() -> None:
@@ -215,11 +221,17 @@ def main() -> None:
     print(f"\n{args.samples} samples of {args.cost_ms} ms, batch {args.batch}: seconds from process start to the "
           f"first step after a resume at {', '.join(f'{point:.0%}' for point in POINTS)} of the epoch")
     for way in WAYS:
-        print(f"  {way:<10} " + "  ".join(f"{times[way][step]:8.2f}" for step in saves))
+        print(f"  {way:<10} " + "  ".join(f"{times[way][step]:8.2f}" for step in saves)
+              + f"   (from scratch: {times[way][0]:.2f})")
     ours = times["ours"]
+    own = {way: {step: times[way][step] - times[way][0] for step in saves} for way in WAYS}
+    print("\nwhat the resume itself adds to a start from scratch (process start, imports, building the trainer):")
+    for way in WAYS:
+        print(f"  {way:<10} " + "  ".join(f"{own[way][step]:8.2f}" for step in saves))
     print(f"\n  ours, 90% / 10%                 {ours[saves[-1]] / ours[saves[0]]:6.2f}x   goal <= 1.2")
     print(f"  ours / hf skip, at 90%          {ours[saves[-1]] / times['hf skip'][saves[-1]]:6.3f}x  goal <= 0.05")
     print(f"  ours / lightning, at 90%        {ours[saves[-1]] / times['lightning'][saves[-1]]:6.2f}x")
+    print(f"  resume's own time, ours / hf skip, at 90%: {own['ours'][saves[-1]]:.2f} s / {own['hf skip'][saves[-1]]:.2f} s")
     print(f"  load average after the run: {os.getloadavg()}")
 
 
