@@ -1,3 +1,3 @@
 """The release of this package, on its own so that any module can read it without importing the package."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
