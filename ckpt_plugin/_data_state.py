@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import EncodingError, IncompatibleCheckpointError
-from .sampler import ResumableDistributedSampler
 
 DATA_STATE_KEY = "data_loader"
 """The key of the loader's state in a checkpoint's ``extra`` tree."""
@@ -60,6 +59,8 @@ def capture(loader: Any, *, world_size: int) -> dict[str, Any] | None:
 def resumes_at_any_world_size(loader: Any) -> bool:
     """Whether ``loader`` draws its samples from a :class:`~ckpt_plugin.ResumableDistributedSampler`,
     whose position in an epoch continues at another world size."""
+    from .sampler import ResumableDistributedSampler  # imports torch, which reading a summary must not
+
     return sampler_of(loader, ResumableDistributedSampler) is not None
 
 
