@@ -591,14 +591,8 @@ class LocalStore:
         return True
 
     def discard(self, staging: Path) -> None:
-        """Remove a staging directory after a failed write. Another rank of a sharded write may still
-        be removing its own partial file in it, which makes a single removal miss the directory; it
-        is tried again for a moment."""
-        for _ in range(20):
-            shutil.rmtree(staging, ignore_errors=True)
-            if not os.path.lexists(staging):
-                return
-            time.sleep(0.05)
+        """Remove a staging directory after a failed write."""
+        shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, name: str) -> None:
         """Delete checkpoint ``name``: hide it with one rename, then remove its files in the background.
