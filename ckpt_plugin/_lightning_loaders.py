@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any
-
-import lightning.pytorch as pl
-from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from . import _data_state as data_state, _sampler_state as sampler_state
 from ._io.rng import restore_rng_state
+
+if TYPE_CHECKING:  # the Lightning callback hands in what it needs of Lightning: this module imports none of it
+    import lightning.pytorch as pl
 
 LOOKAHEAD_WARNING = (
     "this checkpoint is taken after the first batch of an epoch whose training loader has no length: Lightning "
@@ -37,12 +37,6 @@ LOOKAHEAD_WARNING = (
     "trained and a resume from it misses that batch. Give the dataset a __len__ (Lightning then reads no batch "
     "ahead) to resume every checkpoint exactly"
 )
-
-
-def train_loaders(trainer: pl.Trainer) -> list[Any]:
-    """The training loaders of ``trainer``, flattened as Lightning orders them in its checkpoint."""
-    iterables = trainer.train_dataloader
-    return [] if iterables is None else list(CombinedLoader(iterables).flattened)
 
 
 def _reads_ahead(trainer: pl.Trainer) -> bool:
@@ -53,9 +47,14 @@ def _reads_ahead(trainer: pl.Trainer) -> bool:
 
 
 class LoaderPositions:
-    """The corrections above, for one :class:`~ckpt_plugin.lightning.CheckpointCallback`."""
+    """The corrections above, for one :class:`~ckpt_plugin.lightning.CheckpointCallback`.
 
-    def __init__(self) -> None:
+    ``train_loaders`` gives a trainer's training loaders, flattened as Lightning orders them in its
+    checkpoint, and ``warn`` shows a warning once per job (Lightning's ``rank_zero_warn``)."""
+
+    def __init__(self, train_loaders: Callable[[pl.Trainer], list[Any]], warn: Callable[[str], Any]) -> None:
+        self.train_loaders = train_loaders
+        self.warn = warn
         self.at_epoch_end: tuple[dict[str, Any], list[list[Any]]] | None = None
         self.last_trained: list[dict[str, Any]] | None = None
         self.fresh_iterator = False
@@ -63,10 +62,9 @@ class LoaderPositions:
 
     # ------------------------------------------------------------------ an epoch's end
 
-    @staticmethod
-    def generators_to_save(trainer: pl.Trainer) -> list[list[Any]] | None:
+    def generators_to_save(self, trainer: pl.Trainer) -> list[list[Any]] | None:
         """The sampler generators' states, taken at an epoch's end (None when no sampler has one)."""
-        states = sampler_state.capture(train_loaders(trainer))
+        states = sampler_state.capture(self.train_loaders(trainer))
         return states if any(states) else None
 
     def resumed_at_epoch_end(self, rng: dict[str, Any], generators: list[list[Any]]) -> None:
@@ -77,7 +75,7 @@ class LoaderPositions:
         """After an epoch-end resume, draw the epoch from the saved generators."""
         resumed, self.at_epoch_end = self.at_epoch_end, None
         fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-        if resumed is not None and fetcher is not None and sampler_state.restore(train_loaders(trainer), resumed[1]):
+        if resumed is not None and fetcher is not None and sampler_state.restore(self.train_loaders(trainer), resumed[1]):
             restore_rng_state(resumed[0])  # the new iterator draws its worker seeds from it, as the uninterrupted run did
             iter(fetcher)  # Lightning built this epoch's iterator before any hook ran: build it again
             self.fresh_iterator, self.last_trained = True, self._states(trainer)
@@ -101,15 +99,14 @@ class LoaderPositions:
         if self.last_trained is None:
             if not self.warned:
                 self.warned = True
-                rank_zero_warn(LOOKAHEAD_WARNING)
+                self.warn(LOOKAHEAD_WARNING)
             return
         fit_state["combined_loader"] = self.last_trained
 
-    @staticmethod
-    def _states(trainer: pl.Trainer) -> list[dict[str, Any]] | None:
+    def _states(self, trainer: pl.Trainer) -> list[dict[str, Any]] | None:
         if not _reads_ahead(trainer):
             return None
-        loaders = [loader for loader in train_loaders(trainer) if data_state.is_stateful(loader)]
+        loaders = [loader for loader in self.train_loaders(trainer) if data_state.is_stateful(loader)]
         return [copy.deepcopy(loader.state_dict()) for loader in loaders] or None
 
     def fit_started(self, trainer: pl.Trainer) -> None:
@@ -120,4 +117,4 @@ class LoaderPositions:
         self.at_epoch_end = self.last_trained = None
 
 
-__all__ = ["LOOKAHEAD_WARNING", "LoaderPositions", "train_loaders"]
+__all__ = ["LOOKAHEAD_WARNING", "LoaderPositions"]

@@ -63,7 +63,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from . import _data_state as data_state, errors
@@ -459,7 +459,7 @@ class CheckpointCallback(ModelCheckpoint):
         self._last_saved_step: int | None = None
         self._last_time_saved: float | None = None
         self._rng_at_first_batch: dict[str, Any] | None = None
-        self._loaders = LoaderPositions()
+        self._loaders = LoaderPositions(_train_loaders, rank_zero_warn)
         self._due_at_epoch_end = False
         self._preemption = PreemptionStop(self.save_on_preemption)
         if self.auto_resume and not isinstance(self, OnExceptionCheckpoint):
@@ -967,11 +967,10 @@ def _step_completed(trainer: pl.Trainer, batch_idx: int) -> bool:
 
 
 def _train_loaders(trainer: pl.Trainer) -> list[Any]:
-    """The train loaders as Lightning prepared them (with the samplers it put in)."""
-    loaders = trainer.train_dataloader
-    if isinstance(loaders, Mapping):
-        return list(loaders.values())
-    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    """The train loaders as Lightning prepared them (with the samplers it put in), flattened in the
+    order of Lightning's checkpoint."""
+    iterables = trainer.train_dataloader
+    return [] if iterables is None else list(CombinedLoader(iterables).flattened)
 
 
 def _resumes_at_any_world_size(trainer: pl.Trainer) -> bool:

@@ -44,7 +44,7 @@ from ..errors import ConfigurationError, CorruptCheckpointError
 from .._format import codec, documents
 from .._format.records import FileRecord
 from .._io.files import Header
-from .._storage import backend_of, is_url
+from .._storage import Location
 from .files import BackendShardFiles, LocalShardFiles, ShardFiles
 from .layout import (
     SHARDING_FILE,
@@ -70,11 +70,11 @@ class _StoredObject:
 def _files_at(location: str | os.PathLike[str] | ShardFiles) -> ShardFiles:
     """The files at a local directory, at a URL (through the backend the URL names, configured by
     the standard environment), or ``location`` itself when it already is a :class:`ShardFiles`."""
-    if is_url(location):  # the edge: DCP users hand a path or a URL straight to the writer or reader
-        return BackendShardFiles(str(location), backend_of(str(location)))
-    if isinstance(location, (str, os.PathLike)):
-        return LocalShardFiles(location)
-    return location
+    if not isinstance(location, (str, os.PathLike)):
+        return location
+    place = Location.of(location)  # the edge: DCP users hand a path or a URL straight to the writer or reader
+    directory = place.local_dir()
+    return LocalShardFiles(directory) if directory is not None else BackendShardFiles(str(place.where), place.backend())
 
 
 def _done(value: Any) -> Future[Any]:

@@ -97,12 +97,13 @@ class ArtifactRegistry(ProductionOperations):
         self._manager: CheckpointManager | None = None
         self.location = Location.of(checkpoint_dir, storage_options)
         self.storage_options = self.location.storage_options
-        self.remote = self.location.remote
-        # The one place that tells the kinds of places apart: every operation below runs one
-        # algorithm over the Places protocol.
+        self.remote = self.location.remote  # a public attribute since 0.2; nothing here branches on it
+        # Places are chosen once, by whether the location has a directory: every operation below runs
+        # one algorithm over the Places protocol.
+        directory = self.location.local_dir()
         self._places: Places = (
-            ObjectStorePlaces.beside(self.location, validated_dir, production_dir) if self.remote
-            else LocalPlaces(self.location.path, validated_dir, production_dir, lock_timeout=lock_timeout)
+            LocalPlaces(directory, validated_dir, production_dir, lock_timeout=lock_timeout) if directory is not None
+            else ObjectStorePlaces.beside(self.location, validated_dir, production_dir)
         )
         self.checkpoint_dir: Path | str = self._places.checkpoint_dir
         self.validated_dir: Path | str = self._places.validated_dir
